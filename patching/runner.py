@@ -1,0 +1,320 @@
+"""A functional forward pass over a bridge's own weights, built for patching.
+
+TransformerLens runs every forward from the embeddings over every position. A patch at layer L and position
+p cannot change layers below L nor positions before p (causal attention), and the metric reads the logits
+at a few positions only. `Runner` exploits all three: it starts at any layer (or half-layer) from a cached
+residual stream, computes only positions >= p while attending to cached keys/values of earlier positions,
+and unembeds only the positions that are read.
+
+It reads the weights from the bridge (`W_Q`, `W_K`, `W_V`, `W_O`, biases, `W_U`, `W_E`, `W_pos`) and calls the
+bridge's own norm and MLP modules, so the numbers are the model's. At construction it checks that its logits
+equal the bridge's on a probe input, and refuses (with the architecture's name) where they do not.
+
+Intervention sites (`hooks` keys are `(kind, layer)`, kinds from `patching.components`): `resid_pre`,
+`q`, `k`, `v` (before rotary, [batch, pos, head, d_head]), `pattern` ([batch, head, dest, src]), `z`,
+`attn_out`, `resid_mid`, `mlp_out`, `resid_post`. A hook gets the activation restricted to the computed
+window of positions and returns the (possibly edited) activation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+Hook = Callable[[Tensor], Tensor]
+
+
+def _get(model: Any, name: str, shape: tuple[int, ...]) -> Tensor:
+    """A stacked weight view of the bridge, or zeros where the model has no such parameter (bias-free)."""
+    try:
+        value = getattr(model, name)
+    except (AttributeError, RuntimeError, ValueError):
+        value = None
+    if value is None:
+        return torch.zeros(shape, dtype=model.cfg.dtype, device=model.cfg.device)
+    return value.detach()
+
+
+def _original(module: Any) -> Any:
+    return getattr(module, "_original_component", module)
+
+
+@dataclass
+class KVCache:
+    """Post-rotary keys and values per layer for a run: [batch, kv_head, pos, d_head] each."""
+
+    keys: dict[int, Tensor] = field(default_factory=dict)
+    values: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What a full run leaves behind for later partial runs: residual streams, K/V, and collected sites."""
+
+    resid_pre: dict[int, Tensor] = field(default_factory=dict)
+    resid_mid: dict[int, Tensor] = field(default_factory=dict)
+    kv: KVCache = field(default_factory=KVCache)
+    acts: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    resid_final: Tensor | None = None
+
+
+class UnsupportedModelError(ValueError):
+    """The fast engine cannot reproduce this architecture's forward pass exactly."""
+
+
+class Runner:
+    """Layer-, position- and readout-restricted forward passes over a TransformerBridge's weights."""
+
+    def __init__(self, model: Any, *, check: bool = True, atol: float = 1e-3) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.cfg = cfg
+        self.n_layers: int = cfg.n_layers
+        self.n_heads: int = cfg.n_heads
+        self.d_head: int = cfg.d_head
+        self.d_model: int = cfg.d_model
+        self.n_kv: int = cfg.n_key_value_heads or cfg.n_heads
+        self.group: int = self.n_heads // self.n_kv
+        self.attn_only: bool = bool(cfg.attn_only)
+        self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False))
+        for flag in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
+            if getattr(cfg, flag, False):
+                raise UnsupportedModelError(f"{cfg.architecture}: {flag} is not supported by the fast engine")
+        if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
+            raise UnsupportedModelError(f"{cfg.architecture}: soft-capped attention/logits are not supported")
+        L, H, K, dm, dh = self.n_layers, self.n_heads, self.n_kv, self.d_model, self.d_head
+        self.W_Q = _get(model, "W_Q", (L, H, dm, dh))
+        self.W_K = _get(model, "W_K", (L, K, dm, dh))
+        self.W_V = _get(model, "W_V", (L, K, dm, dh))
+        self.W_O = _get(model, "W_O", (L, H, dh, dm))
+        self.b_Q = _get(model, "b_Q", (L, H, dh))
+        self.b_K = _get(model, "b_K", (L, K, dh))
+        self.b_V = _get(model, "b_V", (L, K, dh))
+        self.b_O = _get(model, "b_O", (L, dm))
+        self.W_U = _get(model, "W_U", (dm, cfg.d_vocab_out if cfg.d_vocab_out > 0 else cfg.d_vocab))
+        self.b_U = _get(model, "b_U", (self.W_U.shape[1],))
+        self.W_E = model.W_E.detach()
+        self.standard_pos = (cfg.positional_embedding_type or "standard").lower() == "standard"
+        self.W_pos = model.W_pos.detach() if self.standard_pos else None
+        # Flattened projections: one matmul per layer instead of one per head.
+        self._wq = self.W_Q.permute(0, 2, 1, 3).reshape(L, dm, H * dh)
+        self._wk = self.W_K.permute(0, 2, 1, 3).reshape(L, dm, K * dh)
+        self._wv = self.W_V.permute(0, 2, 1, 3).reshape(L, dm, K * dh)
+        self._wo = self.W_O.reshape(L, H * dh, dm)
+        self.ln1 = [_original(block.ln1) for block in model.blocks]
+        self.ln2 = [None if self.attn_only else _original(block.ln2) for block in model.blocks]
+        self.mlp = [None if self.attn_only else _original(block.mlp) for block in model.blocks]
+        self.ln_final = _original(model.ln_final)
+        self.attn_modules = [_original(block.attn) for block in model.blocks]
+        self.scale = self._attention_scale()
+        self._rope = self._make_rope()
+        if check:
+            self.check(atol=atol)
+
+    # ------------------------------------------------------------------ architecture pieces
+    def _attention_scale(self) -> float:
+        attn = self.attn_modules[0]
+        if getattr(self.cfg, "scale_attn_by_inverse_layer_idx", False):
+            raise UnsupportedModelError(f"{self.cfg.architecture}: scale_attn_by_inverse_layer_idx is not supported")
+        if hasattr(attn, "scaling"):
+            return float(attn.scaling)
+        if hasattr(attn, "scale") and isinstance(attn.scale, (int, float)):
+            return 1.0 / float(attn.scale)
+        return 1.0 / math.sqrt(self.d_head)
+
+    def _make_rope(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        if self.standard_pos or (self.cfg.positional_embedding_type or "").lower() != "rotary":
+            if not self.standard_pos:
+                raise UnsupportedModelError(
+                    f"{self.cfg.architecture}: positional embedding {self.cfg.positional_embedding_type!r} unsupported")
+            return None
+        attn = self.attn_modules[0]
+        native_rotary = getattr(attn, "rotary", None)
+        if native_rotary is not None and hasattr(native_rotary, "apply_rope"):
+            return lambda q, k, pos: native_rotary.apply_rope(q, k, position_ids=pos)
+        rotary = None
+        for name, module in self.model.original_model.named_modules():
+            if name.endswith("rotary_emb"):
+                rotary = _original(module)
+                break
+        apply = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
+        if rotary is None or apply is None:
+            raise UnsupportedModelError(f"{self.cfg.architecture}: cannot find its rotary embedding")
+
+        def rope(q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+            cos, sin = rotary(q, pos)
+            return apply(q, k, cos, sin)
+
+        return rope
+
+    # ------------------------------------------------------------------ pieces of the forward pass
+    def embed(self, tokens: Tensor) -> Tensor:
+        """The residual stream entering block 0 (token plus learned positional embedding)."""
+        resid = self.W_E[tokens]
+        if self.W_pos is not None:
+            resid = resid + self.W_pos[: tokens.shape[1]]
+        return resid
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U)."""
+        return self.ln_final(resid) @ self.W_U + self.b_U
+
+    def project_q(self, layer: int, x: Tensor) -> Tensor:
+        """Pre-rotary queries [batch, pos, head, d_head] from a normalized residual [batch, pos, d_model]."""
+        return (x @ self._wq[layer]).view(*x.shape[:-1], self.n_heads, self.d_head) + self.b_Q[layer]
+
+    def project_k(self, layer: int, x: Tensor) -> Tensor:
+        return (x @ self._wk[layer]).view(*x.shape[:-1], self.n_kv, self.d_head) + self.b_K[layer]
+
+    def project_v(self, layer: int, x: Tensor) -> Tensor:
+        return (x @ self._wv[layer]).view(*x.shape[:-1], self.n_kv, self.d_head) + self.b_V[layer]
+
+    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
+        """Per-head contributions to the residual stream [batch, pos, head, d_model] (no b_O)."""
+        return torch.einsum("bphd,hdm->bphm", z, self.W_O[layer])
+
+    def _positions(self, batch: int, start: int, length: int, device: torch.device) -> Tensor:
+        return torch.arange(start, start + length, device=device).unsqueeze(0).expand(batch, -1)
+
+    def attention(self, layer: int, x_q: Tensor, x_k: Tensor, x_v: Tensor, pos0: int, past: KVCache | None,
+                  hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
+        """One attention layer over the window [pos0, pos0 + len); returns attn_out [batch, len, d_model]."""
+        batch, length, _ = x_q.shape
+        q = self.project_q(layer, x_q)
+        k = self.project_k(layer, x_k)
+        v = self.project_v(layer, x_v)
+        if ("q", layer) in hooks:
+            q = hooks[("q", layer)](q)
+        if ("k", layer) in hooks:
+            k = hooks[("k", layer)](k)
+        if ("v", layer) in hooks:
+            v = hooks[("v", layer)](v)
+        if state is not None:
+            for kind, act in (("q", q), ("k", k), ("v", v)):
+                if (kind, layer) in state.acts:
+                    state.acts[(kind, layer)] = act
+        q = q.transpose(1, 2)  # [b, h, p, d]
+        k = k.transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self._rope is not None:
+            q, k = self._rope(q, k, self._positions(batch, pos0, length, q.device))
+        if past is not None and pos0 > 0:
+            k_past, v_past = past.keys[layer], past.values[layer]
+            if k_past.shape[0] != batch:
+                k_past = k_past.repeat(batch // k_past.shape[0], 1, 1, 1)
+                v_past = v_past.repeat(batch // v_past.shape[0], 1, 1, 1)
+            k = torch.cat([k_past[:, :, :pos0], k], dim=2)
+            v = torch.cat([v_past[:, :, :pos0], v], dim=2)
+        if state is not None:
+            state.kv.keys[layer], state.kv.values[layer] = k, v
+        total = k.shape[2]
+        qg = q.reshape(batch, self.n_kv, self.group, length, self.d_head)
+        scores = torch.einsum("bkgqd,bksd->bkgqs", qg, k) * self.scale
+        scores = scores.reshape(batch, self.n_heads, length, total)
+        query_pos = torch.arange(pos0, pos0 + length, device=q.device)[:, None]
+        key_pos = torch.arange(total, device=q.device)[None, :]
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1)
+        if ("pattern", layer) in hooks:
+            pattern = hooks[("pattern", layer)](pattern)
+        if state is not None and ("pattern", layer) in state.acts:
+            state.acts[("pattern", layer)] = pattern
+        pg = pattern.reshape(batch, self.n_kv, self.group, length, total)
+        z = torch.einsum("bkgqs,bksd->bqkgd", pg, v).reshape(batch, length, self.n_heads, self.d_head)
+        if ("z", layer) in hooks:
+            z = hooks[("z", layer)](z)
+        if state is not None and ("z", layer) in state.acts:
+            state.acts[("z", layer)] = z
+        return z.reshape(batch, length, -1) @ self._wo[layer] + self.b_O[layer]
+
+    def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,
+            past: KVCache | None = None, hooks: dict[tuple[str, int], Hook] | None = None,
+            state: RunState | None = None, stop_layer: int | None = None) -> Tensor:
+        """Run blocks `start_layer`..`stop_layer-1` on `resid` (positions pos0.. of the prompt).
+
+        `resid` is the residual stream entering `start_layer` (its resid_mid if `start_at_mlp`). `past` holds
+        keys/values of positions < pos0 for every layer that runs. `state`, when given, records resid_pre,
+        resid_mid, K/V and any `(kind, layer)` keys pre-registered in `state.acts`. Returns the residual
+        stream after the last block run.
+        """
+        hooks = hooks or {}
+        stop = self.n_layers if stop_layer is None else stop_layer
+        for layer in range(start_layer, stop):
+            skip_attn = start_at_mlp and layer == start_layer
+            if not skip_attn:
+                if ("resid_pre", layer) in hooks:
+                    resid = hooks[("resid_pre", layer)](resid)
+                if state is not None:
+                    state.resid_pre[layer] = resid
+                x = self.ln1[layer](resid)
+                attn_out = self.attention(layer, x, x, x, pos0, past, hooks, state)
+                if ("attn_out", layer) in hooks:
+                    attn_out = hooks[("attn_out", layer)](attn_out)
+                if state is not None and ("attn_out", layer) in state.acts:
+                    state.acts[("attn_out", layer)] = attn_out
+                if self.parallel and not self.attn_only:
+                    mlp_out = self._mlp(layer, self.ln2[layer](resid), hooks, state)
+                    resid = resid + attn_out + mlp_out
+                    resid = self._post(layer, resid, hooks, state)
+                    continue
+                resid = resid + attn_out
+            if self.attn_only:
+                resid = self._post(layer, resid, hooks, state)
+                continue
+            if ("resid_mid", layer) in hooks:
+                resid = hooks[("resid_mid", layer)](resid)
+            if state is not None:
+                state.resid_mid[layer] = resid
+            resid = resid + self._mlp(layer, self.ln2[layer](resid), hooks, state)
+            resid = self._post(layer, resid, hooks, state)
+        if state is not None and stop == self.n_layers:
+            state.resid_final = resid
+        return resid
+
+    def _mlp(self, layer: int, x: Tensor, hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
+        out = self.mlp[layer](x)
+        if ("mlp_out", layer) in hooks:
+            out = hooks[("mlp_out", layer)](out)
+        if state is not None and ("mlp_out", layer) in state.acts:
+            state.acts[("mlp_out", layer)] = out
+        return out
+
+    def _post(self, layer: int, resid: Tensor, hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
+        if ("resid_post", layer) in hooks:
+            resid = hooks[("resid_post", layer)](resid)
+        if state is not None and ("resid_post", layer) in state.acts:
+            state.acts[("resid_post", layer)] = resid
+        return resid
+
+    def full_run(self, tokens: Tensor, *, collect: tuple[tuple[str, int], ...] = (),
+                 hooks: dict[tuple[str, int], Hook] | None = None) -> RunState:
+        """A whole forward pass that records what partial runs need (and the `collect` sites)."""
+        state = RunState()
+        for key in collect:
+            state.acts[key] = torch.empty(0)
+        self.run(self.embed(tokens), state=state, hooks=hooks)
+        return state
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """Full logits [batch, pos, vocab], equal to the bridge's forward."""
+        return self.unembed(self.full_run(tokens).resid_final)
+
+    def check(self, atol: float = 1e-3) -> None:
+        """Compare our logits with the bridge's on a probe input; raise UnsupportedModelError on mismatch."""
+        vocab = self.W_E.shape[0]
+        tokens = torch.arange(1, 9, device=self.W_E.device).remainder(vocab).unsqueeze(0)
+        tokens = torch.cat([tokens, tokens.flip(1)], dim=0)
+        with torch.no_grad():
+            ours = self.logits(tokens)
+            theirs = self.model(tokens)
+        diff = (ours - theirs).abs().max().item()
+        scale = max(1.0, theirs.abs().max().item())
+        if not math.isfinite(diff) or diff > atol * scale:
+            raise UnsupportedModelError(
+                f"the fast engine does not reproduce {self.cfg.architecture} exactly (max |logit diff| {diff:.3g}); "
+                "use the hook-based reference functions or report the architecture")
