@@ -1,0 +1,396 @@
+"""Exact activation patching at every granularity, fast.
+
+`activation_patching(model, task, pairs, component, positions=...)` swaps one component's activation between
+the clean and corrupted runs and reports the metric, for every layer (and head, and position) at once.
+It gives the numbers `transformer_lens.patching` gives, but each patched forward starts at the patched layer
+from the cached residual stream, recomputes only positions at or after the patched one (reusing cached
+keys/values), and unembeds only the positions the metric reads (see `patching.runner`).
+
+Result columns (one row per patched component):
+- `component`: the kind (`z`, `q`, `k`, `v`, `pattern`, `resid_pre`, `resid_mid`, `resid_post`, `attn_out`, `mlp_out`)
+- `layer`, `head` (query head; key/value head for `k`/`v`; -1 where the kind has no heads)
+- `position`: absolute position patched (-1 = all positions; per-prompt role positions give -1 too)
+- `role`: the token role patched (`""` when positions are absolute or all)
+- `metric`: mean task metric over prompts after the patch
+- `effect`: normalized, (metric - corrupt) / (clean - corrupt): 0 = corrupted run, 1 = clean run
+- `direction` (`denoise` = clean into corrupt, `noise` = corrupt into clean) and `source` (where values came from)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
+from patching.runner import Hook, RunState, Runner
+
+RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
+
+
+@dataclass
+class PatchingConfig:
+    """How a sweep runs. `direction` picks the base run; `source` where patched values come from.
+
+    - direction `denoise`: base = corrupted run, default source = clean (TransformerLens's default).
+    - direction `noise`: base = clean run, default source = corrupted.
+    - source `zero` / `mean`: ablations (mean = average over the corrupted prompts, position by position).
+    `chunk_size` patched copies run per forward, fewer if `memory_budget_mb` would be exceeded.
+    """
+
+    direction: str = "denoise"
+    source: str | None = None
+    chunk_size: int = 8
+    memory_budget_mb: float = 2048.0
+    progress: bool = False
+
+    def resolved_source(self) -> str:
+        if self.direction not in ("denoise", "noise"):
+            raise ValueError(f"direction {self.direction!r} is unknown: use 'denoise' or 'noise'")
+        source = self.source or ("clean" if self.direction == "denoise" else "corrupt")
+        if source not in ("clean", "corrupt", "zero", "mean"):
+            raise ValueError(f"source {source!r} is unknown: use clean, corrupt, zero or mean")
+        return source
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patched component: kind, layer, head (or None), positions per prompt (None = all positions)."""
+
+    kind: str
+    layer: int
+    head: int | None
+    positions: Tensor | None  # LongTensor [batch] of absolute positions, or None for every position
+    position_label: int = -1
+    role: str = ""
+
+
+@dataclass
+class PatchingContext:
+    """Everything computed once per (model, task, pairs): runner, base and source runs, baselines."""
+
+    runner: Runner
+    task: Any
+    pairs: Any
+    clean: RunState
+    corrupt: RunState
+    read_positions: Tensor
+    clean_metric: float
+    corrupt_metric: float
+    clean_logits_at: Tensor
+    corrupt_logits_at: Tensor
+    collected: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def batch(self) -> int:
+        return int(self.pairs.clean_tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.pairs.clean_tokens.shape[1])
+
+    def normalize(self, value: Tensor | float) -> Tensor | float:
+        return (value - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
+
+
+def _check_pairs(pairs: Any) -> None:
+    clean, corrupt = pairs.clean_tokens, pairs.corrupt_tokens
+    if clean.shape != corrupt.shape:
+        raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
+                         "patching needs aligned prompts")
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not bool(mask.bool().all()):
+        raise ValueError("padded prompts are not supported by the patching engine yet: generate prompts of one length")
+
+
+def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
+    values = task.metric_at(logits_at, pairs)
+    expected = tuple(logits_at.shape[:-2])
+    if not torch.is_tensor(values) or tuple(values.shape) != expected:
+        raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
+                         f"got {getattr(values, 'shape', type(values))}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
+    return values
+
+
+def _gather_logits(runner: Runner, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
+    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
+    idx = (read - pos0).clamp(min=0)
+    lead = resid_final.shape[0] // read.shape[0]
+    idx = idx.repeat(lead, 1)
+    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
+    return runner.unembed(picked)
+
+
+def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
+            collect: Iterable[tuple[str, int]] = ()) -> PatchingContext:
+    """Run the clean and corrupted prompts once, caching what later partial runs need."""
+    _check_pairs(pairs)
+    runner = runner or Runner(model)
+    collect = tuple(collect)
+    with torch.no_grad():
+        clean = runner.full_run(pairs.clean_tokens, collect=collect)
+        corrupt = runner.full_run(pairs.corrupt_tokens, collect=collect)
+        read = task.read_positions(pairs).to(pairs.clean_tokens.device)
+        if read.dim() != 2 or read.shape[0] != pairs.clean_tokens.shape[0]:
+            raise ValueError(f"task.read_positions must be [batch, R]; got {tuple(read.shape)}")
+        if int(read.max()) >= pairs.clean_tokens.shape[1] or int(read.min()) < 0:
+            raise ValueError("task.read_positions points outside the prompt")
+        clean_at = _gather_logits(runner, clean.resid_final, read)
+        corrupt_at = _gather_logits(runner, corrupt.resid_final, read)
+        m_clean = _metric_values(task, pairs, clean_at).mean().item()
+        m_corrupt = _metric_values(task, pairs, corrupt_at).mean().item()
+    if math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
+        raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
+                         "undefined; check the corruption or the task")
+    return PatchingContext(runner, task, pairs, clean, corrupt, read, m_clean, m_corrupt, clean_at, corrupt_at,
+                           set(collect))
+
+
+def ensure_collected(ctx: PatchingContext, keys: Iterable[tuple[str, int]]) -> None:
+    """Make sure clean and corrupt activations at these sites are cached (re-running once if needed)."""
+    missing = [k for k in keys if k not in ctx.collected]
+    if not missing:
+        return
+    keys_all = tuple(sorted(ctx.collected | set(missing)))
+    with torch.no_grad():
+        ctx.clean = ctx.runner.full_run(ctx.pairs.clean_tokens, collect=keys_all)
+        ctx.corrupt = ctx.runner.full_run(ctx.pairs.corrupt_tokens, collect=keys_all)
+    ctx.collected = set(keys_all)
+
+
+def _site_activation(state: RunState, kind: str, layer: int) -> Tensor:
+    if kind == "resid_pre":
+        return state.resid_pre[layer]
+    if kind == "resid_mid":
+        return state.resid_mid[layer]
+    return state.acts[(kind, layer)]
+
+
+def _start(runner: Runner, kind: str, layer: int) -> tuple[int, bool]:
+    """Where a patched forward must start: (layer, start_at_mlp)."""
+    if kind in ("resid_mid", "mlp_out"):
+        if runner.attn_only:
+            raise ValueError(f"{kind} does not exist in an attention-only model")
+        if runner.parallel:
+            return layer, False
+        return layer, True
+    return layer, False
+
+
+def _position_dim(kind: str) -> int:
+    """Index of the position axis in an activation (after batch)."""
+    return 2 if kind == "pattern" else 1
+
+
+def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers: Sequence[int] | None,
+                   heads: Sequence[int] | None) -> list[Patch]:
+    n_layers, seq = runner.n_layers, pairs.clean_tokens.shape[1]
+    batch = pairs.clean_tokens.shape[0]
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    if kind in ("resid_mid", "mlp_out") and runner.attn_only:
+        raise ValueError(f"{kind} does not exist in an attention-only model")
+    if kind in RESID_KINDS or kind in BLOCK_OUT_KINDS:
+        head_list: list[int | None] = [None]
+        if heads is not None:
+            raise ValueError(f"component {kind!r} has no heads; drop the heads argument")
+    else:
+        n = runner.n_kv if kind in KV_KINDS else runner.n_heads
+        head_list = list(range(n)) if heads is None else list(heads)
+        for head in head_list:
+            if not 0 <= int(head) < n:
+                what = "key/value heads" if kind in KV_KINDS else "heads"
+                raise ValueError(f"head {head} is out of range for {kind!r}: the model has {n} {what}")
+    position_specs: list[tuple[Tensor | None, int, str]] = []
+    if isinstance(positions, str) and positions == "all":
+        position_specs.append((None, -1, ""))
+    elif isinstance(positions, str) and positions == "each":
+        for pos in range(seq):
+            position_specs.append((torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)))
+    else:
+        items = [positions] if isinstance(positions, (str, int)) else list(positions)
+        for item in items:
+            if isinstance(item, str):
+                roles = getattr(pairs, "positions", {}) or {}
+                if item not in roles:
+                    raise ValueError(f"unknown position role {item!r}: this task has roles {sorted(roles)} "
+                                     "(or use 'all', 'each' or integer positions)")
+                position_specs.append((roles[item].long().cpu(), -1, item))
+            else:
+                pos = int(item)
+                if not -seq <= pos < seq:
+                    raise ValueError(f"position {pos} is out of range for prompts of {seq} tokens")
+                pos %= seq
+                position_specs.append((torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)))
+    return [Patch(kind, layer, head, pos, label, role)
+            for layer in layers for pos, label, role in position_specs for head in head_list]
+
+
+def _role_at(pairs: Any, pos: int) -> str:
+    for role, where in (getattr(pairs, "positions", {}) or {}).items():
+        if bool((where == pos).all()):
+            return role
+    return ""
+
+
+def _bytes_per_patch(runner: Runner, batch: int, window: int, seq: int, reads: int) -> float:
+    per_pos = 6 * runner.d_model + 3 * (runner.cfg.d_mlp or 0) + 2 * runner.n_heads * seq
+    return 4.0 * batch * (window * per_pos + reads * runner.W_U.shape[1])
+
+
+def _make_hook(kind: str, chunk: Sequence[Patch], src: Tensor, batch: int, pos0: int) -> Hook:
+    """A hook replacing each patched copy's activation with `src` where its patch mask is set."""
+    pdim = _position_dim(kind)
+    window = src.shape[pdim]
+    has_heads = src.dim() == 4
+    n = len(chunk)
+    mask_shape = [n, batch] + list(src.shape[1:-1]) if kind != "pattern" else [n, batch, src.shape[1], window]
+    mask = torch.zeros(mask_shape, dtype=torch.bool, device=src.device)
+    arange_b = torch.arange(batch, device=src.device)
+    for i, patch in enumerate(chunk):
+        if kind == "pattern":  # [n, B, head, dest]
+            head_sel = slice(None) if patch.head is None else patch.head
+            if patch.positions is None:
+                mask[i, :, head_sel, :] = True
+            else:
+                mask[i, arange_b, head_sel, patch.positions.to(src.device) - pos0] = True
+        elif has_heads:  # [n, B, pos, head]
+            if patch.positions is None:
+                mask[i, :, :, patch.head] = True
+            else:
+                mask[i, arange_b, patch.positions.to(src.device) - pos0, patch.head] = True
+        else:  # [n, B, pos]
+            if patch.positions is None:
+                mask[i] = True
+            else:
+                mask[i, arange_b, patch.positions.to(src.device) - pos0] = True
+    mask = mask.unsqueeze(-1)
+
+    def hook(act: Tensor) -> Tensor:
+        shaped = act.reshape(n, batch, *act.shape[1:])
+        return torch.where(mask, src.unsqueeze(0), shaped).reshape(act.shape)
+
+    return hook
+
+
+def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str) -> Tensor:
+    if source == "clean":
+        return _site_activation(ctx.clean, kind, layer)
+    corrupt = _site_activation(ctx.corrupt, kind, layer)
+    if source == "corrupt":
+        return corrupt
+    if source == "zero":
+        return torch.zeros_like(corrupt)
+    return corrupt.mean(0, keepdim=True).expand_as(corrupt)
+
+
+def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: PatchingConfig) -> Tensor:
+    """Mean metric after each patch, [len(patches)], grouping patches that share a start layer and position."""
+    source = config.resolved_source()
+    base = ctx.corrupt if config.direction == "denoise" else ctx.clean
+    base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
+    runner, batch, seq = ctx.runner, ctx.batch, ctx.seq_len
+    needed = {(p.kind, p.layer) for p in patches if p.kind not in ("resid_pre", "resid_mid")}
+    ensure_collected(ctx, needed)
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    for index, patch in enumerate(patches):
+        pos0 = 0 if patch.positions is None else int(patch.positions.min())
+        groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
+    results = torch.empty(len(patches))
+    reads = ctx.read_positions.shape[1]
+    work = []
+    for (kind, layer, pos0), members in groups.items():
+        per_patch = _bytes_per_patch(runner, batch, seq - pos0, seq, reads)
+        size = max(1, min(config.chunk_size, int(config.memory_budget_mb * 2**20 // max(per_patch, 1.0))))
+        for start in range(0, len(members), size):
+            work.append((kind, layer, pos0, members[start:start + size]))
+    iterator: Iterable[Any] = work
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd")
+    with torch.no_grad():
+        for kind, layer, pos0, members in iterator:
+            chunk = [patches[i] for i in members]
+            n = len(chunk)
+            src_full = _source_activation(ctx, kind, layer, source)
+            pdim = _position_dim(kind)
+            src = src_full.narrow(pdim, pos0, src_full.shape[pdim] - pos0)
+            start_layer, at_mlp = _start(runner, kind, layer)
+            if kind == "resid_post":
+                start_layer += 1
+            hook_key = ("resid_pre", layer + 1) if kind == "resid_post" else (kind, layer)
+            hooks = {hook_key: _make_hook(kind, chunk, src, batch, pos0)}
+            if kind == "resid_post" and layer == runner.n_layers - 1:
+                resid = hooks[hook_key](base.resid_final[:, pos0:].repeat(n, 1, 1))
+            else:
+                resid0 = (base.resid_mid if at_mlp else base.resid_pre)[start_layer][:, pos0:]
+                resid = runner.run(resid0.repeat(n, 1, 1), start_layer=start_layer, start_at_mlp=at_mlp, pos0=pos0,
+                                   past=base.kv, hooks=hooks)
+            logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0)
+            keep = (ctx.read_positions >= pos0).repeat(n, 1)[..., None]
+            logits_at = torch.where(keep, logits_at, base_at.repeat(n, 1, 1))
+            values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))
+            results[torch.tensor(members)] = values.mean(1).cpu()
+    return results
+
+
+def activation_patching(model: Any, task: Any, pairs: Any, component: str = "z", *, positions: Any = "all",
+                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                        config: PatchingConfig | None = None, context: PatchingContext | None = None) -> pd.DataFrame:
+    """Patch one component kind at every layer (× head × position) and return a tidy DataFrame.
+
+    `positions`: "all" (every position at once), "each" (every absolute position separately), a role name or
+    list of role names of the task (`["S2", "END"]`: each prompt's own position), or integer positions.
+    """
+    config = config or PatchingConfig()
+    source = config.resolved_source()
+    kind = canonical_kind(component)
+    ctx = context or prepare(model, task, pairs)
+    patches = _build_patches(ctx.runner, pairs, kind, positions, layers, heads)
+    values = run_patches(ctx, patches, config)
+    rows = []
+    for patch, value in zip(patches, values.tolist()):
+        rows.append({"component": kind, "layer": patch.layer, "head": -1 if patch.head is None else patch.head,
+                     "position": patch.position_label, "role": patch.role, "metric": value,
+                     "effect": float(ctx.normalize(value)), "direction": config.direction, "source": source})
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame.attrs.update(clean_metric=ctx.clean_metric, corrupt_metric=ctx.corrupt_metric)
+    return frame
+
+
+def effects_grid(frame: pd.DataFrame, index: str = "layer", columns: str = "head", value: str = "effect") -> pd.DataFrame:
+    """Pivot a result frame into a grid (e.g. layer × head) for heatmaps."""
+    return frame.pivot_table(index=index, columns=columns, values=value, aggfunc="mean")
+
+
+def save_results(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write results as CSV or Parquet (by suffix), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    elif path.suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        raise ValueError(f"{path}: use a .csv or .parquet file name")
+    tmp.replace(path)
+    return path
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Read results written by `save_results`."""
+    path = Path(path)
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+    if "role" in frame:
+        frame["role"] = frame["role"].astype(str)
+    return frame
