@@ -1,0 +1,39 @@
+"""Task lookup by name: `get_task("ioi")`, `list_tasks()`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.base import Task
+from tasks.capitals import CapitalsTask
+from tasks.greater_than import GreaterThanTask
+from tasks.ioi import IOITask
+from tasks.repeated import RepeatedTokensTask
+
+_TASKS: dict[str, type[Task]] = {
+    "ioi": IOITask,
+    "capitals": CapitalsTask,
+    "repeated_tokens": RepeatedTokensTask,
+    "greater_than": GreaterThanTask,
+}
+_ALIASES: dict[str, str] = {
+    "capital_lookup": "capitals",
+    "induction": "repeated_tokens",
+    "greater-than": "greater_than",
+    "repeated-tokens": "repeated_tokens",
+}
+
+
+def list_tasks() -> list[str]:
+    """Canonical names of the known tasks (aliases: capital_lookup → capitals, induction → repeated_tokens)."""
+    return list(_TASKS)
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    """A new task instance by name or alias; keyword arguments go to its constructor (e.g. `metric=`)."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _TASKS:
+        known = ", ".join(list(_TASKS) + [f"{a} (= {t})" for a, t in _ALIASES.items()])
+        raise ValueError(f"unknown task {name!r}: known tasks are {known}")
+    return _TASKS[key](**kwargs)
