@@ -180,3 +180,13 @@ def test_planted_edges_connect_the_planted_nodes(gts):
     for edge in gt.true_edges:
         src, dst = edge.split("->")
         assert src in gt.true_nodes and dst.split("<")[0] in gt.true_nodes
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_circuit_graph_roundtrips_through_graphs_io(gts, name, tmp_path):
+    from graphs.io import read_json, write_json
+    from patching.components import edge_name
+
+    graph = read_json(write_json(gts[name].circuit_graph(), tmp_path / "c.json"))
+    edges = {edge_name(s, d, None if k == "resid" else k) for s, d, k in graph.edges(keys=True)}
+    assert edges == set(gts[name].true_edges)

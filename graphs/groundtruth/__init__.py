@@ -58,6 +58,18 @@ class GroundTruth:
     def accuracy(self, logits: Tensor, batch: TaskBatch) -> float:
         return self.task.accuracy(logits, batch)
 
+    def circuit_graph(self) -> Any:
+        """The true circuit as a `graphs.circuit` graph (networkx MultiDiGraph; write with `graphs.io`)."""
+        from graphs.circuit import add_edge, finish, new_circuit
+        from patching.components import parse_edge
+
+        graph = new_circuit(name=f"{self.name} (ground truth)", method="ground_truth",
+                            n_layers=self.model.cfg.n_layers)
+        for edge in sorted(self.true_edges):
+            src, dst, channel = parse_edge(edge)
+            add_edge(graph, src, dst, channel, score=1.0, method="ground_truth")
+        return finish(graph)
+
     @property
     def card(self) -> str:
         return (self.directory / "card.md").read_text()

@@ -115,9 +115,9 @@ def train_planted(seed: int = 0, steps: int = 1200, batch: int = 64, lr: float =
         loss.backward()
         opt.step()
         if log and step % 100 == 0:
-            print(f"step {step} loss {float(loss):.4f} ({time.time() - start:.0f}s)", flush=True)
+            print(f"step {step} loss {float(loss.detach()):.4f} ({time.time() - start:.0f}s)", flush=True)
     state = {k: v.detach().clone() for k, v in params.items()}
-    return state, dict(seed=seed, steps=steps, batch=batch, lr=lr, final_loss=float(loss),
+    return state, dict(seed=seed, steps=steps, batch=batch, lr=lr, final_loss=float(loss.detach()),
                        train_seconds=round(time.time() - start, 1))
 
 
