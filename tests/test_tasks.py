@@ -1,0 +1,390 @@
+"""Fast unit tests of the task library on the SmolLM2 tokenizer, a GPT-2-style toy tokenizer and a tiny native model."""
+
+import logging
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, PromptPairs, RepeatedTokensTask, Task,
+                   TaskUnsupportedError, get_task, list_tasks)
+from tasks.base import check_aligned
+from tasks.greater_than import year_token_ids
+from tasks.tokens import resolve
+from tests.conftest import TINY_CONFIG
+from tests.test_tasks_helpers import gpt2_style_tokenizer, smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def year_tok():
+    return gpt2_style_tokenizer()
+
+
+def _bos_ids(tok, text):
+    """Independent tokenization: BOS id then the text's ids (what `model.to_tokens` does for SmolLM2)."""
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------- registry
+def test_registry_names_aliases_and_unknown():
+    assert list_tasks() == ["ioi", "capitals", "repeated_tokens", "greater_than"]
+    assert isinstance(get_task("capital_lookup"), CapitalsTask)
+    assert isinstance(get_task("induction"), RepeatedTokensTask)
+    assert isinstance(get_task("IOI"), IOITask)
+    assert isinstance(get_task("greater_than"), GreaterThanTask)
+    with pytest.raises(ValueError) as err:
+        get_task("docstring")
+    for name in list_tasks():
+        assert name in str(err.value)
+    for name in list_tasks():
+        task = get_task(name)
+        assert task.name == name and task.metric_name and task.description and task.roles
+
+
+# ---------------------------------------------------------------------------------------------- IOI
+def test_ioi_pairs_have_right_roles_and_texts(tok):
+    pairs = IOITask().generate(tok, 24, seed=3)
+    assert len(pairs) == 24 and pairs.roles == ["IO", "S1", "S1+1", "S2", "END"]
+    assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape and pairs.attention_mask is None
+    for i in range(len(pairs)):
+        row = pairs.meta.iloc[i]
+        clean = pairs.clean_tokens[i].tolist()
+        assert clean == _bos_ids(tok, pairs.clean_texts[i])
+        assert pairs.corrupt_tokens[i].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        at = lambda role: tok.decode([clean[int(pairs.positions[role][i])]])  # noqa: E731
+        assert at("IO") == " " + row["IO"] and at("S1") == " " + row["S"] and at("S2") == " " + row["S"]
+        assert int(pairs.positions["S1+1"][i]) == int(pairs.positions["S1"][i]) + 1
+        assert int(pairs.positions["END"][i]) == len(clean) - 1 and at("END") == " to"
+        assert pairs.clean_texts[i].endswith(" to") and pairs.clean_texts[i].count(row["S"]) >= 2
+        assert tok.decode(pairs.answer_ids[i].tolist()) == " " + row["IO"]
+        assert tok.decode(pairs.wrong_ids[i].tolist()) == " " + row["S"]
+        io_first = int(pairs.positions["IO"][i]) < int(pairs.positions["S1"][i])
+        assert io_first == (row["family"] == "ABBA")
+        # ABC: exactly the three name positions differ, and hold three names unrelated to IO and S.
+        differ = (pairs.clean_tokens[i] != pairs.corrupt_tokens[i]).nonzero().flatten().tolist()
+        assert differ == sorted(int(pairs.positions[r][i]) for r in ("IO", "S1", "S2"))
+        others = {row["corrupt_IO"], row["corrupt_S1"], row["corrupt_S2"]}
+        assert len(others) == 3 and not others & {row["IO"], row["S"]}
+    assert len(set(pairs.clean_texts)) == 24
+    assert pairs.info["prompt_length"] == pairs.seq_len
+
+
+def test_ioi_s2_io_flip_and_families(tok):
+    pairs = IOITask().generate(tok, 12, seed=0, corruption="s2_io_flip", family="BABA")
+    assert set(pairs.meta["family"]) == {"BABA"}
+    for i in range(len(pairs)):
+        differ = (pairs.clean_tokens[i] != pairs.corrupt_tokens[i]).nonzero().flatten().tolist()
+        assert differ == [int(pairs.positions["S2"][i])]
+        assert pairs.corrupt_tokens[i, pairs.positions["S2"][i]] == pairs.answer_ids[i, 0]
+        assert int(pairs.positions["S1"][i]) < int(pairs.positions["IO"][i])
+    abba = IOITask().generate(tok, 6, seed=0, templates="ABBA")
+    assert set(abba.meta["family"]) == {"ABBA"}
+    assert set(IOITask().generate(tok, 6, seed=0, template_family="ABBA").meta["family"]) == {"ABBA"}
+
+
+def test_ioi_seed_determinism(tok):
+    a = IOITask().generate(tok, 10, seed=11)
+    b = IOITask().generate(tok, 10, seed=11)
+    c = IOITask().generate(tok, 10, seed=12)
+    assert torch.equal(a.clean_tokens, b.clean_tokens) and torch.equal(a.corrupt_tokens, b.corrupt_tokens)
+    assert a.clean_texts == b.clean_texts and a.clean_texts != c.clean_texts
+
+
+def test_ioi_filters_names_with_count_and_errors_when_none_left(tok, caplog):
+    with caplog.at_level(logging.INFO, logger="circuitlab.tasks"):
+        pairs = IOITask().generate(tok, 4, seed=0, names=["Mary", "John", "Tom", "Sam", "Ben", "Zachary", "Cynthia"])
+    assert "kept 5 of 7" in caplog.text and "Zachary" in caplog.text
+    assert set(pairs.meta["IO"]) | set(pairs.meta["S"]) <= {"Mary", "John", "Tom", "Sam", "Ben"}
+    with pytest.raises(ValueError, match="single tokens"):
+        IOITask().generate(tok, 4, names=["Zachary", "Cynthia", "Jacqueline", "Mary"])
+
+
+def test_ioi_bad_options_and_too_many_prompts(tok):
+    with pytest.raises(ValueError, match="corruption"):
+        IOITask().generate(tok, 4, corruption="xyz")
+    with pytest.raises(ValueError, match="family"):
+        IOITask().generate(tok, 4, family="AABB")
+    with pytest.raises(ValueError, match="unknown option"):
+        IOITask().generate(tok, 4, colour="red")
+    small = dict(names=["Mary", "John", "Tom", "Sam", "Ben"], places=["store"], objects=["ring"],
+                 templates=["Then {S} and {IO} went to the {PLACE}. {S} gave a {OBJECT} to"], family="BABA")
+    assert len(IOITask().generate(tok, 20, **small)) == 20  # 5 × 4 ordered name pairs
+    with pytest.raises(ValueError, match="at most 20"):
+        IOITask().generate(tok, 21, **small)
+    with pytest.raises(ValueError, match="positive"):
+        IOITask().generate(tok, 0)
+
+
+def test_ioi_needs_a_tokenizer(tiny_model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        IOITask().generate(tiny_model, 4)
+
+
+def test_logit_diff_metric_matches_manual_and_broadcasts(tok):
+    task = IOITask()
+    pairs = IOITask().generate(tok, 5, seed=1)
+    vocab = 49152
+    logits = torch.randn(5, pairs.seq_len, vocab, generator=torch.Generator().manual_seed(0))
+    manual = torch.tensor([logits[b, int(pairs.positions["END"][b]), int(pairs.answer_ids[b, 0])]
+                           - logits[b, int(pairs.positions["END"][b]), int(pairs.wrong_ids[b, 0])] for b in range(5)])
+    assert torch.allclose(task.metric(logits, pairs), manual)
+    stacked = torch.stack([logits, 2 * logits, -logits])  # [3, B, S, V]: leading patch dimension
+    out = task.metric(stacked, pairs)
+    assert out.shape == (3, 5) and torch.allclose(out, torch.stack([manual, 2 * manual, -manual]))
+    at = task.gather(stacked, pairs)
+    assert at.shape == (3, 5, 1, vocab) and torch.allclose(task.metric_at(at, pairs), out)
+    assert task.read_positions(pairs).shape == (5, 1)
+    leaf = logits.clone().requires_grad_()
+    task.metric(leaf, pairs).sum().backward()
+    assert int((leaf.grad != 0).sum()) == 10 and float(leaf.grad.sum()) == 0.0
+
+
+def test_normalized():
+    assert float(Task.normalized(1.0, 3.0, -1.0)) == 0.5
+    v = IOITask().normalized(torch.tensor([3.0, -1.0]), torch.tensor(3.0), torch.tensor(-1.0))
+    assert v.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="equal"):
+        Task.normalized(1.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="equal"):
+        Task.normalized(torch.ones(3), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------------------- capitals
+def test_capitals_pairs(tok, caplog):
+    with caplog.at_level(logging.INFO, logger="circuitlab.tasks"):
+        pairs = CapitalsTask().generate(tok, 30, seed=0)
+    assert "not single tokens and were dropped" in caplog.text
+    info = pairs.info
+    assert info["facts_total"] >= 60 and info["facts_with_token_answer"] < info["facts_total"]
+    assert pairs.roles == ["subject_first", "subject_last", "END"]
+    for i in range(len(pairs)):
+        row = pairs.meta.iloc[i]
+        assert pairs.clean_tokens[i].tolist() == _bos_ids(tok, pairs.clean_texts[i])
+        assert pairs.corrupt_tokens[i].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        s0, s1 = int(pairs.positions["subject_first"][i]), int(pairs.positions["subject_last"][i])
+        assert tok.decode(pairs.clean_tokens[i, s0:s1 + 1].tolist()) == " " + row["country"]
+        assert tok.decode(pairs.corrupt_tokens[i, s0:s1 + 1].tolist()) == " " + row["corrupt_country"]
+        differ = (pairs.clean_tokens[i] != pairs.corrupt_tokens[i]).nonzero().flatten()
+        assert len(differ) and int(differ.min()) >= s0 and int(differ.max()) <= s1
+        assert tok.decode(pairs.answer_ids[i].tolist()) == " " + row["capital"]
+        assert tok.decode(pairs.wrong_ids[i].tolist()) == " " + row["corrupt_capital"]
+        assert row["capital"] != row["corrupt_capital"]
+        assert int(pairs.positions["END"][i]) == pairs.seq_len - 1
+        assert row["template"].replace("{country}", row["country"]) == pairs.clean_texts[i]
+
+
+def test_capitals_errors(tok):
+    with pytest.raises(ValueError, match="needs a model"):
+        CapitalsTask().generate(tok, 4, filter_correct=True)
+    with pytest.raises(ValueError, match="single tokens"):
+        CapitalsTask().generate(tok, 2, facts=[("Thailand", "Bangkok"), ("Nepal", "Kathmandu"), ("France", "Paris")])
+    first = CapitalsTask().generate(tok, 2, facts=[("Thailand", "Bangkok"), ("Nepal", "Kathmandu")],
+                                    answer_tokens="first", templates=["The capital of {country} is"])
+    assert tok.decode(first.answer_ids[first.meta.index[first.meta.country == "Nepal"][0]].tolist()) \
+        == tok.decode(tok(" Kathmandu", add_special_tokens=False)["input_ids"][:1])
+    with pytest.raises(ValueError, match="partner"):
+        CapitalsTask().generate(tok, 1, facts=[("France", "Paris"), ("Portugal", "Paris")])
+    facts = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome")]
+    with pytest.raises(ValueError, match="at most 3"):
+        CapitalsTask().generate(tok, 4, facts=facts, templates=["The capital of {country} is"])
+
+
+# ------------------------------------------------------------------------------------ repeated tokens
+def test_repeated_tokens_on_tokenizer(tok):
+    task = RepeatedTokensTask()
+    pairs = task.generate(tok, 6, seed=0, seq_len=10)
+    assert pairs.seq_len == 21 and (pairs.clean_tokens[:, 0] == 1).all()
+    first, second = pairs.clean_tokens[:, 1:11], pairs.clean_tokens[:, 11:]
+    assert torch.equal(first, second) and torch.equal(pairs.corrupt_tokens[:, 11:], first)
+    special = set(tok.all_special_ids)
+    for i in range(6):
+        assert len(set(first[i].tolist())) == 10 and not set(first[i].tolist()) & special
+        assert not set(first[i].tolist()) & set(pairs.corrupt_tokens[i, 1:11].tolist())
+    assert [int(pairs.positions[r][0]) for r in task.roles] == [1, 10, 11, 20, 20]
+    read = task.read_positions(pairs)
+    assert read.shape == (6, 9) and read[0].tolist() == list(range(11, 20))
+    assert torch.equal(pairs.answer_ids, pairs.clean_tokens.gather(1, read + 1))
+
+
+def test_repeated_tokens_tiny_model_metric_and_losses(tiny_model):
+    task = RepeatedTokensTask()
+    pairs = task.generate(tiny_model, 4, seed=2, seq_len=8)
+    assert pairs.seq_len == 16 and int(pairs.clean_tokens.max()) < TINY_CONFIG["d_vocab"]
+    assert pairs.clean_texts[0].startswith("<") and pairs.info["bos_id"] is None
+    with torch.no_grad():
+        logits = tiny_model(pairs.clean_tokens)
+    logprobs = logits.log_softmax(-1)
+    manual = torch.tensor([sum(float(logprobs[b, t, pairs.clean_tokens[b, t + 1]]) for t in range(8, 15)) / 7
+                           for b in range(4)])
+    assert torch.allclose(task.metric(logits, pairs), manual, atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           pairs.clean_tokens[:, 1:].reshape(-1), reduction="none").view(4, 15)
+    assert torch.allclose(task.per_position_loss(logits, pairs.clean_tokens), ce, atol=1e-5)
+    first, repeat = task.half_losses(logits, pairs)
+    assert torch.allclose(first, ce[:, 0:7].mean(-1), atol=1e-5) and torch.allclose(repeat, -manual, atol=1e-5)
+    stacked = torch.stack([logits, logits * 0.5])
+    assert task.metric(stacked, pairs).shape == (2, 4)
+    logit_task = get_task("induction", metric="mean_logit")
+    assert logit_task.metric_name == "mean_logit"
+    manual_logit = torch.stack([logits[b, 8:15].gather(-1, pairs.clean_tokens[b, 9:16, None])[:, 0].mean()
+                                for b in range(4)])
+    assert torch.allclose(logit_task.metric(logits, pairs), manual_logit, atol=1e-5)
+    with_bos = task.generate(tiny_model, 3, seed=0, seq_len=8, bos_id=0)
+    assert (with_bos.clean_tokens[:, 0] == 0).all() and int((with_bos.clean_tokens[:, 1:] == 0).sum()) == 0
+    assert int(with_bos.positions["second_start"][0]) == 9
+
+
+def test_repeated_tokens_errors(tiny_model):
+    task = RepeatedTokensTask()
+    with pytest.raises(ValueError, match="distinct tokens"):
+        task.generate(tiny_model, 2, seq_len=33)
+    with pytest.raises(ValueError, match="context"):
+        task.generate(_WideVocab(), 2, seq_len=40)
+    assert len(task.generate(tiny_model, 12, seq_len=2, token_range=(0, 4))) == 12  # 4 · 3 ordered pairs
+    with pytest.raises(ValueError, match="at most 12"):
+        task.generate(tiny_model, 13, seq_len=2, token_range=(0, 4))
+    with pytest.raises(ValueError, match="metric"):
+        RepeatedTokensTask(metric="accuracy")
+    a = task.generate(tiny_model, 5, seed=7, seq_len=5)
+    b = task.generate(tiny_model, 5, seed=7, seq_len=5)
+    assert torch.equal(a.clean_tokens, b.clean_tokens) and torch.equal(a.corrupt_tokens, b.corrupt_tokens)
+
+
+class _WideVocab:
+    """A stand-in bridge with a big vocabulary but a short context, to test the context check."""
+
+    def __init__(self):
+        self.tokenizer = None
+        self.cfg = type("Cfg", (), dict(d_vocab=1000, n_ctx=64, default_prepend_bos=True))()
+
+
+# -------------------------------------------------------------------------------------- greater-than
+def test_greater_than_refuses_digit_tokenizers(tok):
+    with pytest.raises(TaskUnsupportedError, match="two-digit") as err:
+        GreaterThanTask().generate(tok, 4)
+    assert "'1', '7'" in str(err.value)
+
+
+def test_greater_than_pairs_and_metric(year_tok):
+    task = GreaterThanTask()
+    pairs = task.generate(year_tok, 20, seed=0, nouns=["war", "siege", "empire", "xyzzy"])
+    assert pairs.info["nouns_dropped"] == 1 and set(pairs.meta["noun"]) <= {"war", "siege", "empire"}
+    years = year_token_ids(resolve(year_tok))
+    for i in range(len(pairs)):
+        yy = int(pairs.meta["year"].iloc[i])
+        assert pairs.clean_texts[i] == f"The {pairs.meta['noun'].iloc[i]} lasted from the year 17{yy:02d} to the year 17"
+        assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["YY"][i]])]) == f"{yy:02d}"
+        assert year_tok.decode([int(pairs.corrupt_tokens[i, pairs.positions["YY"][i]])]) == "01"
+        assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["XX1"][i]])]) == " 17"
+        assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["END"][i]])]) == " 17"
+        assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["noun"][i]])]) == " " + pairs.meta["noun"].iloc[i]
+        good, bad = pairs.valid_answer_ids(i)
+        assert good == years[yy + 1:] and bad == years[:yy + 1]
+        assert pairs.answer_ids.shape[1] == 100 and (pairs.answer_ids[i, len(good):] == PAD_ID).all()
+    logits = torch.randn(2, 20, pairs.seq_len, len(year_tok), generator=torch.Generator().manual_seed(1))
+    probs = logits[:, :, -1].softmax(-1)
+    manual = torch.zeros(2, 20)
+    for b in range(20):
+        yy = int(pairs.meta["year"].iloc[b])
+        manual[:, b] = probs[:, b, years[yy + 1:]].sum(-1) - probs[:, b, years[:yy + 1]].sum(-1)
+    assert torch.allclose(task.metric(logits, pairs), manual, atol=1e-6)
+    with pytest.raises(ValueError, match="at most 6"):
+        task.generate(year_tok, 7, nouns=["war", "siege"], years=(10, 12))
+
+
+# -------------------------------------------------------------------------------------- PromptPairs
+@pytest.mark.parametrize("name", ["ioi", "capitals", "repeated_tokens", "greater_than"])
+def test_jsonl_round_trip_is_exact(name, tok, year_tok, tmp_path):
+    source = year_tok if name == "greater_than" else tok
+    pairs = get_task(name).generate(source, 7, seed=5)
+    path = pairs.save_jsonl(tmp_path / f"{name}.jsonl")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7
+    import json
+    first = json.loads(lines[0])
+    for key in ("clean_text", "corrupt_text", "clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "positions"):
+        assert key in first
+    assert first["positions"] == {r: int(pairs.positions[r][0]) for r in pairs.roles}
+    again = PromptPairs.load_jsonl(path)
+    _assert_pairs_equal(pairs, again)
+
+
+def _assert_pairs_equal(a, b):
+    assert a.task == b.task and a.clean_texts == b.clean_texts and a.corrupt_texts == b.corrupt_texts
+    for field in ("clean_tokens", "corrupt_tokens", "answer_ids", "wrong_ids"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.roles == b.roles and all(torch.equal(a.positions[r], b.positions[r]) for r in a.roles)
+    pd.testing.assert_frame_equal(a.meta, b.meta)
+    assert a.info == b.info and (a.attention_mask is None) == (b.attention_mask is None)
+
+
+def test_jsonl_round_trip_with_odd_meta_and_mask(tmp_path):
+    pairs = PromptPairs(task="x", clean_tokens=torch.tensor([[1, 2, 3], [1, 4, 5]]),
+                        corrupt_tokens=torch.tensor([[1, 2, 9], [1, 4, 8]]), answer_ids=torch.tensor([[3], [5]]),
+                        wrong_ids=torch.tensor([[9], [8]]), positions={"END": torch.tensor([2, 2])},
+                        clean_texts=["a \"b\"\n", "ü"], corrupt_texts=["c", "d"],
+                        meta=pd.DataFrame({"f": [0.1, math.pi], "i": [1, 2], "s": ["x", "y"], "b": [True, False]}),
+                        attention_mask=torch.ones(2, 3, dtype=torch.long), info={"k": [1, 2]})
+    again = PromptPairs.load_jsonl(pairs.save_jsonl(tmp_path / "p.jsonl"))
+    _assert_pairs_equal(pairs, again)
+    assert torch.equal(again.attention_mask, pairs.attention_mask)
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        PromptPairs.load_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_subset_and_to(tok):
+    pairs = IOITask().generate(tok, 8, seed=0)
+    sub = pairs.subset([5, 1])
+    assert len(sub) == 2 and sub.clean_texts == [pairs.clean_texts[5], pairs.clean_texts[1]]
+    assert torch.equal(sub.clean_tokens, pairs.clean_tokens[[5, 1]])
+    assert sub.meta["IO"].tolist() == pairs.meta["IO"].iloc[[5, 1]].tolist() and list(sub.meta.index) == [0, 1]
+    assert torch.equal(sub.positions["S2"], pairs.positions["S2"][[5, 1]])
+    assert len(pairs.subset(slice(0, 3))) == 3 and len(pairs.subset(3)) == 1
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[0, 7]] = True
+    assert pairs.subset(mask).clean_texts == [pairs.clean_texts[0], pairs.clean_texts[7]]
+    with pytest.raises(IndexError):
+        pairs.subset([8])
+    moved = pairs.to("cpu")
+    assert moved.clean_tokens.device.type == "cpu" and torch.equal(moved.answer_ids, pairs.answer_ids)
+    assert "n=8" in repr(pairs)
+
+
+def test_prompt_pairs_validation():
+    good = dict(task="x", clean_tokens=torch.zeros(2, 3, dtype=torch.long), corrupt_tokens=torch.zeros(2, 3, dtype=torch.long),
+                answer_ids=torch.zeros(2, 1, dtype=torch.long), wrong_ids=torch.zeros(2, 1, dtype=torch.long),
+                positions={"END": torch.tensor([2, 2])}, clean_texts=["a", "b"], corrupt_texts=["c", "d"],
+                meta=pd.DataFrame(index=range(2)))
+    PromptPairs(**good)
+    with pytest.raises(ValueError, match="identical shapes"):
+        PromptPairs(**{**good, "corrupt_tokens": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match="outside"):
+        PromptPairs(**{**good, "positions": {"END": torch.tensor([2, 3])}})
+    with pytest.raises(ValueError, match="answer_ids"):
+        PromptPairs(**{**good, "answer_ids": torch.zeros(2, dtype=torch.long)})
+    with pytest.raises(TypeError, match="integer"):
+        PromptPairs(**{**good, "clean_tokens": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="one row per pair"):
+        PromptPairs(**{**good, "meta": pd.DataFrame(index=range(3))})
+
+
+def test_check_aligned_names_the_texts():
+    with pytest.raises(ValueError) as err:
+        check_aligned([[1, 2, 3]], [[1, 2]], ["the clean one"], ["the corrupt one"])
+    assert "the clean one" in str(err.value) and "the corrupt one" in str(err.value)
+
+
+def test_bos_conventions(tok, tiny_model):
+    assert resolve(tok).bos_id == 1 and resolve(tok, prepend_bos=False).bos_id is None
+    assert resolve(tiny_model).bos_id is None and resolve(tiny_model, bos_id=3).bos_id == 3
+    no_bos = IOITask().generate(tok, 3, seed=0, prepend_bos=False)
+    with_bos = IOITask().generate(tok, 3, seed=0)
+    assert torch.equal(no_bos.clean_tokens, with_bos.clean_tokens[:, 1:])
+    assert torch.equal(no_bos.positions["S2"], with_bos.positions["S2"] - 1)
