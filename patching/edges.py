@@ -1,0 +1,310 @@
+"""The model's computational graph and exact edge patching, on any bridge the Runner reproduces.
+
+Nodes are `input`, `a{l}.h{h}`, `m{l}` and `logits` (ACDC / EAP-IG / MIB names). A sender's output is its
+own contribution to the residual stream: the embeddings for `input`, `z_h @ W_O[h]` for a head (the
+attention bias b_O belongs to no head), the MLP's output. Receivers read their own copy of the residual
+stream: every head's query (`<q>`), every key/value head's key and value (`<k>`, `<v>`; with grouped-query
+attention the receiver index in `a{l}.h{g}<k>` is the key/value head g), every MLP, and the logits.
+
+Edge patching: receiver v reads `sum_u c_uv * a_u + (1 - c_uv) * a_u^corrupt` (plus biases), where `a_u` is
+sender u's output in the same forward pass and c_uv is the edge's mask (1 = in the circuit). With every
+mask at 1 the run is the clean run; at 0, the corrupted run. Many circuits (masks) run in one batched
+forward. This is the mask formulation of auto-circuit, computed here from the bridge's weights, so it
+works on HF-backed and TL-native bridges alike (no `hook_result` / split q-k-v inputs needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from patching.activation import _metric_values
+from patching.components import edge_name, head_node, mlp_node, parse_edge
+from patching.runner import Runner
+
+
+class ComputationalGraph:
+    """Senders, receivers and valid edges of a model, with names and index maps."""
+
+    def __init__(self, n_layers: int, n_heads: int, n_kv: int, attn_only: bool = False, parallel: bool = False):
+        self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
+        self.attn_only, self.parallel = attn_only, parallel
+        self.send_stride = n_heads + (0 if attn_only else 1)
+        self.recv_stride = n_heads + 2 * n_kv + (0 if attn_only else 1)
+        self.sender_names: list[str] = ["input"]
+        self.sender_layer: list[float] = [-1.0]
+        for layer in range(n_layers):
+            self.sender_names += [head_node(layer, h) for h in range(n_heads)]
+            self.sender_layer += [layer] * n_heads
+            if not attn_only:
+                self.sender_names.append(mlp_node(layer))
+                self.sender_layer.append(layer + 0.5)
+        self.receiver_names: list[str] = []  # the receiving node
+        self.receiver_channels: list[str] = []
+        for layer in range(n_layers):
+            self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
+            self.receiver_channels += ["q"] * n_heads
+            for channel in ("k", "v"):
+                self.receiver_names += [head_node(layer, g) for g in range(n_kv)]
+                self.receiver_channels += [channel] * n_kv
+            if not attn_only:
+                self.receiver_names.append(mlp_node(layer))
+                self.receiver_channels.append("resid")
+        self.receiver_names.append("logits")
+        self.receiver_channels.append("resid")
+        self.n_senders, self.n_receivers = len(self.sender_names), len(self.receiver_names)
+        valid = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
+        for r in range(self.n_receivers):
+            valid[: self.senders_before(r), r] = True
+        self.valid = valid
+        send_idx, recv_idx = valid.nonzero(as_tuple=True)
+        order = torch.argsort(recv_idx * self.n_senders + send_idx)  # receivers in topological order
+        self.edge_sender, self.edge_receiver = send_idx[order], recv_idx[order]
+        self.edge_names = [edge_name(self.sender_names[s], self.receiver_names[r], self.receiver_channels[r])
+                           for s, r in zip(self.edge_sender.tolist(), self.edge_receiver.tolist())]
+        self._edge_index = {name: i for i, name in enumerate(self.edge_names)}
+
+    @classmethod
+    def from_model(cls, model: Any) -> ComputationalGraph:
+        cfg = model.cfg
+        return cls(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, bool(cfg.attn_only),
+                   bool(getattr(cfg, "parallel_attn_mlp", False)))
+
+    # ------------------------------------------------------------------ index arithmetic
+    def head_sender(self, layer: int, head: int) -> int:
+        return 1 + layer * self.send_stride + head
+
+    def mlp_sender(self, layer: int) -> int:
+        return 1 + layer * self.send_stride + self.n_heads
+
+    def attn_receivers(self, layer: int) -> slice:
+        """Receiver indices of layer's q heads, then k and v kv-heads."""
+        start = layer * self.recv_stride
+        return slice(start, start + self.n_heads + 2 * self.n_kv)
+
+    def mlp_receiver(self, layer: int) -> int:
+        return layer * self.recv_stride + self.n_heads + 2 * self.n_kv
+
+    @property
+    def logits_receiver(self) -> int:
+        return self.n_receivers - 1
+
+    def senders_before(self, receiver: int) -> int:
+        """How many senders (a prefix of the sender order) write into this receiver's input."""
+        if receiver == self.logits_receiver:
+            return self.n_senders
+        layer, offset = divmod(receiver, self.recv_stride)
+        base = 1 + layer * self.send_stride
+        is_mlp = not self.attn_only and offset == self.n_heads + 2 * self.n_kv
+        return base + (self.n_heads if is_mlp and not self.parallel else 0)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edge_names)
+
+    def edge_index(self, name: str) -> int:
+        """Position of an edge in the canonical order; a clear error for unknown names."""
+        if name in self._edge_index:
+            return self._edge_index[name]
+        src, dst, channel = parse_edge(name)  # raises on malformed names
+        canonical = edge_name(src, dst, channel if channel != "resid" else None)
+        if canonical in self._edge_index:
+            return self._edge_index[canonical]
+        raise ValueError(f"edge {name!r} is not in this model's graph ({self.n_layers} layers, {self.n_heads} heads)")
+
+    def mask(self, edges: Tensor) -> Tensor:
+        """Edge vectors [..., n_edges] to sender × receiver matrices [..., n_senders, n_receivers]."""
+        out = torch.zeros(*edges.shape[:-1], self.n_senders, self.n_receivers, dtype=edges.dtype, device=edges.device)
+        out[..., self.edge_sender, self.edge_receiver] = edges
+        return out
+
+    def edges_vector(self, names: Sequence[str], value: float = 1.0) -> Tensor:
+        """A 0/1 edge vector with `names` set."""
+        vec = torch.zeros(self.n_edges)
+        for name in names:
+            vec[self.edge_index(name)] = value
+        return vec
+
+
+@dataclass
+class GraphActivations:
+    """Sender outputs and residual streams of one plain run, for edge patching and attribution."""
+
+    senders: Tensor  # [batch, pos, n_senders, d_model]
+    resid_pre: list[Tensor]
+    resid_mid: list[Tensor]
+    resid_final: Tensor
+
+
+class EdgeRunner:
+    """Forward passes in graph form: plain (recording senders), masked (edge patching), or with gradients."""
+
+    def __init__(self, model: Any, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner(model)
+        self.graph = ComputationalGraph.from_model(model)
+
+    def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
+        """Per-receiver inputs [b, p, H + 2K, d_model] to per-head outputs [b, p, H, d_model]."""
+        r, g = self.runner, self.graph
+        xn = r.ln1[layer](x)
+        xq, xk, xv = xn.split([g.n_heads, g.n_kv, g.n_kv], dim=2)
+        q = torch.einsum("bphm,hmd->bphd", xq, r.W_Q[layer]) + r.b_Q[layer]
+        k = torch.einsum("bphm,hmd->bphd", xk, r.W_K[layer]) + r.b_K[layer]
+        v = torch.einsum("bphm,hmd->bphd", xv, r.W_V[layer]) + r.b_V[layer]
+        z = r.attend(layer, q, k, v)
+        return r.head_outputs(layer, z)
+
+    def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
+              ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
+        """A normal forward in graph form. With `leaves`, every receiver input gets a zero leaf whose
+        gradient is d(metric)/d(receiver input). Returns (activations, final resid, leaves)."""
+        r, g = self.runner, self.graph
+        resid = r.embed(tokens) if embed is None else embed
+        batch, seq, dm = resid.shape
+        senders = [resid]
+        pre, mid = [], []
+        grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
+        for layer in range(r.n_layers):
+            pre.append(resid)
+            x = resid.unsqueeze(2).expand(batch, seq, g.n_heads + 2 * g.n_kv, dm)
+            if grads is not None:
+                leaf = torch.zeros_like(x, requires_grad=True)
+                grads["attn"].append(leaf)
+                x = x + leaf
+            head_out = self._attn_from_inputs(layer, x)
+            senders += list(head_out.unbind(2))
+            attn_total = head_out.sum(2) + r.b_O[layer]
+            if r.attn_only:
+                resid = resid + attn_total
+                mid.append(resid)
+                continue
+            mlp_in = resid if r.parallel else resid + attn_total
+            mid.append(mlp_in)
+            if grads is not None:
+                leaf = torch.zeros_like(mlp_in, requires_grad=True)
+                grads["mlp"].append(leaf)
+                mlp_in = mlp_in + leaf
+            mlp_out = r.mlp[layer](r.ln2[layer](mlp_in))
+            senders.append(mlp_out)
+            resid = resid + attn_total + mlp_out
+        final = resid
+        if grads is not None:
+            leaf = torch.zeros_like(final, requires_grad=True)
+            grads["logits"].append(leaf)
+            final = final + leaf
+        acts = GraphActivations(torch.stack(senders, dim=2), pre, mid, resid)
+        return acts, final, grads
+
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
+        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers])."""
+        r, g = self.runner, self.graph
+        n_circ = masks.shape[0]
+        resid0 = r.embed(tokens)
+        batch, seq, dm = resid0.shape
+        deltas = torch.zeros(n_circ, batch, seq, g.n_senders, dm, dtype=resid0.dtype, device=resid0.device)
+        deltas[:, :, :, 0] = resid0 - corrupt.senders[:, :, 0]
+        masks = masks.to(resid0.dtype)
+
+        def inputs(base: Tensor, n_prev: int, receivers: slice | list[int]) -> Tensor:
+            coef = masks[:, :n_prev, receivers]  # [C, n_prev, R]
+            mixed = torch.einsum("cbpnd,cnr->cbprd", deltas[:, :, :, :n_prev], coef)
+            return base.unsqueeze(0).unsqueeze(3) + mixed
+
+        for layer in range(r.n_layers):
+            n_prev = 1 + layer * g.send_stride
+            x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
+            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
+            first = g.head_sender(layer, 0)
+            corrupt_heads = corrupt.senders[:, :, first:first + g.n_heads]
+            deltas[:, :, :, first:first + g.n_heads] = head_out.view(n_circ, batch, seq, g.n_heads, dm) - corrupt_heads
+            if r.attn_only:
+                continue
+            n_mlp = g.senders_before(g.mlp_receiver(layer))
+            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, [g.mlp_receiver(layer)]).squeeze(3)
+            mlp_out = r.mlp[layer](r.ln2[layer](x_mlp))
+            idx = g.mlp_sender(layer)
+            deltas[:, :, :, idx] = mlp_out - corrupt.senders[:, :, idx]
+        final = inputs(corrupt.resid_final, g.n_senders, [g.logits_receiver]).squeeze(3)
+        return final.reshape(n_circ * batch, seq, dm)
+
+
+def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
+    lead = resid.shape[0] // read.shape[0]
+    idx = read.repeat(lead, 1)
+    return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
+
+
+@dataclass
+class EdgeContext:
+    """Clean and corrupted graph activations and baselines for one (model, task, pairs)."""
+
+    edge_runner: EdgeRunner
+    task: Any
+    pairs: Any
+    clean: GraphActivations
+    corrupt: GraphActivations
+    read_positions: Tensor
+    clean_values: Tensor  # per-prompt metric [batch]
+    corrupt_values: Tensor
+
+    @property
+    def graph(self) -> ComputationalGraph:
+        return self.edge_runner.graph
+
+    @property
+    def clean_metric(self) -> float:
+        return float(self.clean_values.mean())
+
+    @property
+    def corrupt_metric(self) -> float:
+        return float(self.corrupt_values.mean())
+
+
+def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
+    """Run clean and corrupted prompts in graph form once."""
+    from patching.activation import _check_pairs
+
+    _check_pairs(pairs)
+    edge_runner = EdgeRunner(model, runner)
+    read = task.read_positions(pairs)
+    with torch.no_grad():
+        clean, clean_final, _ = edge_runner.plain(pairs.clean_tokens)
+        corrupt, corrupt_final, _ = edge_runner.plain(pairs.corrupt_tokens)
+        clean_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, clean_final, read))
+        corrupt_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, corrupt_final, read))
+    return EdgeContext(edge_runner, task, pairs, clean, corrupt, read, clean_values, corrupt_values)
+
+
+def _circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
+    batch, seq = ctx.pairs.clean_tokens.shape
+    per_circuit = 4.0 * batch * seq * ctx.graph.n_senders * ctx.edge_runner.runner.d_model * 2
+    return max(1, int(memory_budget_mb * 2**20 // per_circuit))
+
+
+def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_mb: float = 1024.0,
+                        progress: bool = False) -> Tensor:
+    """Per-prompt metric [C, batch] for each circuit given as an edge vector [C, n_edges] (1 = keep clean)."""
+    if edge_masks.dim() == 1:
+        edge_masks = edge_masks.unsqueeze(0)
+    if edge_masks.shape[-1] != ctx.graph.n_edges:
+        raise ValueError(f"edge masks have {edge_masks.shape[-1]} entries; this graph has {ctx.graph.n_edges} edges")
+    if not bool(torch.isfinite(edge_masks).all()):
+        raise ValueError("edge masks contain NaN or inf")
+    step = _circuits_per_forward(ctx, memory_budget_mb)
+    batch, reads = ctx.pairs.clean_tokens.shape[0], ctx.read_positions.shape[1]
+    out = []
+    starts = range(0, edge_masks.shape[0], step)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="edge patching", unit="fwd")
+    with torch.no_grad():
+        for start in starts:
+            chunk = edge_masks[start:start + step]
+            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
+            logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+            out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
+    return torch.cat(out, dim=0)
