@@ -303,7 +303,7 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     ensure_collected(ctx, needed)
     groups: dict[tuple[str, int, int], list[int]] = {}
     for index, patch in enumerate(patches):
-        pos0 = 0 if patch.positions is None else int(patch.positions.min())
+        pos0 = 0 if patch.positions is None or not runner.causal else int(patch.positions.min())
         groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     results = torch.empty(len(patches))
     reads = ctx.read_positions.shape[1]

@@ -82,6 +82,7 @@ class Runner:
         self.group: int = self.n_heads // self.n_kv
         self.attn_only: bool = bool(cfg.attn_only)
         self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False))
+        self.causal: bool = (getattr(cfg, "attention_dir", "causal") or "causal") == "causal"
         for flag in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
             if getattr(cfg, flag, False):
                 raise UnsupportedModelError(f"{cfg.architecture}: {flag} is not supported by the fast engine")
@@ -198,6 +199,18 @@ class Runner:
             for kind, act in (("q", q), ("k", k), ("v", v)):
                 if (kind, layer) in state.acts:
                     state.acts[(kind, layer)] = act
+        z = self.attend(layer, q, k, v, pos0, past, hooks, state)
+        if ("z", layer) in hooks:
+            z = hooks[("z", layer)](z)
+        if state is not None and ("z", layer) in state.acts:
+            state.acts[("z", layer)] = z
+        return z.reshape(batch, length, -1) @ self._wo[layer] + self.b_O[layer]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos0: int = 0, past: KVCache | None = None,
+               hooks: dict[tuple[str, int], Hook] | None = None, state: RunState | None = None) -> Tensor:
+        """Attention from pre-rotary q [b, p, head, d] and k/v [b, p, kv_head, d] to z [b, p, head, d]."""
+        hooks = hooks or {}
+        batch, length = q.shape[0], q.shape[1]
         q = q.transpose(1, 2)  # [b, h, p, d]
         k = k.transpose(1, 2)
         v = v.transpose(1, 2)
@@ -218,19 +231,17 @@ class Runner:
         scores = scores.reshape(batch, self.n_heads, length, total)
         query_pos = torch.arange(pos0, pos0 + length, device=q.device)[:, None]
         key_pos = torch.arange(total, device=q.device)[None, :]
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        if self.causal:
+            scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        elif pos0 > 0:
+            raise ValueError("bidirectional attention: later positions change earlier ones; run from position 0")
         pattern = torch.softmax(scores, dim=-1)
         if ("pattern", layer) in hooks:
             pattern = hooks[("pattern", layer)](pattern)
         if state is not None and ("pattern", layer) in state.acts:
             state.acts[("pattern", layer)] = pattern
         pg = pattern.reshape(batch, self.n_kv, self.group, length, total)
-        z = torch.einsum("bkgqs,bksd->bqkgd", pg, v).reshape(batch, length, self.n_heads, self.d_head)
-        if ("z", layer) in hooks:
-            z = hooks[("z", layer)](z)
-        if state is not None and ("z", layer) in state.acts:
-            state.acts[("z", layer)] = z
-        return z.reshape(batch, length, -1) @ self._wo[layer] + self.b_O[layer]
+        return torch.einsum("bkgqs,bksd->bqkgd", pg, v).reshape(batch, length, self.n_heads, self.d_head)
 
     def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,
             past: KVCache | None = None, hooks: dict[tuple[str, int], Hook] | None = None,
@@ -307,7 +318,8 @@ class Runner:
     def check(self, atol: float = 1e-3) -> None:
         """Compare our logits with the bridge's on a probe input; raise UnsupportedModelError on mismatch."""
         vocab = self.W_E.shape[0]
-        tokens = torch.arange(1, 9, device=self.W_E.device).remainder(vocab).unsqueeze(0)
+        length = max(1, min(8, int(self.cfg.n_ctx)))
+        tokens = torch.arange(1, length + 1, device=self.W_E.device).remainder(vocab).unsqueeze(0)
         tokens = torch.cat([tokens, tokens.flip(1)], dim=0)
         with torch.no_grad():
             ours = self.logits(tokens)
