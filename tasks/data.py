@@ -52,7 +52,7 @@ IOI_BABA_TEMPLATES: tuple[str, ...] = (
     "Soon {S} and {IO} went to the {PLACE}. {S} sold a {OBJECT} to",
     "When {S} and {IO} were leaving the {PLACE}, {S} threw a {OBJECT} to",
     "Today {S} and {IO} worked at the {PLACE}. {S} brought a {OBJECT} to",
-    "Friends {S} and {IO} visited the {PLACE}. Later {S} gave a {OBJECT} to",
+    "Then {S} and {IO} ate at the {PLACE}. {S} gave a {OBJECT} to",
     "Then {S} and {IO} played at the {PLACE}. {S} gave the {OBJECT} to",
     "After {S} and {IO} had cleaned the {PLACE}, {S} showed a {OBJECT} to",
 )

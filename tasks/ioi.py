@@ -180,6 +180,9 @@ class IOITask(Task):
             info=dict(seed=seed, corruption=opts.corruption, family=opts.template_family or opts.family,
                       prompt_length=length, templates_kept=len(kept), templates_dropped=dropped,
                       n_names=n_names, n_places=len(place_list), n_objects=len(object_list),
+                      names_dropped=len(set(opts.names or data.IOI_NAMES)) - n_names,
+                      places_dropped=len(set(opts.places or data.IOI_PLACES)) - len(place_list),
+                      objects_dropped=len(set(opts.objects or data.IOI_OBJECTS)) - len(object_list),
                       bos_id=src.bos_id),
         )
 
