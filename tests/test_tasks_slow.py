@@ -33,7 +33,7 @@ def test_ioi_on_smollm2(smollm2):
 def test_capitals_on_smollm2(smollm2, caplog):
     task = get_task("capital_lookup")
     with caplog.at_level(logging.INFO, logger="circuitlab.tasks"):
-        pairs = task.generate(smollm2, 24, seed=0, filter_correct=True)
+        pairs = task.generate(smollm2, 16, seed=0, filter_correct=True)
     print(f"capitals on SmolLM2: {pairs.info}")
     assert "the model gets" in caplog.text
     assert pairs.info["facts_kept"] >= 30 and pairs.info["facts_correct"] >= pairs.info["facts_kept"]
