@@ -20,7 +20,7 @@ from graphs.circuit import sort_key  # noqa: E402
 
 ROLE_COLORS = {
     "name_mover": "#d62728", "backup_name_mover": "#ff9896", "negative_name_mover": "#9467bd",
-    "s_inhibition": "#1f77b4", "induction": "#2ca02c", "duplicate_token": "#bcbd22",
+    "s_inhibition": "#1f77b4", "s_suppression": "#8c564b", "induction": "#2ca02c", "duplicate_token": "#bcbd22",
     "previous_token": "#17becf", "": "#dddddd",
 }
 KIND_COLORS = {"input": "#f7f7f7", "logits": "#f7f7f7", "mlp": "#fdd0a2"}

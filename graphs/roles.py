@@ -17,6 +17,8 @@ Scores (attention scores are mean attention probabilities, in [0, 1]; a uniform 
 | name_mover            | attention END→IO ≥ attention threshold and direct logit attribution onto IO−S ≥    |
 |                       | DLA threshold (Wang et al. 2022, arXiv 2211.00593); score = DLA                    |
 | negative_name_mover   | same attention, DLA ≤ −threshold; score = −DLA                                     |
+| s_suppression         | attends END→S2 (≥ attention threshold, more than to IO) and DLA ≥ threshold: lowers|
+|                       | the subject's logit (copy suppression, arXiv 2310.04625); our addition             |
 | backup_name_mover     | DLA onto IO−S rises by ≥ threshold when the name movers are mean-ablated at END,   |
 |                       | and the head then attends END→IO; score = the rise                                 |
 | s_inhibition          | path patching: summed |effect| of the head on name movers' queries (channel q)     |
@@ -41,7 +43,7 @@ import torch
 
 from patching.components import head_node, hook_name, parse_node
 
-ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_inhibition", "induction",
+ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
 ROLE_COLUMNS = ["layer", "head", "role", "score", "threshold", "evidence"]
 
@@ -115,11 +117,15 @@ def _rows(df: pd.DataFrame, role: str, column: str, threshold: float, evidence_c
         keep &= extra
     out = []
     for _, row in df[keep].iterrows():
-        evidence = {c: _plain(row[c]) for c in evidence_columns if c in row}
+        evidence = {c: _plain(row[c]) for c in evidence_columns if c in row and not _is_nan(row[c])}
         out.append({"layer": int(row["layer"]), "head": int(row["head"]), "role": role,
                     "score": float(sign * row[column]), "threshold": float(threshold),
                     "evidence": json.dumps(evidence, sort_keys=True)})
     return pd.DataFrame(out, columns=ROLE_COLUMNS).sort_values("score", ascending=False, ignore_index=True)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _plain(value: Any) -> Any:
@@ -241,7 +247,10 @@ class IOIPrompts:
         rows = torch.arange(self.tokens.shape[0])
         io = self.io_ids if self.io_ids is not None else self.tokens[rows, self.positions["IO"]]
         s = self.s_ids if self.s_ids is not None else self.tokens[rows, self.positions["S1"]]
-        return io.long().reshape(-1), s.long().reshape(-1)
+        io, s = io.long(), s.long()
+        io = io[:, 0] if io.ndim == 2 else io  # tasks give [batch, n_answers]: the first is the answer
+        s = s[:, 0] if s.ndim == 2 else s
+        return io, s
 
 
 def _check_ioi(prompts: IOIPrompts) -> None:
@@ -311,15 +320,25 @@ def final_norm_scale(model: Any, prompts: IOIPrompts) -> torch.Tensor | None:
     return cache["ln_final.hook_scale"][rows, prompts.positions["END"].long()].reshape(-1)
 
 
-def detect_name_movers(scores: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.DataFrame:
+def detect_name_movers(scores: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds(), *,
+                       include_s_suppression: bool = True) -> pd.DataFrame:
     """Name movers and negative name movers from `ioi_head_scores`: attend END→IO and push the IO−S
-    logit difference up (name mover) or down (negative name mover)."""
+    logit difference up (name mover) or down (negative name mover).
+
+    With `include_s_suppression`, heads that attend END→S2 (more than END→IO) and raise IO−S are labelled
+    `s_suppression`: they lower the subject's logit, the copy-suppression behaviour of McDougall et al.
+    2023 (arXiv 2310.04625). Not one of Wang et al.'s GPT-2 classes; our addition, since SmolLM2 has them.
+    """
     attends = scores["attn_end_io"] >= thresholds.name_mover_attention
     ev = ["attn_end_io", "attn_end_s2", "dla_io_minus_s"]
     nm = _rows(scores, "name_mover", "dla_io_minus_s", thresholds.name_mover_dla, ev, extra=attends)
     neg = _rows(scores, "negative_name_mover", "dla_io_minus_s", thresholds.name_mover_dla, ev, sign=-1.0,
                 extra=attends)
-    return _with_meta(pd.concat([nm, neg], ignore_index=True), {"measured_on": "IOI prompts"})
+    frames = [nm, neg]
+    if include_s_suppression:
+        on_s2 = (scores["attn_end_s2"] >= thresholds.name_mover_attention) & (scores["attn_end_s2"] > scores["attn_end_io"])
+        frames.append(_rows(scores, "s_suppression", "dla_io_minus_s", thresholds.name_mover_dla, ev, extra=on_s2))
+    return _with_meta(pd.concat(frames, ignore_index=True), {"measured_on": "IOI prompts"})
 
 
 def detect_ioi_attention_roles(scores: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.DataFrame:
@@ -340,7 +359,9 @@ def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list
     The name movers' outputs at END are mean-ablated (replaced by their mean over the prompts; Wang et
     al. use the mean over an ABC dataset) with the final norm's scale frozen to the clean run's; a head
     that is not itself a name mover is a backup name mover if its DLA onto IO−S rises by at least
-    `thresholds.backup_dla_increase` and it then attends END→IO at least `name_mover_attention`.
+    `thresholds.backup_dla_increase` to at least `name_mover_dla` (it then writes IO; a negative name
+    mover that merely stops suppressing does not count) and it then attends END→IO at least
+    `name_mover_attention`.
     """
     if not name_movers:
         return pd.DataFrame(columns=ROLE_COLUMNS)
@@ -368,16 +389,21 @@ def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list
     is_other = pd.Series([(int(a), int(b)) not in nm for a, b in zip(merged["layer"], merged["head"])],
                          index=merged.index)
     attends = merged["attn_end_io_ablated"] >= thresholds.name_mover_attention
+    moves_io = merged["dla_io_minus_s_ablated"] >= thresholds.name_mover_dla
     ev = ["dla_io_minus_s", "dla_io_minus_s_ablated", "attn_end_io", "attn_end_io_ablated"]
     out = _rows(merged, "backup_name_mover", "dla_increase", thresholds.backup_dla_increase, ev,
-                extra=is_other & attends)
+                extra=is_other & attends & moves_io)
     return _with_meta(out, {"ablated": [head_node(a, b) for a, b in sorted(nm)], "ablation": "mean over prompts at END"})
 
 
 def detect_s_inhibition(path_effects: pd.DataFrame, name_movers: list[tuple[int, int]] | list[str],
                         thresholds: RoleThresholds = RoleThresholds()) -> pd.DataFrame:
     """S-inhibition heads from precomputed path patching (columns `sender`, `receiver`, `channel`,
-    `effect`): a sender's score is the summed |effect| of its paths into the name movers' queries."""
+    `effect`): a sender's score is the summed |effect| of its paths into the name movers' queries.
+
+    A `receiver` may be a `,`-joined set (as `patching.path.path_patching` writes for joint receivers):
+    such a row counts when every receiver in it is a name mover.
+    """
     missing = [c for c in ("sender", "receiver", "channel", "effect") if c not in path_effects.columns]
     if missing:
         raise ValueError(f"path-patching effects lack column(s) {missing}; have {list(path_effects.columns)}")
@@ -385,7 +411,11 @@ def detect_s_inhibition(path_effects: pd.DataFrame, name_movers: list[tuple[int,
     targets = {parse_node(n).name for n in targets}
     if path_effects["effect"].isna().any():
         raise ValueError("path-patching effects contain NaN; drop or fill them first")
-    into_q = path_effects[(path_effects["channel"] == "q") & path_effects["receiver"].isin(targets)]
+    def to_movers(receiver: Any) -> bool:
+        names = [parse_node(r).name for r in str(receiver).split(",") if r.strip()]
+        return bool(names) and all(n in targets for n in names)
+
+    into_q = path_effects[(path_effects["channel"] == "q") & path_effects["receiver"].map(to_movers)]
     rows = []
     for sender, group in into_q.groupby("sender"):
         node = parse_node(str(sender))

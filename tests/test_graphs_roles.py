@@ -138,11 +138,11 @@ def test_ioi_scores_match_a_direct_decomposition(tiny_gqa_model):
 
 
 def test_name_mover_thresholds_on_synthetic_scores():
-    df = pd.DataFrame({"layer": [9, 9, 10, 11], "head": [9, 6, 7, 2], "attn_end_io": [0.6, 0.1, 0.5, 0.3],
-                       "attn_end_s2": [0.1, 0.1, 0.1, 0.1], "dla_io_minus_s": [1.2, 2.0, -0.8, 0.05]})
+    df = pd.DataFrame({"layer": [9, 9, 10, 11, 8], "head": [9, 6, 7, 2, 3], "attn_end_io": [0.6, 0.1, 0.5, 0.3, 0.05],
+                       "attn_end_s2": [0.1, 0.1, 0.1, 0.1, 0.6], "dla_io_minus_s": [1.2, 2.0, -0.8, 0.05, 1.5]})
     roles = detect_name_movers(df, RoleThresholds(name_mover_attention=0.2, name_mover_dla=0.1))
-    assert {(r.layer, r.head, r.role) for r in roles.itertuples()} == {(9, 9, "name_mover"),
-                                                                       (10, 7, "negative_name_mover")}
+    assert {(r.layer, r.head, r.role) for r in roles.itertuples()} == {
+        (9, 9, "name_mover"), (10, 7, "negative_name_mover"), (8, 3, "s_suppression")}
     assert roles.set_index("role").loc["negative_name_mover", "score"] == pytest.approx(0.8)
 
 
@@ -154,7 +154,8 @@ def test_backup_name_movers_mechanics(tiny_gqa_model):
     assert last.empty
     # ablating a layer-0 head moves layer-1 DLAs; the ablated head itself never counts as backup
     first = detect_backup_name_movers(tiny_gqa_model, pr, [(0, 0), (0, 1)],
-                                      RoleThresholds(backup_dla_increase=-1e9, name_mover_attention=0.0))
+                                      RoleThresholds(backup_dla_increase=-1e9, name_mover_attention=0.0,
+                                                     name_mover_dla=-1e9))
     assert {(r.layer, r.head) for r in first.itertuples()} == {(0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)}
     assert json.loads(first.evidence.iloc[0])["ablated"] == ["a0.h0", "a0.h1"]
 
@@ -167,6 +168,9 @@ def test_s_inhibition_from_path_patching_table():
     roles = detect_s_inhibition(effects, [(9, 9), (9, 6)])
     assert list(zip(roles["layer"], roles["head"])) == [(7, 3), (8, 6)]  # 7.9 only via k; m7 not a head
     assert roles.score.iloc[0] == pytest.approx(0.3)
+    joint = pd.DataFrame({"sender": ["a7.h3", "a6.h0"], "receiver": ["a9.h9,a9.h6", "a9.h9,a3.h3"],
+                          "channel": ["q", "q"], "effect": [-0.4, -0.9]})
+    assert list(detect_s_inhibition(joint, ["a9.h9", "a9.h6"])["head"]) == [3]
     with pytest.raises(ValueError, match="lack column"):
         detect_s_inhibition(effects.drop(columns="channel"), [(9, 9)])
 
@@ -183,3 +187,20 @@ def test_assign_roles_keeps_strongest_and_all():
     assert json.loads(out.nodes["a0.h0"]["roles"]) == ["previous_token", "duplicate_token"]
     assert json.loads(out.nodes["a0.h0"]["evidence"])["roles"]["duplicate_token"]["score"] == 0.5
     assert out.nodes["a1.h0"]["role"] == "" and "a5.h5" not in out and g.nodes["a0.h0"]["role"] == ""
+
+
+@pytest.mark.slow
+def test_smollm2_has_measured_induction_and_name_movers(smollm2):
+    from tasks import get_task
+
+    torch.set_num_threads(2)
+    rep = repeated_random_tokens(smollm2.cfg.d_vocab, 8, 4, seed=0, bos_id=1, low=1000)
+    roles = detect_repeated_token_roles(smollm2, rep)
+    induction = roles[roles.role == "induction"]
+    assert len(induction) >= 1 and (induction["layer"] > 0).all()
+    assert all(json.loads(e)["copying"] > 0 for e in induction.evidence)
+    pairs = get_task("ioi").generate(smollm2, 8, seed=0)
+    scores = ioi_head_scores(smollm2, IOIPrompts(pairs.clean_tokens, pairs.positions, pairs.answer_ids,
+                                                 pairs.wrong_ids))
+    movers = detect_name_movers(scores)
+    assert (movers.role == "name_mover").any()
