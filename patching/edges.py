@@ -199,35 +199,44 @@ class EdgeRunner:
         return acts, final, grads
 
     def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
-        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers])."""
+        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
+
+        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
+        layer's receiver inputs are one batched matrix product with the transposed masks.
+        """
         r, g = self.runner, self.graph
         n_circ = masks.shape[0]
         resid0 = r.embed(tokens)
         batch, seq, dm = resid0.shape
-        deltas = torch.zeros(n_circ, batch, seq, g.n_senders, dm, dtype=resid0.dtype, device=resid0.device)
-        deltas[:, :, :, 0] = resid0 - corrupt.senders[:, :, 0]
-        masks = masks.to(resid0.dtype)
+        flat = batch * seq * dm
+        deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
+        corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
+        deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
+        masks_t = masks.to(resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
 
-        def inputs(base: Tensor, n_prev: int, receivers: slice | list[int]) -> Tensor:
-            coef = masks[:, :n_prev, receivers]  # [C, n_prev, R]
-            mixed = torch.einsum("cbpnd,cnr->cbprd", deltas[:, :, :, :n_prev], coef)
-            return base.unsqueeze(0).unsqueeze(3) + mixed
+        def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
+            mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
+            return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
         for layer in range(r.n_layers):
             n_prev = 1 + layer * g.send_stride
             x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
             head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
             first = g.head_sender(layer, 0)
-            corrupt_heads = corrupt.senders[:, :, first:first + g.n_heads]
-            deltas[:, :, :, first:first + g.n_heads] = head_out.view(n_circ, batch, seq, g.n_heads, dm) - corrupt_heads
+            head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
+                n_circ, g.n_heads, flat)
+            deltas[:, first:first + g.n_heads] = head_out - corrupt_flat[first:first + g.n_heads]
             if r.attn_only:
                 continue
-            n_mlp = g.senders_before(g.mlp_receiver(layer))
-            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, [g.mlp_receiver(layer)]).squeeze(3)
+            receiver = g.mlp_receiver(layer)
+            n_mlp = g.senders_before(receiver)
+            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
             mlp_out = r.mlp[layer](r.ln2[layer](x_mlp))
             idx = g.mlp_sender(layer)
-            deltas[:, :, :, idx] = mlp_out - corrupt.senders[:, :, idx]
-        final = inputs(corrupt.resid_final, g.n_senders, [g.logits_receiver]).squeeze(3)
+            deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
+        last = g.logits_receiver
+        final = inputs(corrupt.resid_final, g.n_senders, slice(last, last + 1)).squeeze(3)
         return final.reshape(n_circ * batch, seq, dm)
 
 

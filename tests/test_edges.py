@@ -132,14 +132,19 @@ def test_acdc_large_threshold_prunes_more(tiny_model):
         acdc(ctx, 0.1, objective="loss")
 
 
-def test_oracle_check_and_faithfulness(tiny_model):
-    task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, batch=6, seed=9)
-    ctx = prepare_edges(tiny_model, task, pairs)
+@pytest.mark.parametrize("name", ["tiny_model", "tiny_gqa_model"])
+def test_oracle_check_and_faithfulness(request, name):
+    model = request.getfixturevalue(name)
+    task, pairs = ToyTask(), toy_pairs(model.cfg.d_vocab, batch=6, seed=9)
+    ctx = prepare_edges(model, task, pairs)
     scores = eap_ig_scores(ctx)
     rho, sample = oracle_check(ctx, scores, n_edges=40)
     assert len(sample) == 40 and -1 <= rho <= 1
-    exact = exact_edge_scores(ctx, sample["edge"].tolist())
-    assert torch.allclose(exact, torch.tensor(sample["exact"].to_numpy()), atol=1e-5)
+    masks = torch.ones(len(sample), ctx.graph.n_edges)
+    for i, name in enumerate(sample["edge"]):
+        masks[i, ctx.graph.edge_index(name)] = 0.0
+    by_masks = ctx.clean_metric - evaluate_edge_masks(ctx, masks).mean(1)
+    assert torch.allclose(by_masks, torch.tensor(sample["exact"].to_numpy(), dtype=by_masks.dtype), atol=1e-4)
     result = faithfulness_curve(ctx, scores, n_boot=50)
     full = result.curve[(result.curve.percent == 100.0)]
     assert (full["faithfulness"] - 1.0).abs().max() <= 1e-4
