@@ -1,9 +1,167 @@
-"""The `circuitlab` command line."""
+"""The `circuitlab` command line: run, patch, path, report, tasks, models.
+
+Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
+(2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import sys
+from typing import Any, NoReturn
+
+from reports.config import METHODS, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--task", default=d("ioi"), help="task name (see `circuitlab tasks`)")
+    p.add_argument("--model", default=d("smollm2-135m"), help="model name or directory (see `circuitlab models`)")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--n", type=int, default=d(16), help="number of prompt pairs")
+    p.add_argument("--seed", type=int, default=d(0))
+    p.add_argument("--corruption", default=None, help="IOI corruption: abc (default) or s2_io_flip")
+    p.add_argument("--memory-budget", type=float, default=d(2048.0), help="MB per batched forward")
+    p.add_argument("--device", default=d("cpu"))
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="circuitlab", description="Activation patching and circuit discovery.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="a whole discovery: pairs, scores, exact checks, circuit, roles, report")
+    run.add_argument("--config", help="YAML/JSON experiment file (CLI flags override it; `runs:` makes a sweep)")
+    _add_common(run, defaults=False)
+    run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default eap-ig)")
+    run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
+    run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
+    run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
+    run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE] or ints")
+    run.add_argument("--resid-positions", default=None, help="residual heatmap: each, roles or none")
+    run.add_argument("--resid-layers", type=int, default=None, help="at most this many layers in the heatmap")
+    run.add_argument("--steps", type=int, default=None, help="EAP-IG integration steps (default 5)")
+    run.add_argument("--oracle-edges", type=int, default=None, help="edges re-scored exactly (default 200)")
+    run.add_argument("--acdc-threshold", type=float, default=None, help="ACDC pruning threshold (default 0.05)")
+    run.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")
+    run.add_argument("--percents", default=None, help="faithfulness curve points, %% of edges (comma-separated)")
+    run.add_argument("--roles", dest="roles", action="store_true", default=None, help="detect head roles (default)")
+    run.add_argument("--no-roles", dest="roles", action="store_false", help="skip role detection")
+    run.add_argument("--force", action="store_true", default=None, help="allow ACDC on large graphs")
+    run.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
+                     help="extra task.generate option, e.g. seq_len=8 (repeatable)")
+    run.set_defaults(func=_cmd_run)
+
+    patch = sub.add_parser("patch", help="one activation-patching sweep")
+    _add_common(patch, defaults=True)
+    patch.add_argument("--component", default="head", help="head|resid|attn|mlp|q|k|v|pattern (or a kind)")
+    patch.add_argument("--positions", default="all", help="all, each, ROLE[,ROLE] or integer positions")
+    patch.add_argument("--direction", default="denoise", help="denoise (clean into corrupt) or noise")
+    patch.set_defaults(func=_cmd_patch)
+
+    path = sub.add_parser("path", help="one path-patching sweep")
+    _add_common(path, defaults=True)
+    path.add_argument("--senders", default="heads", help="heads, all, or a1.h2,a3.h4+a3.h5 (+ joins a set)")
+    path.add_argument("--receivers", default="", help="receiver heads, e.g. a9.h9,a9.h6 (not for logits)")
+    path.add_argument("--channel", default="q", help="q, k, v or logits")
+    path.add_argument("--sender-positions", default=None, help="all, ROLE or an integer")
+    path.add_argument("--receiver-positions", default=None, help="all, ROLE or an integer")
+    path.add_argument("--direction", default="noise", help="noise (paper default) or denoise")
+    path.set_defaults(func=_cmd_path)
+
+    report = sub.add_parser("report", help="re-render a run's report from its saved results")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_cmd_report)
+
+    sub.add_parser("tasks", help="list tasks").set_defaults(func=_cmd_tasks)
+    sub.add_parser("models", help="list loadable models").set_defaults(func=_cmd_models)
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+
+def _task_options(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--task-option {item!r}: write KEY=VALUE, e.g. seq_len=8")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from reports.config import build_configs, load_config_file
+    from reports.run import execute
+
+    file_values = load_config_file(args.config) if args.config else {}
+    cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
+                                         "top_fraction", "threshold", "top_k", "positions", "resid_positions",
+                                         "resid_layers", "memory_budget", "device", "steps", "oracle_edges",
+                                         "acdc_threshold", "n_boot", "percents", "roles", "force")}
+    if args.task_option:
+        cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
+    configs = build_configs(file_values, cli)
+    for cfg in configs:
+        record = execute(cfg, quiet=args.quiet)
+        print(f"report: {cfg.out}/report.html (and report.md); run record {cfg.out}/run.json"
+              + (f"; resumed {', '.join(record['resumed_stages'])}" if record["resumed_stages"] else ""))
+    return 0
+
+
+def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: str) -> Any:
+    from reports.sweep import SweepConfig
+
+    return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
+                       corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
+                       device=args.device, spec=spec)
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from reports.sweep import run_patch
+
+    cfg = _sweep_config(args, {"component": args.component, "positions": args.positions}, "runs/patch")
+    run_patch(cfg, quiet=args.quiet, command=_command_line())
+    return 0
+
+
+def _cmd_path(args: argparse.Namespace) -> int:
+    from reports.sweep import run_path
+
+    spec = {"senders": args.senders, "receivers": args.receivers, "channel": args.channel,
+            "sender_positions": args.sender_positions, "receiver_positions": args.receiver_positions}
+    run_path(_sweep_config(args, spec, "runs/path"), quiet=args.quiet, command=_command_line())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from reports.render import render_report
+
+    html_path, md_path = render_report(args.run_dir)
+    print(f"report: {html_path} (and {md_path.name})")
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        task = get_task(name)
+        print(f"{name:16s} metric {task.metric_name:13s} roles {','.join(task.roles):38s} {task.description}")
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -14,41 +172,37 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from patching.models import load_model
-
-    model = load_model(args.model)
-    prompts = [("When Mary and John went to the store, John gave a drink to", " Mary", " John"),
-               ("When Tom and James went to the park, James gave a ball to", " Tom", " James"),
-               ("After Lisa and Sarah went to the office, Sarah handed a book to", " Lisa", " Sarah")]
-    with torch.no_grad():
-        for text, io, s in prompts:
-            last = model(model.to_tokens(text))[0, -1]
-            diff = (last[model.to_single_token(io)] - last[model.to_single_token(s)]).item()
-            print(f"logit diff {io.strip()}-{s.strip()} = {diff:+.3f}  | {text}")
-    return 0
+def _command_line() -> str:
+    return " ".join(["circuitlab"] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitlab", description="Activation patching and circuit discovery.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list loadable models").set_defaults(func=_cmd_models)
-    demo = sub.add_parser("demo", help="run the main job on the default model")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=_cmd_demo)
-    return parser
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Entry point of the `circuitlab` console script (set CIRCUITLAB_DEBUG=1 for tracebacks)."""
+    if os.environ.get("CIRCUITLAB_DEBUG"):
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
-        print(f"circuitlab: error: {exc}", file=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"circuitlab: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("circuitlab: error: interrupted; rerun the same command to resume from saved results", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, KeyError, OSError) as exc:
+        print(f"circuitlab: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the one-line contract holds for unexpected failures too
+        print(f"circuitlab: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

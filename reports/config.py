@@ -1,0 +1,264 @@
+"""Run configurations: the `RunConfig` dataclass, loading it from YAML/JSON files, validating it, hashing it.
+
+Precedence: dataclass defaults < config file < command-line flags that were given. A config file holds
+`RunConfig` fields at its top level; an optional `runs:` list turns it into a sweep, each entry's fields
+overriding the top level (each entry needs its own `out`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("eap-ig", "eap", "acdc", "activation", "attribution")
+EDGE_METHODS = ("eap-ig", "eap", "attribution", "acdc")
+ACDC_EDGE_LIMIT = 5000
+
+
+class ConfigError(ValueError):
+    """A bad run configuration: the message names the bad input and what to do."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a `circuitlab run` (and so its results and its resume cache key).
+
+    Circuit selection: at most one of `top_fraction`, `threshold`, `top_k`; none given = the top 50 edges
+    (edge methods) or top 20 components (node methods), widened until the circuit connects input to logits.
+    `positions`: where heads and MLPs are patched exactly — `all`, `each`, or task roles (`END` or
+    `S2,END`). `resid_positions`: the residual-stream heatmap (`each` position, the task's `roles`, or `none`),
+    over at most `resid_layers` evenly spaced layers. `percents`: the faithfulness curve's k (% of edges).
+    """
+
+    task: str = "ioi"
+    model: str = "smollm2-135m"
+    method: str = "eap-ig"
+    out: str = "runs/ioi"
+    n: int = 16
+    seed: int = 0
+    corruption: str | None = None
+    top_fraction: float | None = None
+    threshold: float | None = None
+    top_k: int | None = None
+    positions: str = "all"
+    resid_positions: str = "each"
+    resid_layers: int = 10
+    memory_budget: float = 2048.0
+    device: str = "cpu"
+    steps: int = 5
+    oracle_edges: int = 200
+    acdc_threshold: float = 0.05
+    n_boot: int = 1000
+    percents: str = "0.1,0.2,0.5,1,2,5,10,20,50,100"
+    roles: bool = True
+    force: bool = False
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    # fields that do not change results (left out of the resume key)
+    _NON_RESULT = ("out", "force")
+
+    def result_key(self) -> str:
+        """A short hash of every field that changes results: equal keys mean a run may resume."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NON_RESULT}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def command(self) -> str:
+        """The `circuitlab run` command line that reproduces this run."""
+        parts = ["circuitlab", "run"]
+        defaults = RunConfig()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.name in ("task", "model", "method", "out"):
+                parts += [flag, _quote(str(value))]
+            elif f.name == "task_options":
+                for key, val in sorted(value.items()):
+                    parts += ["--task-option", _quote(f"{key}={json.dumps(val)}")]
+            elif isinstance(value, bool):
+                if value != getattr(defaults, f.name):
+                    parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            elif value is not None and value != getattr(defaults, f.name):
+                parts += [flag, _quote(str(value))]
+        return " ".join(parts)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON experiment file into a dict (keys with `-` become `_`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise different types; both mean a malformed file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {str(path)!r} cannot be parsed: {first}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
+    return _normalise_keys(data, str(path))
+
+
+def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "runs":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{where}: 'runs' must be a list of mappings")
+            out["runs"] = [_normalise_keys(v, f"{where} runs[{i}]") for i, v in enumerate(value)]
+            continue
+        if name not in FIELDS:
+            raise ConfigError(f"{where}: unknown option {key!r}; known options: {', '.join(sorted(FIELDS))}")
+        out[name] = value
+    return out
+
+
+def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> list[RunConfig]:
+    """Merge defaults, a config file (possibly a sweep) and given CLI values into validated configs."""
+    runs = file_values.get("runs")
+    base = {k: v for k, v in file_values.items() if k != "runs"}
+    entries = [dict(base, **entry) for entry in runs] if runs else [base]
+    configs = []
+    for entry in entries:
+        merged = dict(entry)
+        merged.update({k: v for k, v in cli_values.items() if v is not None})
+        configs.append(make_config(merged))
+    outs = [c.out for c in configs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError("a sweep's runs need distinct 'out' directories (each run writes its own)")
+    return configs
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """A validated `RunConfig` from plain values (types are checked and coerced)."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        kwargs[f.name] = _coerce(f.name, value)
+    cfg = RunConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+_INTS = ("n", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers")
+_FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold")
+_BOOLS = ("roles", "force")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if name in _INTS:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if name in _FLOATS:
+            return float(value)
+        if name in _BOOLS:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if name == "task_options":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if name == "positions" and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name!r} has a bad value {value!r}") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
+    from tasks import get_task
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    try:
+        task = get_task(cfg.task)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.n < 1:
+        raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.oracle_edges < 0 or cfg.n_boot < 0:
+        raise ConfigError("--oracle-edges and --n-boot must be >= 0")
+    if cfg.memory_budget <= 0:
+        raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
+    given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give at most one of --top-fraction, --threshold, --top-k (got {', '.join(given)})")
+    if cfg.top_fraction is not None and not 0 < cfg.top_fraction <= 1:
+        raise ConfigError(f"--top-fraction must be in (0, 1], got {cfg.top_fraction}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {cfg.top_k}")
+    parse_positions(cfg.positions, task.roles)
+    if cfg.resid_positions not in ("each", "roles", "none"):
+        raise ConfigError(f"--resid-positions must be each, roles or none, got {cfg.resid_positions!r}")
+    if cfg.resid_layers < 1:
+        raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
+    parse_percents(cfg.percents)
+    if cfg.corruption is not None and task.name != "ioi":
+        raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
+    if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
+        raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+
+
+def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:
+    """`all` / `each` / comma-separated roles or integers -> what `activation_patching(positions=)` takes."""
+    text = str(spec).strip()
+    if text in ("all", "each"):
+        return text
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError("--positions is empty: use all, each, a role or integer positions")
+    out: list[Any] = []
+    for item in items:
+        if item.lstrip("-").isdigit():
+            out.append(int(item))
+        elif item in roles:
+            out.append(item)
+        else:
+            raise ConfigError(f"bad position {item!r}: use all, each, an integer, or a role of this task "
+                              f"({', '.join(roles)})")
+    return out
+
+
+def parse_percents(spec: str) -> tuple[float, ...]:
+    """`0.1,1,10,100` -> (0.1, 1.0, 10.0, 100.0): increasing percentages in (0, 100]."""
+    try:
+        values = tuple(float(x) for x in str(spec).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--percents must be comma-separated numbers, got {spec!r}") from None
+    if len(values) < 2 or any(not 0 < v <= 100 for v in values) or list(values) != sorted(set(values)):
+        raise ConfigError(f"--percents needs at least two increasing values in (0, 100], got {spec!r}")
+    return values

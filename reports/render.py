@@ -1,0 +1,325 @@
+"""Rendering a run's report (report.html, self-contained, and report.md with figures/) from its saved files.
+
+Reads only what `circuitlab run` wrote into the run directory (run.json, scores.csv, baseline.csv,
+faithfulness.csv, oracle.csv, roles.csv, circuit.json), so `circuitlab report RUN_DIR` needs no model.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reports import figures, store
+
+
+@dataclass
+class Section:
+    """One report section: a title, paragraphs (plain text), tables and figures (name, PNG bytes)."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (file stem, caption, png)
+    code: str | None = None
+
+
+def _required(run_dir: Path, name: str) -> Path:
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a finished circuitlab run "
+                                "(rerun `circuitlab run` with the same arguments to complete it)")
+    return path
+
+
+def _optional_csv(run_dir: Path, name: str) -> pd.DataFrame | None:
+    path = run_dir / name
+    return store.read_csv(path) if path.is_file() else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _is_true(series: pd.Series) -> pd.Series:
+    return series.astype(str).str.lower().isin(["true", "1"])
+
+
+def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
+    """The report's content, in the order a researcher reads it."""
+    record = json.loads(_required(run_dir, "run.json").read_text())
+    scores = store.read_csv(_required(run_dir, "scores.csv"))
+    baseline = store.read_csv(_required(run_dir, "baseline.csv"))
+    circuit = json.loads(_required(run_dir, "circuit.json").read_text())
+    cfg, metrics, model = record["config"], record["metrics"], record["model"]
+    method = cfg["method"]
+    sections: list[Section] = []
+
+    # 1. task and model
+    intro = Section("Task and model")
+    intro.paragraphs.append(f"Task {record['task']['name']}: {record['task']['description']}. "
+                            f"{record['n_pairs']} prompt pairs (seed {cfg['seed']}); metric {metrics['metric']}.")
+    intro.paragraphs.append(f"Model {model['name']} ({model.get('architecture', '')}, {model['n_layers']} layers, "
+                            f"{model['n_heads']} heads, {model['n_key_value_heads']} key/value heads, d_model "
+                            f"{model['d_model']}), weight hash {model['weight_hash']}. Method {method}.")
+    pairs_path = run_dir / "pairs.jsonl"
+    if pairs_path.is_file():
+        rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:3] if line.strip()]
+        intro.tables.append(("Example pairs", pd.DataFrame({
+            "clean": [r["clean_text"] for r in rows], "corrupt": [r["corrupt_text"] for r in rows],
+            "positions": [json.dumps(r["positions"]) for r in rows]})))
+    sections.append(intro)
+
+    # 2. does the model do the task
+    base = Section("Does the model do the task?")
+    base.paragraphs.append(
+        f"Clean {metrics['metric']} {_fmt(metrics['clean'])} (95% CI {_fmt(metrics['clean_ci'][0])} to "
+        f"{_fmt(metrics['clean_ci'][1])}); corrupt {_fmt(metrics['corrupt'])} (95% CI "
+        f"{_fmt(metrics['corrupt_ci'][0])} to {_fmt(metrics['corrupt_ci'][1])}). Difference "
+        f"{_fmt(metrics['difference'])} (95% CI {_fmt(metrics['difference_ci'][0])} to "
+        f"{_fmt(metrics['difference_ci'][1])}); clean above corrupt on "
+        f"{100 * metrics['fraction_clean_above_corrupt']:.0f}% of pairs. Effects below are normalized: "
+        "0 = corrupt run, 1 = clean run.")
+    ci = {"clean": tuple(metrics["clean_ci"]), "corrupt": tuple(metrics["corrupt_ci"])}
+    base.figures.append(("baseline", "Per-prompt metric, clean vs corrupt",
+                         figures.png_bytes(figures.baseline_figure(baseline, metrics["metric"], ci))))
+    sections.append(base)
+
+    # 3. heatmaps
+    heat = Section("Where the effect is: heads, MLPs, residual stream")
+    exact = scores[(scores["method"] == "activation") & _is_true(scores["exact"])]
+    heads = exact[exact["component"] == "z"]
+    panels = []
+    for label, group in heads.groupby(heads["role"].where(heads["role"] != "", heads["position"].astype(str)), sort=False):
+        title = "exact activation patching" + ("" if label in ("-1", "") else f" at {label}")
+        panels.append((title, group.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")))
+    approx = scores[(scores["method"] == method) & ~_is_true(scores["exact"])]
+    approx_heads = approx[approx["component"] == "z"]
+    if not approx_heads.empty:
+        panels.append((f"{method} node attribution",
+                       approx_heads.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")))
+    if panels:
+        heat.figures.append(("heads", "Layer × head effect", figures.png_bytes(figures.head_heatmaps(panels[:4]))))
+    mlps = exact[exact["component"] == "mlp_out"]
+    if not mlps.empty:
+        series = [("exact", mlps.groupby("layer")["effect"].mean())]
+        approx_mlps = approx[approx["component"] == "mlp_out"]
+        if not approx_mlps.empty:
+            series.append((method, approx_mlps.groupby("layer")["effect"].mean()))
+        heat.figures.append(("mlps", "MLP effect by layer", figures.png_bytes(figures.mlp_figure(series))))
+    resid = scores[scores["component"] == "resid_pre"]
+    if not resid.empty:
+        labels_all = model.get("position_labels", [])
+        if (resid["position"].astype(int) >= 0).all():
+            grid = resid.pivot_table(index="layer", columns="position", values="effect", aggfunc="mean")
+            labels = [f"{p}: {labels_all[int(p)]}" if int(p) < len(labels_all) else str(p) for p in grid.columns]
+        else:
+            grid = resid.pivot_table(index="layer", columns="role", values="effect", aggfunc="mean")
+            grid = grid[[r for r in record["task"]["roles"] if r in grid.columns]]
+            labels = list(grid.columns)
+        heat.figures.append(("resid", "Residual stream: layer × position",
+                             figures.png_bytes(figures.resid_heatmap(grid, labels))))
+    top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
+    heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
+    sections.append(heat)
+
+    # 4. circuit
+    from graphs.draw import draw_circuit
+    from graphs.io import from_node_link
+
+    graph = from_node_link(circuit)
+    circ = Section("The circuit")
+    circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
+                           f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
+    circ.figures.append(("circuit", "Circuit with roles", figures.png_bytes(
+        draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})"))))
+    nodes = []
+    for name, data in graph.nodes(data=True):
+        if data.get("kind") in ("head", "mlp"):
+            nodes.append({"node": name, "role": data.get("role", ""), "score": data.get("score", 0.0),
+                          "exact effect": data.get("exact_effect", float("nan"))})
+    if nodes:
+        circ.tables.append(("Circuit nodes", pd.DataFrame(nodes).sort_values("score", key=abs, ascending=False)))
+    sections.append(circ)
+
+    # 5. roles
+    roles = _optional_csv(run_dir, "roles.csv")
+    role_section = Section("Roles with evidence")
+    if roles is None:
+        role_section.paragraphs.append("Role detection was switched off for this run (--no-roles).")
+    elif roles.empty:
+        role_section.paragraphs.append("No head reached a role threshold.")
+    else:
+        in_circuit = set(graph.nodes)
+        table = roles.assign(head=[f"a{int(a)}.h{int(b)}" for a, b in zip(roles["layer"], roles["head"])])
+        table["in circuit"] = table["head"].isin(in_circuit)
+        table = table.sort_values(["in circuit", "score"], ascending=[False, False])
+        role_section.paragraphs.append(f"{len(table)} role detections on {table['head'].nunique()} heads "
+                                       f"({int(table['in circuit'].sum())} in the circuit). Evidence: the measured "
+                                       "scores behind each role (see graphs.roles).")
+        role_section.tables.append(("Roles", table[["head", "role", "score", "threshold", "in circuit", "evidence"]]
+                                    .reset_index(drop=True)))
+    sections.append(role_section)
+
+    # 6. faithfulness
+    faith = Section("Faithfulness")
+    curve = _optional_csv(run_dir, "faithfulness.csv")
+    summary = record.get("faithfulness") or {}
+    if curve is not None and summary:
+        faith.paragraphs.append(
+            f"CPR (area under f, signed selection; higher is better) {_fmt(summary['cpr'])} (95% CI "
+            f"{_fmt(summary['cpr_ci'][0])} to {_fmt(summary['cpr_ci'][1])}); CMD (area under |1 - f|, absolute "
+            f"selection; 0 is best) {_fmt(summary['cmd'])} (95% CI {_fmt(summary['cmd_ci'][0])} to "
+            f"{_fmt(summary['cmd_ci'][1])}). Circuits keep the top-k% edges clean and corrupt the rest (exact).")
+        faith.figures.append(("faithfulness", "Faithfulness curve with 95% bootstrap band",
+                              figures.png_bytes(figures.faithfulness_figure(curve, summary))))
+    else:
+        faith.paragraphs.append("No faithfulness curve was computed for this run.")
+    sections.append(faith)
+
+    # 7. agreement
+    agree = Section("Exact vs approximate")
+    agreement = record.get("node_agreement") or {}
+    fig_panels = []
+    if agreement.get("compared_with"):
+        best = exact[exact["component"].isin(["z", "mlp_out"])]
+        best = best.assign(_abs=best["effect"].abs()).sort_values("_abs", ascending=False).drop_duplicates("node")
+        merged = best.set_index("node")["effect"].to_frame("exact").join(
+            approx[approx["component"].isin(["z", "mlp_out"])].set_index("node")["effect"].rename("approx"), how="inner")
+        agree.paragraphs.append(f"Node level: {method} node effects vs exact activation patching of all "
+                                f"{agreement['n_nodes']} heads and MLPs: Spearman {_fmt(agreement['spearman'])}.")
+        fig_panels.append((f"nodes: Spearman {_fmt(agreement['spearman'])}", merged["approx"].to_numpy(float),
+                           merged["exact"].to_numpy(float), f"{method} effect", "exact effect"))
+    else:
+        agree.paragraphs.append("Node level: the method is exact activation patching itself.")
+    oracle = _optional_csv(run_dir, "oracle.csv")
+    if oracle is not None and record.get("oracle"):
+        rho = record["oracle"]["spearman"]
+        agree.paragraphs.append(f"Edge level (oracle check): {len(oracle)} edges (half the top by |score|, half at "
+                                f"random) re-scored by exact edge patching: Spearman {_fmt(rho)}.")
+        fig_panels.append((f"edges: Spearman {_fmt(rho)}", oracle["approx_effect"].to_numpy(float),
+                           oracle["exact_effect"].to_numpy(float), "approximate effect", "exact effect"))
+    if fig_panels:
+        agree.figures.append(("agreement", "Approximate vs exact", figures.png_bytes(figures.agreement_figure(fig_panels))))
+    sections.append(agree)
+
+    # 8. reproduce
+    repro = Section("Reproduce")
+    repro.paragraphs.append("Run this command (from the repository root, with HF_HUB_OFFLINE=1) to reproduce "
+                            "the run; the same arguments resume an interrupted run:")
+    repro.code = record["command"]
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in record.get("timings", {}).items())
+    repro.paragraphs.append(f"Timings: {timings}; wall {record.get('wall_seconds', 0):.0f}s. Versions: "
+                            + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()) + ".")
+    sections.append(repro)
+    return record, sections
+
+
+def _selection_text(cfg: dict[str, Any]) -> str:
+    if cfg["method"] == "acdc":
+        return f"edges ACDC kept at threshold {cfg['acdc_threshold']}"
+    for key, label in (("top_fraction", "top fraction"), ("threshold", "|score| threshold"), ("top_k", "top k")):
+        if cfg.get(key) is not None:
+            return f"{label} {cfg[key]}"
+    return "default: top 50 edges / 20 components, widened until input connects to logits"
+
+
+# ---------------------------------------------------------------------- HTML and Markdown
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .5em;
+text-align:left;vertical-align:top}th{background:#f4f4f4}figure{margin:1em 0}img{max-width:100%}
+figcaption{font-size:.85em;color:#555}pre{background:#f6f8fa;padding:.8em;overflow-x:auto}
+td.evidence{font-family:monospace;font-size:.8em;max-width:480px;word-break:break-all}"""
+
+
+def _html_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
+    shown = frame.head(max_rows)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    body = []
+    for _, row in shown.iterrows():
+        cells = []
+        for col, value in row.items():
+            css = ' class="evidence"' if col == "evidence" else ""
+            cells.append(f"<td{css}>{html.escape(_fmt(value) if isinstance(value, float) else str(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p>({len(frame) - max_rows} more rows in the CSV files)</p>" if len(frame) > max_rows else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
+def to_html(record: dict[str, Any], sections: list[Section]) -> str:
+    """One self-contained HTML page: figures embedded as base64 PNG, no external resources."""
+    title = f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
+        parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+        if section.code:
+            parts.append(f"<pre><code>{html.escape(section.code)}</code></pre>")
+        for stem, caption, png in section.figures:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f"<figure><img class=\"figure\" id=\"fig-{stem}\" alt=\"{html.escape(caption)}\" "
+                         f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}</figcaption></figure>")
+        for caption, table in section.tables:
+            parts.append(f"<h3>{html.escape(caption)}</h3>{_html_table(table)}")
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _md_cell(value: Any) -> str:
+    text = _fmt(value) if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
+    shown = frame.head(max_rows)
+    lines = ["| " + " | ".join(_md_cell(c) for c in shown.columns) + " |",
+             "|" + "---|" * len(shown.columns)]
+    for _, row in shown.iterrows():
+        lines.append("| " + " | ".join(_md_cell(v) for v in row.tolist()) + " |")
+    if len(frame) > max_rows:
+        lines.append(f"\n({len(frame) - max_rows} more rows in the CSV files)")
+    return "\n".join(lines)
+
+
+def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
+    """The report as Markdown; figures are referenced as figures/<name>.png next to it."""
+    title = f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
+    parts = [f"# {title}\n"]
+    for section in sections:
+        parts.append(f"## {section.title}\n")
+        parts += [f"{p}\n" for p in section.paragraphs]
+        if section.code:
+            parts.append(f"```bash\n{section.code}\n```\n")
+        for stem, caption, _ in section.figures:
+            parts.append(f"![{caption}](figures/{stem}.png)\n")
+        for caption, table in section.tables:
+            parts.append(f"### {caption}\n\n{_md_table(table)}\n")
+    return "\n".join(parts)
+
+
+def render_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.html, report.md and figures/*.png of a run directory; returns the two report paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    record, sections = build_sections(run_dir)
+    for section in sections:
+        for stem, _, png in section.figures:
+            store.write_bytes(run_dir / "figures" / f"{stem}.png", png)
+    html_path = store.write_text(run_dir / "report.html", to_html(record, sections))
+    md_path = store.write_text(run_dir / "report.md", to_markdown(record, sections))
+    return html_path, md_path

@@ -1,0 +1,163 @@
+"""`circuitlab patch` and `circuitlab path`: one activation-patching sweep or one path-patching sweep.
+
+Each writes OUT/pairs.jsonl, OUT/scores.csv (the engine's tidy columns), OUT/run.json and a figure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from reports import store
+from reports.config import ConfigError, parse_positions
+
+
+@dataclass
+class SweepConfig:
+    """Options shared by `patch` and `path` (the sweep-specific ones are in `spec`)."""
+
+    task: str
+    model: str
+    out: str
+    n: int = 16
+    seed: int = 0
+    corruption: str | None = None
+    direction: str = "denoise"
+    memory_budget: float = 2048.0
+    device: str = "cpu"
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
+    from patching.models import load_model
+    from tasks import get_task
+
+    try:
+        task = get_task(cfg.task)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.direction not in ("denoise", "noise"):
+        raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
+    if cfg.n < 1:
+        raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
+    out = store.check_writable(cfg.out)
+    say(f"loading model {cfg.model}")
+    model = load_model(cfg.model, device=cfg.device)
+    options = {"corruption": cfg.corruption} if cfg.corruption else {}
+    pairs = task.generate(model, cfg.n, seed=cfg.seed, **options)
+    pairs.save_jsonl(out / ".pairs.jsonl.tmp")
+    (out / ".pairs.jsonl.tmp").replace(out / "pairs.jsonl")
+    return model, task, pairs.to(cfg.device), out
+
+
+def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started: float, command: str,
+            model: Any) -> None:
+    from patching.models import weight_hash
+
+    store.write_csv(out / "scores.csv", frame)
+    store.write_json(out / "run.json", {
+        "command": command, "kind": kind, "config": asdict(cfg), "seed": cfg.seed,
+        "model": {"name": cfg.model, "weight_hash": weight_hash(model)},
+        "metrics": {"clean": frame.attrs.get("clean_metric"), "corrupt": frame.attrs.get("corrupt_metric")},
+        "wall_seconds": round(time.time() - started, 3)})
+
+
+def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
+    """One activation-patching sweep of a component kind over layers (× heads × positions)."""
+    from patching.activation import PatchingConfig, activation_patching
+    from patching.components import canonical_kind
+    from tasks import get_task
+
+    started = time.time()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    try:
+        kind = canonical_kind(cfg.spec.get("component", "z"))
+        roles = get_task(cfg.task).roles
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    positions = parse_positions(cfg.spec.get("positions", "all"), roles)
+    model, task, pairs, out = _prepare(cfg, say)
+    config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+    frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
+    say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
+    _finish(cfg, out, frame, "patch", started, command, model)
+    _figure(frame, kind, out)
+    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
+    say(top[["component", "layer", "head", "position", "role", "effect"]].to_string(index=False))
+    say(f"wrote {out / 'scores.csv'}")
+    return frame
+
+
+def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
+    from reports import figures
+
+    if kind in ("z", "q", "k", "v", "pattern"):
+        grid = frame.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")
+        fig = figures.head_heatmaps([(f"{kind} patching", grid)])
+    else:
+        column = "position" if (frame["position"] >= 0).any() else "role"
+        grid = frame.pivot_table(index="layer", columns=column, values="effect", aggfunc="mean")
+        fig = figures.resid_heatmap(grid, [str(c) for c in grid.columns])
+    store.write_bytes(out / "heatmap.png", figures.png_bytes(fig))
+
+
+def parse_senders(text: str) -> Any:
+    """`heads` / `all` / `a1.h2,a3.h4+a3.h5` (comma separates sender sets, `+` joins nodes of one set)."""
+    text = text.strip()
+    if text in ("heads", "all"):
+        return text
+    sets = [s.strip() for s in text.split(",") if s.strip()]
+    if not sets:
+        raise ConfigError("--senders is empty: use heads, all, or node names like a1.h2,a3.h4+a3.h5")
+    return [[n.strip() for n in s.split("+") if n.strip()] for s in sets]
+
+
+def _position(value: str | None, roles: tuple[str, ...]) -> Any:
+    if value is None or value == "all":
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    if value not in roles:
+        raise ConfigError(f"bad position {value!r}: use all, an integer, or a role of this task ({', '.join(roles)})")
+    return value
+
+
+def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
+    """One path-patching sweep: senders -> receivers through a channel (q/k/v of receiver heads, or logits)."""
+    from patching.activation import PatchingConfig
+    from patching.components import parse_node
+    from patching.path import CHANNELS, path_patching
+    from tasks import get_task
+
+    started = time.time()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    spec = cfg.spec
+    channel = spec.get("channel", "q")
+    if channel not in CHANNELS:
+        raise ConfigError(f"--channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+    senders = parse_senders(spec.get("senders", "heads"))
+    receivers = [r.strip() for r in (spec.get("receivers") or "").split(",") if r.strip()]
+    try:
+        for name in receivers + ([n for s in senders for n in s] if isinstance(senders, list) else []):
+            parse_node(name)
+        roles = get_task(cfg.task).roles
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if channel != "logits" and not receivers:
+        raise ConfigError(f"--channel {channel} needs --receivers (heads such as a9.h9,a9.h6)")
+    sender_pos = _position(spec.get("sender_positions"), roles)
+    receiver_pos = _position(spec.get("receiver_positions"), roles)
+    model, task, pairs, out = _prepare(cfg, say)
+    config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+    frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
+                          sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
+    say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
+    _finish(cfg, out, frame, "path", started, command, model)
+    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
+    say(top[["sender", "receiver", "channel", "effect"]].to_string(index=False))
+    say(f"wrote {out / 'scores.csv'}")
+    return frame
