@@ -1,0 +1,533 @@
+"""Benchmarking circuit-discovery methods against known circuits.
+
+Pieces (used by `bench/methods.py` and `circuitlab bench methods`):
+
+- `adapt_groundtruth(gt, n, seed)` turns a `graphs.groundtruth.GroundTruth` (or any `TaskSpec`) into the
+  engine's (task, pairs) interface: `GroundTruthTask.read_positions(pairs) -> [B, R]` and
+  `metric_at(logits_at[..., B, R, V], pairs) -> [..., B]` (the ground truth's own metric, per prompt).
+  `counterfactual="task"` uses the spec's corrupted inputs; `"resample"` uses independently drawn clean
+  inputs of the same task as the corrupted run (resample ablation, as InterpBench evaluates), with the
+  resampled input's answer as the wrong answer. Which edges a patching method can see depends on this
+  choice: an edge whose sender is identical in the clean and corrupted runs has zero effect under every
+  method here (e.g. the previous-token head of `induction_handwired` under the task's corruption, which only
+  changes the last token; `tracr_reverse`'s length sub-circuit under both, as every input has one length).
+- `run_method(name, model, task, pairs)` -> (edge scores [n_edges] or None, node scores, seconds) for
+  `activation`, `eap`, `eap-ig`, `acdc`, `random` (see `METHOD_NOTES` for each method's scores).
+- `evaluate_method(...)`: edge and node ROC-AUC against a reference circuit, MIB CPR/CMD with bootstrap CIs.
+
+Scoring conventions (all documented in the results table's notes):
+
+- Edge ROC-AUC ranks edges by |edge score| against membership in the reference edges (InterpBench).
+- Node ROC-AUC ranks heads and MLPs (not `input`/`logits`) against the reference nodes. For edge methods a
+  node's score is the sum of |score| over its incoming and outgoing edges.
+- `activation` is node-level exact patching (noising: corrupted head `z` / `mlp_out` into the clean run, all
+  positions); node score = (m(clean) - m(noised)) / (m(clean) - m(corrupt)). Edge scores are derived as
+  min(|s_u|, |s_v|) with `input` and `logits` scored as the largest node score, so that every threshold on
+  edge scores gives exactly the edges induced by the node circuit {|s| >= threshold}.
+- `acdc` edge score = the objective change measured when the edge was tried, with every kept edge ranked
+  above every removed one (kept edges get an offset larger than any change); untested edges count 0.
+- `random`: seeded standard-normal edge scores (a chance-level reference: AUROC ~ 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from graphs.evaluate import roc_auc
+from graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
+from patching.components import parse_node
+from patching.edges import ComputationalGraph, EdgeContext, prepare_edges
+
+METHODS: tuple[str, ...] = ("activation", "eap", "eap-ig", "acdc", "random")
+COUNTERFACTUALS: tuple[str, ...] = ("task", "resample")
+METHOD_NOTES: dict[str, str] = {
+    "activation": "exact node patching (noising) of every head z and MLP out; edge score = min(|s_u|, |s_v|)",
+    "eap": "edge attribution patching: (a_clean - a_corrupt) . dm/dx_receiver at the clean run",
+    "eap-ig": "EAP with gradients integrated over input embeddings corrupt -> clean",
+    "acdc": "greedy exact edge pruning; score = objective change, kept edges ranked above removed ones",
+    "random": "seeded standard-normal edge scores (chance reference)",
+}
+RESULT_COLUMNS = ["model", "counterfactual", "method", "n_pairs", "n_edges", "n_true_edges", "n_visible_true_edges",
+                  "edge_auroc", "edge_auroc_visible", "node_auroc", "cpr", "cpr_low", "cpr_high", "cmd", "cmd_low", "cmd_high", "seconds",
+                  "eval_seconds", "note"]
+
+
+# ---------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How each method runs and is evaluated.
+
+    `acdc_threshold` is a fraction of |m(clean) - m(corrupt)| for the `metric` objective (scale-free across
+    tasks); for the `kl` objective it is used as is. ACDC is skipped (with an estimated cost) on graphs with
+    more than `acdc_max_edges` edges. `n_boot` bootstrap resamples give the CPR/CMD intervals.
+    """
+
+    eap_ig_steps: int = 5
+    acdc_objective: str = "metric"
+    acdc_threshold: float = 0.01
+    acdc_max_edges: int = 5000
+    n_boot: int = 1000
+    memory_budget_mb: float = 1024.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.acdc_objective not in ("kl", "metric"):
+            raise ValueError(f"acdc_objective {self.acdc_objective!r} is unknown: use 'kl' or 'metric'")
+        if self.eap_ig_steps < 1:
+            raise ValueError(f"eap_ig_steps must be >= 1, got {self.eap_ig_steps}")
+        if self.acdc_threshold < 0:
+            raise ValueError(f"acdc_threshold must be >= 0, got {self.acdc_threshold}")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference circuit: node names (heads/MLPs; `input`/`logits` ignored) and edge names."""
+
+    nodes: frozenset[str]
+    edges: frozenset[str]
+
+    @classmethod
+    def from_groundtruth(cls, gt: GroundTruth) -> Reference:
+        return cls(frozenset(gt.true_nodes), frozenset(gt.true_edges))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Reference:
+        """Read a circuit file: our `circuitlab-circuit` JSON (`graphs.groundtruth.write_circuit`) or an
+        EAP-IG/MIB circuit JSON (`graphs.io.write_mib`; edges with `in_graph` true)."""
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference circuit file {path} does not exist")
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("format") == "circuitlab-circuit":
+            circuit = read_circuit(path)
+            return cls(frozenset(circuit["nodes"]), frozenset(circuit["edges"]))
+        if isinstance(data, dict) and {"cfg", "nodes", "edges"} <= set(data):
+            from graphs.evaluate import edge_set, node_set
+            from graphs.io import from_mib
+
+            graph = from_mib(data)
+            return cls(frozenset(node_set(graph)), frozenset(edge_set(graph)))
+        raise ValueError(f"{path}: not a circuit file (expected format 'circuitlab-circuit' or an EAP-IG/MIB "
+                         "JSON with cfg/nodes/edges)")
+
+    def checked(self, graph: ComputationalGraph) -> Reference:
+        """Canonical names, checking every edge and node exists in the model's graph (errors name the bad one)."""
+        edges = frozenset(graph.edge_names[graph.edge_index(e)] for e in self.edges)
+        components = set(graph.sender_names) | {"logits"}
+        nodes = set()
+        for node in self.nodes:
+            name = parse_node(node).name
+            if name not in components:
+                raise ValueError(f"reference node {node!r} is not in this model's graph")
+            nodes.add(name)
+        if not edges:
+            raise ValueError("the reference circuit has no edges")
+        return Reference(frozenset(nodes), edges)
+
+
+# ---------------------------------------------------------------------- the ground-truth adapter
+
+@dataclass
+class GroundTruthPairs:
+    """Clean/corrupt token ids with what the metric reads; the pairs interface of the patching engine."""
+
+    clean_tokens: Tensor  # [B, S]
+    corrupt_tokens: Tensor  # [B, S]
+    read_pos: Tensor  # [R]
+    answer: Tensor  # [B, R]: token ids (logit_diff) or targets (regression)
+    wrong: Tensor | None  # [B, R] token ids for logit_diff
+    positions: dict[str, Tensor] = field(default_factory=dict)
+    attention_mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.clean_tokens.shape[0])
+
+
+class GroundTruthTask:
+    """A `TaskSpec`'s metric in the engine's task interface (per prompt, any leading batch dimensions)."""
+
+    metric_name = "metric"
+
+    def __init__(self, spec: TaskSpec, name: str = "groundtruth") -> None:
+        self.spec, self.name = spec, name
+        self.metric_name = "logit_diff" if spec.kind == "logit_diff" else "neg_mse"
+
+    def read_positions(self, pairs: GroundTruthPairs) -> Tensor:
+        """Read positions `[B, R]` (every row reads the same positions)."""
+        return pairs.read_pos.unsqueeze(0).expand(pairs.clean_tokens.shape[0], -1).contiguous()
+
+    def metric_at(self, logits_at: Tensor, pairs: GroundTruthPairs) -> Tensor:
+        """`[..., B, R, V]` logits at the read positions -> per-prompt metric `[..., B]` (mean over R)."""
+        if logits_at.ndim < 3:
+            raise ValueError(f"expected logits [..., batch, reads, vocab], got shape {tuple(logits_at.shape)}")
+        if self.spec.kind == "regression":
+            target = pairs.answer.to(logits_at.dtype)
+            return -((logits_at[..., 0] - target) ** 2).mean(-1)
+        lead = logits_at.shape[:-3]
+        answer = pairs.answer.expand(*lead, *pairs.answer.shape).unsqueeze(-1)
+        wrong = pairs.wrong.expand(*lead, *pairs.wrong.shape).unsqueeze(-1)
+        good = logits_at.gather(-1, answer)[..., 0]
+        bad = logits_at.gather(-1, wrong)[..., 0]
+        return (good - bad).mean(-1)
+
+    def metric(self, logits: Tensor, pairs: GroundTruthPairs) -> Tensor:
+        """Per-prompt metric from full logits `[B, S, V]`."""
+        return self.metric_at(logits[:, pairs.read_pos, :], pairs)
+
+
+def adapt_spec(spec: TaskSpec, n: int, seed: int = 0, *, counterfactual: str = "task",
+               name: str = "groundtruth") -> tuple[GroundTruthTask, GroundTruthPairs]:
+    """(task, pairs) for the engine from a ground-truth task spec (see the module docstring)."""
+    if counterfactual not in COUNTERFACTUALS:
+        raise ValueError(f"counterfactual {counterfactual!r} is unknown: use one of {COUNTERFACTUALS}")
+    batch = spec.make_pairs(n, seed)
+    corrupt, wrong = batch.corrupt, batch.wrong
+    if counterfactual == "resample":
+        other = spec.make_pairs(n, seed + 1_000_003)  # an independent draw, reproducible from `seed`
+        corrupt = other.clean
+        wrong = other.answer if spec.kind == "logit_diff" else None
+    pairs = GroundTruthPairs(batch.clean, corrupt, batch.read_pos, batch.answer, wrong)
+    return GroundTruthTask(spec, name), pairs
+
+
+def adapt_groundtruth(gt: GroundTruth, n: int, seed: int = 0, *, counterfactual: str = "task"
+                      ) -> tuple[GroundTruthTask, GroundTruthPairs]:
+    """(task, pairs) for the engine from a loaded ground-truth model."""
+    return adapt_spec(gt.task, n, seed, counterfactual=counterfactual, name=gt.name)
+
+
+# ---------------------------------------------------------------------- methods
+
+def _node_table(names: Sequence[str], values: Sequence[float]) -> pd.DataFrame:
+    return pd.DataFrame({"node": list(names), "score": np.asarray(values, dtype=float)})
+
+
+def node_scores_from_edges(graph: ComputationalGraph, scores: Tensor) -> pd.DataFrame:
+    """Node scores (heads and MLPs) = sum of |score| over each node's incoming and outgoing edges."""
+    values = scores.detach().double().abs().cpu()
+    total = torch.zeros(graph.n_senders, dtype=torch.float64)
+    total.index_add_(0, graph.edge_sender, values)
+    receiver_node = [graph.receiver_names[r] for r in graph.edge_receiver.tolist()]
+    index = {name: i for i, name in enumerate(graph.sender_names)}
+    for value, node in zip(values.tolist(), receiver_node):
+        if node in index:
+            total[index[node]] += value
+    names = [n for n in graph.sender_names if n != "input"]
+    return _node_table(names, [float(total[index[n]]) for n in names])
+
+
+def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Tensor:
+    """Edge scores min(|s_u|, |s_v|) from node scores; `input` and `logits` count as the largest |s|."""
+    values = dict(zip(nodes["node"], nodes["score"].abs()))
+    top = max(values.values()) if values else 1.0
+    values["input"] = values["logits"] = top
+    send = torch.tensor([values[graph.sender_names[s]] for s in graph.edge_sender.tolist()])
+    recv = torch.tensor([values[graph.receiver_names[r]] for r in graph.edge_receiver.tolist()])
+    return torch.minimum(send, recv).float()
+
+
+def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
+    """(forwards, seconds): ACDC needs up to one masked forward per edge; time `n_probe` of them here."""
+    from patching.edges import evaluate_edge_masks
+
+    masks = torch.ones(1, ctx.graph.n_edges)
+    evaluate_edge_masks(ctx, masks)  # warm-up
+    start = time.perf_counter()
+    for _ in range(n_probe):
+        evaluate_edge_masks(ctx, masks)
+    per = (time.perf_counter() - start) / n_probe
+    return ctx.graph.n_edges, per * ctx.graph.n_edges
+
+
+def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: BenchConfig) -> pd.DataFrame:
+    from patching.activation import PatchingConfig, activation_patching, prepare
+
+    pctx = prepare(model, task, pairs)
+    pcfg = PatchingConfig(direction="noise", memory_budget_mb=config.memory_budget_mb)
+    frames = [activation_patching(model, task, pairs, "z", config=pcfg, context=pctx)]
+    if not getattr(model.cfg, "attn_only", False):
+        frames.append(activation_patching(model, task, pairs, "mlp_out", config=pcfg, context=pctx))
+    frame = pd.concat(frames, ignore_index=True)
+    gap = pctx.clean_metric - pctx.corrupt_metric
+    names = [f"a{lay}.h{h}" if comp == "z" else f"m{lay}" for comp, lay, h in
+             zip(frame["component"], frame["layer"], frame["head"])]
+    return _node_table(names, (pctx.clean_metric - frame["metric"].to_numpy()) / gap)
+
+
+def _acdc_scores(ctx: EdgeContext, config: BenchConfig) -> Tensor:
+    from patching.acdc import acdc
+
+    threshold = config.acdc_threshold
+    if config.acdc_objective == "metric":
+        threshold *= abs(ctx.clean_metric - ctx.corrupt_metric)
+    result = acdc(ctx, threshold, objective=config.acdc_objective)
+    change = torch.nan_to_num(result.scores.double(), nan=0.0).abs()
+    offset = 1.0 + 2.0 * float(change.max())
+    return (change + offset * result.kept.double()).float()
+
+
+def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext | None = None,
+               config: BenchConfig | None = None) -> tuple[Tensor | None, pd.DataFrame, float]:
+    """Run one discovery method: (edge scores [n_edges] or None, node scores (`node`, `score`), seconds).
+
+    Seconds cover the method's own work (a shared `ctx` from `prepare_edges` is not counted). `activation`
+    returns node scores only (derive edges with `edge_scores_from_nodes`).
+    """
+    from patching.attribution import eap_ig_scores, eap_scores
+
+    config = config or BenchConfig()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: use one of {METHODS}")
+    ctx = ctx or prepare_edges(model, task, pairs)
+    graph = ctx.graph
+    start = time.perf_counter()
+    if name == "activation":
+        nodes = _activation(model, task, pairs, ctx, config)
+        return None, nodes, time.perf_counter() - start
+    if name == "eap":
+        scores = eap_scores(ctx)
+    elif name == "eap-ig":
+        scores = eap_ig_scores(ctx, steps=config.eap_ig_steps)
+    elif name == "acdc":
+        if graph.n_edges > config.acdc_max_edges:
+            raise ValueError(f"ACDC on {graph.n_edges} edges exceeds acdc_max_edges={config.acdc_max_edges}")
+        scores = _acdc_scores(ctx, config)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        scores = torch.randn(graph.n_edges, generator=generator)
+    seconds = time.perf_counter() - start
+    scores = scores.detach().float().cpu()
+    return scores, node_scores_from_edges(graph, scores), seconds
+
+
+# ---------------------------------------------------------------------- metrics
+
+def edge_auroc(graph: ComputationalGraph, scores: Tensor, reference: Reference) -> float:
+    """ROC-AUC of |edge score| for membership in the reference edges (every graph edge is a candidate)."""
+    ref = reference.checked(graph)
+    labels = [e in ref.edges for e in graph.edge_names]
+    return roc_auc(scores.abs().double().numpy(), labels)
+
+
+def visible_edge_auroc(ctx: EdgeContext, scores: Tensor, reference: Reference) -> float:
+    """Edge ROC-AUC with the reference's invisible edges (`visible_edges`) left out of the candidates:
+    what a method can reach under this counterfactual. NaN if no reference edge is visible."""
+    graph = ctx.graph
+    ref = reference.checked(graph)
+    seen = visible_edges(ctx, sorted(ref.edges))
+    keep = [i for i, e in enumerate(graph.edge_names) if e not in ref.edges or seen[e]]
+    labels = [graph.edge_names[i] in ref.edges for i in keep]
+    if not any(labels):
+        return float("nan")
+    return roc_auc(scores.abs().double().numpy()[keep], labels)
+
+
+def node_auroc(nodes: pd.DataFrame, reference: Reference) -> float:
+    """ROC-AUC of |node score| over heads and MLPs for membership in the reference nodes."""
+    members = {parse_node(n).name for n in reference.nodes} - {"input", "logits"}
+    labels = [n in members for n in nodes["node"]]
+    if all(labels) or not any(labels):
+        return float("nan")
+    return roc_auc(nodes["score"].abs().to_numpy(), labels)
+
+
+def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) -> dict[str, bool]:
+    """Whether each edge can be seen at all under this counterfactual.
+
+    Edge u->v is visible when corrupting it alone changes what receiver v computes from its input on some
+    prompt and position: v's query/key/value projection (after its norm), its MLP output, or the logits.
+    An invisible edge has zero effect under every patching method here, whatever the method (e.g. a query
+    that reads only positions, when clean and corrupted inputs have the same length). `tol` is relative to
+    the largest |value| of that receiver computation.
+    """
+    g, runner = ctx.graph, ctx.edge_runner.runner
+    weights = {"q": runner.W_Q, "k": runner.W_K, "v": runner.W_V}
+    out: dict[str, bool] = {}
+    with torch.no_grad():
+        for name in edges:
+            e = g.edge_index(name)
+            s, r = int(g.edge_sender[e]), int(g.edge_receiver[e])
+            delta = ctx.clean.senders[:, :, s] - ctx.corrupt.senders[:, :, s]
+            if r == g.logits_receiver:
+                x = ctx.clean.resid_final
+                before, after = runner.unembed(x), runner.unembed(x - delta)
+            else:
+                layer, offset = divmod(r, g.recv_stride)
+                if not g.attn_only and offset == g.n_heads + 2 * g.n_kv:
+                    x = ctx.clean.resid_mid[layer]
+                    before = runner.mlp[layer](runner.ln2[layer](x))
+                    after = runner.mlp[layer](runner.ln2[layer](x - delta))
+                else:
+                    channel = g.receiver_channels[r]
+                    head = offset - {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv}[channel]
+                    x = ctx.clean.resid_pre[layer]
+                    w = weights[channel][layer, head]
+                    before, after = runner.ln1[layer](x) @ w, runner.ln1[layer](x - delta) @ w
+            scale = max(1.0, float(before.abs().max()))
+            out[g.edge_names[e]] = bool((before - after).abs().max() > tol * scale)
+    return out
+
+
+def evaluate_method(ctx: EdgeContext, edge_scores: Tensor, nodes: pd.DataFrame, reference: Reference | None,
+                    config: BenchConfig) -> dict[str, float]:
+    """Edge/node ROC-AUC (NaN without a reference) and MIB CPR/CMD with bootstrap CIs, plus eval seconds."""
+    from patching.faithfulness import faithfulness_curve
+
+    start = time.perf_counter()
+    out: dict[str, float] = {"edge_auroc": float("nan"), "edge_auroc_visible": float("nan"),
+                             "node_auroc": float("nan")}
+    if reference is not None:
+        out["edge_auroc"] = edge_auroc(ctx.graph, edge_scores, reference)
+        out["edge_auroc_visible"] = visible_edge_auroc(ctx, edge_scores, reference)
+        out["node_auroc"] = node_auroc(nodes, reference)
+    result = faithfulness_curve(ctx, edge_scores, n_boot=config.n_boot, seed=config.seed,
+                                memory_budget_mb=config.memory_budget_mb)
+    out.update(cpr=result.cpr, cpr_low=result.cpr_ci[0], cpr_high=result.cpr_ci[1], cmd=result.cmd,
+               cmd_low=result.cmd_ci[0], cmd_high=result.cmd_ci[1])
+    out["eval_seconds"] = time.perf_counter() - start
+    return out
+
+
+# ---------------------------------------------------------------------- one model, all methods
+
+@dataclass
+class BenchCase:
+    """One benchmark row group: a model, its task and pairs, and its reference circuit (or None)."""
+
+    label: str
+    model: Any
+    task: Any
+    pairs: Any
+    reference: Reference | None
+    counterfactual: str = "task"
+    skip: dict[str, str] = field(default_factory=dict)  # method -> reason (reported, not silently dropped)
+
+
+def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: BenchConfig | None = None,
+                   say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
+    """Run every method on one case and evaluate it; one row per method (`RESULT_COLUMNS`)."""
+    config = config or BenchConfig()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: use any of {METHODS}")
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    ctx = prepare_edges(case.model, case.task, case.pairs)
+    prep = time.perf_counter() - start
+    graph = ctx.graph
+    reference = case.reference.checked(graph) if case.reference is not None else None
+    base = {"model": case.label, "counterfactual": case.counterfactual, "n_pairs": int(case.pairs.clean_tokens.shape[0]),
+            "n_edges": graph.n_edges, "n_true_edges": len(reference.edges) if reference else 0,
+            "n_visible_true_edges": sum(visible_edges(ctx, sorted(reference.edges)).values()) if reference else 0}
+    say(f"{case.label} [{case.counterfactual}]: {graph.n_edges} edges ({base['n_true_edges']} true, "
+        f"{base['n_visible_true_edges']} visible), m(clean)={ctx.clean_metric:.3f}, "
+        f"m(corrupt)={ctx.corrupt_metric:.3f} (prepared in {prep:.1f}s)")
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {**base, "method": method, "note": ""}
+        if method in case.skip:
+            row.update(note=f"skipped: {case.skip[method]}")
+            rows.append(row)
+            say(f"  {method:10s} {row['note']}")
+            continue
+        if method == "acdc" and graph.n_edges > config.acdc_max_edges:
+            forwards, seconds = acdc_cost_estimate(ctx)
+            row.update(note=f"skipped: {graph.n_edges} edges > acdc_max_edges={config.acdc_max_edges}; "
+                            f"estimated up to {forwards} masked forwards, ~{seconds / 3600:.0f} h here")
+            rows.append(row)
+            say(f"  {method:10s} {row['note']}")
+            continue
+        edges, nodes, seconds = run_method(method, case.model, case.task, case.pairs, ctx=ctx, config=config)
+        if edges is None:
+            edges = edge_scores_from_nodes(graph, nodes)
+            row["note"] = "edge scores derived from node scores"
+        row["seconds"] = seconds
+        row.update(evaluate_method(ctx, edges, nodes, reference, config))
+        rows.append(row)
+        say(f"  {method:10s} edge AUROC {row['edge_auroc']:.3f} (visible {row['edge_auroc_visible']:.3f})  node AUROC {row['node_auroc']:.3f}  "
+            f"CPR {row['cpr']:.3f}  CMD {row['cmd']:.3f}  {seconds:.1f}s (+{row['eval_seconds']:.1f}s eval)")
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def groundtruth_cases(names: Sequence[str], n: int, seed: int = 0,
+                      counterfactuals: Sequence[str] = COUNTERFACTUALS) -> list[BenchCase]:
+    """Benchmark cases for committed ground-truth models, one per counterfactual."""
+    from graphs.groundtruth import load_groundtruth
+
+    cases = []
+    for name in names:
+        gt = load_groundtruth(name)
+        for cf in counterfactuals:
+            task, pairs = adapt_groundtruth(gt, n, seed, counterfactual=cf)
+            cases.append(BenchCase(name, gt.model, task, pairs, Reference.from_groundtruth(gt), cf))
+    return cases
+
+
+def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: int, seed: int = 0,
+             counterfactual: str = "task", label: str | None = None) -> BenchCase:
+    """A case for a user's own model: a model directory (`save_model` / `save_pretrained`), a reference circuit
+    file (see `Reference.load`), and a task: a `task.json` TaskSpec path (token-id inputs) or a registry task
+    name (`ioi`, ...; generated with the model's tokenizer, task corruption only)."""
+    from patching.models import load_model
+
+    model_path = Path(model_dir)
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"model directory {model_path} does not exist")
+    model = load_model(str(model_path))
+    reference = Reference.load(circuit)
+    task_path = Path(task)
+    if task_path.suffix == ".json" or task_path.is_file():
+        if not task_path.is_file():
+            raise FileNotFoundError(f"task spec {task_path} does not exist")
+        engine_task, pairs = adapt_spec(TaskSpec.load(task_path), n, seed, counterfactual=counterfactual,
+                                        name=label or model_path.name)
+    else:
+        if counterfactual != "task":
+            raise ValueError(f"counterfactual {counterfactual!r} needs a task.json spec; registry tasks use 'task'")
+        from tasks import get_task
+
+        engine_task = get_task(str(task))
+        pairs = engine_task.generate(model, n, seed=seed)
+    return BenchCase(label or model_path.name, model, engine_task, pairs, reference, counterfactual)
+
+
+# ---------------------------------------------------------------------- presentation
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def results_markdown(frame: pd.DataFrame) -> str:
+    """The results as a Markdown table (AUROC n/a where there is no reference or the method was skipped)."""
+    head = ("| model | counterfactual | method | edge AUROC | edge AUROC (visible) | node AUROC | CPR [95% CI] | "
+            "CMD [95% CI] | time (s) | eval (s) | note |")
+    lines = [head, "|" + "---|" * 11]
+    for r in frame.to_dict("records"):
+        def ci(key: str) -> str:
+            if pd.isna(r.get(key)):
+                return "n/a"
+            return f"{_fmt(r[key])} [{_fmt(r[key + '_low'])}, {_fmt(r[key + '_high'])}]"
+        lines.append(f"| {r['model']} | {r['counterfactual']} | {r['method']} | {_fmt(r.get('edge_auroc'))} | "
+                     f"{_fmt(r.get('edge_auroc_visible'))} | {_fmt(r.get('node_auroc'))} | {ci('cpr')} | {ci('cmd')} | {_fmt(r.get('seconds'), 1)} | "
+                     f"{_fmt(r.get('eval_seconds'), 1)} | {r.get('note') or ''} |")
+    return "\n".join(lines)
+
+
+__all__ = ["METHODS", "COUNTERFACTUALS", "METHOD_NOTES", "RESULT_COLUMNS", "BenchConfig", "Reference",
+           "GroundTruthPairs", "GroundTruthTask", "adapt_spec", "adapt_groundtruth", "run_method",
+           "node_scores_from_edges", "edge_scores_from_nodes", "acdc_cost_estimate", "edge_auroc", "node_auroc",
+           "evaluate_method", "BenchCase", "benchmark_case", "groundtruth_cases", "own_case", "results_markdown"]
