@@ -244,6 +244,12 @@ figcaption{font-size:.85em;color:#555}pre{background:#f6f8fa;padding:.8em;overfl
 td.evidence{font-family:monospace;font-size:.8em;max-width:480px;word-break:break-all}"""
 
 
+# Marks the page with how many figures decoded (body[data-figures-loaded="k/n"]), for headless checks.
+_CHECK_SCRIPT = ("<script>window.addEventListener('load',function(){var i=document.images,k=0;"
+                 "for(var j=0;j<i.length;j++){if(i[j].complete&&i[j].naturalWidth>0){k++;}}"
+                 "document.body.setAttribute('data-figures-loaded',k+'/'+i.length);});</script>")
+
+
 def _html_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
     shown = frame.head(max_rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
@@ -275,7 +281,7 @@ def to_html(record: dict[str, Any], sections: list[Section]) -> str:
         for caption, table in section.tables:
             parts.append(f"<h3>{html.escape(caption)}</h3>{_html_table(table)}")
         parts.append("</section>")
-    parts.append("</body></html>\n")
+    parts.append(_CHECK_SCRIPT + "</body></html>\n")
     return "".join(parts)
 
 

@@ -10,6 +10,7 @@ pairs.jsonl, scores.csv, circuit.graphml/json, run.json, the extra tables the re
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 import time
@@ -93,6 +94,8 @@ class Run:
         seconds = time.time() - t0
         self.cache.mark(name, seconds)
         self.timings[name] = seconds
+        if os.environ.get("CIRCUITLAB_PAUSE_AFTER_STAGE") == name:  # a hook for the resume test
+            time.sleep(float(os.environ.get("CIRCUITLAB_PAUSE_SECONDS", "60")))
 
 
 # ---------------------------------------------------------------------- stages
@@ -205,10 +208,10 @@ def _stage_resid(run: Run) -> None:
 def _ranking_scores(run: Run) -> torch.Tensor:
     """Edge scores ranking circuits for the faithfulness curve: the method's own (node methods: weakest link)."""
     cfg = run.cfg
-    saved = run.cache.load_tensors("scores")
     if cfg.method in ("eap-ig", "eap"):
-        return saved["scores"].float()
+        return run.cache.load_tensors("scores")["scores"].float()
     if cfg.method == "acdc":
+        saved = run.cache.load_tensors("scores")
         scores = torch.nan_to_num(saved["scores"].float(), nan=0.0)
         kept = saved["kept"].bool()
         return torch.where(kept, scores.abs() + scores.abs().max() + 1.0, scores.abs())

@@ -73,7 +73,7 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
 
 def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a CSV written by `write_csv` (empty strings stay empty strings)."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]).pipe(_fill_text)
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False).pipe(_fill_text)
 
 
 TEXT_COLUMNS = ("component", "node", "role", "edge", "sender", "receiver", "channel", "method", "evidence",
