@@ -160,13 +160,12 @@ def test_config_file_and_cli_override(tiny_dir, tmp_path):
 
 def test_patch_and_path_subcommands(tiny_dir, tmp_path):
     out = tmp_path / "patch"
-    proc = _cli("patch", "--task", "repeated_tokens", "--model", tiny_dir, "--component", "resid", "--positions",
-                "each", "--n", "4", "--out", str(out), "--quiet")
-    assert proc.stderr == "" or "Warning" not in proc.stderr
+    _cli("patch", "--task", "repeated_tokens", "--model", tiny_dir, "--component", "resid", "--positions",
+         "each", "--n", "4", "--out", str(out), "--quiet")
     frame = pd.read_csv(out / "scores.csv")
     assert set(frame["component"]) == {"resid_pre"} and len(frame) == 3 * 40  # 3 layers x (2 * 20) positions
     assert (out / "pairs.jsonl").is_file() and (out / "heatmap.png").is_file() and (out / "run.json").is_file()
-    for component in ("head", "attn", "mlp", "q", "k", "v", "pattern"):
+    for component in ("head", "attn", "mlp", "q", "k", "v", "pattern"):  # in-process: no interpreter start-up
         assert main(["patch", "--task", "repeated_tokens", "--model", tiny_dir, "--component", component, "--n", "3",
                      "--positions", "END", "--out", str(tmp_path / component), "--quiet"]) == 0
 
@@ -180,11 +179,13 @@ def test_patch_and_path_subcommands(tiny_dir, tmp_path):
     assert len(pd.read_csv(tmp_path / "logits" / "scores.csv")) == 3 * 4 + 3
 
 
-def test_tasks_and_models_list():
-    tasks = _cli("tasks").stdout
+def test_tasks_and_models_list(capsys):
+    assert main(["tasks"]) == 0
+    tasks = capsys.readouterr().out
     for name in ("ioi", "capitals", "repeated_tokens", "greater_than"):
         assert name in tasks
-    assert "smollm2-135m" in _cli("models").stdout
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -194,16 +195,31 @@ def test_tasks_and_models_list():
     (["run", "--task", "ioi", "--top-k", "5", "--threshold", "0.1"], "at most one of"),
     (["run", "--n", "0"], "--n must be"),
     (["patch", "--component", "neuron"], "unknown component 'neuron'"),
+    (["patch", "--positions", "NOWHERE"], "bad position 'NOWHERE'"),
     (["path", "--channel", "z"], "--channel must be"),
+    (["path", "--senders", "a1.x"], "unknown node name 'a1.x'"),
     (["run", "--bogus-flag"], "unrecognized arguments"),
+    (["frobnicate"], "invalid choice"),
     (["run", "--config", "/nonexistent/exp.yaml"], "does not exist"),
     (["report", "/nonexistent/run"], "does not exist"),
 ])
-def test_bad_arguments_give_one_line_and_nonzero_exit(args, needle):
-    proc = _cli(*args, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("circuitlab: error:") and needle in lines[0], proc.stderr
+def test_bad_arguments_give_one_line_and_nonzero_exit(args, needle, capsys):
+    assert main(args) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("circuitlab: error:") and needle in lines[0], lines
+
+
+def test_console_exit_status_on_bad_arguments():
+    proc = _cli("run", "--method", "magic", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "circuitlab: error: unknown method 'magic': use one of eap-ig, eap, acdc, activation, attribution")
+
+
+def test_bad_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: ioi\nstepz: 3\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "unknown option 'stepz'" in capsys.readouterr().err
 
 
 def test_unknown_model_and_unwritable_output(tiny_dir, tmp_path):
