@@ -1,4 +1,4 @@
-"""The `circuitlab` command line: run, patch, path, report, tasks, models.
+"""The `circuitlab` command line: run, patch, path, report, tasks, models (and `bench`, from reports.bench).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -33,6 +33,7 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--corruption", default=None, help="IOI corruption: abc (default) or s2_io_flip")
     p.add_argument("--memory-budget", type=float, default=d(2048.0), help="MB per batched forward")
     p.add_argument("--device", default=d("cpu"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on <= 2 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("models", help="list loadable models").set_defaults(func=_cmd_models)
+    from reports.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -111,7 +115,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
                                          "top_fraction", "threshold", "top_k", "positions", "resid_positions",
                                          "resid_layers", "memory_budget", "device", "steps", "oracle_edges",
-                                         "acdc_threshold", "n_boot", "percents", "roles", "force")}
+                                         "acdc_threshold", "n_boot", "percents", "roles", "force", "threads")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
@@ -127,7 +131,7 @@ def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: s
 
     return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
                        corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
-                       device=args.device, spec=spec)
+                       device=args.device, threads=args.threads, spec=spec)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:

@@ -513,6 +513,7 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
         "oracle": extras.get("oracle"),
         "faithfulness": extras.get("faithfulness"),
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
+        "threads": torch.get_num_threads(),
         "resumed_stages": run.resumed,
         "wall_seconds": round(time.time() - started, 3),
         "platform": {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()},
@@ -527,6 +528,17 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
 
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
+    from reports.config import resolve_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(resolve_threads(cfg.threads))
+    try:
+        return _execute(cfg, quiet=quiet, command=command)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, Any]:
     from tasks import get_task
 
     started = time.time()

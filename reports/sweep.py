@@ -5,10 +5,11 @@ Each writes OUT/pairs.jsonl, OUT/scores.csv (the engine's tidy columns), OUT/run
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -29,11 +30,15 @@ class SweepConfig:
     direction: str = "denoise"
     memory_budget: float = 2048.0
     device: str = "cpu"
+    threads: int | None = None
     spec: dict[str, Any] = field(default_factory=dict)
 
 
 def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
     from patching.models import load_model
+
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
     from tasks import get_task
 
     try:
@@ -52,6 +57,21 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
     pairs.save_jsonl(out / ".pairs.jsonl.tmp")
     (out / ".pairs.jsonl.tmp").replace(out / "pairs.jsonl")
     return model, task, pairs.to(cfg.device), out
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """Use `threads` torch threads (see `resolve_threads`) inside the block, restoring the old count after."""
+    import torch
+
+    from reports.config import resolve_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(resolve_threads(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started: float, command: str,
@@ -80,9 +100,10 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     positions = parse_positions(cfg.spec.get("positions", "all"), roles)
-    model, task, pairs, out = _prepare(cfg, say)
-    config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
-    frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
+    with _threads(cfg.threads):
+        model, task, pairs, out = _prepare(cfg, say)
+        config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+        frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
     say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
     _finish(cfg, out, frame, "patch", started, command, model)
     _figure(frame, kind, out)
@@ -151,10 +172,11 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
         raise ConfigError(f"--channel {channel} needs --receivers (heads such as a9.h9,a9.h6)")
     sender_pos = _position(spec.get("sender_positions"), roles)
     receiver_pos = _position(spec.get("receiver_positions"), roles)
-    model, task, pairs, out = _prepare(cfg, say)
-    config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
-    frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
-                          sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
+    with _threads(cfg.threads):
+        model, task, pairs, out = _prepare(cfg, say)
+        config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+        frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
+                              sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
     say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
     _finish(cfg, out, frame, "path", started, command, model)
     top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
