@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # IOI on SmolLM2-135M with EAP-IG; sizes chosen to finish in under 10 minutes on 2 CPU cores.
-DEMO_ARGS ?= --n 8 --steps 5 --positions END --resid-positions roles --oracle-edges 200 --n-boot 500
+DEMO_ARGS ?= --n 16 --steps 5 --positions END --resid-positions each --oracle-edges 200 --n-boot 500
 
 demo: setup
 	$(VENV)/bin/circuitlab run --task ioi --model smollm2-135m --method eap-ig --out runs/demo $(DEMO_ARGS)

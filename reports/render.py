@@ -142,7 +142,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
     circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
                            f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
     circ.figures.append(("circuit", "Circuit with roles", figures.png_bytes(
-        draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})"))))
+        draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     nodes = []
     for name, data in graph.nodes(data=True):
         if data.get("kind") in ("head", "mlp"):
@@ -223,6 +223,19 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
                             + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()) + ".")
     sections.append(repro)
     return record, sections
+
+
+def _circuit_size(graph: Any) -> tuple[float, float]:
+    """A drawing size that stays readable in a page: at most 16 inches wide, taller for crowded layers."""
+    from graphs.draw import layered_layout
+
+    pos = layered_layout(graph)
+    xs = [p[0] for p in pos.values()] or [0.0]
+    per_column: dict[float, int] = {}
+    for x, _ in pos.values():
+        per_column[x] = per_column.get(x, 0) + 1
+    width = min(16.0, max(7.0, 1.1 * (max(xs) - min(xs) + 2)))
+    return width, max(4.0, 0.7 * max(per_column.values(), default=1) + 2.0)
 
 
 def _selection_text(cfg: dict[str, Any]) -> str:
