@@ -80,7 +80,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if f.name in ("task", "model", "method", "out"):
+            if f.name in ("task", "model", "method", "out", "n", "seed"):
                 parts += [flag, _quote(str(value))]
             elif f.name == "task_options":
                 for key, val in sorted(value.items()):
