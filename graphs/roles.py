@@ -200,7 +200,7 @@ def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_
         total = eig.abs().sum().item()
         score = eig.real.sum().item() / total if total > 0 else 0.0
         rows.append({"layer": layer, "head": head, "copying": score})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["layer", "head", "copying"])
 
 
 def detect_repeated_token_roles(model: Any, prompts: RepeatedTokens,

@@ -33,12 +33,7 @@ def repeated_token_roles(model: Any, thresholds: RoleThresholds, *, seed: int = 
     half = max(2, min(10, (n_ctx - 1) // 2))
     low = 1000 if d_vocab > 4000 else (1 if bos == 0 else 0)  # skip special and byte tokens of big vocabularies
     prompts = repeated_random_tokens(d_vocab, half, 8, seed=seed, bos_id=bos, low=low)
-    try:
-        return detect_repeated_token_roles(model, prompts, thresholds)
-    except KeyError:
-        # graphs.roles merges an empty copying table (no head reaches the induction threshold) and fails;
-        # without candidates the copying check changes nothing, so measure without it.
-        return detect_repeated_token_roles(model, prompts, thresholds, with_copying=False)
+    return detect_repeated_token_roles(model, prompts, thresholds)
 
 
 def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, context: Any,
