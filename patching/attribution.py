@@ -60,7 +60,7 @@ def eap_scores(ctx: EdgeContext) -> Tensor:
     return _scores_from_gradients(ctx, _receiver_gradients(ctx)).detach()
 
 
-def eap_ig_scores(ctx: EdgeContext, steps: int = 5) -> Tensor:
+def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -> Tensor:
     """EAP-IG edge scores [n_edges]: gradients integrated over input embeddings from corrupted to clean."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -68,7 +68,12 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5) -> Tensor:
     clean_embed = runner.embed(ctx.pairs.clean_tokens)
     corrupt_embed = runner.embed(ctx.pairs.corrupt_tokens)
     total = None
-    for k in range(1, steps + 1):
+    iterator: Any = range(1, steps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="EAP-IG steps", unit="step")
+    for k in iterator:
         alpha = k / steps
         grads = _receiver_gradients(ctx, embed=corrupt_embed + alpha * (clean_embed - corrupt_embed))
         total = grads if total is None else total + grads

@@ -154,7 +154,7 @@ def _stage_scores(run: Run) -> None:
     n_edges = ectx.graph.n_edges
     if cfg.method == "eap-ig":
         run.say(f"  EAP-IG, {cfg.steps} steps over {n_edges} edges")
-        scores = eap_ig_scores(ectx, steps=cfg.steps)
+        scores = eap_ig_scores(ectx, steps=cfg.steps, progress=run.progress)
         run.cache.save_tensors("scores", {"scores": scores.detach().cpu().double()})
     elif cfg.method in ("eap", "attribution"):
         run.say(f"  EAP (attribution patching) over {n_edges} edges")
