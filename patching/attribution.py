@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from patching.activation import _metric_values
+from patching.components import parse_node
 from patching.edges import EdgeContext, _logits_at
 
 EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
-NODE_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "score", "method"]
+NODE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "metric", "effect", "score", "method"]
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -98,21 +99,25 @@ def edge_frame(ctx: EdgeContext, scores: Tensor, method: str) -> pd.DataFrame:
 
 def node_frame(ctx: EdgeContext, scores: Tensor, method: str) -> pd.DataFrame:
     """Node scores (sum of outgoing edge scores) for every head and MLP, in activation-patching columns."""
-    g = ctx.graph
-    per_sender = torch.zeros(g.n_senders, dtype=scores.dtype)
-    per_sender.index_add_(0, g.edge_sender, scores.detach().cpu())
-    gap = ctx.clean_metric - ctx.corrupt_metric
+    return node_scores(ctx.graph, scores, ctx.clean_metric - ctx.corrupt_metric, method)
+
+
+def node_scores(graph: Any, scores: Tensor, gap: float, method: str) -> pd.DataFrame:
+    """Sum edge scores [n_edges] over each sender; one row per head (`z`) and MLP (`mlp_out`), plus `node`.
+
+    `gap` = m(clean) - m(corrupt) normalizes `effect`. Needs only the graph, so saved scores can be
+    summarised without the model.
+    """
+    per_sender = torch.zeros(graph.n_senders, dtype=torch.float64)
+    per_sender.index_add_(0, graph.edge_sender, scores.detach().cpu().double())
     rows = []
-    for index, name in enumerate(g.sender_names):
+    for index, name in enumerate(graph.sender_names):
         if name == "input":
             continue
+        node = parse_node(name)
         value = float(per_sender[index])
-        if name.startswith("a"):
-            layer, head = (int(x) for x in name[1:].split(".h"))
-            component = "z"
-        else:
-            layer, head, component = int(name[1:]), -1, "mlp_out"
-        rows.append({"component": component, "layer": layer, "head": head, "position": -1, "role": "",
+        rows.append({"component": "z" if node.kind == "head" else "mlp_out", "node": name, "layer": node.layer,
+                     "head": node.head if node.kind == "head" else -1, "position": -1, "role": "",
                      "metric": float("nan"), "effect": value / gap, "score": value, "method": method})
     return pd.DataFrame(rows, columns=NODE_COLUMNS)
 

@@ -272,24 +272,11 @@ def node_rows(run: Run) -> pd.DataFrame:
     scores = run.cache.load_tensors("scores")["scores"].float()
     if run.cfg.method == "acdc":
         scores = torch.nan_to_num(scores, nan=0.0)
-    graph = _graph(run)
-    per_sender = torch.zeros(graph.n_senders, dtype=torch.float64)
-    per_sender.index_add_(0, graph.edge_sender, scores.double())
-    gap = _gap(run)
-    rows = []
-    for index, name in enumerate(graph.sender_names):
-        if name == "input":
-            continue
-        value = float(per_sender[index])
-        if name.startswith("a"):
-            layer, head = (int(x) for x in name[1:].split(".h"))
-            component = "z"
-        else:
-            layer, head, component = int(name[1:]), -1, "mlp_out"
-        rows.append({"component": component, "node": name, "layer": layer, "head": head, "position": -1,
-                     "role": "", "metric": float("nan"), "effect": value / gap, "score": value,
-                     "method": run.cfg.method, "exact": False})
-    return pd.DataFrame(rows)
+    from patching.attribution import node_scores
+
+    frame = node_scores(_graph(run), scores, _gap(run), run.cfg.method)
+    frame["exact"] = False
+    return frame
 
 
 def _graph(run: Run) -> Any:
