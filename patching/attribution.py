@@ -65,9 +65,8 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
     """EAP-IG edge scores [n_edges]: gradients integrated over input embeddings from corrupted to clean."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    runner = ctx.edge_runner.runner
-    clean_embed = runner.embed(ctx.pairs.clean_tokens)
-    corrupt_embed = runner.embed(ctx.pairs.corrupt_tokens)
+    clean_embed = ctx.clean.senders[:, :, 0]
+    corrupt_embed = ctx.corrupt.senders[:, :, 0]  # corrupted prompts' embeddings, or their ablation
     total = None
     iterator: Any = range(1, steps + 1)
     if progress:

@@ -317,3 +317,36 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
             logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)
+
+
+def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
+    """The same clean run with every corrupted sender replaced by zero or by its mean over the prompts.
+
+    Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
+    and corrupted runs (e.g. purely positional queries). The residual streams of the "corrupted" run keep the
+    model's biases (b_O), which belong to no sender. m(empty circuit) is recomputed by edge patching.
+    """
+    if ablation not in ("zero", "mean"):
+        raise ValueError(f"ablation {ablation!r} is unknown: use 'zero' or 'mean'")
+    clean, g = ctx.clean, ctx.graph
+    if ablation == "zero":
+        senders = torch.zeros_like(clean.senders)
+    else:
+        senders = clean.senders.mean(0, keepdim=True).expand_as(clean.senders).contiguous()
+    cumulative = torch.cumsum(clean.senders - senders, dim=2)  # removed contribution of senders [0..i]
+
+    def shifted(resid: Tensor, n_before: int) -> Tensor:
+        return resid - cumulative[:, :, n_before - 1]
+
+    pre = [shifted(clean.resid_pre[layer], g.senders_before(g.attn_receivers(layer).start))
+           for layer in range(g.n_layers)]
+    if g.attn_only:
+        mid = list(pre)
+    else:
+        mid = [shifted(clean.resid_mid[layer], g.senders_before(g.mlp_receiver(layer))) for layer in range(g.n_layers)]
+    final = shifted(clean.resid_final, g.n_senders)
+    corrupt = GraphActivations(senders, pre, mid, final)
+    out = EdgeContext(ctx.edge_runner, ctx.task, ctx.pairs, clean, corrupt, ctx.read_positions, ctx.clean_values,
+                      ctx.clean_values)
+    out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, g.n_edges))[0]
+    return out

@@ -157,3 +157,40 @@ def test_oracle_check_and_faithfulness(request, name):
 def test_spearman_handles_ties():
     assert math.isclose(spearman([1, 2, 2, 3], [10, 20, 20, 30]), 1.0)
     assert math.isclose(spearman([1, 2, 3], [3, 2, 1]), -1.0)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_ablated_context_empty_graph_is_the_ablated_run(tiny_model, ablation):
+    """Every head and MLP output ablated (and the embeddings): compare with explicit bridge hooks."""
+    from patching.components import hook_name
+    from patching.edges import ablated_context
+
+    task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, seed=10)
+    ctx = ablated_context(prepare_edges(tiny_model, task, pairs), ablation)
+    n_layers, d_head = tiny_model.cfg.n_layers, tiny_model.cfg.d_head
+    with torch.no_grad():
+        names = [hook_name("z", l) for l in range(n_layers)] + [hook_name("mlp_out", l) for l in range(n_layers)]
+        _, cache = tiny_model.run_with_cache(pairs.clean_tokens, names_filter=lambda n: n in names + ["hook_embed"])
+
+    def replace(name):
+        def hook(act, hook):
+            if ablation == "zero":
+                return torch.zeros_like(act)
+            return cache[name].mean(0, keepdim=True).expand_as(act)
+        return hook
+
+    def embed_hook(act, hook):  # token embedding; learned positions come separately in this model
+        return torch.zeros_like(act) if ablation == "zero" else cache["hook_embed"].mean(0, keepdim=True).expand_as(act)
+
+    pos_name = "hook_pos_embed" if "hook_pos_embed" in tiny_model.hook_dict else "pos_embed.hook_out"
+
+    def pos_hook(act, hook):
+        return torch.zeros_like(act) if ablation == "zero" else act
+
+    hooks = [(n, replace(n)) for n in names] + [("hook_embed", embed_hook), (pos_name, pos_hook)]
+    with torch.no_grad():
+        logits = tiny_model.run_with_hooks(pairs.clean_tokens, fwd_hooks=hooks)
+    expected = task.metric(logits, pairs)
+    assert (ctx.corrupt_values - expected).abs().max() <= 1e-4
+    full = evaluate_edge_masks(ctx, torch.ones(1, ctx.graph.n_edges))[0]
+    assert (full - ctx.clean_values).abs().max() <= 1e-4
