@@ -11,6 +11,9 @@ Pieces (used by `bench/methods.py` and `circuitlab bench methods`):
   choice: an edge whose sender is identical in the clean and corrupted runs has zero effect under every
   method here (e.g. the previous-token head of `induction_handwired` under the task's corruption, which only
   changes the last token; `tracr_reverse`'s length sub-circuit under both, as every input has one length).
+  `"zero"` is zero ablation (ACDC's alternative): every corrupted sender output is zero
+  (`patching.edges.ablated_context`; `activation` patches `z`/`mlp_out` with zeros), which exposes edges
+  that carry the same value in any two inputs, such as purely positional queries.
 - `run_method(name, model, task, pairs)` -> (edge scores [n_edges] or None, node scores, seconds) for
   `activation`, `eap`, `eap-ig`, `acdc`, `random` (see `METHOD_NOTES` for each method's scores).
 - `evaluate_method(...)`: edge and node ROC-AUC against a reference circuit, MIB CPR/CMD with bootstrap CIs.
@@ -45,10 +48,10 @@ from torch import Tensor
 from graphs.evaluate import roc_auc
 from graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
 from patching.components import parse_node
-from patching.edges import ComputationalGraph, EdgeContext, prepare_edges
+from patching.edges import ComputationalGraph, EdgeContext, ablated_context, prepare_edges
 
 METHODS: tuple[str, ...] = ("activation", "eap", "eap-ig", "acdc", "random")
-COUNTERFACTUALS: tuple[str, ...] = ("task", "resample")
+COUNTERFACTUALS: tuple[str, ...] = ("task", "resample", "zero")
 METHOD_NOTES: dict[str, str] = {
     "activation": "exact node patching (noising) of every head z and MLP out; edge score = min(|s_u|, |s_v|)",
     "eap": "edge attribution patching: (a_clean - a_corrupt) . dm/dx_receiver at the clean run",
@@ -194,7 +197,9 @@ def adapt_spec(spec: TaskSpec, n: int, seed: int = 0, *, counterfactual: str = "
         raise ValueError(f"counterfactual {counterfactual!r} is unknown: use one of {COUNTERFACTUALS}")
     batch = spec.make_pairs(n, seed)
     corrupt, wrong = batch.corrupt, batch.wrong
-    if counterfactual == "resample":
+    if counterfactual == "zero":  # the corrupted inputs are unused: senders are ablated to zero instead
+        pass
+    elif counterfactual == "resample":
         other = spec.make_pairs(n, seed + 1_000_003)  # an independent draw, reproducible from `seed`
         corrupt = other.clean
         wrong = other.answer if spec.kind == "logit_diff" else None
@@ -251,16 +256,17 @@ def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     return ctx.graph.n_edges, per * ctx.graph.n_edges
 
 
-def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: BenchConfig) -> pd.DataFrame:
+def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: BenchConfig,
+                ablation: str | None = None) -> pd.DataFrame:
     from patching.activation import PatchingConfig, activation_patching, prepare
 
     pctx = prepare(model, task, pairs)
-    pcfg = PatchingConfig(direction="noise", memory_budget_mb=config.memory_budget_mb)
+    pcfg = PatchingConfig(direction="noise", source=ablation, memory_budget_mb=config.memory_budget_mb)
     frames = [activation_patching(model, task, pairs, "z", config=pcfg, context=pctx)]
     if not getattr(model.cfg, "attn_only", False):
         frames.append(activation_patching(model, task, pairs, "mlp_out", config=pcfg, context=pctx))
     frame = pd.concat(frames, ignore_index=True)
-    gap = pctx.clean_metric - pctx.corrupt_metric
+    gap = ctx.clean_metric - ctx.corrupt_metric  # the counterfactual's gap (ablated run when ablating)
     names = [f"a{lay}.h{h}" if comp == "z" else f"m{lay}" for comp, lay, h in
              zip(frame["component"], frame["layer"], frame["head"])]
     return _node_table(names, (pctx.clean_metric - frame["metric"].to_numpy()) / gap)
@@ -279,7 +285,8 @@ def _acdc_scores(ctx: EdgeContext, config: BenchConfig) -> Tensor:
 
 
 def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext | None = None,
-               config: BenchConfig | None = None) -> tuple[Tensor | None, pd.DataFrame, float]:
+               config: BenchConfig | None = None, ablation: str | None = None
+               ) -> tuple[Tensor | None, pd.DataFrame, float]:
     """Run one discovery method: (edge scores [n_edges] or None, node scores (`node`, `score`), seconds).
 
     Seconds cover the method's own work (a shared `ctx` from `prepare_edges` is not counted). `activation`
@@ -294,7 +301,7 @@ def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext
     graph = ctx.graph
     start = time.perf_counter()
     if name == "activation":
-        nodes = _activation(model, task, pairs, ctx, config)
+        nodes = _activation(model, task, pairs, ctx, config, ablation)
         return None, nodes, time.perf_counter() - start
     if name == "eap":
         scores = eap_scores(ctx)
@@ -425,6 +432,9 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     ctx = prepare_edges(case.model, case.task, case.pairs)
+    ablation = "zero" if case.counterfactual == "zero" else None
+    if ablation:
+        ctx = ablated_context(ctx, ablation)
     prep = time.perf_counter() - start
     graph = ctx.graph
     reference = case.reference.checked(graph) if case.reference is not None else None
@@ -449,7 +459,8 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
             rows.append(row)
             say(f"  {method:10s} {row['note']}")
             continue
-        edges, nodes, seconds = run_method(method, case.model, case.task, case.pairs, ctx=ctx, config=config)
+        edges, nodes, seconds = run_method(method, case.model, case.task, case.pairs, ctx=ctx, config=config,
+                                           ablation=ablation)
         if edges is None:
             edges = edge_scores_from_nodes(graph, nodes)
             row["note"] = "edge scores derived from node scores"

@@ -54,7 +54,7 @@ def add_methods_arguments(p: argparse.ArgumentParser) -> None:
                         f"{SMOLLM2_IOI} (default: all of them; none when --own-model is given)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--counterfactuals", default=",".join(COUNTERFACTUALS),
-                   help="for ground-truth models: task (the spec's corrupted inputs) and/or resample")
+                   help="for ground-truth models: task (the spec's corrupted inputs), resample and/or zero (zero ablation)")
     p.add_argument("--n", type=int, default=32, help="prompt pairs per ground-truth model")
     p.add_argument("--ioi-n", type=int, default=8, help="IOI prompt pairs for SmolLM2")
     p.add_argument("--seed", type=int, default=0)

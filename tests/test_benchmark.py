@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from graphs.benchmark import (METHODS, BenchCase, BenchConfig, Reference, adapt_groundtruth,  # noqa: E402
                               benchmark_case, edge_auroc, edge_scores_from_nodes, node_auroc,
-                              node_scores_from_edges, own_case, results_markdown, run_method, visible_edges)
+                              groundtruth_cases, node_scores_from_edges, own_case, results_markdown, run_method,
+                              visible_edges)
 from graphs.groundtruth import load_groundtruth  # noqa: E402
 from patching.edges import evaluate_edge_masks, prepare_edges  # noqa: E402
 
@@ -48,8 +49,16 @@ def test_resample_counterfactual_uses_other_inputs(induction):
     _, pairs = adapt_groundtruth(induction, 8, seed=0, counterfactual="resample")
     assert torch.equal(pairs.clean_tokens, task_pairs.clean_tokens)
     assert not torch.equal(pairs.corrupt_tokens, task_pairs.corrupt_tokens)
-    with pytest.raises(ValueError, match="counterfactual 'zero'"):
-        adapt_groundtruth(induction, 8, counterfactual="zero")
+    with pytest.raises(ValueError, match="counterfactual 'swap'"):
+        adapt_groundtruth(induction, 8, counterfactual="swap")
+
+
+def test_zero_ablation_counterfactual_sees_every_true_edge(induction):
+    """Zero ablation exposes the positional edges that no pair of same-length inputs can differ in."""
+    case = groundtruth_cases(["induction_handwired"], 16, counterfactuals=("zero",))[0]
+    row = benchmark_case(case, ("acdc", "random"), BenchConfig(n_boot=20)).set_index("method")
+    assert row.loc["acdc", "n_visible_true_edges"] == row.loc["acdc", "n_true_edges"]
+    assert row.loc["acdc", "edge_auroc"] >= 0.95
 
 
 def test_groundtruth_edges_map_into_the_engine_graph(induction):
