@@ -46,17 +46,17 @@ def test_key_value_heads_of_grouped_query_attention(smollm2, ioi):
         row = frame.iloc[1]
         positions = pairs.positions["S2"]
         with torch.no_grad():
-            name = hook_name(kind, int(row.layer))
+            name = hook_name(kind, int(row["layer"]))
             _, cache = smollm2.run_with_cache(pairs.clean_tokens, names_filter=name)
 
             def hook(act, hook):
                 act = act.clone()
                 rows = torch.arange(act.shape[0])
-                act[rows, positions, int(row.head)] = cache[name][rows, positions, int(row.head)]
+                act[rows, positions, int(row["head"])] = cache[name][rows, positions, int(row["head"])]
                 return act
 
             logits = smollm2.run_with_hooks(pairs.corrupt_tokens, fwd_hooks=[(name, hook)])
-        assert math.isclose(row.metric, task.metric(logits, pairs).mean().item(), abs_tol=1e-4)
+        assert math.isclose(row["metric"], task.metric(logits, pairs).mean().item(), abs_tol=1e-4)
 
 
 def test_path_patching_to_late_queries_matches_naive(smollm2, ioi):
