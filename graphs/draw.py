@@ -41,11 +41,20 @@ def layered_layout(graph: nx.MultiDiGraph) -> dict[str, tuple[float, float]]:
             x = data["layer"] + (0.5 if data["kind"] == "mlp" else 0.0)
         columns.setdefault(x, []).append(node)
     pos = {}
-    for x, nodes in columns.items():
+    # Occupied columns sit side by side (a 30-layer model's circuit would otherwise be mostly empty space
+    # with a layer's MLP crowding its heads); tick labels name each column's layer.
+    for rank, x in enumerate(sorted(columns)):
+        nodes = columns[x]
         n = len(nodes)
         for i, node in enumerate(nodes):
-            pos[node] = (x, (i - (n - 1) / 2.0))
+            pos[node] = (float(rank), (i - (n - 1) / 2.0))
     return pos
+
+
+def _column_label(data: dict) -> str:
+    if data["kind"] in ("input", "logits"):
+        return data["kind"]
+    return f"MLP {data['layer']}" if data["kind"] == "mlp" else f"attn {data['layer']}"
 
 
 def draw_circuit(graph: nx.MultiDiGraph, path: str | os.PathLike[str] | None = None, *, title: str | None = None,
@@ -82,8 +91,9 @@ def draw_circuit(graph: nx.MultiDiGraph, path: str | os.PathLike[str] | None = N
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax.set_xlabel("layer")
-    layer_ticks = sorted({int(x) for x in xs if x >= 0})
-    ax.set_xticks(layer_ticks)
+    labels = {pos[node][0]: _column_label(data) for node, data in graph.nodes(data=True)}
+    ax.set_xticks(sorted(labels))
+    ax.set_xticklabels([labels[x] for x in sorted(labels)], fontsize=8, rotation=30)
     ax.set_yticks([])
     ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)
     ax.set_ylim(min(ys) - 1.0, max(ys) + 1.0)
