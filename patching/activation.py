@@ -296,11 +296,12 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
 def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: PatchingConfig) -> Tensor:
     """Mean metric after each patch, [len(patches)], grouping patches that share a start layer and position."""
     source = config.resolved_source()
+    runner, batch, seq = ctx.runner, ctx.batch, ctx.seq_len
+    # Cache a kind at every layer at once: sweeps that go layer by layer then cost no extra full runs.
+    kinds = {p.kind for p in patches if p.kind not in ("resid_pre", "resid_mid")}
+    ensure_collected(ctx, {(kind, layer) for kind in kinds for layer in range(runner.n_layers)})
     base = ctx.corrupt if config.direction == "denoise" else ctx.clean
     base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
-    runner, batch, seq = ctx.runner, ctx.batch, ctx.seq_len
-    needed = {(p.kind, p.layer) for p in patches if p.kind not in ("resid_pre", "resid_mid")}
-    ensure_collected(ctx, needed)
     groups: dict[tuple[str, int, int], list[int]] = {}
     for index, patch in enumerate(patches):
         pos0 = 0 if patch.positions is None or not runner.causal else int(patch.positions.min())
@@ -311,6 +312,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     for (kind, layer, pos0), members in groups.items():
         per_patch = _bytes_per_patch(runner, batch, seq - pos0, seq, reads)
         size = max(1, min(config.chunk_size, int(config.memory_budget_mb * 2**20 // max(per_patch, 1.0))))
+        n_chunks = -(-len(members) // size)
+        size = -(-len(members) // n_chunks)  # balanced chunks: 9 patches run as 5 + 4, not 8 + 1
         for start in range(0, len(members), size):
             work.append((kind, layer, pos0, members[start:start + size]))
     iterator: Iterable[Any] = work
