@@ -277,9 +277,14 @@ def _html_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
 
 
+def report_title(record: dict[str, Any]) -> str:
+    """The report's title, shared by the HTML and Markdown renderers."""
+    return f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
+
+
 def to_html(record: dict[str, Any], sections: list[Section]) -> str:
     """One self-contained HTML page: figures embedded as base64 PNG, no external resources."""
-    title = f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
+    title = report_title(record)
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for section in sections:
@@ -316,7 +321,7 @@ def _md_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
 
 def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
     """The report as Markdown; figures are referenced as figures/<name>.png next to it."""
-    title = f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
+    title = report_title(record)
     parts = [f"# {title}\n"]
     for section in sections:
         parts.append(f"## {section.title}\n")
