@@ -17,11 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from patching.attribution import eap_ig_scores, oracle_check
-from patching.edges import prepare_edges
-from patching.faithfulness import faithfulness_curve
-from patching.models import load_model
-from tasks import get_task
+from circuitlab.patching.attribution import eap_ig_scores, oracle_check
+from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.faithfulness import faithfulness_curve
+from circuitlab.patching.models import load_model
+from circuitlab.tasks import get_task
 
 
 def main() -> None:

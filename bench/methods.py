@@ -15,9 +15,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reports.bench import main  # noqa: E402
+from circuitlab.reports.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

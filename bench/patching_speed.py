@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 import transformer_lens.patching as tlp
 
-from patching.activation import PatchingConfig, activation_patching, prepare
-from patching.models import load_model
-from tasks import get_task
+from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
+from circuitlab.patching.models import load_model
+from circuitlab.tasks import get_task
 
 
 def _tl_metric(model, task, pairs):

@@ -9,13 +9,13 @@
 - `graphs.io`: GraphML, node-link JSON and EAP-IG/MIB JSON; `graphs.draw`: matplotlib drawings.
 """
 
-from graphs.circuit import (Selection, circuit_from_edge_scores, circuit_from_node_scores,
+from circuitlab.graphs.circuit import (Selection, circuit_from_edge_scores, circuit_from_node_scores,
                             circuit_from_path_patching, circuit_table, edge_names, validate_circuit)
-from graphs.evaluate import (compare_edges, compare_nodes, completeness, edge_score_auroc, faithfulness,
+from circuitlab.graphs.evaluate import (compare_edges, compare_nodes, completeness, edge_score_auroc, faithfulness,
                              minimality, node_score_auroc, roc_auc)
-from graphs.io import read_graphml, read_json, read_mib, write_graphml, write_json, write_mib
-from graphs.reference import reference_circuit, reference_classes
-from graphs.roles import RoleThresholds, assign_roles
+from circuitlab.graphs.io import read_graphml, read_json, read_mib, write_graphml, write_json, write_mib
+from circuitlab.graphs.reference import reference_circuit, reference_classes
+from circuitlab.graphs.roles import RoleThresholds, assign_roles
 
 __all__ = [
     "Selection", "circuit_from_edge_scores", "circuit_from_node_scores", "circuit_from_path_patching",

@@ -45,10 +45,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from graphs.evaluate import roc_auc
-from graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
-from patching.components import parse_node
-from patching.edges import ComputationalGraph, EdgeContext, ablated_context, prepare_edges
+from circuitlab.graphs.evaluate import roc_auc
+from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
+from circuitlab.patching.components import parse_node
+from circuitlab.patching.edges import ComputationalGraph, EdgeContext, ablated_context, prepare_edges
 
 METHODS: tuple[str, ...] = ("activation", "eap", "eap-ig", "acdc", "random")
 COUNTERFACTUALS: tuple[str, ...] = ("task", "resample", "zero")
@@ -117,8 +117,8 @@ class Reference:
             circuit = read_circuit(path)
             return cls(frozenset(circuit["nodes"]), frozenset(circuit["edges"]))
         if isinstance(data, dict) and {"cfg", "nodes", "edges"} <= set(data):
-            from graphs.evaluate import edge_set, node_set
-            from graphs.io import from_mib
+            from circuitlab.graphs.evaluate import edge_set, node_set
+            from circuitlab.graphs.io import from_mib
 
             graph = from_mib(data)
             return cls(frozenset(node_set(graph)), frozenset(edge_set(graph)))
@@ -245,7 +245,7 @@ def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Te
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     """(forwards, seconds): ACDC needs up to one masked forward per edge; time `n_probe` of them here."""
-    from patching.edges import evaluate_edge_masks
+    from circuitlab.patching.edges import evaluate_edge_masks
 
     masks = torch.ones(1, ctx.graph.n_edges)
     evaluate_edge_masks(ctx, masks)  # warm-up
@@ -258,7 +258,7 @@ def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
 
 def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: BenchConfig,
                 ablation: str | None = None) -> pd.DataFrame:
-    from patching.activation import PatchingConfig, activation_patching, prepare
+    from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 
     pctx = prepare(model, task, pairs)
     pcfg = PatchingConfig(direction="noise", source=ablation, memory_budget_mb=config.memory_budget_mb)
@@ -273,7 +273,7 @@ def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: Ben
 
 
 def _acdc_scores(ctx: EdgeContext, config: BenchConfig) -> Tensor:
-    from patching.acdc import acdc
+    from circuitlab.patching.acdc import acdc
 
     threshold = config.acdc_threshold
     if config.acdc_objective == "metric":
@@ -292,7 +292,7 @@ def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext
     Seconds cover the method's own work (a shared `ctx` from `prepare_edges` is not counted). `activation`
     returns node scores only (derive edges with `edge_scores_from_nodes`).
     """
-    from patching.attribution import eap_ig_scores, eap_scores
+    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 
     config = config or BenchConfig()
     if name not in METHODS:
@@ -390,7 +390,7 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
 def evaluate_method(ctx: EdgeContext, edge_scores: Tensor, nodes: pd.DataFrame, reference: Reference | None,
                     config: BenchConfig) -> dict[str, float]:
     """Edge/node ROC-AUC (NaN without a reference) and MIB CPR/CMD with bootstrap CIs, plus eval seconds."""
-    from patching.faithfulness import faithfulness_curve
+    from circuitlab.patching.faithfulness import faithfulness_curve
 
     start = time.perf_counter()
     out: dict[str, float] = {"edge_auroc": float("nan"), "edge_auroc_visible": float("nan"),
@@ -475,7 +475,7 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
 def groundtruth_cases(names: Sequence[str], n: int, seed: int = 0,
                       counterfactuals: Sequence[str] = COUNTERFACTUALS) -> list[BenchCase]:
     """Benchmark cases for committed ground-truth models, one per counterfactual."""
-    from graphs.groundtruth import load_groundtruth
+    from circuitlab.graphs.groundtruth import load_groundtruth
 
     cases = []
     for name in names:
@@ -491,7 +491,7 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     """A case for a user's own model: a model directory (`save_model` / `save_pretrained`), a reference circuit
     file (see `Reference.load`), and a task: a `task.json` TaskSpec path (token-id inputs) or a registry task
     name (`ioi`, ...; generated with the model's tokenizer, task corruption only)."""
-    from patching.models import load_model
+    from circuitlab.patching.models import load_model
 
     model_path = Path(model_dir)
     if not model_path.is_dir():
@@ -507,7 +507,7 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     else:
         if counterfactual != "task":
             raise ValueError(f"counterfactual {counterfactual!r} needs a task.json spec; registry tasks use 'task'")
-        from tasks import get_task
+        from circuitlab.tasks import get_task
 
         engine_task = get_task(str(task))
         pairs = engine_task.generate(model, n, seed=seed)

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 import networkx as nx
 import pandas as pd
 
-from patching.components import canonical_kind, edge_name, head_node, mlp_node, parse_edge, parse_node
+from circuitlab.patching.components import canonical_kind, edge_name, head_node, mlp_node, parse_edge, parse_node
 
 NODE_KINDS = ("input", "head", "mlp", "logits")
 CHANNELS = ("q", "k", "v", "resid")

@@ -19,8 +19,8 @@ from typing import Any
 
 import networkx as nx
 
-from graphs.circuit import add_edge, add_node, can_read, finish, new_circuit
-from patching.components import head_node, mlp_node
+from circuitlab.graphs.circuit import add_edge, add_node, can_read, finish, new_circuit
+from circuitlab.patching.components import head_node, mlp_node
 
 REFERENCES = {"ioi": "ioi_gpt2_small.json", "ioi_gpt2_small": "ioi_gpt2_small.json",
               "greater_than": "greater_than_gpt2_small.json",
@@ -36,7 +36,7 @@ def load_reference_data(name: str) -> dict[str, Any]:
     """The raw data (classes, edges, sources) of a published circuit."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference circuit {name!r}; known: {', '.join(reference_names())}")
-    text = resources.files("graphs").joinpath("data", REFERENCES[name]).read_text()
+    text = resources.files("circuitlab.graphs").joinpath("data", REFERENCES[name]).read_text()
     return json.loads(text)
 
 

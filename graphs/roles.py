@@ -41,7 +41,7 @@ import networkx as nx
 import pandas as pd
 import torch
 
-from patching.components import head_node, hook_name, parse_node
+from circuitlab.patching.components import head_node, hook_name, parse_node
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
@@ -462,7 +462,7 @@ def assign_roles(graph: nx.MultiDiGraph, roles: pd.DataFrame, *, add_missing: bo
         if name not in out:
             if not add_missing:
                 continue
-            from graphs.circuit import add_node
+            from circuitlab.graphs.circuit import add_node
             add_node(out, name)
         best: dict[str, dict[str, Any]] = {}
         for entry in found:

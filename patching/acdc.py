@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.edges import EdgeContext, _logits_at
 
 
 @dataclass

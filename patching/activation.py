@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
-from patching.runner import Hook, RunState, Runner
+from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
+from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
 

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from patching.activation import _metric_values
-from patching.components import parse_node
-from patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.components import parse_node
+from circuitlab.patching.edges import EdgeContext, _logits_at
 
 EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
 NODE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "metric", "effect", "score", "method"]

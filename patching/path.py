@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from patching.activation import (PatchingConfig, PatchingContext, _gather_logits, _metric_values, ensure_collected,
+from circuitlab.patching.activation import (PatchingConfig, PatchingContext, _gather_logits, _metric_values, ensure_collected,
                                  prepare)
-from patching.components import Node, parse_node
+from circuitlab.patching.components import Node, parse_node
 
 PATH_COLUMNS = ["sender", "receiver", "channel", "layer", "head", "position", "role", "metric", "effect",
                 "direction", "source"]
@@ -126,7 +126,7 @@ class _PathRun:
         self.recv_layers = sorted({int(node.layer) for node in receivers}) if channel != "logits" else []
 
     def _source(self, kind: str, layer: int) -> Tensor:
-        from patching.activation import _source_activation
+        from circuitlab.patching.activation import _source_activation
 
         return _source_activation(self.ctx, kind, layer, self.source)
 

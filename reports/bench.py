@@ -47,7 +47,7 @@ def _csv(value: str) -> tuple[str, ...]:
 
 def add_methods_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `bench methods` (shared by the CLI and `bench/methods.py`)."""
-    from graphs.benchmark import COUNTERFACTUALS, METHODS
+    from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS
 
     p.add_argument("--models", default=None,
                    help=f"comma-separated: ground-truth names (graphs.groundtruth.list_groundtruth()) and/or "
@@ -69,8 +69,8 @@ def add_methods_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MethodsBenchConfig:
     """Validate parsed arguments into a `MethodsBenchConfig` (errors name the bad value)."""
-    from graphs.benchmark import COUNTERFACTUALS, METHODS
-    from graphs.groundtruth import list_groundtruth
+    from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS
+    from circuitlab.graphs.groundtruth import list_groundtruth
 
     own = (args.own_model, args.own_circuit, args.own_task)
     if any(own) and not all(own):
@@ -103,15 +103,15 @@ def config_from_args(args: argparse.Namespace) -> MethodsBenchConfig:
 
 
 def _cases(cfg: MethodsBenchConfig, say: Callable[[str], None]) -> list[Any]:
-    from graphs.benchmark import BenchCase, groundtruth_cases, own_case
+    from circuitlab.graphs.benchmark import BenchCase, groundtruth_cases, own_case
 
     cases = []
     gt_names = [m for m in cfg.models if m != SMOLLM2_IOI]
     if gt_names:
         cases += groundtruth_cases(gt_names, cfg.n, cfg.seed, cfg.counterfactuals)
     if SMOLLM2_IOI in cfg.models:
-        from patching.models import load_model
-        from tasks import get_task
+        from circuitlab.patching.models import load_model
+        from circuitlab.tasks import get_task
 
         model = load_model("smollm2-135m")
         task = get_task("ioi")
@@ -127,7 +127,7 @@ def run_methods_bench(cfg: MethodsBenchConfig, command: str = "") -> pd.DataFram
     """Run the benchmark and write methods.md / .csv / .png under `cfg.out`; returns the results frame."""
     import torch
 
-    from graphs.benchmark import BenchConfig, benchmark_case, results_markdown
+    from circuitlab.graphs.benchmark import BenchConfig, benchmark_case, results_markdown
 
     torch.set_num_threads(cfg.threads)
     say: Callable[[str], None] = (lambda s: None) if cfg.quiet else (lambda s: print(s, flush=True))
@@ -151,7 +151,7 @@ def run_methods_bench(cfg: MethodsBenchConfig, command: str = "") -> pd.DataFram
 
 def _markdown_page(frame: pd.DataFrame, table: str, cfg: MethodsBenchConfig, bench_cfg: Any, total: float,
                    command: str) -> str:
-    from graphs.benchmark import METHOD_NOTES
+    from circuitlab.graphs.benchmark import METHOD_NOTES
 
     import torch
 

@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import Any, NoReturn
 
-from reports.config import METHODS, ConfigError
+from circuitlab.reports.config import METHODS, ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("models", help="list loadable models").set_defaults(func=_cmd_models)
-    from reports.bench import add_bench_parser
+    from circuitlab.reports.bench import add_bench_parser
 
     add_bench_parser(sub)
     return parser
@@ -108,8 +108,8 @@ def _task_options(items: list[str]) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from reports.config import build_configs, load_config_file
-    from reports.run import execute
+    from circuitlab.reports.config import build_configs, load_config_file
+    from circuitlab.reports.run import execute
 
     file_values = load_config_file(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
@@ -127,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: str) -> Any:
-    from reports.sweep import SweepConfig
+    from circuitlab.reports.sweep import SweepConfig
 
     return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
                        corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
@@ -135,7 +135,7 @@ def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: s
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
-    from reports.sweep import run_patch
+    from circuitlab.reports.sweep import run_patch
 
     cfg = _sweep_config(args, {"component": args.component, "positions": args.positions}, "runs/patch")
     run_patch(cfg, quiet=args.quiet, command=_command_line())
@@ -143,7 +143,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_path(args: argparse.Namespace) -> int:
-    from reports.sweep import run_path
+    from circuitlab.reports.sweep import run_path
 
     spec = {"senders": args.senders, "receivers": args.receivers, "channel": args.channel,
             "sender_positions": args.sender_positions, "receiver_positions": args.receiver_positions}
@@ -152,7 +152,7 @@ def _cmd_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from reports.render import render_report
+    from circuitlab.reports.render import render_report
 
     html_path, md_path = render_report(args.run_dir)
     print(f"report: {html_path} (and {md_path.name})")
@@ -160,7 +160,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from tasks import get_task, list_tasks
+    from circuitlab.tasks import get_task, list_tasks
 
     for name in list_tasks():
         task = get_task(name)
@@ -169,7 +169,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from patching.models import list_models
+    from circuitlab.patching.models import list_models
 
     for info in list_models():
         print(f"{info.name:24s} {'offline' if info.offline else 'online ':8s} {info.description}")

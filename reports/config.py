@@ -201,7 +201,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
-    from tasks import get_task
+    from circuitlab.tasks import get_task
 
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports import figures, store
+from circuitlab.reports import figures, store
 
 
 @dataclass
@@ -134,8 +134,8 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
     sections.append(heat)
 
     # 4. circuit
-    from graphs.draw import draw_circuit
-    from graphs.io import from_node_link
+    from circuitlab.graphs.draw import draw_circuit
+    from circuitlab.graphs.io import from_node_link
 
     graph = from_node_link(circuit)
     circ = Section("The circuit")
@@ -227,7 +227,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
 
 def _circuit_size(graph: Any) -> tuple[float, float]:
     """A drawing size that stays readable in a page: at most 16 inches wide, taller for crowded layers."""
-    from graphs.draw import layered_layout
+    from circuitlab.graphs.draw import layered_layout
 
     pos = layered_layout(graph)
     xs = [p[0] for p in pos.values()] or [0.0]

@@ -9,11 +9,11 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from graphs.roles import (ROLE_COLUMNS, IOIPrompts, RoleThresholds, detect_backup_name_movers,
+from circuitlab.graphs.roles import (ROLE_COLUMNS, IOIPrompts, RoleThresholds, detect_backup_name_movers,
                           detect_ioi_attention_roles, detect_name_movers, detect_repeated_token_roles,
                           detect_s_inhibition, ioi_head_scores, repeated_random_tokens)
-from patching.activation import PatchingConfig
-from patching.components import head_node
+from circuitlab.patching.activation import PatchingConfig
+from circuitlab.patching.components import head_node
 
 S_INHIBITION_CANDIDATES = 8
 
@@ -39,7 +39,7 @@ def repeated_token_roles(model: Any, thresholds: RoleThresholds, *, seed: int = 
 def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, context: Any,
               memory_budget_mb: float, say: Callable[[str], None]) -> list[pd.DataFrame]:
     """Name movers (+ negative, backup), IOI-position attention roles and S-inhibition (path patching)."""
-    from patching.path import path_patching
+    from circuitlab.patching.path import path_patching
 
     prompts = IOIPrompts(pairs.clean_tokens, pairs.positions, pairs.answer_ids, pairs.wrong_ids)
     scores = ioi_head_scores(model, prompts)

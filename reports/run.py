@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reports import store
-from reports.config import ACDC_EDGE_LIMIT, ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports import store
+from circuitlab.reports.config import ACDC_EDGE_LIMIT, ConfigError, RunConfig, parse_percents, parse_positions
 
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
@@ -52,7 +52,7 @@ class Run:
     # ------------------------------------------------------------------ lazily built heavy objects
     def get_model(self) -> Any:
         if self.model is None:
-            from patching.models import load_model
+            from circuitlab.patching.models import load_model
 
             self.say(f"loading model {self.cfg.model} on {self.cfg.device}")
             t0 = time.time()
@@ -65,14 +65,14 @@ class Run:
 
     def edge_context(self) -> Any:
         if self._ectx is None:
-            from patching.edges import prepare_edges
+            from circuitlab.patching.edges import prepare_edges
 
             self._ectx = prepare_edges(self.get_model(), self.task, self.device_pairs())
         return self._ectx
 
     def patch_context(self) -> Any:
         if self._pctx is None:
-            from patching.activation import prepare
+            from circuitlab.patching.activation import prepare
 
             model = self.get_model()
             collect = [("z", layer) for layer in range(model.cfg.n_layers)]
@@ -112,7 +112,7 @@ def _stage_pairs(run: Run) -> None:
     pairs.save_jsonl(tmp)
     tmp.replace(path)
     model = run.get_model()
-    from patching.models import weight_hash
+    from circuitlab.patching.models import weight_hash
 
     labels = _position_labels(model, pairs)
     run.cache.save_json("model", {"name": cfg.model, "weight_hash": weight_hash(model),
@@ -147,7 +147,7 @@ def _stage_baseline(run: Run) -> None:
 
 
 def _stage_scores(run: Run) -> None:
-    from patching.attribution import eap_ig_scores, eap_scores
+    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 
     cfg = run.cfg
     ectx = run.edge_context()
@@ -160,7 +160,7 @@ def _stage_scores(run: Run) -> None:
         run.say(f"  EAP (attribution patching) over {n_edges} edges")
         run.cache.save_tensors("scores", {"scores": eap_scores(ectx).detach().cpu().double()})
     else:  # acdc
-        from patching.acdc import acdc
+        from circuitlab.patching.acdc import acdc
 
         run.say(f"  ACDC at threshold {cfg.acdc_threshold} over {n_edges} edges")
         result = acdc(ectx, cfg.acdc_threshold, progress=run.progress)
@@ -169,7 +169,7 @@ def _stage_scores(run: Run) -> None:
 
 
 def _stage_exact(run: Run) -> None:
-    from patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
 
     cfg = run.cfg
     model = run.get_model()
@@ -190,7 +190,7 @@ def _resid_layers(n_layers: int, wanted: int) -> list[int]:
 
 
 def _stage_resid(run: Run) -> None:
-    from patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
 
     cfg = run.cfg
     model = run.get_model()
@@ -227,7 +227,7 @@ def _ranking_scores(run: Run) -> torch.Tensor:
 
 
 def _stage_oracle(run: Run) -> None:
-    from patching.attribution import oracle_check
+    from circuitlab.patching.attribution import oracle_check
 
     cfg = run.cfg
     scores = run.cache.load_tensors("scores")["scores"].float()
@@ -242,7 +242,7 @@ def _stage_oracle(run: Run) -> None:
 
 
 def _stage_faithfulness(run: Run) -> None:
-    from patching.faithfulness import faithfulness_curve
+    from circuitlab.patching.faithfulness import faithfulness_curve
 
     cfg = run.cfg
     percents = parse_percents(cfg.percents)
@@ -254,7 +254,7 @@ def _stage_faithfulness(run: Run) -> None:
 
 
 def _stage_roles(run: Run) -> None:
-    from reports.roles import detect_roles
+    from circuitlab.reports.roles import detect_roles
 
     cfg = run.cfg
     frame = detect_roles(run.get_model(), run.task, run.device_pairs(), context=run.patch_context(),
@@ -272,7 +272,7 @@ def node_rows(run: Run) -> pd.DataFrame:
     scores = run.cache.load_tensors("scores")["scores"].float()
     if run.cfg.method == "acdc":
         scores = torch.nan_to_num(scores, nan=0.0)
-    from patching.attribution import node_scores
+    from circuitlab.patching.attribution import node_scores
 
     frame = node_scores(_graph(run), scores, _gap(run), run.cfg.method)
     frame["exact"] = False
@@ -280,7 +280,7 @@ def node_rows(run: Run) -> pd.DataFrame:
 
 
 def _graph(run: Run) -> Any:
-    from patching.edges import ComputationalGraph
+    from circuitlab.patching.edges import ComputationalGraph
 
     meta = run.cache.load_json("model")
     return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
@@ -293,7 +293,7 @@ def _gap(run: Run) -> float:
 
 
 def _exact_frame(run: Run) -> pd.DataFrame:
-    from patching.components import head_node, mlp_node
+    from circuitlab.patching.components import head_node, mlp_node
 
     frame = run.cache.load_frame("exact").copy()
     frame["node"] = [head_node(int(l), int(h)) if c == "z" else mlp_node(int(l))
@@ -352,7 +352,7 @@ def scores_table(run: Run) -> pd.DataFrame:
 # ---------------------------------------------------------------------- circuit
 
 def _selection(cfg: RunConfig, default_k: int) -> tuple[Any, bool]:
-    from graphs.circuit import Selection
+    from circuitlab.graphs.circuit import Selection
 
     if cfg.top_fraction is not None:
         return Selection(top_fraction=cfg.top_fraction), False
@@ -365,8 +365,8 @@ def _selection(cfg: RunConfig, default_k: int) -> tuple[Any, bool]:
 
 def build_circuit(run: Run, scores: pd.DataFrame) -> Any:
     """The circuit graph from the method's scores, with roles and exact effects on its nodes."""
-    from graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores
-    from graphs.roles import assign_roles
+    from circuitlab.graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores
+    from circuitlab.graphs.roles import assign_roles
 
     cfg = run.cfg
     n_layers = run.cache.load_json("model")["n_layers"]
@@ -401,7 +401,7 @@ def build_circuit(run: Run, scores: pd.DataFrame) -> Any:
 
 
 def _widening(build: Callable[[Any], Any], selection: Any, widen: bool, available: int) -> Any:
-    from graphs.circuit import Selection
+    from circuitlab.graphs.circuit import Selection
 
     while True:
         try:
@@ -436,7 +436,7 @@ def _versions() -> dict[str, str]:
 
 
 def spearman(a: Any, b: Any) -> float:
-    from patching.attribution import spearman as _spearman
+    from circuitlab.patching.attribution import spearman as _spearman
 
     return _spearman(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
 
@@ -456,7 +456,7 @@ def node_agreement(scores: pd.DataFrame, method: str) -> dict[str, Any]:
 
 def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
     """Write every contract file of OUT from the cached stage results (atomically)."""
-    from graphs.io import to_node_link, write_graphml
+    from circuitlab.graphs.io import to_node_link, write_graphml
 
     cfg, out = run.cfg, run.out
     pairs_src = run.cache.path("pairs", ".jsonl")
@@ -515,7 +515,7 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
 
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
-    from reports.config import resolve_threads
+    from circuitlab.reports.config import resolve_threads
 
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(cfg.threads))
@@ -526,7 +526,7 @@ def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) 
 
 
 def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, Any]:
-    from tasks import get_task
+    from circuitlab.tasks import get_task
 
     started = time.time()
     out = store.check_writable(cfg.out)
@@ -536,14 +536,14 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
 
     run.stage("pairs", lambda: _stage_pairs(run))
-    from tasks import PromptPairs
+    from circuitlab.tasks import PromptPairs
 
     run.pairs = PromptPairs.load_jsonl(run.cache.path("pairs", ".jsonl"))
     say(f"  {len(run.pairs)} pairs of {run.pairs.seq_len} tokens, e.g. {run.pairs.clean_texts[0]!r} -> "
         f"{run.pairs.corrupt_texts[0]!r}")
     meta = run.cache.load_json("model")
     if cfg.method == "acdc" and not cfg.force:
-        from patching.edges import ComputationalGraph
+        from circuitlab.patching.edges import ComputationalGraph
 
         n_edges = ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"],
                                      meta["attn_only"]).n_edges
@@ -576,7 +576,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
         run.stage("roles", lambda: _stage_roles(run))
 
     record = write_outputs(run, started, command or cfg.command())
-    from reports.render import render_report
+    from circuitlab.reports.render import render_report
 
     render_report(out)
     say(f"clean {record['metrics']['clean']:+.3f} vs corrupt {record['metrics']['corrupt']:+.3f}; circuit "

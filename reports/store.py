@@ -96,7 +96,7 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        from reports.config import ConfigError
+        from circuitlab.reports.config import ConfigError
 
         raise ConfigError(f"cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
                               "choose another --out") from None

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from reports import store
-from reports.config import ConfigError, parse_positions
+from circuitlab.reports import store
+from circuitlab.reports.config import ConfigError, parse_positions
 
 
 @dataclass
@@ -35,11 +35,11 @@ class SweepConfig:
 
 
 def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
-    from patching.models import load_model
+    from circuitlab.patching.models import load_model
 
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
-    from tasks import get_task
+    from circuitlab.tasks import get_task
 
     try:
         task = get_task(cfg.task)
@@ -64,7 +64,7 @@ def _threads(threads: int | None) -> Iterator[None]:
     """Use `threads` torch threads (see `resolve_threads`) inside the block, restoring the old count after."""
     import torch
 
-    from reports.config import resolve_threads
+    from circuitlab.reports.config import resolve_threads
 
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads))
@@ -76,7 +76,7 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started: float, command: str,
             model: Any) -> None:
-    from patching.models import weight_hash
+    from circuitlab.patching.models import weight_hash
 
     store.write_csv(out / "scores.csv", frame)
     store.write_json(out / "run.json", {
@@ -88,9 +88,9 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
 
 def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
     """One activation-patching sweep of a component kind over layers (× heads × positions)."""
-    from patching.activation import PatchingConfig, activation_patching
-    from patching.components import canonical_kind
-    from tasks import get_task
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.components import canonical_kind
+    from circuitlab.tasks import get_task
 
     started = time.time()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
@@ -114,7 +114,7 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
 
 
 def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
-    from reports import figures
+    from circuitlab.reports import figures
 
     if kind in ("z", "q", "k", "v", "pattern"):
         grid = frame.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")
@@ -149,10 +149,10 @@ def _position(value: str | None, roles: tuple[str, ...]) -> Any:
 
 def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
     """One path-patching sweep: senders -> receivers through a channel (q/k/v of receiver heads, or logits)."""
-    from patching.activation import PatchingConfig
-    from patching.components import parse_node
-    from patching.path import CHANNELS, path_patching
-    from tasks import get_task
+    from circuitlab.patching.activation import PatchingConfig
+    from circuitlab.patching.components import parse_node
+    from circuitlab.patching.path import CHANNELS, path_patching
+    from circuitlab.tasks import get_task
 
     started = time.time()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))

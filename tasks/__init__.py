@@ -5,12 +5,12 @@ pairs)` scores a run per prompt. Tasks: ioi, capitals (capital_lookup), repeated
 greater_than.
 """
 
-from tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, gather_at
-from tasks.capitals import CapitalsOptions, CapitalsTask
-from tasks.greater_than import GreaterThanOptions, GreaterThanTask
-from tasks.ioi import IOIOptions, IOITask
-from tasks.registry import get_task, list_tasks
-from tasks.repeated import RepeatedTokensOptions, RepeatedTokensTask
+from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, gather_at
+from circuitlab.tasks.capitals import CapitalsOptions, CapitalsTask
+from circuitlab.tasks.greater_than import GreaterThanOptions, GreaterThanTask
+from circuitlab.tasks.ioi import IOIOptions, IOITask
+from circuitlab.tasks.registry import get_task, list_tasks
+from circuitlab.tasks.repeated import RepeatedTokensOptions, RepeatedTokensTask
 
 __all__ = [
     "PAD_ID", "PromptPairs", "Task", "TaskUnsupportedError", "gather_at", "get_task", "list_tasks",

@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tasks import data
-from tasks.base import PromptPairs, Task, check_aligned, require_n
-from tasks.ioi import logit_diff_at
-from tasks.tokens import Rendered, TokenSource, most_common_length, options_from, render, resolve
+from circuitlab.tasks import data
+from circuitlab.tasks.base import PromptPairs, Task, check_aligned, require_n
+from circuitlab.tasks.ioi import logit_diff_at
+from circuitlab.tasks.tokens import Rendered, TokenSource, most_common_length, options_from, render, resolve
 
 log = logging.getLogger("circuitlab.tasks")
 

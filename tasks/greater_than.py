@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tasks import data
-from tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, check_aligned, require_n
-from tasks.tokens import TokenSource, most_common_length, options_from, render, resolve
+from circuitlab.tasks import data
+from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, check_aligned, require_n
+from circuitlab.tasks.tokens import TokenSource, most_common_length, options_from, render, resolve
 
 WIDTH = 100
 

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tasks import data
-from tasks.base import PromptPairs, Task, check_aligned, gather_ids, require_n
-from tasks.tokens import filter_single_tokens, most_common_length, options_from, render, resolve
+from circuitlab.tasks import data
+from circuitlab.tasks.base import PromptPairs, Task, check_aligned, gather_ids, require_n
+from circuitlab.tasks.tokens import filter_single_tokens, most_common_length, options_from, render, resolve
 
 log = logging.getLogger("circuitlab.tasks")
 

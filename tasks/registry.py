@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.base import Task
-from tasks.capitals import CapitalsTask
-from tasks.greater_than import GreaterThanTask
-from tasks.ioi import IOITask
-from tasks.repeated import RepeatedTokensTask
+from circuitlab.tasks.base import Task
+from circuitlab.tasks.capitals import CapitalsTask
+from circuitlab.tasks.greater_than import GreaterThanTask
+from circuitlab.tasks.ioi import IOITask
+from circuitlab.tasks.repeated import RepeatedTokensTask
 
 _TASKS: dict[str, type[Task]] = {
     "ioi": IOITask,

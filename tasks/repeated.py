@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tasks.base import PromptPairs, Task, require_n
-from tasks.tokens import options_from, resolve
+from circuitlab.tasks.base import PromptPairs, Task, require_n
+from circuitlab.tasks.tokens import options_from, resolve
 
 METRICS = ("mean_logprob", "mean_logit")
 

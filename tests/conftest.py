@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from patching.models import boot_native_model, load_model
+from circuitlab.patching.models import boot_native_model, load_model
 
 TINY_CONFIG = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=64, n_ctx=64,
                    act_fn="gelu", normalization_type="LN", positional_embedding_type="standard", seed=0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from patching.activation import PatchingConfig, activation_patching, load_results, save_results
-from patching.components import hook_name
+from circuitlab.patching.activation import PatchingConfig, activation_patching, load_results, save_results
+from circuitlab.patching.components import hook_name
 from tests.toy import ToyTask, toy_pairs
 
 TL_FUNCTIONS = [
@@ -47,7 +47,7 @@ def test_matches_transformer_lens(request, model_name, kind, positions, tl_fn, o
 
 @pytest.fixture(scope="module")
 def tiny_mha_rotary():
-    from patching.models import boot_native_model
+    from circuitlab.patching.models import boot_native_model
 
     return boot_native_model(dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=64, n_ctx=64,
                                   act_fn="silu", gated_mlp=True, normalization_type="RMS",

@@ -11,12 +11,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from graphs.benchmark import (METHODS, BenchCase, BenchConfig, Reference, adapt_groundtruth,  # noqa: E402
+from circuitlab.graphs.benchmark import (METHODS, BenchCase, BenchConfig, Reference, adapt_groundtruth,  # noqa: E402
                               benchmark_case, edge_auroc, edge_scores_from_nodes, node_auroc,
                               groundtruth_cases, node_scores_from_edges, own_case, results_markdown, run_method,
                               visible_edges)
-from graphs.groundtruth import load_groundtruth  # noqa: E402
-from patching.edges import evaluate_edge_masks, prepare_edges  # noqa: E402
+from circuitlab.graphs.groundtruth import load_groundtruth  # noqa: E402
+from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges  # noqa: E402
 
 FAST = BenchConfig(n_boot=20)
 
@@ -137,9 +137,9 @@ def test_skips_are_reported_not_dropped(induction):
 
 
 def test_own_model_path(induction, tmp_path):
-    from graphs.io import write_mib
-    from patching.models import save_model
-    from reports.bench import main
+    from circuitlab.graphs.io import write_mib
+    from circuitlab.patching.models import save_model
+    from circuitlab.reports.bench import main
 
     model_dir = tmp_path / "my_model"
     save_model(induction.model, model_dir)
@@ -171,7 +171,7 @@ def test_own_model_path(induction, tmp_path):
 def test_cli_arguments_are_validated():
     import argparse
 
-    from reports.bench import add_bench_parser, config_from_args
+    from circuitlab.reports.bench import add_bench_parser, config_from_args
 
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers(dest="command"))

@@ -12,8 +12,8 @@ import networkx as nx
 import pandas as pd
 import pytest
 
-from patching.models import boot_native_model, save_model
-from reports.cli import main
+from circuitlab.patching.models import boot_native_model, save_model
+from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -39,7 +39,7 @@ def tiny_run(tiny_dir, tmp_path_factory):
 
 
 def _cli(*args, check=True, **kwargs):
-    proc = subprocess.run([sys.executable, "-m", "reports.cli", *args], capture_output=True, text=True, env=ENV,
+    proc = subprocess.run([sys.executable, "-m", "circuitlab.reports.cli", *args], capture_output=True, text=True, env=ENV,
                           **kwargs)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -119,9 +119,9 @@ def test_other_methods(tiny_dir, tmp_path, method):
 
 
 def test_acdc_refuses_large_graphs_unless_forced(tiny_dir, tmp_path, monkeypatch, capsys):
-    import reports.run
+    import circuitlab.reports.run as run_module
 
-    monkeypatch.setattr(reports.run, "ACDC_EDGE_LIMIT", 10)
+    monkeypatch.setattr(run_module, "ACDC_EDGE_LIMIT", 10)
     args = ["run", "--model", tiny_dir, "--out", str(tmp_path / "a"), "--method", "acdc", "--quiet", *FAST]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -248,7 +248,7 @@ def test_killed_run_resumes_with_identical_results(tiny_dir, tmp_path):
 
     out = tmp_path / "killed"
     env = dict(ENV, CIRCUITLAB_PAUSE_AFTER_STAGE="scores", CIRCUITLAB_PAUSE_SECONDS="120")
-    proc = subprocess.Popen([sys.executable, "-m", "reports.cli", *args, "--out", str(out), "--quiet"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "circuitlab.reports.cli", *args, "--out", str(out), "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(out.glob(".partial/*/scores.done")):

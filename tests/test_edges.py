@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from patching.acdc import acdc
-from patching.activation import PatchingConfig, activation_patching
-from patching.attribution import (eap_ig_scores, eap_scores, edge_frame, exact_edge_scores, node_frame,
+from circuitlab.patching.acdc import acdc
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.attribution import (eap_ig_scores, eap_scores, edge_frame, exact_edge_scores, node_frame,
                                   oracle_check, spearman)
-from patching.edges import ComputationalGraph, evaluate_edge_masks, prepare_edges
-from patching.faithfulness import faithfulness_curve
-from patching.models import boot_native_model
+from circuitlab.patching.edges import ComputationalGraph, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.faithfulness import faithfulness_curve
+from circuitlab.patching.models import boot_native_model
 from tests.conftest import TINY_CONFIG
 from tests.toy import ToyTask, toy_pairs
 
@@ -162,8 +162,8 @@ def test_spearman_handles_ties():
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_ablated_context_empty_graph_is_the_ablated_run(tiny_model, ablation):
     """Every head and MLP output ablated (and the embeddings): compare with explicit bridge hooks."""
-    from patching.components import hook_name
-    from patching.edges import ablated_context
+    from circuitlab.patching.components import hook_name
+    from circuitlab.patching.edges import ablated_context
 
     task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, seed=10)
     ctx = ablated_context(prepare_edges(tiny_model, task, pairs), ablation)

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from graphs.circuit import (Selection, add_edge, select, circuit_from_edge_scores, circuit_from_node_scores,
+from circuitlab.graphs.circuit import (Selection, add_edge, select, circuit_from_edge_scores, circuit_from_node_scores,
                             circuit_from_path_patching, edge_names, new_circuit, validate_circuit)
-from graphs.io import from_mib, read_graphml, read_json, read_mib, to_mib, write_graphml, write_json, write_mib
+from circuitlab.graphs.io import from_mib, read_graphml, read_json, read_mib, to_mib, write_graphml, write_json, write_mib
 
 
 def node_scores() -> pd.DataFrame:

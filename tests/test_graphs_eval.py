@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores
-from graphs.draw import draw_circuit, layered_layout
-from graphs.evaluate import (Ablator, compare_edges, compare_nodes, completeness, edge_score_auroc, faithfulness,
+from circuitlab.graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores
+from circuitlab.graphs.draw import draw_circuit, layered_layout
+from circuitlab.graphs.evaluate import (Ablator, compare_edges, compare_nodes, completeness, edge_score_auroc, faithfulness,
                              minimality, node_score_auroc, roc_auc)
-from graphs.io import read_graphml, write_graphml
-from graphs.reference import load_reference_data, reference_circuit, reference_classes
+from circuitlab.graphs.io import read_graphml, write_graphml
+from circuitlab.graphs.reference import load_reference_data, reference_circuit, reference_classes
 
 
 def test_ioi_reference_has_26_heads_in_7_classes():

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from graphs.circuit import Selection, circuit_from_node_scores
-from graphs.roles import (IOIPrompts, RoleThresholds, assign_roles, copying_scores, detect_backup_name_movers,
+from circuitlab.graphs.circuit import Selection, circuit_from_node_scores
+from circuitlab.graphs.roles import (IOIPrompts, RoleThresholds, assign_roles, copying_scores, detect_backup_name_movers,
                           detect_name_movers, detect_repeated_token_roles, detect_s_inhibition, ioi_head_scores,
                           repeated_random_tokens, repeated_token_scores)
-from patching.models import boot_native_model
+from circuitlab.patching.models import boot_native_model
 
 V, P, DH, C = 24, 16, 40, 60.0  # vocab, context, d_head, attention sharpness
 TOK, PREV = P, P + V            # residual layout: [positions | token | previous token]
@@ -191,7 +191,7 @@ def test_assign_roles_keeps_strongest_and_all():
 
 @pytest.mark.slow
 def test_smollm2_has_measured_induction_and_name_movers(smollm2):
-    from tasks import get_task
+    from circuitlab.tasks import get_task
 
     torch.set_num_threads(2)
     rep = repeated_random_tokens(smollm2.cfg.d_vocab, 8, 4, seed=0, bos_id=1, low=1000)

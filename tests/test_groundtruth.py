@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graphs.groundtruth import MODELS_DIR, list_groundtruth, load_groundtruth, read_circuit
-from graphs.groundtruth import verify
-from graphs.groundtruth.build import resample_head_logits, zero_head_logits
-from patching.components import hook_name, parse_node
+from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth, load_groundtruth, read_circuit
+from circuitlab.graphs.groundtruth import verify
+from circuitlab.graphs.groundtruth.build import resample_head_logits, zero_head_logits
+from circuitlab.patching.components import hook_name, parse_node
 
 ANALYTIC = ["induction_handwired", "tracr_reverse", "tracr_frac_prevs"]
 ALL = ANALYTIC + ["planted_marker"]
@@ -140,7 +140,7 @@ def test_tracr_conversion_matches_tracr(gts, name):
 
 @pytest.mark.parametrize("name", ANALYTIC)
 def test_rebuild_is_bit_identical(gts, name, tmp_path):
-    from graphs.groundtruth.build import builders, write
+    from circuitlab.graphs.groundtruth.build import builders, write
 
     built = builders()[name]()
     folder = write(built, tmp_path / name)
@@ -184,8 +184,8 @@ def test_planted_edges_connect_the_planted_nodes(gts):
 
 @pytest.mark.parametrize("name", ALL)
 def test_circuit_graph_roundtrips_through_graphs_io(gts, name, tmp_path):
-    from graphs.io import read_json, write_json
-    from patching.components import edge_name
+    from circuitlab.graphs.io import read_json, write_json
+    from circuitlab.patching.components import edge_name
 
     graph = read_json(write_json(gts[name].circuit_graph(), tmp_path / "c.json"))
     edges = {edge_name(s, d, None if k == "resid" else k) for s, d, k in graph.edges(keys=True)}

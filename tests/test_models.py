@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from patching.components import check_required_hooks
-from patching.models import DEFAULT_MODEL, boot_native_model, list_models, load_model, save_model
+from circuitlab.patching.components import check_required_hooks
+from circuitlab.patching.models import DEFAULT_MODEL, boot_native_model, list_models, load_model, save_model
 from tests.conftest import TINY_CONFIG
 
 
@@ -77,7 +77,7 @@ def test_smollm2_does_ioi(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_cache_rebuilds_when_corrupt(tmp_path, monkeypatch):
-    from patching import models
+    from circuitlab.patching import models
 
     monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path))
     folder = models.smollm2_cache_dir()

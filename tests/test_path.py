@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from patching.activation import PatchingConfig
-from patching.components import hook_name, parse_node
-from patching.path import path_patching
+from circuitlab.patching.activation import PatchingConfig
+from circuitlab.patching.components import hook_name, parse_node
+from circuitlab.patching.path import path_patching
 from tests.toy import ToyTask, toy_pairs
 
 

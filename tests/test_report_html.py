@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from patching.models import boot_native_model, save_model
-from reports.cli import main
+from circuitlab.patching.models import boot_native_model, save_model
+from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from patching.activation import activation_patching, prepare
-from patching.components import hook_name
-from patching.edges import evaluate_edge_masks, prepare_edges
-from patching.path import path_patching
-from tasks import get_task
+from circuitlab.patching.activation import activation_patching, prepare
+from circuitlab.patching.components import hook_name
+from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
+from circuitlab.patching.path import path_patching
+from circuitlab.tasks import get_task
 from tests.test_path import naive_path_patch
 
 pytestmark = pytest.mark.slow

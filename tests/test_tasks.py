@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, PromptPairs, RepeatedTokensTask, Task,
+from circuitlab.tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, PromptPairs, RepeatedTokensTask, Task,
                    TaskUnsupportedError, get_task, list_tasks)
-from tasks.base import check_aligned
-from tasks.greater_than import year_token_ids
-from tasks.tokens import resolve
+from circuitlab.tasks.base import check_aligned
+from circuitlab.tasks.greater_than import year_token_ids
+from circuitlab.tasks.tokens import resolve
 from tests.conftest import TINY_CONFIG
 from tests.test_tasks_helpers import gpt2_style_tokenizer, smollm2_tokenizer
 

@@ -16,7 +16,7 @@ def smollm2_tokenizer():
     """The SmolLM2 tokenizer from the offline cache (no model weights loaded)."""
     from transformers import AutoTokenizer
 
-    from patching.models import smollm2_cache_dir
+    from circuitlab.patching.models import smollm2_cache_dir
 
     return AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks import get_task
+from circuitlab.tasks import get_task
 from tests.test_tasks_helpers import gpt2_style_tokenizer, smollm2_tokenizer
 
 PROPS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from tasks import TaskUnsupportedError, get_task
+from circuitlab.tasks import TaskUnsupportedError, get_task
 
 pytestmark = pytest.mark.slow
 

@@ -17,17 +17,17 @@ from typing import Any, Callable
 
 import torch
 
-from graphs.groundtruth import verify
-from graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
-from patching.components import hook_name
-from patching.models import save_model
+from circuitlab.graphs.groundtruth import verify
+from circuitlab.graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
+from circuitlab.patching.components import hook_name
+from circuitlab.patching.models import save_model
 
 EVAL_N, EVAL_SEED = 512, 1234
 
 
 def builders() -> dict[str, Callable[[], Built]]:
     """Name -> zero-argument builder, for every ground-truth model."""
-    from graphs.groundtruth.planted import build_planted
+    from circuitlab.graphs.groundtruth.planted import build_planted
 
     return {
         "induction_handwired": build_induction_handwired,

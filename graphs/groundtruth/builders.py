@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from patching.models import boot_native_model
-from graphs.groundtruth.taskspec import TaskSpec
+from circuitlab.patching.models import boot_native_model
+from circuitlab.graphs.groundtruth.taskspec import TaskSpec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphs.groundtruth.builders import Built, _load_full_state
-from graphs.groundtruth.taskspec import TaskSpec
-from patching.models import boot_native_model
+from circuitlab.graphs.groundtruth.builders import Built, _load_full_state
+from circuitlab.graphs.groundtruth.taskspec import TaskSpec
+from circuitlab.patching.models import boot_native_model
 
 PLANTED_CFG = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=16, n_ctx=12, attn_only=True,
                    normalization_type=None, positional_embedding_type="standard", seed=0)

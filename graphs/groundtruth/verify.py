@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patching.components import edge_name, head_node, mlp_node
+from circuitlab.patching.components import edge_name, head_node, mlp_node
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,11 @@
+"""circuitlab: activation patching, path patching and circuit discovery on TransformerLens 4 bridges.
+
+The repository's top-level folders install as `circuitlab.patching` (models and the causal engine),
+`circuitlab.tasks` (behaviours as prompt pairs), `circuitlab.graphs` (circuits) and `circuitlab.reports`
+(command line and reports).
+"""
+
+from circuitlab.patching import load_model, save_model
+from circuitlab.tasks import get_task, list_tasks
+
+__all__ = ["get_task", "list_tasks", "load_model", "save_model"]
