@@ -76,56 +76,133 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_is_valid(folder: Path) -> bool:
+_VERIFIED = "circuitlab-verified.json"
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _cache_is_valid(folder: Path, *, full: bool = False) -> bool:
+    """True when the cache is complete and its weights match the SHA-256 stored at build time.
+
+    Quick mode: a weights file whose size, mtime, ctime and inode equal those recorded at its last full check
+    is trusted; anything else (a file changed in place, even at the same size) is hashed again. `full=True`
+    always hashes.
+    """
     marker = folder / _CACHE_MARKER
     if not marker.is_file():
         return False
     try:
         meta = json.loads(marker.read_text())
         weights = folder / "model.safetensors"
-        return (
-            meta.get("version") == _CACHE_VERSION
-            and weights.is_file()
-            and weights.stat().st_size == meta["weights_bytes"]
-            and (folder / "config.json").is_file()
-            and (folder / "tokenizer.json").is_file()
-        )
+        if not (meta.get("version") == _CACHE_VERSION and weights.is_file()
+                and weights.stat().st_size == meta["weights_bytes"]
+                and (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+            return False
+        stamp = _stamp(weights)
+        try:
+            if not full and json.loads((folder / _VERIFIED).read_text()) == dict(stamp, sha256=meta["weights_sha256"]):
+                return True
+        except (OSError, ValueError):
+            pass
+        if _file_sha256(weights) != meta["weights_sha256"]:
+            return False
+        tmp = folder / f".{_VERIFIED}.{os.getpid()}.tmp"  # record the check, atomically
+        tmp.write_text(json.dumps(dict(stamp, sha256=meta["weights_sha256"])))
+        os.replace(tmp, folder / _VERIFIED)
+        return True
     except (ValueError, KeyError, OSError):
         return False
 
 
-def smollm2_cache_dir() -> Path:
-    """Build (once) and return the safetensors cache of SmolLM2-135M-Instruct.
-
-    The cache is written into a temporary sibling directory and renamed into place, so an interrupted
-    build never leaves a half-written cache; a cache that fails validation is rebuilt.
-    """
-    folder = cache_root() / DEFAULT_MODEL
-    if _cache_is_valid(folder):
-        return folder
+def _build_smollm2(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF file into a safetensors checkpoint (with tokenizer) in `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _smollm2_gguf()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=folder.parent))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.save_pretrained(str(target))
+    tok.save_pretrained(str(target))
+
+
+def _build_lock(folder: Path) -> int:
+    """Hold the build lock of a cache entry (blocks while another process builds it); returns its fd.
+
+    The lock file is removed on release (`_release`); a waiter that locked a removed file retries."""
+    import fcntl
+
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _release(folder: Path, fd: int) -> None:
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        hf.hf_quantizer = None
-        if hasattr(hf.config, "quantization_config"):
-            del hf.config.quantization_config
-        hf.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        weights = tmp / "model.safetensors"
-        meta = {"version": _CACHE_VERSION, "source": str(gguf), "weights_bytes": weights.stat().st_size,
-                "weights_sha256": _file_sha256(weights)}
-        (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        os.unlink(folder.parent / f".{folder.name}.lock")
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _remove_stale_builds(folder: Path) -> None:
+    """Delete build folders left by killed builds (call with the build lock held: no build is running)."""
+    for stale in folder.parent.glob(f".{folder.name}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def smollm2_cache_dir() -> Path:
+    """Build (once) and return the verified safetensors cache of SmolLM2-135M-Instruct.
+
+    The cache is written into a temporary sibling directory and renamed into place, so an interrupted build
+    never leaves a half-written cache, and the folders of killed builds are removed; a cache whose weights do
+    not match their stored SHA-256 is rebuilt. Builds are serialised by a lock next to the cache.
+    """
+    folder = cache_root() / DEFAULT_MODEL
+    stale = folder.parent.is_dir() and any(folder.parent.glob(f".{folder.name}-*"))
+    if _cache_is_valid(folder) and not stale:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = _build_lock(folder)
+    try:
+        _remove_stale_builds(folder)
+        if _cache_is_valid(folder):  # another process built it while we waited, or it was only the leftovers
+            return folder
+        gguf = _smollm2_gguf()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=folder.parent))
+        try:
+            _build_smollm2(gguf, tmp)
+            weights = tmp / "model.safetensors"
+            meta = {"version": _CACHE_VERSION, "source": str(gguf), "weights_bytes": weights.stat().st_size,
+                    "weights_sha256": _file_sha256(weights)}
+            (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-old-", dir=folder.parent))
+                os.replace(folder, old / "x")
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _release(folder, fd)
+    if not _cache_is_valid(folder):
+        raise RuntimeError(f"the SmolLM2 cache at {folder} failed its SHA-256 check right after being built; "
+                           "check the disk, or set CIRCUITLAB_CACHE to another folder")
     return folder
 
 
@@ -200,6 +277,39 @@ def _load_native_dir(directory: Path, device: str, dtype: torch.dtype) -> Transf
     return _finish(model, str(directory))
 
 
+def _looks_like_path(name: str) -> bool:
+    """A model name that can only mean a folder: absolute, ./ ../ ~ prefixes, several slashes, an existing parent."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def _check_hub_name(name: str) -> None:
+    """Fail at once for a hub name that is neither cached locally nor reachable (no minute of hub retries)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    advice = (f"offline, use the embedded default {DEFAULT_MODEL!r} or a folder written by "
+              "save_model()/save_pretrained() (`circuitlab models` lists names)")
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(f"could not load model {name!r}: it is not in the local Hugging Face cache and the hub "
+                           f"is switched off (HF_HUB_OFFLINE); {advice}")
+    try:
+        urllib.request.urlopen(f"{constants.ENDPOINT}/api/models/{name}", timeout=5).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise RuntimeError(f"could not load model {name!r}: no such model on the Hugging Face hub; check the "
+                               f"name, or {advice}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RuntimeError(f"could not load model {name!r}: it is not in the local Hugging Face cache and the hub "
+                           f"cannot be reached ({reason}); {advice}") from None
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
     """Load a model as a `TransformerBridge` in eval mode with gradients off.
 
@@ -207,12 +317,17 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
     or a Hugging Face hub name such as `"gpt2"` (needs the network the first time).
     """
     path = Path(name).expanduser()
+    if not path.is_dir() and _looks_like_path(name):
+        raise FileNotFoundError(f"model folder {name!r} does not exist: check the path (a folder written by "
+                                "save_model() or save_pretrained()), or run `circuitlab models` for model names")
     if path.is_dir():
         if (path / _NATIVE_CONFIG).is_file():
             return _load_native_dir(path, device, dtype)
         if (path / "config.json").is_file():
             return _finish(TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype), name)
-        raise FileNotFoundError(f"{path} holds neither a circuitlab native model nor a Hugging Face checkpoint.")
+        raise FileNotFoundError(f"model folder {str(path)!r} holds neither a circuitlab native model "
+                                f"({_NATIVE_CONFIG}) nor a Hugging Face checkpoint (config.json); point --model at "
+                                "a folder written by save_model() or save_pretrained()")
     if name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
         folder = smollm2_cache_dir()
         try:
@@ -223,6 +338,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
             model = TransformerBridge.boot_transformers(str(smollm2_cache_dir()), device=device, dtype=dtype)
         model.cfg.model_name = DEFAULT_MODEL
         return _finish(model, DEFAULT_MODEL)
+    _check_hub_name(name)
     try:
         model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
     except Exception as exc:  # the hub raises many types when offline; all mean the same to the user

@@ -119,8 +119,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
-    for cfg in configs:
-        record = execute(cfg, quiet=args.quiet)
+    for i, cfg in enumerate(configs):
+        try:
+            record = execute(cfg, quiet=args.quiet)
+        except Exception as exc:
+            if len(configs) > 1:
+                from circuitlab.reports.rundir import annotate
+
+                annotate(exc, prefix=f"run {i + 1} of {len(configs)} (out {cfg.out}): ")
+            raise
         print(f"report: {cfg.out}/report.html (and report.md); run record {cfg.out}/run.json"
               + (f"; resumed {', '.join(record['resumed_stages'])}" if record["resumed_stages"] else ""))
     return 0
@@ -152,9 +159,16 @@ def _cmd_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from circuitlab.reports import rundir
     from circuitlab.reports.render import render_report
 
-    html_path, md_path = render_report(args.run_dir)
+    folder = Path(args.run_dir).expanduser().absolute()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
+    with rundir.locked(folder):
+        html_path, md_path = render_report(folder)
     print(f"report: {html_path} (and {md_path.name})")
     return 0
 

@@ -118,8 +118,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as exc:  # yaml and json raise different types; both mean a malformed file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {str(path)!r} cannot be parsed: {first}") from exc
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise ConfigError(f"config file {str(path)!r} is empty; write the run's options in it (e.g. `task: ioi`), "
+                          "or drop --config to run with the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
     return _normalise_keys(data, str(path))
@@ -146,10 +147,16 @@ def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> li
     base = {k: v for k, v in file_values.items() if k != "runs"}
     entries = [dict(base, **entry) for entry in runs] if runs else [base]
     configs = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         merged = dict(entry)
         merged.update({k: v for k, v in cli_values.items() if v is not None})
-        configs.append(make_config(merged))
+        try:
+            configs.append(make_config(merged))
+        except ConfigError as exc:
+            if not runs:
+                raise
+            where = f"runs[{i}]" + (f" (out {entry['out']})" if "out" in entry else "")
+            raise ConfigError(f"{where}: {exc}") from None
     outs = [c.out for c in configs]
     if len(set(outs)) != len(outs):
         raise ConfigError("a sweep's runs need distinct 'out' directories (each run writes its own)")
@@ -172,6 +179,8 @@ def make_config(values: dict[str, Any]) -> RunConfig:
 _INTS = ("n", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads")
 _FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold")
 _BOOLS = ("roles", "force")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -185,9 +194,10 @@ def _coerce(name: str, value: Any) -> Any:
         if name in _FLOATS:
             return float(value)
         if name in _BOOLS:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            text = str(value).strip().lower()
+            if isinstance(value, bool) or text in _TRUE + _FALSE:
+                return value if isinstance(value, bool) else text in _TRUE
+            raise ConfigError(f"option {name!r} must be true or false, got {value!r}")
         if name == "task_options":
             if not isinstance(value, dict):
                 raise ValueError
@@ -195,6 +205,8 @@ def _coerce(name: str, value: Any) -> Any:
         if name == "positions" and isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"option {name!r} has a bad value {value!r}") from None
 
@@ -211,6 +223,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(str(exc)) from None
     if cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
+    check_seed(cfg.seed)
+    check_device(cfg.device)
+    if cfg.threshold is not None and not cfg.threshold >= 0:
+        raise ConfigError(f"--threshold keeps edges/nodes with |score| >= it, so it must be >= 0, got {cfg.threshold}")
+    if cfg.acdc_threshold < 0:
+        raise ConfigError(f"--acdc-threshold must be >= 0, got {cfg.acdc_threshold}")
     if cfg.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.oracle_edges < 0 or cfg.n_boot < 0:
@@ -236,6 +254,34 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds feed numpy and torch generators: they must be in [0, 2**32)."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be an integer in [0, 2**32), got {seed}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse or this machine does not have (before any model is loaded)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine "
+                              "(torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                              "use cuda:0 or --device cpu")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        raise ConfigError(f"--device {device!r}: circuitlab runs on cpu, cuda or mps")
 
 
 def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:

@@ -56,11 +56,18 @@ def _is_true(series: pd.Series) -> pd.Series:
 
 
 def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
-    """The report's content, in the order a researcher reads it."""
-    record = json.loads(_required(run_dir, "run.json").read_text())
+    """The report's content, in the order a researcher reads it (every file checked against run.json first)."""
+    from circuitlab.reports import rundir
+
+    record = rundir.read_record(run_dir)
+    if record.get("kind") in ("patch", "path"):
+        raise ValueError(f"{run_dir} holds one `circuitlab {record['kind']}` sweep (scores.csv"
+                         f"{', heatmap.png' if record['kind'] == 'patch' else ''}), not a `circuitlab run` "
+                         "discovery: `circuitlab report` renders run folders only; read its scores.csv directly")
+    rundir.verify_outputs(run_dir, record)
     scores = store.read_csv(_required(run_dir, "scores.csv"))
     baseline = store.read_csv(_required(run_dir, "baseline.csv"))
-    circuit = json.loads(_required(run_dir, "circuit.json").read_text())
+    circuit = store.read_json(_required(run_dir, "circuit.json"))
     cfg, metrics, model = record["config"], record["metrics"], record["model"]
     method = cfg["method"]
     sections: list[Section] = []
@@ -341,9 +348,14 @@ def render_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     record, sections = build_sections(run_dir)
+    written = []
     for section in sections:
         for stem, _, png in section.figures:
             store.write_bytes(run_dir / "figures" / f"{stem}.png", png)
+            written.append(f"figures/{stem}.png")
     html_path = store.write_text(run_dir / "report.html", to_html(record, sections))
     md_path = store.write_text(run_dir / "report.md", to_markdown(record, sections))
+    from circuitlab.reports.rundir import record_rendered
+
+    record_rendered(run_dir, written + ["report.html", "report.md"])
     return html_path, md_path

@@ -1,6 +1,9 @@
-"""`circuitlab run`: one whole discovery, stage by stage, resumable.
+"""`circuitlab run`: one whole discovery, stage by stage, resumable, published all at once.
 
-Stages (each cached in `OUT/.partial/<config key>/` when done, skipped on a rerun with the same options):
+The run holds the lock of OUT, works in the staging folder `.<OUT name>.staging` next to it and replaces OUT
+in one step when every output is written (reports/rundir.py). Stages are cached in
+`.partial/<resume key>/` (skipped on a rerun whose key matches: same options, model weights, prompt pairs and
+code; their files verified):
 pairs -> baseline (clean vs corrupt metric) -> scores (the method) -> exact (activation patching of every
 head and MLP) -> resid (residual stream heatmap) -> oracle (exact re-scoring of sampled edges) ->
 faithfulness (top-k circuits, CPR/CMD) -> roles. Then the circuit is built and every output written:
@@ -22,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ACDC_EDGE_LIMIT, ConfigError, RunConfig, parse_percents, parse_positions
 
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
@@ -44,10 +47,12 @@ class Run:
     model: Any = None
     task: Any = None
     pairs: Any = None
+    key_parts: dict[str, str] = field(default_factory=dict)
     _ectx: Any = None
     _pctx: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
+    fresh_reasons: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ lazily built heavy objects
     def get_model(self) -> Any:
@@ -83,7 +88,10 @@ class Run:
 
     def stage(self, name: str, compute: Callable[[], None]) -> None:
         """Run a stage unless its results are cached; `compute` saves into the cache itself."""
-        if self.cache.has(name):
+        cached = self.cache.has(name)
+        if name in self.cache.problems:
+            self.say(f"[{name}] not resuming: {self.cache.problems.pop(name)}; recomputing")
+        if cached:
             self.resumed.append(name)
             self.timings[name] = self.cache.seconds(name)
             self.say(f"[{name}] resumed from saved results")
@@ -100,22 +108,45 @@ class Run:
 
 # ---------------------------------------------------------------------- stages
 
-def _stage_pairs(run: Run) -> None:
-    cfg = run.cfg
+def _task_options(cfg: RunConfig) -> dict[str, Any]:
     options = dict(cfg.task_options)
     if cfg.corruption is not None:
         options["corruption"] = cfg.corruption
-    pairs = run.task.generate(run.get_model(), cfg.n, seed=cfg.seed, **options)
-    path = run.cache.path("pairs", ".jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".pairs.jsonl.tmp")
-    pairs.save_jsonl(tmp)
-    tmp.replace(path)
-    model = run.get_model()
-    from circuitlab.patching.models import weight_hash
+    return options
 
+
+def _generate_pairs(run: Run) -> Any:
+    """The run's prompt pairs, after checking that --n fits the memory budget (before anything is allocated)."""
+    cfg, model = run.cfg, run.get_model()
+    options = _task_options(cfg)
+    sample = run.task.generate(model, 1, seed=cfg.seed, **options)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    senders = 1 + n_layers * n_heads + (0 if getattr(model.cfg, "attn_only", False) else n_layers)
+    per_pair = 2 * 4 * sample.seq_len * senders * int(model.cfg.d_model)
+    rundir.check_n(cfg.n, per_pair, cfg.memory_budget,
+                   f"the clean and corrupt activations of {senders} graph nodes at {sample.seq_len} positions")
+    run.say(f"[pairs] generating {cfg.n} prompt pairs ...")
+    t0 = time.time()
+    pairs = run.task.generate(model, cfg.n, seed=cfg.seed, **options)
+    run.timings["generate"] = time.time() - t0
+    return pairs
+
+
+def _pairs_jsonl(pairs: Any) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs.save_jsonl(Path(tmp) / "pairs.jsonl")
+        return (Path(tmp) / "pairs.jsonl").read_bytes()
+
+
+def _stage_pairs(run: Run) -> None:
+    cfg = run.cfg
+    pairs = run.pairs
+    run.cache.save_file("pairs", ".jsonl", pairs.save_jsonl)
+    model = run.get_model()
     labels = _position_labels(model, pairs)
-    run.cache.save_json("model", {"name": cfg.model, "weight_hash": weight_hash(model),
+    run.cache.save_json("model", {"name": cfg.model, "weight_hash": run.key_parts["model"],
                                   "n_layers": int(model.cfg.n_layers), "n_heads": int(model.cfg.n_heads),
                                   "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
@@ -502,6 +533,8 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
         "threads": torch.get_num_threads(),
         "resumed_stages": run.resumed,
+        "resume_key": {"key": run.cache.root.name, **run.key_parts},
+        "fresh_because": run.fresh_reasons,
         "wall_seconds": round(time.time() - started, 3),
         "platform": {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()},
     }
@@ -509,6 +542,7 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
         saved = run.cache.load_tensors("scores")
         record["acdc"] = {"threshold": cfg.acdc_threshold, "kept_edges": int(saved["kept"].sum()),
                           "forwards": int(saved["forwards"])}
+    record["outputs"] = rundir.manifest(out)
     store.write_json(out / "run.json", record)
     return record
 
@@ -526,18 +560,63 @@ def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) 
 
 
 def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, Any]:
+    started = time.time()
+    out = rundir.resolve_out(cfg.out)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    with rundir.locked(out):
+        try:
+            record = _execute_locked(cfg, out, say, quiet=quiet, command=command, started=started)
+        except BaseException as exc:
+            if not rundir.discard_if_empty(out):
+                rundir.annotate(exc, suffix=f" ({'the previous result in ' + str(out) + ' is untouched; ' if out.exists() else ''}"
+                                            f"finished stages are kept in {rundir.staging_path(out)}: rerun the same "
+                                            "command to resume)")
+            raise
+        rundir.publish(out)
+    return record
+
+
+def _open_cache(run: Run, out: Path) -> store.StageCache:
+    """The stage cache for this run's resume key: saved work of a failed run (in the staging folder) or of
+    the finished result in OUT, if its key matches; anything else is discarded, and the reason said."""
+    key = store.resume_key(run.key_parts)
+    staging = rundir.staging_path(out)
+    found = (staging / store.PARTIAL / key).is_dir() or (out / store.PARTIAL / key).is_dir()
+    if not found:
+        reasons = (store.describe_stale(staging / store.PARTIAL, run.key_parts)
+                   + store.describe_stale(out / store.PARTIAL, run.key_parts))
+        if reasons:
+            run.say(f"starting fresh: {'; '.join(reasons)}")
+            run.fresh_reasons = reasons
+    staging = rundir.fresh_staging(out, keep=key)
+    if not (staging / store.PARTIAL / key).is_dir() and (out / store.PARTIAL / key).is_dir():
+        import shutil
+
+        shutil.copytree(out / store.PARTIAL / key, staging / store.PARTIAL / key)
+    cache = store.StageCache(staging, key)
+    store.write_json(cache.root / store.KEY_FILE, run.key_parts)
+    return cache
+
+
+def _execute_locked(cfg: RunConfig, out: Path, say: Callable[[str], None], *, quiet: bool, command: str | None,
+                    started: float) -> dict[str, Any]:
+    import hashlib
+
+    from circuitlab.patching.models import weight_hash
     from circuitlab.tasks import get_task
 
-    started = time.time()
-    out = store.check_writable(cfg.out)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    run = Run(cfg, out, store.StageCache(out, cfg.result_key()), say, progress=not quiet)
+    run = Run(cfg, out, None, say, progress=not quiet)  # type: ignore[arg-type]
     run.task = get_task(cfg.task)
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
-
-    run.stage("pairs", lambda: _stage_pairs(run))
+    run.pairs = _generate_pairs(run)
     from circuitlab.tasks import PromptPairs
 
+    pairs_text = _pairs_jsonl(run.pairs)
+    run.key_parts = {"config": cfg.result_key(), "model": weight_hash(run.get_model()),
+                     "task": hashlib.sha256(pairs_text).hexdigest()[:16], "code": store.code_version()}
+    run.cache = _open_cache(run, out)
+    run.out = run.cache.root.parent.parent
+    run.stage("pairs", lambda: _stage_pairs(run))
     run.pairs = PromptPairs.load_jsonl(run.cache.path("pairs", ".jsonl"))
     say(f"  {len(run.pairs)} pairs of {run.pairs.seq_len} tokens, e.g. {run.pairs.clean_texts[0]!r} -> "
         f"{run.pairs.corrupt_texts[0]!r}")
@@ -578,7 +657,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     record = write_outputs(run, started, command or cfg.command())
     from circuitlab.reports.render import render_report
 
-    render_report(out)
+    render_report(run.out)
     say(f"clean {record['metrics']['clean']:+.3f} vs corrupt {record['metrics']['corrupt']:+.3f}; circuit "
         f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges; "
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "

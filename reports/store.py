@@ -1,12 +1,15 @@
 """Atomic file writes and the stage cache that lets an interrupted run resume.
 
 Every output file is written to a temporary sibling and renamed into place, so a reader (or a rerun) never
-sees half a file. Stage results live in `OUT/.partial/<config key>/<stage>.*`; a rerun with the same
-result-changing options finds them and skips the stage.
+sees half a file. Stage results live in `.partial/<resume key>/<stage>.*` (in the staging folder while a run
+works, inside the finished folder after); each stage's `.done` marker lists its files with size and SHA-256,
+and a saved stage whose files no longer match is recomputed, never resumed from. The resume key covers the
+resolved config, the model's weights, the task's prompt pairs and the code version (`resume_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -72,8 +75,31 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
 
 
 def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a CSV written by `write_csv` (empty strings stay empty strings)."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False).pipe(_fill_text)
+    """Read a CSV written by `write_csv` (empty strings stay empty strings); errors name the file."""
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False).pipe(_fill_text)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        raise ValueError(f"{path} is not a readable CSV table ({' '.join(str(exc).split())}); delete it and rerun "
+                         "the command that wrote it") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; errors name the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun the command that wrote it") from None
+
+
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a tensor file written by `StageCache.save_tensors`; errors name the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ValueError(f"{path} is not a readable tensor file ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); delete it and rerun") from None
 
 
 TEXT_COLUMNS = ("component", "node", "role", "edge", "sender", "receiver", "channel", "method", "evidence",
@@ -87,36 +113,95 @@ def _fill_text(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def check_writable(directory: str | os.PathLike[str]) -> Path:
-    """Create the output directory and prove it is writable; raise a clear error otherwise."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        from circuitlab.reports.config import ConfigError
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
-        raise ConfigError(f"cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
-                              "choose another --out") from None
-    return directory
+
+def code_version() -> str:
+    """A fingerprint of circuitlab's own source (every .py file of the package): any code change changes it."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("", "patching", "tasks", "graphs", "reports"):
+        for path in sorted((root / folder).glob("*.py")):
+            digest.update(f"{folder}/{path.name}".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resume_key(parts: dict[str, str]) -> str:
+    """The resume key: a hash of its parts (config key, model weight hash, task data hash, code version)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+KEY_FILE = "key.json"
+
+
+def describe_stale(partial: Path, parts: dict[str, str]) -> list[str]:
+    """Why saved partial work under `partial/` cannot be reused by a run whose key has these parts."""
+    names = {"config": "the run options", "model": "the model's weights", "task": "the task's prompt pairs",
+             "code": "circuitlab's code"}
+    reasons = []
+    if not partial.is_dir():
+        return reasons
+    for folder in sorted(partial.iterdir()):
+        if folder.name == resume_key(parts) or not folder.is_dir():
+            continue
+        try:
+            old = json.loads((folder / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            old = {}
+        changed = [names[k] for k in names if old.get(k) != parts.get(k)] if old else ["(unrecorded key)"]
+        reasons.append(f"saved work in {folder} differs in {', '.join(changed)}")
+    return reasons
 
 
 class StageCache:
-    """Saved stage results of one run configuration under `OUT/.partial/<key>/`."""
+    """Saved stage results of one run under `<folder>/.partial/<key>/`; each stage's files are verified."""
 
-    def __init__(self, out: str | os.PathLike[str], key: str) -> None:
-        self.root = Path(out) / PARTIAL / key
+    def __init__(self, folder: str | os.PathLike[str], key: str) -> None:
+        self.root = Path(folder) / PARTIAL / key
+        self._written: list[Path] = []
+        self.problems: dict[str, str] = {}
 
     def path(self, stage: str, suffix: str) -> Path:
         return self.root / f"{stage}{suffix}"
 
     def has(self, stage: str) -> bool:
-        return self.path(stage, ".done").is_file()
+        """True when the stage finished and every file it saved still matches its size and SHA-256."""
+        done = self.path(stage, ".done")
+        if not done.is_file():
+            return False
+        try:
+            files = json.loads(done.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.problems[stage] = f"{done} is unreadable or has no file list"
+            done.unlink(missing_ok=True)
+            return False
+        for name, expected in files.items():
+            path = self.root / name
+            problem = None
+            if not path.is_file():
+                problem = f"{path} is missing"
+            elif path.stat().st_size != expected.get("bytes"):
+                problem = f"{path} has {path.stat().st_size} bytes, its record says {expected.get('bytes')}"
+            elif file_record(path)["sha256"] != expected.get("sha256"):
+                problem = f"{path} does not match its recorded SHA-256"
+            if problem:
+                self.problems[stage] = problem
+                done.unlink(missing_ok=True)
+                return False
+        return True
 
     def mark(self, stage: str, seconds: float) -> None:
-        write_json(self.path(stage, ".done"), {"seconds": seconds})
+        """Record the stage as done, with size and SHA-256 of every file it saved."""
+        files = {p.name: file_record(p) for p in dict.fromkeys(self._written)}
+        self._written = []
+        write_json(self.path(stage, ".done"), {"seconds": seconds, "files": files})
 
     def seconds(self, stage: str) -> float:
         try:
@@ -124,20 +209,29 @@ class StageCache:
         except (OSError, ValueError, KeyError):
             return float("nan")
 
+    def _wrote(self, path: Path) -> None:
+        self._written.append(path)
+
     def save_tensors(self, stage: str, tensors: dict[str, torch.Tensor]) -> None:
-        _atomic(self.path(stage, ".pt"), lambda tmp: torch.save(tensors, tmp))
+        self._wrote(_atomic(self.path(stage, ".pt"), lambda tmp: torch.save(tensors, tmp)))
 
     def load_tensors(self, stage: str) -> dict[str, torch.Tensor]:
-        return torch.load(self.path(stage, ".pt"), weights_only=True)
+        return read_tensors(self.path(stage, ".pt"))
 
     def save_frame(self, stage: str, frame: pd.DataFrame, name: str = "") -> None:
-        write_csv(self.path(stage + name, ".csv"), frame)
+        self._wrote(write_csv(self.path(stage + name, ".csv"), frame))
 
     def load_frame(self, stage: str, name: str = "") -> pd.DataFrame:
         return read_csv(self.path(stage + name, ".csv"))
 
     def save_json(self, stage: str, data: Any) -> None:
-        write_json(self.path(stage, ".json"), data)
+        self._wrote(write_json(self.path(stage, ".json"), data))
 
     def load_json(self, stage: str) -> Any:
-        return json.loads(self.path(stage, ".json").read_text())
+        return read_json(self.path(stage, ".json"))
+
+    def save_file(self, stage: str, suffix: str, write: Callable[[Path], None]) -> Path:
+        """Save a stage file written by `write(tmp_path)` (atomically)."""
+        path = _atomic(self.path(stage, suffix), write)
+        self._wrote(path)
+        return path

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError, parse_positions
 
 
@@ -49,41 +49,65 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
     if cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
-    out = store.check_writable(cfg.out)
+    from circuitlab.reports.config import check_device, check_seed
+
+    check_seed(cfg.seed)
+    check_device(cfg.device)
+    out = rundir.resolve_out(cfg.out)
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
+    sample = task.generate(model, 1, seed=cfg.seed, **options)
+    per_pair = 2 * 4 * sample.seq_len * (2 * int(model.cfg.n_layers) + 2) * int(model.cfg.d_model)
+    rundir.check_n(cfg.n, per_pair, cfg.memory_budget, f"the clean and corrupt residual streams at "
+                   f"{sample.seq_len} positions")
+    say(f"generating {cfg.n} prompt pairs ...")
     pairs = task.generate(model, cfg.n, seed=cfg.seed, **options)
-    pairs.save_jsonl(out / ".pairs.jsonl.tmp")
-    (out / ".pairs.jsonl.tmp").replace(out / "pairs.jsonl")
-    return model, task, pairs.to(cfg.device), out
+    staging = rundir.fresh_staging(out)
+    pairs.save_jsonl(staging / ".pairs.jsonl.tmp")
+    (staging / ".pairs.jsonl.tmp").replace(staging / "pairs.jsonl")
+    return model, task, pairs.to(cfg.device), staging
 
 
 @contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """Use `threads` torch threads (see `resolve_threads`) inside the block, restoring the old count after."""
+def _threads(threads: int | None, out: str) -> Iterator[None]:
+    """Inside the block: `threads` torch threads (see `resolve_threads`) and the lock of output folder `out`;
+    a failure discards the staging folder (a sweep has nothing to resume), leaving `out` as it was."""
     import torch
 
     from circuitlab.reports.config import resolve_threads
 
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads))
+    folder = rundir.resolve_out(out)
     try:
-        yield
+        with rundir.locked(folder):
+            try:
+                yield
+            except BaseException:
+                import shutil
+
+                shutil.rmtree(rundir.staging_path(folder), ignore_errors=True)
+                raise
     finally:
         torch.set_num_threads(previous)
 
 
 def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started: float, command: str,
-            model: Any) -> None:
+            model: Any, figure_kind: str | None = None) -> None:
+    """Write scores, figure and run record (listing every output with size and SHA-256) into the staging
+    folder `out`, then replace the output folder with it in one step."""
     from circuitlab.patching.models import weight_hash
 
     store.write_csv(out / "scores.csv", frame)
+    if figure_kind is not None:
+        _figure(frame, figure_kind, out)
     store.write_json(out / "run.json", {
         "command": command, "kind": kind, "config": asdict(cfg), "seed": cfg.seed,
         "model": {"name": cfg.model, "weight_hash": weight_hash(model)},
         "metrics": {"clean": frame.attrs.get("clean_metric"), "corrupt": frame.attrs.get("corrupt_metric")},
-        "wall_seconds": round(time.time() - started, 3)})
+        "wall_seconds": round(time.time() - started, 3), "outputs": rundir.manifest(out)})
+    rundir.publish(Path(cfg.out).expanduser().absolute())
 
 
 def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
@@ -100,16 +124,15 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     positions = parse_positions(cfg.spec.get("positions", "all"), roles)
-    with _threads(cfg.threads):
+    with _threads(cfg.threads, cfg.out):
         model, task, pairs, out = _prepare(cfg, say)
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
         frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
-    say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
-    _finish(cfg, out, frame, "patch", started, command, model)
-    _figure(frame, kind, out)
+        say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
+        _finish(cfg, out, frame, "patch", started, command, model, figure_kind=kind)
     top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
     say(top[["component", "layer", "head", "position", "role", "effect"]].to_string(index=False))
-    say(f"wrote {out / 'scores.csv'}")
+    say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame
 
 
@@ -172,14 +195,14 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
         raise ConfigError(f"--channel {channel} needs --receivers (heads such as a9.h9,a9.h6)")
     sender_pos = _position(spec.get("sender_positions"), roles)
     receiver_pos = _position(spec.get("receiver_positions"), roles)
-    with _threads(cfg.threads):
+    with _threads(cfg.threads, cfg.out):
         model, task, pairs, out = _prepare(cfg, say)
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
         frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
                               sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
-    say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
-    _finish(cfg, out, frame, "path", started, command, model)
+        say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
+        _finish(cfg, out, frame, "path", started, command, model)
     top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
     say(top[["sender", "receiver", "channel", "effect"]].to_string(index=False))
-    say(f"wrote {out / 'scores.csv'}")
+    say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame

@@ -1,0 +1,255 @@
+"""Output folders that always hold one consistent, verified result.
+
+A run never writes into its `--out` folder directly. It holds a lock on the folder (`.<name>.lock` next to
+it: a second run into the same folder fails at once), writes everything into a staging folder next to it
+(`.<name>.staging`), and only when every output is written swaps the staging folder with the previous result
+in one rename. A failed or killed run leaves the previous result untouched; its staging folder keeps the
+finished stages for resuming. The run record (`run.json`) lists every output with its size and SHA-256, and
+`verify_outputs` refuses a folder whose files no longer match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from circuitlab.reports.config import ConfigError
+from circuitlab.reports.store import file_record
+
+RECORD = "run.json"
+_RENAME_EXCHANGE = 2
+
+
+def manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of the named files (default: every file in `folder` except run.json
+    and hidden ones)."""
+    if names is None:
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                       if p.is_file() and p.name != RECORD and not any(part.startswith(".")
+                                                                       for part in p.relative_to(folder).parts))
+    return {name: file_record(folder / name) for name in names}
+
+
+def record_rendered(folder: Path, names: list[str]) -> None:
+    """List the rendered report files (report.html, report.md, figures) in the run record as well."""
+    from circuitlab.reports.store import write_json
+
+    record = read_record(folder)
+    record["rendered"] = manifest(folder, names)
+    write_json(folder / RECORD, record)
+
+
+def mismatch(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
+    """Why `folder/name` does not match its record (None when it matches)."""
+    path = folder / name
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        return f"{path} has {size} bytes, the run record says {expected.get('bytes')} (cut off or changed)"
+    if file_record(path)["sha256"] != expected.get("sha256"):
+        return f"{path} does not match the SHA-256 in the run record (changed after the run)"
+    return None
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The run record of a finished folder (errors name the file and what to do)."""
+    path = folder / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a finished circuitlab result "
+                                "(rerun the command that makes it)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); rerun the command that made {folder}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} does not hold a run record; rerun the command that made {folder}")
+    return record
+
+
+def verify_outputs(folder: Path, record: dict[str, Any]) -> None:
+    """Refuse a folder whose files do not match the sizes and SHA-256s in its run record."""
+    for name, expected in (record.get("outputs") or {}).items():
+        problem = mismatch(folder, name, expected)
+        if problem:
+            raise ValueError(f"{problem}; refusing to use it: rerun the command that made {folder} "
+                             f"({record.get('command', 'see run.json')})")
+
+
+# ---------------------------------------------------------------------- locking
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def staging_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.staging"
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the lock of output folder `out`; a second holder fails at once, naming the folder."""
+    path = lock_path(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise RuntimeError(f"output folder {out} is in use by another circuitlab run (pid {owner}); wait for "
+                               "it to finish or choose another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- the folder itself
+
+def resolve_out(out: str | os.PathLike[str]) -> Path:
+    """Check `--out` before any work: its parent must be writable, and an existing folder must be a
+    circuitlab result (it is replaced as a whole)."""
+    path = Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    if path.is_dir() and not (path / RECORD).is_file() and [p for p in path.iterdir() if p.name != ".partial"]:
+        raise ConfigError(f"--out {str(out)!r} holds files that are not a finished circuitlab result and would be "
+                          "replaced; choose a new or empty folder")
+    parent = path.parent
+    missing = [p for p in [parent, *parent.parents] if not p.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{path.name}.write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(f"cannot write to output directory {str(out)!r} ({exc.strerror or exc}); "
+                          "choose another --out") from None
+    return path
+
+
+def fresh_staging(out: Path, keep: str | None = None) -> Path:
+    """The staging folder of `out`, emptied except for `.partial/<keep>` (saved stages of a failed run)."""
+    staging = staging_path(out)
+    staging.mkdir(exist_ok=True)
+    for child in staging.iterdir():
+        if child.name == ".partial" and child.is_dir():
+            for sub in child.iterdir():
+                if sub.name != keep:
+                    _remove(sub)
+        else:
+            _remove(child)
+    return staging
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def discard_if_empty(out: Path) -> bool:
+    """Remove the staging folder when it holds no finished stage (nothing worth resuming); True if removed."""
+    staging = staging_path(out)
+    if not staging.is_dir():
+        return True
+    if list(staging.glob(".partial/*/*.done")):
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish(out: Path) -> None:
+    """Replace `out` by its finished staging folder in one step (the previous result is removed after)."""
+    staging = staging_path(out)
+    if out.exists() and _exchange(staging, out):
+        shutil.rmtree(staging)
+        return
+    if out.exists():  # no atomic exchange here: move the old result aside first
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+        return
+    os.replace(staging, out)
+
+
+def annotate(exc: BaseException, *, prefix: str = "", suffix: str = "") -> BaseException:
+    """Add context to an error's one-line message in place (its type, and so the exit status, is kept)."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str) and not isinstance(exc, KeyError):
+        exc.args = (f"{prefix}{exc.args[0]}{suffix}",)
+    elif isinstance(exc, Exception) and not isinstance(exc, KeyboardInterrupt):
+        exc.args = (f"{prefix}{exc}{suffix}",)
+    return exc
+
+
+def available_bytes() -> int | None:
+    """Memory the system can give this process now (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_n(n: int, per_pair_bytes: float, memory_budget_mb: float, what: str) -> None:
+    """Refuse `--n` before anything is allocated when its batched forward exceeds the memory budget or the
+    machine's free memory (`per_pair_bytes`: the activations one prompt pair holds in that forward)."""
+    need_mb = n * per_pair_bytes / 2**20
+    fit = max(1, int(memory_budget_mb * 2**20 // max(per_pair_bytes, 1)))
+    if need_mb > memory_budget_mb:
+        raise ConfigError(f"--n {n} needs about {need_mb:,.0f} MB for {what} ({per_pair_bytes / 2**20:.2f} MB per "
+                          f"prompt pair), more than --memory-budget {memory_budget_mb:g} MB; use --n {fit} or "
+                          "less, or raise --memory-budget")
+    free = available_bytes()
+    if free is not None and n * per_pair_bytes > 0.8 * free:
+        raise ConfigError(f"--n {n} needs about {need_mb:,.0f} MB for {what} but this machine has "
+                          f"{free / 2**20:,.0f} MB free; use --n {max(1, int(0.8 * free // per_pair_bytes))} or "
+                          "less")

@@ -1,0 +1,186 @@
+"""Issue 17's weak cases: each bad input gives one clear line naming it, a non-zero exit, nothing partial."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuitlab.patching.models import boot_native_model, save_model
+from circuitlab.reports import store
+from circuitlab.reports.cli import main
+from circuitlab.reports.config import ConfigError, build_configs, load_config_file
+from tests.conftest import TINY_CONFIG
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
+         "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--no-roles", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(boot_native_model(TINY_CONFIG), directory)
+    return str(directory)
+
+
+def _one_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("circuitlab: error:"), lines
+    return lines[0]
+
+
+def test_unknown_model_name_fails_fast_without_hub_retries(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import circuitlab.reports.cli, circuitlab.reports.run"], env=env, check=True)
+    startup = time.time() - start  # interpreter and imports alone (slow on a busy machine)
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "circuitlab.reports.cli", "run", "--model", "nosuch-model-xyz",
+                           "--task", "repeated_tokens", "--out", str(tmp_path / "o"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "nosuch-model-xyz" in lines[0], lines
+    assert time.time() - start - startup < 15  # the hub's retries took 31 s
+
+
+def test_typo_in_model_folder_says_no_such_folder(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    for name in (str(tmp_path / "models" / "tiny-modle"), "./no-such-dir/model"):
+        assert main(["run", "--model", name, "--out", str(tmp_path / "o"), *QUICK]) != 0
+        line = _one_error(capsys)
+        assert "does not exist" in line and name in line and "hub" not in line.lower(), line
+
+
+def test_early_error_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["run", "--model", str(tmp_path / "missing"), "--out", str(out), *QUICK]) != 0
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_files_are_named(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage\x00\n\x81")
+    with pytest.raises(ValueError, match="bad.csv"):
+        store.read_csv(bad)
+    out = tmp_path / "out"
+    assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) == 0
+    pt = next(out.glob(".partial/*/exact.csv"))
+    pt.write_bytes(b"\x80\x02garbage")
+    assert main(["run", "--model", tiny_dir, "--out", str(out), *[a for a in QUICK if a != "--quiet"]]) == 0
+    assert "exact.csv" in capsys.readouterr().out  # named, and recomputed rather than read
+    (out / "run.json").write_text("{ not json")
+    assert main(["report", str(out)]) != 0
+    assert "run.json" in _one_error(capsys)
+    with pytest.raises(ValueError, match="scores.pt"):
+        garbage = tmp_path / "scores.pt"
+        garbage.write_bytes(b"not a tensor file")
+        store.read_tensors(garbage)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu(tiny_dir, tmp_path, capsys):
+    for cmd in (["run", *QUICK], ["patch", "--task", "repeated_tokens", "--n", "3", "--quiet"]):
+        assert main([*cmd, "--model", tiny_dir, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        line = _one_error(capsys)
+        assert "--device cuda" in line and "--device cpu" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_negative_seed_fails_before_work(tiny_dir, tmp_path, capsys):
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "o"), *QUICK, "--seed", "-1"]) == 2
+    assert "--seed" in _one_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_negative_threshold_is_refused(tiny_dir, tmp_path, capsys):
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "o"), *QUICK, "--threshold", "-1"]) == 2
+    assert "--threshold" in _one_error(capsys)
+
+
+def test_non_boolean_roles_in_yaml(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text('roles: "nope"\n')
+    with pytest.raises(ConfigError, match="'roles' must be true or false"):
+        build_configs(load_config_file(config), {})
+    config.write_text("roles: no\nforce: 'yes'\n")
+    cfg, = build_configs(load_config_file(config), {})
+    assert cfg.roles is False and cfg.force is True
+
+
+def test_empty_config_file_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config_file(empty)
+    assert main(["run", "--config", str(empty)]) == 2
+    assert "empty.yaml" in _one_error(capsys)
+
+
+def test_sweep_errors_name_the_run(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"model: {tiny_dir}\nruns:\n  - out: {tmp_path / 'a'}\n  - out: {tmp_path / 'b'}\n"
+                      "    method: magic\n")
+    with pytest.raises(ConfigError, match=r"runs\[1\] \(out .*b\): unknown method 'magic'"):
+        build_configs(load_config_file(config), {})
+    config.write_text(f"task: repeated_tokens\nn: 4\nn_boot: 20\npercents: '10,100'\nmethod: activation\n"
+                      f"resid_positions: none\nroles: false\ntask_options: {{seq_len: 4}}\nruns:\n"
+                      f"  - {{out: {tmp_path / 'a'}, model: {tiny_dir}}}\n"
+                      f"  - {{out: {tmp_path / 'b'}, model: {tmp_path / 'gone'}}}\n")
+    assert main(["run", "--config", str(config), "--quiet"]) != 0
+    line = _one_error(capsys)
+    assert "run 2 of 2" in line and str(tmp_path / "b") in line and "gone" in line
+
+
+_KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from circuitlab.patching import models
+def slow(gguf, target):
+    (Path(target) / "model.safetensors").write_bytes(b"x" * (8 << 20))
+    time.sleep(120)
+models._build_smollm2 = slow
+models.smollm2_cache_dir()
+"""
+
+
+def test_killed_cache_build_leaves_no_hidden_folder(tmp_path, monkeypatch):
+    from circuitlab.patching import models
+
+    env = dict(ENV, CIRCUITLAB_CACHE=str(tmp_path), PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD], env=env)
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".smollm2-135m-*/model.safetensors")):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith(".")]  # the killed build's folder
+
+    def fake(gguf, target):
+        for name in ("config.json", "tokenizer.json"):
+            (Path(target) / name).write_text("{}")
+        (Path(target) / "model.safetensors").write_bytes(b"w" * (1 << 20))
+
+    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_build_smollm2", fake, raising=False)
+    folder = models.smollm2_cache_dir()
+    assert folder.is_dir() and (folder / "model.safetensors").stat().st_size == 1 << 20
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_report_on_a_patch_folder(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["patch", "--task", "repeated_tokens", "--model", tiny_dir, "--n", "3", "--component", "mlp",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text())["outputs"]["scores.csv"]["bytes"] > 0
+    assert main(["report", str(out)]) != 0
+    line = _one_error(capsys)
+    assert "circuitlab patch" in line and "circuitlab run`" not in line.replace("`circuitlab run` discovery", "")
