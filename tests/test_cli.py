@@ -119,9 +119,11 @@ def test_other_methods(tiny_dir, tmp_path, method):
 
 
 def test_acdc_refuses_large_graphs_unless_forced(tiny_dir, tmp_path, monkeypatch, capsys):
-    import circuitlab.reports.run as run_module
+    import dataclasses
 
-    monkeypatch.setattr(run_module, "ACDC_EDGE_LIMIT", 10)
+    from circuitlab.graphs.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "acdc", dataclasses.replace(METHODS["acdc"], max_edges=10))
     args = ["run", "--model", tiny_dir, "--out", str(tmp_path / "a"), "--method", "acdc", "--quiet", *FAST]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
