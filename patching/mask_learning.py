@@ -167,11 +167,11 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
             with torch.no_grad():
                 log_alpha.clamp_(-10.0, 10.0)
             f = float((values.detach().mean() - sub.corrupt_values.mean()) / gap)
-            history.append({"step": step, "loss": float(loss), "faithfulness_sample": f,
-                            "expected_size": float(expected), "lambda": lam})
+            history.append({"step": step, "loss": float(loss.detach()), "faithfulness_sample": f,
+                            "expected_size": float(expected.detach()), "lambda": lam})
             if log is not None and (step % 25 == 0 or step == cfg.steps - 1):
-                log(f"  step {step}: loss {float(loss):.4f}, sampled faithfulness {f:.3f}, "
-                    f"expected size {float(expected):.1f}/{n}")
+                log(f"  step {step}: loss {float(loss.detach()):.4f}, sampled faithfulness {f:.3f}, "
+                    f"expected size {float(expected.detach()):.1f}/{n}")
     final = log_alpha.detach().clone()
     return MaskResult(cfg.level, items, final, keep_probability(final, cfg), final > 0, history,
                       time.time() - started)
