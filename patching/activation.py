@@ -104,8 +104,15 @@ def _check_pairs(pairs: Any) -> None:
         raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
                          "patching needs aligned prompts")
     mask = getattr(pairs, "attention_mask", None)
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError("padded prompts are not supported by the patching engine yet: generate prompts of one length")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
+
+
+def _check_padding(runner: Runner, pairs: Any) -> None:
+    """Right padding is exact for causal models: no real position attends to a later (pad) one."""
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not runner.causal and not bool(mask.bool().all()):
+        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
 
 
 def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
@@ -133,6 +140,7 @@ def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
     """Run the clean and corrupted prompts once, caching what later partial runs need."""
     _check_pairs(pairs)
     runner = runner or Runner(model)
+    _check_padding(runner, pairs)
     collect = tuple(collect)
     with torch.no_grad():
         clean = runner.full_run(pairs.clean_tokens, collect=collect)
