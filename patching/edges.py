@@ -274,11 +274,10 @@ class EdgeContext:
 
 def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
     """Run clean and corrupted prompts in graph form once."""
-    from circuitlab.patching.activation import _check_padding, _check_pairs
+    from circuitlab.patching.activation import _check_pairs
 
-    _check_pairs(pairs)
     edge_runner = EdgeRunner(model, runner)
-    _check_padding(edge_runner.runner, pairs)
+    _check_pairs(pairs, edge_runner.runner)
     read = task.read_positions(pairs)
     with torch.no_grad():
         clean, clean_final, _ = edge_runner.plain(pairs.clean_tokens)
