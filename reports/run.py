@@ -262,6 +262,23 @@ def build_circuit(p: Pipeline) -> Any:
 
 # ---------------------------------------------------------------------- the run
 
+def _check_dataset(cfg: RunConfig, task: Any) -> Any:
+    """For a dataset-file task: load the model and tokenize every row now, so bad data is one clear error
+    before anything is written. Returns the loaded model (None for built-in tasks)."""
+    from circuitlab.tasks.custom import RecordsTask
+
+    if not isinstance(task, RecordsTask):
+        return None
+    from circuitlab.patching.models import load_model
+
+    model = load_model(cfg.model, device=cfg.device)
+    try:
+        task.generate(model, cfg.n, seed=cfg.seed, **dict(cfg.task_options))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return model
+
+
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
     from circuitlab.reports.config import resolve_threads
@@ -279,14 +296,17 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     from circuitlab.tasks import get_task
 
     started = time.time()
+    task = get_task(cfg.task)
+    model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
     out = store.check_writable(cfg.out)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    task = get_task(cfg.task)
     result = RunResult(cfg, task={"name": task.name, "description": getattr(task, "description", ""),
                                   "metric": getattr(task, "metric_name", ""), "roles": list(getattr(task, "roles", ()))})
-    p = Pipeline(cfg, result, StageCache(out, cfg.result_key()), say, progress=not quiet, task=task)
+    p = Pipeline(cfg, result, StageCache(out, cfg.result_key()), say, progress=not quiet, task=task, _model=model)
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
     p.stage("pairs", _pairs)
+    if getattr(task, "metric_name", "") == "kl" and hasattr(task, "attach_reference"):
+        task.attach_reference(p.model(), result.pairs)  # the clean distributions are not saved
     say(f"  {len(result.pairs)} pairs of {result.pairs.seq_len} tokens, e.g. {result.pairs.clean_texts[0]!r} -> "
         f"{result.pairs.corrupt_texts[0]!r}")
     limit, n_edges = get_method(cfg.method).max_edges, p.graph().n_edges
