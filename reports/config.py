@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("eap-ig", "eap", "acdc", "activation", "attribution")
-EDGE_METHODS = ("eap-ig", "eap", "attribution", "acdc")
-ACDC_EDGE_LIMIT = 5000
+from circuitlab.graphs.methods import METHOD_NAMES as METHODS  # the one registry (graphs.methods)
 
 
 class ConfigError(ValueError):
@@ -151,6 +149,8 @@ def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> li
         merged = dict(entry)
         merged.update({k: v for k, v in cli_values.items() if v is not None})
         try:
+            if merged.get("n") is None and _dataset_rows(merged.get("task")) is not None:
+                merged["n"] = _dataset_rows(merged.get("task"))  # a dataset file: every row unless --n says fewer
             configs.append(make_config(merged))
         except ConfigError as exc:
             if not runs:
@@ -161,6 +161,18 @@ def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> li
     if len(set(outs)) != len(outs):
         raise ConfigError("a sweep's runs need distinct 'out' directories (each run writes its own)")
     return configs
+
+
+def _dataset_rows(task: Any) -> int | None:
+    """How many rows a `--task` dataset file holds (None for built-in task names)."""
+    from circuitlab.tasks.custom import load_task, looks_like_path
+
+    if not isinstance(task, str) or not looks_like_path(task):
+        return None
+    try:
+        return len(load_task(task).records)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:
@@ -215,8 +227,12 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    from circuitlab.graphs.methods import get_method
+
+    try:
+        get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         task = get_task(cfg.task)
     except ValueError as exc:

@@ -1,10 +1,7 @@
-"""Atomic file writes and the stage cache that lets an interrupted run resume.
-
-Every output file is written to a temporary sibling and renamed into place, so a reader (or a rerun) never
-sees half a file. Stage results live in `.partial/<resume key>/<stage>.*` (in the staging folder while a run
-works, inside the finished folder after); each stage's `.done` marker lists its files with size and SHA-256,
-and a saved stage whose files no longer match is recomputed, never resumed from. The resume key covers the
-resolved config, the model's weights, the task's prompt pairs and the code version (`resume_key`).
+"""Atomic file writes: every output file is written to a temporary sibling and renamed into place, so a
+reader (or a rerun) never sees half a file. Also the resume key (config, model weights, prompt pairs, code
+version) and file records (size and SHA-256) that let a run folder and its saved stages be verified.
+Stage results live under `.partial/<resume key>/` (`reports.save.StageCache`).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import torch
 
 PARTIAL = ".partial"
 _UMASK = os.umask(0)
@@ -37,6 +33,16 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_with(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write a file atomically with `write(tmp_path)` (any writer that takes a path)."""
+    return _atomic(Path(path), lambda tmp: write(tmp))
+
+
+def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
+    """Write a DataFrame as Parquet atomically (dtypes round-trip: bools stay bools)."""
+    return _atomic(Path(path), lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -74,13 +80,15 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
     return _atomic(Path(path), lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a CSV written by `write_csv` (empty strings stay empty strings); errors name the file."""
+def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a Parquet table; errors name the file."""
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False).pipe(_fill_text)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
-        raise ValueError(f"{path} is not a readable CSV table ({' '.join(str(exc).split())}); delete it and rerun "
-                         "the command that wrote it") from None
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises its own types for a damaged file
+        raise ValueError(f"{path} is not a readable Parquet table ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); delete it and rerun the command that wrote it") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -89,28 +97,6 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun the command that wrote it") from None
-
-
-def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a tensor file written by `StageCache.save_tensors`; errors name the file."""
-    try:
-        return torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise ValueError(f"{path} is not a readable tensor file ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:200]}); delete it and rerun") from None
-
-
-TEXT_COLUMNS = ("component", "node", "role", "edge", "sender", "receiver", "channel", "method", "evidence",
-                "selection", "direction", "source")
-
-
-def _fill_text(frame: pd.DataFrame) -> pd.DataFrame:
-    for col in frame.columns:
-        if col in TEXT_COLUMNS or frame[col].dtype == object:
-            frame[col] = frame[col].fillna("").astype(str)
-    return frame
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -158,80 +144,3 @@ def describe_stale(partial: Path, parts: dict[str, str]) -> list[str]:
         changed = [names[k] for k in names if old.get(k) != parts.get(k)] if old else ["(unrecorded key)"]
         reasons.append(f"saved work in {folder} differs in {', '.join(changed)}")
     return reasons
-
-
-class StageCache:
-    """Saved stage results of one run under `<folder>/.partial/<key>/`; each stage's files are verified."""
-
-    def __init__(self, folder: str | os.PathLike[str], key: str) -> None:
-        self.root = Path(folder) / PARTIAL / key
-        self._written: list[Path] = []
-        self.problems: dict[str, str] = {}
-
-    def path(self, stage: str, suffix: str) -> Path:
-        return self.root / f"{stage}{suffix}"
-
-    def has(self, stage: str) -> bool:
-        """True when the stage finished and every file it saved still matches its size and SHA-256."""
-        done = self.path(stage, ".done")
-        if not done.is_file():
-            return False
-        try:
-            files = json.loads(done.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            self.problems[stage] = f"{done} is unreadable or has no file list"
-            done.unlink(missing_ok=True)
-            return False
-        for name, expected in files.items():
-            path = self.root / name
-            problem = None
-            if not path.is_file():
-                problem = f"{path} is missing"
-            elif path.stat().st_size != expected.get("bytes"):
-                problem = f"{path} has {path.stat().st_size} bytes, its record says {expected.get('bytes')}"
-            elif file_record(path)["sha256"] != expected.get("sha256"):
-                problem = f"{path} does not match its recorded SHA-256"
-            if problem:
-                self.problems[stage] = problem
-                done.unlink(missing_ok=True)
-                return False
-        return True
-
-    def mark(self, stage: str, seconds: float) -> None:
-        """Record the stage as done, with size and SHA-256 of every file it saved."""
-        files = {p.name: file_record(p) for p in dict.fromkeys(self._written)}
-        self._written = []
-        write_json(self.path(stage, ".done"), {"seconds": seconds, "files": files})
-
-    def seconds(self, stage: str) -> float:
-        try:
-            return float(json.loads(self.path(stage, ".done").read_text())["seconds"])
-        except (OSError, ValueError, KeyError):
-            return float("nan")
-
-    def _wrote(self, path: Path) -> None:
-        self._written.append(path)
-
-    def save_tensors(self, stage: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._wrote(_atomic(self.path(stage, ".pt"), lambda tmp: torch.save(tensors, tmp)))
-
-    def load_tensors(self, stage: str) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path(stage, ".pt"))
-
-    def save_frame(self, stage: str, frame: pd.DataFrame, name: str = "") -> None:
-        self._wrote(write_csv(self.path(stage + name, ".csv"), frame))
-
-    def load_frame(self, stage: str, name: str = "") -> pd.DataFrame:
-        return read_csv(self.path(stage + name, ".csv"))
-
-    def save_json(self, stage: str, data: Any) -> None:
-        self._wrote(write_json(self.path(stage, ".json"), data))
-
-    def load_json(self, stage: str) -> Any:
-        return read_json(self.path(stage, ".json"))
-
-    def save_file(self, stage: str, suffix: str, write: Callable[[Path], None]) -> Path:
-        """Save a stage file written by `write(tmp_path)` (atomically)."""
-        path = _atomic(self.path(stage, suffix), write)
-        self._wrote(path)
-        return path

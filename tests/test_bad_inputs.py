@@ -16,6 +16,7 @@ from circuitlab.reports import store
 from circuitlab.reports.cli import main
 from circuitlab.reports.config import ConfigError, build_configs, load_config_file
 from tests.conftest import TINY_CONFIG
+from tests.test_run_folder import stage_file
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
@@ -64,23 +65,23 @@ def test_early_error_leaves_no_output_folder(tmp_path, capsys):
 
 
 def test_corrupt_files_are_named(tiny_dir, tmp_path, capsys):
-    bad = tmp_path / "bad.csv"
+    bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"\xff\xfe\x00garbage\x00\n\x81")
-    with pytest.raises(ValueError, match="bad.csv"):
-        store.read_csv(bad)
+    with pytest.raises(ValueError, match="bad.parquet"):
+        store.read_parquet(bad)
     out = tmp_path / "out"
     assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) == 0
-    pt = next(out.glob(".partial/*/exact.csv"))
-    pt.write_bytes(b"\x80\x02garbage")
+    saved = stage_file(out, "exact")
+    saved.write_bytes(b"\x80\x02garbage")
     assert main(["run", "--model", tiny_dir, "--out", str(out), *[a for a in QUICK if a != "--quiet"]]) == 0
-    assert "exact.csv" in capsys.readouterr().out  # named, and recomputed rather than read
+    assert saved.name in capsys.readouterr().out  # named, and recomputed rather than read
     (out / "run.json").write_text("{ not json")
     assert main(["report", str(out)]) != 0
     assert "run.json" in _one_error(capsys)
-    with pytest.raises(ValueError, match="scores.pt"):
-        garbage = tmp_path / "scores.pt"
-        garbage.write_bytes(b"not a tensor file")
-        store.read_tensors(garbage)
+    garbage = tmp_path / "model.json"
+    garbage.write_text("{ cut")
+    with pytest.raises(ValueError, match="model.json"):
+        store.read_json(garbage)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -180,7 +181,7 @@ def test_report_on_a_patch_folder(tiny_dir, tmp_path, capsys):
     out = tmp_path / "p"
     assert main(["patch", "--task", "repeated_tokens", "--model", tiny_dir, "--n", "3", "--component", "mlp",
                  "--out", str(out), "--quiet"]) == 0
-    assert json.loads((out / "run.json").read_text())["outputs"]["scores.csv"]["bytes"] > 0
     assert main(["report", str(out)]) != 0
     line = _one_error(capsys)
     assert "circuitlab patch" in line and "circuitlab run`" not in line.replace("`circuitlab run` discovery", "")
+    assert json.loads((out / "run.json").read_text())["outputs"]["scores.csv"]["bytes"] > 0

@@ -1,0 +1,76 @@
+"""What a `circuitlab run` may reuse: the resume key and the stage cache it opens.
+
+The key hashes four parts: the resolved config (`RunConfig.result_key`, every option that changes results),
+the model's weight hash (from the loaded weights, so a model re-saved at the same path does not match), the
+task's prompt pairs (hashed as generated, so changed task code, data files or tokenizers do not match) and
+circuitlab's code version. Saved stages under another key are discarded, and the run says which part differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from circuitlab.reports import rundir, store
+
+
+def generate_pairs(p: Any) -> Any:
+    """The run's prompt pairs, after checking that `--n` fits the memory budget and the free memory (one pair
+    is generated first to learn the prompt length; nothing of size n is allocated before the check)."""
+    cfg, model = p.cfg, p.model()
+    options = dict(cfg.task_options, **({"corruption": cfg.corruption} if cfg.corruption is not None else {}))
+    sample = p.task.generate(model, 1, seed=cfg.seed, **options)
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    senders = 1 + n_layers * n_heads + (0 if getattr(model.cfg, "attn_only", False) else n_layers)
+    per_pair = 2 * 4 * sample.seq_len * senders * int(model.cfg.d_model)
+    rundir.check_n(cfg.n, per_pair, cfg.memory_budget,
+                   f"the clean and corrupt activations of {senders} graph nodes at {sample.seq_len} positions")
+    p.say(f"[pairs] generating {cfg.n} prompt pairs ...")
+    start = time.time()
+    pairs = p.task.generate(model, cfg.n, seed=cfg.seed, **options)
+    p.result.timings["generate"] = round(time.time() - start, 3)
+    return pairs
+
+
+def pairs_hash(pairs: Any) -> str:
+    """SHA-256 (16 hex digits) of the pairs as saved to JSONL."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs.save_jsonl(Path(tmp) / "pairs.jsonl")
+        return hashlib.sha256((Path(tmp) / "pairs.jsonl").read_bytes()).hexdigest()[:16]
+
+
+def key_parts(cfg: Any, model: Any, pairs: Any) -> dict[str, str]:
+    """The four parts of the resume key."""
+    from circuitlab.patching.models import weight_hash
+
+    return {"config": cfg.result_key(), "model": weight_hash(model), "task": pairs_hash(pairs),
+            "code": store.code_version()}
+
+
+def open_cache(out: Path, parts: dict[str, str], say: Any) -> tuple[Any, list[str]]:
+    """The stage cache for this key in the staging folder of `out`: saved stages of a failed run with the same
+    key (kept in the staging folder), else those of the finished result in `out`; anything else is discarded.
+    Returns the cache and why older saved work was not reused."""
+    from circuitlab.reports.save import StageCache
+
+    key = store.resume_key(parts)
+    staging = rundir.staging_path(out)
+    reasons: list[str] = []
+    if not (staging / store.PARTIAL / key).is_dir() and not (out / store.PARTIAL / key).is_dir():
+        reasons = (store.describe_stale(staging / store.PARTIAL, parts)
+                   + store.describe_stale(out / store.PARTIAL, parts))
+        if reasons:
+            say(f"starting fresh: {'; '.join(reasons)}")
+    staging = rundir.fresh_staging(out, keep=key)
+    if not (staging / store.PARTIAL / key).is_dir() and (out / store.PARTIAL / key).is_dir():
+        shutil.copytree(out / store.PARTIAL / key, staging / store.PARTIAL / key)
+    cache = StageCache(staging, key)
+    store.write_json(cache.root / store.KEY_FILE, parts)
+    return cache, reasons
+
+
+__all__ = ["generate_pairs", "key_parts", "open_cache", "pairs_hash"]
