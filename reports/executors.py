@@ -59,6 +59,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    cell_function: Callable[[Cell], CellOutcome] = staticmethod(_ray_cell)
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int = 200,
                  max_retries: int = 1) -> None:
@@ -67,8 +68,10 @@ class RayExecutor:
         self.object_store_mb = object_store_mb
         self.max_retries = max_retries
         self._owned = False
+        self._depth = 0  # nested `with` blocks (a sweep inside a caller's block) share one Ray
 
     def __enter__(self) -> RayExecutor:
+        self._depth += 1
         try:
             import ray
         except ImportError:
@@ -87,7 +90,8 @@ class RayExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._owned:
+        self._depth -= 1
+        if self._owned and self._depth == 0:
             import ray
 
             ray.shutdown()
@@ -97,7 +101,7 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayError
 
-        remote = ray.remote(_ray_cell)
+        remote = ray.remote(type(self).cell_function)
         pending = {remote.options(**_ray_options(cell.resources, self.max_retries)).remote(cell): i
                    for i, cell in enumerate(cells)}
         try:

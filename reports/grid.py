@@ -270,3 +270,33 @@ def write_table(out: Path, table: pd.DataFrame) -> None:
     """sweep.parquet and sweep.csv, atomically."""
     store.write_csv(out / "sweep.csv", table)
     store._atomic(out / "sweep.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+
+
+# ---------------------------------------------------------------------- command line
+
+def add_sweep_parser(subparsers: Any) -> Any:
+    """Register `circuitlab sweep CONFIG --out DIR` on the CLI's subparsers."""
+    p = subparsers.add_parser("sweep", help="a grid of runs (models x tasks x methods x ...), sequential or on Ray")
+    p.add_argument("config", help="YAML/JSON sweep file (grid, options, resources; see README)")
+    p.add_argument("--out", required=True, help="sweep folder: cells/, sweep.parquet/.csv, summary.md/.html")
+    p.add_argument("--executor", default="sequential", help="sequential (default, in this process) or ray")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS; implies ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.add_argument("--force", action="store_true", help="rerun every cell, finished ones too")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_sweep)
+    return p
+
+
+def _cmd_sweep(args: Any) -> int:
+    from circuitlab.reports.executors import make_executor
+
+    address = args.address or (os.environ.get("RAY_ADDRESS") if args.executor == "ray" else None)
+    spec = SweepSpec.load(args.config)
+    executor = make_executor(args.executor, address=address, num_cpus=args.num_cpus)
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    result = run_sweep(spec, args.out, executor=executor, force=args.force, say=say)
+    counts = result.table["status"].value_counts().to_dict()
+    print(f"sweep: {', '.join(f'{v} {k}' for k, v in counts.items())}; ran {len(result.ran)}, reused "
+          f"{len(result.reused)}; table {result.out / 'sweep.parquet'}; summary {result.out / 'summary.html'}")
+    return 1 if counts.get("failed") else 0
