@@ -18,7 +18,7 @@ from typing import Any, Callable
 from circuitlab.reports.cells import Cell, SkipCell
 
 SMOLLM2_IOI = "smollm2-ioi"
-BENCH_FIELDS = ("model", "method", "counterfactual", "seed", "n", "circuit", "task")
+BENCH_FIELDS = ("model", "method", "counterfactual", "seed", "n", "ioi_n", "circuit", "task")
 
 
 def _bench_options() -> tuple[str, ...]:
@@ -54,6 +54,9 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         if unknown:
             raise ConfigError(f"{where}: unknown bench option(s) {unknown}; known: {', '.join(sorted(known))}")
         resolved = {"counterfactual": "task", "seed": 0, "n": 32, "circuit": None, "task": None, **params}
+        if str(resolved.get("model")) == SMOLLM2_IOI:  # SmolLM2 IOI has its own pair count (`ioi_n`, default 8)
+            resolved["n"] = int(resolved.pop("ioi_n", 8))
+        resolved.pop("ioi_n", None)
         if "model" not in params or "method" not in params:
             raise ConfigError(f"{where}: a bench cell needs a model and a method")
         if resolved["method"] not in METHODS:

@@ -116,3 +116,18 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path):
     assert set(result.table["status"]) == {"done"} and len(result.table) == 4
     for name, stamp in finished.items():  # the finished cells were not rewritten
         assert json.loads((out / "cells" / name / "cell.json").read_text())["finished"] == stamp
+
+
+def test_bench_methods_is_the_committed_sweep_file():
+    import argparse
+
+    from circuitlab.reports.bench import add_bench_parser, config_from_args, sweep_spec
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    spec = sweep_spec(config_from_args(parser.parse_args(["bench", "methods"])))
+    committed = SweepSpec.load(REPO / "bench" / "methods.yaml")
+    assert spec.to_dict() == committed.to_dict()
+    cells = committed.cells()
+    assert len(cells) == 4 * 3 * 5 + 5
+    assert {c.params["n"] for c in cells if c.params["model"] == "smollm2-ioi"} == {8}

@@ -63,3 +63,31 @@ def test_ray_sweep_equals_sequential_and_retries_dying_workers(local_ray, tmp_pa
     dying.run_cells([Cell("bench", {"model": "induction_handwired", "method": "eap"})],
                     lambda i, outcome: outcomes.setdefault(i, outcome))
     assert outcomes[0].status == "failed" and "2 attempts" in outcomes[0].error
+
+
+@pytest.mark.slow
+def test_sharded_head_position_sweep_on_smollm2_equals_one_process(local_ray, smollm2):
+    import torch
+
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.shard import sharded_activation_patching
+    from circuitlab.tasks import get_task
+
+    task = get_task("ioi")
+    pairs = task.generate(smollm2, 2, seed=0)
+    layers = [26, 27, 28, 29]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = activation_patching(smollm2, task, pairs, "z", positions="each", layers=layers, config=PatchingConfig())
+    finally:
+        torch.set_num_threads(previous)
+    sharded = sharded_activation_patching("smollm2-135m", task, pairs, "z", positions="each", layers=layers,
+                                          n_shards=2, map_fn=local_ray.map)
+    assert len(one) == len(layers) * 9 * pairs.clean_tokens.shape[1] == len(sharded)
+    keys = ["layer", "head", "position", "role"]
+    assert sharded[keys].values.tolist() == one[keys].values.tolist()
+    assert (sharded["metric"] - one["metric"]).abs().max() <= 1e-6
+    assert (sharded["effect"] - one["effect"]).abs().max() <= 1e-6
+    assert abs(sharded.attrs["clean_metric"] - one.attrs["clean_metric"]) <= 1e-6
+    assert one["effect"].abs().max() > 0.01  # the sweep measures something
