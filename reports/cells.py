@@ -80,15 +80,18 @@ class CellOutcome:
 
 # ---------------------------------------------------------------------- content address
 
+CODE_FOLDERS = ("patching", "tasks", "graphs", "reports")
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 (16 hex) over every Python source file of the package: any code change re-addresses every cell."""
+    """sha256 (16 hex) over the package's Python sources: any code change re-addresses every cell."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
-        rel = path.relative_to(PACKAGE_ROOT)
-        if rel.parts[0] in ("tests", "bench", ".venv", "build") or any(p.startswith(".") for p in rel.parts):
-            continue
-        digest.update(str(rel).encode())
+    files = sorted(PACKAGE_ROOT.glob("*.py"))
+    for folder in CODE_FOLDERS:
+        files += sorted((PACKAGE_ROOT / folder).rglob("*.py"))
+    for path in files:
+        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

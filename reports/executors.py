@@ -83,6 +83,8 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, configure_logging=False, log_to_driver=False)
             else:
+                # Ray nices its workers (15) by default; a local sweep should get the priority an in-process one gets.
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          object_store_memory=self.object_store_mb * 2**20, configure_logging=False,
                          log_to_driver=False)

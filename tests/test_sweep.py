@@ -131,3 +131,31 @@ def test_bench_methods_is_the_committed_sweep_file():
     cells = committed.cells()
     assert len(cells) == 4 * 3 * 5 + 5
     assert {c.params["n"] for c in cells if c.params["model"] == "smollm2-ioi"} == {8}
+
+
+def test_cli_run_sweep_cells_are_ordinary_run_folders(tmp_path, capsys):
+    from circuitlab.patching.models import boot_native_model, save_model
+    from circuitlab.reports.cli import main
+    from tests.conftest import TINY_CONFIG
+
+    model = tmp_path / "tiny"
+    save_model(boot_native_model(TINY_CONFIG), model)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"grid:\n  model: [{model}]\n  method: [activation]\n  seed: [0, 1]\n"
+                      "options: {task: repeated_tokens, n: 6, task_options: {seq_len: 5}, n_boot: 50, "
+                      "percents: '1,10,50,100', oracle_edges: 20, roles: false, resid_positions: none}\n")
+    assert main(["sweep", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "ran 2, reused 0" in capsys.readouterr().out
+    table = pd.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"done"} and set(table["seed"]) == {0, 1}
+    assert pd.read_csv(tmp_path / "out" / "sweep.csv")["cpr"].tolist() == pytest.approx(table["cpr"].tolist())
+    for name in table["cell"]:
+        folder = tmp_path / "out" / "cells" / name
+        assert {"run.json", "scores.csv", "report.html", "circuit.json", "cell.json"} <= {p.name for p in folder.iterdir()}
+        run = json.loads((folder / "run.json").read_text())
+        assert run["faithfulness"]["cpr"] == pytest.approx(table.set_index("cell").loc[name, "cpr"])
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| activation |" in summary and "(n=2)" in summary  # mean over the two seeds with its interval
+    assert "<table>" in (tmp_path / "out" / "summary.html").read_text()
+    assert main(["sweep", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "ran 0, reused 2" in capsys.readouterr().out
