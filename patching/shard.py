@@ -1,8 +1,9 @@
-"""Sharding one activation-patching sweep (e.g. head × position) across workers, each with its own model copy.
+"""Sharding one large sweep across workers, each with its own model copy: an activation-patching sweep (e.g.
+head × position) or the exact scores of many edges (the edge oracle).
 
-A sweep is split by layers: the engine groups and chunks patches per (layer, start position), so a shard
-holding some layers runs exactly the batched forwards that one process would run for those layers, and the
-merged table equals the single-process one. Workers are reached through any `map(fn, items)` (an executor's
+Both are split by layer: the engine groups and chunks patches per (layer, start position) and edges per
+receiver (layer, channel), so a shard holding some layers runs exactly the batched forwards that one process
+would run for those layers, and the merged result equals the single-process one. Workers are reached through any `map(fn, items)` (an executor's
 `map`, e.g. `reports.executors.RayExecutor().map`; the builtin sequential map by default), so this module
 knows nothing about Ray.
 """
@@ -107,4 +108,66 @@ def sharded_activation_patching(model: str, task: Any, pairs: Any, component: st
     return merge_shards(results)
 
 
-__all__ = ["PatchShard", "split_layers", "run_shard", "merge_shards", "sharded_activation_patching"]
+@dataclass(frozen=True)
+class EdgeShard:
+    """One worker's share of an exact edge scoring: the model to load, task, pairs and its edges (names)."""
+
+    model: str
+    task: Any
+    pairs: Any
+    edges: tuple[str, ...]
+    chunk_size: int = 16
+    device: str = "cpu"
+    threads: int = 1
+
+
+def _receiver_layer(edge: str) -> int:
+    from circuitlab.patching.components import parse_edge, parse_node
+
+    node = parse_node(parse_edge(edge)[1])
+    return 1 << 30 if node.layer is None else int(node.layer)  # logits read after the last layer
+
+
+def split_edges(edges: Sequence[str], n_shards: int) -> list[list[int]]:
+    """Indices into `edges`, grouped so each receiver layer stays in one shard (order kept within a shard)."""
+    layer_of = [_receiver_layer(e) for e in edges]
+    parts = split_layers(sorted(set(layer_of)), n_shards)
+    return [[i for i, layer in enumerate(layer_of) if layer in set(part)] for part in parts]
+
+
+def run_edge_shard(shard: EdgeShard) -> Any:
+    """Load the model and score this shard's edges exactly (`attribution.exact_edge_scores`); runs in a worker."""
+    import torch
+
+    from circuitlab.patching.attribution import exact_edge_scores
+    from circuitlab.patching.edges import prepare_edges
+    from circuitlab.patching.models import load_model
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(shard.threads)
+    try:
+        model = load_model(shard.model, device=shard.device)
+        ctx = prepare_edges(model, shard.task, shard.pairs)
+        return exact_edge_scores(ctx, list(shard.edges), chunk_size=shard.chunk_size).cpu()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sharded_exact_edge_scores(model: str, task: Any, pairs: Any, edges: Sequence[str], *, n_shards: int = 2,
+                              map_fn: MapFn | None = None, chunk_size: int = 16, device: str = "cpu",
+                              threads: int = 1) -> Any:
+    """`attribution.exact_edge_scores` for many edges (names), split over `n_shards` workers by receiver layer."""
+    import torch
+
+    edges = list(edges)
+    groups = split_edges(edges, n_shards)
+    shards = [EdgeShard(model, task, pairs, tuple(edges[i] for i in g), chunk_size, device, threads) for g in groups]
+    results = (map_fn or (lambda fn, items: [fn(x) for x in items]))(run_edge_shard, shards)
+    out = torch.empty(len(edges))
+    for group, values in zip(groups, results):
+        out[torch.tensor(group, dtype=torch.long)] = values.to(out.dtype)
+    return out
+
+
+__all__ = ["PatchShard", "EdgeShard", "split_layers", "split_edges", "run_shard", "run_edge_shard", "merge_shards",
+           "sharded_activation_patching", "sharded_exact_edge_scores"]
