@@ -136,13 +136,19 @@ def model_fingerprint(model: str) -> str:
 
 
 def cell_key(cell: Cell) -> str:
-    """The cell's content address: resolved parameters + code version + model weight hash (16 hex)."""
+    """The cell's content address: resolved parameters + code version + model weight hash + the content of
+    input files named by parameters (16 hex)."""
     model = str(cell.params.get("model", ""))
     try:
         weights = model_fingerprint(model) if model else ""
     except (OSError, ValueError) as exc:  # the cell will fail when it runs; its key still must be stable
         weights = f"unreadable:{type(exc).__name__}"
-    data = {**cell.resolved(), "code": code_version(), "weights": weights}
+    files = {}  # input files named by a parameter (a task dataset, a circuit, a task spec): their content counts
+    for name, value in sorted(cell.params.items()):
+        if name != "model" and isinstance(value, str) and value and Path(value).expanduser().is_file():
+            path = Path(value).expanduser()
+            files[name] = _files_hash(str(path.parent), ((path.name, path.stat().st_size, path.stat().st_mtime_ns),))
+    data = {**cell.resolved(), "code": code_version(), "weights": weights, "files": files}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -56,6 +56,12 @@ def test_cell_key_follows_params_threads_and_weights(tmp_path):
     data[-1] ^= 1
     (model / "model.safetensors").write_bytes(bytes(data))
     assert cell_key(cell) != key
+    task = tmp_path / "task.json"
+    shutil.copy(MODELS_DIR / "planted_marker" / "task.json", task)
+    with_task = Cell("bench", {**cell.params, "task": str(task)})
+    before = cell_key(with_task)
+    task.write_text(task.read_text().replace("}", " }", 1))
+    assert cell_key(with_task) != before  # a named input file's content is part of the address
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path):
