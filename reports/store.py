@@ -144,3 +144,19 @@ def describe_stale(partial: Path, parts: dict[str, str]) -> list[str]:
         changed = [names[k] for k in names if old.get(k) != parts.get(k)] if old else ["(unrecorded key)"]
         reasons.append(f"saved work in {folder} differs in {', '.join(changed)}")
     return reasons
+
+
+def check_writable(directory: str | os.PathLike[str]) -> Path:
+    """Create the output directory and prove it is writable; raise a clear error otherwise."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        from circuitlab.reports.config import ConfigError
+
+        raise ConfigError(f"cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
+                          "choose another --out") from None
+    return directory
