@@ -199,6 +199,9 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     if kind in ("resid_mid", "mlp_out") and runner.attn_only:
         raise ValueError(f"{kind} does not exist in an attention-only model")
+    if kind == "resid_mid" and runner.parallel:
+        raise ValueError("resid_mid does not exist in a parallel-block model (attention and MLP both read "
+                         "resid_pre): patch resid_pre, attn_out or mlp_out")
     if kind in RESID_KINDS or kind in BLOCK_OUT_KINDS:
         head_list: list[int | None] = [None]
         if heads is not None:

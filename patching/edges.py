@@ -3,8 +3,10 @@
 Nodes are `input`, `a{l}.h{h}`, `m{l}` and `logits` (ACDC / EAP-IG / MIB names). A sender's output is its
 own contribution to the residual stream: the embeddings for `input`, `z_h @ W_O[h]` for a head (the
 attention bias b_O belongs to no head), the MLP's output. Receivers read their own copy of the residual
-stream: every head's query (`<q>`), every key/value head's key and value (`<k>`, `<v>`; with grouped-query
-attention the receiver index in `a{l}.h{g}<k>` is the key/value head g), every MLP, and the logits.
+stream: every head's query, key and value (`<q>`, `<k>`, `<v>`), every MLP, and the logits. With grouped-query
+attention, `a{l}.h{h}<k>` is the key *as query head h reads it*: every query head has its own copy of its
+group's key/value input, so a k/v edge belongs to exactly one query-head node (the convention of EAP-IG and
+MIB files, and the one the circuit builder, ACDC, path patching and MIB import/export use).
 
 Edge patching: receiver v reads `sum_u c_uv * a_u + (1 - c_uv) * a_u^corrupt` (plus biases), where `a_u` is
 sender u's output in the same forward pass and c_uv is the edge's mask (1 = in the circuit). With every
@@ -32,8 +34,9 @@ class ComputationalGraph:
     def __init__(self, n_layers: int, n_heads: int, n_kv: int, attn_only: bool = False, parallel: bool = False):
         self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
         self.attn_only, self.parallel = attn_only, parallel
+        self.group = n_heads // n_kv
         self.send_stride = n_heads + (0 if attn_only else 1)
-        self.recv_stride = n_heads + 2 * n_kv + (0 if attn_only else 1)
+        self.recv_stride = 3 * n_heads + (0 if attn_only else 1)
         self.sender_names: list[str] = ["input"]
         self.sender_layer: list[float] = [-1.0]
         for layer in range(n_layers):
@@ -45,11 +48,9 @@ class ComputationalGraph:
         self.receiver_names: list[str] = []  # the receiving node
         self.receiver_channels: list[str] = []
         for layer in range(n_layers):
-            self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
-            self.receiver_channels += ["q"] * n_heads
-            for channel in ("k", "v"):
-                self.receiver_names += [head_node(layer, g) for g in range(n_kv)]
-                self.receiver_channels += [channel] * n_kv
+            for channel in ("q", "k", "v"):
+                self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
+                self.receiver_channels += [channel] * n_heads
             if not attn_only:
                 self.receiver_names.append(mlp_node(layer))
                 self.receiver_channels.append("resid")
@@ -73,6 +74,23 @@ class ComputationalGraph:
         return cls(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, bool(cfg.attn_only),
                    bool(getattr(cfg, "parallel_attn_mlp", False)))
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
+        """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
+        `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
+        return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),
+                   bool(meta.get("attn_only", False)), bool(meta.get("parallel_attn_mlp", False)))
+
+    def receiver_info(self, receiver: int) -> tuple[int, str, int]:
+        """(layer, channel, query head) of a receiver; channel `mlp` (head -1) or `logits` (layer n_layers)."""
+        if receiver == self.logits_receiver:
+            return self.n_layers, "logits", -1
+        layer, offset = divmod(receiver, self.recv_stride)
+        if offset >= 3 * self.n_heads:
+            return layer, "mlp", -1
+        channel, head = divmod(offset, self.n_heads)
+        return layer, "qkv"[channel], head
+
     # ------------------------------------------------------------------ index arithmetic
     def head_sender(self, layer: int, head: int) -> int:
         return 1 + layer * self.send_stride + head
@@ -81,12 +99,12 @@ class ComputationalGraph:
         return 1 + layer * self.send_stride + self.n_heads
 
     def attn_receivers(self, layer: int) -> slice:
-        """Receiver indices of layer's q heads, then k and v kv-heads."""
+        """Receiver indices of layer's heads: all queries, then all keys, then all values (per query head)."""
         start = layer * self.recv_stride
-        return slice(start, start + self.n_heads + 2 * self.n_kv)
+        return slice(start, start + 3 * self.n_heads)
 
     def mlp_receiver(self, layer: int) -> int:
-        return layer * self.recv_stride + self.n_heads + 2 * self.n_kv
+        return layer * self.recv_stride + 3 * self.n_heads
 
     @property
     def logits_receiver(self) -> int:
@@ -98,7 +116,7 @@ class ComputationalGraph:
             return self.n_senders
         layer, offset = divmod(receiver, self.recv_stride)
         base = 1 + layer * self.send_stride
-        is_mlp = not self.attn_only and offset == self.n_heads + 2 * self.n_kv
+        is_mlp = not self.attn_only and offset == 3 * self.n_heads
         return base + (self.n_heads if is_mlp and not self.parallel else 0)
 
     @property
@@ -145,15 +163,20 @@ class EdgeRunner:
     def __init__(self, model: Any, runner: Runner | None = None) -> None:
         self.runner = runner or Runner(model)
         self.graph = ComputationalGraph.from_model(model)
+        group = self.graph.group  # per-query-head copies of the key/value weights (grouped-query attention)
+        self.W_K = self.runner.W_K.repeat_interleave(group, dim=1)
+        self.W_V = self.runner.W_V.repeat_interleave(group, dim=1)
+        self.b_K = self.runner.b_K.repeat_interleave(group, dim=1)
+        self.b_V = self.runner.b_V.repeat_interleave(group, dim=1)
 
     def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
-        """Per-receiver inputs [b, p, H + 2K, d_model] to per-head outputs [b, p, H, d_model]."""
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head outputs [b, p, H, d_model]."""
         r, g = self.runner, self.graph
         xn = r.ln1[layer](x)
-        xq, xk, xv = xn.split([g.n_heads, g.n_kv, g.n_kv], dim=2)
+        xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
         q = torch.einsum("bphm,hmd->bphd", xq, r.W_Q[layer]) + r.b_Q[layer]
-        k = torch.einsum("bphm,hmd->bphd", xk, r.W_K[layer]) + r.b_K[layer]
-        v = torch.einsum("bphm,hmd->bphd", xv, r.W_V[layer]) + r.b_V[layer]
+        k = torch.einsum("bphm,hmd->bphd", xk, self.W_K[layer]) + self.b_K[layer]
+        v = torch.einsum("bphm,hmd->bphd", xv, self.W_V[layer]) + self.b_V[layer]
         z = r.attend(layer, q, k, v)
         return r.head_outputs(layer, z)
 
@@ -169,7 +192,7 @@ class EdgeRunner:
         grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
         for layer in range(r.n_layers):
             pre.append(resid)
-            x = resid.unsqueeze(2).expand(batch, seq, g.n_heads + 2 * g.n_kv, dm)
+            x = resid.unsqueeze(2).expand(batch, seq, 3 * g.n_heads, dm)
             if grads is not None:
                 leaf = torch.zeros_like(x, requires_grad=True)
                 grads["attn"].append(leaf)
