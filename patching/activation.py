@@ -98,14 +98,15 @@ class PatchingContext:
         return (value - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
 
 
-def _check_pairs(pairs: Any) -> None:
-    clean, corrupt = pairs.clean_tokens, pairs.corrupt_tokens
+def _check_pairs(pairs: Any, runner: Runner) -> None:  # right padding is exact: no real token sees a later pad
+    clean, corrupt, mask = pairs.clean_tokens, pairs.corrupt_tokens, getattr(pairs, "attention_mask", None)
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
                          "patching needs aligned prompts")
-    mask = getattr(pairs, "attention_mask", None)
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError("padded prompts are not supported by the patching engine yet: generate prompts of one length")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
+    if mask is not None and not runner.causal and not bool(mask.bool().all()):
+        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
 
 
 def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
@@ -129,10 +130,10 @@ def _gather_logits(runner: Runner, resid_final: Tensor, read: Tensor, pos0: int 
 
 
 def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
-            collect: Iterable[tuple[str, int]] = ()) -> PatchingContext:
-    """Run the clean and corrupted prompts once, caching what later partial runs need."""
-    _check_pairs(pairs)
+            collect: Iterable[tuple[str, int]] = (), check_gap: bool = True) -> PatchingContext:
+    """Run clean and corrupted prompts once, caching what partial runs need (check_gap: refuse equal metrics)."""
     runner = runner or Runner(model)
+    _check_pairs(pairs, runner)
     collect = tuple(collect)
     with torch.no_grad():
         clean = runner.full_run(pairs.clean_tokens, collect=collect)
@@ -146,7 +147,7 @@ def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
         corrupt_at = _gather_logits(runner, corrupt.resid_final, read)
         m_clean = _metric_values(task, pairs, clean_at).mean().item()
         m_corrupt = _metric_values(task, pairs, corrupt_at).mean().item()
-    if math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
+    if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
         raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
                          "undefined; check the corruption or the task")
     return PatchingContext(runner, task, pairs, clean, corrupt, read, m_clean, m_corrupt, clean_at, corrupt_at,

@@ -214,14 +214,23 @@ def oracle_check(ctx: EdgeContext, scores: Tensor, *, n_edges: int = 200, seed: 
     Half the sample is drawn from the approximate method's top edges by |score|, half uniformly, so that
     the check covers the edges a circuit would be built from as well as the bulk.
     """
-    g = ctx.graph
-    n = min(n_edges, g.n_edges)
+    chosen = oracle_sample(ctx.graph, scores, n_edges=n_edges, seed=seed)
+    exact = exact_edge_scores(ctx, chosen.tolist(), progress=progress)
+    return oracle_frame(ctx.graph, scores, chosen, exact)
+
+
+def oracle_sample(graph: Any, scores: Tensor, *, n_edges: int = 200, seed: int = 0) -> Tensor:
+    """The edges `oracle_check` re-scores: half the top |score|, half drawn uniformly (seeded)."""
+    n = min(n_edges, graph.n_edges)
     generator = torch.Generator().manual_seed(seed)
     top = torch.argsort(scores.abs(), descending=True)[: n // 2]
-    rest = torch.tensor(sorted(set(range(g.n_edges)) - set(top.tolist())), dtype=torch.long)
+    rest = torch.tensor(sorted(set(range(graph.n_edges)) - set(top.tolist())), dtype=torch.long)
     uniform = rest[torch.randperm(len(rest), generator=generator)[: n - len(top)]]
-    chosen = torch.cat([top, uniform])
-    exact = exact_edge_scores(ctx, chosen.tolist(), progress=progress)
-    frame = pd.DataFrame({"edge": [g.edge_names[i] for i in chosen.tolist()],
+    return torch.cat([top, uniform])
+
+
+def oracle_frame(graph: Any, scores: Tensor, chosen: Tensor, exact: Tensor) -> tuple[float, pd.DataFrame]:
+    """Spearman rho of approximate vs exact scores on the sampled edges, and the sample as a table."""
+    frame = pd.DataFrame({"edge": [graph.edge_names[i] for i in chosen.tolist()],
                           "approx": scores[chosen].cpu().numpy(), "exact": exact.cpu().numpy()})
     return spearman(frame["approx"], frame["exact"]), frame

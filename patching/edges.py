@@ -299,8 +299,8 @@ def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = 
     """Run clean and corrupted prompts in graph form once."""
     from circuitlab.patching.activation import _check_pairs
 
-    _check_pairs(pairs)
     edge_runner = EdgeRunner(model, runner)
+    _check_pairs(pairs, edge_runner.runner)
     read = task.read_positions(pairs)
     with torch.no_grad():
         clean, clean_final, _ = edge_runner.plain(pairs.clean_tokens)

@@ -513,6 +513,23 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
     return record
 
 
+def _check_dataset(cfg: RunConfig, task: Any) -> Any:
+    """For a dataset-file task: load the model and tokenize every row now, so bad data is one clear error
+    before anything is written. Returns the loaded model (None for built-in tasks)."""
+    from circuitlab.tasks.custom import RecordsTask
+
+    if not isinstance(task, RecordsTask):
+        return None
+    from circuitlab.patching.models import load_model
+
+    model = load_model(cfg.model, device=cfg.device)
+    try:
+        task.generate(model, cfg.n, seed=cfg.seed, **dict(cfg.task_options))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return model
+
+
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
     from circuitlab.reports.config import resolve_threads
@@ -529,16 +546,20 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     from circuitlab.tasks import get_task
 
     started = time.time()
+    task = get_task(cfg.task)
+    model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
     out = store.check_writable(cfg.out)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    run = Run(cfg, out, store.StageCache(out, cfg.result_key()), say, progress=not quiet)
-    run.task = get_task(cfg.task)
+    run = Run(cfg, out, store.StageCache(out, cfg.result_key()), say, progress=not quiet, model=model)
+    run.task = task
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
 
     run.stage("pairs", lambda: _stage_pairs(run))
     from circuitlab.tasks import PromptPairs
 
     run.pairs = PromptPairs.load_jsonl(run.cache.path("pairs", ".jsonl"))
+    if getattr(run.task, "metric_name", "") == "kl" and hasattr(run.task, "attach_reference"):
+        run.task.attach_reference(run.get_model(), run.pairs)  # the clean distributions are not saved
     say(f"  {len(run.pairs)} pairs of {run.pairs.seq_len} tokens, e.g. {run.pairs.clean_texts[0]!r} -> "
         f"{run.pairs.corrupt_texts[0]!r}")
     meta = run.cache.load_json("model")
