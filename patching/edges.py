@@ -23,9 +23,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
 from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge
-from circuitlab.patching.runner import Runner
+from circuitlab.patching.runner import Runner, RunState
+
+EdgeContext = EngineContext  # the one engine context serves edge methods too
 
 
 class ComputationalGraph:
@@ -180,6 +182,21 @@ class EdgeRunner:
         z = r.attend(layer, q, k, v)
         return r.head_outputs(layer, z)
 
+    def from_run(self, state: RunState) -> GraphActivations:
+        """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
+        r, g = self.runner, self.graph
+        senders = [state.resid_pre[0]]
+        mid = []
+        for layer in range(r.n_layers):
+            senders += list(r.head_outputs(layer, state.acts[("z", layer)]).unbind(2))
+            if r.attn_only:
+                mid.append(state.resid_pre[layer + 1] if layer + 1 < r.n_layers else state.resid_final)
+                continue
+            senders.append(state.acts[("mlp_out", layer)])
+            mid.append(state.resid_pre[layer] if r.parallel else state.resid_mid[layer])
+        pre = [state.resid_pre[layer] for layer in range(r.n_layers)]
+        return GraphActivations(torch.stack(senders, dim=2), pre, mid, state.resid_final)
+
     def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
               ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
         """A normal forward in graph form. With `leaves`, every receiver input gets a zero leaf whose
@@ -269,45 +286,9 @@ def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
     return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
 
 
-@dataclass
-class EdgeContext:
-    """Clean and corrupted graph activations and baselines for one (model, task, pairs)."""
-
-    edge_runner: EdgeRunner
-    task: Any
-    pairs: Any
-    clean: GraphActivations
-    corrupt: GraphActivations
-    read_positions: Tensor
-    clean_values: Tensor  # per-prompt metric [batch]
-    corrupt_values: Tensor
-
-    @property
-    def graph(self) -> ComputationalGraph:
-        return self.edge_runner.graph
-
-    @property
-    def clean_metric(self) -> float:
-        return float(self.clean_values.mean())
-
-    @property
-    def corrupt_metric(self) -> float:
-        return float(self.corrupt_values.mean())
-
-
 def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
-    """Run clean and corrupted prompts in graph form once."""
-    from circuitlab.patching.activation import _check_pairs
-
-    edge_runner = EdgeRunner(model, runner)
-    _check_pairs(pairs, edge_runner.runner)
-    read = task.read_positions(pairs)
-    with torch.no_grad():
-        clean, clean_final, _ = edge_runner.plain(pairs.clean_tokens)
-        corrupt, corrupt_final, _ = edge_runner.plain(pairs.corrupt_tokens)
-        clean_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, clean_final, read))
-        corrupt_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, corrupt_final, read))
-    return EdgeContext(edge_runner, task, pairs, clean, corrupt, read, clean_values, corrupt_values)
+    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`)."""
+    return engine_context(model, task, pairs, runner=runner, check_gap=False)
 
 
 def _circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
@@ -370,6 +351,6 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     final = shifted(clean.resid_final, g.n_senders)
     corrupt = GraphActivations(senders, pre, mid, final)
     out = EdgeContext(ctx.edge_runner, ctx.task, ctx.pairs, clean, corrupt, ctx.read_positions, ctx.clean_values,
-                      ctx.clean_values)
+                      ctx.clean_values, backend=ctx.backend, backend_reason=ctx.backend_reason)
     out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, g.n_edges))[0]
     return out

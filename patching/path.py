@@ -123,7 +123,7 @@ class _PathRun:
         layers = range(self.runner.n_layers)
         ensure_collected(ctx, [("z", layer) for layer in layers] +
                          ([] if self.runner.attn_only else [("mlp_out", layer) for layer in layers]))
-        self.base = ctx.corrupt if config.direction == "denoise" else ctx.clean
+        self.base = ctx.corrupt_run if config.direction == "denoise" else ctx.clean_run
         self.recv_layers = sorted({int(node.layer) for node in receivers}) if channel != "logits" else []
 
     def _source(self, kind: str, layer: int) -> Tensor:

@@ -64,21 +64,14 @@ class Run:
         return self.pairs.to(self.cfg.device)
 
     def edge_context(self) -> Any:
-        if self._ectx is None:
-            from circuitlab.patching.edges import prepare_edges
-
-            self._ectx = prepare_edges(self.get_model(), self.task, self.device_pairs())
-        return self._ectx
+        return self.patch_context()  # one engine context serves every method
 
     def patch_context(self) -> Any:
         if self._pctx is None:
-            from circuitlab.patching.activation import prepare
+            from circuitlab.patching.engine import engine_context
 
-            model = self.get_model()
-            collect = [("z", layer) for layer in range(model.cfg.n_layers)]
-            if not getattr(model.cfg, "attn_only", False):
-                collect += [("mlp_out", layer) for layer in range(model.cfg.n_layers)]
-            self._pctx = prepare(model, self.task, self.device_pairs(), collect=collect)
+            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False)
+            self._ectx = self._pctx
         return self._pctx
 
     def stage(self, name: str, compute: Callable[[], None]) -> None:
