@@ -55,28 +55,19 @@ class Pipeline:
         return self.result.pairs.to(self.cfg.device)
 
     def edge_context(self) -> Any:
-        if "edge" not in self._contexts:
-            from circuitlab.patching.edges import prepare_edges
-
-            self._contexts["edge"] = prepare_edges(self.model(), self.task, self.pairs())
-        return self._contexts["edge"]
+        return self.patch_context()  # one engine context serves every method
 
     def patch_context(self) -> Any:
-        if "patch" not in self._contexts:
-            from circuitlab.patching.activation import prepare
+        if "engine" not in self._contexts:
+            from circuitlab.patching.engine import engine_context
 
-            model = self.model()
-            kinds = ["z"] + ([] if getattr(model.cfg, "attn_only", False) else ["mlp_out"])
-            collect = [(kind, layer) for kind in kinds for layer in range(model.cfg.n_layers)]
-            self._contexts["patch"] = prepare(model, self.task, self.pairs(), collect=collect)
-        return self._contexts["patch"]
+            self._contexts["engine"] = engine_context(self.model(), self.task, self.pairs(), check_gap=False)
+        return self._contexts["engine"]
 
     def graph(self) -> Any:
         from circuitlab.patching.edges import ComputationalGraph
 
-        meta = self.result.model
-        return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
-                                  meta.get("parallel_attn_mlp", False))
+        return ComputationalGraph.from_meta(self.result.model)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
         """Fill the result from a stage: its saved output when cached, else `compute` (then saved)."""
