@@ -125,7 +125,7 @@ def _activation_nodes(model: Any, task: Any, pairs: Any, ctx: EdgeContext, opts:
     """Exact noising of every head output (`z`) and MLP output: score = m(clean) − m(node corrupted)."""
     from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 
-    pctx = prepare(model, task, pairs)
+    pctx = ctx if opts.ablation is None else prepare(model, task, pairs)  # the one engine context
     config = PatchingConfig(direction="noise", source=opts.ablation, memory_budget_mb=opts.memory_budget_mb,
                             progress=opts.progress)
     kinds = ["z"] + ([] if ctx.graph.attn_only else ["mlp_out"])
