@@ -1,4 +1,5 @@
-"""The `circuitlab` command line: run, patch, path, report, tasks, models (and `bench`, from reports.bench).
+"""The `circuitlab` command line: run, patch, path, report, tasks, models (`bench` from reports.bench, `sweep`
+from reports.grid).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from circuitlab.reports.grid import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
