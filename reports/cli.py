@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--component", default="head", help="head|resid|attn|mlp|q|k|v|pattern (or a kind)")
     patch.add_argument("--positions", default="all", help="all, each, ROLE[,ROLE] or integer positions")
     patch.add_argument("--direction", default="denoise", help="denoise (clean into corrupt) or noise")
+    patch.add_argument("--shards", type=int, default=1, help="split the sweep by layer over this many workers")
+    patch.add_argument("--executor", default="sequential", help="where shards run: sequential or ray")
+    patch.add_argument("--address", default=None, help="Ray cluster address for the shards (implies ray)")
     patch.set_defaults(func=_cmd_patch)
 
     path = sub.add_parser("path", help="one path-patching sweep")
@@ -144,7 +147,11 @@ def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: s
 def _cmd_patch(args: argparse.Namespace) -> int:
     from circuitlab.reports.sweep import run_patch
 
-    cfg = _sweep_config(args, {"component": args.component, "positions": args.positions}, "runs/patch")
+    if args.shards < 1:
+        raise ConfigError(f"--shards must be >= 1, got {args.shards}")
+    spec = {"component": args.component, "positions": args.positions, "shards": args.shards,
+            "executor": args.executor, "address": args.address}
+    cfg = _sweep_config(args, spec, "runs/patch")
     run_patch(cfg, quiet=args.quiet, command=_command_line())
     return 0
 

@@ -120,6 +120,7 @@ def _stage_pairs(run: Run) -> None:
                                   "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
                                   "attn_only": bool(getattr(model.cfg, "attn_only", False)),
+                                  "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
                                   "architecture": str(getattr(model.cfg, "architecture", "")),
                                   "has_tokenizer": model.tokenizer is not None,
                                   "position_labels": labels})
@@ -282,8 +283,7 @@ def _graph(run: Run) -> Any:
     from circuitlab.patching.edges import ComputationalGraph
 
     meta = run.cache.load_json("model")
-    return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
-                              False)
+    return ComputationalGraph.from_meta(meta)
 
 
 def _gap(run: Run) -> float:
@@ -565,8 +565,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     if cfg.method == "acdc" and not cfg.force:
         from circuitlab.patching.edges import ComputationalGraph
 
-        n_edges = ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"],
-                                     meta["attn_only"]).n_edges
+        n_edges = ComputationalGraph.from_meta(meta).n_edges
         if n_edges > ACDC_EDGE_LIMIT:
             raise ConfigError(f"ACDC on {n_edges} edges would take hours (limit {ACDC_EDGE_LIMIT}); use --method "
                               "eap-ig, a smaller model, or --force")
