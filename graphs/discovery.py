@@ -25,7 +25,7 @@ from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.methods import get_method
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
 from circuitlab.patching.components import head_node, mlp_node
-from circuitlab.patching.edges import EdgeContext, ablated_context, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.edges import ComputationalGraph, EdgeContext, ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.normalize import normalize
 
 DEFAULT_TOP_K = {"edge": 50, "node": 20}
@@ -62,7 +62,7 @@ class Discovery:
     the edge context it was measured on, and the method's own seconds (context preparation excluded)."""
 
     method: str
-    context: EdgeContext
+    context: Any  # the engine context (or prompt batches) the scores were measured on
     node_scores: NodeScores
     circuit: Circuit
     seconds: float
@@ -73,7 +73,7 @@ class Discovery:
         return self.edge_scores.ranking() if self.edge_scores is not None else self.node_scores.edge_ranking()
 
 
-def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: EdgeContext | None = None,
+def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: Any = None,
              **options: Any) -> Discovery:
     """Score the model's graph with `method` and select a circuit; see `DiscoveryOptions` for `options`."""
     spec = get_method(method)
@@ -92,53 +92,59 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     return Discovery(method, ctx, nodes, circuit, seconds, edges)
 
 
-def score(method: str, model: Any, task: Any, pairs: Any, ctx: EdgeContext, opts: DiscoveryOptions
+def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: DiscoveryOptions
           ) -> tuple[EdgeScores | None, NodeScores]:
-    """Run one registered method on a prepared context: (edge scores or None, node scores)."""
+    """Run one registered method on a prepared context — one engine context, or prompt batches
+    (`patching.batched.Batches`, summed exactly over batches) — : (edge scores or None, node scores)."""
+    from circuitlab.patching.acdc import acdc
     from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 
     spec = get_method(method)
-    gap = ctx.clean_metric - ctx.corrupt_metric
+    batched = hasattr(ctx, "edge_contexts")
+    graph = ComputationalGraph.from_model(model) if batched else ctx.graph
+    clean, corrupt = ctx.baseline() if batched else (ctx.clean_values, ctx.corrupt_values)
+    gap = float(clean.double().mean() - corrupt.double().mean())
     kept = None
     if method == "activation":
-        return None, _activation_nodes(model, task, pairs, ctx, opts)
+        return None, _activation_nodes(model, task, pairs, ctx, graph, float(clean.double().mean()), gap, opts)
     if method in ("eap", "attribution"):
-        values = eap_scores(ctx)
+        values = ctx.eap() if batched else eap_scores(ctx)
     elif method == "eap-ig":
-        values = eap_ig_scores(ctx, steps=opts.steps, progress=opts.progress)
+        values = ctx.eap_ig(opts.steps, progress=opts.progress) if batched else eap_ig_scores(
+            ctx, steps=opts.steps, progress=opts.progress)
     elif method == "acdc":
-        from circuitlab.patching.acdc import acdc
-
         threshold = opts.acdc_threshold * (abs(gap) if opts.acdc_objective == "metric" else 1.0)
-        result = acdc(ctx, threshold, objective=opts.acdc_objective, progress=opts.progress)
+        result = acdc(list(ctx.edge_contexts()) if batched else ctx, threshold, objective=opts.acdc_objective,
+                      progress=opts.progress)
         values, kept = result.scores, result.kept.bool()
     else:
-        values = torch.randn(ctx.graph.n_edges, generator=torch.Generator().manual_seed(opts.seed))
-    edges = EdgeScores(ctx.graph, values.detach().double().cpu(), method, gap, kept)
+        values = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(opts.seed))
+    edges = EdgeScores(graph, values.detach().double().cpu(), method, gap, kept)
     nodes = edges.node_scores()
     if spec.level == "node":
-        return None, NodeScores(ctx.graph, nodes.frame.assign(method=method), method)
+        return None, NodeScores(graph, nodes.frame.assign(method=method), method)
     return edges, nodes
 
 
-def _activation_nodes(model: Any, task: Any, pairs: Any, ctx: EdgeContext, opts: DiscoveryOptions) -> NodeScores:
+def _activation_nodes(model: Any, task: Any, pairs: Any, ctx: Any, graph: ComputationalGraph, clean: float,
+                      gap: float, opts: DiscoveryOptions) -> NodeScores:
     """Exact noising of every head output (`z`) and MLP output: score = m(clean) − m(node corrupted)."""
     from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 
-    pctx = prepare(model, task, pairs)
     config = PatchingConfig(direction="noise", source=opts.ablation, memory_budget_mb=opts.memory_budget_mb,
                             progress=opts.progress)
-    kinds = ["z"] + ([] if ctx.graph.attn_only else ["mlp_out"])
     names, values = [], []
-    for kind in kinds:
-        frame = activation_patching(model, task, pairs, kind, config=config, context=pctx)
+    for kind in ["z"] + ([] if graph.attn_only else ["mlp_out"]):
+        if hasattr(ctx, "edge_contexts"):
+            frame = ctx.activation_patching(kind, config=config)
+        else:
+            pctx = ctx if opts.ablation is None else prepare(model, task, pairs)  # the one engine context
+            frame = activation_patching(model, task, pairs, kind, config=config, context=pctx)
         names += [head_node(int(l), int(h)) if kind == "z" else mlp_node(int(l)) for l, h in zip(frame["layer"], frame["head"])]
-        values += (pctx.clean_metric - frame["metric"].to_numpy(float)).tolist()
-    order = {name: i for i, name in enumerate(ctx.graph.sender_names)}
-    pairs_sorted = sorted(zip(names, values), key=lambda item: order[item[0]])
-    gap = ctx.clean_metric - ctx.corrupt_metric  # the counterfactual's gap (the ablated run when ablating)
-    return NodeScores.from_values(ctx.graph, [n for n, _ in pairs_sorted], [v for _, v in pairs_sorted], gap,
-                                  "activation", True)
+        values += (clean - frame["metric"].to_numpy(float)).tolist()
+    order = {name: i for i, name in enumerate(graph.sender_names)}
+    ranked = sorted(zip(names, values), key=lambda item: order[item[0]])
+    return NodeScores.from_values(graph, [n for n, _ in ranked], [v for _, v in ranked], gap, "activation", True)
 
 
 def choose_circuit(scores: EdgeScores | NodeScores, selection: Selection | None, level: str) -> Circuit:

@@ -59,7 +59,7 @@ class Circuit:
         if unknown:
             raise ValueError(f"nodes {sorted(unknown)} are not heads or MLPs of this model's graph")
         send = torch.tensor([name in kept or name == "input" for name in graph.sender_names])
-        recv = torch.tensor([_reader_kept(graph, r, kept) for r in range(graph.n_receivers)])
+        recv = torch.tensor([name in kept or name == "logits" for name in graph.receiver_names])
         mask = send[graph.edge_sender] & recv[graph.edge_receiver]
         return cls(graph, mask, method, tuple(sorted(kept, key=graph.sender_names.index)), dict(scores or {}))
 
@@ -99,18 +99,6 @@ class Circuit:
         frame = pd.DataFrame({"edge": names, "score": [self.scores.get(e, 0.0) for e in names]})
         return circuit_from_edge_scores(frame, Selection(top_fraction=1.0), method=self.method,
                                         n_layers=self.graph.n_layers, name=name)
-
-
-def _reader_kept(graph: ComputationalGraph, receiver: int, kept: set[str]) -> bool:
-    """Whether a receiver reads for a kept node; a key/value receiver serves every query head of its group."""
-    name, channel = graph.receiver_names[receiver], graph.receiver_channels[receiver]
-    if name == "logits":
-        return True
-    if channel not in ("k", "v") or graph.n_kv == graph.n_heads:
-        return name in kept
-    node = parse_node(name)
-    group = graph.n_heads // graph.n_kv
-    return any(f"a{node.layer}.h{h}" in kept for h in range(node.head * group, (node.head + 1) * group))
 
 
 def _node_columns(name: str) -> dict[str, Any]:
@@ -230,7 +218,7 @@ class NodeScores:
         values["input"] = values["logits"] = top
         g = self.graph
         send = torch.tensor([values[g.sender_names[s]] for s in g.edge_sender.tolist()], dtype=torch.float64)
-        recv = torch.tensor([_receiver_value(g, r, values) for r in g.edge_receiver.tolist()], dtype=torch.float64)
+        recv = torch.tensor([values[g.receiver_names[r]] for r in g.edge_receiver.tolist()], dtype=torch.float64)
         return torch.minimum(send, recv)
 
     def select(self, selection: Selection) -> Circuit:
@@ -242,13 +230,3 @@ class NodeScores:
 
     def top_k(self, k: int) -> Circuit:
         return self.select(Selection(top_k=k))
-
-
-def _receiver_value(graph: ComputationalGraph, receiver: int, values: dict[str, float]) -> float:
-    """A receiver's node score; a key/value receiver takes the largest |score| of the query heads it serves."""
-    name, channel = graph.receiver_names[receiver], graph.receiver_channels[receiver]
-    if channel not in ("k", "v") or graph.n_kv == graph.n_heads:
-        return values[name]
-    node = parse_node(name)
-    group = graph.n_heads // graph.n_kv
-    return max(values[f"a{node.layer}.h{h}"] for h in range(node.head * group, (node.head + 1) * group))

@@ -27,10 +27,9 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     mlp = 0 if getattr(cfg, "attn_only", False) else 1
     n_senders = 1 + n_layers * (n_heads + mlp)
-    receivers = n_layers * (n_heads + 2 * n_kv + mlp) + 1
+    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 
@@ -54,7 +53,9 @@ class Batches:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.runner is None:
-            self.runner = Runner(self.model)
+            from circuitlab.patching.engine import make_runner
+
+            self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
 
     @property
     def n(self) -> int:
@@ -147,9 +148,11 @@ class Batches:
         return acdc(list(self.edge_contexts()), threshold, objective=objective, progress=progress)
 
     # ------------------------------------------------------------------ activation and path patching
-    def _patched_frames(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]],
-                        trim: bool) -> pd.DataFrame:
-        """Run a sweep per batch and combine: metric = Σ n_b · metric_b / n; effect from the combined baselines."""
+    def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
+              trim: bool = True) -> pd.DataFrame:
+        """`run(batch_pairs, context)` per batch (a frame with a `metric` column, same rows for every batch),
+        combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
+        batch at the full padded width (for absolute positions)."""
         from circuitlab.patching.activation import prepare
 
         total, clean, corrupt, first = None, 0.0, 0.0, None
@@ -180,8 +183,8 @@ class Batches:
 
         if config is not None and config.resolved_source() == "mean" and (self.batch_size or self.n) < self.n:
             raise ValueError("mean ablation averages over all prompts: run it in one batch (batch_size=None)")
-        absolute = not _roles_or_all(positions)
-        return self._patched_frames(
+        absolute = not position_independent(positions)
+        return self.sweep(
             lambda part, ctx: activation_patching(self.model, self.task, part, component, positions=positions,
                                                   layers=layers, heads=heads, config=config, context=ctx),
             collect, trim=not absolute)
@@ -190,14 +193,14 @@ class Batches:
         """`path.path_patching` over prompt batches."""
         from circuitlab.patching.path import path_patching
 
-        absolute = not (_roles_or_all(kwargs.get("sender_positions")) and _roles_or_all(kwargs.get("receiver_positions")))
-        return self._patched_frames(
+        absolute = not (position_independent(kwargs.get("sender_positions")) and position_independent(kwargs.get("receiver_positions")))
+        return self.sweep(
             lambda part, ctx: path_patching(self.model, self.task, part, senders, receivers, channel, context=ctx,
                                             **kwargs),
             (), trim=not absolute)
 
 
-def _roles_or_all(positions: Any) -> bool:
+def position_independent(positions: Any) -> bool:
     """True for position specs that mean the same tokens in any batch (all, None, role names)."""
     if positions is None or positions == "all":
         return True

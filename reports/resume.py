@@ -24,11 +24,14 @@ def generate_pairs(p: Any) -> Any:
     cfg, model = p.cfg, p.model()
     options = dict(cfg.task_options, **({"corruption": cfg.corruption} if cfg.corruption is not None else {}))
     sample = p.task.generate(model, 1, seed=cfg.seed, **options)
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    senders = 1 + n_layers * n_heads + (0 if getattr(model.cfg, "attn_only", False) else n_layers)
-    per_pair = 2 * 4 * sample.seq_len * senders * int(model.cfg.d_model)
-    rundir.check_n(cfg.n, per_pair, cfg.memory_budget,
-                   f"the clean and corrupt activations of {senders} graph nodes at {sample.seq_len} positions")
+    from circuitlab.patching.batched import bytes_per_prompt
+
+    batch = bytes_per_prompt(model, sample.seq_len)
+    if cfg.method == "acdc":  # ACDC keeps every batch's context alive
+        held, what = batch, "the activations ACDC keeps for every prompt batch"
+    else:  # prompt batches keep memory flat; what grows with n is the pairs themselves (Python objects, ~4x JSONL)
+        held, what = 4.0 * len(pairs_jsonl(sample)) + 16.0 * sample.seq_len, "the prompt pairs"
+    rundir.check_n(cfg.n, held, batch if cfg.batch_size is None else 0.0, cfg.memory_budget, what)
     p.say(f"[pairs] generating {cfg.n} prompt pairs ...")
     start = time.time()
     pairs = p.task.generate(model, cfg.n, seed=cfg.seed, **options)
@@ -36,11 +39,16 @@ def generate_pairs(p: Any) -> Any:
     return pairs
 
 
-def pairs_hash(pairs: Any) -> str:
-    """SHA-256 (16 hex digits) of the pairs as saved to JSONL."""
+def pairs_jsonl(pairs: Any) -> bytes:
+    """The pairs as saved to JSONL."""
     with tempfile.TemporaryDirectory() as tmp:
         pairs.save_jsonl(Path(tmp) / "pairs.jsonl")
-        return hashlib.sha256((Path(tmp) / "pairs.jsonl").read_bytes()).hexdigest()[:16]
+        return (Path(tmp) / "pairs.jsonl").read_bytes()
+
+
+def pairs_hash(pairs: Any) -> str:
+    """SHA-256 (16 hex digits) of the pairs as saved to JSONL."""
+    return hashlib.sha256(pairs_jsonl(pairs)).hexdigest()[:16]
 
 
 def key_parts(cfg: Any, model: Any, pairs: Any) -> dict[str, str]:

@@ -57,29 +57,25 @@ class Pipeline:
     def pairs(self) -> Any:
         return self.result.pairs.to(self.cfg.device)
 
-    def edge_context(self) -> Any:
-        if "edge" not in self._contexts:
-            from circuitlab.patching.edges import prepare_edges
+    def batches(self) -> Any:
+        """The prompts in batches sized by --batch-size or --memory-budget; every stage iterates over them."""
+        if "batches" not in self._contexts:
+            from circuitlab.patching.batched import Batches, batch_size_for
 
-            self._contexts["edge"] = prepare_edges(self.model(), self.task, self.pairs())
-        return self._contexts["edge"]
+            model, pairs = self.model(), self.pairs()
+            size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
+            self._contexts["batches"] = Batches(model, self.task, pairs, batch_size=size)
+            n_batches = -(-len(pairs) // size)
+            self.say(f"  {len(pairs)} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
+        return self._contexts["batches"]
 
-    def patch_context(self) -> Any:
-        if "patch" not in self._contexts:
-            from circuitlab.patching.activation import prepare
-
-            model = self.model()
-            kinds = ["z"] + ([] if getattr(model.cfg, "attn_only", False) else ["mlp_out"])
-            collect = [(kind, layer) for kind in kinds for layer in range(model.cfg.n_layers)]
-            self._contexts["patch"] = prepare(model, self.task, self.pairs(), collect=collect)
-        return self._contexts["patch"]
+    def head_and_mlp_kinds(self) -> list[str]:
+        return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
         from circuitlab.patching.edges import ComputationalGraph
 
-        meta = self.result.model
-        return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
-                                  meta.get("parallel_attn_mlp", False))
+        return ComputationalGraph.from_meta(self.result.model)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
         """Fill the result from a stage: its saved output when cached (and verified), else `compute` (then saved)."""
@@ -139,18 +135,17 @@ def _position_labels(model: Any, pairs: Any) -> list[str]:
 
 
 def _baseline(p: Pipeline) -> dict[str, Any]:
-    ctx = p.edge_context()
-    return {"baseline": pd.DataFrame({"prompt": np.arange(len(p.result.pairs)),
-                                      "clean": ctx.clean_values.cpu().double().numpy(),
-                                      "corrupt": ctx.corrupt_values.cpu().double().numpy()})}
+    clean, corrupt = p.batches().baseline()
+    return {"baseline": pd.DataFrame({"prompt": np.arange(len(p.result.pairs)), "clean": clean.double().numpy(),
+                                      "corrupt": corrupt.double().numpy()})}
 
 
 def _scores(p: Pipeline) -> dict[str, Any]:
     from circuitlab.graphs.discovery import discover
 
-    cfg, ctx = p.cfg, p.edge_context()
-    p.say(f"  {cfg.method} over {ctx.graph.n_edges} edges")
-    found = discover(p.model(), p.task, p.pairs(), cfg.method, context=ctx, steps=cfg.steps,
+    cfg = p.cfg
+    p.say(f"  {cfg.method} over {p.graph().n_edges} edges")
+    found = discover(p.model(), p.task, p.pairs(), cfg.method, context=p.batches(), steps=cfg.steps,
                      acdc_threshold=cfg.acdc_threshold, seed=cfg.seed, memory_budget_mb=cfg.memory_budget,
                      progress=p.progress)
     out: dict[str, Any] = {"nodes": found.node_scores.to_frame(), "edges": None, "acdc_summary": None}
@@ -172,51 +167,49 @@ def _with_nodes(frame: pd.DataFrame, corrupt: float) -> pd.DataFrame:
 
 def _exact(p: Pipeline) -> dict[str, Any]:
     from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.batched import position_independent
 
-    cfg, model, ctx = p.cfg, p.model(), p.patch_context()
+    cfg, model = p.cfg, p.model()
     positions = parse_positions(cfg.positions, p.task.roles)
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=p.progress)
-    kinds = ["z"] + ([] if getattr(model.cfg, "attn_only", False) else ["mlp_out"])
-    frames = [activation_patching(model, p.task, ctx.pairs, kind, positions=positions, config=config, context=ctx)
-              for kind in kinds]
-    return {"exact": _with_nodes(pd.concat(frames, ignore_index=True), ctx.corrupt_metric)}
+
+    def sweep(part: Any, ctx: Any) -> pd.DataFrame:
+        return pd.concat([activation_patching(model, p.task, part, kind, positions=positions, config=config,
+                                              context=ctx) for kind in p.head_and_mlp_kinds()], ignore_index=True)
+
+    collect = [(kind, layer) for kind in p.head_and_mlp_kinds() for layer in range(model.cfg.n_layers)]
+    frame = p.batches().sweep(sweep, collect, trim=position_independent(positions))  # absolute positions: full width
+    return {"exact": _with_nodes(frame, float(p.result.baseline["corrupt"].mean()))}
 
 
 def _resid(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.activation import PatchingConfig
 
-    cfg, model, ctx = p.cfg, p.model(), p.patch_context()
+    cfg, n_layers = p.cfg, int(p.model().cfg.n_layers)
     positions: Any = "each"
     if cfg.resid_positions == "roles":
-        positions = [r for r in dict.fromkeys(p.task.roles) if r in ctx.pairs.positions]
-    n_layers = int(model.cfg.n_layers)
+        positions = [r for r in dict.fromkeys(p.task.roles) if r in p.result.pairs.positions]
     layers = sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(cfg.resid_layers, n_layers))})
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=p.progress)
-    frame = activation_patching(model, p.task, ctx.pairs, "resid_pre", positions=positions, layers=layers,
-                                config=config, context=ctx)
-    return {"resid": _with_nodes(frame, ctx.corrupt_metric)}
+    frame = p.batches().activation_patching("resid_pre", positions=positions, layers=layers, config=config)
+    return {"resid": _with_nodes(frame, float(p.result.baseline["corrupt"].mean()))}
 
 
 def _oracle(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.attribution import oracle_check
-
     edges, _ = p.scores()
     p.say(f"  exact edge patching of {p.cfg.oracle_edges} sampled edges")
-    rho, frame = oracle_check(p.edge_context(), edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
-                              progress=p.progress)
+    rho, frame = p.batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
+                                          progress=p.progress)
     frame = frame.assign(approx_effect=frame["approx"] / edges.gap, exact_effect=frame["exact"] / edges.gap)
     return {"oracle": frame, "oracle_summary": {"spearman": rho, "n_edges": int(len(frame))}}
 
 
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.faithfulness import faithfulness_curve
-
     cfg = p.cfg
     edges, nodes = p.scores()
     ranking = edges.ranking() if edges is not None else nodes.edge_ranking()
-    result = faithfulness_curve(p.edge_context(), ranking.float(), percents=parse_percents(cfg.percents),
-                                n_boot=cfg.n_boot, seed=cfg.seed, memory_budget_mb=cfg.memory_budget,
-                                progress=p.progress)
+    result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
+                                            seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
             "faithfulness_summary": {"cpr": result.cpr, "cpr_ci": list(result.cpr_ci), "cmd": result.cmd,
                                      "cmd_ci": list(result.cmd_ci)}}
@@ -225,7 +218,7 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
 def _roles(p: Pipeline) -> dict[str, Any]:
     from circuitlab.reports.roles import detect_roles
 
-    return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.patch_context(),
+    return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
 

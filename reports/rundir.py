@@ -239,17 +239,17 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_n(n: int, per_pair_bytes: float, memory_budget_mb: float, what: str) -> None:
-    """Refuse `--n` before anything is allocated when its batched forward exceeds the memory budget or the
-    machine's free memory (`per_pair_bytes`: the activations one prompt pair holds in that forward)."""
-    need_mb = n * per_pair_bytes / 2**20
-    fit = max(1, int(memory_budget_mb * 2**20 // max(per_pair_bytes, 1)))
-    if need_mb > memory_budget_mb:
-        raise ConfigError(f"--n {n} needs about {need_mb:,.0f} MB for {what} ({per_pair_bytes / 2**20:.2f} MB per "
-                          f"prompt pair), more than --memory-budget {memory_budget_mb:g} MB; use --n {fit} or "
-                          "less, or raise --memory-budget")
+def check_n(n: int, held_per_pair: float, batch_per_pair: float, memory_budget_mb: float, what: str) -> None:
+    """Refuse `--n` before anything of size n is allocated: when what the run holds for all its prompts
+    (`held_per_pair` bytes each: `what`) exceeds the machine's free memory, or when even a batch of one prompt
+    (`batch_per_pair` bytes) exceeds `--memory-budget`."""
+    if batch_per_pair > memory_budget_mb * 2**20:
+        raise ConfigError(f"one prompt pair needs about {batch_per_pair / 2**20:,.0f} MB per batched forward, more "
+                          f"than --memory-budget {memory_budget_mb:g} MB; raise --memory-budget to at least "
+                          f"{batch_per_pair / 2**20:,.0f}")
+    need_mb = n * held_per_pair / 2**20
     free = available_bytes()
-    if free is not None and n * per_pair_bytes > 0.8 * free:
-        raise ConfigError(f"--n {n} needs about {need_mb:,.0f} MB for {what} but this machine has "
-                          f"{free / 2**20:,.0f} MB free; use --n {max(1, int(0.8 * free // per_pair_bytes))} or "
-                          "less")
+    if free is not None and n * held_per_pair > 0.8 * free:
+        raise ConfigError(f"--n {n} needs about {need_mb:,.0f} MB for {what} ({held_per_pair / 2**10:,.1f} KB per "
+                          f"prompt pair) but this machine has {free / 2**20:,.0f} MB free; use --n "
+                          f"{max(1, int(0.8 * free // held_per_pair))} or less")

@@ -34,3 +34,22 @@ def test_sharded_sweeps_equal_one_process():
     exact = exact_edge_scores(ctx, edges)
     split = sharded_exact_edge_scores(folder, task, pairs, edges, n_shards=3)
     assert torch.allclose(split, exact, atol=1e-6, rtol=0) and exact.abs().max() > 0.1
+
+
+def test_cli_patch_with_shards_equals_one_process(tmp_path):
+    import pandas as pd
+
+    from circuitlab.patching.models import boot_native_model, save_model
+    from circuitlab.reports.cli import main
+    from tests.conftest import TINY_CONFIG
+
+    model = tmp_path / "tiny"
+    save_model(boot_native_model(TINY_CONFIG), model)
+    args = ["patch", "--task", "repeated_tokens", "--model", str(model), "--component", "head", "--positions", "0,3,END",
+            "--n", "3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--shards", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = pd.read_csv(tmp_path / "one" / "scores.csv"), pd.read_csv(tmp_path / "two" / "scores.csv")
+    assert len(one) == 3 * 4 * 3 and one[["layer", "head", "position"]].equals(two[["layer", "head", "position"]])
+    assert (one["metric"] - two["metric"]).abs().max() <= 1e-6
+    assert main([*args, "--shards", "0", "--out", str(tmp_path / "bad")]) == 2
