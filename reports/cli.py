@@ -1,4 +1,5 @@
-"""The `circuitlab` command line: run, patch, path, report, tasks, models (and `bench`, from reports.bench).
+"""The `circuitlab` command line: run, patch, path, report, tasks, models (and `bench`, from reports.bench;
+`phase`, from reports.phase).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from circuitlab.reports.phase import add_phase_parser
+
+    add_phase_parser(sub)
     return parser
 
 
