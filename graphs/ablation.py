@@ -70,43 +70,44 @@ def head_means(model: Any, tokens: Tensor, batch_size: int = 16) -> dict[int, Te
     return {layer: (total / tokens.shape[0]).float() for layer, total in sums.items()}
 
 
-def _row(layer: int, head: int, kind: str, losses: Tensor, base: float, late: int, early: int) -> dict[str, Any]:
-    value = icl_score(losses, late, early)
+def _row(layer: int, head: int, kind: str, losses: Tensor, base: float, late: int, early: int,
+         width: int) -> dict[str, Any]:
+    value = icl_score(losses, late, early, width)
     return {"layer": layer, "head": head, "ablation": kind, "icl": value, "base_icl": base, "delta_icl": value - base,
             "late_loss": float(losses[late]), "early_loss": float(losses[early])}
 
 
 def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
                  kinds: Sequence[str] = ABLATIONS, late: int | None = None, early: int | None = None,
-                 batch_size: int = 16) -> pd.DataFrame:
+                 width: int = 1, batch_size: int = 16) -> pd.DataFrame:
     """The ICL score with each head ablated alone (columns `ABLATION_COLUMNS`); `attrs` hold the base losses."""
     if late is None or early is None:
         late, early = icl_positions(tokens.shape[1])
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)] if heads is None else heads
     base_losses = loss_by_position(model, tokens, batch_size=batch_size)
-    base = icl_score(base_losses, late, early)
+    base = icl_score(base_losses, late, early, width)
     means = head_means(model, tokens, batch_size) if "mean" in kinds else None
     rows = []
     for kind in kinds:
         for layer, head in heads:
             hooks = ablation_hooks(model, [(layer, head)], kind, means=means)
             rows.append(_row(layer, head, kind, loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks),
-                             base, late, early))
+                             base, late, early, width))
     frame = pd.DataFrame(rows, columns=ABLATION_COLUMNS)
-    frame.attrs.update(base_icl=base, late=late, early=early)
+    frame.attrs.update(base_icl=base, late=late, early=early, width=width)
     return frame
 
 
 def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero", *,
-                       late: int | None = None, early: int | None = None, batch_size: int = 16,
+                       late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 16,
                        base: float | None = None) -> dict[str, Any]:
     """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`."""
     if late is None or early is None:
         late, early = icl_positions(tokens.shape[1])
     if base is None:
-        base = icl_score(loss_by_position(model, tokens, batch_size=batch_size), late, early)
+        base = icl_score(loss_by_position(model, tokens, batch_size=batch_size), late, early, width)
     hooks = ablation_hooks(model, heads, kind, tokens=tokens)
-    value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early)
+    value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
     return {"heads": [f"a{l}.h{h}" for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
             "delta_icl": value - base, "fraction_removed": removed}

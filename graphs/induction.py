@@ -18,7 +18,9 @@
 Norms: each reading matrix (W_Q, W_K, W_V) has its layer's input norm folded in (LN centring, then the
 norm's weight); token embeddings are normalised per row as the first layer would see them (see
 `graphs.roles`); W_U gets the final norm's weight. Per-token norm scales of deeper residual streams are
-positive scalars and are left out: an approximation, stated, exact for models without norms.
+positive scalars and are left out: an approximation, stated, exact for models without norms. Rotary
+models: the QK matrices are read at relative offset 0 (no rotation), which content-matching heads use
+through their low-frequency rotary pairs; attention scores measured on prompts need no such caveat.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ every checkpoint is written with `save_model`, loadable with `load_model(dir)`. 
 on `FastAttnOnly`, a plain PyTorch module that holds the bridge's own state-dict tensors and computes the same
 function with fused causal attention (`scaled_dot_product_attention`): on 2 CPU cores the native attention
 (explicit mask and softmax over [batch, head, seq, seq]) made a step several times slower. `FastAttnOnly` only
-claims what it reproduces (attention-only, standard positions, LN or no norm, no GQA, no soft-caps) and is
+claims what it reproduces (attention-only, learned or rotary positions, LN or no norm, no GQA, no soft-caps) and is
 checked against the bridge's logits before training; any other configuration trains the bridge itself.
 
 Resuming: `OUT/train_state.pt` (weights, optimizer, sampler RNG, loss log) is rewritten atomically at every
@@ -46,6 +46,7 @@ class TrainConfig:
     n_ctx: int = 256
     d_vocab: int = 256
     normalization_type: str | None = "LN"
+    positional_embedding_type: str = "rotary"
     batch_size: int = 16
     steps: int = 600
     lr: float = 3e-3
@@ -59,7 +60,7 @@ class TrainConfig:
         """The `boot_native` config dict of this model."""
         return dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_head,
                     n_ctx=self.n_ctx, d_vocab=self.d_vocab, attn_only=True,
-                    normalization_type=self.normalization_type, positional_embedding_type="standard",
+                    normalization_type=self.normalization_type, positional_embedding_type=self.positional_embedding_type,
                     seed=self.seed)
 
     def validate(self) -> None:
@@ -69,6 +70,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.normalization_type not in (None, "LN"):
             raise ValueError(f"normalization_type {self.normalization_type!r}: use 'LN' or None")
+        if self.positional_embedding_type not in ("standard", "rotary"):
+            raise ValueError(f"positional_embedding_type {self.positional_embedding_type!r}: use 'standard' or 'rotary'")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -95,7 +98,7 @@ def checkpoint_name(step: int) -> str:
 
 
 class FastAttnOnly(nn.Module):
-    """The function of an attention-only native bridge (standard positions, LN or no norm), with fused attention.
+    """The function of an attention-only native bridge (learned or rotary positions, LN or no norm), fused attention.
 
     It keeps the bridge's state-dict names: `to_state_dict()` loads straight back into the bridge.
     """
@@ -109,6 +112,8 @@ class FastAttnOnly(nn.Module):
         self.n_layers, self.n_heads, self.d_head = cfg.n_layers, cfg.n_heads, cfg.d_head
         self.norm = cfg.normalization_type
         self.eps = float(cfg.eps)
+        # Rotary models: the bridge's own cos/sin tables and rotation (buffers only, nothing to train).
+        self.rotary = getattr(bridge.original_model, "rotary", None)
         state = bridge.state_dict(keep_vars=True)
         self._keys = list(state)
         self.params = nn.ParameterDict()
@@ -128,12 +133,16 @@ class FastAttnOnly(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         batch, seq = tokens.shape
-        x = F.embedding(tokens, self.p("embed.weight")) + self.p("pos_embed.weight")[:seq]
+        x = F.embedding(tokens, self.p("embed.weight"))
+        if self.rotary is None:
+            x = x + self.p("pos_embed.weight")[:seq]
         for layer in range(self.n_layers):
             pre = f"blocks.{layer}.attn"
             h = self._ln(x, f"blocks.{layer}.ln1")
             q, k, v = (F.linear(h, self.p(f"{pre}.{n}.weight"), self.p(f"{pre}.{n}.bias"))
                        .view(batch, seq, self.n_heads, self.d_head).transpose(1, 2) for n in "qkv")
+            if self.rotary is not None:
+                q, k = self.rotary.apply_rope(q, k)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             z = z.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head)
             x = x + F.linear(z, self.p(f"{pre}.o.weight"), self.p(f"{pre}.o.bias"))
@@ -150,7 +159,7 @@ def unsupported_reason(bridge: Any) -> str:
     checks = [
         (cfg.architecture == "TransformerLensNative", "not a TL-native model"),
         (bool(cfg.attn_only), "the model has MLPs"),
-        ((cfg.positional_embedding_type or "standard") == "standard", "positions are not 'standard'"),
+        ((cfg.positional_embedding_type or "standard") in ("standard", "rotary"), "positions are not standard/rotary"),
         (cfg.normalization_type in (None, "LN"), f"normalization {cfg.normalization_type!r}"),
         (getattr(cfg, "n_key_value_heads", None) in (None, cfg.n_heads), "grouped-query attention"),
         (float(getattr(cfg, "attn_scores_soft_cap", -1.0)) <= 0 and float(getattr(cfg, "output_logits_soft_cap", -1.0)) <= 0,

@@ -29,7 +29,8 @@ from circuitlab.patching.models import load_model
 from circuitlab.reports import store
 from circuitlab.tasks.corpus import Corpus, eval_tokens, icl_positions, icl_score, load_corpus, loss_by_position, with_repeats
 
-CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "late", "early", "late_loss", "early_loss",
+CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "late", "early", "icl_width", "late_loss",
+                      "early_loss",
                       "mean_loss", "train_loss", "top_induction", "top_induction_head", "top_previous_token",
                       "top_ov_copying"]
 HEAD_TABLE_COLUMNS = ["model", "n_layers", "step", "layer", "head", "node", "previous_token", "duplicate_token",
@@ -40,6 +41,8 @@ COLUMN_DOCS = {
     "step": "optimizer step of the checkpoint (0 = initialisation); `tokens` = tokens seen",
     "icl_score": "loss at token `late` minus loss at token `early` on held-out text (negative = uses context)",
     "late, early": "token indices of the ICL score: 500 and 50 when the context allows, else n_ctx−1 and a tenth",
+    "icl_width": "indices averaged on each side (late−w+1…late minus early…early+w−1; n_ctx/32) against the noise "
+                 "of few evaluation sequences",
     "late_loss, early_loss, mean_loss": "held-out loss at those indices and over all indices (nats/token)",
     "train_loss": "training loss at that step, smoothed over ~2% of training (NaN at step 0)",
     "top_induction": "largest prefix-matching (induction) attention score of any head on repeated random tokens",
@@ -63,13 +66,14 @@ class PhaseConfig:
 
     out: str = "runs/phase"
     layers: tuple[int, ...] = (1, 2)
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 16
-    n_ctx: int = 256
+    n_ctx: int = 128
     d_model: int = 64
     n_heads: int = 4
     lr: float = 3e-3
-    repeat_prob: float = 0.5
+    repeat_prob: float = 1.0
+    positions: str = "rotary"
     seed: int = 0
     n_checkpoints: int = 10
     n_linear_checkpoints: int = 20
@@ -92,9 +96,15 @@ def probe_tokens(corpus: Corpus, k: int = 96) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.argsort(counts, descending=True)[:k].tolist())
 
 
+def icl_width(n_ctx: int) -> int:
+    """Indices averaged on each side of the ICL score in a study: n_ctx/32 (8 at 256), at least 1."""
+    return max(1, n_ctx // 32)
+
+
 def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, Any], pd.DataFrame]:
     """The per-checkpoint row (ICL, losses, top scores) and the per-head table of one model."""
     late, early = icl_positions(tokens.shape[1])
+    width = icl_width(tokens.shape[1])
     losses = loss_by_position(model, tokens)
     heads = head_scores(model, probe)
     heads["k_comp_from_prev"] = float("nan")
@@ -104,7 +114,8 @@ def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) ->
             if row["qk_via"]:
                 heads.loc[idx, "k_comp_from_prev"] = float(comp[(row["qk_via"], f"a{row['layer']}.h{row['head']}")])
     top = heads.loc[heads["induction"].idxmax()]
-    return {"icl_score": icl_score(losses, late, early), "late": late, "early": early, "late_loss": float(losses[late]),
+    return {"icl_score": icl_score(losses, late, early, width), "late": late, "early": early, "icl_width": width,
+            "late_loss": float(losses[late]),
             "early_loss": float(losses[early]), "mean_loss": float(losses[1:].mean()),
             "top_induction": float(top["induction"]), "top_induction_head": f"a{top['layer']}.h{top['head']}",
             "top_previous_token": float(heads["previous_token"].max()),
@@ -149,7 +160,7 @@ def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_l
 def _causal(name: str, step: int, path: Path, tokens: torch.Tensor, heads: pd.DataFrame,
             token_range: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     model = load_model(str(path))
-    abl = icl_ablation(model, tokens).assign(model=name, step=step)
+    abl = icl_ablation(model, tokens, width=icl_width(tokens.shape[1])).assign(model=name, step=step)
     patch = repeated_tokens_patching(model, n=16, seq_len=20, token_range=token_range).assign(model=name, step=step)
     return abl, patch
 
@@ -165,14 +176,16 @@ def _joint(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: in
     out: dict[str, Any] = {"induction_heads": [f"a{l}.h{h}" for l, h in labelled]}
     if not labelled or len(others) < len(labelled):
         return out | {"reason": "no labelled induction heads" if not labelled else "too few other heads"}
-    base = icl_score(loss_by_position(model, tokens))
+    width = icl_width(tokens.shape[1])
+    base = icl_score(loss_by_position(model, tokens), width=width)
     out["base_icl"] = base
     for kind in ("zero", "mean"):
-        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base)
+        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width)
         combos = list(itertools.combinations(others, len(labelled)))
         if len(combos) > 10:
             combos = random.Random(seed).sample(combos, 10)
-        fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base)["fraction_removed"] for c in combos]
+        fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width)["fraction_removed"]
+                 for c in combos]
         out[f"{kind}_others"] = {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs),
                                  "max_fraction_removed": max(fracs)}
     return out
@@ -204,6 +217,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
         name = f"{n_layers}L"
         tcfg = TrainConfig(n_layers=n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
                            d_head=cfg.d_model // cfg.n_heads, n_ctx=cfg.n_ctx, d_vocab=corpus.vocab,
+                           positional_embedding_type=cfg.positions,
                            batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
                            n_checkpoints=cfg.n_checkpoints, n_linear_checkpoints=cfg.n_linear_checkpoints)
 
@@ -333,6 +347,8 @@ def add_phase_parser(sub: Any) -> None:
                       ("probe_sequences", int), ("probe_half", int), ("low", float), ("high", float),
                       ("threads", int)):
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=getattr(d, flag))
+    p.add_argument("--positions", default=d.positions, choices=["rotary", "standard"],
+                   help="positional embeddings of the trained models")
     p.add_argument("--model", default=None, help="published model name (e.g. EleutherAI/pythia-70m); needs the hub")
     p.add_argument("--revisions", default="", help="its revisions, comma-separated (e.g. step1000,step2000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -351,7 +367,7 @@ def _cmd_phase(args: Any) -> int:
     options = {k: getattr(args, k) for k in ("out", "steps", "batch_size", "n_ctx", "d_model", "n_heads", "lr",
                                              "repeat_prob", "seed", "n_checkpoints", "n_linear_checkpoints",
                                              "max_bytes", "eval_sequences", "probe_sequences", "probe_half", "low",
-                                             "high", "threads", "model")}
+                                             "high", "threads", "model", "positions")}
     if args.d_model % args.n_heads:
         raise ConfigError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     revisions = tuple(r.strip() for r in args.revisions.split(",") if r.strip())

@@ -148,6 +148,8 @@ def render_phase_report(run_dir: str | Path) -> tuple[Path, Path]:
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = store.read_csv(run_dir / "checkpoints.csv")
     heads = store.read_csv(run_dir / "heads.csv")
+    for col in ("label", "qk_via", "node", "model"):
+        heads[col] = heads[col].fillna("").astype(str).replace("nan", "")
     figs = build_figures(run_dir, summary, checkpoints, heads)
     for stem, _, png in figs:
         store.write_bytes(run_dir / "figures" / f"{stem}.png", png)

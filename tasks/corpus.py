@@ -61,7 +61,7 @@ def with_repeats(tokens: Tensor, prob: float, generator: torch.Generator, *, min
         raise ValueError(f"repeat probability must be in [0, 1], got {prob}")
     out = tokens.clone()
     n, width = out.shape
-    max_len = min(max_len, width // 4)
+    max_len = min(max_len, width // 2 - 1)
     if prob == 0.0 or max_len < 2:
         return out
     min_len = min(min_len, max_len)
@@ -163,13 +163,18 @@ def loss_by_position(model: Any, tokens: Tensor, *, batch_size: int = 16,
     return out
 
 
-def icl_score(losses: Tensor, late: int | None = None, early: int | None = None) -> float:
-    """Loss at token `late` minus loss at token `early` (defaults: `icl_positions(len(losses))`)."""
+def icl_score(losses: Tensor, late: int | None = None, early: int | None = None, width: int = 1) -> float:
+    """Loss at token `late` minus loss at token `early` (defaults: `icl_positions(len(losses))`).
+
+    `width` > 1 averages `width` indices on each side (`late−width+1 … late` and `early … early+width−1`) to
+    cut the noise of few evaluation sequences; `width=1` is the paper's definition.
+    """
     if late is None or early is None:
         late, early = icl_positions(len(losses))
-    if not 0 < early < late < len(losses):
-        raise ValueError(f"ICL indices early={early}, late={late} must satisfy 0 < early < late < {len(losses)}")
-    return float(losses[late] - losses[early])
+    if not 0 < early < late < len(losses) or width < 1 or early + width - 1 >= late - width + 1:
+        raise ValueError(f"ICL indices early={early}, late={late}, width={width} must satisfy "
+                         f"0 < early < early+width−1 < late−width+1 ≤ late < {len(losses)}")
+    return float(losses[late - width + 1:late + 1].mean() - losses[early:early + width].mean())
 
 
 def eval_tokens(corpus: Corpus, n: int, seq_len: int, *, seed: int = 0) -> Tensor:

@@ -25,8 +25,9 @@ def test_checkpoint_steps_log_and_linear():
 def test_fast_module_matches_the_bridge_and_loads_back():
     from transformer_lens.model_bridge import TransformerBridge
 
-    for norm in ("LN", None):
-        cfg = TrainConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=12, d_vocab=20, normalization_type=norm)
+    for norm, positions in (("LN", "rotary"), (None, "standard"), ("LN", "standard")):
+        cfg = TrainConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=12, d_vocab=20, normalization_type=norm,
+                          positional_embedding_type=positions)
         bridge = TransformerBridge.boot_native(cfg.model_config(), device="cpu")
         fast = FastAttnOnly(bridge)
         with torch.no_grad():
