@@ -13,7 +13,7 @@ edge of the still-connected graph: fine for small models, hours for SmolLM2's 70
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,13 @@ class ACDCResult:
     forwards: int
 
 
-def _objective(ctx: EdgeContext, masks: Tensor, kind: str, clean_logprobs: Tensor) -> Tensor:
+def _objective(ctx: EdgeContext | Sequence[EdgeContext], masks: Tensor, kind: str,
+               clean_logprobs: Tensor | Sequence[Tensor]) -> Tensor:
+    """Mean objective over the prompts of each circuit [C]; a list of contexts is a dataset in prompt batches."""
+    if isinstance(ctx, (list, tuple)):
+        sizes = [c.read_positions.shape[0] for c in ctx]
+        total = sum(_objective(c, masks, kind, lp) * n for c, lp, n in zip(ctx, clean_logprobs, sizes))
+        return total / sum(sizes)
     er = ctx.edge_runner
     final = er.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(masks))
     logits = _logits_at(er.runner, final, ctx.read_positions)
@@ -44,19 +50,28 @@ def _objective(ctx: EdgeContext, masks: Tensor, kind: str, clean_logprobs: Tenso
     return ctx.task.metric_at(logits, ctx.pairs).mean(1)
 
 
-def acdc(ctx: EdgeContext, threshold: float, *, objective: str = "kl", progress: bool = False) -> ACDCResult:
-    """Run ACDC at `threshold`; returns which edges survive and the objective change each removal caused."""
+def acdc(ctx: EdgeContext | Sequence[EdgeContext], threshold: float, *, objective: str = "kl",
+         progress: bool = False) -> ACDCResult:
+    """Run ACDC at `threshold`; returns which edges survive and the objective change each removal caused.
+
+    `ctx` may be a list of contexts, one per prompt batch: each objective is then the exact mean over all.
+    """
     if objective not in ("kl", "metric"):
         raise ValueError(f"objective {objective!r} is unknown: use 'kl' or 'metric'")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    g = ctx.graph
+    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+    g = contexts[0].graph
     kept = torch.ones(g.n_edges)
     scores = torch.full((g.n_edges,), float("nan"))
     with torch.no_grad():
-        clean_final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, g.mask(kept.unsqueeze(0)))
-        clean_logits = _logits_at(ctx.edge_runner.runner, clean_final, ctx.read_positions)
-        clean_logprobs = F.log_softmax(clean_logits.view(1, *ctx.read_positions.shape, -1), dim=-1)[0]
+        clean_logprobs = []
+        for c in contexts:
+            clean_final = c.edge_runner.masked(c.pairs.clean_tokens, c.corrupt, g.mask(kept.unsqueeze(0)))
+            clean_logits = _logits_at(c.edge_runner.runner, clean_final, c.read_positions)
+            clean_logprobs.append(F.log_softmax(clean_logits.view(1, *c.read_positions.shape, -1), dim=-1)[0])
+        ctx = contexts if len(contexts) > 1 else contexts[0]
+        clean_logprobs = clean_logprobs if len(contexts) > 1 else clean_logprobs[0]
         current = _objective(ctx, kept.unsqueeze(0), objective, clean_logprobs)[0]
         forwards = 1
         receivers = list(range(g.n_receivers - 1, -1, -1))
@@ -88,16 +103,11 @@ def acdc(ctx: EdgeContext, threshold: float, *, objective: str = "kl", progress:
 
 
 def _has_outgoing(graph: Any, kept: Tensor, node: str, channel: str) -> bool:
-    """Whether the node a receiver belongs to still sends along a kept edge (for `<k>`/`<v>` receivers, named
-    by key/value head, any query head of its group)."""
+    """Whether the node a receiver belongs to still sends along a kept edge (`<q>`, `<k>` and `<v>` receivers
+    belong to their query head, also with grouped-query attention)."""
     if node.startswith("a"):
         layer, head = (int(x) for x in node[1:].split(".h"))
-        group = graph.n_heads // graph.n_kv
-        heads = range(head * group, (head + 1) * group) if channel in ("k", "v") else [head]
-        senders = [graph.head_sender(layer, h) for h in heads]
+        sender = graph.head_sender(layer, head)
     else:
-        senders = [graph.mlp_sender(int(node[1:]))]
-    mask = torch.zeros(graph.n_edges, dtype=torch.bool)
-    for s in senders:
-        mask |= graph.edge_sender == s
-    return bool((kept[mask] > 0).any())
+        sender = graph.mlp_sender(int(node[1:]))
+    return bool((kept[graph.edge_sender == sender] > 0).any())

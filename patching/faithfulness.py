@@ -56,11 +56,24 @@ def faithfulness_curve(ctx: EdgeContext, scores: Tensor, *, percents: tuple[floa
                        n_boot: int = 1000, seed: int = 0, memory_budget_mb: float = 1024.0,
                        progress: bool = False) -> FaithfulnessResult:
     """Evaluate top-k circuits exactly and summarise them as MIB's CPR and CMD with bootstrap intervals."""
+    masks, counts = curve_masks(scores, percents)
+    values = evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress)
+    return curve_from_values(values, ctx.clean_values, ctx.corrupt_values, counts, percents=percents,
+                             n_boot=n_boot, seed=seed)
+
+
+def curve_masks(scores: Tensor, percents: tuple[float, ...] = PERCENTS) -> tuple[Tensor, list[int]]:
+    """The circuits a faithfulness curve evaluates: top-k by signed score, then by |score| ([2P, n_edges])."""
     signed, counts = top_k_masks(scores, percents)
     absolute, _ = top_k_masks(scores, percents, absolute=True)
-    values = evaluate_edge_masks(ctx, torch.cat([signed, absolute]), memory_budget_mb=memory_budget_mb,
-                                 progress=progress).cpu().numpy()  # [2P, batch]
-    clean, corrupt = ctx.clean_values.cpu().numpy(), ctx.corrupt_values.cpu().numpy()
+    return torch.cat([signed, absolute]), counts
+
+
+def curve_from_values(values: Tensor, clean_values: Tensor, corrupt_values: Tensor, counts: list[int], *,
+                      percents: tuple[float, ...] = PERCENTS, n_boot: int = 1000, seed: int = 0) -> FaithfulnessResult:
+    """CPR/CMD and the curve from per-prompt metrics of the `curve_masks` circuits ([2P, batch])."""
+    values = values.cpu().numpy()
+    clean, corrupt = clean_values.cpu().numpy(), corrupt_values.cpu().numpy()
     x = np.asarray(percents) / 100.0
     rng = np.random.default_rng(seed)
     batch = clean.shape[0]

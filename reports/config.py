@@ -149,11 +149,25 @@ def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> li
     for entry in entries:
         merged = dict(entry)
         merged.update({k: v for k, v in cli_values.items() if v is not None})
+        if merged.get("n") is None and _dataset_rows(merged.get("task")) is not None:
+            merged["n"] = _dataset_rows(merged.get("task"))  # a dataset file: every row unless --n says fewer
         configs.append(make_config(merged))
     outs = [c.out for c in configs]
     if len(set(outs)) != len(outs):
         raise ConfigError("a sweep's runs need distinct 'out' directories (each run writes its own)")
     return configs
+
+
+def _dataset_rows(task: Any) -> int | None:
+    """How many rows a `--task` dataset file holds (None for built-in task names)."""
+    from circuitlab.tasks.custom import load_task, looks_like_path
+
+    if not isinstance(task, str) or not looks_like_path(task):
+        return None
+    try:
+        return len(load_task(task).records)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def make_config(values: dict[str, Any]) -> RunConfig:

@@ -64,21 +64,14 @@ class Run:
         return self.pairs.to(self.cfg.device)
 
     def edge_context(self) -> Any:
-        if self._ectx is None:
-            from circuitlab.patching.edges import prepare_edges
-
-            self._ectx = prepare_edges(self.get_model(), self.task, self.device_pairs())
-        return self._ectx
+        return self.patch_context()  # one engine context serves every method
 
     def patch_context(self) -> Any:
         if self._pctx is None:
-            from circuitlab.patching.activation import prepare
+            from circuitlab.patching.engine import engine_context
 
-            model = self.get_model()
-            collect = [("z", layer) for layer in range(model.cfg.n_layers)]
-            if not getattr(model.cfg, "attn_only", False):
-                collect += [("mlp_out", layer) for layer in range(model.cfg.n_layers)]
-            self._pctx = prepare(model, self.task, self.device_pairs(), collect=collect)
+            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False)
+            self._ectx = self._pctx
         return self._pctx
 
     def stage(self, name: str, compute: Callable[[], None]) -> None:
@@ -120,6 +113,7 @@ def _stage_pairs(run: Run) -> None:
                                   "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
                                   "attn_only": bool(getattr(model.cfg, "attn_only", False)),
+                                  "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
                                   "architecture": str(getattr(model.cfg, "architecture", "")),
                                   "has_tokenizer": model.tokenizer is not None,
                                   "position_labels": labels})
@@ -283,8 +277,7 @@ def _graph(run: Run) -> Any:
     from circuitlab.patching.edges import ComputationalGraph
 
     meta = run.cache.load_json("model")
-    return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
-                              False)
+    return ComputationalGraph.from_meta(meta)
 
 
 def _gap(run: Run) -> float:
@@ -513,6 +506,23 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
     return record
 
 
+def _check_dataset(cfg: RunConfig, task: Any) -> Any:
+    """For a dataset-file task: load the model and tokenize every row now, so bad data is one clear error
+    before anything is written. Returns the loaded model (None for built-in tasks)."""
+    from circuitlab.tasks.custom import RecordsTask
+
+    if not isinstance(task, RecordsTask):
+        return None
+    from circuitlab.patching.models import load_model
+
+    model = load_model(cfg.model, device=cfg.device)
+    try:
+        task.generate(model, cfg.n, seed=cfg.seed, **dict(cfg.task_options))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return model
+
+
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
     from circuitlab.reports.config import resolve_threads
@@ -529,24 +539,27 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     from circuitlab.tasks import get_task
 
     started = time.time()
+    task = get_task(cfg.task)
+    model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
     out = store.check_writable(cfg.out)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    run = Run(cfg, out, store.StageCache(out, cfg.result_key()), say, progress=not quiet)
-    run.task = get_task(cfg.task)
+    run = Run(cfg, out, store.StageCache(out, cfg.result_key()), say, progress=not quiet, model=model)
+    run.task = task
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
 
     run.stage("pairs", lambda: _stage_pairs(run))
     from circuitlab.tasks import PromptPairs
 
     run.pairs = PromptPairs.load_jsonl(run.cache.path("pairs", ".jsonl"))
+    if getattr(run.task, "metric_name", "") == "kl" and hasattr(run.task, "attach_reference"):
+        run.task.attach_reference(run.get_model(), run.pairs)  # the clean distributions are not saved
     say(f"  {len(run.pairs)} pairs of {run.pairs.seq_len} tokens, e.g. {run.pairs.clean_texts[0]!r} -> "
         f"{run.pairs.corrupt_texts[0]!r}")
     meta = run.cache.load_json("model")
     if cfg.method == "acdc" and not cfg.force:
         from circuitlab.patching.edges import ComputationalGraph
 
-        n_edges = ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"],
-                                     meta["attn_only"]).n_edges
+        n_edges = ComputationalGraph.from_meta(meta).n_edges
         if n_edges > ACDC_EDGE_LIMIT:
             raise ConfigError(f"ACDC on {n_edges} edges would take hours (limit {ACDC_EDGE_LIMIT}); use --method "
                               "eap-ig, a smaller model, or --force")

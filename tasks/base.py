@@ -6,8 +6,10 @@ position, so that any activation of the clean run can be patched into the corrup
 Conventions shared by every task:
 - `clean_tokens`/`corrupt_tokens` include the BOS token when the model prepends one (position 0), so every
   position in `positions` indexes these tensors directly.
-- All prompts of one `PromptPairs` have the same token length and no padding (`attention_mask` is None);
-  tasks group their templates by token length to get there (see each task's docstring).
+- Prompts may have different token lengths: they are right-padded to the longest and `attention_mask`
+  (1 = real token, 0 = padding) says where each ends; it is None when all prompts have one length. The
+  clean and corrupt prompt of one pair always have the same length, so they stay aligned token by token,
+  and role positions (END included) are per prompt.
 - `answer_ids` / `wrong_ids` are 2-D `[batch, K]`. Single-token answers have K = 1. A value of -1 is
   padding (used by greater-than, whose answer sets have different sizes per prompt).
 - The metric reads logits only at `Task.read_positions(pairs)` (`[batch, R]`); `Task.metric_at` takes the
@@ -75,6 +77,7 @@ class PromptPairs:
     meta: pd.DataFrame
     attention_mask: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    reference_logprobs: Tensor | None = None  # [batch, R, V] clean log-probs for KL metrics (not saved)
 
     def __post_init__(self) -> None:
         self.clean_tokens = _as_long(self.clean_tokens, "clean_tokens")
@@ -102,6 +105,14 @@ class PromptPairs:
                 raise ValueError(f"positions[{role!r}] points outside the sequence (length {seq}): {pos.tolist()}")
         if self.attention_mask is not None and self.attention_mask.shape != self.clean_tokens.shape:
             raise ValueError("attention_mask must have the shape of clean_tokens")
+        if self.attention_mask is not None and batch and seq:
+            mask = self.attention_mask
+            if bool((mask[:, 1:] > mask[:, :-1]).any()) or bool((mask[:, 0] == 0).any()):
+                raise ValueError("attention_mask must be right padding: each row 1…1 then 0…0, starting with 1")
+            lengths = mask.sum(1)
+            for role, pos in self.positions.items():
+                if bool((pos >= lengths).any()):
+                    raise ValueError(f"positions[{role!r}] points into the padding of some prompts")
         if len(self.clean_texts) != batch or len(self.corrupt_texts) != batch:
             raise ValueError(f"need {batch} clean and corrupt texts, got {len(self.clean_texts)} and "
                              f"{len(self.corrupt_texts)}")
@@ -120,8 +131,15 @@ class PromptPairs:
 
     @property
     def seq_len(self) -> int:
-        """Token length of every prompt (BOS included)."""
+        """Padded token length of the batch (BOS included); see `lengths` for each prompt's own."""
         return int(self.clean_tokens.shape[1])
+
+    @property
+    def lengths(self) -> Tensor:
+        """Token length of each prompt without padding (BOS included), LongTensor [batch]."""
+        if self.attention_mask is None:
+            return torch.full((len(self),), self.seq_len, dtype=torch.long, device=self.device)
+        return self.attention_mask.sum(1)
 
     @property
     def roles(self) -> list[str]:
@@ -167,6 +185,7 @@ class PromptPairs:
             meta=self.meta.iloc[rows].reset_index(drop=True),
             attention_mask=None if self.attention_mask is None else self.attention_mask[dev_idx],
             info=dict(self.info),
+            reference_logprobs=None if self.reference_logprobs is None else self.reference_logprobs[idx],
         )
 
     def to(self, device: str | torch.device) -> PromptPairs:
@@ -183,6 +202,7 @@ class PromptPairs:
             meta=self.meta,
             attention_mask=None if self.attention_mask is None else self.attention_mask.to(device),
             info=dict(self.info),
+            reference_logprobs=self.reference_logprobs,
         )
 
     def valid_answer_ids(self, row: int) -> tuple[list[int], list[int]]:
@@ -296,6 +316,16 @@ class Task(ABC):
     @abstractmethod
     def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
         """Make `n` distinct clean/corrupt pairs for this model's tokenizer; same seed → same pairs."""
+
+    @staticmethod
+    def from_records(records: Any, *, metric: str | None = None, name: str = "custom") -> Task:
+        """A task from your own rows (dicts: clean, corrupt, answer, wrong, optional roles/metric/meta).
+
+        Schema and errors: `circuitlab.tasks.records`; files: `circuitlab.tasks.load_task(path)`.
+        """
+        from circuitlab.tasks.custom import from_records
+
+        return from_records(records, metric=metric, name=name)
 
     def read_positions(self, pairs: PromptPairs) -> Tensor:
         """Sequence positions `[B, R]` whose logits the metric reads (default: the END position, R = 1)."""

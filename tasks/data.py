@@ -57,6 +57,32 @@ IOI_BABA_TEMPLATES: tuple[str, ...] = (
     "After {S} and {IO} had cleaned the {PLACE}, {S} showed a {OBJECT} to",
 )
 
+# The 15 BABA templates of the IOI dataset of Wang et al. (2022, arXiv 2211.00593), in our slot syntax
+# ({S} = their B, {IO} = their A), each ending right before the final IO mention (the answer). They have
+# different token lengths; the IOI task uses all of them (padded batches). Two mention no place or object,
+# one names the object twice.
+IOI_WANG_BABA_TEMPLATES: tuple[str, ...] = (
+    "Then, {S} and {IO} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {S} and {IO} had a lot of fun at the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {S} and {IO} were working at the {PLACE}. {S} decided to give a {OBJECT} to",
+    "Then, {S} and {IO} were thinking about going to the {PLACE}. {S} wanted to give a {OBJECT} to",
+    "Then, {S} and {IO} had a long argument, and afterwards {S} said to",
+    "After {S} and {IO} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "When {S} and {IO} got a {OBJECT} at the {PLACE}, {S} decided to give it to",
+    "When {S} and {IO} got a {OBJECT} at the {PLACE}, {S} decided to give the {OBJECT} to",
+    "While {S} and {IO} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "While {S} and {IO} were commuting to the {PLACE}, {S} gave a {OBJECT} to",
+    "After the lunch, {S} and {IO} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Afterwards, {S} and {IO} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "Then, {S} and {IO} had a long argument. Afterwards {S} said to",
+    "The {PLACE} {S} and {IO} went to had a {OBJECT}. {S} gave it to",
+    "Friends {S} and {IO} found a {OBJECT} at the {PLACE}. {S} gave it to",
+)
+IOI_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "wang2022": IOI_WANG_BABA_TEMPLATES,
+    "paraphrase": IOI_BABA_TEMPLATES,
+}
+
 
 def abba_from_baba(template: str) -> str:
     """The ABBA variant of a BABA template: the first mentions of the two names swap places."""

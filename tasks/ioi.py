@@ -5,9 +5,10 @@ Roles (positions in the BOS-included tokens): `IO` (the indirect object's first 
 subject's first mention), `S1+1` (the token after it), `S2` (the subject's second mention), `END` (the last
 token, where the answer is predicted). Metric: logit difference IO − S at END.
 
-Equal lengths: each template is filled with single-token names, places and objects, so its token length is
-fixed; we keep only the templates of the most common length (or `prompt_length=`) so that a batch needs no
-padding. Which templates were kept is recorded in `pairs.info`.
+Templates: by default the 15 BABA templates of Wang et al. (2022) and their ABBA variants, of every token
+length (`template_set="paraphrase"` gives our own 15 paraphrases). Prompts of different lengths are
+right-padded into one batch (`attention_mask`, per-prompt END); `prompt_length=` keeps only templates of
+one length instead. `meta` records the template, its id and the name order (BABA/ABBA) of every pair.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PromptPairs, Task, check_aligned, gather_ids, require_n
-from circuitlab.tasks.tokens import filter_single_tokens, most_common_length, options_from, render, resolve
+from circuitlab.tasks.tokens import filter_single_tokens, options_from, pad_id_for, pad_right, render, resolve
 
 log = logging.getLogger("circuitlab.tasks")
 
@@ -37,8 +38,9 @@ class IOIOptions:
 
     corruption: "abc" (IO, S1, S2 replaced by three other names, the paper's pABC) or "s2_io_flip" (the
     second subject mention becomes the IO name). family: "mixed", "BABA" or "ABBA" templates. templates:
-    your own BABA-order templates with slots {S} (twice), {IO}, {PLACE}, {OBJECT}. prompt_length: keep
-    templates of this token length (BOS included) instead of the most common one. names/places/objects:
+    your own BABA-order templates with slots {S} (twice), {IO}, {PLACE}, {OBJECT}. template_set: "wang2022"
+    (default) or "paraphrase". prompt_length: keep only templates of this token length (BOS included);
+    default: every length, padded. names/places/objects:
     your own pools (filtered to single tokens). prepend_bos: override the BOS convention.
     """
 
@@ -46,6 +48,7 @@ class IOIOptions:
     family: str = "mixed"
     template_family: str | None = None
     templates: Sequence[str] | str | None = None
+    template_set: str = "wang2022"
     prompt_length: int | None = None
     names: Sequence[str] | None = None
     places: Sequence[str] | None = None
@@ -54,12 +57,16 @@ class IOIOptions:
 
 
 def _indexed(template: str) -> str:
-    """Name the two {S} mentions {S1} and {S2} so each can be filled separately."""
+    """Name the two {S} mentions {S1} and {S2} (and a second {OBJECT} {OBJECT2}) so each can be filled."""
     if template.count("{S}") != 2 or template.count("{IO}") != 1:
         raise ValueError(f"an IOI template needs {{S}} twice and {{IO}} once: {template!r}")
     first = template.index("{S}")
     second = template.index("{S}", first + 3)
-    return template[:first] + "{S1}" + template[first + 3:second] + "{S2}" + template[second + 3:]
+    out = template[:first] + "{S1}" + template[first + 3:second] + "{S2}" + template[second + 3:]
+    if out.count("{OBJECT}") == 2:
+        at = out.index("{OBJECT}", out.index("{OBJECT}") + 1)
+        out = out[:at] + "{OBJECT2}" + out[at + len("{OBJECT}"):]
+    return out
 
 
 class IOITask(Task):
@@ -73,7 +80,9 @@ class IOITask(Task):
     def _templates(self, opts: IOIOptions) -> list[tuple[str, int, str]]:
         """(family, index, template) for the requested family; ABBA variants derive from BABA ones."""
         family = opts.template_family or opts.family
-        baba: Sequence[str] = data.IOI_BABA_TEMPLATES
+        if opts.template_set not in data.IOI_TEMPLATE_SETS:
+            raise ValueError(f"unknown IOI template_set {opts.template_set!r}: use one of {list(data.IOI_TEMPLATE_SETS)}")
+        baba: Sequence[str] = data.IOI_TEMPLATE_SETS[opts.template_set]
         if isinstance(opts.templates, str):
             family = opts.templates
         elif opts.templates is not None:
@@ -103,20 +112,19 @@ class IOITask(Task):
         objects = filter_single_tokens(opts.objects or data.IOI_OBJECTS, src, what="IOI objects")
         name_list, place_list, object_list = list(names), list(places), list(objects)
 
-        # Token length of each template with a reference filling; keep the chosen length.
+        # Token length of each template with a reference filling; all lengths unless prompt_length is given.
         templates = self._templates(opts)
-        ref = dict(S1=name_list[0], S2=name_list[0], IO=name_list[1], PLACE=place_list[0], OBJECT=object_list[0])
-        lengths: dict[int, int] = {}
-        for k, (_, _, t) in enumerate(templates):
-            lengths[k] = len(render(_indexed(t), ref, src).ids)
-        length = opts.prompt_length or most_common_length(lengths, what="IOI templates")
-        kept = [k for k in lengths if lengths[k] == length]
+        ref = dict(S1=name_list[0], S2=name_list[0], IO=name_list[1], PLACE=place_list[0], OBJECT=object_list[0],
+                   OBJECT2=object_list[0])
+        lengths = {k: len(render(_indexed(t), ref, src).ids) for k, (_, _, t) in enumerate(templates)}
+        kept = [k for k in lengths if opts.prompt_length is None or lengths[k] == opts.prompt_length]
         if not kept:
-            raise ValueError(f"no IOI template has {length} tokens; template lengths: {sorted(set(lengths.values()))}")
+            raise ValueError(f"no IOI template has {opts.prompt_length} tokens; template lengths: "
+                             f"{sorted(set(lengths.values()))}")
         dropped = len(templates) - len(kept)
         if dropped:
             log.info("IOI: kept %d of %d templates with %d tokens (others have other lengths)",
-                     len(kept), len(templates), length)
+                     len(kept), len(templates), opts.prompt_length)
 
         n_names = len(name_list)
         capacity = len(kept) * n_names * (n_names - 1) * len(place_list) * len(object_list)
@@ -139,19 +147,19 @@ class IOITask(Task):
             family, t_index, template = templates[k]
             io, s = rng.sample(name_list, 2)
             place, obj = rng.choice(place_list), rng.choice(object_list)
-            values = dict(IO=io, S1=s, S2=s, PLACE=place, OBJECT=obj)
+            values = dict(IO=io, S1=s, S2=s, PLACE=place, OBJECT=obj, OBJECT2=obj)
             if opts.corruption == "abc":
                 c_io, c_s1, c_s2 = rng.sample([x for x in name_list if x not in (io, s)], 3)
             else:
                 c_io, c_s1, c_s2 = io, s, io
-            corrupt_values = dict(IO=c_io, S1=c_s1, S2=c_s2, PLACE=place, OBJECT=obj)
+            corrupt_values = dict(IO=c_io, S1=c_s1, S2=c_s2, PLACE=place, OBJECT=obj, OBJECT2=obj)
             indexed = _indexed(template)
             clean = render(indexed, values, src)
             if clean.text in seen:
                 continue
             corrupt = render(indexed, corrupt_values, src)
             check_aligned([clean.ids], [corrupt.ids], [clean.text], [corrupt.text])
-            if len(clean.ids) != length:
+            if opts.prompt_length is not None and len(clean.ids) != opts.prompt_length:
                 continue  # an unusual merge changed the length; draw again
             seen.add(clean.text)
             clean_ids.append(clean.ids)
@@ -162,15 +170,19 @@ class IOITask(Task):
             positions["S1+1"].append(sp["S1"][1])
             positions["S2"].append(sp["S2"][0])
             positions["END"].append(len(clean.ids) - 1)
-            rows.append(dict(template_id=t_index, family=family, template=template, IO=io, S=s, place=place,
+            rows.append(dict(template_id=t_index, family=family, order=family, template=template, IO=io, S=s, place=place,
                              object=obj, corrupt_IO=c_io, corrupt_S1=c_s1, corrupt_S2=c_s2,
                              corruption=opts.corruption))
             texts.append(clean.text)
             corrupt_texts.append(corrupt.text)
+        pad = pad_id_for(src)
+        clean_padded, mask = pad_right(clean_ids, pad)
+        corrupt_padded, _ = pad_right(corrupt_ids, pad)
         return PromptPairs(
             task=self.name,
-            clean_tokens=torch.tensor(clean_ids),
-            corrupt_tokens=torch.tensor(corrupt_ids),
+            clean_tokens=torch.tensor(clean_padded),
+            corrupt_tokens=torch.tensor(corrupt_padded),
+            attention_mask=None if mask is None else torch.tensor(mask),
             answer_ids=torch.tensor([[names[r["IO"]]] for r in rows]),
             wrong_ids=torch.tensor([[names[r["S"]]] for r in rows]),
             positions={k: torch.tensor(v) for k, v in positions.items()},
@@ -178,7 +190,9 @@ class IOITask(Task):
             corrupt_texts=corrupt_texts,
             meta=pd.DataFrame(rows),
             info=dict(seed=seed, corruption=opts.corruption, family=opts.template_family or opts.family,
-                      prompt_length=length, templates_kept=len(kept), templates_dropped=dropped,
+                      template_set=opts.template_set, prompt_length=max(len(c) for c in clean_ids),
+                      prompt_lengths=sorted({len(c) for c in clean_ids}), pad_id=pad,
+                      templates_kept=len(kept), templates_dropped=dropped,
                       n_names=n_names, n_places=len(place_list), n_objects=len(object_list),
                       names_dropped=len(set(opts.names or data.IOI_NAMES)) - n_names,
                       places_dropped=len(set(opts.places or data.IOI_PLACES)) - len(place_list),

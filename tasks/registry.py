@@ -30,7 +30,12 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
-    """A new task instance by name or alias; keyword arguments go to its constructor (e.g. `metric=`)."""
+    """A new task instance by name or alias, or a dataset file (`.jsonl`/`.csv`, see `load_task`); keyword
+    arguments go to its constructor (e.g. `metric=`)."""
+    from circuitlab.tasks.custom import load_task, looks_like_path
+
+    if looks_like_path(str(name)):
+        return load_task(name, **kwargs)
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _TASKS:

@@ -183,3 +183,30 @@ def options_from(cls: type[T], options: Mapping[str, Any], task: str) -> T:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for task {task!r}; valid options: {sorted(names)}")
     return cls(**options)
+
+
+def pad_id_for(src: TokenSource) -> int:
+    """The token id that fills the padding: the tokenizer's pad, else EOS, else BOS, else 0.
+
+    Causal models are right-padded, so no real position ever attends to a pad token and its value only
+    needs to be a valid id.
+    """
+    tok = src.tokenizer
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tok, name, None) if tok is not None else None
+        if value is not None and 0 <= int(value) < src.d_vocab:
+            return int(value)
+    return 0
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """Right-pad token lists to the longest: (padded ids, attention mask with 1 = real token).
+
+    The mask is None when every list already has the same length (no padding needed).
+    """
+    longest = max((len(s) for s in seqs), default=0)
+    if all(len(s) == longest for s in seqs):
+        return [list(s) for s in seqs], None
+    padded = [list(s) + [pad_id] * (longest - len(s)) for s in seqs]
+    mask = [[1] * len(s) + [0] * (longest - len(s)) for s in seqs]
+    return padded, mask

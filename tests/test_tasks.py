@@ -9,6 +9,7 @@ import torch
 
 from circuitlab.tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, PromptPairs, RepeatedTokensTask, Task,
                    TaskUnsupportedError, get_task, list_tasks)
+from circuitlab.tasks import data
 from circuitlab.tasks.base import check_aligned
 from circuitlab.tasks.greater_than import year_token_ids
 from circuitlab.tasks.tokens import resolve
@@ -51,12 +52,18 @@ def test_registry_names_aliases_and_unknown():
 def test_ioi_pairs_have_right_roles_and_texts(tok):
     pairs = IOITask().generate(tok, 24, seed=3)
     assert len(pairs) == 24 and pairs.roles == ["IO", "S1", "S1+1", "S2", "END"]
-    assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape and pairs.attention_mask is None
+    assert pairs.clean_tokens.shape == pairs.corrupt_tokens.shape and pairs.attention_mask is not None
+    assert len(set(pairs.lengths.tolist())) >= 3  # templates of every length, right-padded
     for i in range(len(pairs)):
         row = pairs.meta.iloc[i]
-        clean = pairs.clean_tokens[i].tolist()
+        length = int(pairs.attention_mask[i].sum())
+        assert pairs.attention_mask[i].tolist() == [1] * length + [0] * (pairs.seq_len - length)
+        assert (pairs.clean_tokens[i, length:] == pairs.info["pad_id"]).all()
+        clean = pairs.clean_tokens[i, :length].tolist()
         assert clean == _bos_ids(tok, pairs.clean_texts[i])
-        assert pairs.corrupt_tokens[i].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        assert pairs.corrupt_tokens[i, :length].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        assert row["order"] == row["family"] and row["template"] in (
+            data.IOI_WANG_BABA_TEMPLATES[row["template_id"]], data.abba_from_baba(data.IOI_WANG_BABA_TEMPLATES[row["template_id"]]))
         at = lambda role: tok.decode([clean[int(pairs.positions[role][i])]])  # noqa: E731
         assert at("IO") == " " + row["IO"] and at("S1") == " " + row["S"] and at("S2") == " " + row["S"]
         assert int(pairs.positions["S1+1"][i]) == int(pairs.positions["S1"][i]) + 1

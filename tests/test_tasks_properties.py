@@ -37,13 +37,14 @@ def test_ioi_properties(tok, seed, n, corruption, family):
     _aligned(pairs)
     assert len(pairs) == n
     for i in range(n):
-        row, clean, corrupt = pairs.meta.iloc[i], pairs.clean_tokens[i], pairs.corrupt_tokens[i]
+        length = int(pairs.lengths[i])
+        row, clean, corrupt = pairs.meta.iloc[i], pairs.clean_tokens[i, :length], pairs.corrupt_tokens[i, :length]
         assert clean.tolist() == [tok.bos_token_id] + tok(pairs.clean_texts[i], add_special_tokens=False)["input_ids"]
         assert corrupt.tolist() == [tok.bos_token_id] + tok(pairs.corrupt_texts[i], add_special_tokens=False)["input_ids"]
         pos = {r: int(pairs.positions[r][i]) for r in pairs.roles}
         assert _decode_at(tok, clean, pos["IO"]) == " " + row["IO"]
         assert _decode_at(tok, clean, pos["S1"]) == _decode_at(tok, clean, pos["S2"]) == " " + row["S"]
-        assert pos["S1+1"] == pos["S1"] + 1 and pos["END"] == pairs.seq_len - 1
+        assert pos["S1+1"] == pos["S1"] + 1 and pos["END"] == length - 1
         assert pos["S2"] > max(pos["IO"], pos["S1"])
         assert _decode_at(tok, corrupt, pos["S2"]) == " " + row["corrupt_S2"]
         assert _decode_at(tok, corrupt, pos["IO"]) == " " + row["corrupt_IO"]

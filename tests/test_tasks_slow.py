@@ -18,7 +18,10 @@ def _forward(model, tokens, chunk=32):
 def test_ioi_on_smollm2(smollm2):
     task = get_task("ioi")
     pairs = task.generate(smollm2, 64, seed=0, corruption="abc")
-    assert torch.equal(smollm2.to_tokens(pairs.clean_texts), pairs.clean_tokens)  # bridge tokenization agrees
+    for i in range(0, 64, 7):  # bridge tokenization agrees (prompts of several lengths, right-padded)
+        length = int(pairs.lengths[i])
+        assert torch.equal(smollm2.to_tokens(pairs.clean_texts[i])[0], pairs.clean_tokens[i, :length])
+    assert len(set(pairs.lengths.tolist())) >= 4
     clean = task.metric(_forward(smollm2, pairs.clean_tokens), pairs)
     corrupt = task.metric(_forward(smollm2, pairs.corrupt_tokens), pairs)
     accuracy = float((clean > 0).float().mean())

@@ -1,0 +1,192 @@
+"""Choosing a circuit by measured faithfulness: the smallest prefix of a ranking that reaches a target.
+
+A ranking (attribution scores, learned mask logits, single-component effects) orders candidate items: heads
+(`a3.h5`), MLPs (`m2`) or edges (`a0.h1->a5.h5<q>`). The circuit is the shortest prefix whose *exact*
+faithfulness, f = (m(C) - m(corrupt)) / (m(clean) - m(corrupt)) with every item outside C at its corrupted-run
+value (`patching.node_masks` for nodes, `patching.edges` for edges), reaches `target`. Items whose score is
+zero or within noise of zero (|score| <= `noise` x the largest |score|) are never candidates: they are not
+added to fill a size. Intervals are 95% bootstrap intervals over prompts.
+
+`CircuitEvaluator` holds what the measurement needs for one set of prompts; build one for the discovery
+prompts and one for held-out prompts (`node_evaluator`, `edge_evaluator`) and evaluate the same circuit on
+both (`CircuitEvaluator.faithfulness`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks
+from circuitlab.patching.node_masks import evaluate_node_masks
+
+NOISE = 1e-6
+
+
+@dataclass
+class CircuitEvaluator:
+    """Exact per-prompt metric of circuits given as 0/1 vectors over `items`, with clean/corrupt baselines."""
+
+    items: list[str]
+    run: Callable[[Tensor], Tensor]  # masks [C, n_items] -> per-prompt metric [C, batch]
+    clean_values: Tensor
+    corrupt_values: Tensor
+    level: str = "node"
+
+    def mask(self, names: Sequence[str]) -> Tensor:
+        index = {name: i for i, name in enumerate(self.items)}
+        vec = torch.zeros(len(self.items))
+        for name in names:
+            if name not in index:
+                raise ValueError(f"{name!r} is not one of this evaluator's {self.level} items (e.g. {self.items[0]!r})")
+            vec[index[name]] = 1.0
+        return vec
+
+    def values(self, masks: Tensor) -> np.ndarray:
+        """Per-prompt metric [C, batch] as float64."""
+        return self.run(masks if masks.dim() == 2 else masks.unsqueeze(0)).detach().cpu().double().numpy()
+
+    def faithfulness(self, names_or_mask: Sequence[str] | Tensor, *, n_boot: int = 1000, seed: int = 0
+                     ) -> tuple[float, tuple[float, float]]:
+        """Exact faithfulness of one circuit and its 95% bootstrap interval over prompts."""
+        mask = names_or_mask if isinstance(names_or_mask, Tensor) else self.mask(names_or_mask)
+        f, lo, hi = normalized(self.values(mask), self.clean_values, self.corrupt_values, n_boot=n_boot, seed=seed)
+        return float(f[0]), (float(lo[0]), float(hi[0]))
+
+
+def normalized(values: np.ndarray, clean: Tensor, corrupt: Tensor, *, n_boot: int = 1000, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Faithfulness of each row of `values` [C, batch] with 95% bootstrap bounds (resampling prompts)."""
+    c = clean.detach().cpu().double().numpy()
+    k = corrupt.detach().cpu().double().numpy()
+    point = (values.mean(1) - k.mean()) / (c.mean() - k.mean())
+    if n_boot < 1 or values.shape[1] < 2:
+        nan = np.full_like(point, np.nan)
+        return point, nan, nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.shape[1], (n_boot, values.shape[1]))
+    boot = (values[:, idx].mean(2) - k[idx].mean(1)) / (c[idx].mean(1) - k[idx].mean(1))  # [C, n_boot]
+    return point, np.quantile(boot, 0.025, axis=1), np.quantile(boot, 0.975, axis=1)
+
+
+def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int = 8) -> CircuitEvaluator:
+    """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs."""
+    g = ctx.graph
+    learn = [i for i, n in enumerate(g.sender_names) if n.startswith("a") or (n.startswith("m") and not heads_only)]
+    idx = torch.tensor(learn, dtype=torch.long)
+
+    def run(masks: Tensor) -> Tensor:
+        full = torch.ones(masks.shape[0], g.n_senders)
+        full[:, idx] = masks.float()
+        return evaluate_node_masks(ctx, full, chunk=chunk)
+
+    return CircuitEvaluator([g.sender_names[i] for i in learn], run, ctx.clean_values, ctx.corrupt_values, "node")
+
+
+def edge_evaluator(ctx: EdgeContext, *, memory_budget_mb: float = 1024.0) -> CircuitEvaluator:
+    """Edge circuits over every edge of the graph (exact edge patching)."""
+    return CircuitEvaluator(list(ctx.graph.edge_names),
+                            lambda masks: evaluate_edge_masks(ctx, masks.float(), memory_budget_mb=memory_budget_mb),
+                            ctx.clean_values, ctx.corrupt_values, "edge")
+
+
+@dataclass
+class FaithfulCircuit:
+    """The chosen circuit, its exact faithfulness with interval, and the faithfulness-vs-size curve."""
+
+    items: list[str]
+    faithfulness: float
+    ci: tuple[float, float]
+    target: float
+    reached: bool
+    candidates: int  # items with a score clear of noise
+    curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # size, faithfulness, ci_low, ci_high
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+def candidate_order(scores: Tensor, *, absolute: bool = True, noise: float = NOISE) -> list[int]:
+    """Indices ranked by score (or |score|), dropping scores that are zero or within noise of zero."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or inf; fix the scoring run before selecting a circuit")
+    key = scores.abs() if absolute else scores
+    floor = max(noise * float(scores.abs().max()) if len(scores) else 0.0, 0.0)
+    order = torch.argsort(key, descending=True, stable=True).tolist()
+    return [i for i in order if float(key[i]) > floor]
+
+
+def size_grid(n: int) -> list[int]:
+    """Circuit sizes to try first: 1, 2, 3, 4, 6, 8, 11, 16, ... (about x1.4 apart) and n."""
+    sizes, k = set(), 1.0
+    while k < n:
+        sizes.add(int(round(k)))
+        k = max(k + 1, k * 1.4)
+    sizes.add(n)
+    return sorted(s for s in sizes if 1 <= s <= n)
+
+
+def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: float = 0.8, *,
+                           absolute: bool = True, noise: float = NOISE, require_lower: bool = False,
+                           n_boot: int = 1000, seed: int = 0, batch: int = 16) -> FaithfulCircuit:
+    """Smallest prefix of the ranking `scores` (one per evaluator item) whose exact faithfulness >= target.
+
+    Sizes on a geometric grid are measured first (that is the returned curve); the crossing is then located
+    by bisection between the last grid size below target and the first one at or above it. With
+    `require_lower` the bootstrap lower bound, not the point estimate, must reach the target.
+    """
+    if len(scores) != len(evaluator.items):
+        raise ValueError(f"{len(scores)} scores for {len(evaluator.items)} {evaluator.level} items")
+    order = candidate_order(scores, absolute=absolute, noise=noise)
+    if not order:
+        raise ValueError("every score is zero (or within noise of zero): nothing to select; check the scoring run")
+
+    def masks_for(sizes: Sequence[int]) -> Tensor:
+        m = torch.zeros(len(sizes), len(evaluator.items))
+        for row, k in enumerate(sizes):
+            m[row, order[:k]] = 1.0
+        return m
+
+    def measure(sizes: Sequence[int]) -> pd.DataFrame:
+        values = np.concatenate([evaluator.values(masks_for(sizes[i:i + batch])) for i in range(0, len(sizes), batch)])
+        f, lo, hi = normalized(values, evaluator.clean_values, evaluator.corrupt_values, n_boot=n_boot, seed=seed)
+        return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi})
+
+    def ok(row: pd.Series) -> bool:
+        value = row["ci_low"] if require_lower and not np.isnan(row["ci_low"]) else row["faithfulness"]
+        return bool(value >= target)
+
+    curve = measure(size_grid(len(order)))
+    hits = [i for i in range(len(curve)) if ok(curve.iloc[i])]
+    if not hits:
+        best = curve.iloc[-1]
+        return FaithfulCircuit([evaluator.items[i] for i in order], float(best["faithfulness"]),
+                               (float(best["ci_low"]), float(best["ci_high"])), target, False, len(order), curve)
+    first = hits[0]
+    lo_size = int(curve.iloc[first - 1]["size"]) if first > 0 else 0
+    hi_row = curve.iloc[first]
+    hi_size = int(hi_row["size"])
+    extra = []
+    while hi_size - lo_size > 1:  # bisection: lo fails, hi passes
+        mid = (lo_size + hi_size) // 2
+        row = measure([mid]).iloc[0]
+        extra.append(row)
+        if ok(row):
+            hi_size, hi_row = mid, row
+        else:
+            lo_size = mid
+    if extra:
+        curve = pd.concat([curve, pd.DataFrame(extra)], ignore_index=True).sort_values("size", ignore_index=True)
+    return FaithfulCircuit([evaluator.items[i] for i in order[:hi_size]], float(hi_row["faithfulness"]),
+                           (float(hi_row["ci_low"]), float(hi_row["ci_high"])), target, True, len(order), curve)
+
+
+__all__ = ["CircuitEvaluator", "FaithfulCircuit", "candidate_order", "edge_evaluator", "node_evaluator",
+           "normalized", "select_by_faithfulness", "size_grid", "NOISE"]

@@ -1,0 +1,43 @@
+"""Stability of a discovered circuit: rediscover it on bootstrap resamples of the prompts.
+
+Circuits found by attribution vary a lot across prompt samples (Méloux et al. 2025). `inclusion_frequency`
+draws `n_resamples` bootstrap resamples of the discovery prompts (seeded), reruns a discovery function on each
+(any `find_faithful_circuit` method) and reports how often each node or edge is in the chosen circuit. A
+component in every resample's circuit has frequency 1.0; the report lists the frequencies beside the circuit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from circuitlab.patching.context_subset import subset_context
+from circuitlab.patching.edges import EdgeContext
+
+
+def inclusion_frequency(ctx: EdgeContext, discover: Callable[[EdgeContext], Sequence[str]], *,
+                        n_resamples: int = 10, seed: int = 0, reference: Sequence[str] = ()) -> pd.DataFrame:
+    """How often each item is in the circuit `discover` returns on bootstrap resamples of the prompts.
+
+    Columns: item, frequency (fraction of resamples), in_reference (item in `reference`, e.g. the circuit found
+    on all prompts). Sorted by frequency, most stable first.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    rng = np.random.default_rng(seed)
+    batch = int(ctx.clean_values.shape[0])
+    counts: dict[str, int] = {}
+    for _ in range(n_resamples):
+        found = set(discover(subset_context(ctx, rng.integers(0, batch, batch).tolist())))
+        for item in found:
+            counts[item] = counts.get(item, 0) + 1
+    items = sorted(set(counts) | set(reference))
+    ref = set(reference)
+    frame = pd.DataFrame({"item": items, "frequency": [counts.get(i, 0) / n_resamples for i in items],
+                          "in_reference": [i in ref for i in items]})
+    return frame.sort_values(["frequency", "item"], ascending=[False, True], ignore_index=True)
+
+
+__all__ = ["inclusion_frequency", "subset_context"]

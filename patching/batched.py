@@ -1,0 +1,209 @@
+"""Every method over prompt batches, so memory stays flat in the number of prompts.
+
+`Batches(model, task, pairs, batch_size=...)` (or `batch_size_for(model, pairs, memory_budget_mb)`) splits the
+prompts into batches (each trimmed to its own longest prompt), builds one context per batch, runs the method
+and adds up exact sums: per-prompt metrics are concatenated, means are weighted by batch size. The results
+equal the single-batch ones to float rounding (tested). Only one batch's activations are alive at a time,
+except for ACDC, which revisits every batch at every step and keeps their contexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from circuitlab.patching.runner import Runner
+
+# Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
+# gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
+_LEAF_FACTOR = 6
+
+
+def bytes_per_prompt(model: Any, seq_len: int) -> float:
+    """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
+    cfg = model.cfg
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    mlp = 0 if getattr(cfg, "attn_only", False) else 1
+    n_senders = 1 + n_layers * (n_heads + mlp)
+    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
+    return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
+
+
+def batch_size_for(model: Any, pairs: Any, memory_budget_mb: float) -> int:
+    """Prompts per batch so that one batch of the heaviest method fits in `memory_budget_mb` (at least 1)."""
+    per = bytes_per_prompt(model, int(pairs.clean_tokens.shape[1]))
+    return max(1, int(memory_budget_mb * 2**20 // per))
+
+
+@dataclass
+class Batches:
+    """A dataset split into prompt batches, with the batched forms of every method."""
+
+    model: Any
+    task: Any
+    pairs: Any
+    batch_size: int | None = None
+    runner: Runner | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.runner is None:
+            from circuitlab.patching.engine import make_runner
+
+            self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
+
+    @property
+    def n(self) -> int:
+        return len(self.pairs)
+
+    def parts(self, *, trim: bool = True) -> Iterator[Any]:
+        """The prompt batches (trimmed of unused padding unless `trim=False`)."""
+        from circuitlab.tasks.batching import prompt_batches
+
+        if trim:
+            yield from prompt_batches(self.pairs, self.batch_size)
+            return
+        size = self.batch_size or max(self.n, 1)
+        for start in range(0, self.n, size):
+            yield self.pairs.subset(slice(start, start + size))
+
+    # ------------------------------------------------------------------ edge engine
+    def edge_contexts(self) -> Iterator[Any]:
+        from circuitlab.patching.edges import prepare_edges
+
+        for part in self.parts():
+            yield prepare_edges(self.model, self.task, part, runner=self.runner)
+
+    def _weighted(self, per_batch: Callable[[Any], Tensor]) -> Tensor:
+        """Σ_b (n_b / n) · f(batch b): the all-prompt mean of a quantity that is a mean over a batch."""
+        total = None
+        for ctx in self.edge_contexts():
+            value = per_batch(ctx) * (ctx.read_positions.shape[0] / self.n)
+            total = value if total is None else total + value
+            del ctx
+        return total
+
+    def baseline(self) -> tuple[Tensor, Tensor]:
+        """Per-prompt clean and corrupt metric values [n] each."""
+        clean, corrupt = [], []
+        for ctx in self.edge_contexts():
+            clean.append(ctx.clean_values.cpu())
+            corrupt.append(ctx.corrupt_values.cpu())
+        return torch.cat(clean), torch.cat(corrupt)
+
+    def eap(self) -> Tensor:
+        from circuitlab.patching.attribution import eap_scores
+
+        return self._weighted(eap_scores)
+
+    def eap_ig(self, steps: int = 5, *, progress: bool = False) -> Tensor:
+        from circuitlab.patching.attribution import eap_ig_scores
+
+        return self._weighted(lambda ctx: eap_ig_scores(ctx, steps=steps, progress=progress))
+
+    def exact_edge_scores(self, edges: Any, *, progress: bool = False) -> Tensor:
+        from circuitlab.patching.attribution import exact_edge_scores
+
+        return self._weighted(lambda ctx: exact_edge_scores(ctx, edges, progress=progress))
+
+    def evaluate_edge_masks(self, masks: Tensor, *, memory_budget_mb: float = 1024.0, progress: bool = False) -> Tensor:
+        """Per-prompt metric [C, n] of each circuit (edge vectors [C, n_edges])."""
+        from circuitlab.patching.edges import evaluate_edge_masks
+
+        return torch.cat([evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu()
+                          for ctx in self.edge_contexts()], dim=1)
+
+    def oracle_check(self, scores: Tensor, *, n_edges: int = 200, seed: int = 0,
+                     progress: bool = False) -> tuple[float, pd.DataFrame]:
+        from circuitlab.patching.attribution import oracle_frame, oracle_sample
+        from circuitlab.patching.edges import ComputationalGraph
+
+        graph = ComputationalGraph.from_model(self.model)
+        chosen = oracle_sample(graph, scores, n_edges=n_edges, seed=seed)
+        return oracle_frame(graph, scores, chosen, self.exact_edge_scores(chosen.tolist(), progress=progress))
+
+    def faithfulness_curve(self, scores: Tensor, *, percents: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                           memory_budget_mb: float = 1024.0, progress: bool = False) -> Any:
+        from circuitlab.patching.faithfulness import curve_from_values, curve_masks
+
+        masks, counts = curve_masks(scores, tuple(percents))
+        values, clean, corrupt = [], [], []
+        from circuitlab.patching.edges import evaluate_edge_masks
+
+        for ctx in self.edge_contexts():
+            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu())
+            clean.append(ctx.clean_values.cpu())
+            corrupt.append(ctx.corrupt_values.cpu())
+        return curve_from_values(torch.cat(values, 1), torch.cat(clean), torch.cat(corrupt), counts,
+                                 percents=tuple(percents), n_boot=n_boot, seed=seed)
+
+    def acdc(self, threshold: float, *, objective: str = "kl", progress: bool = False) -> Any:
+        from circuitlab.patching.acdc import acdc
+
+        return acdc(list(self.edge_contexts()), threshold, objective=objective, progress=progress)
+
+    # ------------------------------------------------------------------ activation and path patching
+    def _patched_frames(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]],
+                        trim: bool) -> pd.DataFrame:
+        """Run a sweep per batch and combine: metric = Σ n_b · metric_b / n; effect from the combined baselines."""
+        from circuitlab.patching.activation import prepare
+
+        total, clean, corrupt, first = None, 0.0, 0.0, None
+        for part in self.parts(trim=trim):
+            ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            frame = run(part, ctx)
+            weight = len(part) / self.n
+            metric = frame["metric"].to_numpy() * weight
+            total = metric if total is None else total + metric
+            clean += ctx.clean_metric * weight
+            corrupt += ctx.corrupt_metric * weight
+            first = frame if first is None else first
+            del ctx
+        if abs(clean - corrupt) <= 1e-9:
+            raise ValueError(f"clean and corrupted runs give the same metric ({clean:.4g}): normalized effects are "
+                             "undefined; check the corruption or the task")
+        out = first.copy()
+        out["metric"] = total
+        out["effect"] = (total - corrupt) / (clean - corrupt)
+        out.attrs.update(clean_metric=clean, corrupt_metric=corrupt)
+        return out
+
+    def activation_patching(self, component: str = "z", *, positions: Any = "all", layers: Sequence[int] | None = None,
+                            heads: Sequence[int] | None = None, config: Any = None,
+                            collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
+        """`activation.activation_patching` over prompt batches (absolute positions keep the full padded width)."""
+        from circuitlab.patching.activation import activation_patching
+
+        if config is not None and config.resolved_source() == "mean" and (self.batch_size or self.n) < self.n:
+            raise ValueError("mean ablation averages over all prompts: run it in one batch (batch_size=None)")
+        absolute = not _roles_or_all(positions)
+        return self._patched_frames(
+            lambda part, ctx: activation_patching(self.model, self.task, part, component, positions=positions,
+                                                  layers=layers, heads=heads, config=config, context=ctx),
+            collect, trim=not absolute)
+
+    def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q", **kwargs: Any) -> pd.DataFrame:
+        """`path.path_patching` over prompt batches."""
+        from circuitlab.patching.path import path_patching
+
+        absolute = not (_roles_or_all(kwargs.get("sender_positions")) and _roles_or_all(kwargs.get("receiver_positions")))
+        return self._patched_frames(
+            lambda part, ctx: path_patching(self.model, self.task, part, senders, receivers, channel, context=ctx,
+                                            **kwargs),
+            (), trim=not absolute)
+
+
+def _roles_or_all(positions: Any) -> bool:
+    """True for position specs that mean the same tokens in any batch (all, None, role names)."""
+    if positions is None or positions == "all":
+        return True
+    if isinstance(positions, str):
+        return positions != "each"
+    if isinstance(positions, (list, tuple)):
+        return all(isinstance(p, str) and p not in ("each", "all") for p in positions)
+    return False

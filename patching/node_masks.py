@@ -1,0 +1,116 @@
+"""Exact, differentiable node circuits: keep some heads/MLPs clean, replace every other one's output.
+
+A node circuit keeps a set of senders (heads, MLPs, optionally the `input` embeddings). Every other sender's
+output is replaced by its value in the corrupted run at all positions; everything else (the kept senders, the
+MLPs when only heads are masked, norms, attention patterns) is recomputed from the patched residual stream.
+With a continuous mask m_u in [0, 1] sender u writes `m_u * a_u + (1 - m_u) * a_u^corrupt`, where `a_u` is
+its output in this same forward pass. This equals edge patching (`patching.edges`) with every outgoing edge
+of u set to m_u, at the cost of one ordinary forward per circuit instead of one copy of the residual stream
+per receiver, so it is cheap enough to optimise masks by gradient descent on a real model.
+
+Masks are vectors over `ComputationalGraph.sender_names` (`input`, `a{l}.h{h}`, `m{l}`); `node_mask` builds
+one from names. Many circuits run in one batched forward ([C, n_senders] masks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.edges import EdgeContext, _logits_at
+
+
+def node_mask(ctx: EdgeContext, keep: Iterable[str], *, keep_input: bool = True, keep_mlps: bool = False) -> Tensor:
+    """A 0/1 sender vector [n_senders] with the named nodes kept (plus `input` / every MLP if asked)."""
+    names = ctx.graph.sender_names
+    index = {name: i for i, name in enumerate(names)}
+    vec = torch.zeros(len(names))
+    for name in keep:
+        if name not in index:
+            raise ValueError(f"node {name!r} is not a sender of this model's graph (e.g. {names[1]!r}, 'm0', 'input')")
+        vec[index[name]] = 1.0
+    if keep_input:
+        vec[0] = 1.0
+    if keep_mlps:
+        vec[mlp_indices(ctx)] = 1.0
+    return vec
+
+
+def head_indices(ctx: EdgeContext) -> Tensor:
+    """Sender indices of every attention head, in graph order."""
+    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("a")], dtype=torch.long)
+
+
+def mlp_indices(ctx: EdgeContext) -> Tensor:
+    """Sender indices of every MLP, in graph order (empty for attention-only models)."""
+    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("m")], dtype=torch.long)
+
+
+def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
+    """Final residual streams [C * batch, pos, d_model] for C node circuits (masks [C, n_senders]).
+
+    Differentiable in `masks` (autograd-safe: no in-place writes into saved tensors).
+    """
+    er = ctx.edge_runner
+    r, g = er.runner, er.graph
+    if masks.dim() != 2 or masks.shape[1] != g.n_senders:
+        raise ValueError(f"node masks must be [circuits, {g.n_senders}] over graph.sender_names; got {tuple(masks.shape)}")
+    n_circ = masks.shape[0]
+    corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
+    batch, seq, _, dm = corrupt.shape
+    masks = masks.to(corrupt.dtype)
+
+    def mix(clean_out: Tensor, first: int, count: int) -> Tensor:
+        """clean_out [C*b, p, count, d] -> mixed with the corrupted outputs of senders first..first+count."""
+        m = masks[:, first:first + count].view(n_circ, 1, 1, count, 1)
+        out = clean_out.view(n_circ, batch, seq, count, dm)
+        bad = corrupt[:, :, first:first + count].unsqueeze(0)
+        return (bad + m * (out - bad)).view(n_circ * batch, seq, count, dm)
+
+    embed = ctx.clean.senders[:, :, 0]
+    resid = mix(embed.unsqueeze(2).repeat(n_circ, 1, 1, 1), 0, 1)[:, :, 0]
+    for layer in range(r.n_layers):
+        x = r.ln1[layer](resid)
+        q, k, v = r.project_q(layer, x), r.project_k(layer, x), r.project_v(layer, x)
+        heads = r.head_outputs(layer, r.attend(layer, q, k, v))  # [C*b, p, H, d]
+        attn = mix(heads, g.head_sender(layer, 0), g.n_heads).sum(2) + r.b_O[layer]
+        if r.attn_only:
+            resid = resid + attn
+            continue
+        mlp_in = resid if r.parallel else resid + attn
+        mlp = mix(r.mlp[layer](r.ln2[layer](mlp_in)).unsqueeze(2), g.mlp_sender(layer), 1)[:, :, 0]
+        resid = resid + attn + mlp
+    return resid
+
+
+def node_masked_metric(ctx: EdgeContext, masks: Tensor) -> Tensor:
+    """Per-prompt task metric [C, batch] of C node circuits (differentiable in `masks`)."""
+    batch, reads = ctx.read_positions.shape
+    final = node_masked_final(ctx, masks)
+    logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+    return _metric_values(ctx.task, ctx.pairs, logits.view(masks.shape[0], batch, reads, -1))
+
+
+def evaluate_node_masks(ctx: EdgeContext, masks: Tensor, *, chunk: int = 8) -> Tensor:
+    """Per-prompt metric [C, batch] for node masks [C, n_senders] (1 = keep clean), without gradients."""
+    if masks.dim() == 1:
+        masks = masks.unsqueeze(0)
+    if not bool(torch.isfinite(masks).all()):
+        raise ValueError("node masks contain NaN or inf")
+    out = []
+    with torch.no_grad():
+        for start in range(0, masks.shape[0], chunk):
+            out.append(node_masked_metric(ctx, masks[start:start + chunk]))
+    return torch.cat(out, dim=0)
+
+
+def expand_to_edges(ctx: EdgeContext, masks: Tensor) -> Tensor:
+    """The edge masks [C, n_edges] equivalent to node masks [C, n_senders] (every outgoing edge = m_u)."""
+    return masks[:, ctx.graph.edge_sender]
+
+
+__all__: list[Any] = ["node_mask", "head_indices", "mlp_indices", "node_masked_final", "node_masked_metric",
+                      "evaluate_node_masks", "expand_to_edges"]

@@ -1,0 +1,82 @@
+"""Prompt batches: every method over batches of 2 (each trimmed to its own longest prompt) equals one padded
+batch to 1e-5; the batch size follows the memory budget."""
+
+import numpy as np
+import pytest
+import torch
+
+from circuitlab.patching.acdc import acdc
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores, oracle_check
+from circuitlab.patching.batched import Batches, batch_size_for, bytes_per_prompt
+from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
+from circuitlab.patching.faithfulness import faithfulness_curve
+from circuitlab.patching.path import path_patching
+from circuitlab.tasks import Task
+from tests.test_padding import _rows
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model):
+    task = Task.from_records(_rows(tiny_model.cfg.d_vocab, seed=3))
+    pairs = task.generate(tiny_model)
+    return tiny_model, task, pairs, Batches(tiny_model, task, pairs, batch_size=2)
+
+
+def _close(a, b, tol=1e-5):
+    a, b = (torch.as_tensor(np.array(x, dtype=np.float64)) for x in (a, b))
+    assert a.shape == b.shape and (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item()), (a, b)
+
+
+def test_batches_are_trimmed_and_cover_every_prompt(data):
+    _, _, pairs, batched = data
+    parts = list(batched.parts())
+    assert [len(p) for p in parts] == [2, 2, 1] and sum(len(p) for p in parts) == len(pairs)
+    assert [p.seq_len for p in parts] == [9, 11, 8]
+
+
+def test_edge_methods_equal_one_batch(data):
+    model, task, pairs, batched = data
+    ctx = prepare_edges(model, task, pairs)
+    clean, corrupt = batched.baseline()
+    _close(clean, ctx.clean_values)
+    _close(corrupt, ctx.corrupt_values)
+    _close(batched.eap(), eap_scores(ctx))
+    ig = batched.eap_ig(steps=3)
+    _close(ig, eap_ig_scores(ctx, steps=3))
+    masks = (torch.rand(3, ctx.graph.n_edges, generator=torch.Generator().manual_seed(1)) > 0.3).float()
+    _close(batched.evaluate_edge_masks(masks), evaluate_edge_masks(ctx, masks))
+    edges = list(range(0, ctx.graph.n_edges, 29))
+    _close(batched.exact_edge_scores(edges), exact_edge_scores(ctx, edges))
+    rho, frame = batched.oracle_check(ig, n_edges=30)
+    rho1, frame1 = oracle_check(ctx, ig, n_edges=30)
+    assert list(frame["edge"]) == list(frame1["edge"]) and abs(rho - rho1) < 1e-9
+    curve = batched.faithfulness_curve(ig, percents=(1, 10, 100), n_boot=20)
+    one = faithfulness_curve(ctx, ig, percents=(1, 10, 100), n_boot=20)
+    _close(curve.curve["faithfulness"], one.curve["faithfulness"])
+    _close([curve.cpr, curve.cmd], [one.cpr, one.cmd])
+    for objective in ("kl", "metric"):
+        a, b = batched.acdc(0.02, objective=objective), acdc(ctx, 0.02, objective=objective)
+        assert torch.equal(a.kept, b.kept) and a.forwards == b.forwards
+        _close(torch.nan_to_num(a.scores), torch.nan_to_num(b.scores))
+
+
+def test_activation_and_path_patching_equal_one_batch(data):
+    model, task, pairs, batched = data
+    for component, positions in (("z", "all"), ("mlp_out", ["S2", "END"]), ("resid_pre", "each"), ("k", [2])):
+        one = activation_patching(model, task, pairs, component, positions=positions)
+        many = batched.activation_patching(component, positions=positions)
+        _close(many["metric"], one["metric"])
+        _close(many["effect"], one["effect"])
+        assert list(many["layer"]) == list(one["layer"]) and list(many["position"]) == list(one["position"])
+    kwargs = dict(senders=["a0.h0", ["a0.h1", "a1.h2"]], receivers=["a2.h0"], channel="v", receiver_positions="END")
+    _close(batched.path_patching(**kwargs)["effect"], path_patching(model, task, pairs, **kwargs)["effect"])
+    with pytest.raises(ValueError, match="mean ablation"):
+        batched.activation_patching("z", config=PatchingConfig(source="mean"))
+
+
+def test_batch_size_follows_the_memory_budget(data):
+    model, _, pairs, _ = data
+    per = bytes_per_prompt(model, pairs.seq_len)
+    assert batch_size_for(model, pairs, 10 * per / 2**20) == 10
+    assert batch_size_for(model, pairs, 1e-6) == 1

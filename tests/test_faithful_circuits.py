@@ -1,0 +1,166 @@
+"""Small faithful circuits: exact node/edge masked forwards, selection by faithfulness, learned masks, greedy
+refinement, held-out splits and stability, on tiny models and the ground-truth models."""
+
+import pytest
+import torch
+
+from circuitlab.graphs.benchmark import adapt_groundtruth
+from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
+from circuitlab.graphs.greedy import greedy_refine
+from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
+from circuitlab.graphs.selection import candidate_order, edge_evaluator, node_evaluator, select_by_faithfulness
+from circuitlab.graphs.stability import inclusion_frequency, subset_context
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.attribution import eap_ig_scores
+from circuitlab.patching.edge_masks import edge_masked_metric
+from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.node_masks import expand_to_edges, node_mask, node_masked_metric
+from tests.test_edges import _dead_heads_model
+from tests.toy import ToyTask, toy_pairs
+
+# Counterfactual under which every true component of a ground-truth model is visible (see graphs.benchmark):
+# tracr_reverse's length sub-circuit is constant across inputs, so only zero ablation sees it.
+GT_COUNTERFACTUAL = {"tracr_reverse": "zero"}
+
+
+@pytest.mark.parametrize("name", ["tiny_model", "tiny_gqa_model"])
+def test_node_masks_equal_edge_patching_and_noising(request, name):
+    model = request.getfixturevalue(name)
+    task, pairs = ToyTask(), toy_pairs(model.cfg.d_vocab, seed=2)
+    ctx = prepare_edges(model, task, pairs)
+    masks = torch.rand(4, ctx.graph.n_senders, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = node_masked_metric(ctx, masks)
+    assert torch.allclose(ours, evaluate_edge_masks(ctx, expand_to_edges(ctx, masks)), atol=1e-4)
+    # one head corrupted, everything else kept = activation patching (noising) of that head's z
+    noised = activation_patching(model, task, pairs, "z", config=PatchingConfig(direction="noise"))
+    masks = 1.0 - torch.stack([node_mask(ctx, [f"a{r.layer}.h{r.head}"], keep_input=False)
+                               for r in noised.itertuples()])  # everything kept but one head
+    with torch.no_grad():
+        values = node_masked_metric(ctx, masks).mean(1)
+    assert torch.allclose(values, torch.tensor(noised["metric"].to_numpy(), dtype=values.dtype), atol=1e-4)
+
+
+def test_differentiable_edge_forward_matches_engine_and_finite_differences(tiny_gqa_model):
+    task, pairs = ToyTask(), toy_pairs(tiny_gqa_model.cfg.d_vocab, seed=5)
+    ctx = prepare_edges(tiny_gqa_model, task, pairs)
+    masks = torch.rand(2, ctx.graph.n_edges, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    masks = masks.float().requires_grad_(True)
+    values = edge_masked_metric(ctx, masks)
+    assert torch.allclose(values, evaluate_edge_masks(ctx, masks.detach()), atol=1e-5)
+    values[0].mean().backward()
+    for e in (0, ctx.graph.n_edges // 2, ctx.graph.n_edges - 1):
+        bumped = masks.detach().clone()[:1].repeat(2, 1)
+        bumped[0, e] += 1e-2
+        bumped[1, e] -= 1e-2
+        fd = (evaluate_edge_masks(ctx, bumped).mean(1) @ torch.tensor([1.0, -1.0])) / 2e-2
+        assert abs(float(fd) - float(masks.grad[0, e])) <= 2e-2 * max(1.0, abs(float(fd)))
+
+
+def test_selection_never_includes_a_zero_score_edge():
+    model, dead = _dead_heads_model()
+    task, pairs = ToyTask(), toy_pairs(model.cfg.d_vocab, seed=7)
+    ctx = prepare_edges(model, task, pairs)
+    scores = eap_ig_scores(ctx, steps=3)
+    g = ctx.graph
+    dead_edges = torch.zeros(g.n_edges, dtype=torch.bool)
+    for layer, head in dead:
+        dead_edges |= g.edge_sender == g.head_sender(layer, head)
+    assert (scores[dead_edges] == 0).all()  # the premise: dead heads' edges score exactly zero
+    evaluator = edge_evaluator(ctx)
+    for target in (0.5, 0.95, 10.0):  # 10.0 is unreachable: the selection stops at the last candidate
+        chosen = select_by_faithfulness(evaluator, scores, target, n_boot=50)
+        index = [g.edge_index(e) for e in chosen.items]
+        assert all(float(scores[i]) != 0.0 for i in index)
+        assert not dead_edges[index].any()
+        assert chosen.reached == (target < 10.0)
+    assert len(candidate_order(torch.tensor([0.0, 1e-12, 2.0, -1.0]))) == 2
+
+
+def test_selection_is_the_smallest_faithful_prefix(tiny_model):
+    task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, seed=11, batch=6)
+    ctx = prepare_edges(tiny_model, task, pairs)
+    evaluator = node_evaluator(ctx, heads_only=False)
+    scores = torch.linspace(1.0, 2.0, len(evaluator.items))  # an arbitrary but fixed ranking
+    chosen = select_by_faithfulness(evaluator, scores, 0.7, n_boot=100)
+    order = candidate_order(scores)
+    prefixes = torch.zeros(len(order), len(evaluator.items))
+    for k in range(1, len(order) + 1):
+        prefixes[k - 1, order[:k]] = 1.0
+    values = evaluator.values(prefixes)  # independent: every prefix evaluated
+    f = (values.mean(1) - ctx.corrupt_metric) / (ctx.clean_metric - ctx.corrupt_metric)
+    k = chosen.size
+    assert chosen.reached and f[k - 1] >= 0.7 and abs(f[k - 1] - chosen.faithfulness) < 1e-4
+    assert k == 1 or f[k - 2] < 0.7
+
+
+def _gt_context(name: str, n: int = 16, seed: int = 0):
+    gt = load_groundtruth(name)
+    cf = GT_COUNTERFACTUAL.get(name, "resample")
+    task, pairs = adapt_groundtruth(gt, n, seed, counterfactual=cf)
+    ctx = prepare_edges(gt.model, task, pairs)
+    return gt, (ablated_context(ctx, "zero") if cf == "zero" else ctx)
+
+
+@pytest.mark.parametrize("name", list_groundtruth())
+def test_learned_node_masks_recover_the_true_circuit(name):
+    gt, ctx = _gt_context(name)
+    result = learn_masks(ctx, MaskConfig(level="node", heads_only=False, steps=300))  # default sparsity
+    true = {n for n in gt.true_nodes if n not in ("input", "logits")}
+    assert set(result.circuit) == true
+    chosen = select_by_faithfulness(node_evaluator(ctx, heads_only=False), result.keep_probability, 0.8,
+                                    absolute=False, n_boot=100)
+    assert chosen.reached and true <= set(chosen.items)
+    assert not set(chosen.items) & set(gt.distractors), "an inert component entered the circuit"
+
+
+def test_learned_edge_masks_recover_the_true_edges():
+    gt, ctx = _gt_context("induction_handwired")
+    result = learn_masks(ctx, MaskConfig(level="edge", steps=300))
+    chosen = select_by_faithfulness(edge_evaluator(ctx), result.keep_probability, 0.8, absolute=False, n_boot=100)
+    nodes = {part for e in chosen.items for part in e.replace("<", "->").split("->")[:2]}
+    assert chosen.reached
+    assert {e for e in gt.true_edges if e.startswith("a")} <= set(chosen.items)
+    assert not nodes & set(gt.distractors)
+
+
+def test_greedy_prunes_inert_heads_and_methods_agree_on_groundtruth():
+    gt, ctx = _gt_context("induction_handwired")
+    evaluator = node_evaluator(ctx, heads_only=False)
+    scores = torch.ones(len(evaluator.items))
+    refined = greedy_refine(evaluator, evaluator.items, scores, 0.8)  # start from everything
+    assert refined.reached and set(refined.items) == {"a0.h0", "a1.h0"}
+    _, held = _gt_context("induction_handwired", seed=5)
+    config = FaithfulConfig(heads_only=False, n_boot=100, masks=MaskConfig(steps=150))
+    for method in ("single-effect", "greedy", "node-pruning"):
+        result = find_faithful_circuit(ctx, method, config, heldout=held)
+        assert set(result.circuit.items) == {"a0.h0", "a1.h0"}, method
+        assert result.heldout[0] >= 0.8 and result.sizes["heads"] == 2
+
+
+def test_stability_on_bootstrap_resamples():
+    gt, ctx = _gt_context("planted_marker")
+    sub = subset_context(ctx, [0, 0, 3])
+    assert sub.clean_values.shape == (3,) and torch.equal(sub.clean.senders[1], ctx.clean.senders[0])
+    evaluator_of = lambda c: node_evaluator(c, heads_only=False)  # noqa: E731
+    frame = inclusion_frequency(
+        ctx, lambda c: select_by_faithfulness(evaluator_of(c), torch.arange(8.0, 0.0, -1.0), 0.8, n_boot=0).items,
+        n_resamples=3, seed=0, reference=["a0.h2", "a1.h1"])
+    freq = dict(zip(frame["item"], frame["frequency"]))
+    assert freq["a0.h2"] == 1.0 and freq["a1.h1"] == 1.0
+    assert frame["frequency"].between(0, 1).all()
+
+
+def test_heldout_split_shares_no_template():
+    from circuitlab.tasks import get_task
+    from circuitlab.tasks.split import heldout_split, shared_templates, split_pairs
+    from tests.test_tasks_helpers import smollm2_tokenizer
+
+    disc, held = heldout_split(get_task("ioi"), smollm2_tokenizer(), 12, 10, seed=3)
+    assert len(disc) == 12 and len(held) == 10
+    assert not set(disc.meta["template_id"]) & set(held.meta["template_id"])
+    assert shared_templates(disc, held) == set()
+    assert not set(disc.clean_texts) & set(held.clean_texts)
+    with pytest.raises(ValueError, match="larger pool"):
+        split_pairs(disc, 10, 10)
