@@ -44,8 +44,7 @@ class Run:
     model: Any = None
     task: Any = None
     pairs: Any = None
-    _ectx: Any = None
-    _pctx: Any = None
+    _batches: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
 
@@ -63,16 +62,24 @@ class Run:
     def device_pairs(self) -> Any:
         return self.pairs.to(self.cfg.device)
 
-    def edge_context(self) -> Any:
-        return self.patch_context()  # one engine context serves every method
+    def batches(self) -> Any:
+        """The prompts in batches sized by --batch-size or --memory-budget; every stage iterates over them."""
+        if self._batches is None:
+            from circuitlab.patching.batched import Batches, batch_size_for
 
-    def patch_context(self) -> Any:
-        if self._pctx is None:
-            from circuitlab.patching.engine import engine_context
+            model, pairs = self.get_model(), self.device_pairs()
+            size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
+            self._batches = Batches(model, self.task, pairs, batch_size=size)
+            n_batches = -(-len(pairs) // size)
+            self.say(f"  {len(pairs)} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
+        return self._batches
 
-            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False)
-            self._ectx = self._pctx
-        return self._pctx
+    def patch_collect(self) -> list[tuple[str, int]]:
+        model = self.get_model()
+        collect = [("z", layer) for layer in range(model.cfg.n_layers)]
+        if not getattr(model.cfg, "attn_only", False):
+            collect += [("mlp_out", layer) for layer in range(model.cfg.n_layers)]
+        return collect
 
     def stage(self, name: str, compute: Callable[[], None]) -> None:
         """Run a stage unless its results are cached; `compute` saves into the cache itself."""
@@ -134,30 +141,28 @@ def _position_labels(model: Any, pairs: Any) -> list[str]:
 
 
 def _stage_baseline(run: Run) -> None:
-    ectx = run.edge_context()
-    frame = pd.DataFrame({"prompt": range(len(run.pairs)), "clean": ectx.clean_values.cpu().double().numpy(),
-                          "corrupt": ectx.corrupt_values.cpu().double().numpy()})
+    clean, corrupt = run.batches().baseline()
+    frame = pd.DataFrame({"prompt": range(len(run.pairs)), "clean": clean.double().numpy(),
+                          "corrupt": corrupt.double().numpy()})
     run.cache.save_frame("baseline", frame)
 
 
 def _stage_scores(run: Run) -> None:
-    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
+    from circuitlab.patching.edges import ComputationalGraph
 
     cfg = run.cfg
-    ectx = run.edge_context()
-    n_edges = ectx.graph.n_edges
+    batches = run.batches()
+    n_edges = ComputationalGraph.from_model(run.get_model()).n_edges
     if cfg.method == "eap-ig":
         run.say(f"  EAP-IG, {cfg.steps} steps over {n_edges} edges")
-        scores = eap_ig_scores(ectx, steps=cfg.steps, progress=run.progress)
+        scores = batches.eap_ig(steps=cfg.steps, progress=run.progress)
         run.cache.save_tensors("scores", {"scores": scores.detach().cpu().double()})
     elif cfg.method in ("eap", "attribution"):
         run.say(f"  EAP (attribution patching) over {n_edges} edges")
-        run.cache.save_tensors("scores", {"scores": eap_scores(ectx).detach().cpu().double()})
+        run.cache.save_tensors("scores", {"scores": batches.eap().detach().cpu().double()})
     else:  # acdc
-        from circuitlab.patching.acdc import acdc
-
         run.say(f"  ACDC at threshold {cfg.acdc_threshold} over {n_edges} edges")
-        result = acdc(ectx, cfg.acdc_threshold, progress=run.progress)
+        result = batches.acdc(cfg.acdc_threshold, progress=run.progress)
         run.cache.save_tensors("scores", {"scores": result.scores.double(), "kept": result.kept,
                                           "forwards": torch.tensor(result.forwards)})
 
@@ -167,14 +172,18 @@ def _stage_exact(run: Run) -> None:
 
     cfg = run.cfg
     model = run.get_model()
-    ctx = run.patch_context()
     positions = parse_positions(cfg.positions, run.task.roles)
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=run.progress)
-    frames = [activation_patching(model, run.task, ctx.pairs, "z", positions=positions, config=config, context=ctx)]
-    if not getattr(model.cfg, "attn_only", False):
-        frames.append(activation_patching(model, run.task, ctx.pairs, "mlp_out", positions=positions,
-                                          config=config, context=ctx))
-    run.cache.save_frame("exact", pd.concat(frames, ignore_index=True))
+    kinds = ["z"] + ([] if getattr(model.cfg, "attn_only", False) else ["mlp_out"])
+
+    def sweep(part: Any, ctx: Any) -> pd.DataFrame:
+        return pd.concat([activation_patching(model, run.task, part, kind, positions=positions, config=config,
+                                              context=ctx) for kind in kinds], ignore_index=True)
+
+    from circuitlab.patching.batched import position_independent
+
+    trim = position_independent(positions)  # absolute positions: every batch keeps the full width
+    run.cache.save_frame("exact", run.batches().sweep(sweep, run.patch_collect(), trim=trim))
 
 
 def _resid_layers(n_layers: int, wanted: int) -> list[int]:
@@ -184,18 +193,16 @@ def _resid_layers(n_layers: int, wanted: int) -> list[int]:
 
 
 def _stage_resid(run: Run) -> None:
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.activation import PatchingConfig
 
     cfg = run.cfg
     model = run.get_model()
-    ctx = run.patch_context()
     positions: Any = "each" if cfg.resid_positions == "each" else list(run.task.roles)
     if cfg.resid_positions == "roles":
-        positions = [r for r in dict.fromkeys(positions) if r in ctx.pairs.positions]
+        positions = [r for r in dict.fromkeys(positions) if r in run.pairs.positions]
     layers = _resid_layers(int(model.cfg.n_layers), cfg.resid_layers)
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=run.progress)
-    frame = activation_patching(model, run.task, ctx.pairs, "resid_pre", positions=positions, layers=layers,
-                                config=config, context=ctx)
+    frame = run.batches().activation_patching("resid_pre", positions=positions, layers=layers, config=config)
     run.cache.save_frame("resid", frame)
 
 
@@ -211,7 +218,9 @@ def _ranking_scores(run: Run) -> torch.Tensor:
         return torch.where(kept, scores.abs() + scores.abs().max() + 1.0, scores.abs())
     nodes = node_rows(run)
     effect = dict(zip(nodes["node"], nodes["effect"].astype(float)))
-    graph = run.edge_context().graph
+    from circuitlab.patching.edges import ComputationalGraph
+
+    graph = ComputationalGraph.from_model(run.get_model())
     big = max([abs(v) for v in effect.values()] + [1.0]) * 10.0
     senders = [big if name == "input" else effect.get(name, 0.0) for name in graph.sender_names]
     receivers = [big if name == "logits" else effect.get(name, 0.0) for name in graph.receiver_names]
@@ -221,14 +230,12 @@ def _ranking_scores(run: Run) -> torch.Tensor:
 
 
 def _stage_oracle(run: Run) -> None:
-    from circuitlab.patching.attribution import oracle_check
-
     cfg = run.cfg
     scores = run.cache.load_tensors("scores")["scores"].float()
     run.say(f"  exact edge patching of {cfg.oracle_edges} sampled edges")
-    rho, frame = oracle_check(run.edge_context(), scores, n_edges=cfg.oracle_edges, seed=cfg.seed,
-                              progress=run.progress)
-    gap = run.edge_context().clean_metric - run.edge_context().corrupt_metric
+    rho, frame = run.batches().oracle_check(scores, n_edges=cfg.oracle_edges, seed=cfg.seed, progress=run.progress)
+    base = run.cache.load_frame("baseline")
+    gap = float(base["clean"].mean() - base["corrupt"].mean())
     frame["approx_effect"] = frame["approx"] / gap
     frame["exact_effect"] = frame["exact"] / gap
     run.cache.save_frame("oracle", frame)
@@ -236,12 +243,11 @@ def _stage_oracle(run: Run) -> None:
 
 
 def _stage_faithfulness(run: Run) -> None:
-    from circuitlab.patching.faithfulness import faithfulness_curve
-
     cfg = run.cfg
     percents = parse_percents(cfg.percents)
-    result = faithfulness_curve(run.edge_context(), _ranking_scores(run), percents=percents, n_boot=cfg.n_boot,
-                                seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=run.progress)
+    result = run.batches().faithfulness_curve(_ranking_scores(run), percents=percents, n_boot=cfg.n_boot,
+                                              seed=cfg.seed, memory_budget_mb=cfg.memory_budget,
+                                              progress=run.progress)
     run.cache.save_frame("faithfulness", result.curve)
     run.cache.save_json("faithfulness", {"cpr": result.cpr, "cpr_ci": list(result.cpr_ci), "cmd": result.cmd,
                                          "cmd_ci": list(result.cmd_ci)})
@@ -251,7 +257,7 @@ def _stage_roles(run: Run) -> None:
     from circuitlab.reports.roles import detect_roles
 
     cfg = run.cfg
-    frame = detect_roles(run.get_model(), run.task, run.device_pairs(), context=run.patch_context(),
+    frame = detect_roles(run.get_model(), run.task, run.device_pairs(), context=run.batches(),
                          memory_budget_mb=cfg.memory_budget, seed=cfg.seed, say=run.say)
     run.cache.save_frame("roles", frame)
 

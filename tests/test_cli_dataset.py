@@ -57,6 +57,20 @@ def test_dataset_of_three_lengths_runs_end_to_end_and_reruns_from_its_pairs(tiny
     assert first["corrupt"] == pytest.approx(second["corrupt"], abs=1e-6)
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
     assert len(scores[scores["component"] == "edge"]) > 100
+    # Batches of 2 prompts (each trimmed to its longest) give the one-batch numbers.
+    small = tmp_path / "small"
+    assert main(["run", "--task", str(data), "--model", tiny_dir, "--out", str(small), "--method", "eap",
+                 "--batch-size", "2", "--positions", "X,END", *FAST]) == 0
+    big = tmp_path / "big"
+    assert main(["run", "--task", str(data), "--model", tiny_dir, "--out", str(big), "--method", "eap",
+                 "--positions", "X,END", *FAST]) == 0
+    a, b = (pd.read_csv(d / "scores.csv", keep_default_na=False) for d in (small, big))
+    assert list(a["edge"]) == list(b["edge"]) and list(a["method"]) == list(b["method"])
+    for column in ("score", "effect", "metric"):
+        x, y = a[column].replace("", "nan").astype(float), b[column].replace("", "nan").astype(float)
+        assert ((x - y).abs().fillna(0) <= 1e-5 * (1 + y.abs().fillna(0))).all(), column
+    fa, fb = (json.loads((d / "run.json").read_text())["faithfulness"] for d in (small, big))
+    assert fa["cpr"] == pytest.approx(fb["cpr"], abs=1e-5) and fa["cmd"] == pytest.approx(fb["cmd"], abs=1e-5)
 
 
 CASES = {

@@ -172,8 +172,9 @@ def test_capitals_pairs(tok, caplog):
     assert pairs.roles == ["subject_first", "subject_last", "END"]
     for i in range(len(pairs)):
         row = pairs.meta.iloc[i]
-        assert pairs.clean_tokens[i].tolist() == _bos_ids(tok, pairs.clean_texts[i])
-        assert pairs.corrupt_tokens[i].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        length = int(pairs.lengths[i])
+        assert pairs.clean_tokens[i, :length].tolist() == _bos_ids(tok, pairs.clean_texts[i])
+        assert pairs.corrupt_tokens[i, :length].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
         s0, s1 = int(pairs.positions["subject_first"][i]), int(pairs.positions["subject_last"][i])
         assert tok.decode(pairs.clean_tokens[i, s0:s1 + 1].tolist()) == " " + row["country"]
         assert tok.decode(pairs.corrupt_tokens[i, s0:s1 + 1].tolist()) == " " + row["corrupt_country"]
@@ -182,7 +183,7 @@ def test_capitals_pairs(tok, caplog):
         assert tok.decode(pairs.answer_ids[i].tolist()) == " " + row["capital"]
         assert tok.decode(pairs.wrong_ids[i].tolist()) == " " + row["corrupt_capital"]
         assert row["capital"] != row["corrupt_capital"]
-        assert int(pairs.positions["END"][i]) == pairs.seq_len - 1
+        assert int(pairs.positions["END"][i]) == length - 1
         assert row["template"].replace("{country}", row["country"]) == pairs.clean_texts[i]
 
 
