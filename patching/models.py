@@ -284,14 +284,14 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name and Path(name).parent.is_dir()
 
 
-def _check_hub_name(name: str) -> None:
+def _check_hub_name(name: str, revision: str | None = None) -> None:
     """Fail at once for a hub name that is neither cached locally nor reachable (no minute of hub retries)."""
     import urllib.error
     import urllib.request
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     advice = (f"offline, use the embedded default {DEFAULT_MODEL!r} or a folder written by "
               "save_model()/save_pretrained() (`circuitlab models` lists names)")
@@ -310,16 +310,20 @@ def _check_hub_name(name: str) -> None:
                            f"cannot be reached ({reason}); {advice}") from None
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None) -> TransformerBridge:
     """Load a model as a `TransformerBridge` in eval mode with gradients off.
 
     `name` is `"smollm2-135m"` (offline default), a directory (from `save_model` or `save_pretrained`),
-    or a Hugging Face hub name such as `"gpt2"` (needs the network the first time).
+    or a Hugging Face hub name such as `"gpt2"` (needs the network the first time); `revision` picks a hub
+    revision (a training checkpoint such as Pythia's `"step1000"`).
     """
     path = Path(name).expanduser()
     if not path.is_dir() and _looks_like_path(name):
         raise FileNotFoundError(f"model folder {name!r} does not exist: check the path (a folder written by "
                                 "save_model() or save_pretrained()), or run `circuitlab models` for model names")
+    if revision is not None and (path.is_dir() or name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct")):
+        raise ValueError(f"revision={revision!r} applies to hub models only; {name!r} is a local model with one version")
     if path.is_dir():
         if (path / _NATIVE_CONFIG).is_file():
             return _load_native_dir(path, device, dtype)
@@ -338,12 +342,12 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
             model = TransformerBridge.boot_transformers(str(smollm2_cache_dir()), device=device, dtype=dtype)
         model.cfg.model_name = DEFAULT_MODEL
         return _finish(model, DEFAULT_MODEL)
-    _check_hub_name(name)
+    _check_hub_name(name, revision)
     try:
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, revision=revision)
     except Exception as exc:  # the hub raises many types when offline; all mean the same to the user
         raise RuntimeError(
-            f"could not load model {name!r} from the Hugging Face hub or its local cache "
+            f"could not load model {name!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face hub or its local cache "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline, use the embedded "
             f"default {DEFAULT_MODEL!r}, or a directory written by save_model()/save_pretrained()."
         ) from exc

@@ -104,3 +104,14 @@ def test_bad_dataset_fails_cleanly_and_leaves_out_untouched(case, tiny_dir, tmp_
     fresh = tmp_path / "fresh"
     assert main(["run", "--task", str(path), "--model", tiny_dir, "--out", str(fresh), *FAST]) != 0
     assert not fresh.exists()
+
+
+def test_kl_metric_dataset_runs(tiny_dir, tmp_path):
+    rows = [dict(r, metric="kl") for r in _rows()]
+    for r in rows:
+        r.pop("answer_ids"), r.pop("wrong_ids")
+    out = tmp_path / "kl"
+    assert main(["run", "--task", str(_write(tmp_path / "kl.jsonl", rows)), "--model", tiny_dir, "--out", str(out),
+                 "--method", "eap", "--batch-size", "4", *FAST]) == 0
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["clean"] == pytest.approx(0.0, abs=1e-5) and metrics["corrupt"] < 0  # minus KL from clean
