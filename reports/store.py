@@ -80,6 +80,19 @@ def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
     return _atomic(Path(path), lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def read_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a CSV written by `write_csv` (empty strings stay empty strings); errors name the file."""
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' parser and empty-data errors are ValueErrors
+        raise ValueError(f"{path} is not a readable CSV table ({' '.join(str(exc).split())}); delete it and rerun "
+                         "the command that wrote it") from None
+    for col in frame.columns:
+        if frame[col].dtype == object:
+            frame[col] = frame[col].fillna("").astype(str)
+    return frame
+
+
 def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a Parquet table; errors name the file."""
     try:
