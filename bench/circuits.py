@@ -9,7 +9,7 @@ ranked by their exact single-head effect. Also printed: the held-out faithfulnes
 `best_method=.. heads_at_0.8=.. edges_at_0.8=.. heldout_faithfulness=..` (the method with the smallest chosen
 circuit whose held-out faithfulness reaches the target; if none does, the one with the highest).
 
-Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 100] [--mask-batch 8] [--methods ...] [--threads 1]`.
+Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 60] [--mask-batch 4] [--methods ...] [--threads 1]`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="IOI pairs for discovery (and as many held-out)")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--mask-steps", type=int, default=100, help="node mask-learning steps")
-    parser.add_argument("--mask-batch", type=int, default=8, help="prompts per mask-learning step")
+    parser.add_argument("--mask-steps", type=int, default=60, help="node mask-learning steps")
+    parser.add_argument("--mask-batch", type=int, default=4, help="prompts per mask-learning step")
     parser.add_argument("--sparsity", type=float, default=0.3, help="mask-learning L0 weight")
     parser.add_argument("--edge-steps", type=int, default=60, help="edge mask-learning steps")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=FAITHFUL_METHODS)

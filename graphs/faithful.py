@@ -78,11 +78,27 @@ class FaithfulResult:
                 "seconds": self.seconds, "notes": self.notes}
 
 
-def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator, chunk: int = 8) -> Tensor:
-    """Exact effect of corrupting each item alone (all others kept): (m(clean) - m(item corrupted)) / gap."""
-    masks = 1.0 - torch.eye(len(evaluator.items))
-    values = torch.cat([evaluator.run(masks[i:i + chunk]) for i in range(0, len(masks), chunk)]).mean(1)
-    return (ctx.clean_metric - values) / (ctx.clean_metric - ctx.corrupt_metric)
+def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tensor:
+    """Exact effect of corrupting each item alone (all others kept): (m(clean) - m(item corrupted)) / gap.
+
+    Uses the activation-patching engine (noising `z` / `mlp_out` at all positions, each patched forward
+    starting at its layer), which equals the node-masked forward with one item off (tested).
+    """
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.components import head_node, mlp_node
+
+    model = ctx.edge_runner.runner.model
+    config = PatchingConfig(direction="noise")
+    frames = [activation_patching(model, ctx.task, ctx.pairs, "z", config=config)]
+    if any(item.startswith("m") for item in evaluator.items):
+        frames.append(activation_patching(model, ctx.task, ctx.pairs, "mlp_out", config=config))
+    metric = {}
+    for frame in frames:
+        for row in frame.itertuples():
+            name = head_node(int(row.layer), int(row.head)) if row.component == "z" else mlp_node(int(row.layer))
+            metric[name] = float(row.metric)
+    gap = ctx.clean_metric - ctx.corrupt_metric
+    return torch.tensor([(ctx.clean_metric - metric[item]) / gap for item in evaluator.items])
 
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:

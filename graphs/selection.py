@@ -124,11 +124,11 @@ def candidate_order(scores: Tensor, *, absolute: bool = True, noise: float = NOI
 
 
 def size_grid(n: int) -> list[int]:
-    """Circuit sizes to try first: 1, 2, 3, 4, 6, 8, 11, 16, ... (about x1.4 apart) and n."""
+    """Circuit sizes to try first: 1, 2, 3, 4, 6, 9, 13, 20, ... (about x1.5 apart) and n."""
     sizes, k = set(), 1.0
     while k < n:
         sizes.add(int(round(k)))
-        k = max(k + 1, k * 1.4)
+        k = max(k + 1, k * 1.5)
     sizes.add(n)
     return sorted(s for s in sizes if 1 <= s <= n)
 
