@@ -140,8 +140,13 @@ def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
 
 
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
-         log: Callable[[str], None] | None = None) -> tuple[Tensor, bool, str]:
-    """(scores over evaluator.items, rank by |score|, note) for a ranking method."""
+         log: Callable[[str], None] | None = None, edge_scores: Tensor | None = None) -> tuple[Tensor, bool, str]:
+    """(scores over evaluator.items, rank by |score|, note) for a ranking method. `edge_scores` reuses
+    attribution scores already computed on `ctx` (eap, eap-ig, greedy and their edge variants)."""
+    if edge_scores is not None and method in ("eap", "eap-ig", "greedy"):
+        return _attribution_nodes(ctx, evaluator, edge_scores), True, "attribution scores of the run"
+    if edge_scores is not None and method in ("eap-edges", "eap-ig-edges"):
+        return edge_scores.float(), True, "attribution scores of the run"
     if method == "single-effect":
         return single_effect_scores(ctx, evaluator), True, "exact single-item noising effects"
     if method in ("eap", "eap-ig", "greedy"):
@@ -162,8 +167,8 @@ def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: Circu
 
 
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
-                          heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None
-                          ) -> FaithfulResult:
+                          heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
+                          edge_scores: Tensor | None = None) -> FaithfulResult:
     """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`."""
     cfg = config or FaithfulConfig()
     if method not in FAITHFUL_METHODS:
@@ -172,7 +177,7 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     edge_level = method in EDGE_METHODS
     make = (lambda c: edge_evaluator(c)) if edge_level else (lambda c: node_evaluator(c, heads_only=cfg.heads_only))
     evaluator = make(ctx)
-    scores, absolute, note = rank(ctx, method, cfg, evaluator, log)
+    scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
     circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
                                      n_boot=cfg.n_boot, seed=cfg.seed)
     if method == "greedy":
