@@ -3,7 +3,8 @@
 Stages (each cached in `OUT/.partial/<config key>/` when done, skipped on a rerun with the same options):
 pairs -> baseline (clean vs corrupt metric) -> scores (the method) -> exact (activation patching of every
 head and MLP) -> resid (residual stream heatmap) -> oracle (exact re-scoring of sampled edges) ->
-faithfulness (top-k circuits, CPR/CMD) -> roles. Then the circuit is built and every output written:
+faithfulness (top-k circuits, CPR/CMD) -> circuit (smallest circuit reaching the faithfulness target, checked on
+held-out pairs: `reports.faithful`) -> roles. Then the circuit is built and every output written:
 pairs.jsonl, scores.csv, circuit.graphml/json, run.json, the extra tables the report reads, and the report.
 """
 
@@ -27,7 +28,7 @@ from circuitlab.reports.config import ACDC_EDGE_LIMIT, ConfigError, RunConfig, p
 
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
-STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "roles")
+STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
 DEFAULT_TOP_K_EDGES = 50
 DEFAULT_TOP_K_NODES = 20
 
@@ -105,12 +106,15 @@ def _stage_pairs(run: Run) -> None:
     options = dict(cfg.task_options)
     if cfg.corruption is not None:
         options["corruption"] = cfg.corruption
-    pairs = run.task.generate(run.get_model(), cfg.n, seed=cfg.seed, **options)
+    from circuitlab.reports.faithful import split_prompts
+
+    pairs, heldout, split = split_prompts(run.task, run.get_model(), cfg.n, cfg.heldout_n or cfg.n, cfg.seed, options)
     path = run.cache.path("pairs", ".jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".pairs.jsonl.tmp")
-    pairs.save_jsonl(tmp)
-    tmp.replace(path)
+    for data, target in ((heldout, run.cache.path("heldout", ".jsonl")), (pairs, path)):
+        tmp = target.with_name(f".{target.name}.tmp")
+        data.save_jsonl(tmp)
+        tmp.replace(target)
     model = run.get_model()
     from circuitlab.patching.models import weight_hash
 
@@ -121,7 +125,7 @@ def _stage_pairs(run: Run) -> None:
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
                                   "attn_only": bool(getattr(model.cfg, "attn_only", False)),
                                   "architecture": str(getattr(model.cfg, "architecture", "")),
-                                  "has_tokenizer": model.tokenizer is not None,
+                                  "has_tokenizer": model.tokenizer is not None, "heldout_split": split,
                                   "position_labels": labels})
 
 
@@ -253,6 +257,22 @@ def _stage_faithfulness(run: Run) -> None:
                                          "cmd_ci": list(result.cmd_ci)})
 
 
+def _stage_circuit(run: Run) -> None:
+    from circuitlab.reports.faithful import faithful_stage
+    from circuitlab.tasks import PromptPairs
+
+    cfg = run.cfg
+    heldout = PromptPairs.load_jsonl(run.cache.path("heldout", ".jsonl")).to(cfg.device)
+    edge_scores = None
+    if cfg.method in ("eap-ig", "eap", "attribution"):
+        edge_scores = run.cache.load_tensors("scores")["scores"].float()
+    result = faithful_stage(run.get_model(), run.task, run.device_pairs(), heldout, cfg, ectx=run.edge_context(),
+                            edge_scores=edge_scores, say=run.say)
+    for name, frame in result.pop("frames").items():
+        run.cache.save_frame(name, frame)
+    run.cache.save_json("circuit", result)
+
+
 def _stage_roles(run: Run) -> None:
     from circuitlab.reports.roles import detect_roles
 
@@ -371,7 +391,14 @@ def build_circuit(run: Run, scores: pd.DataFrame) -> Any:
     cfg = run.cfg
     n_layers = run.cache.load_json("model")["n_layers"]
     name = f"{cfg.task} on {Path(cfg.model).name} ({cfg.method})"
-    if cfg.method == "acdc":
+    forced = any(x is not None for x in (cfg.top_fraction, cfg.threshold, cfg.top_k))
+    if not forced and run.cache.has("circuit"):
+        from circuitlab.reports.faithful import faithful_graph
+
+        summary = dict(run.cache.load_json("circuit"))
+        summary["frames"] = {"faithful_ranking": run.cache.load_frame("faithful_ranking")}
+        graph = faithful_graph(summary, n_layers, f"{cfg.task} on {Path(cfg.model).name} ({summary['method']})")
+    elif cfg.method == "acdc":
         edges = scores[(scores["component"] == "edge") & scores["kept"].astype(bool)].copy()
         if edges.empty:
             raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
@@ -471,6 +498,11 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
     baseline = run.cache.load_frame("baseline")
     store.write_csv(out / "baseline.csv", baseline)
     extras: dict[str, Any] = {}
+    for name in ("faithful_curve", "stability"):
+        if run.cache.has("circuit") and run.cache.path(name, ".csv").is_file():
+            store.write_csv(out / f"{name}.csv", run.cache.load_frame(name))
+    if run.cache.has("circuit"):
+        store.write_text(out / "heldout_pairs.jsonl", run.cache.path("heldout", ".jsonl").read_text(encoding="utf-8"))
     for name in ("oracle", "faithfulness", "roles"):
         if run.cache.has(name):
             store.write_csv(out / f"{name}.csv", run.cache.load_frame(name))
@@ -499,6 +531,7 @@ def write_outputs(run: Run, started: float, command: str) -> dict[str, Any]:
         "node_agreement": node_agreement(scores, cfg.method),
         "oracle": extras.get("oracle"),
         "faithfulness": extras.get("faithfulness"),
+        "circuit_faithfulness": run.cache.load_json("circuit") if run.cache.has("circuit") else None,
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
         "threads": torch.get_num_threads(),
         "resumed_stages": run.resumed,
@@ -593,6 +626,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     if cfg.method in ("eap-ig", "eap", "attribution") and cfg.oracle_edges > 0:
         run.stage("oracle", lambda: _stage_oracle(run))
     run.stage("faithfulness", lambda: _stage_faithfulness(run))
+    run.stage("circuit", lambda: _stage_circuit(run))
     if cfg.roles:
         run.stage("roles", lambda: _stage_roles(run))
 
