@@ -139,8 +139,20 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
 
     graph = from_node_link(circuit)
     circ = Section("The circuit")
-    circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
-                           f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
+    faithful = record.get("circuit_faithfulness")
+    forced = any(cfg.get(k) is not None for k in ("top_fraction", "threshold", "top_k"))
+    if faithful and not forced:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        circ.paragraphs += faithful_paragraphs(faithful, model.get("heldout_split", "templates"))
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges (edges implied "
+                               "between selected nodes for node circuits). Nodes are coloured by measured role.")
+    else:
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
+                               f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
+        if faithful:
+            circ.paragraphs.append("The size was forced by the options above; the smallest faithful circuit is "
+                                   "reported under Faithfulness.")
     circ.figures.append(("circuit", "Circuit with roles", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     nodes = []
@@ -185,6 +197,19 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
+    if faithful:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        if forced:
+            faith.paragraphs += faithful_paragraphs(faithful, model.get("heldout_split", "templates"))
+        fcurve = _optional_csv(run_dir, "faithful_curve.csv")
+        if fcurve is not None:
+            faith.tables.append((f"Exact faithfulness vs circuit size ({faithful['method']} ranking; discovery and "
+                                 "held-out pairs, 95% bootstrap intervals)", fcurve))
+        stab = _optional_csv(run_dir, "stability.csv")
+        if stab is not None:
+            faith.tables.append(("Stability: how often each component is in the circuit found on bootstrap "
+                                 "resamples of the discovery pairs", stab.head(40)))
     sections.append(faith)
 
     # 7. agreement
