@@ -371,16 +371,14 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
                 x = ctx.clean.resid_final
                 before, after = runner.unembed(x), runner.unembed(x - delta)
             else:
-                layer, offset = divmod(r, g.recv_stride)
-                if not g.attn_only and offset == g.n_heads + 2 * g.n_kv:
+                layer, channel, head = g.receiver_info(r)
+                if channel == "mlp":
                     x = ctx.clean.resid_mid[layer]
                     before = runner.mlp[layer](runner.ln2[layer](x))
                     after = runner.mlp[layer](runner.ln2[layer](x - delta))
                 else:
-                    channel = g.receiver_channels[r]
-                    head = offset - {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv}[channel]
                     x = ctx.clean.resid_pre[layer]
-                    w = weights[channel][layer, head]
+                    w = weights[channel][layer, head if channel == "q" else head // runner.group]
                     before, after = runner.ln1[layer](x) @ w, runner.ln1[layer](x - delta) @ w
             scale = max(1.0, float(before.abs().max()))
             out[g.edge_names[e]] = bool((before - after).abs().max() > tol * scale)

@@ -21,10 +21,11 @@ Scores (attention scores are mean attention probabilities, in [0, 1]; a uniform 
 |                       | the subject's logit (copy suppression, arXiv 2310.04625); our addition             |
 | backup_name_mover     | DLA onto IO−S rises by ≥ threshold when the name movers are mean-ablated at END,   |
 |                       | and the head then attends END→IO; score = the rise                                 |
-| s_inhibition          | path patching: summed |effect| of the head on name movers' queries (channel q)     |
+| s_inhibition          | path patching: summed signed effect of the head on name movers' queries (channel |
+|                       | q); the summed |effect| is shown as evidence (`abs_effect`)                        |
 
-Direct logit attribution goes through the final norm as the field does: a head's output at END is
-divided by the cached `ln_final.hook_scale` at END and multiplied by the final norm's weight before the
+Direct logit attribution goes through the final norm as the field does (TransformerLens's `apply_ln`): a
+head's output at END is centred (LayerNorm models: minus its mean over d_model), divided by the cached `ln_final.hook_scale` at END and multiplied by the final norm's weight before the
 unembedding. The copying score applies the layer's input norm (centring for LN, RMS scaling, weight) to
 each embedding row and the final norm's weight to W_U, but not the final norm's per-token scale (a
 positive scalar per position that cannot change which tokens a head promotes): an approximation, since
@@ -290,11 +291,15 @@ def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: list | None =
         scale = cache["ln_final.hook_scale"][rows_idx, pos["END"]].reshape(-1, 1).float()
     else:  # models without a final norm
         scale = torch.ones(prompts.tokens.shape[0], 1)
+    centred = str(getattr(model.cfg, "normalization_type", None) or "") in ("LN", "LNPre")
     out = []
     for layer in range(L):
         pattern = cache[hook_name("pattern", layer)].float()
         z_end = cache[hook_name("z", layer)][rows_idx, pos["END"]].float()  # [batch, head, d_head]
-        head_out = torch.einsum("bhd,hdm->bhm", z_end, model.W_O.detach()[layer].float()) / scale[:, :, None]
+        head_out = torch.einsum("bhd,hdm->bhm", z_end, model.W_O.detach()[layer].float())
+        if centred:  # LayerNorm subtracts the mean over d_model: linear, so it applies to each head's share
+            head_out = head_out - head_out.mean(dim=-1, keepdim=True)
+        head_out = head_out / scale[:, :, None]
         dla = torch.einsum("bhm,bm->bh", head_out, direction).mean(0)
 
         def attn(dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -399,7 +404,8 @@ def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list
 def detect_s_inhibition(path_effects: pd.DataFrame, name_movers: list[tuple[int, int]] | list[str],
                         thresholds: RoleThresholds = RoleThresholds()) -> pd.DataFrame:
     """S-inhibition heads from precomputed path patching (columns `sender`, `receiver`, `channel`,
-    `effect`): a sender's score is the summed |effect| of its paths into the name movers' queries.
+    `effect`): a sender's score is the summed *signed* effect of its paths into the name movers' queries
+    (a head that works against the behaviour does not qualify); the summed |effect| is kept as evidence.
 
     A `receiver` may be a `,`-joined set (as `patching.path.path_patching` writes for joint receivers):
     such a row counts when every receiver in it is a name mover.
@@ -421,10 +427,12 @@ def detect_s_inhibition(path_effects: pd.DataFrame, name_movers: list[tuple[int,
         node = parse_node(str(sender))
         if node.kind != "head":
             continue
-        rows.append({"layer": node.layer, "head": node.head, "s_inhibition": float(group["effect"].abs().sum()),
+        rows.append({"layer": node.layer, "head": node.head, "s_inhibition": float(group["effect"].sum()),
+                     "abs_effect": float(group["effect"].abs().sum()),
                      "effects": {str(r): round(float(e), 6) for r, e in zip(group["receiver"], group["effect"])}})
-    frame = pd.DataFrame(rows, columns=["layer", "head", "s_inhibition", "effects"])
-    return _with_meta(_rows(frame, "s_inhibition", "s_inhibition", thresholds.s_inhibition, ["effects"]),
+    frame = pd.DataFrame(rows, columns=["layer", "head", "s_inhibition", "abs_effect", "effects"])
+    return _with_meta(_rows(frame, "s_inhibition", "s_inhibition", thresholds.s_inhibition,
+                            ["s_inhibition", "abs_effect", "effects"]),
                       {"measured_on": "path patching into name-mover queries"})
 
 

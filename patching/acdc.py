@@ -103,16 +103,11 @@ def acdc(ctx: EdgeContext | Sequence[EdgeContext], threshold: float, *, objectiv
 
 
 def _has_outgoing(graph: Any, kept: Tensor, node: str, channel: str) -> bool:
-    """Whether the node a receiver belongs to still sends along a kept edge (for `<k>`/`<v>` receivers, named
-    by key/value head, any query head of its group)."""
+    """Whether the node a receiver belongs to still sends along a kept edge (`<q>`, `<k>` and `<v>` receivers
+    belong to their query head, also with grouped-query attention)."""
     if node.startswith("a"):
         layer, head = (int(x) for x in node[1:].split(".h"))
-        group = graph.n_heads // graph.n_kv
-        heads = range(head * group, (head + 1) * group) if channel in ("k", "v") else [head]
-        senders = [graph.head_sender(layer, h) for h in heads]
+        sender = graph.head_sender(layer, head)
     else:
-        senders = [graph.mlp_sender(int(node[1:]))]
-    mask = torch.zeros(graph.n_edges, dtype=torch.bool)
-    for s in senders:
-        mask |= graph.edge_sender == s
-    return bool((kept[mask] > 0).any())
+        sender = graph.mlp_sender(int(node[1:]))
+    return bool((kept[graph.edge_sender == sender] > 0).any())

@@ -18,8 +18,7 @@ Result columns (one row per patched component):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
+from circuitlab.patching.engine import EngineContext, _check_pairs, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -70,100 +70,18 @@ class Patch:
     role: str = ""
 
 
-@dataclass
-class PatchingContext:
-    """Everything computed once per (model, task, pairs): runner, base and source runs, baselines."""
-
-    runner: Runner
-    task: Any
-    pairs: Any
-    clean: RunState
-    corrupt: RunState
-    read_positions: Tensor
-    clean_metric: float
-    corrupt_metric: float
-    clean_logits_at: Tensor
-    corrupt_logits_at: Tensor
-    collected: set[tuple[str, int]] = field(default_factory=set)
-
-    @property
-    def batch(self) -> int:
-        return int(self.pairs.clean_tokens.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.pairs.clean_tokens.shape[1])
-
-    def normalize(self, value: Tensor | float) -> Tensor | float:
-        return (value - self.corrupt_metric) / (self.clean_metric - self.corrupt_metric)
-
-
-def _check_pairs(pairs: Any, runner: Runner) -> None:  # right padding is exact: no real token sees a later pad
-    clean, corrupt, mask = pairs.clean_tokens, pairs.corrupt_tokens, getattr(pairs, "attention_mask", None)
-    if clean.shape != corrupt.shape:
-        raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
-                         "patching needs aligned prompts")
-    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
-        raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
-    if mask is not None and not runner.causal and not bool(mask.bool().all()):
-        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
-
-
-def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
-    values = task.metric_at(logits_at, pairs)
-    expected = tuple(logits_at.shape[:-2])
-    if not torch.is_tensor(values) or tuple(values.shape) != expected:
-        raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
-                         f"got {getattr(values, 'shape', type(values))}")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
-    return values
-
-
-def _gather_logits(runner: Runner, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
-    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
-    idx = (read - pos0).clamp(min=0)
-    lead = resid_final.shape[0] // read.shape[0]
-    idx = idx.repeat(lead, 1)
-    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
-    return runner.unembed(picked)
+PatchingContext = EngineContext  # the one engine context serves activation and path patching too
 
 
 def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
             collect: Iterable[tuple[str, int]] = (), check_gap: bool = True) -> PatchingContext:
-    """Run clean and corrupted prompts once, caching what partial runs need (check_gap: refuse equal metrics)."""
-    runner = runner or Runner(model)
-    _check_pairs(pairs, runner)
-    collect = tuple(collect)
-    with torch.no_grad():
-        clean = runner.full_run(pairs.clean_tokens, collect=collect)
-        corrupt = runner.full_run(pairs.corrupt_tokens, collect=collect)
-        read = task.read_positions(pairs).to(pairs.clean_tokens.device)
-        if read.dim() != 2 or read.shape[0] != pairs.clean_tokens.shape[0]:
-            raise ValueError(f"task.read_positions must be [batch, R]; got {tuple(read.shape)}")
-        if int(read.max()) >= pairs.clean_tokens.shape[1] or int(read.min()) < 0:
-            raise ValueError("task.read_positions points outside the prompt")
-        clean_at = _gather_logits(runner, clean.resid_final, read)
-        corrupt_at = _gather_logits(runner, corrupt.resid_final, read)
-        m_clean = _metric_values(task, pairs, clean_at).mean().item()
-        m_corrupt = _metric_values(task, pairs, corrupt_at).mean().item()
-    if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
-        raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
-                         "undefined; check the corruption or the task")
-    return PatchingContext(runner, task, pairs, clean, corrupt, read, m_clean, m_corrupt, clean_at, corrupt_at,
-                           set(collect))
+    """The engine context: clean and corrupted prompts run once, baselines computed once (`patching.engine`)."""
+    return engine_context(model, task, pairs, runner=runner, collect=collect, check_gap=check_gap)
 
 
 def ensure_collected(ctx: PatchingContext, keys: Iterable[tuple[str, int]]) -> None:
     """Make sure clean and corrupt activations at these sites are cached (re-running once if needed)."""
-    missing = [k for k in keys if k not in ctx.collected]
-    if not missing:
-        return
-    keys_all = tuple(sorted(ctx.collected | set(missing)))
-    with torch.no_grad():
-        ctx.clean = ctx.runner.full_run(ctx.pairs.clean_tokens, collect=keys_all)
-        ctx.corrupt = ctx.runner.full_run(ctx.pairs.corrupt_tokens, collect=keys_all)
-    ctx.collected = set(keys_all)
+    ctx.ensure_collected(keys)
 
 
 def _site_activation(state: RunState, kind: str, layer: int) -> Tensor:
@@ -200,6 +118,9 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     if kind in ("resid_mid", "mlp_out") and runner.attn_only:
         raise ValueError(f"{kind} does not exist in an attention-only model")
+    if kind == "resid_mid" and runner.parallel:
+        raise ValueError("resid_mid does not exist in a parallel-block model (attention and MLP both read "
+                         "resid_pre): patch resid_pre, attn_out or mlp_out")
     if kind in RESID_KINDS or kind in BLOCK_OUT_KINDS:
         head_list: list[int | None] = [None]
         if heads is not None:
@@ -285,8 +206,8 @@ def _make_hook(kind: str, chunk: Sequence[Patch], src: Tensor, batch: int, pos0:
 
 def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str) -> Tensor:
     if source == "clean":
-        return _site_activation(ctx.clean, kind, layer)
-    corrupt = _site_activation(ctx.corrupt, kind, layer)
+        return _site_activation(ctx.clean_run, kind, layer)
+    corrupt = _site_activation(ctx.corrupt_run, kind, layer)
     if source == "corrupt":
         return corrupt
     if source == "zero":
@@ -301,7 +222,7 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     # Cache a kind at every layer at once: sweeps that go layer by layer then cost no extra full runs.
     kinds = {p.kind for p in patches if p.kind not in ("resid_pre", "resid_mid")}
     ensure_collected(ctx, {(kind, layer) for kind in kinds for layer in range(runner.n_layers)})
-    base = ctx.corrupt if config.direction == "denoise" else ctx.clean
+    base = ctx.corrupt_run if config.direction == "denoise" else ctx.clean_run
     base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
     groups: dict[tuple[str, int, int], list[int]] = {}
     for index, patch in enumerate(patches):

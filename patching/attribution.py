@@ -135,14 +135,8 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     batch, reads = ctx.read_positions.shape
     groups: dict[tuple[int, str], list[int]] = {}
     for position, e in enumerate(index):
-        receiver = int(g.edge_receiver[e])
-        if receiver == g.logits_receiver:
-            key = (runner.n_layers, "logits")
-        else:
-            layer, offset = divmod(receiver, g.recv_stride)
-            channel = "mlp" if (not g.attn_only and offset == g.n_heads + 2 * g.n_kv) else "attn"
-            key = (layer, channel)
-        groups.setdefault(key, []).append(position)
+        layer, channel, _ = g.receiver_info(int(g.edge_receiver[e]))
+        groups.setdefault((layer, channel if channel in ("mlp", "logits") else "attn"), []).append(position)
     out = torch.empty(len(index))
     work = [(key, members[i:i + chunk_size]) for key, members in groups.items()
             for i in range(0, len(members), chunk_size)]
@@ -162,8 +156,12 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             elif channel == "mlp":
                 x = clean.resid_mid[layer].unsqueeze(0) - delta
                 alt = runner.mlp[layer](runner.ln2[layer](x)).reshape(n * batch, *delta.shape[2:])
-                resid = clean.resid_mid[layer].repeat(n, 1, 1)
-                final = runner.run(resid, start_layer=layer, start_at_mlp=True, hooks={("mlp_out", layer): lambda a, alt=alt: alt})
+                hooks = {("mlp_out", layer): lambda a, alt=alt: alt}
+                if runner.parallel:  # the MLP reads resid_pre; the block must still add its attention output
+                    final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer, hooks=hooks)
+                else:
+                    final = runner.run(clean.resid_mid[layer].repeat(n, 1, 1), start_layer=layer, start_at_mlp=True,
+                                       hooks=hooks)
             else:
                 final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer,
                                    hooks=_single_input_hooks(ctx, layer, chosen, delta))
@@ -174,24 +172,20 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
 
 
 def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor) -> dict:
-    """Hooks replacing, in copy i, the q/k/v of edge i's receiver head with values from its altered input."""
+    """Hooks replacing, in copy i, the q/k/v of edge i's receiver (query) head with values from its altered
+    input; keys/values are replaced as that query head reads them, leaving the rest of its group alone."""
     g, runner = ctx.graph, ctx.edge_runner.runner
     n, batch = delta.shape[0], delta.shape[1]
     x = runner.ln1[layer](ctx.clean.resid_pre[layer].unsqueeze(0) - delta)  # [n, b, p, d]
-    replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q": [], "k": [], "v": []}
+    replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q": [], "k_q": [], "v_q": []}
     for i, e in enumerate(edges):
-        offset = int(g.edge_receiver[e]) - layer * g.recv_stride
-        if offset < g.n_heads:
-            channel, head = "q", offset
-        elif offset < g.n_heads + g.n_kv:
-            channel, head = "k", offset - g.n_heads
-        else:
-            channel, head = "v", offset - g.n_heads - g.n_kv
-        weight = {"q": runner.W_Q, "k": runner.W_K, "v": runner.W_V}[channel][layer, head]
-        bias = {"q": runner.b_Q, "k": runner.b_K, "v": runner.b_V}[channel][layer, head]
-        replacements[channel].append((i, head, x[i] @ weight + bias))
+        _, channel, head = g.receiver_info(int(g.edge_receiver[e]))
+        source = head if channel == "q" else head // runner.group  # k/v: the weights of the head's group
+        weight = {"q": runner.W_Q, "k": runner.W_K, "v": runner.W_V}[channel][layer, source]
+        bias = {"q": runner.b_Q, "k": runner.b_K, "v": runner.b_V}[channel][layer, source]
+        replacements["q" if channel == "q" else f"{channel}_q"].append((i, head, x[i] @ weight + bias))
     hooks = {}
-    for channel, items in replacements.items():
+    for key, items in replacements.items():
         if not items:
             continue
 
@@ -201,7 +195,7 @@ def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: T
                 act[i, :, :, head] = value
             return act.view(n * batch, *act.shape[2:])
 
-        hooks[(channel, layer)] = hook
+        hooks[(key, layer)] = hook
     return hooks
 
 

@@ -27,10 +27,9 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     mlp = 0 if getattr(cfg, "attn_only", False) else 1
     n_senders = 1 + n_layers * (n_heads + mlp)
-    receivers = n_layers * (n_heads + 2 * n_kv + mlp) + 1
+    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 
@@ -54,7 +53,9 @@ class Batches:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.runner is None:
-            self.runner = Runner(self.model)
+            from circuitlab.patching.engine import make_runner
+
+            self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
 
     @property
     def n(self) -> int:

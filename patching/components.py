@@ -74,9 +74,12 @@ def check_required_hooks(model: Any, name: str) -> None:
     """Raise a clear error if a loaded bridge lacks a hook the engine relies on."""
     available = set(model.hook_dict.keys()) | set(getattr(model, "hook_aliases", {}).keys())
     attn_only = bool(getattr(model.cfg, "attn_only", False))
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
     missing = []
     for hook in required_hooks(model.cfg.n_layers):
         if attn_only and ("mlp" in hook or "resid_mid" in hook):
+            continue
+        if parallel and "resid_mid" in hook:  # parallel blocks (GPT-J, GPT-NeoX) have no stream between halves
             continue
         if hook not in available and not _alias_resolves(model, hook):
             missing.append(hook)

@@ -3,8 +3,10 @@
 Nodes are `input`, `a{l}.h{h}`, `m{l}` and `logits` (ACDC / EAP-IG / MIB names). A sender's output is its
 own contribution to the residual stream: the embeddings for `input`, `z_h @ W_O[h]` for a head (the
 attention bias b_O belongs to no head), the MLP's output. Receivers read their own copy of the residual
-stream: every head's query (`<q>`), every key/value head's key and value (`<k>`, `<v>`; with grouped-query
-attention the receiver index in `a{l}.h{g}<k>` is the key/value head g), every MLP, and the logits.
+stream: every head's query, key and value (`<q>`, `<k>`, `<v>`), every MLP, and the logits. With grouped-query
+attention, `a{l}.h{h}<k>` is the key *as query head h reads it*: every query head has its own copy of its
+group's key/value input, so a k/v edge belongs to exactly one query-head node (the convention of EAP-IG and
+MIB files, and the one the circuit builder, ACDC, path patching and MIB import/export use).
 
 Edge patching: receiver v reads `sum_u c_uv * a_u + (1 - c_uv) * a_u^corrupt` (plus biases), where `a_u` is
 sender u's output in the same forward pass and c_uv is the edge's mask (1 = in the circuit). With every
@@ -21,9 +23,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
 from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge
-from circuitlab.patching.runner import Runner
+from circuitlab.patching.runner import Runner, RunState
+
+EdgeContext = EngineContext  # the one engine context serves edge methods too
 
 
 class ComputationalGraph:
@@ -32,8 +36,9 @@ class ComputationalGraph:
     def __init__(self, n_layers: int, n_heads: int, n_kv: int, attn_only: bool = False, parallel: bool = False):
         self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
         self.attn_only, self.parallel = attn_only, parallel
+        self.group = n_heads // n_kv
         self.send_stride = n_heads + (0 if attn_only else 1)
-        self.recv_stride = n_heads + 2 * n_kv + (0 if attn_only else 1)
+        self.recv_stride = 3 * n_heads + (0 if attn_only else 1)
         self.sender_names: list[str] = ["input"]
         self.sender_layer: list[float] = [-1.0]
         for layer in range(n_layers):
@@ -45,11 +50,9 @@ class ComputationalGraph:
         self.receiver_names: list[str] = []  # the receiving node
         self.receiver_channels: list[str] = []
         for layer in range(n_layers):
-            self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
-            self.receiver_channels += ["q"] * n_heads
-            for channel in ("k", "v"):
-                self.receiver_names += [head_node(layer, g) for g in range(n_kv)]
-                self.receiver_channels += [channel] * n_kv
+            for channel in ("q", "k", "v"):
+                self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
+                self.receiver_channels += [channel] * n_heads
             if not attn_only:
                 self.receiver_names.append(mlp_node(layer))
                 self.receiver_channels.append("resid")
@@ -73,6 +76,23 @@ class ComputationalGraph:
         return cls(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, bool(cfg.attn_only),
                    bool(getattr(cfg, "parallel_attn_mlp", False)))
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
+        """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
+        `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
+        return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),
+                   bool(meta.get("attn_only", False)), bool(meta.get("parallel_attn_mlp", False)))
+
+    def receiver_info(self, receiver: int) -> tuple[int, str, int]:
+        """(layer, channel, query head) of a receiver; channel `mlp` (head -1) or `logits` (layer n_layers)."""
+        if receiver == self.logits_receiver:
+            return self.n_layers, "logits", -1
+        layer, offset = divmod(receiver, self.recv_stride)
+        if offset >= 3 * self.n_heads:
+            return layer, "mlp", -1
+        channel, head = divmod(offset, self.n_heads)
+        return layer, "qkv"[channel], head
+
     # ------------------------------------------------------------------ index arithmetic
     def head_sender(self, layer: int, head: int) -> int:
         return 1 + layer * self.send_stride + head
@@ -81,12 +101,12 @@ class ComputationalGraph:
         return 1 + layer * self.send_stride + self.n_heads
 
     def attn_receivers(self, layer: int) -> slice:
-        """Receiver indices of layer's q heads, then k and v kv-heads."""
+        """Receiver indices of layer's heads: all queries, then all keys, then all values (per query head)."""
         start = layer * self.recv_stride
-        return slice(start, start + self.n_heads + 2 * self.n_kv)
+        return slice(start, start + 3 * self.n_heads)
 
     def mlp_receiver(self, layer: int) -> int:
-        return layer * self.recv_stride + self.n_heads + 2 * self.n_kv
+        return layer * self.recv_stride + 3 * self.n_heads
 
     @property
     def logits_receiver(self) -> int:
@@ -98,7 +118,7 @@ class ComputationalGraph:
             return self.n_senders
         layer, offset = divmod(receiver, self.recv_stride)
         base = 1 + layer * self.send_stride
-        is_mlp = not self.attn_only and offset == self.n_heads + 2 * self.n_kv
+        is_mlp = not self.attn_only and offset == 3 * self.n_heads
         return base + (self.n_heads if is_mlp and not self.parallel else 0)
 
     @property
@@ -145,17 +165,37 @@ class EdgeRunner:
     def __init__(self, model: Any, runner: Runner | None = None) -> None:
         self.runner = runner or Runner(model)
         self.graph = ComputationalGraph.from_model(model)
+        group = self.graph.group  # per-query-head copies of the key/value weights (grouped-query attention)
+        self.W_K = self.runner.W_K.repeat_interleave(group, dim=1)
+        self.W_V = self.runner.W_V.repeat_interleave(group, dim=1)
+        self.b_K = self.runner.b_K.repeat_interleave(group, dim=1)
+        self.b_V = self.runner.b_V.repeat_interleave(group, dim=1)
 
     def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
-        """Per-receiver inputs [b, p, H + 2K, d_model] to per-head outputs [b, p, H, d_model]."""
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head outputs [b, p, H, d_model]."""
         r, g = self.runner, self.graph
         xn = r.ln1[layer](x)
-        xq, xk, xv = xn.split([g.n_heads, g.n_kv, g.n_kv], dim=2)
+        xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
         q = torch.einsum("bphm,hmd->bphd", xq, r.W_Q[layer]) + r.b_Q[layer]
-        k = torch.einsum("bphm,hmd->bphd", xk, r.W_K[layer]) + r.b_K[layer]
-        v = torch.einsum("bphm,hmd->bphd", xv, r.W_V[layer]) + r.b_V[layer]
+        k = torch.einsum("bphm,hmd->bphd", xk, self.W_K[layer]) + self.b_K[layer]
+        v = torch.einsum("bphm,hmd->bphd", xv, self.W_V[layer]) + self.b_V[layer]
         z = r.attend(layer, q, k, v)
         return r.head_outputs(layer, z)
+
+    def from_run(self, state: RunState) -> GraphActivations:
+        """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
+        r, g = self.runner, self.graph
+        senders = [state.resid_pre[0]]
+        mid = []
+        for layer in range(r.n_layers):
+            senders += list(r.head_outputs(layer, state.acts[("z", layer)]).unbind(2))
+            if r.attn_only:
+                mid.append(state.resid_pre[layer + 1] if layer + 1 < r.n_layers else state.resid_final)
+                continue
+            senders.append(state.acts[("mlp_out", layer)])
+            mid.append(state.resid_pre[layer] if r.parallel else state.resid_mid[layer])
+        pre = [state.resid_pre[layer] for layer in range(r.n_layers)]
+        return GraphActivations(torch.stack(senders, dim=2), pre, mid, state.resid_final)
 
     def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
               ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
@@ -169,7 +209,7 @@ class EdgeRunner:
         grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
         for layer in range(r.n_layers):
             pre.append(resid)
-            x = resid.unsqueeze(2).expand(batch, seq, g.n_heads + 2 * g.n_kv, dm)
+            x = resid.unsqueeze(2).expand(batch, seq, 3 * g.n_heads, dm)
             if grads is not None:
                 leaf = torch.zeros_like(x, requires_grad=True)
                 grads["attn"].append(leaf)
@@ -246,45 +286,9 @@ def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
     return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
 
 
-@dataclass
-class EdgeContext:
-    """Clean and corrupted graph activations and baselines for one (model, task, pairs)."""
-
-    edge_runner: EdgeRunner
-    task: Any
-    pairs: Any
-    clean: GraphActivations
-    corrupt: GraphActivations
-    read_positions: Tensor
-    clean_values: Tensor  # per-prompt metric [batch]
-    corrupt_values: Tensor
-
-    @property
-    def graph(self) -> ComputationalGraph:
-        return self.edge_runner.graph
-
-    @property
-    def clean_metric(self) -> float:
-        return float(self.clean_values.mean())
-
-    @property
-    def corrupt_metric(self) -> float:
-        return float(self.corrupt_values.mean())
-
-
 def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
-    """Run clean and corrupted prompts in graph form once."""
-    from circuitlab.patching.activation import _check_pairs
-
-    edge_runner = EdgeRunner(model, runner)
-    _check_pairs(pairs, edge_runner.runner)
-    read = task.read_positions(pairs)
-    with torch.no_grad():
-        clean, clean_final, _ = edge_runner.plain(pairs.clean_tokens)
-        corrupt, corrupt_final, _ = edge_runner.plain(pairs.corrupt_tokens)
-        clean_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, clean_final, read))
-        corrupt_values = _metric_values(task, pairs, _logits_at(edge_runner.runner, corrupt_final, read))
-    return EdgeContext(edge_runner, task, pairs, clean, corrupt, read, clean_values, corrupt_values)
+    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`)."""
+    return engine_context(model, task, pairs, runner=runner, check_gap=False)
 
 
 def _circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
@@ -347,6 +351,6 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     final = shifted(clean.resid_final, g.n_senders)
     corrupt = GraphActivations(senders, pre, mid, final)
     out = EdgeContext(ctx.edge_runner, ctx.task, ctx.pairs, clean, corrupt, ctx.read_positions, ctx.clean_values,
-                      ctx.clean_values)
+                      ctx.clean_values, backend=ctx.backend, backend_reason=ctx.backend_reason)
     out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, g.n_edges))[0]
     return out

@@ -10,8 +10,9 @@ Two passes per sender set, both exact:
 `direction="noise"` (base = clean, source = corrupted) is the paper's "patch new into orig"; `denoise` is
 the reverse. Effects are normalized like activation patching: 0 = corrupted run, 1 = clean run.
 
-With grouped-query attention, receivers are named by query head (`a9.h6`); through `k`/`v` the patched
-input is that of the key/value head the query head reads (shared by its group).
+With grouped-query attention, receivers are named by query head (`a9.h6`); through `k`/`v` only the key or
+value *as that query head reads it* is recomputed: the other query heads of its group keep the base key/value
+(the per-query-head convention of `patching.edges`).
 
 Result columns: `sender` (node name; `+`-joined for sets), `receiver` (`,`-joined), `channel`
 (q/k/v/logits), `layer`, `head` (sender's, -1 for sets/MLPs), `position`, `role`, `metric`, `effect`,
@@ -122,7 +123,7 @@ class _PathRun:
         layers = range(self.runner.n_layers)
         ensure_collected(ctx, [("z", layer) for layer in layers] +
                          ([] if self.runner.attn_only else [("mlp_out", layer) for layer in layers]))
-        self.base = ctx.corrupt if config.direction == "denoise" else ctx.clean
+        self.base = ctx.corrupt_run if config.direction == "denoise" else ctx.clean_run
         self.recv_layers = sorted({int(node.layer) for node in receivers}) if channel != "logits" else []
 
     def _source(self, kind: str, layer: int) -> Tensor:
@@ -188,7 +189,8 @@ class _PathRun:
                 hooks = {}
                 for layer in self.recv_layers:
                     heads = sorted({int(node.head) for node in self.receivers if node.layer == layer})
-                    hooks[(self.channel, layer)] = _receiver_hook(runner, self.channel, layer, heads,
+                    key = self.channel if self.channel == "q" else f"{self.channel}_q"
+                    hooks[(key, layer)] = _receiver_hook(runner, self.channel, layer, heads,
                                                                   captured[layer], recv_mask, n, batch)
                 start = self.recv_layers[0]
                 resid = runner.run(base.resid_pre[start].repeat(n, 1, 1), start_layer=start, past=base.kv,
@@ -217,9 +219,10 @@ def _receiver_hook(runner: Any, channel: str, layer: int, heads: list[int], resi
     x = runner.ln1[layer](resid)
     project = {"q": runner.project_q, "k": runner.project_k, "v": runner.project_v}[channel]
     alt = project(layer, x)  # [n*B, seq, heads, d_head]
-    index = heads if channel == "q" else sorted({h // runner.group for h in heads})
+    if channel != "q":  # per query head: expand the key/value heads to the query heads that read them
+        alt = alt.repeat_interleave(runner.group, dim=2)
     head_mask = torch.zeros(alt.shape[2], dtype=torch.bool, device=alt.device)
-    head_mask[index] = True
+    head_mask[heads] = True
     mask = recv_mask.repeat(n, 1)[:, :, None] & head_mask[None, None, :]
 
     def hook(act: Tensor) -> Tensor:

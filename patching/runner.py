@@ -199,6 +199,15 @@ class Runner:
             for kind, act in (("q", q), ("k", k), ("v", v)):
                 if (kind, layer) in state.acts:
                     state.acts[(kind, layer)] = act
+        if ("k_q", layer) in hooks or ("v_q", layer) in hooks:
+            # Keys/values as each query head reads them ([b, p, head, d]): a per-query-head edit of a shared
+            # key/value head (grouped-query attention) leaves the group's other query heads untouched.
+            k = k.repeat_interleave(self.group, dim=2)
+            v = v.repeat_interleave(self.group, dim=2)
+            if ("k_q", layer) in hooks:
+                k = hooks[("k_q", layer)](k)
+            if ("v_q", layer) in hooks:
+                v = hooks[("v_q", layer)](v)
         z = self.attend(layer, q, k, v, pos0, past, hooks, state)
         if ("z", layer) in hooks:
             z = hooks[("z", layer)](z)
@@ -208,7 +217,9 @@ class Runner:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos0: int = 0, past: KVCache | None = None,
                hooks: dict[tuple[str, int], Hook] | None = None, state: RunState | None = None) -> Tensor:
-        """Attention from pre-rotary q [b, p, head, d] and k/v [b, p, kv_head, d] to z [b, p, head, d]."""
+        """Attention from pre-rotary q [b, p, head, d] and k/v [b, p, kv_head, d] to z [b, p, head, d].
+
+        k/v may also carry one key/value per query head ([b, p, head, d]), the per-query-head form."""
         hooks = hooks or {}
         batch, length = q.shape[0], q.shape[1]
         q = q.transpose(1, 2)  # [b, h, p, d]
@@ -218,6 +229,9 @@ class Runner:
             q, k = self._rope(q, k, self._positions(batch, pos0, length, q.device))
         if past is not None and pos0 > 0:
             k_past, v_past = past.keys[layer], past.values[layer]
+            if k_past.shape[1] != k.shape[1]:
+                k_past = k_past.repeat_interleave(k.shape[1] // k_past.shape[1], dim=1)
+                v_past = v_past.repeat_interleave(v.shape[1] // v_past.shape[1], dim=1)
             if k_past.shape[0] != batch:
                 k_past = k_past.repeat(batch // k_past.shape[0], 1, 1, 1)
                 v_past = v_past.repeat(batch // v_past.shape[0], 1, 1, 1)
@@ -226,7 +240,9 @@ class Runner:
         if state is not None:
             state.kv.keys[layer], state.kv.values[layer] = k, v
         total = k.shape[2]
-        qg = q.reshape(batch, self.n_kv, self.group, length, self.d_head)
+        n_kv = k.shape[1]
+        group = self.n_heads // n_kv
+        qg = q.reshape(batch, n_kv, group, length, self.d_head)
         scores = torch.einsum("bkgqd,bksd->bkgqs", qg, k) * self.scale
         scores = scores.reshape(batch, self.n_heads, length, total)
         query_pos = torch.arange(pos0, pos0 + length, device=q.device)[:, None]
@@ -240,7 +256,7 @@ class Runner:
             pattern = hooks[("pattern", layer)](pattern)
         if state is not None and ("pattern", layer) in state.acts:
             state.acts[("pattern", layer)] = pattern
-        pg = pattern.reshape(batch, self.n_kv, self.group, length, total)
+        pg = pattern.reshape(batch, n_kv, group, length, total)
         return torch.einsum("bkgqs,bksd->bqkgd", pg, v).reshape(batch, length, self.n_heads, self.d_head)
 
     def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,

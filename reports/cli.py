@@ -1,4 +1,5 @@
-"""The `circuitlab` command line: run, patch, path, report, tasks, models (and `bench`, from reports.bench).
+"""The `circuitlab` command line: run, patch, path, report, tasks, models (`bench` from reports.bench, `sweep`
+from reports.grid).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--component", default="head", help="head|resid|attn|mlp|q|k|v|pattern (or a kind)")
     patch.add_argument("--positions", default="all", help="all, each, ROLE[,ROLE] or integer positions")
     patch.add_argument("--direction", default="denoise", help="denoise (clean into corrupt) or noise")
+    patch.add_argument("--shards", type=int, default=1, help="split the sweep by layer over this many workers")
+    patch.add_argument("--executor", default="sequential", help="where shards run: sequential or ray")
+    patch.add_argument("--address", default=None, help="Ray cluster address for the shards (implies ray)")
     patch.set_defaults(func=_cmd_patch)
 
     path = sub.add_parser("path", help="one path-patching sweep")
@@ -98,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from circuitlab.reports.grid import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
@@ -148,7 +155,11 @@ def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: s
 def _cmd_patch(args: argparse.Namespace) -> int:
     from circuitlab.reports.sweep import run_patch
 
-    cfg = _sweep_config(args, {"component": args.component, "positions": args.positions}, "runs/patch")
+    if args.shards < 1:
+        raise ConfigError(f"--shards must be >= 1, got {args.shards}")
+    spec = {"component": args.component, "positions": args.positions, "shards": args.shards,
+            "executor": args.executor, "address": args.address}
+    cfg = _sweep_config(args, spec, "runs/patch")
     run_patch(cfg, quiet=args.quiet, command=_command_line())
     return 0
 

@@ -65,21 +65,14 @@ class Run:
         return self.pairs.to(self.cfg.device)
 
     def edge_context(self) -> Any:
-        if self._ectx is None:
-            from circuitlab.patching.edges import prepare_edges
-
-            self._ectx = prepare_edges(self.get_model(), self.task, self.device_pairs())
-        return self._ectx
+        return self.patch_context()  # one engine context serves every method
 
     def patch_context(self) -> Any:
         if self._pctx is None:
-            from circuitlab.patching.activation import prepare
+            from circuitlab.patching.engine import engine_context
 
-            model = self.get_model()
-            collect = [("z", layer) for layer in range(model.cfg.n_layers)]
-            if not getattr(model.cfg, "attn_only", False):
-                collect += [("mlp_out", layer) for layer in range(model.cfg.n_layers)]
-            self._pctx = prepare(model, self.task, self.device_pairs(), collect=collect)
+            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False)
+            self._ectx = self._pctx
         return self._pctx
 
     def stage(self, name: str, compute: Callable[[], None]) -> None:
@@ -124,6 +117,7 @@ def _stage_pairs(run: Run) -> None:
                                   "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
                                   "attn_only": bool(getattr(model.cfg, "attn_only", False)),
+                                  "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
                                   "architecture": str(getattr(model.cfg, "architecture", "")),
                                   "has_tokenizer": model.tokenizer is not None, "heldout_split": split,
                                   "position_labels": labels})
@@ -303,8 +297,7 @@ def _graph(run: Run) -> Any:
     from circuitlab.patching.edges import ComputationalGraph
 
     meta = run.cache.load_json("model")
-    return ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"], meta["attn_only"],
-                              False)
+    return ComputationalGraph.from_meta(meta)
 
 
 def _gap(run: Run) -> float:
@@ -599,8 +592,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     if cfg.method == "acdc" and not cfg.force:
         from circuitlab.patching.edges import ComputationalGraph
 
-        n_edges = ComputationalGraph(meta["n_layers"], meta["n_heads"], meta["n_key_value_heads"],
-                                     meta["attn_only"]).n_edges
+        n_edges = ComputationalGraph.from_meta(meta).n_edges
         if n_edges > ACDC_EDGE_LIMIT:
             raise ConfigError(f"ACDC on {n_edges} edges would take hours (limit {ACDC_EDGE_LIMIT}); use --method "
                               "eap-ig, a smaller model, or --force")

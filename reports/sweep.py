@@ -103,7 +103,11 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     with _threads(cfg.threads):
         model, task, pairs, out = _prepare(cfg, say)
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
-        frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
+        shards = int(cfg.spec.get("shards") or 1)
+        if shards > 1:
+            frame = _sharded(cfg, model, task, pairs, kind, positions, config, shards, say)
+        else:
+            frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
     say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
     _finish(cfg, out, frame, "patch", started, command, model)
     _figure(frame, kind, out)
@@ -111,6 +115,24 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     say(top[["component", "layer", "head", "position", "role", "effect"]].to_string(index=False))
     say(f"wrote {out / 'scores.csv'}")
     return frame
+
+
+def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, positions: Any, config: Any,
+             shards: int, say: Callable[[str], None]) -> pd.DataFrame:
+    """The same sweep split by layer over `shards` workers (`patching.shard`), each loading its own model."""
+    from dataclasses import replace
+
+    from circuitlab.patching.shard import sharded_activation_patching
+    from circuitlab.reports.config import resolve_threads
+    from circuitlab.reports.executors import make_executor
+
+    executor = make_executor(cfg.spec.get("executor") or "sequential", address=cfg.spec.get("address"))
+    say(f"  {shards} shards on {executor.name}")
+    with executor:
+        return sharded_activation_patching(cfg.model, task, pairs.to("cpu"), kind, positions=positions,
+                                           n_layers=int(model.cfg.n_layers), config=replace(config, progress=False),
+                                           n_shards=shards, map_fn=executor.map, device=cfg.device,
+                                           threads=resolve_threads(cfg.threads))
 
 
 def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:

@@ -31,10 +31,12 @@ def test_full_graph_is_clean_and_empty_graph_is_corrupt(request, name):
 
 def test_graph_names_and_counts():
     g = ComputationalGraph(n_layers=2, n_heads=4, n_kv=2)
-    # layer 0: 8 attention receivers (4 q + 2 k + 2 v) read input; mlp0 reads input + 4 heads
-    # layer 1: 8 receivers read 1 + 5 senders; mlp1 reads 1 + 5 + 4; logits read all 11 senders
-    assert g.n_edges == 8 * 1 + 5 + 8 * 6 + 10 + 11
-    assert "a0.h1->a1.h1<k>" in g.edge_names and "m0->a1.h3<q>" in g.edge_names and "a1.h2->m1" in g.edge_names
+    # layer 0: 12 attention receivers (q, k, v of each of the 4 query heads; k/v per query head even with
+    # 2 key/value heads) read input; mlp0 reads input + 4 heads
+    # layer 1: 12 receivers read 1 + 5 senders; mlp1 reads 1 + 5 + 4; logits read all 11 senders
+    assert g.n_edges == 12 * 1 + 5 + 12 * 6 + 10 + 11
+    assert "a0.h1->a1.h3<k>" in g.edge_names and "m0->a1.h3<q>" in g.edge_names and "a1.h2->m1" in g.edge_names
+    assert g.receiver_info(g.attn_receivers(1).start + 4 + 3) == (1, "k", 3)
     with pytest.raises(ValueError, match="not in this model's graph"):
         g.edge_index("a1.h0->a0.h0<q>")
     with pytest.raises(ValueError, match="unknown node name"):

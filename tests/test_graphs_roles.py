@@ -164,12 +164,13 @@ def test_s_inhibition_from_path_patching_table():
     effects = pd.DataFrame({"sender": ["a7.h3", "a7.h3", "a8.h6", "a7.h9", "m7", "a6.h1"],
                             "receiver": ["a9.h9", "a9.h6", "a9.h9", "a9.h9", "a9.h9", "a9.h9"],
                             "channel": ["q", "q", "q", "k", "q", "q"],
-                            "effect": [-0.2, -0.1, -0.12, -0.5, -0.9, 0.01]})
+                            "effect": [0.2, 0.1, 0.12, 0.5, 0.9, -0.3]})
     roles = detect_s_inhibition(effects, [(9, 9), (9, 6)])
-    assert list(zip(roles["layer"], roles["head"])) == [(7, 3), (8, 6)]  # 7.9 only via k; m7 not a head
+    # 7.9 only via k; m7 not a head; 6.1 works against the behaviour (signed effect)
+    assert list(zip(roles["layer"], roles["head"])) == [(7, 3), (8, 6)]
     assert roles.score.iloc[0] == pytest.approx(0.3)
     joint = pd.DataFrame({"sender": ["a7.h3", "a6.h0"], "receiver": ["a9.h9,a9.h6", "a9.h9,a3.h3"],
-                          "channel": ["q", "q"], "effect": [-0.4, -0.9]})
+                          "channel": ["q", "q"], "effect": [0.4, 0.9]})
     assert list(detect_s_inhibition(joint, ["a9.h9", "a9.h6"])["head"]) == [3]
     with pytest.raises(ValueError, match="lack column"):
         detect_s_inhibition(effects.drop(columns="channel"), [(9, 9)])

@@ -73,6 +73,27 @@ def naive_path_patch(model, task, pairs, senders, receivers, channel, direction,
                     act[rows, positions, head] = alt[rows, positions]
                 return act
             second.append((hook_name(channel, node.layer), replace))
+        if channel in ("k", "v") and group > 1:
+            # Per query head: the receiver alone reads the recomputed key/value; its group siblings keep the
+            # base one. Replacing the shared head changes nothing below the receiver layer, so the receiver's
+            # z from that run is exactly its per-query-head z; splice only that into the base run.
+            captured = {}
+            for node in map(parse_node, receivers):
+                grab = (hook_name("z", node.layer),
+                        lambda act, hook, layer=node.layer: captured.setdefault(layer, act.clone()))
+                with torch.no_grad():
+                    model.run_with_hooks(base_tokens, fwd_hooks=[h for h in second
+                                                                 if h[0] == hook_name(channel, node.layer)] + [grab])
+                captured.setdefault(("heads", node.layer), []).append(node.head)
+
+            def splice(act, hook):
+                layer = int(hook.name.split(".")[1])
+                act = act.clone()
+                for head in captured.get(("heads", layer), []):
+                    act[:, :, head] = captured[layer][:, :, head]
+                return act
+
+            second = [(hook_name("z", layer), splice) for layer in {parse_node(r).layer for r in receivers}]
     with torch.no_grad():
         logits = model.run_with_hooks(base_tokens, fwd_hooks=second)
     return task.metric(logits, pairs).mean().item()

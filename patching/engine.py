@@ -1,0 +1,215 @@
+"""The one engine context: everything computed once per (model, task, pairs), shared by every method.
+
+`engine_context(model, task, pairs)` picks the runner (the fast `Runner` where it reproduces the model, checked
+against the bridge at construction; otherwise the exact hook backend, with the reason recorded), runs the clean
+and the corrupted prompts once each, and keeps what every method needs from those two runs:
+
+- `clean_run` / `corrupt_run` (`RunState`): residual streams, keys/values and collected sites, for activation
+  and path patching (partial runs start from them);
+- `clean` / `corrupt` (`GraphActivations`, built from the same two runs on first use): sender outputs and
+  receiver streams for edge patching, EAP, EAP-IG, ACDC and faithfulness;
+- the baselines: per-prompt metrics `clean_values` / `corrupt_values`, their means, logits at the read
+  positions.
+
+`prepare` (activation/path patching) and `prepare_edges` (edge methods) both return this context, so one
+context serves every method; `PatchingContext` and `EdgeContext` are names of this class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import Tensor
+
+from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from circuitlab.patching.edges import ComputationalGraph, EdgeRunner, GraphActivations
+
+
+def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding is exact: no real token sees a later pad
+    clean, corrupt, mask = pairs.clean_tokens, pairs.corrupt_tokens, getattr(pairs, "attention_mask", None)
+    if clean.shape != corrupt.shape:
+        raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
+                         "patching needs aligned prompts")
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
+    if mask is not None and not runner.causal and not bool(mask.bool().all()):
+        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
+
+
+def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
+    values = task.metric_at(logits_at, pairs)
+    expected = tuple(logits_at.shape[:-2])
+    if not torch.is_tensor(values) or tuple(values.shape) != expected:
+        raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
+                         f"got {getattr(values, 'shape', type(values))}")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
+    return values
+
+
+def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
+    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
+    idx = (read - pos0).clamp(min=0)
+    lead = resid_final.shape[0] // read.shape[0]
+    idx = idx.repeat(lead, 1)
+    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
+    return runner.unembed(picked)
+
+
+def make_runner(model: Any) -> tuple[Any, str, str]:
+    """(runner, backend, reason): the fast Runner where its self-check passes, else the exact hook backend."""
+    try:
+        return Runner(model), "fast", ""
+    except UnsupportedModelError as exc:
+        reason = str(exc)
+    except (AttributeError, TypeError, KeyError, NotImplementedError) as exc:  # a module layout we do not know
+        reason = f"the fast runner cannot read this architecture ({type(exc).__name__}: {exc})"
+    try:
+        from circuitlab.patching.hook_backend import HookRunner
+    except ImportError:
+        raise UnsupportedModelError(reason) from None
+    return HookRunner(model), "hook", reason
+
+
+def _site_sets(runner: Any, collect: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """Sites every context collects (head and MLP outputs at every layer, which edge methods need) plus more."""
+    keys = {("z", layer) for layer in range(runner.n_layers)}
+    if not runner.attn_only:
+        keys |= {("mlp_out", layer) for layer in range(runner.n_layers)}
+    return tuple(sorted(keys | set(collect)))
+
+
+class EngineContext:
+    """One (model, task, pairs): runner, one clean and one corrupted run, baselines; see the module docstring."""
+
+    def __init__(self, edge_runner: EdgeRunner, task: Any, pairs: Any, clean: GraphActivations | None = None,
+                 corrupt: GraphActivations | None = None, read_positions: Tensor | None = None,
+                 clean_values: Tensor | None = None, corrupt_values: Tensor | None = None, *,
+                 clean_run: RunState | None = None, corrupt_run: RunState | None = None,
+                 collected: Iterable[tuple[str, int]] = (), backend: str = "fast", backend_reason: str = "") -> None:
+        self.edge_runner, self.task, self.pairs = edge_runner, task, pairs
+        self._clean, self._corrupt = clean, corrupt
+        self.read_positions = read_positions
+        self.clean_values, self.corrupt_values = clean_values, corrupt_values
+        self.clean_run, self.corrupt_run = clean_run, corrupt_run
+        self.collected = set(collected)
+        self.backend, self.backend_reason = backend, backend_reason
+
+    # ------------------------------------------------------------------ what every method reads
+    @property
+    def runner(self) -> Any:
+        return self.edge_runner.runner
+
+    @property
+    def graph(self) -> ComputationalGraph:
+        return self.edge_runner.graph
+
+    @property
+    def clean(self) -> GraphActivations:
+        if self._clean is None:
+            self._clean = self.edge_runner.from_run(self.clean_run)
+        return self._clean
+
+    @clean.setter
+    def clean(self, value: GraphActivations) -> None:
+        self._clean = value
+
+    @property
+    def corrupt(self) -> GraphActivations:
+        if self._corrupt is None:
+            self._corrupt = self.edge_runner.from_run(self.corrupt_run)
+        return self._corrupt
+
+    @corrupt.setter
+    def corrupt(self, value: GraphActivations) -> None:
+        self._corrupt = value
+
+    @property
+    def clean_metric(self) -> float:
+        return float(self.clean_values.mean())
+
+    @property
+    def corrupt_metric(self) -> float:
+        return float(self.corrupt_values.mean())
+
+    @property
+    def clean_logits_at(self) -> Tensor:
+        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions)
+
+    @property
+    def corrupt_logits_at(self) -> Tensor:
+        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions)
+
+    @property
+    def batch(self) -> int:
+        return int(self.pairs.clean_tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.pairs.clean_tokens.shape[1])
+
+    def normalize(self, value: Tensor | float) -> Tensor | float:
+        """(value - m(corrupt)) / (m(clean) - m(corrupt)); an error where the two runs give the same metric."""
+        gap = self.clean_metric - self.corrupt_metric
+        if math.isclose(gap, 0.0, abs_tol=1e-9):
+            raise ValueError(f"clean and corrupted runs give the same metric ({self.clean_metric:.4g}): normalized "
+                             "effects are undefined; check the corruption or the task")
+        return (value - self.corrupt_metric) / gap
+
+    def ensure_collected(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Make sure clean and corrupt activations at these sites are cached (re-running once if needed)."""
+        if self.clean_run is None:
+            raise ValueError("this context holds no runs of its own (an ablated or subset context): "
+                             "use a context from engine_context() for activation or path patching")
+        missing = [k for k in keys if k not in self.collected]
+        if not missing:
+            return
+        keys_all = tuple(sorted(self.collected | set(missing)))
+        with torch.no_grad():
+            self.clean_run = self.runner.full_run(self.pairs.clean_tokens, collect=keys_all)
+            self.corrupt_run = self.runner.full_run(self.pairs.corrupt_tokens, collect=keys_all)
+        self.collected = set(keys_all)
+
+    def describe(self) -> dict[str, str]:
+        """Which backend computed this context and why (for run records and reports)."""
+        return {"backend": self.backend, "reason": self.backend_reason}
+
+
+def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, collect: Iterable[tuple[str, int]] = (),
+                   check_gap: bool = True) -> EngineContext:
+    """Run the clean and corrupted prompts once each and compute the baselines (see the module docstring).
+
+    `runner`: reuse one (e.g. across prompt batches); `collect`: extra `(kind, layer)` sites to cache;
+    `check_gap`: refuse prompt sets whose clean and corrupted metrics are equal (normalized effects undefined).
+    """
+    from circuitlab.patching.edges import EdgeRunner
+
+    if runner is None:
+        runner, backend, reason = make_runner(model)
+    else:
+        backend, reason = getattr(runner, "backend", "fast"), getattr(runner, "backend_reason", "")
+    _check_pairs(pairs, runner)
+    keys = _site_sets(runner, collect)
+    read = task.read_positions(pairs).to(pairs.clean_tokens.device)
+    if read.dim() != 2 or read.shape[0] != pairs.clean_tokens.shape[0]:
+        raise ValueError(f"task.read_positions must be [batch, R]; got {tuple(read.shape)}")
+    if int(read.max()) >= pairs.clean_tokens.shape[1] or int(read.min()) < 0:
+        raise ValueError("task.read_positions points outside the prompt")
+    with torch.no_grad():
+        clean = runner.full_run(pairs.clean_tokens, collect=keys)
+        corrupt = runner.full_run(pairs.corrupt_tokens, collect=keys)
+        clean_values = _metric_values(task, pairs, _gather_logits(runner, clean.resid_final, read))
+        corrupt_values = _metric_values(task, pairs, _gather_logits(runner, corrupt.resid_final, read))
+    m_clean, m_corrupt = float(clean_values.mean()), float(corrupt_values.mean())
+    if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
+        raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
+                         "undefined; check the corruption or the task")
+    return EngineContext(EdgeRunner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
+                         clean_run=clean, corrupt_run=corrupt, collected=keys, backend=backend, backend_reason=reason)
+
+
+__all__ = ["EngineContext", "engine_context", "make_runner"]
