@@ -1,7 +1,8 @@
 """The run's circuit as a measured claim: chosen by exact faithfulness, checked on held-out prompts.
 
 `split_prompts` draws the run's discovery pairs and held-out pairs from disjoint templates (tasks that record
-templates), or from another seed (tasks without templates; the report says so). `faithful_stage` ranks
+templates), or from another seed (tasks without templates; the report says so, and says when the two sets
+overlap because the task has too few distinct prompts). `faithful_stage` ranks
 components with `--circuit-method`, keeps the smallest prefix whose exact faithfulness on the discovery pairs
 reaches `--faithfulness-target`, measures it on the held-out pairs, and optionally reruns discovery on
 bootstrap resamples (`--stability-resamples`) for inclusion frequencies. `faithful_graph` turns the result into
@@ -28,12 +29,12 @@ def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, opti
     try:
         disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)
         return disc, held, "templates"
-    except ValueError as exc:
-        if "template" not in str(exc) and "pool" not in str(exc):
-            raise
+    except ValueError:
+        pass  # no template column, or too few pairs for a pool: held-out pairs from another seed
     disc = task.generate(model, n, seed=seed, **options)
     held = task.generate(model, n_heldout, seed=seed + HELDOUT_SEED_OFFSET, **options)
-    return disc, held, "seed"
+    shared = set(disc.clean_texts) & set(held.clean_texts)
+    return disc, held, "overlapping" if shared else "seed"
 
 
 def faithful_stage(model: Any, task: Any, discovery: Any, heldout: Any, cfg: Any, *, ectx: Any = None,
@@ -109,8 +110,10 @@ def faithful_paragraphs(summary: dict[str, Any], split: str) -> list[str]:
     sizes = summary["sizes"]
     held, lo, hi = summary["heldout"], *summary["heldout_ci"]
     verdict = "reaches" if summary["heldout_reached"] else "does NOT reach"
-    how = ("drawn from templates the discovery pairs do not use" if split == "templates"
-           else "drawn with another seed (this task records no templates, so they share its template)")
+    how = {"templates": "drawn from templates the discovery pairs do not use",
+           "seed": "drawn with another seed (this task records no templates, so they share its templates)",
+           "overlapping": "drawn with another seed but OVERLAPPING the discovery pairs (too few distinct prompts): "
+                          "this is not a held-out test"}.get(split, split)
     kept = ("every other head's output is replaced by its corrupted-run value at all positions; MLPs and "
             "embeddings are recomputed" if summary["heads_only"] and summary["level"] == "node" else
             "every other component (edge) carries its corrupted-run value")
