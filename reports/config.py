@@ -15,12 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("eap-ig", "eap", "acdc", "activation", "attribution", "node-pruning", "edge-pruning", "greedy",
-           "single-effect")
-# methods that choose the circuit itself; the run's attribution diagnostics use EAP-IG (see make_config)
-CIRCUIT_METHODS = ("node-pruning", "edge-pruning", "greedy", "single-effect")
-EDGE_METHODS = ("eap-ig", "eap", "attribution", "acdc")
-ACDC_EDGE_LIMIT = 5000
+from circuitlab.graphs.methods import METHOD_NAMES as METHODS  # the one registry (graphs.methods)
 
 
 class ConfigError(ValueError):
@@ -38,13 +33,6 @@ class RunConfig:
     over at most `resid_layers` evenly spaced layers. `percents`: the faithfulness curve's k (% of edges).
     `threads`: CPU threads for torch (default: 1 on machines with at most 2 cores, where a second thread
     competing with other processes made patching up to 10x slower; all cores otherwise).
-
-    The circuit (unless a size is forced with the options above) is the smallest prefix of `circuit_method`'s
-    ranking whose exact faithfulness on the discovery pairs reaches `faithfulness_target`, reported on
-    `heldout_n` held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`).
-    `circuit_method` `auto` follows `method`'s ranking (`reports.faithful.RUN_METHOD_TO_RANKING`); `mask_steps`
-    is the mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit method on
-    that many bootstrap resamples and reports inclusion frequencies.
     """
 
     task: str = "ioi"
@@ -61,6 +49,7 @@ class RunConfig:
     resid_positions: str = "each"
     resid_layers: int = 10
     memory_budget: float = 2048.0
+    batch_size: int | None = None
     device: str = "cpu"
     threads: int | None = None
     steps: int = 5
@@ -71,14 +60,9 @@ class RunConfig:
     roles: bool = True
     force: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)
-    faithfulness_target: float = 0.8
-    circuit_method: str = "auto"
-    heldout_n: int | None = None
-    mask_steps: int = 60
-    stability_resamples: int = 0
 
     # fields that do not change results (left out of the resume key)
-    _NON_RESULT = ("out", "force")
+    _NON_RESULT = ("out", "force", "batch_size")  # any batch size gives the same numbers
 
     def result_key(self) -> str:
         """A short hash of every field that changes results: equal keys mean a run may resume."""
@@ -193,16 +177,13 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             continue
         value = values[f.name]
         kwargs[f.name] = _coerce(f.name, value)
-    if kwargs.get("method") in CIRCUIT_METHODS:  # `--method node-pruning`: EAP-IG diagnostics, circuit by the method
-        kwargs["circuit_method"], kwargs["method"] = kwargs["method"], "eap-ig"
     cfg = RunConfig(**kwargs)
     validate(cfg)
     return cfg
 
 
-_INTS = ("n", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads", "heldout_n", "mask_steps",
-         "stability_resamples")
-_FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold", "faithfulness_target")
+_INTS = ("n", "batch_size", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads")
+_FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold")
 _BOOLS = ("roles", "force")
 
 
@@ -235,8 +216,12 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    from circuitlab.graphs.methods import get_method
+
+    try:
+        get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
@@ -249,6 +234,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--oracle-edges and --n-boot must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 prompt pairs, got {cfg.batch_size}")
     if cfg.memory_budget <= 0:
         raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
     given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]
@@ -264,16 +251,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)
-    from circuitlab.graphs.faithful import FAITHFUL_METHODS
-
-    if cfg.circuit_method not in ("auto",) + FAITHFUL_METHODS:
-        raise ConfigError(f"unknown --circuit-method {cfg.circuit_method!r}: use auto or one of {', '.join(FAITHFUL_METHODS)}")
-    if not 0.0 < cfg.faithfulness_target <= 1.0:
-        raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
-    if cfg.heldout_n is not None and cfg.heldout_n < 2:
-        raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
-    if cfg.mask_steps < 1 or cfg.stability_resamples < 0:
-        raise ConfigError("--mask-steps must be >= 1 and --stability-resamples >= 0")
     if cfg.corruption is not None and task.name != "ioi":
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
