@@ -1,5 +1,5 @@
 """The `circuitlab` command line: run, patch, path, report, tasks, models (`bench` from reports.bench, `sweep`
-from reports.grid).
+from reports.grid, `phase` from reports.phase).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.grid import add_sweep_parser
 
     add_sweep_parser(sub)
+    from circuitlab.reports.phase import add_phase_parser
+
+    add_phase_parser(sub)
     return parser
 
 

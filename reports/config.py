@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("eap-ig", "eap", "acdc", "activation", "attribution")
-EDGE_METHODS = ("eap-ig", "eap", "attribution", "acdc")
-ACDC_EDGE_LIMIT = 5000
+from circuitlab.graphs.methods import METHOD_NAMES as METHODS  # the one registry (graphs.methods)
 
 
 class ConfigError(ValueError):
@@ -218,8 +216,12 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    from circuitlab.graphs.methods import get_method
+
+    try:
+        get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
