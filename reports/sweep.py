@@ -24,7 +24,7 @@ class SweepConfig:
     task: str
     model: str
     out: str
-    n: int = 16
+    n: int | None = None  # None: 16 prompts, or every row of a dataset file
     seed: int = 0
     corruption: str | None = None
     direction: str = "denoise"
@@ -47,22 +47,30 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
         raise ConfigError(str(exc)) from None
     if cfg.direction not in ("denoise", "noise"):
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
-    if cfg.n < 1:
+    if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
     from circuitlab.reports.config import check_device, check_seed
+    from circuitlab.tasks.custom import RecordsTask
 
     check_seed(cfg.seed)
     check_device(cfg.device)
+    n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
     out = rundir.resolve_out(cfg.out)
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
-    sample = task.generate(model, 1, seed=cfg.seed, **options)
-    per_pair = 2 * 4 * sample.seq_len * (2 * int(model.cfg.n_layers) + 2) * int(model.cfg.d_model)
-    rundir.check_n(cfg.n, per_pair, 0.0, cfg.memory_budget, f"the clean and corrupt residual streams at "
-                   f"{sample.seq_len} positions")
-    say(f"generating {cfg.n} prompt pairs ...")
-    pairs = task.generate(model, cfg.n, seed=cfg.seed, **options)
+    try:  # bad data fails here, before --out is touched
+        if n is not None:
+            sample = task.generate(model, 1, seed=cfg.seed, **options)
+            per_pair = 2 * 4 * sample.seq_len * (2 * int(model.cfg.n_layers) + 2) * int(model.cfg.d_model)
+            rundir.check_n(n, per_pair, 0.0, cfg.memory_budget, f"the clean and corrupt residual streams at "
+                           f"{sample.seq_len} positions")
+        say(f"generating {n if n is not None else 'all'} prompt pairs ...")
+        pairs = task.generate(model, n, seed=cfg.seed, **options)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     staging = rundir.fresh_staging(out)
     pairs.save_jsonl(staging / ".pairs.jsonl.tmp")
     (staging / ".pairs.jsonl.tmp").replace(staging / "pairs.jsonl")
