@@ -46,6 +46,7 @@ class Run:
     pairs: Any = None
     _ectx: Any = None
     _pctx: Any = None
+    _runner: Any = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
 
@@ -70,7 +71,8 @@ class Run:
         if self._pctx is None:
             from circuitlab.patching.engine import engine_context
 
-            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False)
+            self._pctx = engine_context(self.get_model(), self.task, self.device_pairs(), check_gap=False,
+                                        runner=getattr(self, "_runner", None))
             self._ectx = self._pctx
         return self._pctx
 
@@ -108,7 +110,11 @@ def _stage_pairs(run: Run) -> None:
     from circuitlab.patching.models import weight_hash
 
     labels = _position_labels(model, pairs)
-    run.cache.save_json("model", {"name": cfg.model, "weight_hash": weight_hash(model),
+    from circuitlab.patching.engine import make_runner
+
+    run._runner, backend, reason = make_runner(model)  # the fast runner where exact, else the hook backend
+    run.cache.save_json("model", {"engine": {"backend": backend, "reason": reason,
+                                             "architecture": run._runner.arch.as_dict()},"name": cfg.model, "weight_hash": weight_hash(model),
                                   "n_layers": int(model.cfg.n_layers), "n_heads": int(model.cfg.n_heads),
                                   "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
                                   "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
