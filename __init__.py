@@ -5,7 +5,11 @@ The repository's top-level folders install as `circuitlab.patching` (models and 
 (command line and reports).
 """
 
+from circuitlab.graphs.discovery import Discovery, discover, evaluate
+from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
 from circuitlab.patching import load_model, save_model
+from circuitlab.patching.edges import prepare_edges
 from circuitlab.tasks import get_task, list_tasks
 
-__all__ = ["get_task", "list_tasks", "load_model", "save_model"]
+__all__ = ["Circuit", "Discovery", "EdgeScores", "NodeScores", "discover", "evaluate", "get_task", "list_tasks",
+           "load_model", "prepare_edges", "save_model"]

@@ -22,7 +22,7 @@ Scoring conventions (all documented in the results table's notes):
 
 - Edge ROC-AUC ranks edges by |edge score| against membership in the reference edges (InterpBench).
 - Node ROC-AUC ranks heads and MLPs (not `input`/`logits`) against the reference nodes. For edge methods a
-  node's score is the sum of |score| over its incoming and outgoing edges.
+  node's score is the sum of its outgoing edge scores (its attribution-patching score, `graphs.scores`).
 - `activation` is node-level exact patching (noising: corrupted head `z` / `mlp_out` into the clean run, all
   positions); node score = (m(clean) - m(noised)) / (m(clean) - m(corrupt)). Edge scores are derived as
   min(|s_u|, |s_v|) with `input` and `logits` scored as the largest node score, so that every threshold on
@@ -45,20 +45,17 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitlab.graphs.discovery import DiscoveryOptions, score
 from circuitlab.graphs.evaluate import roc_auc
+from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, get_method
+from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import ComputationalGraph, EdgeContext, ablated_context, prepare_edges
 
-METHODS: tuple[str, ...] = ("activation", "eap", "eap-ig", "acdc", "random")
+METHODS: tuple[str, ...] = BENCHMARK_METHODS
 COUNTERFACTUALS: tuple[str, ...] = ("task", "resample", "zero")
-METHOD_NOTES: dict[str, str] = {
-    "activation": "exact node patching (noising) of every head z and MLP out; edge score = min(|s_u|, |s_v|)",
-    "eap": "edge attribution patching: (a_clean - a_corrupt) . dm/dx_receiver at the clean run",
-    "eap-ig": "EAP with gradients integrated over input embeddings corrupt -> clean",
-    "acdc": "greedy exact edge pruning; score = objective change, kept edges ranked above removed ones",
-    "random": "seeded standard-normal edge scores (chance reference)",
-}
+METHOD_NOTES: dict[str, str] = {name: get_method(name).note for name in METHODS}
 RESULT_COLUMNS = ["model", "counterfactual", "method", "n_pairs", "n_edges", "n_true_edges", "n_visible_true_edges",
                   "edge_auroc", "edge_auroc_visible", "node_auroc", "cpr", "cpr_low", "cpr_high", "cmd", "cmd_low", "cmd_high", "seconds",
                   "eval_seconds", "note"]
@@ -78,7 +75,7 @@ class BenchConfig:
     eap_ig_steps: int = 5
     acdc_objective: str = "metric"
     acdc_threshold: float = 0.01
-    acdc_max_edges: int = 5000
+    acdc_max_edges: int = REGISTRY["acdc"].max_edges or 0
     n_boot: int = 1000
     memory_budget_mb: float = 1024.0
     seed: int = 0
@@ -215,32 +212,15 @@ def adapt_groundtruth(gt: GroundTruth, n: int, seed: int = 0, *, counterfactual:
 
 # ---------------------------------------------------------------------- methods
 
-def _node_table(names: Sequence[str], values: Sequence[float]) -> pd.DataFrame:
-    return pd.DataFrame({"node": list(names), "score": np.asarray(values, dtype=float)})
-
-
 def node_scores_from_edges(graph: ComputationalGraph, scores: Tensor) -> pd.DataFrame:
-    """Node scores (heads and MLPs) = sum of |score| over each node's incoming and outgoing edges."""
-    values = scores.detach().double().abs().cpu()
-    total = torch.zeros(graph.n_senders, dtype=torch.float64)
-    total.index_add_(0, graph.edge_sender, values)
-    receiver_node = [graph.receiver_names[r] for r in graph.edge_receiver.tolist()]
-    index = {name: i for i, name in enumerate(graph.sender_names)}
-    for value, node in zip(values.tolist(), receiver_node):
-        if node in index:
-            total[index[node]] += value
-    names = [n for n in graph.sender_names if n != "input"]
-    return _node_table(names, [float(total[index[n]]) for n in names])
+    """Node scores (`node`, `score`) of edge scores: `graphs.scores.EdgeScores.node_scores` (one definition)."""
+    return EdgeScores(graph, scores.detach().double().cpu(), "edges", 1.0).node_scores().frame[["node", "score"]]
 
 
 def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Tensor:
-    """Edge scores min(|s_u|, |s_v|) from node scores; `input` and `logits` count as the largest |s|."""
-    values = dict(zip(nodes["node"], nodes["score"].abs()))
-    top = max(values.values()) if values else 1.0
-    values["input"] = values["logits"] = top
-    send = torch.tensor([values[graph.sender_names[s]] for s in graph.edge_sender.tolist()])
-    recv = torch.tensor([values[graph.receiver_names[r]] for r in graph.edge_receiver.tolist()])
-    return torch.minimum(send, recv).float()
+    """Edge scores min(|s_u|, |s_v|) from node scores (`graphs.scores.NodeScores.edge_ranking`)."""
+    frame = nodes.assign(effect=nodes["score"])
+    return NodeScores(graph, frame, "nodes").edge_ranking().float()
 
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
@@ -256,67 +236,24 @@ def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     return ctx.graph.n_edges, per * ctx.graph.n_edges
 
 
-def _activation(model: Any, task: Any, pairs: Any, ctx: EdgeContext, config: BenchConfig,
-                ablation: str | None = None) -> pd.DataFrame:
-    from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
-
-    pctx = prepare(model, task, pairs)
-    pcfg = PatchingConfig(direction="noise", source=ablation, memory_budget_mb=config.memory_budget_mb)
-    frames = [activation_patching(model, task, pairs, "z", config=pcfg, context=pctx)]
-    if not getattr(model.cfg, "attn_only", False):
-        frames.append(activation_patching(model, task, pairs, "mlp_out", config=pcfg, context=pctx))
-    frame = pd.concat(frames, ignore_index=True)
-    gap = ctx.clean_metric - ctx.corrupt_metric  # the counterfactual's gap (ablated run when ablating)
-    names = [f"a{lay}.h{h}" if comp == "z" else f"m{lay}" for comp, lay, h in
-             zip(frame["component"], frame["layer"], frame["head"])]
-    return _node_table(names, (pctx.clean_metric - frame["metric"].to_numpy()) / gap)
-
-
-def _acdc_scores(ctx: EdgeContext, config: BenchConfig) -> Tensor:
-    from circuitlab.patching.acdc import acdc
-
-    threshold = config.acdc_threshold
-    if config.acdc_objective == "metric":
-        threshold *= abs(ctx.clean_metric - ctx.corrupt_metric)
-    result = acdc(ctx, threshold, objective=config.acdc_objective)
-    change = torch.nan_to_num(result.scores.double(), nan=0.0).abs()
-    offset = 1.0 + 2.0 * float(change.max())
-    return (change + offset * result.kept.double()).float()
-
-
 def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext | None = None,
                config: BenchConfig | None = None, ablation: str | None = None
                ) -> tuple[Tensor | None, pd.DataFrame, float]:
-    """Run one discovery method: (edge scores [n_edges] or None, node scores (`node`, `score`), seconds).
-
-    Seconds cover the method's own work (a shared `ctx` from `prepare_edges` is not counted). `activation`
-    returns node scores only (derive edges with `edge_scores_from_nodes`).
-    """
-    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
-
+    """Run one registered method (`graphs.discovery.score`): (edge ranking [n_edges] or None for node methods,
+    node scores (`node`, `score`), seconds). Seconds exclude preparing the shared `ctx`."""
     config = config or BenchConfig()
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: use one of {METHODS}")
+    get_method(name)
     ctx = ctx or prepare_edges(model, task, pairs)
-    graph = ctx.graph
+    if name == "acdc" and ctx.graph.n_edges > config.acdc_max_edges:
+        raise ValueError(f"ACDC on {ctx.graph.n_edges} edges exceeds acdc_max_edges={config.acdc_max_edges}")
+    options = DiscoveryOptions(steps=config.eap_ig_steps, acdc_threshold=config.acdc_threshold,
+                               acdc_objective=config.acdc_objective, ablation=ablation, seed=config.seed,
+                               memory_budget_mb=config.memory_budget_mb)
     start = time.perf_counter()
-    if name == "activation":
-        nodes = _activation(model, task, pairs, ctx, config, ablation)
-        return None, nodes, time.perf_counter() - start
-    if name == "eap":
-        scores = eap_scores(ctx)
-    elif name == "eap-ig":
-        scores = eap_ig_scores(ctx, steps=config.eap_ig_steps)
-    elif name == "acdc":
-        if graph.n_edges > config.acdc_max_edges:
-            raise ValueError(f"ACDC on {graph.n_edges} edges exceeds acdc_max_edges={config.acdc_max_edges}")
-        scores = _acdc_scores(ctx, config)
-    else:
-        generator = torch.Generator().manual_seed(config.seed)
-        scores = torch.randn(graph.n_edges, generator=generator)
+    edges, nodes = score(name, model, task, pairs, ctx, options)
     seconds = time.perf_counter() - start
-    scores = scores.detach().float().cpu()
-    return scores, node_scores_from_edges(graph, scores), seconds
+    ranking = edges.ranking().float() if edges is not None else None
+    return ranking, nodes.frame[["node", "score"]], seconds
 
 
 # ---------------------------------------------------------------------- metrics
@@ -426,9 +363,9 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
                    say: Callable[[str], None] = lambda s: None) -> pd.DataFrame:
     """Run every method on one case and evaluate it; one row per method (`RESULT_COLUMNS`)."""
     config = config or BenchConfig()
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: use any of {METHODS}")
+        raise ValueError(f"unknown methods {unknown}: use any of {tuple(REGISTRY)}")
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     ctx = prepare_edges(case.model, case.task, case.pairs)

@@ -212,7 +212,17 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
         return corrupt
     if source == "zero":
         return torch.zeros_like(corrupt)
-    return corrupt.mean(0, keepdim=True).expand_as(corrupt)
+    return prompt_mean(corrupt, getattr(ctx.pairs, "attention_mask", None), _position_dim(kind)).expand_as(corrupt)
+
+
+def prompt_mean(act: Tensor, mask: Tensor | None, pos_dim: int = 1) -> Tensor:
+    """Mean over prompts [1, ...], position by position over the prompts that are real there (not padding)."""
+    if mask is None:
+        return act.mean(0, keepdim=True)
+    shape = [1] * act.dim()
+    shape[0], shape[pos_dim] = mask.shape[0], mask.shape[1]
+    w = mask.to(act.device, act.dtype).reshape(shape)
+    return (act * w).sum(0, keepdim=True) / w.sum(0, keepdim=True).clamp(min=1.0)
 
 
 def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: PatchingConfig) -> Tensor:

@@ -148,9 +148,11 @@ class Batches:
         return acdc(list(self.edge_contexts()), threshold, objective=objective, progress=progress)
 
     # ------------------------------------------------------------------ activation and path patching
-    def _patched_frames(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]],
-                        trim: bool) -> pd.DataFrame:
-        """Run a sweep per batch and combine: metric = Σ n_b · metric_b / n; effect from the combined baselines."""
+    def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
+              trim: bool = True) -> pd.DataFrame:
+        """`run(batch_pairs, context)` per batch (a frame with a `metric` column, same rows for every batch),
+        combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
+        batch at the full padded width (for absolute positions)."""
         from circuitlab.patching.activation import prepare
 
         total, clean, corrupt, first = None, 0.0, 0.0, None
@@ -181,8 +183,8 @@ class Batches:
 
         if config is not None and config.resolved_source() == "mean" and (self.batch_size or self.n) < self.n:
             raise ValueError("mean ablation averages over all prompts: run it in one batch (batch_size=None)")
-        absolute = not _roles_or_all(positions)
-        return self._patched_frames(
+        absolute = not position_independent(positions)
+        return self.sweep(
             lambda part, ctx: activation_patching(self.model, self.task, part, component, positions=positions,
                                                   layers=layers, heads=heads, config=config, context=ctx),
             collect, trim=not absolute)
@@ -191,14 +193,14 @@ class Batches:
         """`path.path_patching` over prompt batches."""
         from circuitlab.patching.path import path_patching
 
-        absolute = not (_roles_or_all(kwargs.get("sender_positions")) and _roles_or_all(kwargs.get("receiver_positions")))
-        return self._patched_frames(
+        absolute = not (position_independent(kwargs.get("sender_positions")) and position_independent(kwargs.get("receiver_positions")))
+        return self.sweep(
             lambda part, ctx: path_patching(self.model, self.task, part, senders, receivers, channel, context=ctx,
                                             **kwargs),
             (), trim=not absolute)
 
 
-def _roles_or_all(positions: Any) -> bool:
+def position_independent(positions: Any) -> bool:
     """True for position specs that mean the same tokens in any batch (all, None, role names)."""
     if positions is None or positions == "all":
         return True

@@ -381,7 +381,10 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     if ablation == "zero":
         senders = torch.zeros_like(clean.senders)
     else:
-        senders = clean.senders.mean(0, keepdim=True).expand_as(clean.senders).contiguous()
+        from circuitlab.patching.activation import prompt_mean
+
+        mask = getattr(ctx.pairs, "attention_mask", None)
+        senders = prompt_mean(clean.senders, mask).expand_as(clean.senders).contiguous()
     cumulative = torch.cumsum(clean.senders - senders, dim=2)  # removed contribution of senders [0..i]
 
     def shifted(resid: Tensor, n_before: int) -> Tensor:

@@ -200,13 +200,17 @@ def _load_native_dir(directory: Path, device: str, dtype: torch.dtype) -> Transf
     return _finish(model, str(directory))
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> TransformerBridge:
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None) -> TransformerBridge:
     """Load a model as a `TransformerBridge` in eval mode with gradients off.
 
     `name` is `"smollm2-135m"` (offline default), a directory (from `save_model` or `save_pretrained`),
-    or a Hugging Face hub name such as `"gpt2"` (needs the network the first time).
+    or a Hugging Face hub name such as `"gpt2"` (needs the network the first time); `revision` picks a hub
+    revision (a training checkpoint such as Pythia's `"step1000"`).
     """
     path = Path(name).expanduser()
+    if revision is not None and (path.is_dir() or name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct")):
+        raise ValueError(f"revision={revision!r} applies to hub models only; {name!r} is a local model with one version")
     if path.is_dir():
         if (path / _NATIVE_CONFIG).is_file():
             return _load_native_dir(path, device, dtype)
@@ -224,10 +228,10 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
         model.cfg.model_name = DEFAULT_MODEL
         return _finish(model, DEFAULT_MODEL)
     try:
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, revision=revision)
     except Exception as exc:  # the hub raises many types when offline; all mean the same to the user
         raise RuntimeError(
-            f"could not load model {name!r} from the Hugging Face hub or its local cache "
+            f"could not load model {name!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face hub or its local cache "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline, use the embedded "
             f"default {DEFAULT_MODEL!r}, or a directory written by save_model()/save_pretrained()."
         ) from exc

@@ -97,11 +97,13 @@ def _run_result(record: dict[str, Any]) -> dict[str, Any]:
 
 def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One `circuitlab run` into `folder`; returns the headline numbers of its run.json."""
-    from circuitlab.reports.config import ACDC_EDGE_LIMIT, make_config
+    from circuitlab.graphs.methods import get_method
+    from circuitlab.reports.config import make_config
     from circuitlab.reports.run import execute
 
     cfg = make_config({**cell.params, "out": str(folder), "threads": cell.threads})
-    if cfg.method == "acdc" and not cfg.force:
+    limit = get_method(cfg.method).max_edges
+    if limit is not None and not cfg.force:
         from circuitlab.patching.edges import ComputationalGraph
         from circuitlab.patching.models import load_model
 
@@ -109,8 +111,8 @@ def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
         n_edges = ComputationalGraph(int(mcfg.n_layers), int(mcfg.n_heads),
                                      int(getattr(mcfg, "n_key_value_heads", None) or mcfg.n_heads),
                                      bool(getattr(mcfg, "attn_only", False))).n_edges
-        if n_edges > ACDC_EDGE_LIMIT:
-            raise SkipCell(f"ACDC on {n_edges} edges is above its limit of {ACDC_EDGE_LIMIT} (set force: true)")
+        if n_edges > limit:
+            raise SkipCell(f"{cfg.method.upper()} on {n_edges} edges is above its limit of {limit} (set force: true)")
     record = execute(cfg, quiet=True, command=cfg.command())
     return _run_result(record)
 

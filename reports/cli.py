@@ -1,5 +1,5 @@
 """The `circuitlab` command line: run, patch, path, report, tasks, models (`bench` from reports.bench, `sweep`
-from reports.grid).
+from reports.grid, `phase` from reports.phase).
 
 Every failure ends with one line `circuitlab: error: <reason>` on stderr and a non-zero exit status
 (2 for bad arguments or configuration, 1 for failures while running, 130 when interrupted).
@@ -32,7 +32,8 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--n", type=int, default=d(16), help="number of prompt pairs")
     p.add_argument("--seed", type=int, default=d(0))
     p.add_argument("--corruption", default=None, help="IOI corruption: abc (default) or s2_io_flip")
-    p.add_argument("--memory-budget", type=float, default=d(2048.0), help="MB per batched forward")
+    p.add_argument("--memory-budget", type=float, default=d(2048.0),
+                   help="MB for one batch of prompts (sets the batch size) and per batched forward")
     p.add_argument("--device", default=d("cpu"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on <= 2 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="a whole discovery: pairs, scores, exact checks, circuit, roles, report")
     run.add_argument("--config", help="YAML/JSON experiment file (CLI flags override it; `runs:` makes a sweep)")
     _add_common(run, defaults=False)
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="prompt pairs per batch (default: as many as --memory-budget allows)")
     run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default eap-ig)")
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.grid import add_sweep_parser
 
     add_sweep_parser(sub)
+    from circuitlab.reports.phase import add_phase_parser
+
+    add_phase_parser(sub)
     return parser
 
 
@@ -121,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     file_values = load_config_file(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
                                          "top_fraction", "threshold", "top_k", "positions", "resid_positions",
-                                         "resid_layers", "memory_budget", "device", "steps", "oracle_edges",
+                                         "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}

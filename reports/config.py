@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("eap-ig", "eap", "acdc", "activation", "attribution")
-EDGE_METHODS = ("eap-ig", "eap", "attribution", "acdc")
-ACDC_EDGE_LIMIT = 5000
+from circuitlab.graphs.methods import METHOD_NAMES as METHODS  # the one registry (graphs.methods)
 
 
 class ConfigError(ValueError):
@@ -51,6 +49,7 @@ class RunConfig:
     resid_positions: str = "each"
     resid_layers: int = 10
     memory_budget: float = 2048.0
+    batch_size: int | None = None
     device: str = "cpu"
     threads: int | None = None
     steps: int = 5
@@ -63,7 +62,7 @@ class RunConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
 
     # fields that do not change results (left out of the resume key)
-    _NON_RESULT = ("out", "force")
+    _NON_RESULT = ("out", "force", "batch_size")  # any batch size gives the same numbers
 
     def result_key(self) -> str:
         """A short hash of every field that changes results: equal keys mean a run may resume."""
@@ -183,7 +182,7 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-_INTS = ("n", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads")
+_INTS = ("n", "batch_size", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads")
 _FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold")
 _BOOLS = ("roles", "force")
 
@@ -217,8 +216,12 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+    from circuitlab.graphs.methods import get_method
+
+    try:
+        get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
@@ -231,6 +234,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--oracle-edges and --n-boot must be >= 0")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 prompt pairs, got {cfg.batch_size}")
     if cfg.memory_budget <= 0:
         raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
     given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]

@@ -1,7 +1,7 @@
-"""Rendering a run's report (report.html, self-contained, and report.md with figures/) from its saved files.
+"""Rendering a run's report (report.html, self-contained, and report.md with figures/) from a `RunResult`.
 
-Reads only what `circuitlab run` wrote into the run directory (run.json, scores.csv, baseline.csv,
-faithfulness.csv, oracle.csv, roles.csv, circuit.json), so `circuitlab report RUN_DIR` needs no model.
+`circuitlab run` renders the result it holds in memory; `circuitlab report RUN_DIR` reads the same result back
+with `reports.save.load_result` (no model needed) and renders it with the same code.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from circuitlab.reports import figures, store
+from circuitlab.reports.result import RunResult
+from circuitlab.reports.save import load_result
 
 
 @dataclass
@@ -30,19 +32,6 @@ class Section:
     code: str | None = None
 
 
-def _required(run_dir: Path, name: str) -> Path:
-    path = run_dir / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a finished circuitlab run "
-                                "(rerun `circuitlab run` with the same arguments to complete it)")
-    return path
-
-
-def _optional_csv(run_dir: Path, name: str) -> pd.DataFrame | None:
-    path = run_dir / name
-    return store.read_csv(path) if path.is_file() else None
-
-
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
@@ -51,16 +40,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _is_true(series: pd.Series) -> pd.Series:
-    return series.astype(str).str.lower().isin(["true", "1"])
-
-
-def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
+def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     """The report's content, in the order a researcher reads it."""
-    record = json.loads(_required(run_dir, "run.json").read_text())
-    scores = store.read_csv(_required(run_dir, "scores.csv"))
-    baseline = store.read_csv(_required(run_dir, "baseline.csv"))
-    circuit = json.loads(_required(run_dir, "circuit.json").read_text())
+    record = result.record()
+    baseline = result.baseline
     cfg, metrics, model = record["config"], record["metrics"], record["model"]
     method = cfg["method"]
     sections: list[Section] = []
@@ -72,12 +55,12 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
     intro.paragraphs.append(f"Model {model['name']} ({model.get('architecture', '')}, {model['n_layers']} layers, "
                             f"{model['n_heads']} heads, {model['n_key_value_heads']} key/value heads, d_model "
                             f"{model['d_model']}), weight hash {model['weight_hash']}. Method {method}.")
-    pairs_path = run_dir / "pairs.jsonl"
-    if pairs_path.is_file():
-        rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:3] if line.strip()]
-        intro.tables.append(("Example pairs", pd.DataFrame({
-            "clean": [r["clean_text"] for r in rows], "corrupt": [r["corrupt_text"] for r in rows],
-            "positions": [json.dumps(r["positions"]) for r in rows]})))
+    pairs = result.pairs
+    shown = min(3, len(pairs))
+    examples = pd.DataFrame({"clean": pairs.clean_texts[:shown], "corrupt": pairs.corrupt_texts[:shown]})
+    for role, where in pairs.positions.items():
+        examples[f"{role} at"] = where[:shown].tolist()
+    intro.tables.append(("Example pairs (token position of each role)", examples))
     sections.append(intro)
 
     # 2. does the model do the task
@@ -97,13 +80,13 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
 
     # 3. heatmaps
     heat = Section("Where the effect is: heads, MLPs, residual stream")
-    exact = scores[(scores["method"] == "activation") & _is_true(scores["exact"])]
+    exact = result.exact
     heads = exact[exact["component"] == "z"]
     panels = []
     for label, group in heads.groupby(heads["role"].where(heads["role"] != "", heads["position"].astype(str)), sort=False):
         title = "exact activation patching" + ("" if label in ("-1", "") else f" at {label}")
         panels.append((title, group.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")))
-    approx = scores[(scores["method"] == method) & ~_is_true(scores["exact"])]
+    approx = result.nodes if method != "activation" else result.nodes.iloc[0:0]
     approx_heads = approx[approx["component"] == "z"]
     if not approx_heads.empty:
         panels.append((f"{method} node attribution",
@@ -117,8 +100,8 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
         if not approx_mlps.empty:
             series.append((method, approx_mlps.groupby("layer")["effect"].mean()))
         heat.figures.append(("mlps", "MLP effect by layer", figures.png_bytes(figures.mlp_figure(series))))
-    resid = scores[scores["component"] == "resid_pre"]
-    if not resid.empty:
+    resid = result.resid
+    if resid is not None and not resid.empty:
         labels_all = model.get("position_labels", [])
         if (resid["position"].astype(int) >= 0).all():
             grid = resid.pivot_table(index="layer", columns="position", values="effect", aggfunc="mean")
@@ -135,9 +118,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
 
     # 4. circuit
     from circuitlab.graphs.draw import draw_circuit
-    from circuitlab.graphs.io import from_node_link
-
-    graph = from_node_link(circuit)
+    graph = result.circuit
     circ = Section("The circuit")
     circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
                            f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
@@ -153,7 +134,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
     sections.append(circ)
 
     # 5. roles
-    roles = _optional_csv(run_dir, "roles.csv")
+    roles = result.roles
     role_section = Section("Roles with evidence")
     if roles is None:
         role_section.paragraphs.append("Role detection was switched off for this run (--no-roles).")
@@ -173,7 +154,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
 
     # 6. faithfulness
     faith = Section("Faithfulness")
-    curve = _optional_csv(run_dir, "faithfulness.csv")
+    curve = result.faithfulness
     summary = record.get("faithfulness") or {}
     if curve is not None and summary:
         faith.paragraphs.append(
@@ -202,7 +183,7 @@ def build_sections(run_dir: Path) -> tuple[dict[str, Any], list[Section]]:
                            merged["exact"].to_numpy(float), f"{method} effect", "exact effect"))
     else:
         agree.paragraphs.append("Node level: the method is exact activation patching itself.")
-    oracle = _optional_csv(run_dir, "oracle.csv")
+    oracle = result.oracle
     if oracle is not None and record.get("oracle"):
         rho = record["oracle"]["spearman"]
         agree.paragraphs.append(f"Edge level (oracle check): {len(oracle)} edges (half the top by |score|, half at "
@@ -336,11 +317,14 @@ def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
 
 
 def render_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.html, report.md and figures/*.png of a run directory; returns the two report paths."""
+    """Re-render report.html, report.md and figures/*.png of a finished run directory from its saved result."""
+    return render_result(load_result(run_dir), run_dir)
+
+
+def render_result(result: RunResult, run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.html, report.md and figures/*.png of a result into its run directory."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    record, sections = build_sections(run_dir)
+    record, sections = build_sections(result)
     for section in sections:
         for stem, _, png in section.figures:
             store.write_bytes(run_dir / "figures" / f"{stem}.png", png)

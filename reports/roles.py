@@ -54,10 +54,12 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
         if candidates:
             receivers = [head_node(layer, head) for layer, head in nm]
             say(f"  S-inhibition: path patching {len(candidates)} candidate heads into {len(receivers)} name movers' queries")
-            path = path_patching(model, task, pairs, senders=candidates, receivers=receivers, channel="q",
-                                 receiver_positions="END", context=context,
-                                 config=PatchingConfig(direction="noise", chunk_size=4,
-                                                       memory_budget_mb=memory_budget_mb))
+            kwargs = dict(senders=candidates, receivers=receivers, channel="q", receiver_positions="END",
+                          config=PatchingConfig(direction="noise", chunk_size=4, memory_budget_mb=memory_budget_mb))
+            if hasattr(context, "path_patching"):  # prompt batches (patching.batched.Batches)
+                path = context.path_patching(**kwargs)
+            else:
+                path = path_patching(model, task, pairs, context=context, **kwargs)
             effects = path[["sender", "receiver", "channel", "effect"]].copy()
             effects["effect"] = 1.0 - effects["effect"]  # noising: the path's share of the clean behaviour
             frames.append(detect_s_inhibition(effects, receivers, thresholds))

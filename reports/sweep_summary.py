@@ -53,7 +53,7 @@ def _fmt(value: float) -> str:
 
 def summarise(values: pd.DataFrame, metric: str) -> str:
     """`mean [low, high] (n=k)` over a group's finished cells (see the module docstring for the interval)."""
-    from circuitlab.reports.run import bootstrap_ci
+    from circuitlab.patching.stats import bootstrap_ci
 
     col = pd.to_numeric(values[metric], errors="coerce").dropna() if metric in values else pd.Series(dtype=float)
     if col.empty:

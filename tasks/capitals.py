@@ -9,8 +9,8 @@ Answers are the capital with a leading space. By default only capitals that are 
 first token of longer names instead. `filter_correct=True` (needs a model) keeps only prompts whose top-1
 next token is the capital; `info["facts_kept"]` and `info["prompts_kept"]` report what survived.
 
-Equal lengths: candidate prompts (fact × template) are grouped by token length and the length with the most
-candidates (after filtering) is kept, or `prompt_length=`.
+Lengths: prompts of every token length are used, right-padded into one batch (`attention_mask`, per-prompt
+END); `prompt_length=` keeps only prompts of one length.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PromptPairs, Task, check_aligned, require_n
 from circuitlab.tasks.ioi import logit_diff_at
-from circuitlab.tasks.tokens import Rendered, TokenSource, most_common_length, options_from, render, resolve
+from circuitlab.tasks.tokens import Rendered, TokenSource, options_from, pad_id_for, pad_right, render, resolve
 
 log = logging.getLogger("circuitlab.tasks")
 
@@ -154,14 +154,12 @@ class CapitalsTask(Task):
             raise ValueError("no capital fact has a same-length partner country with a different capital; "
                              "add facts or templates" + (" or drop filter_correct" if opts.filter_correct else ""))
         lengths = {i: len(cands[i].rendered.ids) for i in partners}
-        length = opts.prompt_length or most_common_length(lengths, what="capital prompts")
-        pool = [i for i in partners if lengths[i] == length]
+        pool = [i for i in partners if opts.prompt_length is None or lengths[i] == opts.prompt_length]
         if not pool:
-            raise ValueError(f"no capital prompt has {length} tokens; lengths: {sorted(set(lengths.values()))}")
-        info.update(prompt_length=length, prompts_available=len(pool),
-                    facts_kept=len({cands[i].country for i in pool}),
+            raise ValueError(f"no capital prompt has {opts.prompt_length} tokens; lengths: {sorted(set(lengths.values()))}")
+        info.update(prompts_available=len(pool), facts_kept=len({cands[i].country for i in pool}),
                     templates_kept=sorted({cands[i].template_id for i in pool}))
-        log.info("capitals: %d prompts of %d tokens (%d facts) to draw from", len(pool), length, info["facts_kept"])
+        log.info("capitals: %d prompts (%d facts) to draw from", len(pool), info["facts_kept"])
         require_n(n, len(pool), "capital prompts" + (" the model gets right" if opts.filter_correct else ""))
 
         rng = random.Random(seed)
@@ -185,10 +183,15 @@ class CapitalsTask(Task):
             wrong.append([k.answer])
             rows.append(dict(country=c.country, capital=c.capital, corrupt_country=k.country,
                              corrupt_capital=k.capital, template_id=c.template_id, template=templates[c.template_id]))
+        pad = pad_id_for(src)
+        clean_padded, mask = pad_right(clean_ids, pad)
+        info.update(prompt_length=max(map(len, clean_ids)), prompt_lengths=sorted({len(c) for c in clean_ids}),
+                    pad_id=pad)
         return PromptPairs(
             task=self.name,
-            clean_tokens=torch.tensor(clean_ids),
-            corrupt_tokens=torch.tensor(corrupt_ids),
+            clean_tokens=torch.tensor(clean_padded),
+            corrupt_tokens=torch.tensor(pad_right(corrupt_ids, pad)[0]),
+            attention_mask=None if mask is None else torch.tensor(mask),
             answer_ids=torch.tensor([[cands[i].answer] for i in chosen]),
             wrong_ids=torch.tensor(wrong),
             positions={k: torch.tensor(v) for k, v in pos.items()},

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, check_aligned, require_n
-from circuitlab.tasks.tokens import TokenSource, most_common_length, options_from, render, resolve
+from circuitlab.tasks.tokens import TokenSource, options_from, pad_id_for, pad_right, render, resolve
 
 WIDTH = 100
 
@@ -96,10 +96,10 @@ class GreaterThanTask(Task):
             raise ValueError("nouns=[] leaves no greater-than prompt")
         ref = {noun: render(template, {"noun": noun, "YY": "32"}, src) for noun in nouns}
         lengths = {noun: len(r.ids) for noun, r in ref.items()}
-        length = opts.prompt_length or most_common_length(lengths, what="greater-than nouns")
-        kept = [noun for noun in nouns if lengths[noun] == length]
+        kept = [noun for noun in nouns if opts.prompt_length is None or lengths[noun] == opts.prompt_length]
         if not kept:
-            raise ValueError(f"no greater-than prompt has {length} tokens; lengths: {sorted(set(lengths.values()))}")
+            raise ValueError(f"no greater-than prompt has {opts.prompt_length} tokens; lengths: "
+                             f"{sorted(set(lengths.values()))}")
         years = list(range(lo, hi + 1))
         require_n(n, len(kept) * len(years), "greater-than prompts (nouns × years)")
 
@@ -128,17 +128,21 @@ class GreaterThanTask(Task):
             answers.append(greater + [PAD_ID] * (WIDTH - len(greater)))
             wrongs.append(smaller + [PAD_ID] * (WIDTH - len(smaller)))
             rows.append(dict(noun=noun, year=yy, century=century, start_year=century * 100 + yy))
+        pad = pad_id_for(src)
+        clean_padded, mask = pad_right(clean_ids, pad)
         return PromptPairs(
             task=self.name,
-            clean_tokens=torch.tensor(clean_ids),
-            corrupt_tokens=torch.tensor(corrupt_ids),
+            clean_tokens=torch.tensor(clean_padded),
+            corrupt_tokens=torch.tensor(pad_right(corrupt_ids, pad)[0]),
+            attention_mask=None if mask is None else torch.tensor(mask),
             answer_ids=torch.tensor(answers),
             wrong_ids=torch.tensor(wrongs),
             positions={k: torch.tensor(v) for k, v in pos.items()},
             clean_texts=clean_texts,
             corrupt_texts=corrupt_texts,
             meta=pd.DataFrame(rows),
-            info=dict(seed=seed, century=century, years=[lo, hi], prompt_length=length, nouns_kept=len(kept),
+            info=dict(seed=seed, century=century, years=[lo, hi], prompt_length=max(map(len, clean_ids)),
+                      prompt_lengths=sorted({len(c) for c in clean_ids}), pad_id=pad, nouns_kept=len(kept),
                       nouns_dropped=len(nouns) - len(kept), year_token_ids=year_ids, bos_id=src.bos_id),
         )
 

@@ -119,9 +119,11 @@ def test_other_methods(tiny_dir, tmp_path, method):
 
 
 def test_acdc_refuses_large_graphs_unless_forced(tiny_dir, tmp_path, monkeypatch, capsys):
-    import circuitlab.reports.run as run_module
+    import dataclasses
 
-    monkeypatch.setattr(run_module, "ACDC_EDGE_LIMIT", 10)
+    from circuitlab.graphs.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "acdc", dataclasses.replace(METHODS["acdc"], max_edges=10))
     args = ["run", "--model", tiny_dir, "--out", str(tmp_path / "a"), "--method", "acdc", "--quiet", *FAST]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -212,7 +214,7 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(args, needle, capsys):
 def test_console_exit_status_on_bad_arguments():
     proc = _cli("run", "--method", "magic", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "circuitlab: error: unknown method 'magic': use one of eap-ig, eap, acdc, activation, attribution")
+        "circuitlab: error: unknown method 'magic': use one of eap-ig, eap, acdc, activation, attribution, random")
 
 
 def test_bad_config_file(tmp_path, capsys):

@@ -57,6 +57,20 @@ def test_dataset_of_three_lengths_runs_end_to_end_and_reruns_from_its_pairs(tiny
     assert first["corrupt"] == pytest.approx(second["corrupt"], abs=1e-6)
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
     assert len(scores[scores["component"] == "edge"]) > 100
+    # Batches of 2 prompts (each trimmed to its longest) give the one-batch numbers.
+    small = tmp_path / "small"
+    assert main(["run", "--task", str(data), "--model", tiny_dir, "--out", str(small), "--method", "eap",
+                 "--batch-size", "2", "--positions", "X,END", *FAST]) == 0
+    big = tmp_path / "big"
+    assert main(["run", "--task", str(data), "--model", tiny_dir, "--out", str(big), "--method", "eap",
+                 "--positions", "X,END", *FAST]) == 0
+    a, b = (pd.read_csv(d / "scores.csv", keep_default_na=False) for d in (small, big))
+    assert list(a["edge"]) == list(b["edge"]) and list(a["method"]) == list(b["method"])
+    for column in ("score", "effect", "metric"):
+        x, y = a[column].replace("", "nan").astype(float), b[column].replace("", "nan").astype(float)
+        assert ((x - y).abs().fillna(0) <= 1e-5 * (1 + y.abs().fillna(0))).all(), column
+    fa, fb = (json.loads((d / "run.json").read_text())["faithfulness"] for d in (small, big))
+    assert fa["cpr"] == pytest.approx(fb["cpr"], abs=1e-5) and fa["cmd"] == pytest.approx(fb["cmd"], abs=1e-5)
 
 
 CASES = {
@@ -90,3 +104,14 @@ def test_bad_dataset_fails_cleanly_and_leaves_out_untouched(case, tiny_dir, tmp_
     fresh = tmp_path / "fresh"
     assert main(["run", "--task", str(path), "--model", tiny_dir, "--out", str(fresh), *FAST]) != 0
     assert not fresh.exists()
+
+
+def test_kl_metric_dataset_runs(tiny_dir, tmp_path):
+    rows = [dict(r, metric="kl") for r in _rows()]
+    for r in rows:
+        r.pop("answer_ids"), r.pop("wrong_ids")
+    out = tmp_path / "kl"
+    assert main(["run", "--task", str(_write(tmp_path / "kl.jsonl", rows)), "--model", tiny_dir, "--out", str(out),
+                 "--method", "eap", "--batch-size", "4", *FAST]) == 0
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["clean"] == pytest.approx(0.0, abs=1e-5) and metrics["corrupt"] < 0  # minus KL from clean

@@ -120,3 +120,23 @@ def test_trim_and_batches_keep_every_prompt(setup):
     assert [b.seq_len for b in batches] == [9, 11, 8]
     again = trim_padding(pairs)
     assert torch.equal(again.clean_tokens, pairs.clean_tokens)
+
+
+def test_mean_ablation_averages_only_real_tokens(setup):
+    model, task, pairs, _ = setup
+    from circuitlab.patching.activation import _source_activation, prompt_mean
+    from circuitlab.patching.edges import ablated_context
+
+    ctx = prepare(model, task, pairs, collect=[("z", 0)])
+    mean = _source_activation(ctx, "resid_pre", 1, "mean")[0]  # [pos, d_model]
+    corrupt = ctx.corrupt_run.resid_pre[1]
+    lengths = pairs.lengths.tolist()
+    for pos in range(pairs.seq_len):
+        real = [i for i, n in enumerate(lengths) if pos < n]
+        _close(mean[pos], corrupt[real, pos].mean(0))
+    z = _source_activation(ctx, "z", 0, "mean")[0]
+    _close(z[10], ctx.corrupt_run.acts[("z", 0)][3, 10])  # only the 11-token prompt reaches position 10
+    pattern = torch.rand(len(lengths), 2, pairs.seq_len, pairs.seq_len)
+    _close(prompt_mean(pattern, pairs.attention_mask, 2)[0, :, 10], pattern[3, :, 10])
+    ablated = ablated_context(prepare_edges(model, task, pairs), "mean")
+    _close(ablated.corrupt.senders[0, 10], ablated.clean.senders[3, 10])

@@ -172,8 +172,9 @@ def test_capitals_pairs(tok, caplog):
     assert pairs.roles == ["subject_first", "subject_last", "END"]
     for i in range(len(pairs)):
         row = pairs.meta.iloc[i]
-        assert pairs.clean_tokens[i].tolist() == _bos_ids(tok, pairs.clean_texts[i])
-        assert pairs.corrupt_tokens[i].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
+        length = int(pairs.lengths[i])
+        assert pairs.clean_tokens[i, :length].tolist() == _bos_ids(tok, pairs.clean_texts[i])
+        assert pairs.corrupt_tokens[i, :length].tolist() == _bos_ids(tok, pairs.corrupt_texts[i])
         s0, s1 = int(pairs.positions["subject_first"][i]), int(pairs.positions["subject_last"][i])
         assert tok.decode(pairs.clean_tokens[i, s0:s1 + 1].tolist()) == " " + row["country"]
         assert tok.decode(pairs.corrupt_tokens[i, s0:s1 + 1].tolist()) == " " + row["corrupt_country"]
@@ -182,7 +183,7 @@ def test_capitals_pairs(tok, caplog):
         assert tok.decode(pairs.answer_ids[i].tolist()) == " " + row["capital"]
         assert tok.decode(pairs.wrong_ids[i].tolist()) == " " + row["corrupt_capital"]
         assert row["capital"] != row["corrupt_capital"]
-        assert int(pairs.positions["END"][i]) == pairs.seq_len - 1
+        assert int(pairs.positions["END"][i]) == length - 1
         assert row["template"].replace("{country}", row["country"]) == pairs.clean_texts[i]
 
 
@@ -281,7 +282,8 @@ def test_greater_than_refuses_digit_tokenizers(tok):
 def test_greater_than_pairs_and_metric(year_tok):
     task = GreaterThanTask()
     pairs = task.generate(year_tok, 20, seed=0, nouns=["war", "siege", "empire", "xyzzy"])
-    assert pairs.info["nouns_dropped"] == 1 and set(pairs.meta["noun"]) <= {"war", "siege", "empire"}
+    assert pairs.info["nouns_dropped"] == 0 and set(pairs.meta["noun"]) <= {"war", "siege", "empire", "xyzzy"}
+    assert "xyzzy" in set(pairs.meta["noun"]) and len(set(pairs.lengths.tolist())) == 2  # every length, padded
     years = year_token_ids(resolve(year_tok))
     for i in range(len(pairs)):
         yy = int(pairs.meta["year"].iloc[i])
@@ -290,12 +292,14 @@ def test_greater_than_pairs_and_metric(year_tok):
         assert year_tok.decode([int(pairs.corrupt_tokens[i, pairs.positions["YY"][i]])]) == "01"
         assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["XX1"][i]])]) == " 17"
         assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["END"][i]])]) == " 17"
-        assert year_tok.decode([int(pairs.clean_tokens[i, pairs.positions["noun"][i]])]) == " " + pairs.meta["noun"].iloc[i]
+        noun_end = int(pairs.positions["noun"][i])
+        assert year_tok.decode(pairs.clean_tokens[i, :noun_end + 1].tolist()).endswith(" " + pairs.meta["noun"].iloc[i])
+        assert year_tok.decode(pairs.clean_tokens[i, noun_end + 1:noun_end + 2].tolist()) == " lasted"
         good, bad = pairs.valid_answer_ids(i)
         assert good == years[yy + 1:] and bad == years[:yy + 1]
         assert pairs.answer_ids.shape[1] == 100 and (pairs.answer_ids[i, len(good):] == PAD_ID).all()
     logits = torch.randn(2, 20, pairs.seq_len, len(year_tok), generator=torch.Generator().manual_seed(1))
-    probs = logits[:, :, -1].softmax(-1)
+    probs = logits[:, torch.arange(20), pairs.positions["END"]].softmax(-1)
     manual = torch.zeros(2, 20)
     for b in range(20):
         yy = int(pairs.meta["year"].iloc[b])

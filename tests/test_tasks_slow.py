@@ -42,7 +42,7 @@ def test_capitals_on_smollm2(smollm2, caplog):
     assert pairs.info["facts_kept"] >= 30 and pairs.info["facts_correct"] >= pairs.info["facts_kept"]
     clean_logits = _forward(smollm2, pairs.clean_tokens)
     # Independent check of the filter: the top-1 next token of every kept prompt is its capital.
-    top = clean_logits[:, -1].argmax(-1)
+    top = clean_logits[torch.arange(len(pairs)), pairs.positions["END"]].argmax(-1)  # per-prompt END (padded)
     assert [smollm2.tokenizer.decode([int(t)]) for t in top] == [" " + c for c in pairs.meta["capital"]]
     clean = task.metric(clean_logits, pairs)
     corrupt = task.metric(_forward(smollm2, pairs.corrupt_tokens), pairs)

@@ -1,0 +1,376 @@
+"""`circuitlab phase`: train 1- and 2-layer attention-only models on real text and measure the phase change.
+
+Outputs in OUT/:
+- `checkpoints/<L>L/step_XXXXXX/` (`save_model` folders) with `train_log.csv` and `train_state.pt` (resume);
+- `checkpoints.csv`, one row per (model, checkpoint), columns `CHECKPOINT_COLUMNS`;
+- `heads.csv`, one row per (model, checkpoint, head), columns `HEAD_TABLE_COLUMNS`;
+- `composition.csv` (final checkpoints), `ablation.csv` and `patching.csv` (causal checkpoints), `summary.json`;
+- `report.html` and `report.md` (figures under `figures/`).
+Column meanings are in `COLUMN_DOCS` (also written to `columns.md`). Rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from circuitlab.graphs.ablation import icl_ablation, joint_icl_ablation, repeated_tokens_patching
+from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
+from circuitlab.graphs.phase import detect_phase_change
+from circuitlab.graphs.roles import RoleThresholds
+from circuitlab.patching.models import load_model
+from circuitlab.reports import store
+from circuitlab.tasks.corpus import Corpus, eval_tokens, icl_positions, icl_score, load_corpus, loss_by_position, with_repeats
+
+CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "late", "early", "icl_width", "late_loss",
+                      "early_loss",
+                      "mean_loss", "train_loss", "top_induction", "top_induction_head", "top_previous_token",
+                      "top_ov_copying"]
+HEAD_TABLE_COLUMNS = ["model", "n_layers", "step", "layer", "head", "node", "previous_token", "duplicate_token",
+                      "induction", "ov_copying", "qk_direct", "qk_matching", "qk_via", "k_comp_from_prev",
+                      "delta_icl_zero", "delta_icl_mean", "patch_effect", "label"]
+COLUMN_DOCS = {
+    "model": "which run: `1L`, `2L`, `3L` (trained here) or `name@revision` (published checkpoints)",
+    "step": "optimizer step of the checkpoint (0 = initialisation); `tokens` = tokens seen",
+    "icl_score": "loss at token `late` minus loss at token `early` on held-out text (negative = uses context)",
+    "late, early": "token indices of the ICL score: 500 and 50 when the context allows, else n_ctx−1 and a tenth",
+    "icl_width": "indices averaged on each side (late−w+1…late minus early…early+w−1; n_ctx/32) against the noise "
+                 "of few evaluation sequences",
+    "late_loss, early_loss, mean_loss": "held-out loss at those indices and over all indices (nats/token)",
+    "train_loss": "training loss at that step, smoothed over ~2% of training (NaN at step 0)",
+    "top_induction": "largest prefix-matching (induction) attention score of any head on repeated random tokens",
+    "previous_token, duplicate_token, induction": "mean attention to i−1 / to the earlier copy / to the token after "
+                                                  "the earlier copy, on repeated random tokens (graphs.induction)",
+    "ov_copying": "Σλ/Σ|λ| of W_E W_OV W_U (+1 copies, −1 suppresses)",
+    "qk_direct, qk_matching, qk_via": "Σλ/Σ|λ| of the QK circuit on raw tokens, and through the earlier head "
+                                      "`qk_via` with the highest previous-token score (K-composition path)",
+    "k_comp_from_prev": "K-composition score from that previous-token head (NaN in layer 0)",
+    "delta_icl_zero, delta_icl_mean": "ICL score with the head zero-/mean-ablated minus the base ICL score "
+                                      "(causal checkpoints only, else NaN)",
+    "patch_effect": "exact patching effect of the head's output on the repeated-tokens task (engine; 1 = restores "
+                    "the clean metric alone; causal checkpoints only)",
+    "label": "`induction` (induction ≥ 0.3 and ov_copying > 0), `previous_token` (previous_token ≥ 0.4) or ``",
+}
+
+
+@dataclass
+class PhaseConfig:
+    """Options of a phase-change study (defaults: the 1+2-layer study, ~15 min on 2 contended cores)."""
+
+    out: str = "runs/phase"
+    layers: tuple[int, ...] = (1, 2)
+    steps: int = 500
+    batch_size: int = 16
+    n_ctx: int = 128
+    d_model: int = 64
+    n_heads: int = 4
+    lr: float = 3e-3
+    repeat_prob: float = 1.0
+    positions: str = "rotary"
+    seed: int = 0
+    n_checkpoints: int = 10
+    n_linear_checkpoints: int = 20
+    max_bytes: int | None = 8_000_000
+    eval_sequences: int = 16
+    probe_sequences: int = 16
+    probe_half: int = 40
+    low: float = 0.2
+    high: float = 0.5
+    threads: int | None = None
+    model: str | None = None
+    revisions: tuple[str, ...] = ()
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def probe_tokens(corpus: Corpus, k: int = 96) -> tuple[int, ...]:
+    """The `k` most frequent tokens of the training text: repeated-token probes drawn from them are in-distribution."""
+    counts = torch.bincount(corpus.train, minlength=corpus.vocab)
+    return tuple(int(i) for i in torch.argsort(counts, descending=True)[:k].tolist())
+
+
+def icl_width(n_ctx: int) -> int:
+    """Indices averaged on each side of the ICL score in a study: n_ctx/32 (8 at 256), at least 1."""
+    return max(1, n_ctx // 32)
+
+
+def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The per-checkpoint row (ICL, losses, top scores) and the per-head table of one model."""
+    late, early = icl_positions(tokens.shape[1])
+    width = icl_width(tokens.shape[1])
+    losses = loss_by_position(model, tokens)
+    heads = head_scores(model, probe)
+    heads["k_comp_from_prev"] = float("nan")
+    if model.cfg.n_layers > 1:
+        comp = composition_scores(model).set_index(["sender", "receiver"])["k_comp"]
+        for idx, row in heads.iterrows():
+            if row["qk_via"]:
+                heads.loc[idx, "k_comp_from_prev"] = float(comp[(row["qk_via"], f"a{row['layer']}.h{row['head']}")])
+    top = heads.loc[heads["induction"].idxmax()]
+    return {"icl_score": icl_score(losses, late, early, width), "late": late, "early": early, "icl_width": width,
+            "late_loss": float(losses[late]),
+            "early_loss": float(losses[early]), "mean_loss": float(losses[1:].mean()),
+            "top_induction": float(top["induction"]), "top_induction_head": f"a{top['layer']}.h{top['head']}",
+            "top_previous_token": float(heads["previous_token"].max()),
+            "top_ov_copying": float(heads["ov_copying"].max())}, heads
+
+
+def label_heads(heads: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.Series:
+    """`induction`, `previous_token` or `` per head row (thresholds of graphs.roles)."""
+    ind = (heads["induction"] >= thresholds.induction) & (heads["ov_copying"] > thresholds.copying)
+    prev = heads["previous_token"] >= thresholds.previous_token
+    return pd.Series(["induction" if a else "previous_token" if b else "" for a, b in zip(ind, prev)],
+                     index=heads.index)
+
+
+def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_log: pd.DataFrame | None,
+                 tokens: torch.Tensor, probe: ProbeOptions, cache_dir: Path, tokens_per_step: int,
+                 progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from tqdm.auto import tqdm
+
+    rows, head_frames = [], []
+    smoothed = None
+    if train_log is not None and len(train_log):
+        window = max(1, len(train_log) // 50)
+        smoothed = train_log.set_index("step")["loss"].rolling(window, min_periods=1, center=True).mean()
+    for step, path in tqdm(steps_paths.items(), desc=f"measure {name}", unit="ckpt", disable=not progress):
+        done = cache_dir / f"step_{step:06d}.json"
+        if done.is_file():
+            row = json.loads(done.read_text())
+            heads = store.read_csv(cache_dir / f"step_{step:06d}.csv")
+        else:
+            model = load_model(str(path))
+            row, heads = measure_checkpoint(model, tokens, probe)
+            store.write_csv(cache_dir / f"step_{step:06d}.csv", heads)
+            store.write_json(done, row)
+        train_loss = float(smoothed.get(step, float("nan"))) if smoothed is not None else float("nan")
+        rows.append({"model": name, "n_layers": n_layers, "step": step, "tokens": step * tokens_per_step,
+                     "train_loss": train_loss, **row})
+        head_frames.append(heads.assign(model=name, n_layers=n_layers, step=step))
+    return pd.DataFrame(rows)[CHECKPOINT_COLUMNS], pd.concat(head_frames, ignore_index=True)
+
+
+def _causal(name: str, step: int, path: Path, tokens: torch.Tensor, heads: pd.DataFrame,
+            token_range: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    model = load_model(str(path))
+    abl = icl_ablation(model, tokens, width=icl_width(tokens.shape[1])).assign(model=name, step=step)
+    patch = repeated_tokens_patching(model, n=16, seq_len=20, token_range=token_range).assign(model=name, step=step)
+    return abl, patch
+
+
+def _joint(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """Ablate the labelled induction heads together, and as many other heads (every other set, or 10 random)."""
+    import itertools
+    import random
+
+    model = load_model(str(model_path))
+    labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
+    others = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label != "induction"]
+    out: dict[str, Any] = {"induction_heads": [f"a{l}.h{h}" for l, h in labelled]}
+    if not labelled or len(others) < len(labelled):
+        return out | {"reason": "no labelled induction heads" if not labelled else "too few other heads"}
+    width = icl_width(tokens.shape[1])
+    base = icl_score(loss_by_position(model, tokens), width=width)
+    out["base_icl"] = base
+    for kind in ("zero", "mean"):
+        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width)
+        combos = list(itertools.combinations(others, len(labelled)))
+        if len(combos) > 10:
+            combos = random.Random(seed).sample(combos, 10)
+        fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width)["fraction_removed"]
+                 for c in combos]
+        out[f"{kind}_others"] = {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs),
+                                 "max_fraction_removed": max(fracs)}
+    return out
+
+
+def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
+    """Train (or load published checkpoints), measure every checkpoint, detect the window, write the report.
+
+    Returns the tidy per-checkpoint DataFrame (`CHECKPOINT_COLUMNS`); every table is also written to `cfg.out`.
+    """
+    from circuitlab.patching.training import TrainConfig, train_attn_only
+    from circuitlab.reports.phase_report import render_phase_report
+
+    began = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = store.check_writable(cfg.out)
+    if cfg.model:
+        return run_published(cfg)
+    corpus = load_corpus(max_bytes=cfg.max_bytes)
+    tokens = eval_tokens(corpus, cfg.eval_sequences, cfg.n_ctx, seed=cfg.seed + 100)
+    allowed = probe_tokens(corpus)
+    probe = ProbeOptions(n=cfg.probe_sequences, half=cfg.probe_half, seed=cfg.seed, tokens=allowed)
+    tables, head_tables, windows, timings = [], [], {}, {}
+    causal_frames: list[pd.DataFrame] = []
+    patch_frames: list[pd.DataFrame] = []
+    comps, joints = [], {}
+    for n_layers in cfg.layers:
+        name = f"{n_layers}L"
+        tcfg = TrainConfig(n_layers=n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                           d_head=cfg.d_model // cfg.n_heads, n_ctx=cfg.n_ctx, d_vocab=corpus.vocab,
+                           positional_embedding_type=cfg.positions,
+                           batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                           n_checkpoints=cfg.n_checkpoints, n_linear_checkpoints=cfg.n_linear_checkpoints)
+
+        def sample(n: int, width: int, gen: torch.Generator) -> torch.Tensor:
+            return with_repeats(corpus.batch(n, width, gen), cfg.repeat_prob, gen)
+
+        t0 = time.perf_counter()
+        result = train_attn_only(tcfg, sample, out / "checkpoints" / name, progress=cfg.progress)
+        timings[f"train_{name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table, heads = _measure_run(name, n_layers, result.checkpoints, result.log, tokens, probe,
+                                    out / store.PARTIAL / "measure" / name, cfg.batch_size * cfg.n_ctx, cfg.progress)
+        window = detect_phase_change(table, result.log, low=cfg.low, high=cfg.high)
+        windows[name] = window.to_dict()
+        final = int(table["step"].max())
+        causal_steps = sorted({final} | ({window.start, window.end} if window.found else set()))
+        heads["label"] = label_heads(heads)
+        for step in causal_steps:
+            abl, patch = _causal(name, step, result.checkpoints[step], tokens, heads,
+                                 (min(allowed), max(allowed) + 1))
+            causal_frames.append(abl)
+            patch_frames.append(patch)
+        final_heads = heads[heads["step"] == final]
+        joints[name] = _joint(result.checkpoints[final], tokens, final_heads, cfg.seed)
+        comps.append(composition_scores(load_model(str(result.checkpoints[final]))).assign(model=name, step=final)
+                     if n_layers > 1 else pd.DataFrame())
+        timings[f"measure_{name}"] = time.perf_counter() - t0
+        tables.append(table)
+        head_tables.append(heads)
+    checkpoints = pd.concat(tables, ignore_index=True)
+    heads = _attach_causal(pd.concat(head_tables, ignore_index=True), causal_frames, patch_frames)
+    store.write_csv(out / "checkpoints.csv", checkpoints)
+    store.write_csv(out / "heads.csv", heads[HEAD_TABLE_COLUMNS])
+    store.write_csv(out / "ablation.csv", pd.concat(causal_frames, ignore_index=True))
+    store.write_csv(out / "patching.csv", pd.concat(patch_frames, ignore_index=True))
+    store.write_csv(out / "composition.csv", pd.concat([c for c in comps if len(c)] or [pd.DataFrame()], ignore_index=True))
+    timings["total"] = time.perf_counter() - began
+    summary = {"config": _plain_config(cfg), "corpus": {"source": corpus.source, "files": corpus.n_files,
+               "tokenizer": corpus.tokenizer, "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout)},
+               "windows": windows, "joint_ablation": joints, "timings_s": timings, "load_average": os.getloadavg(),
+               "cpu_count": os.cpu_count()}
+    from circuitlab.reports.phase_report import acceptance
+
+    summary["acceptance"] = acceptance(checkpoints, heads, windows, joints)
+    store.write_json(out / "summary.json", summary)
+    store.write_text(out / "columns.md", "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_DOCS.items()) + "\n")
+    render_phase_report(out)
+    return checkpoints
+
+
+def _attach_causal(heads: pd.DataFrame, ablations: list[pd.DataFrame], patches: list[pd.DataFrame]) -> pd.DataFrame:
+    heads = heads.copy()
+    heads["node"] = [f"a{l}.h{h}" for l, h in zip(heads["layer"], heads["head"])]
+    key = ["model", "step", "layer", "head"]
+    if ablations:
+        abl = pd.concat(ablations, ignore_index=True)
+        wide = abl.pivot_table(index=key, columns="ablation", values="delta_icl").add_prefix("delta_icl_").reset_index()
+        heads = heads.merge(wide, on=key, how="left")
+    if patches:
+        pat = pd.concat(patches, ignore_index=True)[key + ["effect"]].rename(columns={"effect": "patch_effect"})
+        heads = heads.merge(pat, on=key, how="left")
+    for col in ("delta_icl_zero", "delta_icl_mean", "patch_effect"):
+        if col not in heads:
+            heads[col] = float("nan")
+    return heads
+
+
+def _plain_config(cfg: PhaseConfig) -> dict[str, Any]:
+    data = asdict(cfg)
+    data["layers"], data["revisions"] = list(cfg.layers), list(cfg.revisions)
+    return data
+
+
+def run_published(cfg: PhaseConfig) -> pd.DataFrame:
+    """The same per-checkpoint measurements on a published model's revisions (e.g. Pythia's `step1000`).
+
+    Needs the network (or the hub cache) once per revision; offline, `load_model` raises its usual clear error.
+    """
+    from circuitlab.reports.phase_report import render_phase_report
+    from circuitlab.tasks.corpus import model_corpus
+
+    if not cfg.revisions:
+        raise ValueError("published checkpoints need --revisions, e.g. step1000,step2000")
+    out = Path(cfg.out)
+    rows, head_frames, corpus, tokens, probe = [], [], None, None, None
+    for rev in cfg.revisions:
+        model = load_model(cfg.model, revision=rev)
+        if corpus is None:
+            corpus = model_corpus(model, max_bytes=cfg.max_bytes)
+            n_ctx = min(cfg.n_ctx, model.cfg.n_ctx)
+            tokens = eval_tokens(corpus, cfg.eval_sequences, n_ctx, seed=cfg.seed + 100)
+            probe = ProbeOptions(n=cfg.probe_sequences, half=cfg.probe_half, seed=cfg.seed,
+                                 tokens=probe_tokens(corpus, 500))
+        row, heads = measure_checkpoint(model, tokens, probe)
+        step = int("".join(ch for ch in rev if ch.isdigit()) or 0)
+        name = f"{cfg.model}@{rev}"
+        rows.append({"model": cfg.model, "n_layers": model.cfg.n_layers, "step": step, "tokens": float("nan"),
+                     "train_loss": float("nan"), **row})
+        head_frames.append(heads.assign(model=name, n_layers=model.cfg.n_layers, step=step))
+    checkpoints = pd.DataFrame(rows)[CHECKPOINT_COLUMNS]
+    heads = _attach_causal(pd.concat(head_frames, ignore_index=True), [], [])
+    heads["label"] = label_heads(heads)
+    store.write_csv(out / "checkpoints.csv", checkpoints)
+    store.write_csv(out / "heads.csv", heads[HEAD_TABLE_COLUMNS])
+    window = detect_phase_change(checkpoints, None, low=cfg.low, high=cfg.high)
+    store.write_json(out / "summary.json", {"config": _plain_config(cfg), "windows": {cfg.model: window.to_dict()},
+                                            "load_average": os.getloadavg()})
+    render_phase_report(out)
+    return checkpoints
+
+
+def phase_study(**options: Any) -> pd.DataFrame:
+    """Python entry point: `phase_study(out="runs/phase", steps=600, ...)` → the per-checkpoint DataFrame."""
+    return run_phase_study(PhaseConfig(**options))
+
+
+def add_phase_parser(sub: Any) -> None:
+    """Register `circuitlab phase` on the CLI's subparsers."""
+    p = sub.add_parser("phase", help="train 1/2-layer attention-only models on real text; measure the induction "
+                                     "phase change (or measure published checkpoints with --model/--revisions)")
+    d = PhaseConfig()
+    p.add_argument("--out", default=d.out, help="output directory (rerun the same command to resume)")
+    p.add_argument("--layers", default=",".join(map(str, d.layers)), help="layer counts to train, e.g. 1,2,3")
+    for flag, typ in (("steps", int), ("batch_size", int), ("n_ctx", int), ("d_model", int), ("n_heads", int),
+                      ("lr", float), ("repeat_prob", float), ("seed", int), ("n_checkpoints", int),
+                      ("n_linear_checkpoints", int), ("max_bytes", int), ("eval_sequences", int),
+                      ("probe_sequences", int), ("probe_half", int), ("low", float), ("high", float),
+                      ("threads", int)):
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=getattr(d, flag))
+    p.add_argument("--positions", default=d.positions, choices=["rotary", "standard"],
+                   help="positional embeddings of the trained models")
+    p.add_argument("--model", default=None, help="published model name (e.g. EleutherAI/pythia-70m); needs the hub")
+    p.add_argument("--revisions", default="", help="its revisions, comma-separated (e.g. step1000,step2000)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_phase)
+
+
+def _cmd_phase(args: Any) -> int:
+    from circuitlab.reports.config import ConfigError
+
+    try:
+        layers = tuple(int(x) for x in str(args.layers).split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--layers {args.layers!r}: write layer counts like 1,2") from None
+    if not layers or min(layers) < 1:
+        raise ConfigError(f"--layers {args.layers!r}: give at least one layer count ≥ 1")
+    options = {k: getattr(args, k) for k in ("out", "steps", "batch_size", "n_ctx", "d_model", "n_heads", "lr",
+                                             "repeat_prob", "seed", "n_checkpoints", "n_linear_checkpoints",
+                                             "max_bytes", "eval_sequences", "probe_sequences", "probe_half", "low",
+                                             "high", "threads", "model", "positions")}
+    if args.d_model % args.n_heads:
+        raise ConfigError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
+    revisions = tuple(r.strip() for r in args.revisions.split(",") if r.strip())
+    table = run_phase_study(PhaseConfig(layers=layers, revisions=revisions, progress=not args.quiet, **options))
+    print(f"report: {args.out}/report.html (and report.md); {len(table)} checkpoints in {args.out}/checkpoints.csv")
+    return 0

@@ -1,0 +1,174 @@
+"""The phase-change report (report.html, self-contained, and report.md with figures/), from a study's saved files.
+
+Reads only what `circuitlab.reports.phase` wrote (summary.json, checkpoints.csv, heads.csv, composition.csv,
+checkpoints/<L>L/train_log.csv), renders figures with `reports.phase_figures` and pages with the Jinja2
+templates `templates/phase.html.j2` and `templates/phase.md.j2`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import pandas as pd
+
+from circuitlab.reports import phase_figures, store
+from circuitlab.reports.figures import png_bytes
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str, Any],
+               joints: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail)."""
+    out: dict[str, Any] = {}
+    final = checkpoints.sort_values("step").groupby("model").tail(1).set_index("model")
+    if {"1L", "2L"} <= set(final.index):
+        a, b = float(final.loc["1L", "icl_score"]), float(final.loc["2L", "icl_score"])
+        out["icl_2L_vs_1L"] = {"icl_1L": a, "icl_2L": b, "ratio": b / a if a else None,
+                               "pass": bool(b < 0 and (a >= 0 or b / a >= 2.0))}
+    w = windows.get("2L")
+    if w:
+        out["window_2L"] = {"found": w["found"], "start": w["start"], "end": w["end"],
+                            "fraction_of_training": w["fraction_of_training"],
+                            "top_induction_before": w["top_induction_before"],
+                            "top_induction_after": w["top_induction_after"],
+                            "pass": bool(w["found"] and w["fraction_of_training"] is not None
+                                         and w["fraction_of_training"] <= 0.2)}
+        out["icl_drop_in_window_2L"] = {"steepest_icl_drop": w["steepest_icl_drop"],
+                                        "icl_change_in_window": w["icl_change_in_window"],
+                                        "pass": bool(w["found"] and w["steepest_icl_drop_in_window"])}
+    j = joints.get("2L", {})
+    if "zero_induction" in j:
+        ind, oth = j["zero_induction"]["fraction_removed"], j["zero_others"]["max_fraction_removed"]
+        out["ablation_2L"] = {"induction_heads": j["induction_heads"], "fraction_removed_zero": ind,
+                              "fraction_removed_mean": j["mean_induction"]["fraction_removed"],
+                              "others_max_fraction_removed_zero": oth,
+                              "others_mean_fraction_removed_zero": j["zero_others"]["mean_fraction_removed"],
+                              "pass": bool(ind >= 0.7 and oth <= 0.5 * ind)}
+    if "2L" in set(heads["model"]):
+        last = heads[(heads["model"] == "2L") & (heads["step"] == heads[heads["model"] == "2L"]["step"].max())]
+        ind = last[last["label"] == "induction"]
+        prev_heads = set(last[(last["layer"] == 0) & (last["label"] == "previous_token")]["node"])
+        rows = [{"head": r.node, "ov_copying": r.ov_copying, "qk_matching": r.qk_matching, "qk_via": r.qk_via,
+                 "k_comp_from_prev": r.k_comp_from_prev} for r in ind.itertuples()]
+        out["induction_heads_2L"] = {"heads": rows, "layer0_previous_token_heads": sorted(prev_heads),
+                                     "pass": bool(rows) and all(r["ov_copying"] > 0 and r["qk_matching"] > 0
+                                                                and r["qk_via"] in prev_heads for r in rows)}
+    return out
+
+
+def _circuit(heads: pd.DataFrame, comp: pd.DataFrame | None, model: str, step: int) -> nx.MultiDiGraph:
+    """Labelled heads (and heads whose zero ablation moves the ICL score by ≥ 10% of the largest) at a step."""
+    from circuitlab.graphs.circuit import add_edge, add_node, new_circuit
+
+    sub = heads[(heads["model"] == model) & (heads["step"] == step)]
+    n_layers = int(sub["n_layers"].iloc[0])
+    graph = new_circuit(f"{model} step {step}", "phase", n_layers)
+    effect = sub["delta_icl_zero"].abs()
+    top = float(effect.max()) if effect.notna().any() else 0.0
+    keep = sub[(sub["label"] != "") | ((effect >= 0.1 * top) & (top > 0))]
+    add_node(graph, "input")
+    add_node(graph, "logits")
+    for r in keep.itertuples():
+        score = float(r.delta_icl_zero) if pd.notna(r.delta_icl_zero) else float(r.induction)
+        add_node(graph, r.node, score=score, role=r.label)
+        add_edge(graph, "input", r.node, "resid", abs(score))
+        add_edge(graph, r.node, "logits", "resid", abs(score))
+    if comp is not None and len(comp):
+        for r in keep.itertuples():
+            for s in keep.itertuples():
+                if s.layer < r.layer:
+                    k = comp[(comp["sender"] == s.node) & (comp["receiver"] == r.node) & (comp["model"] == model)]
+                    if len(k):
+                        add_edge(graph, s.node, r.node, "k", float(k["k_comp"].iloc[0]))
+    return graph
+
+
+def _logs(run_dir: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for path in sorted((run_dir / "checkpoints").glob("*/train_log.csv")):
+        out[path.parent.name] = store.read_csv(path)
+    return out
+
+
+def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFrame,
+                  heads: pd.DataFrame) -> list[tuple[str, str, bytes]]:
+    """(stem, caption, png) for every figure of the report."""
+    windows = summary.get("windows", {})
+    figs = [("loss_icl", "Training loss and ICL score over training; shaded: phase-change window",
+             png_bytes(phase_figures.loss_icl_figure(checkpoints, _logs(run_dir), windows)))]
+    for model in heads["model"].unique():
+        figs.append((f"induction_{model}".replace("/", "_").replace("@", "_"),
+                     f"{model}: per-head induction score over training",
+                     png_bytes(phase_figures.induction_over_training(heads, str(model), windows.get(str(model))))))
+    final = heads[heads["step"] == heads.groupby("model")["step"].transform("max")]
+    figs.append(("eigen_scatter", "OV copying vs QK matching eigenvalue scores at the final checkpoint",
+                 png_bytes(phase_figures.eigen_scatter(final))))
+    comp_path = run_dir / "composition.csv"
+    comp = store.read_csv(comp_path) if comp_path.is_file() and comp_path.stat().st_size > 1 else None
+    if comp is not None and len(comp):
+        for model in comp["model"].unique():
+            figs.append((f"composition_{model}", f"{model}: Q/K/V-composition scores (final checkpoint)",
+                         png_bytes(phase_figures.composition_heatmap(comp, str(model)))))
+    for model, w in windows.items():
+        if not w.get("found"):
+            continue
+        for when, step in (("before", w["start"]), ("after", w["end"])):
+            if ((heads["model"] == model) & (heads["step"] == step)).any():
+                graph = _circuit(heads, comp, model, int(step))
+                figs.append((f"circuit_{model}_{when}", f"{model}: circuit {when} the window (step {step})",
+                             png_bytes(phase_figures.circuit_figure(graph, f"{model} {when} (step {step})"))))
+    return figs
+
+
+def _tables(summary: dict[str, Any], checkpoints: pd.DataFrame, heads: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    final = heads[heads["step"] == heads.groupby("model")["step"].transform("max")]
+    cols = ["model", "node", "label", "previous_token", "induction", "ov_copying", "qk_matching", "qk_via",
+            "k_comp_from_prev", "delta_icl_zero", "delta_icl_mean", "patch_effect"]
+    windows = pd.DataFrame([{"model": k, **{c: v[c] for c in ("found", "start", "end", "fraction_of_training",
+                                                              "top_induction_before", "top_induction_after",
+                                                              "icl_before", "icl_after", "icl_final",
+                                                              "icl_change_in_window", "loss_slope_ratio", "reason")}}
+                            for k, v in summary.get("windows", {}).items()])
+    shown = checkpoints[["model", "step", "tokens", "icl_score", "mean_loss", "train_loss", "top_induction",
+                         "top_induction_head"]]
+    return [("Phase-change windows", windows), ("Heads at the final checkpoint", final[cols]),
+            ("Checkpoints", shown)]
+
+
+def render_phase_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.html, report.md and figures/*.png for a phase study folder; returns the two report paths."""
+    import jinja2
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    checkpoints = store.read_csv(run_dir / "checkpoints.csv")
+    heads = store.read_csv(run_dir / "heads.csv")
+    for col in ("label", "qk_via", "node", "model"):
+        heads[col] = heads[col].fillna("").astype(str).replace("nan", "")
+    figs = build_figures(run_dir, summary, checkpoints, heads)
+    for stem, _, png in figs:
+        store.write_bytes(run_dir / "figures" / f"{stem}.png", png)
+    tables = _tables(summary, checkpoints, heads)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=jinja2.select_autoescape(["html"]),
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+    context = {"summary": summary, "acceptance": summary.get("acceptance", {}), "tables": tables,
+               "figures": [(stem, caption, base64.b64encode(png).decode("ascii")) for stem, caption, png in figs],
+               "config": summary.get("config", {}), "title": "circuitlab: the induction-head phase change",
+               "command": _command(summary.get("config", {}))}
+    html_path = store.write_text(run_dir / "report.html", env.get_template("phase.html.j2").render(**context))
+    md_path = store.write_text(run_dir / "report.md", env.get_template("phase.md.j2").render(**context))
+    return html_path, md_path
+
+
+def _command(cfg: dict[str, Any]) -> str:
+    if cfg.get("model"):
+        return f"circuitlab phase --out {cfg['out']} --model {cfg['model']} --revisions {','.join(cfg['revisions'])}"
+    keys = ("steps", "batch_size", "n_ctx", "d_model", "n_heads", "lr", "repeat_prob", "seed")
+    flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in keys if k in cfg)
+    return f"circuitlab phase --out {cfg.get('out')} --layers {','.join(map(str, cfg.get('layers', [])))} {flags}"

@@ -1,0 +1,158 @@
+"""`RunResult`: everything one `circuitlab run` measured, in memory, typed.
+
+The stages of `reports.run` fill it; `reports.save` writes it to disk and reads it back; `reports.render`
+turns it into HTML and Markdown. Tables are tidy DataFrames with real dtypes (bools stay bools):
+
+| field          | rows                                                                    | from stage    |
+|----------------|-------------------------------------------------------------------------|---------------|
+| `baseline`     | one per prompt: `prompt`, `clean`, `corrupt` metric                      | baseline      |
+| `nodes`        | one per head/MLP: the method's node scores (`graphs.scores.NODE_COLUMNS`) | scores        |
+| `edges`        | one per graph edge: the method's edge scores (edge methods only)         | scores        |
+| `exact`        | exact activation patching (denoising) of every head and MLP             | exact         |
+| `resid`        | exact patching of the residual stream, layer × position                  | resid         |
+| `oracle`       | sampled edges re-scored by exact edge patching                          | oracle        |
+| `faithfulness` | the top-k% faithfulness curve (signed and absolute selection)           | faithfulness  |
+| `roles`        | measured head roles (`graphs.roles.ROLE_COLUMNS`)                        | roles         |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+
+from circuitlab.reports.config import RunConfig
+
+TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles")
+SUMMARIES = ("oracle_summary", "faithfulness_summary", "acdc_summary")
+SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
+                 "channel", "method", "exact", "metric", "effect", "score"]
+
+
+@dataclass
+class RunResult:
+    """One run's results (see the module docstring); `None` marks what was not computed."""
+
+    config: RunConfig
+    task: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    pairs: Any = None
+    baseline: pd.DataFrame | None = None
+    nodes: pd.DataFrame | None = None
+    edges: pd.DataFrame | None = None
+    exact: pd.DataFrame | None = None
+    resid: pd.DataFrame | None = None
+    oracle: pd.DataFrame | None = None
+    faithfulness: pd.DataFrame | None = None
+    roles: pd.DataFrame | None = None
+    oracle_summary: dict[str, Any] | None = None
+    faithfulness_summary: dict[str, Any] | None = None
+    acdc_summary: dict[str, Any] | None = None
+    circuit: nx.MultiDiGraph | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set fields from a stage's output, refusing unknown names."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in names:
+                raise KeyError(f"RunResult has no field {key!r}")
+            setattr(self, key, value)
+
+    # ------------------------------------------------------------------ derived views
+    def metrics(self) -> dict[str, Any]:
+        """Clean and corrupt metric means with 95% bootstrap intervals (prompts resampled)."""
+        from circuitlab.patching.stats import bootstrap_ci
+
+        clean = self.baseline["clean"].to_numpy(float)
+        corrupt = self.baseline["corrupt"].to_numpy(float)
+        seed = self.config.seed
+        return {"metric": self.task.get("metric", ""),
+                "clean": float(clean.mean()), "clean_ci": bootstrap_ci(clean, seed=seed),
+                "corrupt": float(corrupt.mean()), "corrupt_ci": bootstrap_ci(corrupt, seed=seed),
+                "difference": float((clean - corrupt).mean()),
+                "difference_ci": bootstrap_ci(clean - corrupt, seed=seed),
+                "fraction_clean_above_corrupt": float((clean > corrupt).mean())}
+
+    def node_agreement(self) -> dict[str, Any]:
+        """Spearman rank agreement of the method's node effects with exact activation patching."""
+        from circuitlab.patching.attribution import spearman
+
+        exact = strongest_per_node(self.exact).set_index("node")["effect"]
+        if self.config.method == "activation" or self.nodes is None:
+            return {"compared_with": None, "spearman": None, "n_nodes": int(len(exact))}
+        approx = self.nodes.set_index("node")["effect"]
+        common = exact.index.intersection(approx.index)
+        return {"compared_with": self.config.method, "spearman": spearman(exact[common], approx[common]),
+                "n_nodes": int(len(common))}
+
+    def scores_table(self) -> pd.DataFrame:
+        """scores.csv: exact head/MLP rows, the method's node rows, edge rows, residual-stream rows."""
+        parts = []
+        if self.exact is not None:
+            parts.append(self.exact.assign(method="activation", exact=True))
+        if self.nodes is not None and self.config.method != "activation":
+            parts.append(self.nodes.assign(position=-1, role="", metric=np.nan))
+        if self.edges is not None:
+            parts.append(self.edges.assign(component="edge", node="", layer=-1, head=-1, position=-1, role="",
+                                           exact=bool(self.config.method == "acdc"), metric=np.nan))
+        if self.resid is not None:
+            parts.append(self.resid.assign(node="", method="activation", exact=True))
+        frame = pd.concat([p for p in parts if not p.empty], ignore_index=True)
+        for col in SCORE_COLUMNS:
+            if col not in frame.columns:
+                frame[col] = ""
+        for col in ("node", "role", "edge", "sender", "receiver", "channel"):
+            frame[col] = frame[col].fillna("").astype(str)
+        extra = [c for c in frame.columns if c not in SCORE_COLUMNS and c not in ("direction", "source")]
+        return frame[SCORE_COLUMNS + extra]
+
+    def record(self) -> dict[str, Any]:
+        """run.json: configuration, task, model, metrics, summaries, timings and provenance."""
+        cfg = self.config
+        out = {"command": self.info.get("command", cfg.command()), "config": cfg.to_dict(),
+               "config_key": cfg.result_key(), "seed": cfg.seed, "task": self.task, "model": self.model,
+               "versions": self.info.get("versions") or versions(), "metrics": self.metrics(),
+               "n_pairs": int(len(self.baseline)),
+               "circuit": {"nodes": self.circuit.number_of_nodes(), "edges": self.circuit.number_of_edges()},
+               "node_agreement": self.node_agreement(), "oracle": self.oracle_summary,
+               "faithfulness": self.faithfulness_summary,
+               "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}
+        if self.acdc_summary is not None:
+            out["acdc"] = self.acdc_summary
+        out.update({k: v for k, v in self.info.items() if k not in ("command", "versions")})
+        return out
+
+
+def strongest_per_node(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per node: the row of largest |effect| (per-position sweeps reduce to their strongest position)."""
+    order = frame["effect"].abs().sort_values(ascending=False, kind="stable").index
+    return frame.loc[order].drop_duplicates("node")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages a run's numbers depend on."""
+    out = {"python": platform.python_version()}
+    for pkg in ("circuitlab", "torch", "transformer-lens", "transformers", "numpy", "pandas", "networkx",
+                "matplotlib"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def platform_info() -> dict[str, str]:
+    return {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()}
+
+
+__all__ = ["RunResult", "SCORE_COLUMNS", "SUMMARIES", "TABLES", "platform_info", "strongest_per_node", "versions"]

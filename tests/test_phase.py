@@ -1,0 +1,170 @@
+"""Training, corpus, phase detection and the `circuitlab phase` command on small settings."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from circuitlab.graphs.phase import detect_phase_change
+from circuitlab.patching.models import load_model
+from circuitlab.patching.training import FastAttnOnly, TrainConfig, checkpoint_steps, train_attn_only
+from circuitlab.tasks.corpus import load_corpus, with_repeats
+
+
+def test_checkpoint_steps_log_and_linear():
+    steps = checkpoint_steps(1000, 8)
+    assert steps[0] == 0 and steps[1] == 1 and steps[-1] == 1000
+    ratios = [b / a for a, b in zip(steps[1:], steps[2:])]
+    assert max(ratios) / min(ratios) < 1.6  # log-spaced
+    both = checkpoint_steps(1000, 8, 10)
+    assert set(range(100, 1001, 100)) <= set(both) and set(steps) <= set(both)
+
+
+def test_fast_module_matches_the_bridge_and_loads_back():
+    from transformer_lens.model_bridge import TransformerBridge
+
+    for norm, positions in (("LN", "rotary"), (None, "standard"), ("LN", "standard")):
+        cfg = TrainConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=12, d_vocab=20, normalization_type=norm,
+                          positional_embedding_type=positions)
+        bridge = TransformerBridge.boot_native(cfg.model_config(), device="cpu")
+        fast = FastAttnOnly(bridge)
+        with torch.no_grad():
+            for p in fast.parameters():  # move away from the init so every weight matters
+                p.add_(0.3 * torch.randn_like(p))
+        tokens = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(0))
+        bridge.load_state_dict(fast.to_state_dict(), strict=False)
+        with torch.no_grad():
+            assert torch.allclose(fast(tokens), bridge(tokens), atol=1e-5)
+
+
+def _sampler(vocab):
+    def sample(n, width, gen):
+        base = torch.randint(0, vocab, (n, width), generator=gen)
+        return with_repeats(base, 1.0, gen, min_len=3, max_len=5)
+    return sample
+
+
+def test_training_is_seeded_and_resumes_to_the_same_weights(tmp_path):
+    cfg = TrainConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=16, d_vocab=24, batch_size=4, steps=12,
+                      n_checkpoints=4, n_linear_checkpoints=2)
+    full = train_attn_only(cfg, _sampler(24), tmp_path / "a", progress=False)
+    assert sorted(full.checkpoints) == checkpoint_steps(12, 4, 2)
+    assert list(full.log["step"]) == list(range(1, 13))
+    again = train_attn_only(cfg, _sampler(24), tmp_path / "a", progress=False)
+    assert again.resumed_from == 12 and sorted(again.checkpoints) == sorted(full.checkpoints)
+    other = train_attn_only(cfg, _sampler(24), tmp_path / "b", progress=False)
+    a = load_model(str(full.checkpoints[12])).state_dict()
+    b = load_model(str(other.checkpoints[12])).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: a second run gives the same weights
+    with pytest.raises(ValueError, match="different config"):
+        train_attn_only(TrainConfig(**{**cfg.__dict__, "lr": 1e-2}), _sampler(24), tmp_path / "a", progress=False)
+
+
+def test_resume_from_a_midway_state_matches_an_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=16, d_vocab=24, batch_size=4, steps=10,
+                      n_checkpoints=3, n_linear_checkpoints=2)
+    full = train_attn_only(cfg, _sampler(24), tmp_path / "full", progress=False)
+    calls = {"n": 0}
+
+    def dying(n, width, gen):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return _sampler(24)(n, width, gen)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_attn_only(cfg, dying, tmp_path / "cut", progress=False)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 5
+    resumed = train_attn_only(cfg, _sampler(24), tmp_path / "cut", progress=False)
+    assert resumed.resumed_from == 5
+    a = load_model(str(full.checkpoints[10])).state_dict()
+    b = load_model(str(resumed.checkpoints[10])).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_with_repeats_copies_a_span_forward():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.arange(64).repeat(5, 1)
+    out = with_repeats(base, 1.0, gen, min_len=4, max_len=8)
+    for row in out:
+        changed = torch.nonzero(row != torch.arange(64)).flatten()
+        assert 4 <= len(changed) <= 8
+        start = int(changed[0])
+        length = len(changed)
+        src = int(row[start])
+        assert torch.equal(row[start:start + length], torch.arange(src, src + length))
+        assert src + length <= start  # the source lies before the copy
+    assert torch.equal(with_repeats(base, 0.0, gen), base)
+
+
+def test_corpus_split_is_by_file_and_deterministic(tmp_path):
+    for i in range(40):
+        (tmp_path / f"m{i}.py").write_text(f"x{i} = {i}\n" * 30)
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "skip.py").write_text("SKIPPED" * 1000)
+    a = load_corpus(root=tmp_path, heldout_fraction=0.2)
+    b = load_corpus(root=tmp_path, heldout_fraction=0.2)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+    assert a.vocab == 256 and a.n_files == 40
+    text = bytes(a.train.tolist()) + bytes(a.heldout.tolist())
+    assert b"SKIPPED" not in text and b"x39 = 39" in text
+
+
+def test_detect_phase_change_on_known_curves():
+    steps = np.array([0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
+    ind = np.array([0.02, 0.03, 0.05, 0.1, 0.15, 0.7, 0.8, 0.82, 0.85, 0.85, 0.86])
+    icl = np.array([0.0, -0.1, -0.1, -0.12, -0.15, -0.8, -0.85, -0.9, -0.9, -0.9, -0.91])
+    table = pd.DataFrame({"step": steps, "top_induction": ind, "icl_score": icl})
+    w = detect_phase_change(table)
+    assert w.found and (w.start, w.end) == (40, 50)
+    assert w.fraction_of_training == pytest.approx(0.1)
+    assert w.steepest_icl_drop == (40, 50) and w.steepest_icl_drop_in_window
+    assert w.icl_change_in_window == pytest.approx(0.65 / 0.91)
+    log = pd.DataFrame({"step": np.arange(1, 101), "loss": np.r_[np.linspace(3, 2.9, 40), np.linspace(2.9, 2.3, 10),
+                                                                   np.linspace(2.3, 2.25, 50)]})
+    assert detect_phase_change(table, log).loss_slope_ratio > 5
+    flat = detect_phase_change(table.assign(top_induction=0.05))
+    assert not flat.found and "never reached" in flat.reason
+
+
+def test_offline_published_checkpoints_give_the_usual_error(monkeypatch, tmp_path):
+    from circuitlab.reports.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code = main(["phase", "--out", str(tmp_path / "pub"), "--model", "EleutherAI/pythia-14m-nonexistent",
+                 "--revisions", "step1000", "--quiet"])
+    assert code == 1
+    with pytest.raises(ValueError, match="hub models only"):
+        load_model("smollm2-135m", revision="step1")
+
+
+def test_phase_cli_small_end_to_end(tmp_path, capsys):
+    """The `make test` setting: both models, every table and the report, then a resume that trains nothing."""
+    from circuitlab.reports.cli import main
+
+    out = tmp_path / "phase"
+    args = ["phase", "--out", str(out), "--steps", "30", "--batch-size", "8", "--n-ctx", "64", "--d-model", "32",
+            "--n-heads", "2", "--n-checkpoints", "4", "--n-linear-checkpoints", "2", "--max-bytes", "400000",
+            "--eval-sequences", "4", "--probe-sequences", "4", "--probe-half", "12", "--quiet"]
+    assert main(args) == 0
+    table = pd.read_csv(out / "checkpoints.csv")
+    assert set(table["model"]) == {"1L", "2L"}
+    assert list(table[table["model"] == "2L"]["step"]) == checkpoint_steps(30, 4, 2)
+    assert (table["late"] == 63).all() and (table["early"] == 6).all()
+    heads = pd.read_csv(out / "heads.csv", keep_default_na=False)
+    assert len(heads) == len(table[table["model"] == "1L"]) * 2 + len(table[table["model"] == "2L"]) * 4
+    final2 = heads[(heads["model"] == "2L") & (heads["step"] == 30)]
+    assert final2["patch_effect"].astype(float).notna().all()
+    assert final2["delta_icl_zero"].astype(float).notna().all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"1L", "2L"} <= set(summary["windows"]) and "acceptance" in summary
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64" in html and "Acceptance" in html
+    assert (out / "report.md").is_file() and (out / "figures" / "loss_icl.png").is_file()
+    assert load_model(str(out / "checkpoints" / "2L" / "step_000030")).cfg.n_layers == 2
+    mtime = (out / "checkpoints" / "2L" / "step_000030" / "model.safetensors").stat().st_mtime
+    assert main(args) == 0  # resumes: nothing retrained
+    assert (out / "checkpoints" / "2L" / "step_000030" / "model.safetensors").stat().st_mtime == mtime
