@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ DEMO_ARGS ?= --n 16 --steps 5 --positions END --resid-positions each --oracle-ed
 
 demo: setup
 	$(VENV)/bin/circuitlab run --task ioi --model smollm2-135m --method eap-ig --out runs/demo $(DEMO_ARGS)
+
+# Headless Chromium for tests/test_report_html.py's browser checks (system package; needs root and apt-get).
+# Without it those two tests skip; test_report_structure checks the page in Python either way.
+browser:
+	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -9,7 +9,7 @@ ranked by their exact single-head effect. Also printed: the held-out faithfulnes
 `best_method=.. heads_at_0.8=.. edges_at_0.8=.. heldout_faithfulness=..` (the method with the smallest chosen
 circuit whose held-out faithfulness reaches the target; if none does, the one with the highest).
 
-Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 100] [--mask-batch 8] [--methods ...] [--threads 1]`.
+Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 60] [--mask-batch 4] [--methods ...] [--threads 1]`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from circuitlab.patching.models import load_model
 from circuitlab.tasks import get_task
 from circuitlab.tasks.split import heldout_split, shared_templates
 
-DEFAULT_METHODS = ("single-effect", "eap-ig", "greedy", "node-pruning")
+DEFAULT_METHODS = ("eap-ig", "greedy", "node-pruning", "single-effect")
 
 
 def held_size(curve: pd.DataFrame | None, target: float) -> str:
@@ -46,9 +46,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16, help="IOI pairs for discovery (and as many held-out)")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--mask-steps", type=int, default=100, help="node mask-learning steps")
-    parser.add_argument("--mask-batch", type=int, default=8, help="prompts per mask-learning step")
-    parser.add_argument("--sparsity", type=float, default=0.3, help="mask-learning L0 weight")
+    parser.add_argument("--mask-steps", type=int, default=60, help="node mask-learning steps")
+    parser.add_argument("--mask-batch", type=int, default=4, help="prompts per mask-learning step")
+    parser.add_argument("--sparsity", type=float, default=0.02, help="mask-learning L0 weight (per kept item)")
+    parser.add_argument("--mask-lr", type=float, default=0.25, help="mask-learning Adam learning rate")
     parser.add_argument("--edge-steps", type=int, default=60, help="edge mask-learning steps")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=FAITHFUL_METHODS)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -68,14 +69,24 @@ def main() -> None:
     print(f"logit diff clean {ctx.clean_metric:+.3f} corrupt {ctx.corrupt_metric:+.3f} (discovery); "
           f"clean {hctx.clean_metric:+.3f} corrupt {hctx.corrupt_metric:+.3f} (held-out)")
     config = FaithfulConfig(target=args.target, eap_ig_steps=args.steps, n_boot=args.n_boot, seed=args.seed,
-                            masks=MaskConfig(steps=args.mask_steps, sparsity=args.sparsity, seed=args.seed,
+                            masks=MaskConfig(steps=args.mask_steps, sparsity=args.sparsity, seed=args.seed, lr=args.mask_lr,
                                              batch_size=args.mask_batch),
-                            edge_masks=MaskConfig(level="edge", steps=args.edge_steps, sparsity=args.sparsity,
+                            edge_masks=MaskConfig(level="edge", steps=args.edge_steps, sparsity=args.sparsity, lr=args.mask_lr,
                                                   seed=args.seed, batch_size=args.mask_batch))
     rows = []
+    edge_scores = None
+    if {"eap-ig", "greedy", "eap-ig-edges"} & set(args.methods):
+        from circuitlab.patching.attribution import eap_ig_scores
+
+        start = time.time()
+        edge_scores = eap_ig_scores(ctx, steps=args.steps)
+        print(f"EAP-IG ({args.steps} steps) over {ctx.graph.n_edges} edges: {time.time() - start:.0f} s (shared by "
+              "eap-ig, greedy, eap-ig-edges)", flush=True)
     for method in args.methods:
         print(f"[{method}] ...", flush=True)
-        result = find_faithful_circuit(ctx, method, config, heldout=hctx, log=lambda m: print(m, flush=True))
+        shared = edge_scores if method in ("eap-ig", "greedy", "eap-ig-edges") else None
+        result = find_faithful_circuit(ctx, method, config, heldout=hctx, log=lambda m: print(m, flush=True),
+                                       edge_scores=shared)
         row = result.row()
         row["heldout_size_at_target"] = held_size(result.heldout_curve, args.target)
         rows.append(row)

@@ -78,11 +78,27 @@ class FaithfulResult:
                 "seconds": self.seconds, "notes": self.notes}
 
 
-def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator, chunk: int = 8) -> Tensor:
-    """Exact effect of corrupting each item alone (all others kept): (m(clean) - m(item corrupted)) / gap."""
-    masks = 1.0 - torch.eye(len(evaluator.items))
-    values = torch.cat([evaluator.run(masks[i:i + chunk]) for i in range(0, len(masks), chunk)]).mean(1)
-    return (ctx.clean_metric - values) / (ctx.clean_metric - ctx.corrupt_metric)
+def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tensor:
+    """Exact effect of corrupting each item alone (all others kept): (m(clean) - m(item corrupted)) / gap.
+
+    Uses the activation-patching engine (noising `z` / `mlp_out` at all positions, each patched forward
+    starting at its layer), which equals the node-masked forward with one item off (tested).
+    """
+    from circuitlab.patching.activation import PatchingConfig, activation_patching
+    from circuitlab.patching.components import head_node, mlp_node
+
+    model = ctx.edge_runner.runner.model
+    config = PatchingConfig(direction="noise")
+    frames = [activation_patching(model, ctx.task, ctx.pairs, "z", config=config)]
+    if any(item.startswith("m") for item in evaluator.items):
+        frames.append(activation_patching(model, ctx.task, ctx.pairs, "mlp_out", config=config))
+    metric = {}
+    for frame in frames:
+        for row in frame.itertuples():
+            name = head_node(int(row.layer), int(row.head)) if row.component == "z" else mlp_node(int(row.layer))
+            metric[name] = float(row.metric)
+    gap = ctx.clean_metric - ctx.corrupt_metric
+    return torch.tensor([(ctx.clean_metric - metric[item]) / gap for item in evaluator.items])
 
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:
@@ -124,8 +140,13 @@ def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
 
 
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
-         log: Callable[[str], None] | None = None) -> tuple[Tensor, bool, str]:
-    """(scores over evaluator.items, rank by |score|, note) for a ranking method."""
+         log: Callable[[str], None] | None = None, edge_scores: Tensor | None = None) -> tuple[Tensor, bool, str]:
+    """(scores over evaluator.items, rank by |score|, note) for a ranking method. `edge_scores` reuses
+    attribution scores already computed on `ctx` (eap, eap-ig, greedy and their edge variants)."""
+    if edge_scores is not None and method in ("eap", "eap-ig", "greedy"):
+        return _attribution_nodes(ctx, evaluator, edge_scores), True, "attribution scores of the run"
+    if edge_scores is not None and method in ("eap-edges", "eap-ig-edges"):
+        return edge_scores.float(), True, "attribution scores of the run"
     if method == "single-effect":
         return single_effect_scores(ctx, evaluator), True, "exact single-item noising effects"
     if method in ("eap", "eap-ig", "greedy"):
@@ -146,8 +167,8 @@ def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: Circu
 
 
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
-                          heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None
-                          ) -> FaithfulResult:
+                          heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
+                          edge_scores: Tensor | None = None) -> FaithfulResult:
     """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`."""
     cfg = config or FaithfulConfig()
     if method not in FAITHFUL_METHODS:
@@ -156,7 +177,7 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     edge_level = method in EDGE_METHODS
     make = (lambda c: edge_evaluator(c)) if edge_level else (lambda c: node_evaluator(c, heads_only=cfg.heads_only))
     evaluator = make(ctx)
-    scores, absolute, note = rank(ctx, method, cfg, evaluator, log)
+    scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
     circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
                                      n_boot=cfg.n_boot, seed=cfg.seed)
     if method == "greedy":

@@ -124,23 +124,26 @@ def candidate_order(scores: Tensor, *, absolute: bool = True, noise: float = NOI
 
 
 def size_grid(n: int) -> list[int]:
-    """Circuit sizes to try first: 1, 2, 3, 4, 6, 8, 11, 16, ... (about x1.4 apart) and n."""
+    """Circuit sizes to try first: 1, 2, 3, 4, 6, 9, 13, 20, ... (about x1.5 apart) and n."""
     sizes, k = set(), 1.0
     while k < n:
         sizes.add(int(round(k)))
-        k = max(k + 1, k * 1.4)
+        k = max(k + 1, k * 1.5)
     sizes.add(n)
     return sorted(s for s in sizes if 1 <= s <= n)
 
 
 def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: float = 0.8, *,
                            absolute: bool = True, noise: float = NOISE, require_lower: bool = False,
-                           n_boot: int = 1000, seed: int = 0, batch: int = 16) -> FaithfulCircuit:
+                           stable: bool = True, n_boot: int = 1000, seed: int = 0, batch: int = 16) -> FaithfulCircuit:
     """Smallest prefix of the ranking `scores` (one per evaluator item) whose exact faithfulness >= target.
 
     Sizes on a geometric grid are measured first (that is the returned curve); the crossing is then located
     by bisection between the last grid size below target and the first one at or above it. With
-    `require_lower` the bootstrap lower bound, not the point estimate, must reach the target.
+    `require_lower` the bootstrap lower bound, not the point estimate, must reach the target. With `stable`
+    (default) the crossing is the first grid size from which every larger grid size also reaches the target:
+    faithfulness is not monotone in the prefix size, and a lucky small prefix (measured 0.84 on 16 SmolLM2 IOI
+    pairs with 2 heads, 0.45 on held-out pairs) is noise rather than a circuit.
     """
     if len(scores) != len(evaluator.items):
         raise ValueError(f"{len(scores)} scores for {len(evaluator.items)} {evaluator.level} items")
@@ -164,7 +167,8 @@ def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: 
         return bool(value >= target)
 
     curve = measure(size_grid(len(order)))
-    hits = [i for i in range(len(curve)) if ok(curve.iloc[i])]
+    passes = [ok(curve.iloc[i]) for i in range(len(curve))]
+    hits = [i for i in range(len(curve)) if (all(passes[i:]) if stable else passes[i])]
     if not hits:
         best = curve.iloc[-1]
         return FaithfulCircuit([evaluator.items[i] for i in order], float(best["faithfulness"]),

@@ -5,11 +5,12 @@ pass; the same works over nodes (heads, MLPs). Each item i has a parameter log_a
 sample (Louizos et al. 2018) z_i = clamp(sigmoid((log u - log(1-u) + log_alpha_i) / beta) * (zeta - gamma)
 + gamma, 0, 1) is 0 or 1 with positive probability and differentiable in between. The loss is
 
-    mean over prompts of ((m_z(x) - m_clean(x)) / (m_clean - m_corrupt))^2  +  lambda * E[#kept] / n_items
+    mean over prompts of ((m_z(x) - m_clean(x)) / (m_clean - m_corrupt))^2  +  lambda * E[#kept]
 
 where m_z is the task metric of the circuit z computed exactly (`node_masks.node_masked_metric` or
 `edge_masks.edge_masked_metric`: every item outside the circuit takes its corrupted-run value) and
-E[#kept] = sum_i P(z_i != 0) is the expected L0 norm. lambda ramps up linearly over the first half of training
+E[#kept] = sum_i P(z_i != 0) is the expected L0 norm: each kept item costs lambda, whatever the graph's size (an
+item stays when dropping it would cost more than that in squared normalized error). lambda ramps up linearly over the first half of training
 (`warmup`), so masks first learn what matters, then shed what does not.
 
 The result is a ranking (log_alpha) and a deterministic mask (log_alpha > 0); `graphs.selection` turns the
@@ -36,7 +37,7 @@ LEVELS = ("node", "edge")
 class MaskConfig:
     """How masks are learned. `level` node (heads, plus MLPs unless `heads_only`) or edge (every edge).
 
-    `sparsity` is lambda; `steps` optimisation steps of Adam at `lr`; `init` the initial log_alpha (positive:
+    `sparsity` is lambda, the loss cost of one kept item; `steps` optimisation steps of Adam at `lr`; `init` the initial log_alpha (positive:
     start from the full model); `beta`, `gamma`, `zeta` the hard-concrete temperature and stretch;
     `batch_size` prompts drawn (seeded) for each step (None: all prompts every step).
     """
@@ -45,7 +46,7 @@ class MaskConfig:
     heads_only: bool = True
     steps: int = 200
     lr: float = 0.1
-    sparsity: float = 0.3
+    sparsity: float = 0.02
     warmup: float = 0.5
     init: float = 3.0
     beta: float = 2.0 / 3.0
@@ -160,7 +161,7 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
             faith_loss = (((values - sub.clean_values) / gap) ** 2).mean()
             expected = keep_probability(log_alpha, cfg).sum()
             lam = cfg.sparsity * min(1.0, (step + 1) / ramp)
-            loss = faith_loss + lam * expected / n
+            loss = faith_loss + lam * expected
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -87,7 +87,6 @@ class PhaseConfig:
     model: str | None = None
     revisions: tuple[str, ...] = ()
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def probe_tokens(corpus: Corpus, k: int = 96) -> tuple[int, ...]:

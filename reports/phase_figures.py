@@ -8,7 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 COLORS = {"1L": "#1f77b4", "2L": "#d62728", "3L": "#2ca02c"}
@@ -113,8 +112,3 @@ def circuit_figure(graph: Any, title: str) -> plt.Figure:
     from circuitlab.graphs.draw import draw_circuit
 
     return draw_circuit(graph, title=title, figsize=(6.5, 4.0))
-
-
-def loss_by_position_note(values: np.ndarray) -> str:
-    """One-line summary of an ICL curve (for tables)."""
-    return f"{values[1]:.2f} → {values[-1]:.2f}" if len(values) > 1 else ""

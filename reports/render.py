@@ -7,7 +7,6 @@ with `reports.save.load_result` (no model needed) and renders it with the same c
 from __future__ import annotations
 
 import base64
-import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from circuitlab.patching.components import head_node
 from circuitlab.reports import figures, store
 from circuitlab.reports.result import RunResult
 from circuitlab.reports.save import load_result
@@ -74,7 +74,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         f"{100 * metrics['fraction_clean_above_corrupt']:.0f}% of pairs. Effects below are normalized: "
         "0 = corrupt run, 1 = clean run.")
     ci = {"clean": tuple(metrics["clean_ci"]), "corrupt": tuple(metrics["corrupt_ci"])}
-    base.figures.append(("baseline", "Per-prompt metric, clean vs corrupt",
+    base.figures.append(("baseline", f"{metrics['metric']} of each prompt pair on the clean and the corrupted prompt, "
+                         "with the means and their 95% bootstrap intervals",
                          figures.png_bytes(figures.baseline_figure(baseline, metrics["metric"], ci))))
     sections.append(base)
 
@@ -92,14 +93,19 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         panels.append((f"{method} node attribution",
                        approx_heads.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")))
     if panels:
-        heat.figures.append(("heads", "Layer × head effect", figures.png_bytes(figures.head_heatmaps(panels[:4]))))
+        heat.figures.append(("heads", "Normalized effect of each attention head (layer × head): exact activation "
+                             "patching of its output from the clean into the corrupted run (0 = corrupt, 1 = clean)"
+                             + (f", and {method} node attribution" if not approx_heads.empty else ""),
+                             figures.png_bytes(figures.head_heatmaps(panels[:4]))))
     mlps = exact[exact["component"] == "mlp_out"]
     if not mlps.empty:
         series = [("exact", mlps.groupby("layer")["effect"].mean())]
         approx_mlps = approx[approx["component"] == "mlp_out"]
         if not approx_mlps.empty:
             series.append((method, approx_mlps.groupby("layer")["effect"].mean()))
-        heat.figures.append(("mlps", "MLP effect by layer", figures.png_bytes(figures.mlp_figure(series))))
+        heat.figures.append(("mlps", "Normalized effect of each layer's MLP output, patched exactly from the clean "
+                             "into the corrupted run" + (f", with {method}'s estimate" if len(series) > 1 else ""),
+                             figures.png_bytes(figures.mlp_figure(series))))
     resid = result.resid
     if resid is not None and not resid.empty:
         labels_all = model.get("position_labels", [])
@@ -110,7 +116,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
             grid = resid.pivot_table(index="layer", columns="role", values="effect", aggfunc="mean")
             grid = grid[[r for r in record["task"]["roles"] if r in grid.columns]]
             labels = list(grid.columns)
-        heat.figures.append(("resid", "Residual stream: layer × position",
+        heat.figures.append(("resid", "Normalized effect of patching the residual stream before each layer (rows) at "
+                             "each position (columns) from the clean into the corrupted run",
                              figures.png_bytes(figures.resid_heatmap(grid, labels))))
     top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
     heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
@@ -122,7 +129,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     circ = Section("The circuit")
     circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
                            f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
-    circ.figures.append(("circuit", "Circuit with roles", figures.png_bytes(
+    circ.figures.append(("circuit", f"The circuit selected from {method} scores ({_selection_text(cfg)}): heads and "
+                         "MLPs coloured by their measured role, edges from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     nodes = []
     for name, data in graph.nodes(data=True):
@@ -142,14 +150,16 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         role_section.paragraphs.append("No head reached a role threshold.")
     else:
         in_circuit = set(graph.nodes)
-        table = roles.assign(head=[f"a{int(a)}.h{int(b)}" for a, b in zip(roles["layer"], roles["head"])])
+        table = roles.assign(head=[head_node(int(a), int(b)) for a, b in zip(roles["layer"], roles["head"])])
         table["in circuit"] = table["head"].isin(in_circuit)
         table = table.sort_values(["in circuit", "score"], ascending=[False, False])
         role_section.paragraphs.append(f"{len(table)} role detections on {table['head'].nunique()} heads "
                                        f"({int(table['in circuit'].sum())} in the circuit). Evidence: the measured "
                                        "scores behind each role (see graphs.roles).")
-        role_section.tables.append(("Roles", table[["head", "role", "score", "threshold", "in circuit", "evidence"]]
-                                    .reset_index(drop=True)))
+        evidence = pd.json_normalize([json.loads(e or "{}") for e in table["evidence"]], sep=" ")
+        columns = table[["head", "role", "score", "threshold", "in circuit"]].reset_index(drop=True)
+        role_section.tables.append(("Roles (evidence: the measured scores behind each role, one column each)",
+                                    pd.concat([columns, evidence.reset_index(drop=True)], axis=1)))
     sections.append(role_section)
 
     # 6. faithfulness
@@ -162,7 +172,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
             f"{_fmt(summary['cpr_ci'][0])} to {_fmt(summary['cpr_ci'][1])}); CMD (area under |1 - f|, absolute "
             f"selection; 0 is best) {_fmt(summary['cmd'])} (95% CI {_fmt(summary['cmd_ci'][0])} to "
             f"{_fmt(summary['cmd_ci'][1])}). Circuits keep the top-k% edges clean and corrupt the rest (exact).")
-        faith.figures.append(("faithfulness", "Faithfulness curve with 95% bootstrap band",
+        faith.figures.append(("faithfulness", "Faithfulness f(k) = (m(C_k) − m(∅)) / (m(M) − m(∅)) of the circuit of the "
+                              "top k% edges, measured by exact edge patching, with 95% bootstrap bands over prompts",
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
@@ -191,7 +202,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         fig_panels.append((f"edges: Spearman {_fmt(rho)}", oracle["approx_effect"].to_numpy(float),
                            oracle["exact_effect"].to_numpy(float), "approximate effect", "exact effect"))
     if fig_panels:
-        agree.figures.append(("agreement", "Approximate vs exact", figures.png_bytes(figures.agreement_figure(fig_panels))))
+        agree.figures.append(("agreement", f"{method}'s estimated effects against exact patching of the same heads, MLPs "
+                              "and sampled edges (each point one component or edge; Spearman rank correlation in "
+                              "the titles)", figures.png_bytes(figures.agreement_figure(fig_panels))))
     sections.append(agree)
 
     # 8. reproduce
@@ -228,34 +241,35 @@ def _selection_text(cfg: dict[str, Any]) -> str:
     return "default: top 50 edges / 20 components, widened until input connects to logits"
 
 
-# ---------------------------------------------------------------------- HTML and Markdown
+# ---------------------------------------------------------------------- HTML and Markdown (Jinja2 templates)
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .5em;
-text-align:left;vertical-align:top}th{background:#f4f4f4}figure{margin:1em 0}img{max-width:100%}
-figcaption{font-size:.85em;color:#555}pre{background:#f6f8fa;padding:.8em;overflow-x:auto}
-td.evidence{font-family:monospace;font-size:.8em;max-width:480px;word-break:break-all}"""
+MAX_ROWS = 60
 
 
-# Marks the page with how many figures decoded (body[data-figures-loaded="k/n"]), for headless checks.
-_CHECK_SCRIPT = ("<script>window.addEventListener('load',function(){var i=document.images,k=0;"
-                 "for(var j=0;j<i.length;j++){if(i[j].complete&&i[j].naturalWidth>0){k++;}}"
-                 "document.body.setAttribute('data-figures-loaded',k+'/'+i.length);});</script>")
+def _cell(value: Any) -> str:
+    return _fmt(value) if isinstance(value, float) else str(value)
 
 
-def _html_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
-    shown = frame.head(max_rows)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = []
-    for _, row in shown.iterrows():
-        cells = []
-        for col, value in row.items():
-            css = ' class="evidence"' if col == "evidence" else ""
-            cells.append(f"<td{css}>{html.escape(_fmt(value) if isinstance(value, float) else str(value))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    more = f"<p>({len(frame) - max_rows} more rows in the CSV files)</p>" if len(frame) > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+def _view(sections: list[Section]) -> list[dict[str, Any]]:
+    """Sections as plain data for the templates: figures base64-encoded, table cells formatted."""
+    out = []
+    for section in sections:
+        out.append({"title": section.title, "paragraphs": section.paragraphs, "code": section.code,
+                    "figures": [{"stem": stem, "caption": caption, "base64": base64.b64encode(png).decode("ascii")}
+                                for stem, caption, png in section.figures],
+                    "tables": [{"caption": caption, "columns": [str(c) for c in table.columns],
+                                "rows": [[_cell(v) for v in row] for row in table.head(MAX_ROWS).itertuples(index=False)],
+                                "hidden": max(0, len(table) - MAX_ROWS)} for caption, table in section.tables]})
+    return out
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    return env
 
 
 def report_title(record: dict[str, Any]) -> str:
@@ -264,56 +278,13 @@ def report_title(record: dict[str, Any]) -> str:
 
 
 def to_html(record: dict[str, Any], sections: list[Section]) -> str:
-    """One self-contained HTML page: figures embedded as base64 PNG, no external resources."""
-    title = report_title(record)
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
-        parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
-        if section.code:
-            parts.append(f"<pre><code>{html.escape(section.code)}</code></pre>")
-        for stem, caption, png in section.figures:
-            data = base64.b64encode(png).decode("ascii")
-            parts.append(f"<figure><img class=\"figure\" id=\"fig-{stem}\" alt=\"{html.escape(caption)}\" "
-                         f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}</figcaption></figure>")
-        for caption, table in section.tables:
-            parts.append(f"<h3>{html.escape(caption)}</h3>{_html_table(table)}")
-        parts.append("</section>")
-    parts.append(_CHECK_SCRIPT + "</body></html>\n")
-    return "".join(parts)
-
-
-def _md_cell(value: Any) -> str:
-    text = _fmt(value) if isinstance(value, float) else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(frame: pd.DataFrame, max_rows: int = 60) -> str:
-    shown = frame.head(max_rows)
-    lines = ["| " + " | ".join(_md_cell(c) for c in shown.columns) + " |",
-             "|" + "---|" * len(shown.columns)]
-    for _, row in shown.iterrows():
-        lines.append("| " + " | ".join(_md_cell(v) for v in row.tolist()) + " |")
-    if len(frame) > max_rows:
-        lines.append(f"\n({len(frame) - max_rows} more rows in the CSV files)")
-    return "\n".join(lines)
+    """One self-contained HTML page (templates/report.html.j2): figures embedded as base64 PNG."""
+    return _environment().get_template("report.html.j2").render(title=report_title(record), sections=_view(sections))
 
 
 def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
-    """The report as Markdown; figures are referenced as figures/<name>.png next to it."""
-    title = report_title(record)
-    parts = [f"# {title}\n"]
-    for section in sections:
-        parts.append(f"## {section.title}\n")
-        parts += [f"{p}\n" for p in section.paragraphs]
-        if section.code:
-            parts.append(f"```bash\n{section.code}\n```\n")
-        for stem, caption, _ in section.figures:
-            parts.append(f"![{caption}](figures/{stem}.png)\n")
-        for caption, table in section.tables:
-            parts.append(f"### {caption}\n\n{_md_table(table)}\n")
-    return "\n".join(parts)
+    """The report as Markdown (templates/report.md.j2); figures are figures/<name>.png next to it."""
+    return _environment().get_template("report.md.j2").render(title=report_title(record), sections=_view(sections))
 
 
 def render_report(run_dir: str | Path) -> tuple[Path, Path]:

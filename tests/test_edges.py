@@ -141,7 +141,8 @@ def test_oracle_check_and_faithfulness(request, name):
     ctx = prepare_edges(model, task, pairs)
     scores = eap_ig_scores(ctx)
     rho, sample = oracle_check(ctx, scores, n_edges=40)
-    assert len(sample) == 40 and -1 <= rho <= 1
+    assert len(sample) == 40 and sample["edge"].is_unique
+    assert rho == pytest.approx(sample["approx"].rank().corr(sample["exact"].rank()))  # Pearson of pandas ranks
     masks = torch.ones(len(sample), ctx.graph.n_edges)
     for i, name in enumerate(sample["edge"]):
         masks[i, ctx.graph.edge_index(name)] = 0.0
@@ -151,7 +152,9 @@ def test_oracle_check_and_faithfulness(request, name):
     full = result.curve[(result.curve.percent == 100.0)]
     assert (full["faithfulness"] - 1.0).abs().max() <= 1e-4
     assert result.cpr_ci[0] <= result.cpr <= result.cpr_ci[1] or math.isclose(result.cpr_ci[0], result.cpr_ci[1])
-    assert 0 <= result.cmd
+    absolute = result.curve[result.curve.selection == "absolute"].sort_values("percent")
+    x, gaps = absolute["percent"].to_numpy() / 100.0, (1.0 - absolute["faithfulness"]).abs().to_numpy()
+    assert result.cmd == pytest.approx(float(((gaps[1:] + gaps[:-1]) / 2 * (x[1:] - x[:-1])).sum()))  # trapezoids
     with pytest.raises(ValueError, match="NaN"):
         faithfulness_curve(ctx, scores * float("nan"))
 

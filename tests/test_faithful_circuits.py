@@ -108,11 +108,11 @@ def test_learned_node_masks_recover_the_true_circuit(name):
     gt, ctx = _gt_context(name)
     result = learn_masks(ctx, MaskConfig(level="node", heads_only=False, steps=300))  # default sparsity
     true = {n for n in gt.true_nodes if n not in ("input", "logits")}
-    assert set(result.circuit) == true
+    assert true <= set(result.circuit)  # open gates (planted_marker's distractors are weak, not inert)
     chosen = select_by_faithfulness(node_evaluator(ctx, heads_only=False), result.keep_probability, 0.8,
                                     absolute=False, n_boot=100)
-    assert chosen.reached and true <= set(chosen.items)
-    assert not set(chosen.items) & set(gt.distractors), "an inert component entered the circuit"
+    assert chosen.reached and set(chosen.items) == true, "the chosen circuit must be exactly the true one"
+    assert not set(chosen.items) & set(gt.distractors)
 
 
 def test_learned_edge_masks_recover_the_true_edges():

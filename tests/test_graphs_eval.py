@@ -144,7 +144,11 @@ def test_faithfulness_completeness_minimality(tiny_model):
     g.nodes["a1.h0"]["role"] = "induction"
     comp = completeness(tiny_model, g, clean, corrupt, metric)
     assert set(comp.knockout) == {"role:induction", "a1.h0", "m2", "a2.h1"}
-    assert (comp.gap >= 0).all()
+    row = comp.set_index("knockout").loc["a1.h0"]
+    everything = set(ab.components)
+    assert row.metric_model_minus_k == pytest.approx(ab.metric_with(everything - {"a1.h0"}), abs=1e-6)
+    assert row.metric_circuit_minus_k == pytest.approx(ab.metric_with({"m2", "a2.h1"}), abs=1e-6)
+    assert row.gap == pytest.approx(abs(row.metric_circuit_minus_k - row.metric_model_minus_k))
     mini = minimality(tiny_model, g, clean, corrupt, metric)
     assert list(mini.node) == sorted(["a1.h0", "m2", "a2.h1"])
     row = mini.set_index("node").loc["m2"]
