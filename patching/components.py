@@ -47,7 +47,6 @@ _HOOKS = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
 }
 EMBED_HOOK = "hook_embed"
-FINAL_NORM_HOOK = "ln_final.hook_normalized"
 
 
 def canonical_kind(kind: str) -> str:

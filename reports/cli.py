@@ -29,7 +29,7 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--task", default=d("ioi"), help="task name (see `circuitlab tasks`)")
     p.add_argument("--model", default=d("smollm2-135m"), help="model name or directory (see `circuitlab models`)")
     p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--n", type=int, default=d(16), help="number of prompt pairs")
+    p.add_argument("--n", type=int, default=None, help="number of prompt pairs (default 16; a dataset file: every row)")
     p.add_argument("--seed", type=int, default=d(0))
     p.add_argument("--corruption", default=None, help="IOI corruption: abc (default) or s2_io_flip")
     p.add_argument("--memory-budget", type=float, default=d(2048.0),

@@ -24,7 +24,7 @@ class SweepConfig:
     task: str
     model: str
     out: str
-    n: int = 16
+    n: int | None = None  # None: 16 prompts, or every row of a dataset file
     seed: int = 0
     corruption: str | None = None
     direction: str = "denoise"
@@ -47,13 +47,19 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
         raise ConfigError(str(exc)) from None
     if cfg.direction not in ("denoise", "noise"):
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
-    if cfg.n < 1:
+    if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
-    out = store.check_writable(cfg.out)
+    from circuitlab.tasks.custom import RecordsTask
+
+    n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
-    pairs = task.generate(model, cfg.n, seed=cfg.seed, **options)
+    try:  # bad data fails here, before --out is created
+        pairs = task.generate(model, n, seed=cfg.seed, **options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = store.check_writable(cfg.out)
     pairs.save_jsonl(out / ".pairs.jsonl.tmp")
     (out / ".pairs.jsonl.tmp").replace(out / "pairs.jsonl")
     return model, task, pairs.to(cfg.device), out

@@ -115,3 +115,14 @@ def test_kl_metric_dataset_runs(tiny_dir, tmp_path):
                  "--method", "eap", "--batch-size", "4", *FAST]) == 0
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     assert metrics["clean"] == pytest.approx(0.0, abs=1e-5) and metrics["corrupt"] < 0  # minus KL from clean
+
+
+def test_patch_subcommand_takes_a_dataset(tiny_dir, tmp_path):
+    data = _write(tmp_path / "mine.jsonl", _rows())
+    out = tmp_path / "patch"
+    assert main(["patch", "--task", str(data), "--model", tiny_dir, "--component", "head", "--positions", "X",
+                 "--out", str(out), "--quiet"]) == 0
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == 6
+    bad = _write(tmp_path / "bad.jsonl", [dict(_rows()[0], corrupt_ids=[1, 2])])
+    assert main(["patch", "--task", str(bad), "--model", tiny_dir, "--out", str(tmp_path / "nope"), "--quiet"]) != 0
+    assert not (tmp_path / "nope").exists()
