@@ -176,7 +176,6 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
     the largest |value| of that receiver computation.
     """
     g, runner = ctx.graph, ctx.edge_runner.runner
-    weights = {"q": runner.W_Q, "k": runner.W_K, "v": runner.W_V}
     out: dict[str, bool] = {}
     with torch.no_grad():
         for name in edges:
@@ -190,12 +189,15 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
                 layer, channel, head = g.receiver_info(r)
                 if channel == "mlp":
                     x = ctx.clean.resid_mid[layer]
-                    before = runner.mlp[layer](runner.ln2[layer](x))
-                    after = runner.mlp[layer](runner.ln2[layer](x - delta))
+                    before, after = runner.mlp_block(layer, x), runner.mlp_block(layer, x - delta)
                 else:
                     x = ctx.clean.resid_pre[layer]
-                    w = weights[channel][layer, head if channel == "q" else head // runner.group]
-                    before, after = runner.ln1[layer](x) @ w, runner.ln1[layer](x - delta) @ w
+
+                    def reads(stream: Tensor) -> Tensor:
+                        copies = runner.ln1[layer](stream).unsqueeze(2).expand(-1, -1, g.n_heads, -1)
+                        return ctx.edge_runner.project(layer, channel, copies)[:, :, head]
+
+                    before, after = reads(x), reads(x - delta)
             scale = max(1.0, float(before.abs().max()))
             out[g.edge_names[e]] = bool((before - after).abs().max() > tol * scale)
     return out

@@ -21,6 +21,7 @@ import torch
 
 from circuitlab.graphs.circuit import component_nodes
 from circuitlab.patching.components import edge_name, head_node, hook_name, mlp_node, parse_edge, parse_node
+from circuitlab.patching.normalize import normalize
 
 
 # ------------------------------------------------------------------ agreement with a reference
@@ -200,9 +201,8 @@ def faithfulness(model: Any, circuit: nx.MultiDiGraph | Iterable[str], clean_tok
     ab = Ablator(model, clean_tokens, corrupt_tokens, metric, ablation)
     nodes = node_set(circuit) if isinstance(circuit, nx.Graph) else {parse_node(n).name for n in circuit}
     full, empty, mine = ab.metric_with(ab.components), ab.metric_with([]), ab.metric_with(nodes)
-    denom = full - empty
     return {"metric_model": full, "metric_circuit": mine, "metric_empty": empty,
-            "faithfulness": (mine - empty) / denom if denom != 0 else float("nan")}
+            "faithfulness": normalize(mine, full, empty) if full != empty else float("nan")}
 
 
 def completeness(model: Any, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,

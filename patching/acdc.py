@@ -7,7 +7,7 @@ positions (the paper's default); `metric` uses |change of the task metric|. A no
 have all been removed cannot matter: its incoming edges are removed without evaluation.
 
 Each tentative removal is one batched forward over the prompts, so the cost is about one forward per
-edge of the still-connected graph: fine for small models, hours for SmolLM2's 70k edges (the CLI warns).
+edge of the still-connected graph: fine for small models, hours for SmolLM2's 123k edges (the CLI warns).
 """
 
 from __future__ import annotations

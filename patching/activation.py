@@ -97,7 +97,7 @@ def _start(runner: Runner, kind: str, layer: int) -> tuple[int, bool]:
     if kind in ("resid_mid", "mlp_out"):
         if runner.attn_only:
             raise ValueError(f"{kind} does not exist in an attention-only model")
-        if runner.parallel:
+        if runner.parallel or not getattr(runner, "windowed", True):  # the hook backend enters at resid_pre
             return layer, False
         return layer, True
     return layer, False
@@ -236,7 +236,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
     groups: dict[tuple[str, int, int], list[int]] = {}
     for index, patch in enumerate(patches):
-        pos0 = 0 if patch.positions is None or not runner.causal else int(patch.positions.min())
+        windowed = runner.causal and getattr(runner, "windowed", True)  # the hook backend runs every position
+        pos0 = 0 if patch.positions is None or not windowed else int(patch.positions.min())
         groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     results = torch.empty(len(patches))
     reads = ctx.read_positions.shape[1]

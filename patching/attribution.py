@@ -155,7 +155,7 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
                 final = (clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:])
             elif channel == "mlp":
                 x = clean.resid_mid[layer].unsqueeze(0) - delta
-                alt = runner.mlp[layer](runner.ln2[layer](x)).reshape(n * batch, *delta.shape[2:])
+                alt = runner.mlp_block(layer, x).reshape(n * batch, *delta.shape[2:])
                 hooks = {("mlp_out", layer): lambda a, alt=alt: alt}
                 if runner.parallel:  # the MLP reads resid_pre; the block must still add its attention output
                     final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer, hooks=hooks)
@@ -177,13 +177,12 @@ def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: T
     g, runner = ctx.graph, ctx.edge_runner.runner
     n, batch = delta.shape[0], delta.shape[1]
     x = runner.ln1[layer](ctx.clean.resid_pre[layer].unsqueeze(0) - delta)  # [n, b, p, d]
-    replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q": [], "k_q": [], "v_q": []}
+    replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q_n": [], "k_q": [], "v_q": []}
     for i, e in enumerate(edges):
         _, channel, head = g.receiver_info(int(g.edge_receiver[e]))
-        source = head if channel == "q" else head // runner.group  # k/v: the weights of the head's group
-        weight = {"q": runner.W_Q, "k": runner.W_K, "v": runner.W_V}[channel][layer, source]
-        bias = {"q": runner.b_Q, "k": runner.b_K, "v": runner.b_V}[channel][layer, source]
-        replacements["q" if channel == "q" else f"{channel}_q"].append((i, head, x[i] @ weight + bias))
+        copies = x[i].unsqueeze(2).expand(-1, -1, runner.n_heads, -1)  # the altered input, as every head would read it
+        value = ctx.edge_runner.project(layer, channel, copies)[:, :, head]
+        replacements["q_n" if channel == "q" else f"{channel}_q"].append((i, head, value))
     hooks = {}
     for key, items in replacements.items():
         if not items:

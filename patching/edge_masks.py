@@ -47,7 +47,7 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
             continue
         receiver = g.mlp_receiver(layer)
         x_mlp = inputs(corrupt.resid_mid[layer], g.senders_before(receiver), slice(receiver, receiver + 1))[:, :, :, 0]
-        mlp_out = r.mlp[layer](r.ln2[layer](x_mlp))  # [C, b, p, d]
+        mlp_out = r.mlp_block(layer, x_mlp)  # [C, b, p, d]
         idx = g.mlp_sender(layer)
         blocks.append((mlp_out - corrupt_senders[idx].unsqueeze(0)).unsqueeze(1))
     last = g.logits_receiver

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
 from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge
+from circuitlab.patching.forward_parts import rms_post_share
 from circuitlab.patching.runner import Runner, RunState
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
@@ -72,9 +73,14 @@ class ComputationalGraph:
 
     @classmethod
     def from_model(cls, model: Any) -> ComputationalGraph:
-        cfg = model.cfg
-        return cls(cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads, bool(cfg.attn_only),
-                   bool(getattr(cfg, "parallel_attn_mlp", False)))
+        from circuitlab.patching.architecture import describe
+
+        return cls.from_architecture(describe(model))
+
+    @classmethod
+    def from_architecture(cls, arch: Any) -> ComputationalGraph:
+        """The graph of an `architecture.Architecture` (the one place topology comes from)."""
+        return cls(arch.n_layers, arch.n_heads, arch.n_kv, arch.attn_only, arch.parallel)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
@@ -164,31 +170,69 @@ class EdgeRunner:
 
     def __init__(self, model: Any, runner: Runner | None = None) -> None:
         self.runner = runner or Runner(model)
-        self.graph = ComputationalGraph.from_model(model)
+        self.arch = self.runner.arch
+        self.graph = ComputationalGraph.from_architecture(self.arch)
+        self.available = getattr(self.runner, "backend", "fast") == "fast"
+        if not self.available:
+            return
         group = self.graph.group  # per-query-head copies of the key/value weights (grouped-query attention)
-        self.W_K = self.runner.W_K.repeat_interleave(group, dim=1)
-        self.W_V = self.runner.W_V.repeat_interleave(group, dim=1)
-        self.b_K = self.runner.b_K.repeat_interleave(group, dim=1)
-        self.b_V = self.runner.b_V.repeat_interleave(group, dim=1)
+        r = self.runner
+        self._weights = {"q": (r.W_Q, r.b_Q), "k": (r.W_K.repeat_interleave(group, dim=1), r.b_K.repeat_interleave(group, dim=1)),
+                         "v": (r.W_V.repeat_interleave(group, dim=1), r.b_V.repeat_interleave(group, dim=1))}
+        self._full = {"q": (r.W_Q, r.b_Q), "k": (r.W_K, r.b_K)}
+        self._head_index = {"q": torch.arange(r.n_heads), "k": torch.arange(r.n_heads) // group}
+
+    def require(self) -> None:
+        """Edge methods read every receiver's own input: the fast runner computes them, the hook backend cannot."""
+        if not self.available:
+            raise ValueError(f"{self.arch.name} runs on the exact hook backend (the fast runner does not reproduce "
+                             "it), whose hooks do not expose per-receiver inputs: edge patching, EAP, EAP-IG, ACDC "
+                             "and faithfulness are not available for it; activation and path patching are")
+
+    def project(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Normalized per-query-head inputs [b, p, H, d_model] to that head's q, k or v [b, p, H, d_head]
+        (query/key norms included; a norm over all heads, as OLMo-2's, sees each copy's full projection)."""
+        r = self.runner
+        if kind == "v" or self.arch.qk_norm != "full":
+            weight, bias = self._weights[kind]
+            out = torch.einsum("bphm,hmd->bphd", x, weight[layer]) + bias[layer]
+            return out if kind == "v" else r.norm_qk(layer, kind, out)
+        weight, bias = self._full[kind]
+        full = r.norm_qk(layer, kind, torch.einsum("bphm,nmd->bphnd", x, weight[layer]) + bias[layer])
+        heads = torch.arange(r.n_heads, device=x.device)
+        return full[:, :, heads, self._head_index[kind].to(x.device)]
+
+    def shares(self, layer: int, head_out: Tensor) -> Tensor:
+        """Each head's contribution to the stream [b, p, H, d_model]: z_h W_O, or with a post-attention norm
+        (Gemma-2/3, OLMo-2) its exact share of the normed output at this run's norm scale."""
+        r = self.runner
+        if not self.arch.post_attn_norm:
+            return head_out
+        if self.arch.norm != "RMS" or bool(r.b_O[layer].abs().max() > 0):
+            raise ValueError(f"{self.arch.name}: a post-attention {self.arch.norm} norm with attention biases does "
+                             "not split into per-head edges; use activation or path patching on this model")
+        return rms_post_share(r.post1[layer], head_out.sum(2), head_out)
+
+    def attn_total(self, layer: int, shares: Tensor) -> Tensor:
+        """The attention layer's contribution to the stream from its head shares."""
+        return shares.sum(2) + (0.0 if self.arch.post_attn_norm else self.runner.b_O[layer])
 
     def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
-        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head outputs [b, p, H, d_model]."""
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model]."""
         r, g = self.runner, self.graph
         xn = r.ln1[layer](x)
         xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
-        q = torch.einsum("bphm,hmd->bphd", xq, r.W_Q[layer]) + r.b_Q[layer]
-        k = torch.einsum("bphm,hmd->bphd", xk, self.W_K[layer]) + self.b_K[layer]
-        v = torch.einsum("bphm,hmd->bphd", xv, self.W_V[layer]) + self.b_V[layer]
-        z = r.attend(layer, q, k, v)
-        return r.head_outputs(layer, z)
+        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv))
+        return self.shares(layer, r.head_outputs(layer, z))
 
     def from_run(self, state: RunState) -> GraphActivations:
         """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
+        self.require()
         r, g = self.runner, self.graph
         senders = [state.resid_pre[0]]
         mid = []
         for layer in range(r.n_layers):
-            senders += list(r.head_outputs(layer, state.acts[("z", layer)]).unbind(2))
+            senders += list(self.shares(layer, r.head_outputs(layer, state.acts[("z", layer)])).unbind(2))
             if r.attn_only:
                 mid.append(state.resid_pre[layer + 1] if layer + 1 < r.n_layers else state.resid_final)
                 continue
@@ -201,6 +245,7 @@ class EdgeRunner:
               ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
         """A normal forward in graph form. With `leaves`, every receiver input gets a zero leaf whose
         gradient is d(metric)/d(receiver input). Returns (activations, final resid, leaves)."""
+        self.require()
         r, g = self.runner, self.graph
         resid = r.embed(tokens) if embed is None else embed
         batch, seq, dm = resid.shape
@@ -216,7 +261,7 @@ class EdgeRunner:
                 x = x + leaf
             head_out = self._attn_from_inputs(layer, x)
             senders += list(head_out.unbind(2))
-            attn_total = head_out.sum(2) + r.b_O[layer]
+            attn_total = self.attn_total(layer, head_out)
             if r.attn_only:
                 resid = resid + attn_total
                 mid.append(resid)
@@ -227,7 +272,7 @@ class EdgeRunner:
                 leaf = torch.zeros_like(mlp_in, requires_grad=True)
                 grads["mlp"].append(leaf)
                 mlp_in = mlp_in + leaf
-            mlp_out = r.mlp[layer](r.ln2[layer](mlp_in))
+            mlp_out = r.mlp_block(layer, mlp_in)
             senders.append(mlp_out)
             resid = resid + attn_total + mlp_out
         final = resid
@@ -272,7 +317,7 @@ class EdgeRunner:
             receiver = g.mlp_receiver(layer)
             n_mlp = g.senders_before(receiver)
             x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
-            mlp_out = r.mlp[layer](r.ln2[layer](x_mlp))
+            mlp_out = r.mlp_block(layer, x_mlp)
             idx = g.mlp_sender(layer)
             deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
         last = g.logits_receiver

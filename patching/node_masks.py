@@ -75,13 +75,13 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
     for layer in range(r.n_layers):
         x = r.ln1[layer](resid)
         q, k, v = r.project_q(layer, x), r.project_k(layer, x), r.project_v(layer, x)
-        heads = r.head_outputs(layer, r.attend(layer, q, k, v))  # [C*b, p, H, d]
-        attn = mix(heads, g.head_sender(layer, 0), g.n_heads).sum(2) + r.b_O[layer]
+        heads = er.shares(layer, r.head_outputs(layer, r.attend(layer, q, k, v)))  # [C*b, p, H, d]
+        attn = er.attn_total(layer, mix(heads, g.head_sender(layer, 0), g.n_heads))
         if r.attn_only:
             resid = resid + attn
             continue
         mlp_in = resid if r.parallel else resid + attn
-        mlp = mix(r.mlp[layer](r.ln2[layer](mlp_in)).unsqueeze(2), g.mlp_sender(layer), 1)[:, :, 0]
+        mlp = mix(r.mlp_block(layer, mlp_in).unsqueeze(2), g.mlp_sender(layer), 1)[:, :, 0]
         resid = resid + attn + mlp
     return resid
 

@@ -216,9 +216,12 @@ def _replace_hook(mask: Tensor, src: Tensor, n: int, batch: int):
 
 def _receiver_hook(runner: Any, channel: str, layer: int, heads: list[int], resid: Tensor, recv_mask: Tensor,
                    n: int, batch: int):
-    x = runner.ln1[layer](resid)
-    project = {"q": runner.project_q, "k": runner.project_k, "v": runner.project_v}[channel]
-    alt = project(layer, x)  # [n*B, seq, heads, d_head]
+    if hasattr(runner, "receiver_values"):  # the hook backend: the bridge computes them from the stream
+        alt = runner.receiver_values(channel, layer, resid)
+    else:
+        project = {"q": runner.project_q, "k": runner.project_k, "v": runner.project_v}[channel]
+        # q: the `q` site (before any query norm); k/v: as the query head reads them (after any key norm)
+        alt = project(layer, runner.ln1[layer](resid), **({"normed": False} if channel == "q" else {}))
     if channel != "q":  # per query head: expand the key/value heads to the query heads that read them
         alt = alt.repeat_interleave(runner.group, dim=2)
     head_mask = torch.zeros(alt.shape[2], dtype=torch.bool, device=alt.device)

@@ -18,13 +18,16 @@ window of positions and returns the (possibly edited) activation.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from circuitlab.patching.architecture import describe
+from circuitlab.patching.forward_parts import (UnsupportedModelError, block_norms, make_rope, mlp_module, original,
+                                               qk_norms)
 
 Hook = Callable[[Tensor], Tensor]
 
@@ -40,8 +43,7 @@ def _get(model: Any, name: str, shape: tuple[int, ...]) -> Tensor:
     return value.detach()
 
 
-def _original(module: Any) -> Any:
-    return getattr(module, "_original_component", module)
+_original = original
 
 
 @dataclass
@@ -63,17 +65,16 @@ class RunState:
     resid_final: Tensor | None = None
 
 
-class UnsupportedModelError(ValueError):
-    """The fast engine cannot reproduce this architecture's forward pass exactly."""
-
-
 class Runner:
     """Layer-, position- and readout-restricted forward passes over a TransformerBridge's weights."""
 
-    def __init__(self, model: Any, *, check: bool = True, atol: float = 1e-3) -> None:
+    backend = "fast"
+
+    def __init__(self, model: Any, *, check: bool = True, atol: float | None = None) -> None:
         cfg = model.cfg
         self.model = model
         self.cfg = cfg
+        self.arch = arch = describe(model)
         self.n_layers: int = cfg.n_layers
         self.n_heads: int = cfg.n_heads
         self.d_head: int = cfg.d_head
@@ -81,13 +82,10 @@ class Runner:
         self.n_kv: int = cfg.n_key_value_heads or cfg.n_heads
         self.group: int = self.n_heads // self.n_kv
         self.attn_only: bool = bool(cfg.attn_only)
-        self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False))
-        self.causal: bool = (getattr(cfg, "attention_dir", "causal") or "causal") == "causal"
-        for flag in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln"):
-            if getattr(cfg, flag, False):
-                raise UnsupportedModelError(f"{cfg.architecture}: {flag} is not supported by the fast engine")
-        if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
-            raise UnsupportedModelError(f"{cfg.architecture}: soft-capped attention/logits are not supported")
+        self.parallel: bool = arch.parallel
+        self.causal: bool = arch.causal
+        if getattr(cfg, "post_embedding_ln", False):
+            raise UnsupportedModelError(f"{cfg.architecture}: a norm after the embeddings is not in the fast engine")
         L, H, K, dm, dh = self.n_layers, self.n_heads, self.n_kv, self.d_model, self.d_head
         self.W_Q = _get(model, "W_Q", (L, H, dm, dh))
         self.W_K = _get(model, "W_K", (L, K, dm, dh))
@@ -100,20 +98,22 @@ class Runner:
         self.W_U = _get(model, "W_U", (dm, cfg.d_vocab_out if cfg.d_vocab_out > 0 else cfg.d_vocab))
         self.b_U = _get(model, "b_U", (self.W_U.shape[1],))
         self.W_E = model.W_E.detach()
-        self.standard_pos = (cfg.positional_embedding_type or "standard").lower() == "standard"
+        self.standard_pos = arch.positional == "learned"
         self.W_pos = model.W_pos.detach() if self.standard_pos else None
         # Flattened projections: one matmul per layer instead of one per head.
         self._wq = self.W_Q.permute(0, 2, 1, 3).reshape(L, dm, H * dh)
         self._wk = self.W_K.permute(0, 2, 1, 3).reshape(L, dm, K * dh)
         self._wv = self.W_V.permute(0, 2, 1, 3).reshape(L, dm, K * dh)
         self._wo = self.W_O.reshape(L, H * dh, dm)
-        self.ln1 = [_original(block.ln1) for block in model.blocks]
-        self.ln2 = [None if self.attn_only else _original(block.ln2) for block in model.blocks]
-        self.mlp = [None if self.attn_only else _original(block.mlp) for block in model.blocks]
+        norms = block_norms(model, arch)
+        self.ln1, self.ln2 = norms["ln1"], [None if self.attn_only else n for n in norms["ln2"]]
+        self.post1, self.post2 = norms["post1"], norms["post2"]
+        self.q_norm, self.k_norm = qk_norms(model, arch)
+        self.mlp = [None if self.attn_only else mlp_module(block) for block in model.blocks]
         self.ln_final = _original(model.ln_final)
         self.attn_modules = [_original(block.attn) for block in model.blocks]
         self.scale = self._attention_scale()
-        self._rope = self._make_rope()
+        self._rope = make_rope(model, arch, self.attn_modules)
         if check:
             self.check(atol=atol)
 
@@ -128,49 +128,45 @@ class Runner:
             return 1.0 / float(attn.scale)
         return 1.0 / math.sqrt(self.d_head)
 
-    def _make_rope(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-        if self.standard_pos or (self.cfg.positional_embedding_type or "").lower() != "rotary":
-            if not self.standard_pos:
-                raise UnsupportedModelError(
-                    f"{self.cfg.architecture}: positional embedding {self.cfg.positional_embedding_type!r} unsupported")
-            return None
-        attn = self.attn_modules[0]
-        native_rotary = getattr(attn, "rotary", None)
-        if native_rotary is not None and hasattr(native_rotary, "apply_rope"):
-            return lambda q, k, pos: native_rotary.apply_rope(q, k, position_ids=pos)
-        rotary = None
-        for name, module in self.model.original_model.named_modules():
-            if name.endswith("rotary_emb"):
-                rotary = _original(module)
-                break
-        apply = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
-        if rotary is None or apply is None:
-            raise UnsupportedModelError(f"{self.cfg.architecture}: cannot find its rotary embedding")
-
-        def rope(q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-            cos, sin = rotary(q, pos)
-            return apply(q, k, cos, sin)
-
-        return rope
-
     # ------------------------------------------------------------------ pieces of the forward pass
     def embed(self, tokens: Tensor) -> Tensor:
         """The residual stream entering block 0 (token plus learned positional embedding)."""
         resid = self.W_E[tokens]
+        if self.arch.embed_scale != 1.0:  # Gemma: embeddings times sqrt(d_model), in the model's dtype
+            resid = resid * torch.tensor(self.arch.embed_scale, dtype=resid.dtype)
         if self.W_pos is not None:
-            resid = resid + self.W_pos[: tokens.shape[1]]
+            offset = self.arch.pos_offset  # OPT keeps two unused rows before position 0
+            resid = resid + self.W_pos[offset: offset + tokens.shape[1]]
         return resid
 
     def unembed(self, resid: Tensor) -> Tensor:
-        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U)."""
-        return self.ln_final(resid) @ self.W_U + self.b_U
+        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U, then any soft-cap)."""
+        logits = self.ln_final(resid) @ self.W_U + self.b_U
+        cap = self.arch.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
-    def project_q(self, layer: int, x: Tensor) -> Tensor:
+    def norm_qk(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Apply the layer's query or key norm to projections [..., heads, d_head] (identity without)."""
+        norm = (self.q_norm if kind == "q" else self.k_norm)[layer]
+        if norm is None:
+            return x
+        if self.arch.qk_norm == "head":
+            return norm(x)
+        return norm(x.reshape(*x.shape[:-2], -1)).view(x.shape)
+
+    def mlp_block(self, layer: int, x: Tensor) -> Tensor:
+        """The MLP's contribution to the residual stream from the stream it reads (norms included)."""
+        return self.post2[layer](self.mlp[layer](self.ln2[layer](x)))
+
+    def project_q(self, layer: int, x: Tensor, normed: bool = True) -> Tensor:
         """Pre-rotary queries [batch, pos, head, d_head] from a normalized residual [batch, pos, d_model]."""
-        return (x @ self._wq[layer]).view(*x.shape[:-1], self.n_heads, self.d_head) + self.b_Q[layer]
+        q = (x @ self._wq[layer]).view(*x.shape[:-1], self.n_heads, self.d_head) + self.b_Q[layer]
+        return self.norm_qk(layer, "q", q) if normed else q
 
-    def project_k(self, layer: int, x: Tensor) -> Tensor:
-        return (x @ self._wk[layer]).view(*x.shape[:-1], self.n_kv, self.d_head) + self.b_K[layer]
+    def project_k(self, layer: int, x: Tensor, normed: bool = True) -> Tensor:
+        """Keys [batch, pos, kv_head, d_head]; `normed=False` stops before any key norm (the `k` site)."""
+        k = (x @ self._wk[layer]).view(*x.shape[:-1], self.n_kv, self.d_head) + self.b_K[layer]
+        return self.norm_qk(layer, "k", k) if normed else k
 
     def project_v(self, layer: int, x: Tensor) -> Tensor:
         return (x @ self._wv[layer]).view(*x.shape[:-1], self.n_kv, self.d_head) + self.b_V[layer]
@@ -186,8 +182,8 @@ class Runner:
                   hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
         """One attention layer over the window [pos0, pos0 + len); returns attn_out [batch, len, d_model]."""
         batch, length, _ = x_q.shape
-        q = self.project_q(layer, x_q)
-        k = self.project_k(layer, x_k)
+        q = self.project_q(layer, x_q, normed=False)  # the q/k sites are before any query/key norm
+        k = self.project_k(layer, x_k, normed=False)
         v = self.project_v(layer, x_v)
         if ("q", layer) in hooks:
             q = hooks[("q", layer)](q)
@@ -199,6 +195,9 @@ class Runner:
             for kind, act in (("q", q), ("k", k), ("v", v)):
                 if (kind, layer) in state.acts:
                     state.acts[(kind, layer)] = act
+        q, k = self.norm_qk(layer, "q", q), self.norm_qk(layer, "k", k)
+        if ("q_n", layer) in hooks:  # queries as each head reads them (after any query norm)
+            q = hooks[("q_n", layer)](q)
         if ("k_q", layer) in hooks or ("v_q", layer) in hooks:
             # Keys/values as each query head reads them ([b, p, head, d]): a per-query-head edit of a shared
             # key/value head (grouped-query attention) leaves the group's other query heads untouched.
@@ -226,7 +225,7 @@ class Runner:
         k = k.transpose(1, 2)
         v = v.transpose(1, 2)
         if self._rope is not None:
-            q, k = self._rope(q, k, self._positions(batch, pos0, length, q.device))
+            q, k = self._rope(q, k, self._positions(batch, pos0, length, q.device), layer)
         if past is not None and pos0 > 0:
             k_past, v_past = past.keys[layer], past.values[layer]
             if k_past.shape[1] != k.shape[1]:
@@ -245,10 +244,15 @@ class Runner:
         qg = q.reshape(batch, n_kv, group, length, self.d_head)
         scores = torch.einsum("bkgqd,bksd->bkgqs", qg, k) * self.scale
         scores = scores.reshape(batch, self.n_heads, length, total)
+        if self.arch.attn_softcap is not None:
+            scores = self.arch.attn_softcap * torch.tanh(scores / self.arch.attn_softcap)
         query_pos = torch.arange(pos0, pos0 + length, device=q.device)[:, None]
         key_pos = torch.arange(total, device=q.device)[None, :]
         if self.causal:
             scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+            window = self.arch.sliding_window[layer]
+            if window is not None:
+                scores = scores.masked_fill(key_pos <= query_pos - window, float("-inf"))
         elif pos0 > 0:
             raise ValueError("bidirectional attention: later positions change earlier ones; run from position 0")
         pattern = torch.softmax(scores, dim=-1)
@@ -279,7 +283,7 @@ class Runner:
                 if state is not None:
                     state.resid_pre[layer] = resid
                 x = self.ln1[layer](resid)
-                attn_out = self.attention(layer, x, x, x, pos0, past, hooks, state)
+                attn_out = self.post1[layer](self.attention(layer, x, x, x, pos0, past, hooks, state))
                 if ("attn_out", layer) in hooks:
                     attn_out = hooks[("attn_out", layer)](attn_out)
                 if state is not None and ("attn_out", layer) in state.acts:
@@ -304,7 +308,7 @@ class Runner:
         return resid
 
     def _mlp(self, layer: int, x: Tensor, hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
-        out = self.mlp[layer](x)
+        out = self.post2[layer](self.mlp[layer](x))
         if ("mlp_out", layer) in hooks:
             out = hooks[("mlp_out", layer)](out)
         if state is not None and ("mlp_out", layer) in state.acts:
@@ -331,8 +335,12 @@ class Runner:
         """Full logits [batch, pos, vocab], equal to the bridge's forward."""
         return self.unembed(self.full_run(tokens).resid_final)
 
-    def check(self, atol: float = 1e-3) -> None:
-        """Compare our logits with the bridge's on a probe input; raise UnsupportedModelError on mismatch."""
+    def check(self, atol: float | None = None) -> None:
+        """Compare our logits with the bridge's on a probe input; raise UnsupportedModelError on mismatch.
+
+        The tolerance (relative to the largest |logit|) depends on the dtype: 1e-3 for float32/64, 2e-2 for
+        float16 and 6e-2 for bfloat16, whose 8-bit mantissa rounds differently in a differently ordered sum."""
+        atol = tolerance(self.W_E.dtype) if atol is None else atol
         vocab = self.W_E.shape[0]
         length = max(1, min(8, int(self.cfg.n_ctx)))
         tokens = torch.arange(1, length + 1, device=self.W_E.device).remainder(vocab).unsqueeze(0)
@@ -340,9 +348,14 @@ class Runner:
         with torch.no_grad():
             ours = self.logits(tokens)
             theirs = self.model(tokens)
-        diff = (ours - theirs).abs().max().item()
-        scale = max(1.0, theirs.abs().max().item())
+        diff = (ours.float() - theirs.float()).abs().max().item()
+        scale = max(1.0, theirs.float().abs().max().item())
         if not math.isfinite(diff) or diff > atol * scale:
             raise UnsupportedModelError(
-                f"the fast engine does not reproduce {self.cfg.architecture} exactly (max |logit diff| {diff:.3g}); "
-                "use the hook-based reference functions or report the architecture")
+                f"the fast runner does not reproduce {self.cfg.architecture} exactly (max |logit diff| {diff:.3g} > "
+                f"{atol:g} x {scale:.3g})")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Self-check tolerance of the fast runner for a dtype (relative to the largest |logit|)."""
+    return {torch.float16: 2e-2, torch.bfloat16: 6e-2}.get(dtype, 1e-3)

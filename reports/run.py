@@ -64,10 +64,24 @@ class Pipeline:
 
             model, pairs = self.model(), self.pairs()
             size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
-            self._contexts["batches"] = Batches(model, self.task, pairs, batch_size=size)
+            self._contexts["batches"] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
             n_batches = -(-len(pairs) // size)
             self.say(f"  {len(pairs)} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
         return self._contexts["batches"]
+
+    def runner(self) -> Any:
+        """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
+        if "runner" not in self._contexts:
+            from circuitlab.patching.engine import make_runner
+
+            self._contexts["runner"] = make_runner(self.model())
+        return self._contexts["runner"][0]
+
+    def engine(self) -> dict[str, Any]:
+        """Which backend runs this model and why, with the architecture description (for run.json)."""
+        runner = self.runner()
+        _, backend, reason = self._contexts["runner"]
+        return {"backend": backend, "reason": reason, "architecture": runner.arch.as_dict()}
 
     def head_and_mlp_kinds(self) -> list[str]:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
@@ -118,7 +132,8 @@ def _pairs(p: Pipeline, pairs: Any) -> dict[str, Any]:
             "attn_only": bool(getattr(model.cfg, "attn_only", False)),
             "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
             "architecture": str(getattr(model.cfg, "architecture", "")),
-            "has_tokenizer": model.tokenizer is not None, "position_labels": _position_labels(model, pairs)}
+            "has_tokenizer": model.tokenizer is not None, "position_labels": _position_labels(model, pairs),
+            "engine": p.engine()}
     return {"pairs": pairs, "model": meta}
 
 

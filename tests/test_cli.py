@@ -285,7 +285,7 @@ def test_smollm2_ioi_run(tmp_path):
     assert record["model"]["n_layers"] == 30 and record["model"]["n_key_value_heads"] == 3
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
     assert len(scores[(scores["method"] == "activation") & (scores["component"] == "z")]) == 270
-    assert len(scores[scores["component"] == "edge"]) == 70651
+    assert len(scores[scores["component"] == "edge"]) == 123211  # per-query-head keys/values (patching.edges)
     roles = pd.read_csv(out / "roles.csv", keep_default_na=False)
     assert {"name_mover", "induction"} & set(roles["role"])
     html = (out / "report.html").read_text()

@@ -184,14 +184,13 @@ def test_report_graph_keeps_parallel_blocks():
 
     meta = {"n_layers": 2, "n_heads": 4, "n_key_value_heads": 4, "attn_only": False, "parallel_attn_mlp": True}
 
-    class Cache:
-        def load_json(self, name):
-            return meta
+    class Result:
+        model = meta
 
-    class FakeRun:
-        cache = Cache()
+    class FakePipeline:
+        result = Result()
 
-    graph = run_module._graph(FakeRun())
+    graph = run_module.Pipeline.graph(FakePipeline())
     assert graph.parallel
     assert graph.n_edges == ComputationalGraph(2, 4, 4, False, True).n_edges
 

@@ -73,7 +73,7 @@ def test_edge_patching_full_and_empty_graph(smollm2, ioi):
     task, pairs = ioi
     small = pairs.subset(range(3))
     ctx = prepare_edges(smollm2, task, small)
-    assert ctx.graph.n_edges == 70651  # 30 layers x (9 q + 3 k + 3 v heads + MLP) receivers, plus logits
+    assert ctx.graph.n_edges == 123211  # 30 layers x (9 q + 9 k + 9 v per query head + MLP) receivers, plus logits
     values = evaluate_edge_masks(ctx, torch.stack([torch.ones(ctx.graph.n_edges), torch.zeros(ctx.graph.n_edges)]))
     with torch.no_grad():
         clean = task.metric(smollm2(small.clean_tokens), small)
