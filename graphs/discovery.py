@@ -85,6 +85,8 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     ctx = context or prepare_edges(model, task, pairs)
     if context is None and opts.ablation:
         ctx = ablated_context(ctx, opts.ablation)
+    elif opts.ablation and hasattr(context, "with_ablation"):  # prompt batches: means over the whole dataset
+        ctx = context.with_ablation(opts.ablation)
     start = time.perf_counter()
     edges, nodes = score(method, model, task, pairs, ctx, opts)
     seconds = time.perf_counter() - start

@@ -99,6 +99,7 @@ class EngineContext:
         self.clean_run, self.corrupt_run = clean_run, corrupt_run
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
+        self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
 
     # ------------------------------------------------------------------ what every method reads
     @property

@@ -9,7 +9,8 @@ from circuitlab.patching.acdc import acdc
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores, oracle_check
 from circuitlab.patching.batched import Batches, batch_size_for, bytes_per_prompt
-from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
+from circuitlab.graphs.discovery import discover
+from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.path import path_patching
 from circuitlab.tasks import Task
@@ -71,8 +72,26 @@ def test_activation_and_path_patching_equal_one_batch(data):
         assert list(many["layer"]) == list(one["layer"]) and list(many["position"]) == list(one["position"])
     kwargs = dict(senders=["a0.h0", ["a0.h1", "a1.h2"]], receivers=["a2.h0"], channel="v", receiver_positions="END")
     _close(batched.path_patching(**kwargs)["effect"], path_patching(model, task, pairs, **kwargs)["effect"])
-    with pytest.raises(ValueError, match="mean ablation"):
-        batched.activation_patching("z", config=PatchingConfig(source="mean"))
+
+
+
+def test_mean_ablation_takes_the_mean_over_every_batch(data):
+    """Mean ablation over batches of 2 uses the dataset's per-position means (two passes), as one batch does."""
+    model, task, pairs, batched = data
+    for component, positions, direction in (("z", "all", "noise"), ("pattern", ["END"], "denoise"),
+                                            ("resid_pre", "each", "noise")):
+        config = PatchingConfig(source="mean", direction=direction)
+        one = activation_patching(model, task, pairs, component, positions=positions, config=config)
+        many = batched.activation_patching(component, positions=positions, config=config)
+        _close(many["metric"], one["metric"])
+    ablated = ablated_context(prepare_edges(model, task, pairs), "mean")
+    mean_batches = batched.with_ablation("mean")
+    _close(mean_batches.baseline()[1], ablated.corrupt_values)
+    _close(mean_batches.eap(), eap_scores(ablated))
+    masks = (torch.rand(2, ablated.graph.n_edges, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    _close(mean_batches.evaluate_edge_masks(masks), evaluate_edge_masks(ablated, masks))
+    found = discover(model, task, pairs, "eap", context=batched, ablation="mean")
+    _close(found.edge_scores.scores, eap_scores(ablated))
 
 
 def test_batch_size_follows_the_memory_budget(data):
