@@ -87,7 +87,7 @@ class Pipeline:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
-        from circuitlab.patching.edges import ComputationalGraph
+        from circuitlab.patching.topology import ComputationalGraph
 
         return ComputationalGraph.from_meta(self.result.model)
 

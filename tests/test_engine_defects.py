@@ -8,7 +8,8 @@ import torch
 
 from circuitlab.patching.attribution import exact_edge_scores
 from circuitlab.patching.components import hook_name
-from circuitlab.patching.edges import ComputationalGraph, prepare_edges
+from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.models import boot_native_model
 from tests.toy import ToyTask, toy_pairs
 
