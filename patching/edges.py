@@ -97,7 +97,7 @@ class EdgeRunner:
     def from_run(self, state: RunState) -> GraphActivations:
         """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
         self.require()
-        r, g = self.runner, self.graph
+        r = self.runner
         senders = [state.resid_pre[0]]
         mid = []
         for layer in range(r.n_layers):

@@ -231,7 +231,7 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.reports.roles import detect_roles
+    from circuitlab.graphs.roles import detect_roles
 
     return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}

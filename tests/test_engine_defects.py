@@ -157,7 +157,7 @@ def test_parallel_block_mlp_edge_scores_equal_bridge_hooks(neox):
 
 def test_dla_centres_the_final_layernorm():
     """Direct logit attribution equals TransformerLens's apply_ln_to_stack on an LN model."""
-    from circuitlab.graphs.roles import IOIPrompts, ioi_head_scores
+    from circuitlab.graphs.role_scores import IOIPrompts, ioi_head_scores
     from tests.conftest import TINY_CONFIG
 
     model = boot_native_model(TINY_CONFIG)
