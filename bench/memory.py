@@ -14,6 +14,7 @@ no role detection, 20 oracle edges) so that n=256 finishes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -23,11 +24,11 @@ from pathlib import Path
 
 
 def run_once(n: int, args: argparse.Namespace, out: Path) -> tuple[float, float, int]:
-    """(peak resident MB, wall seconds, exit code) of one `circuitlab run` with `--n n`."""
+    """(peak resident MB, wall seconds, exit code) of one `circuitlab run` with `--n n`, in a fresh process."""
     cmd = [sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "ioi", "--model", args.model,
            "--method", "eap-ig", "--n", str(n), "--memory-budget", str(args.memory_budget), "--steps", str(args.steps),
            "--positions", "END", "--resid-positions", "none", "--no-roles", "--oracle-edges", str(args.oracle_edges),
-           "--n-boot", "100", "--percents", "1,10,100", "--threads", str(args.threads), "--quiet", "--out", str(out)]
+           "--n-boot", "100", "--percents", args.percents, "--threads", str(args.threads), "--quiet", "--out", str(out)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -46,7 +47,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--memory-budget", type=float, default=1024.0, help="MB, the same for every run")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps")
-    parser.add_argument("--oracle-edges", type=int, default=20)
+    parser.add_argument("--oracle-edges", type=int, default=20, help="0 skips the oracle stage")
+    parser.add_argument("--percents", default="1,10,100", help="faithfulness curve points (% of edges)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
@@ -57,7 +59,10 @@ def main() -> None:
             if code != 0:
                 sys.exit(f"circuitlab run --n {n} failed with exit code {code}")
             results[n] = (peak, wall)
-            print(f"n={n:4d}  peak_rss_mb={peak:8.0f}  wall_s={wall:7.1f}  s_per_pair={wall / n:6.2f}", flush=True)
+            record = json.loads((Path(tmp) / f"n{n}" / "run.json").read_text())
+            stages = " ".join(f"{k}={v:.0f}" for k, v in record.get("timings", {}).items())
+            print(f"n={n:4d}  peak_rss_mb={peak:8.0f}  wall_s={wall:7.1f}  s_per_pair={wall / n:6.2f}  "
+                  f"stage_s: {stages}", flush=True)
     lo, hi = min(ns), max(ns)
     print(f"budget {args.memory_budget:.0f} MB; time ratio n={hi}/n={lo}: {results[hi][1] / results[lo][1]:.2f} "
           f"(n ratio {hi / lo:.0f})")

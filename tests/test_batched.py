@@ -99,3 +99,41 @@ def test_batch_size_follows_the_memory_budget(data):
     per = bytes_per_prompt(model, pairs.seq_len)
     assert batch_size_for(model, pairs, 10 * per / 2**20) == 10
     assert batch_size_for(model, pairs, 1e-6) == 1
+
+
+def test_ioi_role_scores_equal_one_batch(data):
+    """IOI head scores and the backup-name-mover ablation (means over every prompt, layer by layer) in batches
+    of 2 equal one forward over all prompts with the means taken inside it (the reference hook below)."""
+    import json
+
+    from circuitlab.graphs.role_scores import final_norm_scale
+    from circuitlab.graphs.roles import IOIPrompts, RoleThresholds, detect_backup_name_movers, ioi_head_scores
+    from circuitlab.patching.components import hook_name
+
+    model, _, pairs, _ = data
+    prompts = IOIPrompts(pairs.clean_tokens, pairs.positions, pairs.answer_ids, pairs.wrong_ids)
+    one, many = ioi_head_scores(model, prompts), ioi_head_scores(model, prompts, batch_size=2)
+    cols = [c for c in one.columns if c.startswith(("attn_", "dla_"))]
+    _close(many[cols].to_numpy(), one[cols].to_numpy())
+    movers = {0: [1], 1: [2, 3]}  # two layers: the second layer's mean is taken with the first ablated
+    rows, end = torch.arange(len(pairs)), pairs.positions["END"].long()
+
+    def in_forward_mean(heads):
+        def hook(z, hook):
+            z = z.clone()
+            at_end = z[rows, end]
+            at_end[:, heads] = at_end[:, heads].mean(0, keepdim=True)
+            z[rows, end] = at_end
+            return z
+        return hook
+
+    reference = ioi_head_scores(model, prompts, final_scale=final_norm_scale(model, prompts),
+                                fwd_hooks=[(hook_name("z", layer), in_forward_mean(h)) for layer, h in movers.items()])
+    low = RoleThresholds(name_mover_attention=-1.0, name_mover_dla=-1e9, backup_dla_increase=-1e9)
+    found = detect_backup_name_movers(model, prompts, [(l, h) for l, hs in movers.items() for h in hs], low,
+                                      batch_size=2).sort_values(["layer", "head"])
+    assert len(found) == model.cfg.n_layers * model.cfg.n_heads - 3
+    expected = reference.set_index(["layer", "head"]).loc[list(zip(found["layer"], found["head"]))]
+    got = [json.loads(e) for e in found["evidence"]]
+    _close([e["dla_io_minus_s_ablated"] for e in got], expected["dla_io_minus_s"].to_numpy())
+    _close([e["attn_end_io_ablated"] for e in got], expected["attn_end_io"].to_numpy())
