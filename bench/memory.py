@@ -23,25 +23,52 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
-def run_once(n: int, args: argparse.Namespace, out: Path) -> tuple[float, float, float, int]:
-    """(peak resident MB, wall seconds, CPU seconds, exit code) of one `circuitlab run --n n`, in a fresh process."""
-    cmd = [sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "ioi", "--model", args.model,
+def command(n: int, args: argparse.Namespace, out: Path) -> list[str]:
+    """The `circuitlab run` command line for `--n n` (every other option the same for every n)."""
+    return [sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "ioi", "--model", args.model,
            "--method", "eap-ig", "--n", str(n), "--memory-budget", str(args.memory_budget), "--steps", str(args.steps),
            "--positions", args.positions, "--resid-positions", "none", "--no-roles", "--oracle-edges", str(args.oracle_edges),
            "--n-boot", "100", "--percents", args.percents, "--threads", str(args.threads), "--quiet", "--out", str(out)]
+
+
+def run_all(ns: list[int], args: argparse.Namespace, tmp: Path) -> dict[int, tuple[float, float, float]]:
+    """{n: (peak resident MB, wall s, CPU s)}: one fresh `circuitlab run` process per n, one after another (or all
+    at once with --parallel: peaks are per process either way; wall times then share the CPU, CPU times do not)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a full pipe would block the child
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
+    results: dict[int, tuple[float, float, float]] = {}
+    pending: dict[int, tuple[int, subprocess.Popen, float, Any]] = {}
+
+    def start(n: int) -> None:
+        errors = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(command(n, args, tmp / f"n{n}"), env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        pending[proc.pid] = (n, proc, time.perf_counter(), errors)
+
+    def finish() -> None:
+        pid, status, usage = os.wait4(-1, 0)  # ru_maxrss of that child alone, in KiB on Linux
+        n, proc, began, errors = pending.pop(pid)
+        wall, code = time.perf_counter() - began, os.waitstatus_to_exitcode(status)
         if code != 0:
             errors.seek(0)
             print(errors.read().decode(errors="replace")[-2000:], file=sys.stderr)
-    return usage.ru_maxrss / 1024.0, wall, usage.ru_utime + usage.ru_stime, code  # ru_maxrss is in KiB on Linux
+            sys.exit(f"circuitlab run --n {n} failed with exit code {code}")
+        errors.close()
+        peak, cpu = usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+        results[n] = (peak, wall, cpu)
+        record = json.loads((tmp / f"n{n}" / "run.json").read_text())
+        stages = " ".join(f"{k}={v:.0f}" for k, v in record.get("timings", {}).items())
+        print(f"n={n:4d}  peak_rss_mb={peak:8.0f}  wall_s={wall:7.1f}  cpu_s={cpu:7.1f}  cpu_s_per_pair={cpu / n:6.2f}  "
+              f"stage_wall_s: {stages}", flush=True)
+
+    for n in ns:
+        start(n)
+        if not args.parallel:
+            finish()
+    while pending:
+        finish()
+    return results
 
 
 def main() -> None:
@@ -54,24 +81,16 @@ def main() -> None:
     parser.add_argument("--percents", default="10,100", help="faithfulness curve points (%% of edges)")
     parser.add_argument("--positions", default="none", help="exact head/MLP patching positions (none skips it)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parallel", action="store_true", help="start every n at once (CPU times stay comparable)")
     args = parser.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
     print(f"circuitlab run --task ioi --model {args.model} --method eap-ig --memory-budget {args.memory_budget:.0f} "
           f"--steps {args.steps} --positions {args.positions} --resid-positions none --no-roles --oracle-edges "
           f"{args.oracle_edges} --n-boot 100 --percents {args.percents} --threads {args.threads} --n N", flush=True)
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in ns:
-            peak, wall, cpu, code = run_once(n, args, Path(tmp) / f"n{n}")
-            if code != 0:
-                sys.exit(f"circuitlab run --n {n} failed with exit code {code}")
-            results[n] = (peak, wall, cpu)
-            record = json.loads((Path(tmp) / f"n{n}" / "run.json").read_text())
-            stages = " ".join(f"{k}={v:.0f}" for k, v in record.get("timings", {}).items())
-            print(f"n={n:4d}  peak_rss_mb={peak:8.0f}  wall_s={wall:7.1f}  cpu_s={cpu:7.1f}  "
-                  f"cpu_s_per_pair={cpu / n:6.2f}  stage_wall_s: {stages}", flush=True)
+        results = run_all(ns, args, Path(tmp))
     lo, hi = min(ns), max(ns)
-    print(f"budget {args.memory_budget:.0f} MB; n ratio {hi / lo:.0f}: wall time ratio {results[hi][1] / results[lo][1]:.2f}, "
+    print(f"budget {args.memory_budget:.0f} MB{', runs in parallel' if args.parallel else ''}; n ratio {hi / lo:.0f}: wall time ratio {results[hi][1] / results[lo][1]:.2f}, "
           f"CPU time ratio {results[hi][2] / results[lo][2]:.2f} (both include ~the same fixed start-up: model load, "
           f"report)")
     print(f"peak_mb_{lo}={results[lo][0]:.0f} peak_mb_{hi}={results[hi][0]:.0f} "

@@ -117,7 +117,7 @@ def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: Discov
             ctx, steps=opts.steps, progress=opts.progress)
     elif method == "acdc":
         threshold = opts.acdc_threshold * (abs(gap) if opts.acdc_objective == "metric" else 1.0)
-        result = acdc(list(ctx.edge_contexts()) if batched else ctx, threshold, objective=opts.acdc_objective,
+        result = acdc(ctx, threshold, objective=opts.acdc_objective,
                       progress=opts.progress)
         values, kept = result.scores, result.kept.bool()
     else:

@@ -5,7 +5,7 @@ prompts into batches (each trimmed to its own longest prompt), builds one contex
 and adds up exact sums: per-prompt metrics are concatenated, means are weighted by batch size. The results
 equal the single-batch ones to float rounding (tested). Mean ablation takes its means over every prompt in a
 first pass (`Batches.means`, exact sums over batches). Only one batch's activations are alive at a time,
-except for ACDC, which revisits every batch at every step and keeps their contexts.
+ACDC too (it rebuilds each batch's context at every step).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class Batches:
     def acdc(self, threshold: float, *, objective: str = "kl", progress: bool = False) -> Any:
         from circuitlab.patching.acdc import acdc
 
-        return acdc(list(self.edge_contexts()), threshold, objective=objective, progress=progress)
+        return acdc(self, threshold, objective=objective, progress=progress)  # contexts rebuilt one batch at a time
 
     # ------------------------------------------------------------------ activation and path patching
     def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
