@@ -27,6 +27,7 @@ import transformer_lens.patching as tlp
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 from circuitlab.patching.models import load_model
+from circuitlab.patching.normalize import normalize
 from circuitlab.tasks import get_task
 
 
@@ -34,7 +35,7 @@ def _tl_metric(model, task, pairs):
     with torch.no_grad():
         clean = task.metric(model(pairs.clean_tokens), pairs).mean()
         corrupt = task.metric(model(pairs.corrupt_tokens), pairs).mean()
-    return lambda logits: (task.metric(logits, pairs).mean() - corrupt) / (clean - corrupt)
+    return lambda logits: normalize(task.metric(logits, pairs).mean(), clean, corrupt)
 
 
 def _tl_sweep(model, pairs, cache, metric, layer, by_pos):

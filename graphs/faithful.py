@@ -33,6 +33,7 @@ from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, edge
                                          select_by_faithfulness)
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.normalize import noising_share
 
 FAITHFUL_METHODS = ("single-effect", "eap", "eap-ig", "eap-edges", "eap-ig-edges", "node-pruning", "edge-pruning",
                     "greedy")
@@ -97,8 +98,7 @@ def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tenso
         for row in frame.itertuples():
             name = head_node(int(row.layer), int(row.head)) if row.component == "z" else mlp_node(int(row.layer))
             metric[name] = float(row.metric)
-    gap = ctx.clean_metric - ctx.corrupt_metric
-    return torch.tensor([(ctx.clean_metric - metric[item]) / gap for item in evaluator.items])
+    return torch.tensor([noising_share(metric[item], ctx.clean_metric, ctx.corrupt_metric) for item in evaluator.items])
 
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:

@@ -183,3 +183,20 @@ class ComputationalGraph:
         for name in names:
             vec[self.edge_index(name)] = value
         return vec
+
+
+def node_totals(senders: Sequence[str], receivers: Sequence[str], scores: Sequence[float] | Tensor, *,
+                absolute: bool) -> dict[str, float]:
+    """Node scores from edge scores, the one definition: a node's score is the sum of its outgoing edges' scores
+    (of their |scores| with `absolute`); `logits`, which sends nothing, gets the sum over its incoming edges.
+    NaN scores count as 0. Signed sums are attribution patching's node scores (a node's effect is the sum of its
+    edges' effects, to first order); absolute sums say how much of a circuit flows through a node."""
+    values = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64).detach().cpu(), nan=0.0)
+    if absolute:
+        values = values.abs()
+    totals: dict[str, float] = {}
+    for src, dst, value in zip(senders, receivers, values.tolist()):
+        totals[src] = totals.get(src, 0.0) + value
+        if dst == "logits":
+            totals["logits"] = totals.get("logits", 0.0) + value
+    return totals
