@@ -71,7 +71,9 @@ class Discovery:
 
     def ranking(self) -> Tensor:
         """Edge scores that order circuits for faithfulness curves (node methods: the weakest-link ranking)."""
-        return self.edge_scores.ranking() if self.edge_scores is not None else self.node_scores.edge_ranking()
+        if self.edge_scores is not None:
+            return self.edge_scores.ranking()
+        return self.node_scores.edge_ranking(absolute=True)
 
 
 def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: Any = None,

@@ -119,7 +119,7 @@ def node_score_auroc(scores: Mapping[str, float] | pd.DataFrame, reference: nx.M
         scores = dict(zip(frame["node"], frame["score"]))
     items = {parse_node(k).name: float(v) for k, v in scores.items()}
     if heads_only:
-        items = {k: v for k, v in items.items() if k.startswith("a")}
+        items = {k: v for k, v in items.items() if parse_node(k).kind == "head"}
     members = node_set(reference, heads_only)
     values = [abs(v) if absolute else v for v in items.values()]
     return roc_auc(values, [k in members for k in items])

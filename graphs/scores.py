@@ -212,10 +212,11 @@ class NodeScores:
     def to_frame(self) -> pd.DataFrame:
         return self.frame.copy()
 
-    def edge_ranking(self) -> Tensor:
-        """Edge scores min(|s_u|, |s_v|) (`input`, `logits` count as the largest |s|): any threshold on them
-        keeps exactly the edges of the node circuit {|s| >= threshold}."""
-        values = dict(zip(self.frame["node"], self.frame["score"].abs()))
+    def edge_ranking(self, *, absolute: bool) -> Tensor:
+        """Node scores as edge scores, the one node-to-edge ranking: min(|s_u|, |s_v|) with `absolute`, else
+        min(s_u, s_v) (`input` and `logits` count as the largest value). Any threshold t on them keeps exactly
+        the edges of the node circuit {|s| >= t} (or {s >= t})."""
+        values = dict(zip(self.frame["node"], self.frame["score"].abs() if absolute else self.frame["score"]))
         top = max(values.values()) if values else 1.0
         values["input"] = values["logits"] = top
         g = self.graph

@@ -81,7 +81,7 @@ def normalized(values: np.ndarray, clean: Tensor, corrupt: Tensor, *, n_boot: in
 def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int = 8) -> CircuitEvaluator:
     """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs."""
     g = ctx.graph
-    learn = [i for i, n in enumerate(g.sender_names) if n.startswith("a") or (n.startswith("m") and not heads_only)]
+    learn = g.senders_of(*(("head",) if heads_only else ("head", "mlp")))
     idx = torch.tensor(learn, dtype=torch.long)
 
     def run(masks: Tensor) -> Tensor:

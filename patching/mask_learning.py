@@ -104,7 +104,7 @@ def _node_setup(ctx: EdgeContext, cfg: MaskConfig) -> tuple[list[int], Callable[
     from circuitlab.patching.node_masks import node_masked_metric
 
     g = ctx.graph
-    learn = [i for i, n in enumerate(g.sender_names) if n.startswith("a") or (n.startswith("m") and not cfg.heads_only)]
+    learn = g.senders_of(*(("head",) if cfg.heads_only else ("head", "mlp")))
     base = torch.ones(g.n_senders)
     idx = torch.tensor(learn, dtype=torch.long)
 

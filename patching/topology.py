@@ -105,6 +105,7 @@ class ComputationalGraph:
         self.edge_names = [edge_name(self.sender_names[s], self.receiver_names[r], self.receiver_channels[r])
                            for s, r in zip(self.edge_sender.tolist(), self.edge_receiver.tolist())]
         self._edge_index = {name: i for i, name in enumerate(self.edge_names)}
+        self._sender_index = {name: i for i, name in enumerate(self.sender_names)}
 
     @classmethod
     def from_model(cls, model: Any) -> ComputationalGraph:
@@ -156,6 +157,17 @@ class ComputationalGraph:
     def senders_before(self, receiver: int) -> int:
         """How many senders (a prefix of the sender order) write into this receiver's input (`can_read`)."""
         return self._senders_before[receiver]
+
+    def sender_index(self, name: str) -> int:
+        """Position of a sender node (`input`, `a{l}.h{h}`, `m{l}`) in the sender order."""
+        if name not in self._sender_index:
+            raise ValueError(f"{name!r} is not a sender of this model's graph ({self.n_layers} layers, "
+                             f"{self.n_heads} heads{', attention only' if self.attn_only else ''})")
+        return self._sender_index[name]
+
+    def senders_of(self, *kinds: str) -> list[int]:
+        """Indices of the senders of the given node kinds (`head`, `mlp`, `input`), in graph order."""
+        return [i for i, name in enumerate(self.sender_names) if parse_node(name).kind in kinds]
 
     @property
     def n_edges(self) -> int:

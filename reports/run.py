@@ -224,7 +224,7 @@ def _oracle(p: Pipeline) -> dict[str, Any]:
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
     cfg = p.cfg
     edges, nodes = p.scores()
-    ranking = edges.ranking() if edges is not None else nodes.edge_ranking()
+    ranking = edges.ranking() if edges is not None else nodes.edge_ranking(absolute=True)
     result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
