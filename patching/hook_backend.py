@@ -73,7 +73,7 @@ class HookRunner:
         stop = self.n_layers if stop_layer is None else stop_layer
         hooks = dict(hooks or {})
         per_query = {key: hooks.pop(key) for key in list(hooks) if key[0] in ("k_q", "v_q") and key[1] >= start_layer}
-        if self.group == 1:
+        if self.group == 1 and self.arch.qk_norm != "full":
             hooks.update({(kind[0], layer): fn for (kind, layer), fn in per_query.items()})
             per_query = {}
         if start_at_mlp:
@@ -94,12 +94,22 @@ class HookRunner:
             state.resid_final = got["out"]
         return got["out"]
 
+    def read_site(self, kind: str, layer: int) -> str:
+        """The hook where each head's q/k/v is its own: `hook_q`/`hook_k`/`hook_v`, except under a query/key norm
+        over all heads (OLMo-2), where it is after the norm (`attn.hook_q_normed`, [batch, pos, heads * d_head]).
+        A per-head norm (Qwen3, Gemma-3) acts on each head alone, so before or after it is the same."""
+        if kind in ("q", "k") and self.arch.qk_norm == "full":
+            name = f"blocks.{layer}.attn.hook_{kind}_normed"
+            if name in self.model.hook_dict:
+                return name
+        return hook_name(kind, layer)
+
     def _per_query_head(self, fwd: list[tuple[str, Callable]], per_query: dict[tuple[str, int], Hook],
                         batch: int) -> list[tuple[str, Callable]]:
         """Per-query-head key/value edits under grouped-query attention: the forward runs on `group` copies; copy j
         holds, in each key/value head, the (edited) key/value as the group's j-th query head reads it, and at
         `hook_z` each query head's output is taken from its own copy and written into all. Keys/values are seen at
-        the bridge's hook_k/hook_v (before any key norm), the values `receiver_values` gives."""
+        `read_site` (after any key norm), the values `receiver_values` gives, as the fast runner's `k_q`/`v_q`."""
         group, heads = self.group, torch.arange(self.n_heads, device=self.W_E.device)
 
         def chunked(fn: Callable) -> Callable:
@@ -107,7 +117,7 @@ class HookRunner:
 
         def edit(fn: Hook) -> Callable:
             def hook(act: Tensor, hook: Any) -> Tensor:
-                a = act.view(group, batch, *act.shape[1:])
+                a = act.view(group, batch, act.shape[1], self.n_kv, self.d_head)
                 per_head = fn(a[0].repeat_interleave(group, dim=2))  # [batch, pos, n_heads, d_head]
                 arranged = per_head.view(*per_head.shape[:2], self.n_kv, group, -1).permute(3, 0, 1, 2, 4)
                 return arranged.reshape(act.shape)
@@ -120,7 +130,7 @@ class HookRunner:
 
         layers = sorted({layer for _, layer in per_query})
         first = [(hook_name("z", layer), merge) for layer in layers]
-        last = [(hook_name(kind[0], layer), edit(fn)) for (kind, layer), fn in per_query.items()]
+        last = [(self.read_site(kind[0], layer), edit(fn)) for (kind, layer), fn in per_query.items()]
         return first + [(name, chunked(fn)) for name, fn in fwd] + last
 
     @property
@@ -194,11 +204,14 @@ class HookRunner:
         return state
 
     def receiver_values(self, channel: str, layer: int, resid: Tensor) -> Tensor:
-        """q/k/v [batch, pos, heads, d_head] of `layer` computed by the bridge from residual stream `resid`."""
+        """q (before any query norm; path patching's `q` site), k/v (as read: after any key norm) [batch, pos, heads,
+        d_head] of `layer`, computed by the bridge from residual stream `resid`."""
         got: dict[str, Tensor] = {}
-        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (hook_name(channel, layer), _capture(got, "x"))]
+        site = hook_name("q", layer) if channel == "q" else self.read_site(channel, layer)  # q: before its norm
+        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (site, _capture(got, "x"))]
         self._forward(self._placeholder(resid), fwd)
-        return got["x"]
+        x = got["x"]
+        return x.view(*x.shape[:2], -1, self.d_head)
 
     def logits(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)

@@ -158,7 +158,7 @@ class HookEdgeRunner:
         hooks: list[tuple[str, Callable]] = []
         for layer in range(g.n_layers):
             hooks.append((hook_name("resid_pre", layer), resid_pre(layer)))
-            hooks += [(hook_name(kind, layer), qkv(layer, i * g.n_heads)) for i, kind in enumerate("qkv")]
+            hooks += [(self.runner.read_site(kind, layer), qkv(layer, i * g.n_heads)) for i, kind in enumerate("qkv")]
             hooks.append((hook_name("z", layer), z_hook(layer)))
             if not g.attn_only:
                 if not g.parallel:
