@@ -26,7 +26,8 @@ from torch import Tensor
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from circuitlab.patching.edges import ComputationalGraph, EdgeRunner, GraphActivations
+    from circuitlab.patching.edges import EdgeRunner, GraphActivations
+    from circuitlab.patching.topology import ComputationalGraph
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding is exact: no real token sees a later pad
