@@ -41,7 +41,7 @@ class HookEdgeRunner:
     available = True
 
     def __init__(self, model: Any, runner: Any) -> None:
-        from circuitlab.patching.edges import ComputationalGraph
+        from circuitlab.patching.topology import ComputationalGraph
 
         self.model, self.runner, self.arch = model, runner, runner.arch
         self.graph = g = ComputationalGraph.from_architecture(self.arch)
