@@ -275,7 +275,7 @@ class HookEdgeRunner:
         n_circ = masks.shape[0]
         batch, seq, _, dm = corrupt.senders.shape
         items = n_circ * batch
-        masks_t = masks.to(corrupt.senders.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(corrupt.senders.device, corrupt.senders.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
         corrupt_senders = corrupt.senders.permute(2, 0, 1, 3)  # [n_senders, b, p, d]
         embed = self.runner.embed(tokens)
         deltas: list[Tensor | None] = [(embed - corrupt_senders[0]).unsqueeze(0).expand(n_circ, -1, -1, -1)]
