@@ -58,6 +58,15 @@ class EdgeRunner:
                              "patching.engine.make_edge_runner (a patching.hook_edges.HookEdgeRunner), as "
                              "engine_context does")
 
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream: query head `head`'s q/k/v [b, p, d_head], or the MLP's
+        contribution (channel `mlp`) [b, p, d_model]."""
+        r = self.runner
+        if channel == "mlp":
+            return r.mlp_block(layer, stream)
+        copies = r.ln1[layer](stream).unsqueeze(2).expand(-1, -1, self.graph.n_heads, -1)
+        return self.project(layer, channel, copies)[:, :, head]
+
     def project(self, layer: int, kind: str, x: Tensor) -> Tensor:
         """Normalized per-query-head inputs [b, p, H, d_model] to that head's q, k or v [b, p, H, d_head]
         (query/key norms included; a norm over all heads, as OLMo-2's, sees each copy's full projection)."""

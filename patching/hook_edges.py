@@ -229,6 +229,18 @@ class HookEdgeRunner:
         mid = streams["mid"] if not g.attn_only else pre[1:] + [current(g.n_layers)]
         return senders, final, pre, mid
 
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream (see `EdgeRunner.receiver_value`), by the bridge: q (before
+        any query norm), k/v as query head `head` reads them, or the MLP's contribution."""
+        r = self.runner
+        if channel != "mlp":
+            values = r.receiver_values(channel, layer, stream)
+            return values[:, :, head if values.shape[2] == self.graph.n_heads else head // self.graph.group]
+        got: dict[str, Tensor] = {}
+        keep = {("mlp_out", layer): lambda act: got.setdefault("x", act)}
+        r.run(stream, start_layer=layer, start_at_mlp=not self.graph.parallel, stop_layer=layer + 1, hooks=keep)
+        return self._mlp_contribution(layer, got["x"])
+
     # ------------------------------------------------------------------ EdgeRunner's interface
     def from_run(self, state: RunState) -> Any:
         """Graph activations of a plain hook-backend run (`z` and `mlp_out` collected at every layer)."""
