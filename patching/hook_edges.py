@@ -25,13 +25,10 @@ from torch import Tensor
 
 from circuitlab.patching.components import hook_name
 from circuitlab.patching.forward_parts import UnsupportedModelError, block_norms, rms_post_share
+from circuitlab.patching.hook_backend import _Stop
 from circuitlab.patching.runner import RunState
 
 _FINAL = "ln_final.hook_in"
-
-
-class _Stop(Exception):
-    """Raised at the final norm's input: the graph forward has what it needs, the unembedding is skipped."""
 
 
 class HookEdgeRunner:
@@ -166,10 +163,7 @@ class HookEdgeRunner:
                 hooks.append((hook_name("mlp_out", layer), mlp_hook(layer)))
         hooks.append((_FINAL, final_hook))
         placeholder = torch.zeros(n * items, seq, dtype=torch.long, device=self.W_O.device)
-        try:
-            self.runner._forward(placeholder, hooks)
-        except _Stop:
-            pass
+        self.runner._forward(placeholder, hooks)  # stopped by final_hook
         return out["final"]
 
     def _plain_forward(self, tokens: Tensor | None, embed: Tensor | None, leaves: dict[str, list[Tensor]] | None
