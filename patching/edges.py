@@ -52,11 +52,20 @@ class EdgeRunner:
         self._head_index = {"q": torch.arange(r.n_heads), "k": torch.arange(r.n_heads) // group}
 
     def require(self) -> None:
-        """Edge methods read every receiver's own input: the fast runner computes them, the hook backend cannot."""
+        """This class computes receiver inputs with the fast runner's weights; the hook backend has its own."""
         if not self.available:
-            raise ValueError(f"{self.arch.name} runs on the exact hook backend (the fast runner does not reproduce "
-                             "it), whose hooks do not expose per-receiver inputs: edge patching, EAP, EAP-IG, ACDC "
-                             "and faithfulness are not available for it; activation and path patching are")
+            raise ValueError(f"{self.arch.name} runs on the exact hook backend: build its graph-form runner with "
+                             "patching.engine.make_edge_runner (a patching.hook_edges.HookEdgeRunner), as "
+                             "engine_context does")
+
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream: query head `head`'s q/k/v [b, p, d_head], or the MLP's
+        contribution (channel `mlp`) [b, p, d_model]."""
+        r = self.runner
+        if channel == "mlp":
+            return r.mlp_block(layer, stream)
+        copies = r.ln1[layer](stream).unsqueeze(2).expand(-1, -1, self.graph.n_heads, -1)
+        return self.project(layer, channel, copies)[:, :, head]
 
     def project(self, layer: int, kind: str, x: Tensor) -> Tensor:
         """Normalized per-query-head inputs [b, p, H, d_model] to that head's q, k or v [b, p, H, d_head]
@@ -166,7 +175,7 @@ class EdgeRunner:
         deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
         corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
-        masks_t = masks.to(resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
             mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]

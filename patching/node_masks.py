@@ -65,7 +65,7 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
     n_circ = masks.shape[0]
     corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
     batch, seq, _, dm = corrupt.shape
-    masks = masks.to(corrupt.dtype)
+    masks = masks.to(corrupt.device, corrupt.dtype)
 
     def mix(clean_out: Tensor, first: int, count: int) -> Tensor:
         """clean_out [C*b, p, count, d] -> mixed with the corrupted outputs of senders first..first+count."""
