@@ -18,6 +18,7 @@ from torch import Tensor
 
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.runner import Runner
+from circuitlab.patching.topology import sender_nodes
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
 # gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
@@ -28,9 +29,9 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    mlp = 0 if getattr(cfg, "attn_only", False) else 1
-    n_senders = 1 + n_layers * (n_heads + mlp)
-    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
+    attn_only = bool(getattr(cfg, "attn_only", False))
+    n_senders = len(sender_nodes(n_layers, n_heads, attn_only))
+    receivers = n_senders - 1 + 2 * n_layers * n_heads + 1  # every head reads q, k, v (per query head); logits
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 

@@ -183,7 +183,7 @@ class EdgeRunner:
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
         for layer in range(r.n_layers):
-            n_prev = 1 + layer * g.send_stride
+            n_prev = g.senders_before(g.attn_receivers(layer).start)
             x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
             head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
             first = g.head_sender(layer, 0)
