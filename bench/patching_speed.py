@@ -35,6 +35,7 @@ import transformer_lens.patching as tlp
 from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 from circuitlab.patching.hook_backend import HookRunner
 from circuitlab.patching.models import load_model
+from circuitlab.patching.normalize import normalize
 from circuitlab.tasks import get_task
 
 TINY_SIZE = dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=8, intermediate_size=1024, head_dim=32)
@@ -44,7 +45,7 @@ def _tl_metric(model, task, pairs):
     with torch.no_grad():
         clean = task.metric(model(pairs.clean_tokens), pairs).mean()
         corrupt = task.metric(model(pairs.corrupt_tokens), pairs).mean()
-    return lambda logits: (task.metric(logits, pairs).mean() - corrupt) / (clean - corrupt)
+    return lambda logits: normalize(task.metric(logits, pairs).mean(), clean, corrupt)
 
 
 def _tl_sweep(model, pairs, cache, metric, layer, by_pos):

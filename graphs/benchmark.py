@@ -100,7 +100,7 @@ def node_scores_from_edges(graph: ComputationalGraph, scores: Tensor) -> pd.Data
 def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Tensor:
     """Edge scores min(|s_u|, |s_v|) from node scores (`graphs.scores.NodeScores.edge_ranking`)."""
     frame = nodes.assign(effect=nodes["score"])
-    return NodeScores(graph, frame, "nodes").edge_ranking().float()
+    return NodeScores(graph, frame, "nodes").edge_ranking(absolute=True).float()
 
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitlab.patching.normalize import normalize
 from circuitlab.patching.runner import Runner
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
@@ -166,12 +167,9 @@ class Batches:
             corrupt += ctx.corrupt_metric * weight
             first = frame if first is None else first
             del ctx
-        if abs(clean - corrupt) <= 1e-9:
-            raise ValueError(f"clean and corrupted runs give the same metric ({clean:.4g}): normalized effects are "
-                             "undefined; check the corruption or the task")
         out = first.copy()
+        out["effect"] = normalize(total, clean, corrupt)
         out["metric"] = total
-        out["effect"] = (total - corrupt) / (clean - corrupt)
         out.attrs.update(clean_metric=clean, corrupt_metric=corrupt)
         return out
 

@@ -247,7 +247,8 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
 
 
 def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
-    """The same clean run with every corrupted sender replaced by zero or by its mean over the prompts.
+    """The same clean run with every corrupted sender replaced by zero or by its mean over the corrupted prompts
+    (`activation.mean_ablation`, the one mean ablation).
 
     Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
     and corrupted runs (e.g. purely positional queries). The residual streams of the "corrupted" run keep the
@@ -259,10 +260,9 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     if ablation == "zero":
         senders = torch.zeros_like(clean.senders)
     else:
-        from circuitlab.patching.activation import prompt_mean
+        from circuitlab.patching.activation import mean_ablation
 
-        mask = getattr(ctx.pairs, "attention_mask", None)
-        senders = prompt_mean(clean.senders, mask).expand_as(clean.senders).contiguous()
+        senders = mean_ablation(ctx.corrupt.senders, getattr(ctx.pairs, "attention_mask", None)).contiguous()
     cumulative = torch.cumsum(clean.senders - senders, dim=2)  # removed contribution of senders [0..i]
 
     def shifted(resid: Tensor, n_before: int) -> Tensor:

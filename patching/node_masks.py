@@ -41,12 +41,12 @@ def node_mask(ctx: EdgeContext, keep: Iterable[str], *, keep_input: bool = True,
 
 def head_indices(ctx: EdgeContext) -> Tensor:
     """Sender indices of every attention head, in graph order."""
-    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("a")], dtype=torch.long)
+    return torch.tensor(ctx.graph.senders_of("head"), dtype=torch.long)
 
 
 def mlp_indices(ctx: EdgeContext) -> Tensor:
     """Sender indices of every MLP, in graph order (empty for attention-only models)."""
-    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("m")], dtype=torch.long)
+    return torch.tensor(ctx.graph.senders_of("mlp"), dtype=torch.long)
 
 
 def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
