@@ -139,6 +139,18 @@ def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def normed_embeddings(model: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (all, or the given `rows` of W_E) normalised per row as a first layer's input norm would
+    (LayerNorm: centred, then scaled; RMSNorm: scaled), before the norm's weight; unchanged without norms."""
+    emb = model.W_E.detach().float() if rows is None else rows.float()
+    norm = getattr(model.cfg, "normalization_type", None)
+    if norm in ("LN", "LNPre"):
+        emb = emb - emb.mean(dim=-1, keepdim=True)
+    if norm is not None:
+        emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
+    return emb
+
+
 def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_tokens: int = 500,
                    seed: int = 0) -> pd.DataFrame:
     """Per head: OV copying score sum(λ)/sum(|λ|) of W_E[S] W_V W_O W_U[:, S] for a token sample S.
@@ -156,16 +168,11 @@ def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_
     final_w = norms.get("ln_final.weight")
     if final_w is not None:
         W_U = final_w.float()[:, None] * W_U
-    norm = getattr(model.cfg, "normalization_type", None)
-    eps = float(getattr(model.cfg, "eps", 1e-5))
+    normed = normed_embeddings(model, W_E)
     W_V, W_O = model.W_V.detach().float(), model.W_O.detach().float()
     rows = []
     for layer, head in heads:
-        emb = W_E
-        if norm in ("LN", "LNPre"):
-            emb = emb - emb.mean(dim=-1, keepdim=True)
-        if norm is not None:
-            emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        emb = normed
         ln1 = norms.get(f"blocks.{layer}.ln1.weight")
         if ln1 is not None:
             emb = emb * ln1.float()
