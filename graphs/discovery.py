@@ -36,7 +36,7 @@ DEFAULT_TOP_K = {"edge": 50, "node": 20}
 class DiscoveryOptions:
     """Options of `discover`. `steps`: EAP-IG integration steps. `acdc_threshold` / `acdc_objective` (`kl` or
     `metric`, the latter as a fraction of |m(clean) − m(corrupt)|). `ablation` (`zero`/`mean`): replace the
-    corrupted run by an ablation of the clean one. `selection`: which edges/nodes form the circuit (default:
+    corrupted run by zeros or by the mean over the corrupted prompts (`patching.activation.mean_ablation`). `selection`: which edges/nodes form the circuit (default:
     the top 50 edges or 20 nodes, doubled until a path joins input to logits). `seed` seeds `random`."""
 
     steps: int = 5
@@ -71,7 +71,9 @@ class Discovery:
 
     def ranking(self) -> Tensor:
         """Edge scores that order circuits for faithfulness curves (node methods: the weakest-link ranking)."""
-        return self.edge_scores.ranking() if self.edge_scores is not None else self.node_scores.edge_ranking()
+        if self.edge_scores is not None:
+            return self.edge_scores.ranking()
+        return self.node_scores.edge_ranking(absolute=True)
 
 
 def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: Any = None,

@@ -32,17 +32,22 @@ class RepeatedTokens:
 
 
 def repeated_random_tokens(d_vocab: int, half: int, batch: int, *, seed: int = 0, bos_id: int | None = None,
-                           low: int = 0, high: int | None = None) -> RepeatedTokens:
-    """`batch` sequences of `half` distinct random tokens from [low, high), repeated; BOS first if given.
+                           low: int = 0, high: int | None = None,
+                           tokens: tuple[int, ...] | None = None) -> RepeatedTokens:
+    """`batch` sequences of `half` distinct random tokens, repeated (`[BOS] r r`); BOS first if given.
 
-    Tokens within a half are distinct, so the only duplicates are the repeat itself.
+    Tokens come from `tokens` if given, else from [low, high); never the BOS token. Tokens within a half are
+    distinct, so the only duplicates are the repeat itself.
     """
     high = d_vocab if high is None else high
-    if high - low < half:
-        raise ValueError(f"need at least half={half} distinct tokens in [{low}, {high})")
+    allowed = torch.tensor(tokens, dtype=torch.long) if tokens is not None else torch.arange(low, high)
+    if bos_id is not None:
+        allowed = allowed[allowed != bos_id]
+    if len(allowed) < half:
+        where = "the allowed tokens" if tokens is not None else f"[{low}, {high})"
+        raise ValueError(f"need at least half={half} distinct tokens in {where}; only {len(allowed)} (BOS excluded)")
     gen = torch.Generator().manual_seed(seed)
-    rows = [torch.randperm(high - low, generator=gen)[:half] + low for _ in range(batch)]
-    first = torch.stack(rows)
+    first = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:half]] for _ in range(batch)])
     parts = [first, first]
     if bos_id is not None:
         parts.insert(0, torch.full((batch, 1), bos_id, dtype=torch.long))
@@ -86,10 +91,19 @@ def _norm_weights(model: Any) -> dict[str, torch.Tensor]:
             if k == "ln_final.weight" or (k.startswith("blocks.") and k.endswith(".ln1.weight"))}
 
 
-def _kv_index(model: Any, head: int) -> int:
+def kv_head(model: Any, head: int) -> int:
+    """The key/value head that query head `head` reads (grouped-query attention; the head itself without)."""
     n_heads = model.cfg.n_heads
     n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
     return head // (n_heads // n_kv)
+
+
+def eigen_score(left: torch.Tensor, right: torch.Tensor) -> float:
+    """Σλ/Σ|λ| over the eigenvalues of `left @ right` ([n, k] @ [k, n]), via the small k × k product (the
+    non-zero eigenvalues of AB and BA agree); 0 when every eigenvalue is ~0."""
+    eig = torch.linalg.eigvals(right.double() @ left.double())
+    total = float(eig.abs().sum())
+    return float(eig.real.sum()) / total if total > 1e-12 else 0.0
 
 
 def _heads(model: Any) -> list[tuple[int, int]]:
@@ -125,6 +139,18 @@ def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def normed_embeddings(model: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (all, or the given `rows` of W_E) normalised per row as a first layer's input norm would
+    (LayerNorm: centred, then scaled; RMSNorm: scaled), before the norm's weight; unchanged without norms."""
+    emb = model.W_E.detach().float() if rows is None else rows.float()
+    norm = getattr(model.cfg, "normalization_type", None)
+    if norm in ("LN", "LNPre"):
+        emb = emb - emb.mean(dim=-1, keepdim=True)
+    if norm is not None:
+        emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
+    return emb
+
+
 def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_tokens: int = 500,
                    seed: int = 0) -> pd.DataFrame:
     """Per head: OV copying score sum(λ)/sum(|λ|) of W_E[S] W_V W_O W_U[:, S] for a token sample S.
@@ -142,23 +168,15 @@ def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_
     final_w = norms.get("ln_final.weight")
     if final_w is not None:
         W_U = final_w.float()[:, None] * W_U
-    norm = getattr(model.cfg, "normalization_type", None)
-    eps = float(getattr(model.cfg, "eps", 1e-5))
+    normed = normed_embeddings(model, W_E)
     W_V, W_O = model.W_V.detach().float(), model.W_O.detach().float()
     rows = []
     for layer, head in heads:
-        emb = W_E
-        if norm in ("LN", "LNPre"):
-            emb = emb - emb.mean(dim=-1, keepdim=True)
-        if norm is not None:
-            emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        emb = normed
         ln1 = norms.get(f"blocks.{layer}.ln1.weight")
         if ln1 is not None:
             emb = emb * ln1.float()
-        small = (W_O[layer, head] @ W_U) @ (emb @ W_V[layer, _kv_index(model, head)])  # [d_head, d_head]
-        eig = torch.linalg.eigvals(small.double())
-        total = eig.abs().sum().item()
-        score = eig.real.sum().item() / total if total > 0 else 0.0
+        score = eigen_score(emb @ W_V[layer, kv_head(model, head)], W_O[layer, head] @ W_U)
         rows.append({"layer": layer, "head": head, "copying": score})
     return pd.DataFrame(rows, columns=["layer", "head", "copying"])
 

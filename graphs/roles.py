@@ -43,6 +43,7 @@ from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_s
                                            z_end_mean)
 from circuitlab.patching.activation import PatchingConfig
 from circuitlab.patching.components import head_node, hook_name, parse_node
+from circuitlab.patching.normalize import noising_share
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
@@ -346,8 +347,8 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
                 path = context.path_patching(**kwargs)
             else:
                 path = path_patching(model, task, pairs, context=context, **kwargs)
-            effects = path[["sender", "receiver", "channel", "effect"]].copy()
-            effects["effect"] = 1.0 - effects["effect"]  # noising: the path's share of the clean behaviour
+            effects = path[["sender", "receiver", "channel"]].copy()  # noising: the path's share of the behaviour
+            effects["effect"] = noising_share(path["metric"], path.attrs["clean_metric"], path.attrs["corrupt_metric"])
             frames.append(detect_s_inhibition(effects, receivers, thresholds))
     return frames
 

@@ -117,9 +117,4 @@ def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = 
 def _has_outgoing(graph: Any, kept: Tensor, node: str, channel: str) -> bool:
     """Whether the node a receiver belongs to still sends along a kept edge (`<q>`, `<k>` and `<v>` receivers
     belong to their query head, also with grouped-query attention)."""
-    if node.startswith("a"):
-        layer, head = (int(x) for x in node[1:].split(".h"))
-        sender = graph.head_sender(layer, head)
-    else:
-        sender = graph.mlp_sender(int(node[1:]))
-    return bool((kept[graph.edge_sender == sender] > 0).any())
+    return bool((kept[graph.edge_sender == graph.sender_index(node)] > 0).any())

@@ -17,7 +17,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitlab.patching.normalize import normalize
 from circuitlab.patching.runner import Runner
+from circuitlab.patching.topology import sender_nodes
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
 # gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
@@ -28,9 +30,9 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    mlp = 0 if getattr(cfg, "attn_only", False) else 1
-    n_senders = 1 + n_layers * (n_heads + mlp)
-    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
+    attn_only = bool(getattr(cfg, "attn_only", False))
+    n_senders = len(sender_nodes(n_layers, n_heads, attn_only))
+    receivers = n_senders - 1 + 2 * n_layers * n_heads + 1  # every head reads q, k, v (per query head); logits
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 
@@ -125,8 +127,8 @@ class Batches:
         from circuitlab.patching.edges import ablated_context, prepare_edges
 
         senders = None
-        if self.ablation == "mean":  # the clean senders' mean over the whole dataset (two passes)
-            senders = self.means([("senders", 0)], run="clean")[("senders", 0)]
+        if self.ablation == "mean":  # the corrupted senders' mean over the whole dataset (two passes)
+            senders = self.means([("senders", 0)])[("senders", 0)]
         for part in self.parts():
             ctx = prepare_edges(self.model, self.task, part, runner=self.runner)
             if self.ablation is not None:
@@ -223,12 +225,9 @@ class Batches:
             corrupt += ctx.corrupt_metric * weight
             first = frame if first is None else first
             del ctx
-        if abs(clean - corrupt) <= 1e-9:
-            raise ValueError(f"clean and corrupted runs give the same metric ({clean:.4g}): normalized effects are "
-                             "undefined; check the corruption or the task")
         out = first.copy()
+        out["effect"] = normalize(total, clean, corrupt)
         out["metric"] = total
-        out["effect"] = (total - corrupt) / (clean - corrupt)
         out.attrs.update(clean_metric=clean, corrupt_metric=corrupt)
         return out
 

@@ -17,12 +17,12 @@ context serves every method; `PatchingContext` and `EdgeContext` are names of th
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
 
+from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -74,7 +74,20 @@ def make_runner(model: Any) -> tuple[Any, str, str]:
         from circuitlab.patching.hook_backend import HookRunner
     except ImportError:
         raise UnsupportedModelError(reason) from None
-    return HookRunner(model), "hook", reason
+    runner = HookRunner(model)
+    runner.backend_reason = reason
+    return runner, "hook", reason
+
+
+def make_edge_runner(model: Any, runner: Any) -> Any:
+    """The graph-form runner for a runner: `edges.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
+    if getattr(runner, "backend", "fast") == "hook":
+        from circuitlab.patching.hook_edges import HookEdgeRunner
+
+        return HookEdgeRunner(model, runner)
+    from circuitlab.patching.edges import EdgeRunner
+
+    return EdgeRunner(model, runner)
 
 
 def _site_sets(runner: Any, collect: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
@@ -156,12 +169,9 @@ class EngineContext:
         return int(self.pairs.clean_tokens.shape[1])
 
     def normalize(self, value: Tensor | float) -> Tensor | float:
-        """(value - m(corrupt)) / (m(clean) - m(corrupt)); an error where the two runs give the same metric."""
-        gap = self.clean_metric - self.corrupt_metric
-        if math.isclose(gap, 0.0, abs_tol=1e-9):
-            raise ValueError(f"clean and corrupted runs give the same metric ({self.clean_metric:.4g}): normalized "
-                             "effects are undefined; check the corruption or the task")
-        return (value - self.corrupt_metric) / gap
+        """(value - m(corrupt)) / (m(clean) - m(corrupt)) (`patching.normalize`); an error where the two runs
+        give the same metric."""
+        return normalize(value, self.clean_metric, self.corrupt_metric)
 
     def ensure_collected(self, keys: Iterable[tuple[str, int]]) -> None:
         """Make sure clean and corrupt activations at these sites are cached (re-running once if needed)."""
@@ -189,8 +199,6 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
     `runner`: reuse one (e.g. across prompt batches); `collect`: extra `(kind, layer)` sites to cache;
     `check_gap`: refuse prompt sets whose clean and corrupted metrics are equal (normalized effects undefined).
     """
-    from circuitlab.patching.edges import EdgeRunner
-
     if runner is None:
         runner, backend, reason = make_runner(model)
     else:
@@ -211,11 +219,10 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
         clean_values = _metric_values(task, pairs, _gather_logits(runner, clean.resid_final, read))
         corrupt_values = _metric_values(task, pairs, _gather_logits(runner, corrupt.resid_final, read))
     m_clean, m_corrupt = float(clean_values.mean()), float(corrupt_values.mean())
-    if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
-        raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
-                         "undefined; check the corruption or the task")
-    return EngineContext(EdgeRunner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
+    if check_gap:
+        checked_gap(m_clean, m_corrupt)
+    return EngineContext(make_edge_runner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
                          clean_run=clean, corrupt_run=corrupt, collected=keys, backend=backend, backend_reason=reason)
 
 
-__all__ = ["EngineContext", "engine_context", "make_runner"]
+__all__ = ["EngineContext", "engine_context", "make_edge_runner", "make_runner"]

@@ -143,7 +143,7 @@ class Runner:
         """The residual stream entering block 0 (token plus learned positional embedding)."""
         resid = self.W_E[tokens]
         if self.arch.embed_scale != 1.0:  # Gemma: embeddings times sqrt(d_model), in the model's dtype
-            resid = resid * torch.tensor(self.arch.embed_scale, dtype=resid.dtype)
+            resid = resid * torch.tensor(self.arch.embed_scale, dtype=resid.dtype, device=resid.device)
         if self.W_pos is not None:
             offset = self.arch.pos_offset  # OPT keeps two unused rows before position 0
             resid = resid + self.W_pos[offset: offset + tokens.shape[1]]

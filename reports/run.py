@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from circuitlab.graphs.methods import get_method
+from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
 from circuitlab.reports.result import RunResult, platform_info, versions
@@ -224,14 +225,15 @@ def _oracle(p: Pipeline) -> dict[str, Any]:
     p.say(f"  exact edge patching of {p.cfg.oracle_edges} sampled edges")
     rho, frame = p.batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
                                           progress=p.progress)
-    frame = frame.assign(approx_effect=frame["approx"] / edges.gap, exact_effect=frame["exact"] / edges.gap)
+    frame = frame.assign(approx_effect=normalize_difference(frame["approx"], edges.gap),
+                         exact_effect=normalize_difference(frame["exact"], edges.gap))
     return {"oracle": frame, "oracle_summary": {"spearman": rho, "n_edges": int(len(frame))}}
 
 
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
     cfg = p.cfg
     edges, nodes = p.scores()
-    ranking = edges.ranking() if edges is not None else nodes.edge_ranking()
+    ranking = edges.ranking() if edges is not None else nodes.edge_ranking(absolute=True)
     result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,

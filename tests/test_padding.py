@@ -138,8 +138,9 @@ def test_mean_ablation_averages_only_real_tokens(setup):
     _close(z[10], ctx.corrupt_run.acts[("z", 0)][3, 10])  # only the 11-token prompt reaches position 10
     pattern = torch.rand(len(lengths), 2, pairs.seq_len, pairs.seq_len)
     _close(prompt_mean(pattern, pairs.attention_mask, 2)[0, :, 10], pattern[3, :, 10])
-    ablated = ablated_context(prepare_edges(model, task, pairs), "mean")
-    _close(ablated.corrupt.senders[0, 10], ablated.clean.senders[3, 10])
+    edges = prepare_edges(model, task, pairs)
+    ablated = ablated_context(edges, "mean")
+    _close(ablated.corrupt.senders[0, 10], edges.corrupt.senders[3, 10])
 
 
 def test_position_labels_of_mixed_prompts(setup):
