@@ -9,7 +9,7 @@ from circuitlab.patching.acdc import acdc
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores, oracle_check
 from circuitlab.patching.batched import Batches, batch_size_for, bytes_per_prompt
-from circuitlab.graphs.discovery import discover
+from circuitlab.graphs.discovery import discover, evaluate
 from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.path import path_patching
@@ -93,6 +93,10 @@ def test_mean_ablation_takes_the_mean_over_every_batch(data):
     _close(mean_batches.evaluate_edge_masks(masks), evaluate_edge_masks(ablated, masks))
     found = discover(model, task, pairs, "eap", context=batched, ablation="mean")
     _close(found.edge_scores.scores, eap_scores(ablated))
+    # evaluate(circuit) over batches equals one context
+    one, many = evaluate(ablated, found.circuit), evaluate(mean_batches, found.circuit)
+    _close(many.circuit, one.circuit)
+    _close([many.faithfulness], [one.faithfulness])
 
 
 def test_batch_size_follows_the_memory_budget(data):
