@@ -88,6 +88,8 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     ctx = context or prepare_edges(model, task, pairs)
     if context is None and opts.ablation:
         ctx = ablated_context(ctx, opts.ablation)
+    elif opts.ablation and hasattr(context, "with_ablation"):  # prompt batches: means over the whole dataset
+        ctx = context.with_ablation(opts.ablation)
     start = time.perf_counter()
     edges, nodes = score(method, model, task, pairs, ctx, opts)
     seconds = time.perf_counter() - start
@@ -117,7 +119,7 @@ def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: Discov
             ctx, steps=opts.steps, progress=opts.progress)
     elif method == "acdc":
         threshold = opts.acdc_threshold * (abs(gap) if opts.acdc_objective == "metric" else 1.0)
-        result = acdc(list(ctx.edge_contexts()) if batched else ctx, threshold, objective=opts.acdc_objective,
+        result = acdc(ctx, threshold, objective=opts.acdc_objective,
                       progress=opts.progress)
         values, kept = result.scores, result.kept.bool()
     else:

@@ -246,9 +246,10 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     return torch.cat(out, dim=0)
 
 
-def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
+def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor | None = None) -> EdgeContext:
     """The same clean run with every corrupted sender replaced by zero or by its mean over the corrupted prompts
-    (`activation.mean_ablation`, the one mean ablation).
+    (`activation.mean_ablation`, the one mean ablation; `means` [1, pos, n_senders, d_model]: a dataset's means
+    when the context is one batch of many, `batched.Batches.means`).
 
     Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
     and corrupted runs (e.g. purely positional queries). The residual streams of the "corrupted" run keep the
@@ -259,6 +260,8 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     clean, g = ctx.clean, ctx.graph
     if ablation == "zero":
         senders = torch.zeros_like(clean.senders)
+    elif means is not None:
+        senders = means.to(clean.senders.device, clean.senders.dtype).expand_as(clean.senders).contiguous()
     else:
         from circuitlab.patching.activation import mean_ablation
 
