@@ -112,7 +112,8 @@ def test_ioi_role_scores_equal_one_batch(data):
     import json
 
     from circuitlab.graphs.role_scores import final_norm_scale
-    from circuitlab.graphs.roles import IOIPrompts, RoleThresholds, detect_backup_name_movers, ioi_head_scores
+    from circuitlab.graphs.role_scores import IOIPrompts, ioi_head_scores
+    from circuitlab.graphs.roles import RoleThresholds, detect_backup_name_movers
     from circuitlab.patching.components import hook_name
 
     model, _, pairs, _ = data
