@@ -53,6 +53,8 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                               "fraction_removed_mean": j["mean_induction"]["fraction_removed"],
                               "others_max_fraction_removed_zero": oth,
                               "others_mean_fraction_removed_zero": j["zero_others"]["mean_fraction_removed"],
+                              "others_worst_set_zero": j["zero_others"].get("worst_set"),
+                              "others_without_previous_token_zero": j.get("zero_others_without_previous_token"),
                               "pass": bool(ind >= 0.7 and oth <= 0.5 * ind)}
     if "2L" in set(heads["model"]):
         last = heads[(heads["model"] == "2L") & (heads["step"] == heads[heads["model"] == "2L"]["step"].max())]
