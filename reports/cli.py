@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
-    run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE] or ints")
+    run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE], ints or none")
     run.add_argument("--resid-positions", default=None, help="residual heatmap: each, roles or none")
     run.add_argument("--resid-layers", type=int, default=None, help="at most this many layers in the heatmap")
     run.add_argument("--steps", type=int, default=None, help="EAP-IG integration steps (default 5)")

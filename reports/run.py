@@ -139,14 +139,23 @@ def _pairs(p: Pipeline, pairs: Any) -> dict[str, Any]:
 
 
 def _position_labels(model: Any, pairs: Any) -> list[str]:
-    """A label per position: the role found there in every prompt, else the first prompt's token."""
-    labels, first, tok = [], pairs.clean_tokens[0].tolist(), getattr(model, "tokenizer", None)
+    """A label per absolute position: the token there when every prompt that reaches it has the same one, else
+    `*`; then the role found there in every such prompt. Prompts of different templates or lengths share few
+    tokens by position, so their labels say so rather than show one prompt's token."""
+    labels, tok = [], getattr(model, "tokenizer", None)
+    tokens, lengths = pairs.clean_tokens, pairs.lengths
     for pos in range(pairs.seq_len):
-        roles = [r for r, where in pairs.positions.items() if bool((where == pos).all()) and r != "END"]
-        if not roles and bool((pairs.positions.get("END", torch.tensor([-1])) == pos).all()):
+        real = lengths > pos  # prompts that have a token here (not padding)
+        column = tokens[real, pos]
+        roles = [r for r, where in pairs.positions.items() if bool((where[real] == pos).all()) and r != "END"]
+        if not roles and bool((pairs.positions.get("END", torch.full_like(lengths, -1))[real] == pos).all()):
             roles = ["END"]
-        text = tok.decode([first[pos]]) if tok is not None else f"<{first[pos]}>"
-        labels.append(f"{text!r}" + (f" [{'/'.join(roles)}]" if roles else ""))
+        if bool((column == column[0]).all()):
+            first = int(column[0])
+            text = repr(tok.decode([first])) if tok is not None else f"<{first}>"
+        else:
+            text = "*"
+        labels.append(text + (f" [{'/'.join(roles)}]" if roles else ""))
     return labels
 
 
@@ -263,10 +272,11 @@ def build_circuit(p: Pipeline) -> Any:
     edges, nodes = p.scores()
     circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)
     graph = circuit.to_networkx(f"{cfg.task} on {Path(cfg.model).name} ({cfg.method})")
-    exact = strongest_per_node(p.result.exact).set_index("node")["effect"]
-    for node, data in graph.nodes(data=True):
-        if node in exact.index:
-            data["exact_effect"] = float(exact[node])
+    if p.result.exact is not None:
+        exact = strongest_per_node(p.result.exact).set_index("node")["effect"]
+        for node, data in graph.nodes(data=True):
+            if node in exact.index:
+                data["exact_effect"] = float(exact[node])
     if p.result.roles is not None and not p.result.roles.empty:
         graph = assign_roles(graph, p.result.roles)
     return graph
@@ -358,7 +368,8 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                            "change the task, corruption or model")
     spec = get_method(cfg.method)
     p.stage("scores", _scores)
-    p.stage("exact", _exact)
+    if cfg.positions != "none":
+        p.stage("exact", _exact)
     if cfg.resid_positions != "none":
         p.stage("resid", _resid)
     if spec.level == "edge" and not spec.exact and cfg.oracle_edges > 0:
