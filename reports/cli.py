@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--faithfulness-target", type=float, default=None,
                      help="the circuit is the smallest one whose exact faithfulness reaches this (default 0.8)")
     run.add_argument("--circuit-method", default=None,
-                     help="how the circuit is found: auto (greedy from the method's ranking), greedy, node-pruning, "
+                     help="how the circuit is found: auto (the method's ranking), greedy, node-pruning, "
                           "edge-pruning, single-effect, eap, eap-ig, eap-edges, eap-ig-edges")
     run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")

@@ -42,7 +42,7 @@ class RunConfig:
     The circuit (unless a size is forced with the options above) is the smallest circuit whose exact faithfulness
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
-    greedy refinement of the method's attribution ranking (exact activation patching ranks for `activation`).
+    the method's own ranking (`reports.faithful.RUN_METHOD_TO_CIRCUIT`); `greedy` refines it by exact gains.
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """

@@ -50,14 +50,14 @@ def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path)
 
 
 def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):  # noqa: F811
-    """Default options: greedy from the run's EAP-IG ranking; the curve holds the baseline ranking too; the
+    """Default options: the smallest faithful prefix of the run's EAP-IG ranking; the curve holds the baseline ranking too; the
     circuit's heads all have scores clear of zero; a forced size keeps the forced circuit and still reports."""
     out = tmp_path / "default"
     assert main(["run", "--model", tiny_dir, "--out", str(out), "--quiet", "--no-roles", "--resid-positions", "none",
                  "--heldout-n", "4", *FAST]) == 0
     record = json.loads((out / "run.json").read_text())
     summary = record["circuit_faithfulness"]
-    assert summary["method"] == "greedy" and "eap-ig" in summary["ranking"]
+    assert summary["method"] == "eap-ig" and "eap-ig" in summary["ranking"]
     ranking = pd.read_parquet(out / "tables" / "faithful_ranking.parquet").set_index("item")["score"]
     assert all(abs(ranking[i]) > 0 for i in summary["items"])
     curve = pd.read_csv(out / "faithful_curve.csv")
