@@ -31,9 +31,10 @@ import torch  # noqa: E402
 from circuitlab.graphs.circuit import Selection, circuit_from_node_scores, circuit_table  # noqa: E402
 from circuitlab.graphs.draw import draw_circuit  # noqa: E402
 from circuitlab.graphs.io import write_graphml, write_mib  # noqa: E402
-from circuitlab.graphs.roles import (IOIPrompts, RoleThresholds, assign_roles, detect_backup_name_movers,  # noqa: E402
-                          detect_ioi_attention_roles, detect_name_movers, detect_repeated_token_roles,
-                          detect_s_inhibition, ioi_head_scores, repeated_random_tokens)
+from circuitlab.graphs.role_scores import IOIPrompts, ioi_head_scores, repeated_random_tokens  # noqa: E402
+from circuitlab.graphs.roles import (RoleThresholds, assign_roles, detect_backup_name_movers,  # noqa: E402
+                                     detect_ioi_attention_roles, detect_name_movers, detect_repeated_token_roles,
+                                     detect_s_inhibition)
 from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare  # noqa: E402
 from circuitlab.patching.components import head_node  # noqa: E402
 from circuitlab.patching.models import load_model  # noqa: E402

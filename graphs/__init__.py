@@ -2,7 +2,8 @@
 
 - `graphs.circuit`: build circuits from node scores, edge scores or path-patching results (`Selection`).
 - `graphs.roles`: role detectors (previous-token, duplicate-token, induction + OV copying, name movers,
-  negative and backup name movers, S-inhibition) and `assign_roles`.
+  negative and backup name movers, S-inhibition), `detect_roles` (all a model and task allow) and
+  `assign_roles`; `graphs.role_scores`: the per-head measurements behind them.
 - `graphs.reference`: the published GPT-2-small IOI and greater-than circuits, as data.
 - `graphs.evaluate`: precision/recall/F1 and ROC-AUC against a reference; faithfulness, completeness,
   minimality of node circuits.

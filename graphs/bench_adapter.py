@@ -12,7 +12,7 @@ from torch import Tensor
 
 from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.edges import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph
 
 COUNTERFACTUALS: tuple[str, ...] = ("task", "resample", "zero")
 

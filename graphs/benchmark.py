@@ -52,7 +52,8 @@ from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, ge
 from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.edges import ComputationalGraph, EdgeContext, ablated_context, prepare_edges
+from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges
+from circuitlab.patching.topology import ComputationalGraph
 
 METHODS: tuple[str, ...] = BENCHMARK_METHODS
 METHOD_NOTES: dict[str, str] = {name: get_method(name).note for name in METHODS}

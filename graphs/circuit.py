@@ -38,6 +38,7 @@ import networkx as nx
 import pandas as pd
 
 from circuitlab.patching.components import canonical_kind, edge_name, head_node, mlp_node, parse_edge, parse_node
+from circuitlab.patching.topology import can_read, sort_key
 
 NODE_KINDS = ("input", "head", "mlp", "logits")
 CHANNELS = ("q", "k", "v", "resid")
@@ -123,30 +124,6 @@ def add_edge(graph: nx.MultiDiGraph, src: str, dst: str, channel: str = "resid",
 def edge_names(graph: nx.MultiDiGraph) -> list[str]:
     """The MIB-style names of a circuit's edges (`a0.h1->a5.h5<q>`, `m3->logits`)."""
     return [edge_name(u, v, ch) for u, v, ch in graph.edges(keys=True)]
-
-
-def sort_key(name: str) -> tuple[int, int, int]:
-    """Order nodes as the model computes them: input, then per layer heads before the MLP, then logits."""
-    node = parse_node(name)
-    if node.kind == "input":
-        return (-1, 0, 0)
-    if node.kind == "logits":
-        return (10**9, 0, 0)
-    if node.kind == "head":
-        return (node.layer, 0, node.head)
-    return (node.layer, 1, 0)
-
-
-def can_read(src: str, dst: str) -> bool:
-    """Whether `dst` can read the output of `src` in a sequential (attention then MLP) transformer."""
-    a, b = parse_node(src), parse_node(dst)
-    if a.kind == "logits" or b.kind == "input":
-        return False
-    if a.kind == "input" or b.kind == "logits":
-        return True
-    if b.kind == "head":
-        return a.layer < b.layer
-    return a.layer < b.layer or (a.layer == b.layer and a.kind == "head")
 
 
 def validate_circuit(graph: nx.MultiDiGraph) -> None:

@@ -25,7 +25,8 @@ from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.methods import get_method
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
 from circuitlab.patching.components import head_node, mlp_node
-from circuitlab.patching.edges import ComputationalGraph, EdgeContext, ablated_context, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.edges import EdgeContext, ablated_context, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.normalize import normalize
 
 DEFAULT_TOP_K = {"edge": 50, "node": 20}

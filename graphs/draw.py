@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 
-from circuitlab.graphs.circuit import sort_key  # noqa: E402
+from circuitlab.patching.topology import sort_key  # noqa: E402
 
 ROLE_COLORS = {
     "name_mover": "#d62728", "backup_name_mover": "#ff9896", "negative_name_mover": "#9467bd",

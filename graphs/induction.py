@@ -1,8 +1,8 @@
 """Per-head induction measurements on any bridge: attention scores, OV/QK eigenvalue scores, composition.
 
-- Attention scores on repeated random tokens (`graphs.roles.repeated_token_scores`): previous-token,
+- Attention scores on repeated random tokens (`graphs.role_scores.repeated_token_scores`): previous-token,
   duplicate-token and prefix-matching (induction), each a mean attention probability in [0, 1].
-- OV copying score (`graphs.roles.copying_scores`): Σλ/Σ|λ| over the eigenvalues of W_E W_V W_O W_U
+- OV copying score (`graphs.role_scores.copying_scores`): Σλ/Σ|λ| over the eigenvalues of W_E W_V W_O W_U
   (Olsson et al. 2022); +1 = the head copies the token it attends to, −1 = it suppresses it.
 - QK matching score, Σλ/Σ|λ| of a vocab × vocab QK circuit: positive when a query token attends to keys
   carrying the same token. `qk_direct` is the direct circuit W_E W_Q W_Kᵀ W_Eᵀ (keys are raw tokens; a
@@ -17,7 +17,7 @@
 
 Norms: each reading matrix (W_Q, W_K, W_V) has its layer's input norm folded in (LN centring, then the
 norm's weight); token embeddings are normalised per row as the first layer would see them (see
-`graphs.roles`); W_U gets the final norm's weight. Per-token norm scales of deeper residual streams are
+`graphs.role_scores`); W_U gets the final norm's weight. Per-token norm scales of deeper residual streams are
 positive scalars and are left out: an approximation, stated, exact for models without norms. Rotary
 models: the QK matrices are read at relative offset 0 (no rotation), which content-matching heads use
 through their low-frequency rotary pairs; attention scores measured on prompts need no such caveat.
@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.graphs.roles import RepeatedTokens, copying_scores, repeated_token_scores
+from circuitlab.graphs.role_scores import RepeatedTokens, copying_scores, repeated_token_scores
 
 HEAD_COLUMNS = ["layer", "head", "previous_token", "duplicate_token", "induction", "ov_copying", "qk_direct",
                 "qk_matching", "qk_via"]

@@ -22,7 +22,8 @@ from typing import Any
 
 import networkx as nx
 
-from circuitlab.graphs.circuit import add_edge, finish, new_circuit, sort_key
+from circuitlab.graphs.circuit import add_edge, finish, new_circuit
+from circuitlab.patching.topology import sort_key
 from circuitlab.patching.components import edge_name, parse_edge, parse_node
 
 PathLike = str | os.PathLike[str]

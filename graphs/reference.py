@@ -19,7 +19,8 @@ from typing import Any
 
 import networkx as nx
 
-from circuitlab.graphs.circuit import add_edge, add_node, can_read, finish, new_circuit
+from circuitlab.graphs.circuit import add_edge, add_node, finish, new_circuit
+from circuitlab.patching.topology import can_read
 from circuitlab.patching.components import head_node, mlp_node
 
 REFERENCES = {"ioi": "ioi_gpt2_small.json", "ioi_gpt2_small": "ioi_gpt2_small.json",

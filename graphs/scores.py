@@ -19,7 +19,7 @@ from torch import Tensor
 
 from circuitlab.graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores, select
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.edges import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph
 
 EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
 NODE_COLUMNS = ["node", "component", "layer", "head", "score", "effect", "method", "exact"]

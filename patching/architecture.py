@@ -2,7 +2,7 @@
 
 `describe(model)` inspects the bridge's modules, its config and the wrapped Hugging Face config, and probes one
 short forward for what only the numbers tell (embedding scale, learned-position offset). The fast runner builds
-its forward pass from this description, and `patching.edges.ComputationalGraph` its topology (parallel blocks,
+its forward pass from this description, and `patching.topology.ComputationalGraph` its topology (parallel blocks,
 attention-only), so graph topology is never re-derived elsewhere.
 """
 

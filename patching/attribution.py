@@ -131,6 +131,13 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     """
     g, runner = ctx.graph, ctx.edge_runner.runner
     index = [g.edge_index(e) if isinstance(e, str) else int(e) for e in edges]
+    if getattr(ctx.edge_runner, "backend", "fast") == "hook":  # no partial runs: the full graph minus one edge
+        from circuitlab.patching.edges import evaluate_edge_masks
+
+        masks = torch.ones(len(index), g.n_edges)
+        masks[torch.arange(len(index)), torch.tensor(index, dtype=torch.long)] = 0.0
+        values = evaluate_edge_masks(ctx, masks, progress=progress).mean(1)
+        return ctx.clean_metric - values.cpu()
     clean, corrupt = ctx.clean, ctx.corrupt
     batch, reads = ctx.read_positions.shape
     groups: dict[tuple[int, str], list[int]] = {}

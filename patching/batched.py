@@ -121,7 +121,7 @@ class Batches:
     def oracle_check(self, scores: Tensor, *, n_edges: int = 200, seed: int = 0,
                      progress: bool = False) -> tuple[float, pd.DataFrame]:
         from circuitlab.patching.attribution import oracle_frame, oracle_sample
-        from circuitlab.patching.edges import ComputationalGraph
+        from circuitlab.patching.topology import ComputationalGraph
 
         graph = ComputationalGraph.from_model(self.model)
         chosen = oracle_sample(graph, scores, n_edges=n_edges, seed=seed)

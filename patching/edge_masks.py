@@ -23,6 +23,8 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
     r, g = er.runner, er.graph
     if edge_masks.dim() != 2 or edge_masks.shape[1] != g.n_edges:
         raise ValueError(f"edge masks must be [circuits, {g.n_edges}]; got {tuple(edge_masks.shape)}")
+    if getattr(er, "backend", "fast") == "hook":  # the bridge's own forward on per-receiver copies
+        return er.masked(ctx.pairs.clean_tokens, ctx.corrupt, g.mask(edge_masks.to(ctx.corrupt.senders.dtype)))
     n_circ = edge_masks.shape[0]
     corrupt = ctx.corrupt
     batch, seq, _, dm = corrupt.senders.shape

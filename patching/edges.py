@@ -1,12 +1,5 @@
-"""The model's computational graph and exact edge patching, on any bridge the Runner reproduces.
-
-Nodes are `input`, `a{l}.h{h}`, `m{l}` and `logits` (ACDC / EAP-IG / MIB names). A sender's output is its
-own contribution to the residual stream: the embeddings for `input`, `z_h @ W_O[h]` for a head (the
-attention bias b_O belongs to no head), the MLP's output. Receivers read their own copy of the residual
-stream: every head's query, key and value (`<q>`, `<k>`, `<v>`), every MLP, and the logits. With grouped-query
-attention, `a{l}.h{h}<k>` is the key *as query head h reads it*: every query head has its own copy of its
-group's key/value input, so a k/v edge belongs to exactly one query-head node (the convention of EAP-IG and
-MIB files, and the one the circuit builder, ACDC, path patching and MIB import/export use).
+"""Exact edge patching on the model's computational graph (`patching.topology`), on any bridge the Runner
+reproduces, and the evaluation of circuits given as edge masks.
 
 Edge patching: receiver v reads `sum_u c_uv * a_u + (1 - c_uv) * a_u^corrupt` (plus biases), where `a_u` is
 sender u's output in the same forward pass and c_uv is the edge's mask (1 = in the circuit). With every
@@ -18,141 +11,17 @@ works on HF-backed and TL-native bridges alike (no `hook_result` / split q-k-v i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
-from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge
 from circuitlab.patching.forward_parts import rms_post_share
 from circuitlab.patching.runner import Runner, RunState
+from circuitlab.patching.topology import ComputationalGraph
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
-
-
-class ComputationalGraph:
-    """Senders, receivers and valid edges of a model, with names and index maps."""
-
-    def __init__(self, n_layers: int, n_heads: int, n_kv: int, attn_only: bool = False, parallel: bool = False):
-        self.n_layers, self.n_heads, self.n_kv = n_layers, n_heads, n_kv
-        self.attn_only, self.parallel = attn_only, parallel
-        self.group = n_heads // n_kv
-        self.send_stride = n_heads + (0 if attn_only else 1)
-        self.recv_stride = 3 * n_heads + (0 if attn_only else 1)
-        self.sender_names: list[str] = ["input"]
-        self.sender_layer: list[float] = [-1.0]
-        for layer in range(n_layers):
-            self.sender_names += [head_node(layer, h) for h in range(n_heads)]
-            self.sender_layer += [layer] * n_heads
-            if not attn_only:
-                self.sender_names.append(mlp_node(layer))
-                self.sender_layer.append(layer + 0.5)
-        self.receiver_names: list[str] = []  # the receiving node
-        self.receiver_channels: list[str] = []
-        for layer in range(n_layers):
-            for channel in ("q", "k", "v"):
-                self.receiver_names += [head_node(layer, h) for h in range(n_heads)]
-                self.receiver_channels += [channel] * n_heads
-            if not attn_only:
-                self.receiver_names.append(mlp_node(layer))
-                self.receiver_channels.append("resid")
-        self.receiver_names.append("logits")
-        self.receiver_channels.append("resid")
-        self.n_senders, self.n_receivers = len(self.sender_names), len(self.receiver_names)
-        valid = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
-        for r in range(self.n_receivers):
-            valid[: self.senders_before(r), r] = True
-        self.valid = valid
-        send_idx, recv_idx = valid.nonzero(as_tuple=True)
-        order = torch.argsort(recv_idx * self.n_senders + send_idx)  # receivers in topological order
-        self.edge_sender, self.edge_receiver = send_idx[order], recv_idx[order]
-        self.edge_names = [edge_name(self.sender_names[s], self.receiver_names[r], self.receiver_channels[r])
-                           for s, r in zip(self.edge_sender.tolist(), self.edge_receiver.tolist())]
-        self._edge_index = {name: i for i, name in enumerate(self.edge_names)}
-
-    @classmethod
-    def from_model(cls, model: Any) -> ComputationalGraph:
-        from circuitlab.patching.architecture import describe
-
-        return cls.from_architecture(describe(model))
-
-    @classmethod
-    def from_architecture(cls, arch: Any) -> ComputationalGraph:
-        """The graph of an `architecture.Architecture` (the one place topology comes from)."""
-        return cls(arch.n_layers, arch.n_heads, arch.n_kv, arch.attn_only, arch.parallel)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
-        """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
-        `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
-        return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),
-                   bool(meta.get("attn_only", False)), bool(meta.get("parallel_attn_mlp", False)))
-
-    def receiver_info(self, receiver: int) -> tuple[int, str, int]:
-        """(layer, channel, query head) of a receiver; channel `mlp` (head -1) or `logits` (layer n_layers)."""
-        if receiver == self.logits_receiver:
-            return self.n_layers, "logits", -1
-        layer, offset = divmod(receiver, self.recv_stride)
-        if offset >= 3 * self.n_heads:
-            return layer, "mlp", -1
-        channel, head = divmod(offset, self.n_heads)
-        return layer, "qkv"[channel], head
-
-    # ------------------------------------------------------------------ index arithmetic
-    def head_sender(self, layer: int, head: int) -> int:
-        return 1 + layer * self.send_stride + head
-
-    def mlp_sender(self, layer: int) -> int:
-        return 1 + layer * self.send_stride + self.n_heads
-
-    def attn_receivers(self, layer: int) -> slice:
-        """Receiver indices of layer's heads: all queries, then all keys, then all values (per query head)."""
-        start = layer * self.recv_stride
-        return slice(start, start + 3 * self.n_heads)
-
-    def mlp_receiver(self, layer: int) -> int:
-        return layer * self.recv_stride + 3 * self.n_heads
-
-    @property
-    def logits_receiver(self) -> int:
-        return self.n_receivers - 1
-
-    def senders_before(self, receiver: int) -> int:
-        """How many senders (a prefix of the sender order) write into this receiver's input."""
-        if receiver == self.logits_receiver:
-            return self.n_senders
-        layer, offset = divmod(receiver, self.recv_stride)
-        base = 1 + layer * self.send_stride
-        is_mlp = not self.attn_only and offset == 3 * self.n_heads
-        return base + (self.n_heads if is_mlp and not self.parallel else 0)
-
-    @property
-    def n_edges(self) -> int:
-        return len(self.edge_names)
-
-    def edge_index(self, name: str) -> int:
-        """Position of an edge in the canonical order; a clear error for unknown names."""
-        if name in self._edge_index:
-            return self._edge_index[name]
-        src, dst, channel = parse_edge(name)  # raises on malformed names
-        canonical = edge_name(src, dst, channel if channel != "resid" else None)
-        if canonical in self._edge_index:
-            return self._edge_index[canonical]
-        raise ValueError(f"edge {name!r} is not in this model's graph ({self.n_layers} layers, {self.n_heads} heads)")
-
-    def mask(self, edges: Tensor) -> Tensor:
-        """Edge vectors [..., n_edges] to sender × receiver matrices [..., n_senders, n_receivers]."""
-        out = torch.zeros(*edges.shape[:-1], self.n_senders, self.n_receivers, dtype=edges.dtype, device=edges.device)
-        out[..., self.edge_sender, self.edge_receiver] = edges
-        return out
-
-    def edges_vector(self, names: Sequence[str], value: float = 1.0) -> Tensor:
-        """A 0/1 edge vector with `names` set."""
-        vec = torch.zeros(self.n_edges)
-        for name in names:
-            vec[self.edge_index(name)] = value
-        return vec
 
 
 @dataclass
@@ -228,7 +97,7 @@ class EdgeRunner:
     def from_run(self, state: RunState) -> GraphActivations:
         """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
         self.require()
-        r, g = self.runner, self.graph
+        r = self.runner
         senders = [state.resid_pre[0]]
         mid = []
         for layer in range(r.n_layers):

@@ -26,7 +26,8 @@ from torch import Tensor
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from circuitlab.patching.edges import ComputationalGraph, EdgeRunner, GraphActivations
+    from circuitlab.patching.edges import EdgeRunner, GraphActivations
+    from circuitlab.patching.topology import ComputationalGraph
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding is exact: no real token sees a later pad
@@ -72,7 +73,20 @@ def make_runner(model: Any) -> tuple[Any, str, str]:
         from circuitlab.patching.hook_backend import HookRunner
     except ImportError:
         raise UnsupportedModelError(reason) from None
-    return HookRunner(model), "hook", reason
+    runner = HookRunner(model)
+    runner.backend_reason = reason
+    return runner, "hook", reason
+
+
+def make_edge_runner(model: Any, runner: Any) -> Any:
+    """The graph-form runner for a runner: `edges.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
+    if getattr(runner, "backend", "fast") == "hook":
+        from circuitlab.patching.hook_edges import HookEdgeRunner
+
+        return HookEdgeRunner(model, runner)
+    from circuitlab.patching.edges import EdgeRunner
+
+    return EdgeRunner(model, runner)
 
 
 def _site_sets(runner: Any, collect: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
@@ -186,8 +200,6 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
     `runner`: reuse one (e.g. across prompt batches); `collect`: extra `(kind, layer)` sites to cache;
     `check_gap`: refuse prompt sets whose clean and corrupted metrics are equal (normalized effects undefined).
     """
-    from circuitlab.patching.edges import EdgeRunner
-
     if runner is None:
         runner, backend, reason = make_runner(model)
     else:
@@ -208,8 +220,8 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
     if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
         raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
                          "undefined; check the corruption or the task")
-    return EngineContext(EdgeRunner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
+    return EngineContext(make_edge_runner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
                          clean_run=clean, corrupt_run=corrupt, collected=keys, backend=backend, backend_reason=reason)
 
 
-__all__ = ["EngineContext", "engine_context", "make_runner"]
+__all__ = ["EngineContext", "engine_context", "make_edge_runner", "make_runner"]

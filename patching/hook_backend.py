@@ -6,8 +6,10 @@ whole bridge forward: the residual stream given to `run` replaces `blocks.{l}.ho
 model's own computation, and intervention hooks `(kind, layer)` become hooks on `components.hook_name(kind, layer)`.
 It computes every position (no windows) and unembeds through the bridge, so it is exact and slower.
 
-Activation patching (every kind), path patching (q; k/v without grouped-query attention) and everything built
-on them work. Edge methods need per-receiver inputs, which the bridge's hooks do not expose; they say so.
+Activation patching (every kind; an edit of `resid_mid` reaches the MLP and the skip connection even where the
+bridge aliases `hook_resid_mid` to the MLP norm's input, as TL-native bridges do) and path patching (q, and k/v
+per query head under grouped-query attention, by running a key/value group's query heads as batch copies) work.
+Edge methods (edge patching, EAP, EAP-IG, ACDC, faithfulness, node masks) run on `patching.hook_edges`.
 """
 
 from __future__ import annotations
@@ -69,23 +71,104 @@ class HookRunner:
         if pos0 != 0:
             raise ValueError("the hook backend runs every position: start windows at position 0")
         stop = self.n_layers if stop_layer is None else stop_layer
+        hooks = dict(hooks or {})
+        per_query = {key: hooks.pop(key) for key in list(hooks) if key[0] in ("k_q", "v_q") and key[1] >= start_layer}
+        if self.group == 1 and self.arch.qk_norm != "full":
+            hooks.update({(kind[0], layer): fn for (kind, layer), fn in per_query.items()})
+            per_query = {}
         if start_at_mlp:
-            entry = hook_name("resid_mid", start_layer)
+            fwd = self._mid_hooks(start_layer, lambda act: resid)
         else:
             entry = hook_name("resid_pre", start_layer) if start_layer < self.n_layers else _FINAL
-        fwd: list[tuple[str, Callable]] = [(entry, lambda act, hook: resid)]
-        fwd += self._hooks(hooks or {}, start_layer, start_at_mlp, state)
+            fwd = [(entry, lambda act, hook: resid)]
+        fwd += self._hooks(hooks, start_layer, start_at_mlp, state)
         got: dict[str, Tensor] = {}
         exit_name = _FINAL if stop >= self.n_layers else hook_name("resid_pre", stop)
         fwd.append((exit_name, _capture(got, "out")))
-        self._forward(self._placeholder(resid), fwd)
+        placeholder = self._placeholder(resid)
+        if per_query:
+            fwd = self._per_query_head(fwd, per_query, resid.shape[0])
+            placeholder = placeholder.repeat(self.group, 1)
+        self._forward(placeholder, fwd)
         if state is not None and stop >= self.n_layers:
             state.resid_final = got["out"]
         return got["out"]
 
+    def read_site(self, kind: str, layer: int) -> str:
+        """The hook where each head's q/k/v is its own: `hook_q`/`hook_k`/`hook_v`, except under a query/key norm
+        over all heads (OLMo-2), where it is after the norm (`attn.hook_q_normed`, [batch, pos, heads * d_head]).
+        A per-head norm (Qwen3, Gemma-3) acts on each head alone, so before or after it is the same."""
+        if kind in ("q", "k") and self.arch.qk_norm == "full":
+            name = f"blocks.{layer}.attn.hook_{kind}_normed"
+            if name in self.model.hook_dict:
+                return name
+        return hook_name(kind, layer)
+
+    def _per_query_head(self, fwd: list[tuple[str, Callable]], per_query: dict[tuple[str, int], Hook],
+                        batch: int) -> list[tuple[str, Callable]]:
+        """Per-query-head key/value edits under grouped-query attention: the forward runs on `group` copies; copy j
+        holds, in each key/value head, the (edited) key/value as the group's j-th query head reads it, and at
+        `hook_z` each query head's output is taken from its own copy and written into all. Keys/values are seen at
+        `read_site` (after any key norm), the values `receiver_values` gives, as the fast runner's `k_q`/`v_q`."""
+        group, heads = self.group, torch.arange(self.n_heads, device=self.W_E.device)
+
+        def chunked(fn: Callable) -> Callable:
+            return lambda act, hook: torch.cat([fn(part, hook) for part in act.chunk(group)], dim=0)
+
+        def edit(fn: Hook) -> Callable:
+            def hook(act: Tensor, hook: Any) -> Tensor:
+                a = act.view(group, batch, act.shape[1], self.n_kv, self.d_head)
+                per_head = fn(a[0].repeat_interleave(group, dim=2))  # [batch, pos, n_heads, d_head]
+                arranged = per_head.view(*per_head.shape[:2], self.n_kv, group, -1).permute(3, 0, 1, 2, 4)
+                return arranged.reshape(act.shape)
+            return hook
+
+        def merge(act: Tensor, hook: Any) -> Tensor:
+            a = act.view(group, batch, act.shape[1], self.n_heads, -1)
+            own = a[heads % group, :, :, heads].permute(1, 2, 0, 3)  # [batch, pos, n_heads, d_head]
+            return own.unsqueeze(0).expand(group, *own.shape).reshape(act.shape)
+
+        layers = sorted({layer for _, layer in per_query})
+        first = [(hook_name("z", layer), merge) for layer in layers]
+        last = [(self.read_site(kind[0], layer), edit(fn)) for (kind, layer), fn in per_query.items()]
+        return first + [(name, chunked(fn)) for name, fn in fwd] + last
+
+    @property
+    def mid_is_stream(self) -> bool:
+        """Whether an edit at `hook_resid_mid` reaches the residual stream. TL-native bridges alias it to
+        `ln2.hook_in`: the edit changes the MLP's input only, the skip connection keeps the old value."""
+        if getattr(self, "_mid_is_stream", None) is None:
+            got: dict[str, Tensor] = {}
+            tokens = (torch.arange(1, 5, device=self.W_E.device) % self.W_E.shape[0]).unsqueeze(0)
+            edit = [(hook_name("resid_mid", 0), lambda act, hook: got.setdefault("mid", act + 1.0)),
+                    (hook_name("mlp_out", 0), _capture(got, "mlp")), (hook_name("resid_post", 0), _capture(got, "post"))]
+            with torch.no_grad():
+                self._forward(tokens, edit)
+            diff = float((got["post"] - got["mid"] - got["mlp"]).abs().max())
+            self._mid_is_stream = diff < 0.5
+        return self._mid_is_stream
+
+    def _mid_hooks(self, layer: int, fn: Hook) -> list[tuple[str, Callable]]:
+        """Hooks editing resid_mid of `layer` by `fn`, on the MLP's input and on the skip connection alike."""
+        if self.mid_is_stream:
+            return [(hook_name("resid_mid", layer), lambda act, hook: fn(act))]
+        changes: list[Tensor] = []  # one per call (several when the batch runs in chunks)
+
+        def mid(act: Tensor, hook: Any) -> Tensor:
+            new = fn(act)
+            changes.append(new - act)
+            return new
+
+        return [(hook_name("resid_mid", layer), mid),
+                (hook_name("resid_post", layer), lambda act, hook: act + changes.pop(0))]
+
     def _hooks(self, hooks: dict[tuple[str, int], Hook], start: int, at_mlp: bool,
                state: RunState | None) -> list[tuple[str, Callable]]:
         out: list[tuple[str, Callable]] = []
+        for (kind, layer), fn in hooks.items():  # first, so that later hooks on resid_post see the corrected stream
+            if kind == "resid_mid" and layer >= start:
+                out += self._mid_hooks(layer, fn)
+        hooks = {key: fn for key, fn in hooks.items() if key[0] != "resid_mid"}
         attention_kinds = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out")
         for (kind, layer), fn in hooks.items():
             if layer < start or (at_mlp and layer == start and kind in attention_kinds):
@@ -95,11 +178,8 @@ class HookRunner:
                     raise ValueError("per-head edits of normed queries need the fast runner, which does not "
                                      f"reproduce this model: {self.arch.name}")
                 kind = "q"
-            if kind in ("k_q", "v_q"):
-                if self.group != 1:
-                    raise ValueError("per-query-head key/value edits on grouped-query attention need the fast "
-                                     f"runner, which does not reproduce this model: {self.arch.name}")
-                kind = kind[0]
+            if kind in ("k_q", "v_q"):  # full_run: run() takes these
+                raise ValueError("per-query-head key/value edits are for partial runs (HookRunner.run)")
             out.append((hook_name(kind, layer), lambda act, hook, fn=fn: fn(act)))
         if state is not None:
             for layer in range(start, self.n_layers):
@@ -124,11 +204,14 @@ class HookRunner:
         return state
 
     def receiver_values(self, channel: str, layer: int, resid: Tensor) -> Tensor:
-        """q/k/v [batch, pos, heads, d_head] of `layer` computed by the bridge from residual stream `resid`."""
+        """q (before any query norm; path patching's `q` site), k/v (as read: after any key norm) [batch, pos, heads,
+        d_head] of `layer`, computed by the bridge from residual stream `resid`."""
         got: dict[str, Tensor] = {}
-        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (hook_name(channel, layer), _capture(got, "x"))]
+        site = hook_name("q", layer) if channel == "q" else self.read_site(channel, layer)  # q: before its norm
+        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (site, _capture(got, "x"))]
         self._forward(self._placeholder(resid), fwd)
-        return got["x"]
+        x = got["x"]
+        return x.view(*x.shape[:2], -1, self.d_head)
 
     def logits(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)

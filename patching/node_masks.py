@@ -58,6 +58,10 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
     r, g = er.runner, er.graph
     if masks.dim() != 2 or masks.shape[1] != g.n_senders:
         raise ValueError(f"node masks must be [circuits, {g.n_senders}] over graph.sender_names; got {tuple(masks.shape)}")
+    if getattr(er, "backend", "fast") == "hook":  # every outgoing edge of u at m_u: the same circuit, by edges
+        from circuitlab.patching.edge_masks import edge_masked_final
+
+        return edge_masked_final(ctx, expand_to_edges(ctx, masks))
     n_circ = masks.shape[0]
     corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
     batch, seq, _, dm = corrupt.shape

@@ -104,7 +104,7 @@ def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     cfg = make_config({**cell.params, "out": str(folder), "threads": cell.threads})
     limit = get_method(cfg.method).max_edges
     if limit is not None and not cfg.force:
-        from circuitlab.patching.edges import ComputationalGraph
+        from circuitlab.patching.topology import ComputationalGraph
         from circuitlab.patching.models import load_model
 
         mcfg = load_model(cfg.model, device=cfg.device).cfg

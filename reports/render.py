@@ -55,6 +55,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     intro.paragraphs.append(f"Model {model['name']} ({model.get('architecture', '')}, {model['n_layers']} layers, "
                             f"{model['n_heads']} heads, {model['n_key_value_heads']} key/value heads, d_model "
                             f"{model['d_model']}), weight hash {model['weight_hash']}. Method {method}.")
+    intro.paragraphs.append(_engine_text(model.get("engine") or {}))
     pairs = result.pairs
     shown = min(3, len(pairs))
     examples = pd.DataFrame({"clean": pairs.clean_texts[:shown], "corrupt": pairs.corrupt_texts[:shown]})
@@ -252,6 +253,18 @@ def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any]
     if result.stability is not None:
         faith.tables.append(("Stability: how often each component is in the circuit found on bootstrap resamples "
                              "of the discovery pairs", result.stability))
+
+
+def _engine_text(engine: dict[str, Any]) -> str:
+    """Which backend computed every number of the run, and why (run.json's model.engine)."""
+    backend = engine.get("backend")
+    if backend == "fast":
+        return ("Backend: fast (circuitlab's layer-, position- and readout-restricted runner, whose logits were "
+                "checked equal to the model's own forward before any number was computed).")
+    if backend == "hook":
+        return ("Backend: hook (exact, slower: every number is a forward pass of the model itself with hooks), "
+                f"because {engine.get('reason') or 'it was chosen'}.")
+    return "Backend: not recorded (a run from before circuitlab recorded it)."
 
 
 def _circuit_size(graph: Any) -> tuple[float, float]:

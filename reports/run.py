@@ -88,7 +88,7 @@ class Pipeline:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
-        from circuitlab.patching.edges import ComputationalGraph
+        from circuitlab.patching.topology import ComputationalGraph
 
         return ComputationalGraph.from_meta(self.result.model)
 
@@ -238,7 +238,7 @@ def _circuit(p: Pipeline) -> dict[str, Any]:
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.reports.roles import detect_roles
+    from circuitlab.graphs.roles import detect_roles
 
     return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}

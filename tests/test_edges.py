@@ -9,7 +9,8 @@ from circuitlab.patching.acdc import acdc
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import (eap_ig_scores, eap_scores, edge_frame, exact_edge_scores, node_frame,
                                   oracle_check, spearman)
-from circuitlab.patching.edges import ComputationalGraph, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.models import boot_native_model
 from tests.conftest import TINY_CONFIG

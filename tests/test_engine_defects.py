@@ -8,7 +8,8 @@ import torch
 
 from circuitlab.patching.attribution import exact_edge_scores
 from circuitlab.patching.components import hook_name
-from circuitlab.patching.edges import ComputationalGraph, prepare_edges
+from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.models import boot_native_model
 from tests.toy import ToyTask, toy_pairs
 
@@ -156,7 +157,7 @@ def test_parallel_block_mlp_edge_scores_equal_bridge_hooks(neox):
 
 def test_dla_centres_the_final_layernorm():
     """Direct logit attribution equals TransformerLens's apply_ln_to_stack on an LN model."""
-    from circuitlab.graphs.roles import IOIPrompts, ioi_head_scores
+    from circuitlab.graphs.role_scores import IOIPrompts, ioi_head_scores
     from tests.conftest import TINY_CONFIG
 
     model = boot_native_model(TINY_CONFIG)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from circuitlab.graphs.circuit import Selection, circuit_from_node_scores
-from circuitlab.graphs.roles import (IOIPrompts, RoleThresholds, assign_roles, copying_scores, detect_backup_name_movers,
-                          detect_name_movers, detect_repeated_token_roles, detect_s_inhibition, ioi_head_scores,
-                          repeated_random_tokens, repeated_token_scores)
+from circuitlab.graphs.role_scores import (IOIPrompts, copying_scores, ioi_head_scores, repeated_random_tokens,
+                                           repeated_token_scores)
+from circuitlab.graphs.roles import (RoleThresholds, assign_roles, detect_backup_name_movers, detect_name_movers,
+                                     detect_repeated_token_roles, detect_s_inhibition)
 from circuitlab.patching.models import boot_native_model
 
 V, P, DH, C = 24, 16, 40, 60.0  # vocab, context, d_head, attention sharpness

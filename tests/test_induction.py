@@ -7,7 +7,7 @@ import torch
 
 from circuitlab.graphs.ablation import icl_ablation, joint_icl_ablation, repeated_tokens_patching
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, eigen_score, head_scores, qk_scores
-from circuitlab.graphs.roles import copying_scores
+from circuitlab.graphs.role_scores import copying_scores
 from circuitlab.patching.models import boot_native_model
 from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
 from tests.induction_toy import N_CTX, V, induction_model

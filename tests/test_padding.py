@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuitlab.graphs.roles import IOIPrompts, ioi_head_scores
+from circuitlab.graphs.role_scores import IOIPrompts, ioi_head_scores
 from circuitlab.patching.acdc import _objective, acdc
 from circuitlab.patching.activation import activation_patching, prepare
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores

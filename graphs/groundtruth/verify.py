@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuitlab.patching.components import edge_name, head_node, mlp_node
+from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge, parse_node
+from circuitlab.patching.topology import can_read, sender_nodes
 
 
 @dataclass(frozen=True)
@@ -100,30 +101,18 @@ def weights_of(model: Any) -> Weights:
 
 def node_order(w: Weights) -> list[str]:
     """Sender nodes in computation order: input, then per layer its heads and its MLP."""
-    out = ["input"]
-    for layer, lw in enumerate(w.layers):
-        out += [head_node(layer, h) for h in range(w.n_heads)]
-        if lw.W_in is not None:
-            out.append(mlp_node(layer))
-    return out
+    return sender_nodes(len(w.layers), w.n_heads, attn_only=not w.has_mlp)
 
 
 def _senders_of(w: Weights, receiver: str) -> list[str]:
-    order = node_order(w)
-    if receiver == "logits":
-        return order
-    if receiver.startswith("m"):
-        layer = int(receiver[1:])
-        return order[: order.index(receiver)]
-    layer = int(receiver[1:].split(".")[0])
-    return order[: order.index(head_node(layer, 0))]
+    return [s for s in node_order(w) if can_read(s, receiver)]
 
 
 def all_edges(w: Weights) -> list[str]:
     """Every edge of the model's graph in our naming, receivers in computation order."""
     edges = []
     for receiver in node_order(w)[1:] + ["logits"]:
-        channels = ("q", "k", "v") if receiver.startswith("a") else (None,)
+        channels = ("q", "k", "v") if parse_node(receiver).kind == "head" else (None,)
         for ch in channels:
             edges += [edge_name(s, receiver, ch) for s in _senders_of(w, receiver)]
     return edges
@@ -177,30 +166,29 @@ def graph_forward(w: Weights, tokens: Tensor, ablate: frozenset[str] | set[str] 
     return logits, outs
 
 
-def _writer(w: Weights, node: str) -> Tensor:
-    if node == "input":
+def _writer(w: Weights, name: str) -> Tensor:
+    node = parse_node(name)
+    if node.kind == "input":
         return torch.cat([w.W_E, w.W_pos])
-    if node.startswith("m"):
-        return w.layers[int(node[1:])].W_out
-    layer, head = (int(x) for x in node[1:].split(".h"))
-    return w.layers[layer].W_O[head]
+    if node.kind == "mlp":
+        return w.layers[node.layer].W_out
+    return w.layers[node.layer].W_O[node.head]
 
 
-def _reader(w: Weights, node: str, ch: str | None) -> Tensor:
-    if node == "logits":
+def _reader(w: Weights, name: str, ch: str) -> Tensor:
+    node = parse_node(name)
+    if node.kind == "logits":
         return w.W_U
-    if node.startswith("m"):
-        return w.layers[int(node[1:])].W_in
-    layer, head = (int(x) for x in node[1:].split(".h"))
-    return getattr(w.layers[layer], f"W_{ch.upper()}")[head]
+    if node.kind == "mlp":
+        return w.layers[node.layer].W_in
+    return getattr(w.layers[node.layer], f"W_{ch.upper()}")[node.head]
 
 
 def structural_edges(w: Weights, tol: float = 1e-9) -> set[str]:
     """Edges whose virtual weight (sender's write matrix @ receiver's read matrix) is non-zero."""
     out = set()
     for edge in all_edges(w):
-        src, rest = edge.split("->")
-        dst, ch = (rest[:-3], rest[-2]) if rest.endswith(">") else (rest, None)
+        src, dst, ch = parse_edge(edge)
         if (_writer(w, src) @ _reader(w, dst, ch)).abs().max() > tol:
             out.add(edge)
     return out
@@ -213,7 +201,7 @@ def structural_circuit(w: Weights, tol: float = 1e-9) -> tuple[set[str], set[str
     this is exactly the set of edges that can carry information to the output.
     """
     edges = structural_edges(w, tol)
-    parsed = [(e, e.split("->")[0], e.split("->")[1].split("<")[0]) for e in edges]
+    parsed = [(e, *parse_edge(e)[:2]) for e in edges]
     reaches_out, from_in = {"logits"}, {"input"}
     changed = True
     while changed:
