@@ -50,7 +50,7 @@ from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, 
 from circuitlab.graphs.evaluate import roc_auc
 from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, get_method
 from circuitlab.graphs.scores import EdgeScores, NodeScores
-from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec
+from circuitlab.graphs.groundtruth import TaskSpec
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges
 from circuitlab.patching.topology import ComputationalGraph
@@ -100,7 +100,7 @@ def node_scores_from_edges(graph: ComputationalGraph, scores: Tensor) -> pd.Data
 def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Tensor:
     """Edge scores min(|s_u|, |s_v|) from node scores (`graphs.scores.NodeScores.edge_ranking`)."""
     frame = nodes.assign(effect=nodes["score"])
-    return NodeScores(graph, frame, "nodes").edge_ranking().float()
+    return NodeScores(graph, frame, "nodes").edge_ranking(absolute=True).float()
 
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
@@ -188,17 +188,9 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
                 before, after = runner.unembed(x), runner.unembed(x - delta)
             else:
                 layer, channel, head = g.receiver_info(r)
-                if channel == "mlp":
-                    x = ctx.clean.resid_mid[layer]
-                    before, after = runner.mlp_block(layer, x), runner.mlp_block(layer, x - delta)
-                else:
-                    x = ctx.clean.resid_pre[layer]
-
-                    def reads(stream: Tensor) -> Tensor:
-                        copies = runner.ln1[layer](stream).unsqueeze(2).expand(-1, -1, g.n_heads, -1)
-                        return ctx.edge_runner.project(layer, channel, copies)[:, :, head]
-
-                    before, after = reads(x), reads(x - delta)
+                x = ctx.clean.resid_mid[layer] if channel == "mlp" else ctx.clean.resid_pre[layer]
+                read = ctx.edge_runner.receiver_value
+                before, after = read(layer, channel, head, x), read(layer, channel, head, x - delta)
             scale = max(1.0, float(before.abs().max()))
             out[g.edge_names[e]] = bool((before - after).abs().max() > tol * scale)
     return out

@@ -38,7 +38,7 @@ import networkx as nx
 import pandas as pd
 
 from circuitlab.patching.components import canonical_kind, edge_name, head_node, mlp_node, parse_edge, parse_node
-from circuitlab.patching.topology import can_read, sort_key
+from circuitlab.patching.topology import can_read, node_totals, sort_key
 
 NODE_KINDS = ("input", "head", "mlp", "logits")
 CHANNELS = ("q", "k", "v", "resid")
@@ -286,11 +286,11 @@ def circuit_from_edge_scores(scores: pd.DataFrame, selection: Selection, *, meth
 
 
 def _node_scores_from_edges(graph: nx.MultiDiGraph) -> None:
+    """Node scores of an edge circuit: summed |score| of their kept edges (`patching.topology.node_totals`)."""
+    edges = list(graph.edges(data="score"))
+    totals = node_totals([u for u, _, _ in edges], [v for _, v, _ in edges], [s for _, _, s in edges], absolute=True)
     for node in graph.nodes:
-        out = [abs(d["score"]) for _, _, d in graph.out_edges(node, data=True)]
-        if node == "logits":
-            out = [abs(d["score"]) for _, _, d in graph.in_edges(node, data=True)]
-        graph.nodes[node]["score"] = float(sum(out))
+        graph.nodes[node]["score"] = float(totals.get(node, 0.0))
 
 
 def circuit_from_path_patching(effects: pd.DataFrame, selection: Selection, *, method: str = "path_patching",

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from circuitlab.graphs.circuit import component_nodes
+from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.components import edge_name, head_node, hook_name, mlp_node, parse_edge, parse_node
-from circuitlab.patching.normalize import normalize
+from circuitlab.patching.normalize import is_normalizable, normalize
 
 
 # ------------------------------------------------------------------ agreement with a reference
@@ -118,7 +119,7 @@ def node_score_auroc(scores: Mapping[str, float] | pd.DataFrame, reference: nx.M
         scores = dict(zip(frame["node"], frame["score"]))
     items = {parse_node(k).name: float(v) for k, v in scores.items()}
     if heads_only:
-        items = {k: v for k, v in items.items() if k.startswith("a")}
+        items = {k: v for k, v in items.items() if parse_node(k).kind == "head"}
     members = node_set(reference, heads_only)
     values = [abs(v) if absolute else v for v in items.values()]
     return roc_auc(values, [k in members for k in items])
@@ -166,7 +167,7 @@ class Ablator:
         self.replacement = {}
         for name in names:
             act = cache[name]
-            self.replacement[name] = act.mean(0, keepdim=True).expand_as(act) if ablation == "mean" else act
+            self.replacement[name] = mean_ablation(act, None) if ablation == "mean" else act
         self.components = all_components(model)
 
     def metric_with(self, keep: Iterable[str]) -> float:
@@ -202,7 +203,7 @@ def faithfulness(model: Any, circuit: nx.MultiDiGraph | Iterable[str], clean_tok
     nodes = node_set(circuit) if isinstance(circuit, nx.Graph) else {parse_node(n).name for n in circuit}
     full, empty, mine = ab.metric_with(ab.components), ab.metric_with([]), ab.metric_with(nodes)
     return {"metric_model": full, "metric_circuit": mine, "metric_empty": empty,
-            "faithfulness": normalize(mine, full, empty) if full != empty else float("nan")}
+            "faithfulness": normalize(mine, full, empty) if is_normalizable(full, empty) else float("nan")}
 
 
 def completeness(model: Any, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,

@@ -34,6 +34,7 @@ from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, edge
                                          select_by_faithfulness)
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.normalize import noising_share
 
 FAITHFUL_METHODS = ("single-effect", "eap", "eap-ig", "eap-edges", "eap-ig-edges", "node-pruning", "edge-pruning",
                     "greedy")
@@ -86,20 +87,19 @@ def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tenso
     starting at its layer), which equals the node-masked forward with one item off (tested).
     """
     from circuitlab.patching.activation import PatchingConfig, activation_patching
-    from circuitlab.patching.components import head_node, mlp_node
+    from circuitlab.patching.components import head_node, mlp_node, node_kind
 
     model = ctx.edge_runner.runner.model
     config = PatchingConfig(direction="noise")
     frames = [activation_patching(model, ctx.task, ctx.pairs, "z", config=config)]
-    if any(item.startswith("m") for item in evaluator.items):
+    if any(node_kind(item) == "mlp" for item in evaluator.items):
         frames.append(activation_patching(model, ctx.task, ctx.pairs, "mlp_out", config=config))
     metric = {}
     for frame in frames:
         for row in frame.itertuples():
             name = head_node(int(row.layer), int(row.head)) if row.component == "z" else mlp_node(int(row.layer))
             metric[name] = float(row.metric)
-    gap = ctx.clean_metric - ctx.corrupt_metric
-    return torch.tensor([(ctx.clean_metric - metric[item]) / gap for item in evaluator.items])
+    return torch.tensor([noising_share(metric[item], ctx.clean_metric, ctx.corrupt_metric) for item in evaluator.items])
 
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:
@@ -122,7 +122,7 @@ def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True
     g = ctx.graph
     keep = set(heads) | {"input", "logits"}
     if heads_only:
-        keep |= {n for n in g.sender_names if n.startswith("m")}
+        keep |= {g.sender_names[i] for i in g.senders_of("mlp")}
     send = torch.tensor([n in keep for n in g.sender_names])[g.edge_sender]
     recv = torch.tensor([n in keep for n in g.receiver_names])[g.edge_receiver]
     return int((send & recv).sum())
@@ -130,14 +130,14 @@ def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True
 
 def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
     """Heads, MLPs and edges of an edge circuit (nodes touched by a kept edge)."""
-    from circuitlab.patching.components import parse_edge
+    from circuitlab.patching.components import node_kind, parse_edge
 
     nodes = set()
     for name in edges:
         src, dst, _ = parse_edge(name)
         nodes |= {src, dst}
-    return {"heads": sum(n.startswith("a") for n in nodes), "mlps": sum(n.startswith("m") for n in nodes),
-            "edges": len(edges)}
+    kinds = [node_kind(n) for n in nodes]
+    return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": len(edges)}
 
 
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
@@ -214,8 +214,10 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     if edge_level:
         sizes = edge_circuit_sizes(circuit.items)
     else:
-        heads = [n for n in circuit.items if n.startswith("a")]
-        sizes = {"heads": len(heads), "mlps": sum(n.startswith("m") for n in circuit.items),
+        from circuitlab.patching.components import node_kind
+
+        heads = [n for n in circuit.items if node_kind(n) == "head"]
+        sizes = {"heads": len(heads), "mlps": sum(node_kind(n) == "mlp" for n in circuit.items),
                  "edges": induced_edges(ctx, circuit.items, heads_only=cfg.heads_only)}
     return FaithfulResult(method, "edge" if edge_level else "node", ranking, circuit, held, held_curve, sizes,
                           time.time() - started, note)

@@ -28,10 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
 from torch import Tensor
 
-from circuitlab.graphs.role_scores import RepeatedTokens, copying_scores, repeated_token_scores
+from circuitlab.graphs.role_scores import (RepeatedTokens, copying_scores, eigen_score, kv_head, normed_embeddings,
+                                           repeated_random_tokens, repeated_token_scores)
 
 HEAD_COLUMNS = ["layer", "head", "previous_token", "duplicate_token", "induction", "ov_copying", "qk_direct",
                 "qk_matching", "qk_via"]
@@ -53,17 +53,8 @@ class ProbeOptions:
 
 def repeated_prompts(d_vocab: int, options: ProbeOptions = ProbeOptions()) -> RepeatedTokens:
     """`options.n` sequences of `half` distinct tokens from the allowed set, repeated: `[BOS] r r`."""
-    allowed = torch.tensor(options.tokens if options.tokens is not None else range(d_vocab), dtype=torch.long)
-    if options.bos_id is not None:
-        allowed = allowed[allowed != options.bos_id]
-    if len(allowed) < options.half:
-        raise ValueError(f"half={options.half} needs {options.half} distinct tokens; only {len(allowed)} allowed")
-    gen = torch.Generator().manual_seed(int(options.seed))
-    first = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:options.half]] for _ in range(options.n)])
-    parts = [first, first]
-    if options.bos_id is not None:
-        parts.insert(0, torch.full((options.n, 1), options.bos_id, dtype=torch.long))
-    return RepeatedTokens(torch.cat(parts, 1), options.half, 1 if options.bos_id is not None else 0)
+    return repeated_random_tokens(d_vocab, options.half, options.n, seed=int(options.seed), bos_id=options.bos_id,
+                                  tokens=options.tokens)
 
 
 # ------------------------------------------------------------------ norm folding
@@ -88,35 +79,11 @@ def _reader(model, layer: int, weight: Tensor) -> Tensor:
     return w
 
 
-def _embeddings(model, layer: int) -> Tensor:
-    """Token embeddings as layer `layer`'s attention would read them (normalised per row, no positions)."""
-    emb = model.W_E.detach().float()
-    norm = _norm_type(model)
-    if norm in ("LN", "LNPre"):
-        emb = emb - emb.mean(-1, keepdim=True)
-    if norm is not None:
-        emb = emb / (emb.pow(2).mean(-1, keepdim=True) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
-    return emb
-
-
-def _kv(model, head: int) -> int:
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
-    return head // (model.cfg.n_heads // n_kv)
-
-
 def _qkv(model, layer: int, head: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(W_Q, W_K, W_V, W_O) of a head, the first three with the input norm folded in."""
-    kv = _kv(model, head)
+    kv = kv_head(model, head)
     return (_reader(model, layer, model.W_Q.detach()[layer, head]), _reader(model, layer, model.W_K.detach()[layer, kv]),
             _reader(model, layer, model.W_V.detach()[layer, kv]), model.W_O.detach()[layer, head].float())
-
-
-def eigen_score(left: Tensor, right: Tensor) -> float:
-    """Σλ/Σ|λ| over the eigenvalues of `left @ right` ([n, k] @ [k, n]), via the small k × k product."""
-    small = (right.double() @ left.double())
-    eig = torch.linalg.eigvals(small)
-    total = float(eig.abs().sum())
-    return float(eig.real.sum()) / total if total > 1e-12 else 0.0
 
 
 def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -127,7 +94,7 @@ def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """
     rows = []
     for layer in range(model.cfg.n_layers):
-        emb_q = _embeddings(model, layer)
+        emb_q = normed_embeddings(model)
         for head in range(model.cfg.n_heads):
             wq, wk, _, _ = _qkv(model, layer, head)
             direct = eigen_score(emb_q @ wq, (emb_q @ wk).T)
@@ -141,7 +108,7 @@ def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
                 scored = []
                 for l0, h0 in candidates:
                     _, _, wv0, wo0 = _qkv(model, l0, h0)
-                    keys = (_embeddings(model, l0) @ wv0 @ wo0) @ wk  # [vocab, d_head]: previous token's key
+                    keys = (normed_embeddings(model) @ wv0 @ wo0) @ wk  # [vocab, d_head]: previous token's key
                     scored.append((eigen_score(emb_q @ wq, keys.T), f"a{l0}.h{h0}"))
                 best, via = max(scored)
             rows.append({"layer": layer, "head": head, "qk_direct": direct, "qk_matching": best, "qk_via": via})

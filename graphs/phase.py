@@ -8,6 +8,10 @@ Three signatures should share one window of training steps:
 3. the training loss bump: the smoothed training loss falls faster inside the window than in the span of
    equal length before it (`loss_slope_ratio` > 1), visible as a bump in the loss curve.
 A model without induction heads (one layer) has no window: `found` is False and the rest says why.
+
+Also the per-checkpoint measurements a phase study records (`measure_checkpoint`), the head labels
+(`label_heads`), the causal tables (`causal_tables`, `joint_induction_ablation`) and their join (`attach_causal`);
+`reports.phase` trains, caches and renders around them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import torch
+
+from circuitlab.graphs.ablation import icl_ablation, joint_icl_ablation, repeated_tokens_patching
+from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
+from circuitlab.graphs.roles import RoleThresholds
+from circuitlab.patching.components import head_node
+from circuitlab.patching.models import load_model
+from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
 
 
 @dataclass(frozen=True)
@@ -116,4 +130,97 @@ def detect_phase_change(table: pd.DataFrame, train_log: pd.DataFrame | None = No
                        reason=f"top induction score {ind[i]:.3f} at step {start} → {ind[j]:.3f} at step {end}", **base)
 
 
-__all__ = ["PhaseWindow", "detect_phase_change", "smooth"]
+
+
+# ------------------------------------------------------------------ measurements of a phase study
+
+def icl_width(n_ctx: int) -> int:
+    """Indices averaged on each side of the ICL score in a study: n_ctx/32 (8 at 256), at least 1."""
+    return max(1, n_ctx // 32)
+
+
+def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The per-checkpoint row (ICL, losses, top scores) and the per-head table of one model."""
+    late, early = icl_positions(tokens.shape[1])
+    width = icl_width(tokens.shape[1])
+    losses = loss_by_position(model, tokens)
+    heads = head_scores(model, probe)
+    heads["k_comp_from_prev"] = float("nan")
+    if model.cfg.n_layers > 1:
+        comp = composition_scores(model).set_index(["sender", "receiver"])["k_comp"]
+        for idx, row in heads.iterrows():
+            if row["qk_via"]:
+                heads.loc[idx, "k_comp_from_prev"] = float(comp[(row["qk_via"], head_node(int(row["layer"]), int(row["head"])))])
+    top = heads.loc[heads["induction"].idxmax()]
+    return {"icl_score": icl_score(losses, late, early, width), "late": late, "early": early, "icl_width": width,
+            "late_loss": float(losses[late]),
+            "early_loss": float(losses[early]), "mean_loss": float(losses[1:].mean()),
+            "top_induction": float(top["induction"]), "top_induction_head": head_node(int(top["layer"]), int(top["head"])),
+            "top_previous_token": float(heads["previous_token"].max()),
+            "top_ov_copying": float(heads["ov_copying"].max())}, heads
+
+
+def label_heads(heads: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.Series:
+    """`induction`, `previous_token` or `` per head row (thresholds of graphs.roles)."""
+    ind = (heads["induction"] >= thresholds.induction) & (heads["ov_copying"] > thresholds.copying)
+    prev = heads["previous_token"] >= thresholds.previous_token
+    return pd.Series(["induction" if a else "previous_token" if b else "" for a, b in zip(ind, prev)],
+                     index=heads.index)
+
+
+def causal_tables(name: str, step: int, path: Path, tokens: torch.Tensor, heads: pd.DataFrame,
+                  token_range: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-head ICL ablation (zero and mean) and exact repeated-token patching of one checkpoint."""
+    model = load_model(str(path))
+    abl = icl_ablation(model, tokens, width=icl_width(tokens.shape[1])).assign(model=name, step=step)
+    patch = repeated_tokens_patching(model, n=16, seq_len=20, token_range=token_range).assign(model=name, step=step)
+    return abl, patch
+
+
+def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """Ablate the labelled induction heads together, and as many other heads (every other set, or 10 random)."""
+    import itertools
+    import random
+
+    model = load_model(str(model_path))
+    labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
+    others = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label != "induction"]
+    out: dict[str, Any] = {"induction_heads": [head_node(l, h) for l, h in labelled]}
+    if not labelled or len(others) < len(labelled):
+        return out | {"reason": "no labelled induction heads" if not labelled else "too few other heads"}
+    width = icl_width(tokens.shape[1])
+    base = icl_score(loss_by_position(model, tokens), width=width)
+    out["base_icl"] = base
+    for kind in ("zero", "mean"):
+        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width)
+        combos = list(itertools.combinations(others, len(labelled)))
+        if len(combos) > 10:
+            combos = random.Random(seed).sample(combos, 10)
+        fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width)["fraction_removed"]
+                 for c in combos]
+        out[f"{kind}_others"] = {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs),
+                                 "max_fraction_removed": max(fracs)}
+    return out
+
+
+def attach_causal(heads: pd.DataFrame, ablations: list[pd.DataFrame], patches: list[pd.DataFrame]) -> pd.DataFrame:
+    """The per-head table with its causal columns (`delta_icl_zero`, `delta_icl_mean`, `patch_effect`; NaN where
+    not measured) and `node` names."""
+    heads = heads.copy()
+    heads["node"] = [head_node(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])]
+    key = ["model", "step", "layer", "head"]
+    if ablations:
+        abl = pd.concat(ablations, ignore_index=True)
+        wide = abl.pivot_table(index=key, columns="ablation", values="delta_icl").add_prefix("delta_icl_").reset_index()
+        heads = heads.merge(wide, on=key, how="left")
+    if patches:
+        pat = pd.concat(patches, ignore_index=True)[key + ["effect"]].rename(columns={"effect": "patch_effect"})
+        heads = heads.merge(pat, on=key, how="left")
+    for col in ("delta_icl_zero", "delta_icl_mean", "patch_effect"):
+        if col not in heads:
+            heads[col] = float("nan")
+    return heads
+
+
+__all__ = ["PhaseWindow", "attach_causal", "causal_tables", "detect_phase_change", "icl_width", "joint_induction_ablation",
+           "label_heads", "measure_checkpoint", "smooth"]

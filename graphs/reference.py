@@ -21,7 +21,7 @@ import networkx as nx
 
 from circuitlab.graphs.circuit import add_edge, add_node, finish, new_circuit
 from circuitlab.patching.topology import can_read
-from circuitlab.patching.components import head_node, mlp_node
+from circuitlab.patching.components import head_node, mlp_node, parse_node
 
 REFERENCES = {"ioi": "ioi_gpt2_small.json", "ioi_gpt2_small": "ioi_gpt2_small.json",
               "greater_than": "greater_than_gpt2_small.json",
@@ -71,7 +71,7 @@ def reference_circuit(name: str) -> nx.MultiDiGraph:
             for dst in classes[edge["to"]]:
                 if src == dst or not can_read(src, dst):
                     continue
-                is_head = dst.startswith("a")
+                is_head = parse_node(dst).kind == "head"
                 for channel in edge["channels"]:
                     if channel in ("q", "k", "v") and not is_head:
                         continue

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from circuitlab.graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores, select
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.normalize import normalize_difference
+from circuitlab.patching.topology import ComputationalGraph, node_totals
 
 EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
 NODE_COLUMNS = ["node", "component", "layer", "head", "score", "effect", "method", "exact"]
@@ -142,7 +143,8 @@ class EdgeScores:
             "edge": g.edge_names, "sender": [g.sender_names[i] for i in g.edge_sender.tolist()],
             "receiver": [g.receiver_names[i] for i in g.edge_receiver.tolist()],
             "channel": [g.receiver_channels[i] for i in g.edge_receiver.tolist()],
-            "score": values, "effect": values / self.gap, "method": self.method}, columns=EDGE_COLUMNS)
+            "score": values, "effect": normalize_difference(values, self.gap), "method": self.method},
+            columns=EDGE_COLUMNS)
         if self.kept is not None:
             frame["kept"] = self.kept.bool().cpu().numpy()
         return frame
@@ -157,11 +159,11 @@ class EdgeScores:
 
     def node_scores(self) -> NodeScores:
         """Each head's and MLP's score: the sum of its outgoing edge scores (its attribution-patching score)."""
-        per_sender = torch.zeros(self.graph.n_senders, dtype=torch.float64)
-        scores = torch.nan_to_num(self.scores.detach().double().cpu(), nan=0.0)
-        per_sender.index_add_(0, self.graph.edge_sender, scores)
-        names = self.graph.sender_names[1:]
-        return NodeScores.from_values(self.graph, names, per_sender[1:].tolist(), self.gap, self.method, False)
+        g = self.graph
+        totals = node_totals([g.sender_names[i] for i in g.edge_sender.tolist()],
+                             [g.receiver_names[i] for i in g.edge_receiver.tolist()], self.scores, absolute=False)
+        names = g.sender_names[1:]
+        return NodeScores.from_values(g, names, [totals.get(n, 0.0) for n in names], self.gap, self.method, False)
 
     def select(self, selection: Selection) -> Circuit:
         """The edges a `Selection` keeps (ranked by `ranking()`)."""
@@ -203,17 +205,18 @@ class NodeScores:
     @classmethod
     def from_values(cls, graph: ComputationalGraph, nodes: list[str], scores: list[float], gap: float,
                     method: str, exact: bool) -> NodeScores:
-        rows = [{**_node_columns(n), "score": float(s), "effect": float(s) / gap, "method": method, "exact": exact}
-                for n, s in zip(nodes, scores)]
+        rows = [{**_node_columns(n), "score": float(s), "effect": float(normalize_difference(s, gap)), "method": method,
+                 "exact": exact} for n, s in zip(nodes, scores)]
         return cls(graph, pd.DataFrame(rows, columns=NODE_COLUMNS), method)
 
     def to_frame(self) -> pd.DataFrame:
         return self.frame.copy()
 
-    def edge_ranking(self) -> Tensor:
-        """Edge scores min(|s_u|, |s_v|) (`input`, `logits` count as the largest |s|): any threshold on them
-        keeps exactly the edges of the node circuit {|s| >= threshold}."""
-        values = dict(zip(self.frame["node"], self.frame["score"].abs()))
+    def edge_ranking(self, *, absolute: bool) -> Tensor:
+        """Node scores as edge scores, the one node-to-edge ranking: min(|s_u|, |s_v|) with `absolute`, else
+        min(s_u, s_v) (`input` and `logits` count as the largest value). Any threshold t on them keeps exactly
+        the edges of the node circuit {|s| >= t} (or {s >= t})."""
+        values = dict(zip(self.frame["node"], self.frame["score"].abs() if absolute else self.frame["score"]))
         top = max(values.values()) if values else 1.0
         values["input"] = values["logits"] = top
         g = self.graph

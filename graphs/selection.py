@@ -24,6 +24,8 @@ from torch import Tensor
 
 from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks
 from circuitlab.patching.node_masks import evaluate_node_masks
+from circuitlab.patching.normalize import normalize
+from circuitlab.patching.stats import bootstrap, percentile_ci
 
 NOISE = 1e-6
 
@@ -64,20 +66,22 @@ def normalized(values: np.ndarray, clean: Tensor, corrupt: Tensor, *, n_boot: in
     """Faithfulness of each row of `values` [C, batch] with 95% bootstrap bounds (resampling prompts)."""
     c = clean.detach().cpu().double().numpy()
     k = corrupt.detach().cpu().double().numpy()
-    point = (values.mean(1) - k.mean()) / (c.mean() - k.mean())
+    point = normalize(values.mean(1), c.mean(), k.mean())
     if n_boot < 1 or values.shape[1] < 2:
         nan = np.full_like(point, np.nan)
         return point, nan, nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[1], (n_boot, values.shape[1]))
-    boot = (values[:, idx].mean(2) - k[idx].mean(1)) / (c[idx].mean(1) - k[idx].mean(1))  # [C, n_boot]
-    return point, np.quantile(boot, 0.025, axis=1), np.quantile(boot, 0.975, axis=1)
+
+    def faithfulness(idx: np.ndarray) -> np.ndarray:
+        return normalize(values[:, idx].mean(1), c[idx].mean(), k[idx].mean(), strict=False)
+
+    lo, hi = percentile_ci(bootstrap(faithfulness, values.shape[1], n_boot=n_boot, seed=seed))
+    return point, lo, hi
 
 
 def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int = 8) -> CircuitEvaluator:
     """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs."""
     g = ctx.graph
-    learn = [i for i, n in enumerate(g.sender_names) if n.startswith("a") or (n.startswith("m") and not heads_only)]
+    learn = g.senders_of(*(("head",) if heads_only else ("head", "mlp")))
     idx = torch.tensor(learn, dtype=torch.long)
 
     def run(masks: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
-from circuitlab.patching.engine import EngineContext, _check_pairs, _gather_logits, _metric_values, engine_context
+from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -39,7 +39,8 @@ class PatchingConfig:
 
     - direction `denoise`: base = corrupted run, default source = clean (TransformerLens's default).
     - direction `noise`: base = clean run, default source = corrupted.
-    - source `zero` / `mean`: ablations (mean = average over the corrupted prompts, position by position).
+    - source `zero` / `mean`: ablations (mean = average over the corrupted prompts, position by position:
+      `mean_ablation`).
     `chunk_size` patched copies run per forward, fewer if `memory_budget_mb` would be exceeded.
     """
 
@@ -141,20 +142,29 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
     else:
         items = [positions] if isinstance(positions, (str, int)) else list(positions)
         for item in items:
-            if isinstance(item, str):
-                roles = getattr(pairs, "positions", {}) or {}
-                if item not in roles:
-                    raise ValueError(f"unknown position role {item!r}: this task has roles {sorted(roles)} "
-                                     "(or use 'all', 'each' or integer positions)")
-                position_specs.append((roles[item].long().cpu(), -1, item))
-            else:
-                pos = int(item)
-                if not -seq <= pos < seq:
-                    raise ValueError(f"position {pos} is out of range for prompts of {seq} tokens")
-                pos %= seq
-                position_specs.append((torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)))
+            index, label, role = resolve_position(pairs, item)
+            position_specs.append((index.cpu(), label, role))
     return [Patch(kind, layer, head, pos, label, role)
             for layer in layers for pos, label, role in position_specs for head in head_list]
+
+
+def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int, str]:
+    """The one reading of a position: a task role (its per-prompt positions) or an integer (negative counts from
+    the end). Returns (positions [batch], the integer or -1 for a role, the role's name or the role at the
+    integer position); a ValueError naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
+    batch, seq = pairs.clean_tokens.shape
+    name = f"{what} position" if what else "position"
+    if isinstance(item, str):
+        roles = getattr(pairs, "positions", {}) or {}
+        if item not in roles:
+            raise ValueError(f"unknown {name} role {item!r}: this task has roles {sorted(roles)} "
+                             "(or use 'all' or integer positions)")
+        return roles[item].long(), -1, item
+    pos = int(item)
+    if not -seq <= pos < seq:
+        raise ValueError(f"{name} {pos} is out of range for prompts of {seq} tokens")
+    pos %= seq
+    return torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)
 
 
 def _role_at(pairs: Any, pos: int) -> str:
@@ -212,7 +222,21 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
         return corrupt
     if source == "zero":
         return torch.zeros_like(corrupt)
-    return prompt_mean(corrupt, getattr(ctx.pairs, "attention_mask", None), _position_dim(kind)).expand_as(corrupt)
+    means = getattr(ctx, "means", None)
+    if means is not None and (kind, layer) in means:  # a dataset's means over prompt batches (patching.batched)
+        mean = means[(kind, layer)]
+        for dim in ((2, 3) if kind == "pattern" else (_position_dim(kind),)):
+            mean = mean.narrow(dim, 0, corrupt.shape[dim])
+        return mean.to(corrupt.device, corrupt.dtype).expand_as(corrupt)
+    return mean_ablation(corrupt, getattr(ctx.pairs, "attention_mask", None), _position_dim(kind))
+
+
+def mean_ablation(corrupt: Tensor, mask: Tensor | None, pos_dim: int = 1) -> Tensor:
+    """The one mean ablation: every activation replaced by its mean over the *corrupted* prompts, position by
+    position (over the prompts that are real there), as Wang et al. 2022 mean-ablate over their ABC dataset.
+    Used by activation/path patching (`source="mean"`), edge methods (`edges.ablated_context`) and node-circuit
+    evaluation (`graphs.evaluate.Ablator`), so a circuit's "mean" means the same everywhere."""
+    return prompt_mean(corrupt, mask, pos_dim).expand_as(corrupt)
 
 
 def prompt_mean(act: Tensor, mask: Tensor | None, pos_dim: int = 1) -> Tensor:

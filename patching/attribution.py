@@ -2,13 +2,14 @@
 
 Sign convention (all methods, and ACDC/exact scores too): an edge's `score` estimates
 `m(clean) - m(clean with this edge corrupted)`, so a positive score means the edge carries the clean
-behaviour. `effect` is the score divided by `m(clean) - m(corrupt)` (the fraction of the clean–corrupt gap).
+behaviour. Its `effect` is the score as a fraction of `m(clean) - m(corrupt)` (`patching.normalize`); tidy tables
+of scores are `graphs.scores.EdgeScores` / `NodeScores`.
 
 - EAP (Syed et al. 2023): score(u->v) = (a_u^clean - a_u^corrupt) · dm/dx_v at the clean run — one clean
   forward+backward plus the cached corrupted forward.
 - EAP-IG (Hanna et al. 2024, "inputs" variant): the gradient is averaged over `steps` runs whose input
   embeddings go from corrupted to clean (alpha = k/steps, k = 1..steps).
-- Node attribution: a node's score is the sum of its outgoing edge scores, which equals
+- Node attribution: a node's score is the sum of its outgoing edge scores (`patching.topology.node_totals`), which equals
   (a_u^clean - a_u^corrupt) · dm/da_u, attribution patching of that head or MLP (Nanda 2023).
 """
 
@@ -22,11 +23,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.activation import _metric_values
-from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import EdgeContext, _logits_at
-
-EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
-NODE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "metric", "effect", "score", "method"]
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -78,47 +75,6 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
         grads = _receiver_gradients(ctx, embed=corrupt_embed + alpha * (clean_embed - corrupt_embed))
         total = grads if total is None else total + grads
     return _scores_from_gradients(ctx, total / steps).detach()
-
-
-def edge_frame(ctx: EdgeContext, scores: Tensor, method: str) -> pd.DataFrame:
-    """Tidy edge scores: one row per edge, columns `EDGE_COLUMNS`."""
-    g = ctx.graph
-    gap = ctx.clean_metric - ctx.corrupt_metric
-    values = scores.detach().cpu().numpy().astype(float)
-    return pd.DataFrame({
-        "edge": g.edge_names,
-        "sender": [g.sender_names[i] for i in g.edge_sender.tolist()],
-        "receiver": [g.receiver_names[i] for i in g.edge_receiver.tolist()],
-        "channel": [g.receiver_channels[i] for i in g.edge_receiver.tolist()],
-        "score": values,
-        "effect": values / gap,
-        "method": method,
-    }, columns=EDGE_COLUMNS)
-
-
-def node_frame(ctx: EdgeContext, scores: Tensor, method: str) -> pd.DataFrame:
-    """Node scores (sum of outgoing edge scores) for every head and MLP, in activation-patching columns."""
-    return node_scores(ctx.graph, scores, ctx.clean_metric - ctx.corrupt_metric, method)
-
-
-def node_scores(graph: Any, scores: Tensor, gap: float, method: str) -> pd.DataFrame:
-    """Sum edge scores [n_edges] over each sender; one row per head (`z`) and MLP (`mlp_out`), plus `node`.
-
-    `gap` = m(clean) - m(corrupt) normalizes `effect`. Needs only the graph, so saved scores can be
-    summarised without the model.
-    """
-    per_sender = torch.zeros(graph.n_senders, dtype=torch.float64)
-    per_sender.index_add_(0, graph.edge_sender, scores.detach().cpu().double())
-    rows = []
-    for index, name in enumerate(graph.sender_names):
-        if name == "input":
-            continue
-        node = parse_node(name)
-        value = float(per_sender[index])
-        rows.append({"component": "z" if node.kind == "head" else "mlp_out", "node": name, "layer": node.layer,
-                     "head": node.head if node.kind == "head" else -1, "position": -1, "role": "",
-                     "metric": float("nan"), "effect": value / gap, "score": value, "method": method})
-    return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
 
 def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, progress: bool = False) -> Tensor:

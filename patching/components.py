@@ -137,6 +137,11 @@ def parse_node(name: str) -> Node:
     return Node(name.strip())
 
 
+def node_kind(name: str) -> str:
+    """`input`, `head`, `mlp` or `logits`: the kind of a node name (`parse_node`)."""
+    return parse_node(name).kind
+
+
 def edge_name(src: str, dst: str, channel: str | None = None) -> str:
     """`a0.h1->a5.h5<q>` for attention readers (channel q/k/v), `a0.h1->m3` otherwise."""
     return f"{src}->{dst}<{channel}>" if channel in ("q", "k", "v") else f"{src}->{dst}"

@@ -24,11 +24,11 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
     if edge_masks.dim() != 2 or edge_masks.shape[1] != g.n_edges:
         raise ValueError(f"edge masks must be [circuits, {g.n_edges}]; got {tuple(edge_masks.shape)}")
     if getattr(er, "backend", "fast") == "hook":  # the bridge's own forward on per-receiver copies
-        return er.masked(ctx.pairs.clean_tokens, ctx.corrupt, g.mask(edge_masks.to(ctx.corrupt.senders.dtype)))
+        return er.masked(ctx.pairs.clean_tokens, ctx.corrupt, g.mask(edge_masks.to(ctx.corrupt.senders.device)))
     n_circ = edge_masks.shape[0]
     corrupt = ctx.corrupt
     batch, seq, _, dm = corrupt.senders.shape
-    masks = g.mask(edge_masks.to(corrupt.senders.dtype)).transpose(1, 2)  # [C, n_receivers, n_senders]
+    masks = g.mask(edge_masks.to(corrupt.senders.device, corrupt.senders.dtype)).transpose(1, 2)  # [C, n_receivers, n_senders]
     corrupt_senders = corrupt.senders.permute(2, 0, 1, 3)  # [n_senders, b, p, d]
     blocks = [(ctx.clean.senders[:, :, 0] - corrupt.senders[:, :, 0]).unsqueeze(0).expand(n_circ, -1, -1, -1)
               .unsqueeze(1)]  # list of [C, k, b, p, d]
@@ -39,7 +39,7 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
         return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, b, p, R, d]
 
     for layer in range(r.n_layers):
-        n_prev = 1 + layer * g.send_stride
+        n_prev = g.senders_before(g.attn_receivers(layer).start)
         x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
         heads = er._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))  # [C*b, p, H, d]
         first = g.head_sender(layer, 0)

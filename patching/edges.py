@@ -52,11 +52,20 @@ class EdgeRunner:
         self._head_index = {"q": torch.arange(r.n_heads), "k": torch.arange(r.n_heads) // group}
 
     def require(self) -> None:
-        """Edge methods read every receiver's own input: the fast runner computes them, the hook backend cannot."""
+        """This class computes receiver inputs with the fast runner's weights; the hook backend has its own."""
         if not self.available:
-            raise ValueError(f"{self.arch.name} runs on the exact hook backend (the fast runner does not reproduce "
-                             "it), whose hooks do not expose per-receiver inputs: edge patching, EAP, EAP-IG, ACDC "
-                             "and faithfulness are not available for it; activation and path patching are")
+            raise ValueError(f"{self.arch.name} runs on the exact hook backend: build its graph-form runner with "
+                             "patching.engine.make_edge_runner (a patching.hook_edges.HookEdgeRunner), as "
+                             "engine_context does")
+
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream: query head `head`'s q/k/v [b, p, d_head], or the MLP's
+        contribution (channel `mlp`) [b, p, d_model]."""
+        r = self.runner
+        if channel == "mlp":
+            return r.mlp_block(layer, stream)
+        copies = r.ln1[layer](stream).unsqueeze(2).expand(-1, -1, self.graph.n_heads, -1)
+        return self.project(layer, channel, copies)[:, :, head]
 
     def project(self, layer: int, kind: str, x: Tensor) -> Tensor:
         """Normalized per-query-head inputs [b, p, H, d_model] to that head's q, k or v [b, p, H, d_head]
@@ -166,7 +175,7 @@ class EdgeRunner:
         deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
         corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
-        masks_t = masks.to(resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
             mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
@@ -174,7 +183,7 @@ class EdgeRunner:
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
         for layer in range(r.n_layers):
-            n_prev = 1 + layer * g.send_stride
+            n_prev = g.senders_before(g.attn_receivers(layer).start)
             x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
             head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
             first = g.head_sender(layer, 0)
@@ -237,8 +246,10 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     return torch.cat(out, dim=0)
 
 
-def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
-    """The same clean run with every corrupted sender replaced by zero or by its mean over the prompts.
+def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor | None = None) -> EdgeContext:
+    """The same clean run with every corrupted sender replaced by zero or by its mean over the corrupted prompts
+    (`activation.mean_ablation`, the one mean ablation; `means` [1, pos, n_senders, d_model]: a dataset's means
+    when the context is one batch of many, `batched.Batches.means`).
 
     Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
     and corrupted runs (e.g. purely positional queries). The residual streams of the "corrupted" run keep the
@@ -249,11 +260,12 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     clean, g = ctx.clean, ctx.graph
     if ablation == "zero":
         senders = torch.zeros_like(clean.senders)
+    elif means is not None:
+        senders = means.to(clean.senders.device, clean.senders.dtype).expand_as(clean.senders).contiguous()
     else:
-        from circuitlab.patching.activation import prompt_mean
+        from circuitlab.patching.activation import mean_ablation
 
-        mask = getattr(ctx.pairs, "attention_mask", None)
-        senders = prompt_mean(clean.senders, mask).expand_as(clean.senders).contiguous()
+        senders = mean_ablation(ctx.corrupt.senders, getattr(ctx.pairs, "attention_mask", None)).contiguous()
     cumulative = torch.cumsum(clean.senders - senders, dim=2)  # removed contribution of senders [0..i]
 
     def shifted(resid: Tensor, n_before: int) -> Tensor:

@@ -17,12 +17,12 @@ context serves every method; `PatchingContext` and `EdgeContext` are names of th
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
 
+from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -30,15 +30,16 @@ if TYPE_CHECKING:
     from circuitlab.patching.topology import ComputationalGraph
 
 
-def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding is exact: no real token sees a later pad
+def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
     clean, corrupt, mask = pairs.clean_tokens, pairs.corrupt_tokens, getattr(pairs, "attention_mask", None)
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
                          "patching needs aligned prompts")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
-    if mask is not None and not runner.causal and not bool(mask.bool().all()):
-        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
+    if mask is not None and not runner.causal and not bool(mask.bool().all()) and not hasattr(runner, "with_key_mask"):
+        raise ValueError(f"padded prompts on a bidirectional model need the fast runner to mask the padding, but "
+                         f"{runner.arch.name} runs on the {runner.backend} backend: use prompts of one length")
 
 
 def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
@@ -112,6 +113,7 @@ class EngineContext:
         self.clean_run, self.corrupt_run = clean_run, corrupt_run
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
+        self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -167,12 +169,9 @@ class EngineContext:
         return int(self.pairs.clean_tokens.shape[1])
 
     def normalize(self, value: Tensor | float) -> Tensor | float:
-        """(value - m(corrupt)) / (m(clean) - m(corrupt)); an error where the two runs give the same metric."""
-        gap = self.clean_metric - self.corrupt_metric
-        if math.isclose(gap, 0.0, abs_tol=1e-9):
-            raise ValueError(f"clean and corrupted runs give the same metric ({self.clean_metric:.4g}): normalized "
-                             "effects are undefined; check the corruption or the task")
-        return (value - self.corrupt_metric) / gap
+        """(value - m(corrupt)) / (m(clean) - m(corrupt)) (`patching.normalize`); an error where the two runs
+        give the same metric."""
+        return normalize(value, self.clean_metric, self.corrupt_metric)
 
     def ensure_collected(self, keys: Iterable[tuple[str, int]]) -> None:
         """Make sure clean and corrupt activations at these sites are cached (re-running once if needed)."""
@@ -205,6 +204,9 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
     else:
         backend, reason = getattr(runner, "backend", "fast"), getattr(runner, "backend_reason", "")
     _check_pairs(pairs, runner)
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not runner.causal and not bool(mask.bool().all()):
+        runner = runner.with_key_mask(mask)  # bidirectional: real tokens must not attend to the padding
     keys = _site_sets(runner, collect)
     read = task.read_positions(pairs).to(pairs.clean_tokens.device)
     if read.dim() != 2 or read.shape[0] != pairs.clean_tokens.shape[0]:
@@ -217,9 +219,8 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
         clean_values = _metric_values(task, pairs, _gather_logits(runner, clean.resid_final, read))
         corrupt_values = _metric_values(task, pairs, _gather_logits(runner, corrupt.resid_final, read))
     m_clean, m_corrupt = float(clean_values.mean()), float(corrupt_values.mean())
-    if check_gap and math.isclose(m_clean, m_corrupt, rel_tol=0.0, abs_tol=1e-9):
-        raise ValueError(f"clean and corrupted runs give the same metric ({m_clean:.4g}): normalized effects are "
-                         "undefined; check the corruption or the task")
+    if check_gap:
+        checked_gap(m_clean, m_corrupt)
     return EngineContext(make_edge_runner(model, runner), task, pairs, None, None, read, clean_values, corrupt_values,
                          clean_run=clean, corrupt_run=corrupt, collected=keys, backend=backend, backend_reason=reason)
 

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks
+from circuitlab.patching.normalize import checked_gap, normalize
+from circuitlab.patching.stats import bootstrap, percentile_ci
 
 PERCENTS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
@@ -75,26 +77,20 @@ def curve_from_values(values: Tensor, clean_values: Tensor, corrupt_values: Tens
     values = values.cpu().numpy()
     clean, corrupt = clean_values.cpu().numpy(), corrupt_values.cpu().numpy()
     x = np.asarray(percents) / 100.0
-    rng = np.random.default_rng(seed)
-    batch = clean.shape[0]
-    samples = [np.arange(batch)] + [rng.integers(0, batch, batch) for _ in range(n_boot)]
-    curves = []
-    for idx in samples:
-        gap = clean[idx].mean() - corrupt[idx].mean()
-        curves.append((values[:, idx].mean(1) - corrupt[idx].mean()) / gap)
-    curves_arr = np.stack(curves)  # [1 + n_boot, 2P]
+    checked_gap(clean.mean(), corrupt.mean())  # the full sample; resamples may widen the interval instead
+
+    def curve(idx: np.ndarray) -> np.ndarray:
+        return normalize(values[:, idx].mean(1), clean[idx].mean(), corrupt[idx].mean(), strict=False)
+
+    curves_arr = bootstrap(curve, clean.shape[0], n_boot=n_boot, seed=seed)  # [1 + n_boot, 2P]
     n_p = len(percents)
     cprs = np.array([_area(x, c[:n_p]) for c in curves_arr])
     cmds = np.array([_area(x, np.abs(1.0 - c[n_p:])) for c in curves_arr])
+    bounds = percentile_ci(curves_arr)  # [2, 2P]
     rows = []
     for j, (pct, k) in enumerate(zip(percents, counts)):
         for sel, col in (("signed", j), ("absolute", n_p + j)):
-            boot = curves_arr[1:, col]
             rows.append({"percent": pct, "n_edges": k, "selection": sel, "faithfulness": float(curves_arr[0, col]),
-                         "ci_low": float(np.quantile(boot, 0.025)) if n_boot else float("nan"),
-                         "ci_high": float(np.quantile(boot, 0.975)) if n_boot else float("nan")})
-
-    def ci(arr: np.ndarray) -> tuple[float, float]:
-        return (float(np.quantile(arr[1:], 0.025)), float(np.quantile(arr[1:], 0.975))) if n_boot else (float("nan"),) * 2
-
-    return FaithfulnessResult(pd.DataFrame(rows), float(cprs[0]), ci(cprs), float(cmds[0]), ci(cmds))
+                         "ci_low": float(bounds[0, col]), "ci_high": float(bounds[1, col])})
+    return FaithfulnessResult(pd.DataFrame(rows), float(cprs[0]), percentile_ci(cprs), float(cmds[0]),
+                              percentile_ci(cmds))

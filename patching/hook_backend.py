@@ -27,6 +27,10 @@ Hook = Callable[[Tensor], Tensor]
 _FINAL = "ln_final.hook_in"
 
 
+class _Stop(Exception):
+    """Raised by a hook once a forward has given what it was run for: the rest (the unembedding) is skipped."""
+
+
 class HookRunner:
     """The runner interface of `patching.runner.Runner`, computed by the bridge itself (see module docstring)."""
 
@@ -44,9 +48,13 @@ class HookRunner:
         self.W_E = model.W_E.detach()
 
     # ------------------------------------------------------------------ the runner interface
-    def _forward(self, tokens: Tensor, hooks: list[tuple[str, Callable]]) -> Tensor:
-        with self.model.hooks(fwd_hooks=hooks):
-            return self.model(tokens)
+    def _forward(self, tokens: Tensor, hooks: list[tuple[str, Callable]]) -> Tensor | None:
+        """The bridge's forward with hooks; None where a hook stopped it (`_Stop`)."""
+        try:
+            with self.model.hooks(fwd_hooks=hooks):
+                return self.model(tokens)
+        except _Stop:
+            return None
 
     def _placeholder(self, resid: Tensor) -> Tensor:
         return torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
@@ -84,7 +92,7 @@ class HookRunner:
         fwd += self._hooks(hooks, start_layer, start_at_mlp, state)
         got: dict[str, Tensor] = {}
         exit_name = _FINAL if stop >= self.n_layers else hook_name("resid_pre", stop)
-        fwd.append((exit_name, _capture(got, "out")))
+        fwd.append((exit_name, _capture(got, "out", stop=True)))
         placeholder = self._placeholder(resid)
         if per_query:
             fwd = self._per_query_head(fwd, per_query, resid.shape[0])
@@ -198,7 +206,7 @@ class HookRunner:
         for key in collect:
             state.acts[key] = torch.empty(0)
         got: dict[str, Tensor] = {}
-        fwd = self._hooks(hooks or {}, 0, False, state) + [(_FINAL, _capture(got, "out"))]
+        fwd = self._hooks(hooks or {}, 0, False, state) + [(_FINAL, _capture(got, "out", stop=True))]
         self._forward(tokens, fwd)
         state.resid_final = got["out"]
         return state
@@ -208,7 +216,7 @@ class HookRunner:
         d_head] of `layer`, computed by the bridge from residual stream `resid`."""
         got: dict[str, Tensor] = {}
         site = hook_name("q", layer) if channel == "q" else self.read_site(channel, layer)  # q: before its norm
-        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (site, _capture(got, "x"))]
+        fwd = [(hook_name("resid_pre", layer), lambda act, hook: resid), (site, _capture(got, "x", stop=True))]
         self._forward(self._placeholder(resid), fwd)
         x = got["x"]
         return x.view(*x.shape[:2], -1, self.d_head)
@@ -217,9 +225,11 @@ class HookRunner:
         return self.model(tokens)
 
 
-def _capture(store: dict, key: str) -> Callable:
+def _capture(store: dict, key: str, stop: bool = False) -> Callable:
     def hook(act: Tensor, hook: Any) -> Tensor:
         store[key] = act
+        if stop:
+            raise _Stop
         return act
     return hook
 

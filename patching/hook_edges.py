@@ -25,13 +25,10 @@ from torch import Tensor
 
 from circuitlab.patching.components import hook_name
 from circuitlab.patching.forward_parts import UnsupportedModelError, block_norms, rms_post_share
+from circuitlab.patching.hook_backend import _Stop
 from circuitlab.patching.runner import RunState
 
 _FINAL = "ln_final.hook_in"
-
-
-class _Stop(Exception):
-    """Raised at the final norm's input: the graph forward has what it needs, the unembedding is skipped."""
 
 
 class HookEdgeRunner:
@@ -166,10 +163,7 @@ class HookEdgeRunner:
                 hooks.append((hook_name("mlp_out", layer), mlp_hook(layer)))
         hooks.append((_FINAL, final_hook))
         placeholder = torch.zeros(n * items, seq, dtype=torch.long, device=self.W_O.device)
-        try:
-            self.runner._forward(placeholder, hooks)
-        except _Stop:
-            pass
+        self.runner._forward(placeholder, hooks)  # stopped by final_hook
         return out["final"]
 
     def _plain_forward(self, tokens: Tensor | None, embed: Tensor | None, leaves: dict[str, list[Tensor]] | None
@@ -229,6 +223,18 @@ class HookEdgeRunner:
         mid = streams["mid"] if not g.attn_only else pre[1:] + [current(g.n_layers)]
         return senders, final, pre, mid
 
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream (see `EdgeRunner.receiver_value`), by the bridge: q (before
+        any query norm), k/v as query head `head` reads them, or the MLP's contribution."""
+        r = self.runner
+        if channel != "mlp":
+            values = r.receiver_values(channel, layer, stream)
+            return values[:, :, head if values.shape[2] == self.graph.n_heads else head // self.graph.group]
+        got: dict[str, Tensor] = {}
+        keep = {("mlp_out", layer): lambda act: got.setdefault("x", act)}
+        r.run(stream, start_layer=layer, start_at_mlp=not self.graph.parallel, stop_layer=layer + 1, hooks=keep)
+        return self._mlp_contribution(layer, got["x"])
+
     # ------------------------------------------------------------------ EdgeRunner's interface
     def from_run(self, state: RunState) -> Any:
         """Graph activations of a plain hook-backend run (`z` and `mlp_out` collected at every layer)."""
@@ -275,7 +281,7 @@ class HookEdgeRunner:
         n_circ = masks.shape[0]
         batch, seq, _, dm = corrupt.senders.shape
         items = n_circ * batch
-        masks_t = masks.to(corrupt.senders.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(corrupt.senders.device, corrupt.senders.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
         corrupt_senders = corrupt.senders.permute(2, 0, 1, 3)  # [n_senders, b, p, d]
         embed = self.runner.embed(tokens)
         deltas: list[Tensor | None] = [(embed - corrupt_senders[0]).unsqueeze(0).expand(n_circ, -1, -1, -1)]

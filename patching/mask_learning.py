@@ -29,6 +29,7 @@ from torch import Tensor
 
 from circuitlab.patching.context_subset import subset_context
 from circuitlab.patching.edges import EdgeContext
+from circuitlab.patching.normalize import checked_gap, normalize_difference
 
 LEVELS = ("node", "edge")
 
@@ -103,7 +104,7 @@ def _node_setup(ctx: EdgeContext, cfg: MaskConfig) -> tuple[list[int], Callable[
     from circuitlab.patching.node_masks import node_masked_metric
 
     g = ctx.graph
-    learn = [i for i, n in enumerate(g.sender_names) if n.startswith("a") or (n.startswith("m") and not cfg.heads_only)]
+    learn = g.senders_of(*(("head",) if cfg.heads_only else ("head", "mlp")))
     base = torch.ones(g.n_senders)
     idx = torch.tensor(learn, dtype=torch.long)
 
@@ -136,9 +137,7 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
     if n == 0:
         raise ValueError("nothing to mask: the model has no heads/MLPs (or edges) to learn")
     n_prompts = int(ctx.clean_values.shape[0])
-    gap = float(ctx.clean_metric - ctx.corrupt_metric)
-    if not math.isfinite(gap) or abs(gap) < 1e-9:
-        raise ValueError("clean and corrupted runs give the same metric: faithfulness is undefined; change the task")
+    gap = float(checked_gap(ctx.clean_metric, ctx.corrupt_metric))
     generator = torch.Generator().manual_seed(cfg.seed)
     log_alpha = torch.full((n,), float(cfg.init), requires_grad=True)
     optimiser = torch.optim.Adam([log_alpha], lr=cfg.lr)
@@ -158,7 +157,7 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
                 rows = torch.randperm(n_prompts, generator=generator)[: cfg.batch_size]
                 sub = subset_context(ctx, rows)
             values = metric(sub, z)[0]
-            faith_loss = (((values - sub.clean_values) / gap) ** 2).mean()
+            faith_loss = (normalize_difference(values - sub.clean_values, gap) ** 2).mean()
             expected = keep_probability(log_alpha, cfg).sum()
             lam = cfg.sparsity * min(1.0, (step + 1) / ramp)
             loss = faith_loss + lam * expected
@@ -167,7 +166,7 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
             optimiser.step()
             with torch.no_grad():
                 log_alpha.clamp_(-10.0, 10.0)
-            f = float((values.detach().mean() - sub.corrupt_values.mean()) / gap)
+            f = float(normalize_difference(values.detach().mean() - sub.corrupt_values.mean(), gap))
             history.append({"step": step, "loss": float(loss.detach()), "faithfulness_sample": f,
                             "expected_size": float(expected.detach()), "lambda": lam})
             if log is not None and (step % 25 == 0 or step == cfg.steps - 1):

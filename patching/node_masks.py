@@ -41,12 +41,12 @@ def node_mask(ctx: EdgeContext, keep: Iterable[str], *, keep_input: bool = True,
 
 def head_indices(ctx: EdgeContext) -> Tensor:
     """Sender indices of every attention head, in graph order."""
-    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("a")], dtype=torch.long)
+    return torch.tensor(ctx.graph.senders_of("head"), dtype=torch.long)
 
 
 def mlp_indices(ctx: EdgeContext) -> Tensor:
     """Sender indices of every MLP, in graph order (empty for attention-only models)."""
-    return torch.tensor([i for i, n in enumerate(ctx.graph.sender_names) if n.startswith("m")], dtype=torch.long)
+    return torch.tensor(ctx.graph.senders_of("mlp"), dtype=torch.long)
 
 
 def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
     n_circ = masks.shape[0]
     corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
     batch, seq, _, dm = corrupt.shape
-    masks = masks.to(corrupt.dtype)
+    masks = masks.to(corrupt.device, corrupt.dtype)
 
     def mix(clean_out: Tensor, first: int, count: int) -> Tensor:
         """clean_out [C*b, p, count, d] -> mixed with the corrupted outputs of senders first..first+count."""

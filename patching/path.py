@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.patching.activation import (PatchingConfig, PatchingContext, _gather_logits, _metric_values, ensure_collected,
-                                 prepare)
+from circuitlab.patching.activation import (PatchingConfig, PatchingContext, _gather_logits, _metric_values,
+                                            ensure_collected, prepare, resolve_position)
 from circuitlab.patching.components import Node, parse_node
 
 PATH_COLUMNS = ["sender", "receiver", "channel", "layer", "head", "position", "role", "metric", "effect",
@@ -56,16 +56,8 @@ def _resolve_positions(pairs: Any, spec: Any, what: str) -> tuple[Tensor | None,
     """Per-prompt positions [batch] for a role / integer, or None for all positions."""
     if spec is None or spec == "all":
         return None, ""
-    batch, seq = pairs.clean_tokens.shape
-    if isinstance(spec, str):
-        roles = getattr(pairs, "positions", {}) or {}
-        if spec not in roles:
-            raise ValueError(f"unknown {what} position role {spec!r}: this task has roles {sorted(roles)}")
-        return roles[spec].long(), spec
-    pos = int(spec)
-    if not -seq <= pos < seq:
-        raise ValueError(f"{what} position {pos} is out of range for prompts of {seq} tokens")
-    return torch.full((batch,), pos % seq, dtype=torch.long), ""
+    positions, _, _ = resolve_position(pairs, spec, what)
+    return positions, spec if isinstance(spec, str) else ""
 
 
 def _parse_senders(model_layers: int, n_heads: int, senders: Any, attn_only: bool) -> list[SenderSet]:

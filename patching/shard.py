@@ -165,7 +165,7 @@ def sharded_exact_edge_scores(model: str, task: Any, pairs: Any, edges: Sequence
     results = (map_fn or (lambda fn, items: [fn(x) for x in items]))(run_edge_shard, shards)
     out = torch.empty(len(edges))
     for group, values in zip(groups, results):
-        out[torch.tensor(group, dtype=torch.long)] = values.to(out.dtype)
+        out[torch.tensor(group, dtype=torch.long)] = values.to("cpu", out.dtype)  # shards may run on a GPU
     return out
 
 

@@ -105,6 +105,7 @@ class ComputationalGraph:
         self.edge_names = [edge_name(self.sender_names[s], self.receiver_names[r], self.receiver_channels[r])
                            for s, r in zip(self.edge_sender.tolist(), self.edge_receiver.tolist())]
         self._edge_index = {name: i for i, name in enumerate(self.edge_names)}
+        self._sender_index = {name: i for i, name in enumerate(self.sender_names)}
 
     @classmethod
     def from_model(cls, model: Any) -> ComputationalGraph:
@@ -157,6 +158,17 @@ class ComputationalGraph:
         """How many senders (a prefix of the sender order) write into this receiver's input (`can_read`)."""
         return self._senders_before[receiver]
 
+    def sender_index(self, name: str) -> int:
+        """Position of a sender node (`input`, `a{l}.h{h}`, `m{l}`) in the sender order."""
+        if name not in self._sender_index:
+            raise ValueError(f"{name!r} is not a sender of this model's graph ({self.n_layers} layers, "
+                             f"{self.n_heads} heads{', attention only' if self.attn_only else ''})")
+        return self._sender_index[name]
+
+    def senders_of(self, *kinds: str) -> list[int]:
+        """Indices of the senders of the given node kinds (`head`, `mlp`, `input`), in graph order."""
+        return [i for i, name in enumerate(self.sender_names) if parse_node(name).kind in kinds]
+
     @property
     def n_edges(self) -> int:
         return len(self.edge_names)
@@ -183,3 +195,20 @@ class ComputationalGraph:
         for name in names:
             vec[self.edge_index(name)] = value
         return vec
+
+
+def node_totals(senders: Sequence[str], receivers: Sequence[str], scores: Sequence[float] | Tensor, *,
+                absolute: bool) -> dict[str, float]:
+    """Node scores from edge scores, the one definition: a node's score is the sum of its outgoing edges' scores
+    (of their |scores| with `absolute`); `logits`, which sends nothing, gets the sum over its incoming edges.
+    NaN scores count as 0. Signed sums are attribution patching's node scores (a node's effect is the sum of its
+    edges' effects, to first order); absolute sums say how much of a circuit flows through a node."""
+    values = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64).detach().cpu(), nan=0.0)
+    if absolute:
+        values = values.abs()
+    totals: dict[str, float] = {}
+    for src, dst, value in zip(senders, receivers, values.tolist()):
+        totals[src] = totals.get(src, 0.0) + value
+        if dst == "logits":
+            totals["logits"] = totals.get("logits", 0.0) + value
+    return totals

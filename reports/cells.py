@@ -26,9 +26,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from circuitlab.reports.store import code_version
+
 KINDS = ("run", "bench")
 STATUSES = ("done", "failed", "skipped")
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class SkipCell(Exception):
@@ -79,22 +80,6 @@ class CellOutcome:
 
 
 # ---------------------------------------------------------------------- content address
-
-CODE_FOLDERS = ("patching", "tasks", "graphs", "reports")
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """sha256 (16 hex) over the package's Python sources: any code change re-addresses every cell."""
-    digest = hashlib.sha256()
-    files = sorted(PACKAGE_ROOT.glob("*.py"))
-    for folder in CODE_FOLDERS:
-        files += sorted((PACKAGE_ROOT / folder).rglob("*.py"))
-    for path in files:
-        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".npz", ".json")
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
-    run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE] or ints")
+    run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE], ints or none")
     run.add_argument("--resid-positions", default=None, help="residual heatmap: each, roles or none")
     run.add_argument("--resid-layers", type=int, default=None, help="at most this many layers in the heatmap")
     run.add_argument("--steps", type=int, default=None, help="EAP-IG integration steps (default 5)")
@@ -76,25 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="extra task.generate option, e.g. seq_len=8 (repeatable)")
     run.set_defaults(func=_cmd_run)
 
-    patch = sub.add_parser("patch", help="one activation-patching sweep")
-    _add_common(patch, defaults=True)
-    patch.add_argument("--component", default="head", help="head|resid|attn|mlp|q|k|v|pattern (or a kind)")
-    patch.add_argument("--positions", default="all", help="all, each, ROLE[,ROLE] or integer positions")
-    patch.add_argument("--direction", default="denoise", help="denoise (clean into corrupt) or noise")
-    patch.add_argument("--shards", type=int, default=1, help="split the sweep by layer over this many workers")
-    patch.add_argument("--executor", default="sequential", help="where shards run: sequential or ray")
-    patch.add_argument("--address", default=None, help="Ray cluster address for the shards (implies ray)")
-    patch.set_defaults(func=_cmd_patch)
-
-    path = sub.add_parser("path", help="one path-patching sweep")
-    _add_common(path, defaults=True)
-    path.add_argument("--senders", default="heads", help="heads, all, or a1.h2,a3.h4+a3.h5 (+ joins a set)")
-    path.add_argument("--receivers", default="", help="receiver heads, e.g. a9.h9,a9.h6 (not for logits)")
-    path.add_argument("--channel", default="q", help="q, k, v or logits")
-    path.add_argument("--sender-positions", default=None, help="all, ROLE or an integer")
-    path.add_argument("--receiver-positions", default=None, help="all, ROLE or an integer")
-    path.add_argument("--direction", default="noise", help="noise (paper default) or denoise")
-    path.set_defaults(func=_cmd_path)
+    for name, help_text, options, func in SWEEP_COMMANDS:
+        sweep_parser = sub.add_parser(name, help=help_text)
+        _add_common(sweep_parser, defaults=True)
+        for flag, default, kind, flag_help in options:
+            sweep_parser.add_argument(flag, type=kind, default=default, help=flag_help)
+        sweep_parser.set_defaults(func=func)
 
     report = sub.add_parser("report", help="re-render a run's report from its saved results")
     report.add_argument("run_dir")
@@ -184,6 +171,25 @@ def _cmd_path(args: argparse.Namespace) -> int:
             "sender_positions": args.sender_positions, "receiver_positions": args.receiver_positions}
     run_path(_sweep_config(args, spec, "runs/path"), quiet=args.quiet, command=_command_line())
     return 0
+
+
+# (command, help, [(flag, default, type, help)], handler): the one-sweep commands' own options
+SWEEP_COMMANDS = (
+    ("patch", "one activation-patching sweep", [
+        ("--component", "head", str, "head|resid|attn|mlp|q|k|v|pattern (or a kind)"),
+        ("--positions", "all", str, "all, each, ROLE[,ROLE] or integer positions"),
+        ("--direction", "denoise", str, "denoise (clean into corrupt) or noise"),
+        ("--shards", 1, int, "split the sweep by layer over this many workers"),
+        ("--executor", "sequential", str, "where shards run: sequential or ray"),
+        ("--address", None, str, "Ray cluster address for the shards (implies ray)")], _cmd_patch),
+    ("path", "one path-patching sweep", [
+        ("--senders", "heads", str, "heads, all, or a1.h2,a3.h4+a3.h5 (+ joins a set)"),
+        ("--receivers", "", str, "receiver heads, e.g. a9.h9,a9.h6 (not for logits)"),
+        ("--channel", "q", str, "q, k, v or logits"),
+        ("--sender-positions", None, str, "all, ROLE or an integer"),
+        ("--receiver-positions", None, str, "all, ROLE or an integer"),
+        ("--direction", "noise", str, "noise (paper default) or denoise")], _cmd_path),
+)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

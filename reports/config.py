@@ -33,8 +33,8 @@ class RunConfig:
 
     Circuit selection: at most one of `top_fraction`, `threshold`, `top_k`; none given = the top 50 edges
     (edge methods) or top 20 components (node methods), widened until the circuit connects input to logits.
-    `positions`: where heads and MLPs are patched exactly — `all`, `each`, or task roles (`END` or
-    `S2,END`). `resid_positions`: the residual-stream heatmap (`each` position, the task's `roles`, or `none`),
+    `positions`: where heads and MLPs are patched exactly — `all`, `each`, task roles (`END` or
+    `S2,END`), or `none` (no exact patching: the slowest stage, one patched forward per head and MLP). `resid_positions`: the residual-stream heatmap (`each` position, the task's `roles`, or `none`),
     over at most `resid_layers` evenly spaced layers. `percents`: the faithfulness curve's k (% of edges).
     `threads`: CPU threads for torch (default: 1 on machines with at most 2 cores, where a second thread
     competing with other processes made patching up to 10x slower; all cores otherwise).
@@ -279,7 +279,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--top-fraction must be in (0, 1], got {cfg.top_fraction}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {cfg.top_k}")
-    parse_positions(cfg.positions, task.roles)
+    if cfg.positions != "none":
+        parse_positions(cfg.positions, task.roles)
     if cfg.resid_positions not in ("each", "roles", "none"):
         raise ConfigError(f"--resid-positions must be each, roles or none, got {cfg.resid_positions!r}")
     if cfg.resid_layers < 1:

@@ -7,7 +7,8 @@ circuit method (`graphs.faithful`: the smallest circuit whose exact faithfulness
 `--faithfulness-target`), measures it on the held-out pairs, measures the baseline "top-k heads by single exact
 effect" the same way, and optionally reruns discovery on bootstrap resamples (`--stability-resamples`) for
 inclusion frequencies. `faithful_graph` turns the result into the run's circuit graph and
-`faithful_paragraphs` states it in the report.
+`faithful_paragraphs` states it in the report. `build_circuit` is the run's circuit graph: the faithful circuit, or
+the size forced by --top-k/--top-fraction/--threshold (`selection`).
 """
 
 from __future__ import annotations
@@ -185,9 +186,50 @@ def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def selection(cfg: Any) -> Any:
+    """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
+    from circuitlab.graphs.circuit import Selection
+
+    for key in ("top_fraction", "threshold", "top_k"):
+        if getattr(cfg, key) is not None:
+            return Selection(**{key: getattr(cfg, key)})
+    return None
+
+
+def build_circuit(p: Any) -> Any:
+    """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
+    the method's scores — with exact effects and measured roles on its nodes."""
+    from pathlib import Path
+
+    from circuitlab.graphs.discovery import choose_circuit
+    from circuitlab.graphs.methods import get_method
+    from circuitlab.graphs.roles import assign_roles
+    from circuitlab.reports.result import strongest_per_node
+
+    cfg = p.cfg
+    if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
+        summary = p.result.faithful
+        graph = faithful_graph(summary, p.result.faithful_ranking, p.graph(),
+                               f"{cfg.task} on {Path(cfg.model).name} ({summary['method']})")
+    else:
+        if cfg.method == "acdc" and not p.result.acdc_summary["kept_edges"]:
+            raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
+        edges, nodes = p.scores()
+        circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)
+        graph = circuit.to_networkx(f"{cfg.task} on {Path(cfg.model).name} ({cfg.method})")
+    if p.result.exact is not None:
+        exact = strongest_per_node(p.result.exact).set_index("node")["effect"]
+        for node, data in graph.nodes(data=True):
+            if node in exact.index:
+                data["exact_effect"] = float(exact[node])
+    if p.result.roles is not None and not p.result.roles.empty:
+        graph = assign_roles(graph, p.result.roles)
+    return graph
+
+
 def _f(value: Any) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "circuit_method", "circuit_stage", "faithful_graph",
-           "faithful_paragraphs", "split_prompts"]
+__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_graph",
+           "faithful_paragraphs", "selection", "split_prompts"]

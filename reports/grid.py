@@ -32,7 +32,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from circuitlab.reports import store
-from circuitlab.reports.cells import Cell, CellOutcome, cell_key, code_version, model_fingerprint
+from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
 from circuitlab.reports.config import ConfigError
 
 SWEEP_KEYS = ("kind", "grid", "options", "resources", "exclude")
@@ -160,7 +160,7 @@ def _record(cell: Cell, key: str, outcome: CellOutcome, attempt: int) -> dict[st
             "status": outcome.status, "error": outcome.error, "reason": outcome.reason, "result": result,
             "traceback": trace, "wall_seconds": round(outcome.wall_seconds, 3),
             "peak_rss_mb": round(outcome.peak_rss_mb, 1), "backend": outcome.backend, "attempt": attempt,
-            "code_version": code_version(), "model_weights": _fingerprint(cell),
+            "code_version": store.code_version(), "model_weights": _fingerprint(cell),
             "files": sorted(outcome.files), "finished": _dt.datetime.now(_dt.timezone.utc).isoformat()}
 
 
@@ -219,7 +219,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
     finally:
         table = collect_table(folders)
         store.write_json(out / "sweep.json", {
-            "spec": spec.to_dict(), "executor": executor.name, "code_version": code_version(),
+            "spec": spec.to_dict(), "executor": executor.name, "code_version": store.code_version(),
             "cells": len(cells), "ran": ran, "reused": reused, "wall_seconds": round(time.time() - started, 3),
             "status": table["status"].value_counts().to_dict() if len(table) else {}})
         write_table(out, table)

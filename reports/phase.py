@@ -21,13 +21,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from circuitlab.graphs.ablation import icl_ablation, joint_icl_ablation, repeated_tokens_patching
-from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
-from circuitlab.graphs.phase import detect_phase_change
-from circuitlab.graphs.roles import RoleThresholds
+from circuitlab.graphs.induction import ProbeOptions, composition_scores
+from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_change, joint_induction_ablation,
+                                     label_heads, measure_checkpoint)
 from circuitlab.patching.models import load_model
 from circuitlab.reports import store
-from circuitlab.tasks.corpus import Corpus, eval_tokens, icl_positions, icl_score, load_corpus, loss_by_position, with_repeats
+from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, with_repeats
 
 CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "late", "early", "icl_width", "late_loss",
                       "early_loss",
@@ -95,40 +94,6 @@ def probe_tokens(corpus: Corpus, k: int = 96) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.argsort(counts, descending=True)[:k].tolist())
 
 
-def icl_width(n_ctx: int) -> int:
-    """Indices averaged on each side of the ICL score in a study: n_ctx/32 (8 at 256), at least 1."""
-    return max(1, n_ctx // 32)
-
-
-def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, Any], pd.DataFrame]:
-    """The per-checkpoint row (ICL, losses, top scores) and the per-head table of one model."""
-    late, early = icl_positions(tokens.shape[1])
-    width = icl_width(tokens.shape[1])
-    losses = loss_by_position(model, tokens)
-    heads = head_scores(model, probe)
-    heads["k_comp_from_prev"] = float("nan")
-    if model.cfg.n_layers > 1:
-        comp = composition_scores(model).set_index(["sender", "receiver"])["k_comp"]
-        for idx, row in heads.iterrows():
-            if row["qk_via"]:
-                heads.loc[idx, "k_comp_from_prev"] = float(comp[(row["qk_via"], f"a{row['layer']}.h{row['head']}")])
-    top = heads.loc[heads["induction"].idxmax()]
-    return {"icl_score": icl_score(losses, late, early, width), "late": late, "early": early, "icl_width": width,
-            "late_loss": float(losses[late]),
-            "early_loss": float(losses[early]), "mean_loss": float(losses[1:].mean()),
-            "top_induction": float(top["induction"]), "top_induction_head": f"a{top['layer']}.h{top['head']}",
-            "top_previous_token": float(heads["previous_token"].max()),
-            "top_ov_copying": float(heads["ov_copying"].max())}, heads
-
-
-def label_heads(heads: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.Series:
-    """`induction`, `previous_token` or `` per head row (thresholds of graphs.roles)."""
-    ind = (heads["induction"] >= thresholds.induction) & (heads["ov_copying"] > thresholds.copying)
-    prev = heads["previous_token"] >= thresholds.previous_token
-    return pd.Series(["induction" if a else "previous_token" if b else "" for a, b in zip(ind, prev)],
-                     index=heads.index)
-
-
 def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_log: pd.DataFrame | None,
                  tokens: torch.Tensor, probe: ProbeOptions, cache_dir: Path, tokens_per_step: int,
                  progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -154,40 +119,6 @@ def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_l
                      "train_loss": train_loss, **row})
         head_frames.append(heads.assign(model=name, n_layers=n_layers, step=step))
     return pd.DataFrame(rows)[CHECKPOINT_COLUMNS], pd.concat(head_frames, ignore_index=True)
-
-
-def _causal(name: str, step: int, path: Path, tokens: torch.Tensor, heads: pd.DataFrame,
-            token_range: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    model = load_model(str(path))
-    abl = icl_ablation(model, tokens, width=icl_width(tokens.shape[1])).assign(model=name, step=step)
-    patch = repeated_tokens_patching(model, n=16, seq_len=20, token_range=token_range).assign(model=name, step=step)
-    return abl, patch
-
-
-def _joint(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: int) -> dict[str, Any]:
-    """Ablate the labelled induction heads together, and as many other heads (every other set, or 10 random)."""
-    import itertools
-    import random
-
-    model = load_model(str(model_path))
-    labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
-    others = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label != "induction"]
-    out: dict[str, Any] = {"induction_heads": [f"a{l}.h{h}" for l, h in labelled]}
-    if not labelled or len(others) < len(labelled):
-        return out | {"reason": "no labelled induction heads" if not labelled else "too few other heads"}
-    width = icl_width(tokens.shape[1])
-    base = icl_score(loss_by_position(model, tokens), width=width)
-    out["base_icl"] = base
-    for kind in ("zero", "mean"):
-        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width)
-        combos = list(itertools.combinations(others, len(labelled)))
-        if len(combos) > 10:
-            combos = random.Random(seed).sample(combos, 10)
-        fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width)["fraction_removed"]
-                 for c in combos]
-        out[f"{kind}_others"] = {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs),
-                                 "max_fraction_removed": max(fracs)}
-    return out
 
 
 def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
@@ -235,19 +166,19 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
         causal_steps = sorted({final} | ({window.start, window.end} if window.found else set()))
         heads["label"] = label_heads(heads)
         for step in causal_steps:
-            abl, patch = _causal(name, step, result.checkpoints[step], tokens, heads,
-                                 (min(allowed), max(allowed) + 1))
+            abl, patch = causal_tables(name, step, result.checkpoints[step], tokens, heads,
+                                       (min(allowed), max(allowed) + 1))
             causal_frames.append(abl)
             patch_frames.append(patch)
         final_heads = heads[heads["step"] == final]
-        joints[name] = _joint(result.checkpoints[final], tokens, final_heads, cfg.seed)
+        joints[name] = joint_induction_ablation(result.checkpoints[final], tokens, final_heads, cfg.seed)
         comps.append(composition_scores(load_model(str(result.checkpoints[final]))).assign(model=name, step=final)
                      if n_layers > 1 else pd.DataFrame())
         timings[f"measure_{name}"] = time.perf_counter() - t0
         tables.append(table)
         head_tables.append(heads)
     checkpoints = pd.concat(tables, ignore_index=True)
-    heads = _attach_causal(pd.concat(head_tables, ignore_index=True), causal_frames, patch_frames)
+    heads = attach_causal(pd.concat(head_tables, ignore_index=True), causal_frames, patch_frames)
     store.write_csv(out / "checkpoints.csv", checkpoints)
     store.write_csv(out / "heads.csv", heads[HEAD_TABLE_COLUMNS])
     store.write_csv(out / "ablation.csv", pd.concat(causal_frames, ignore_index=True))
@@ -265,23 +196,6 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     store.write_text(out / "columns.md", "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_DOCS.items()) + "\n")
     render_phase_report(out)
     return checkpoints
-
-
-def _attach_causal(heads: pd.DataFrame, ablations: list[pd.DataFrame], patches: list[pd.DataFrame]) -> pd.DataFrame:
-    heads = heads.copy()
-    heads["node"] = [f"a{l}.h{h}" for l, h in zip(heads["layer"], heads["head"])]
-    key = ["model", "step", "layer", "head"]
-    if ablations:
-        abl = pd.concat(ablations, ignore_index=True)
-        wide = abl.pivot_table(index=key, columns="ablation", values="delta_icl").add_prefix("delta_icl_").reset_index()
-        heads = heads.merge(wide, on=key, how="left")
-    if patches:
-        pat = pd.concat(patches, ignore_index=True)[key + ["effect"]].rename(columns={"effect": "patch_effect"})
-        heads = heads.merge(pat, on=key, how="left")
-    for col in ("delta_icl_zero", "delta_icl_mean", "patch_effect"):
-        if col not in heads:
-            heads[col] = float("nan")
-    return heads
 
 
 def _plain_config(cfg: PhaseConfig) -> dict[str, Any]:
@@ -317,7 +231,7 @@ def run_published(cfg: PhaseConfig) -> pd.DataFrame:
                      "train_loss": float("nan"), **row})
         head_frames.append(heads.assign(model=name, n_layers=model.cfg.n_layers, step=step))
     checkpoints = pd.DataFrame(rows)[CHECKPOINT_COLUMNS]
-    heads = _attach_causal(pd.concat(head_frames, ignore_index=True), [], [])
+    heads = attach_causal(pd.concat(head_frames, ignore_index=True), [], [])
     heads["label"] = label_heads(heads)
     store.write_csv(out / "checkpoints.csv", checkpoints)
     store.write_csv(out / "heads.csv", heads[HEAD_TABLE_COLUMNS])

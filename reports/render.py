@@ -83,6 +83,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     # 3. heatmaps
     heat = Section("Where the effect is: heads, MLPs, residual stream")
     exact = result.exact
+    if exact is None:  # --positions none: no exact patching in this run
+        exact = pd.DataFrame(columns=["component", "layer", "head", "position", "role", "effect", "node"])
+        heat.paragraphs.append("Exact activation patching of heads and MLPs was skipped in this run (--positions none).")
     heads = exact[exact["component"] == "z"]
     panels = []
     for label, group in heads.groupby(heads["role"].where(heads["role"] != "", heads["position"].astype(str)), sort=False):
@@ -117,8 +120,13 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
             grid = resid.pivot_table(index="layer", columns="role", values="effect", aggfunc="mean")
             grid = grid[[r for r in record["task"]["roles"] if r in grid.columns]]
             labels = list(grid.columns)
+        absolute = bool((resid["position"].astype(int) >= 0).all())
+        mixed = absolute and any(label.startswith("*") for label in labels_all)
         heat.figures.append(("resid", "Normalized effect of patching the residual stream before each layer (rows) at "
-                             "each position (columns) from the clean into the corrupted run",
+                             "each position (columns) from the clean into the corrupted run" +
+                             (": columns are absolute positions; a token is shown where every prompt has the same "
+                              "one there, * where prompts differ (different templates or lengths), with the role "
+                              "found there in every prompt" if mixed else ""),
                              figures.png_bytes(figures.resid_heatmap(grid, labels))))
     top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
     heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
@@ -210,6 +218,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                                 f"{agreement['n_nodes']} heads and MLPs: Spearman {_fmt(agreement['spearman'])}.")
         fig_panels.append((f"nodes: Spearman {_fmt(agreement['spearman'])}", merged["approx"].to_numpy(float),
                            merged["exact"].to_numpy(float), f"{method} effect", "exact effect"))
+    elif result.exact is None:
+        agree.paragraphs.append("Node level: no exact activation patching in this run (--positions none).")
     else:
         agree.paragraphs.append("Node level: the method is exact activation patching itself.")
     oracle = result.oracle

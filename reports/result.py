@@ -99,6 +99,8 @@ class RunResult:
         """Spearman rank agreement of the method's node effects with exact activation patching."""
         from circuitlab.patching.attribution import spearman
 
+        if self.exact is None:  # --positions none: no exact patching to compare with
+            return {"compared_with": None, "spearman": None, "n_nodes": 0}
         exact = strongest_per_node(self.exact).set_index("node")["effect"]
         if self.config.method == "activation" or self.nodes is None:
             return {"compared_with": None, "spearman": None, "n_nodes": int(len(exact))}

@@ -23,8 +23,10 @@ import pandas as pd
 import torch
 
 from circuitlab.graphs.methods import get_method
+from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
 
@@ -139,14 +141,23 @@ def _pairs(p: Pipeline, pairs: Any, heldout: Any, split: str) -> dict[str, Any]:
 
 
 def _position_labels(model: Any, pairs: Any) -> list[str]:
-    """A label per position: the role found there in every prompt, else the first prompt's token."""
-    labels, first, tok = [], pairs.clean_tokens[0].tolist(), getattr(model, "tokenizer", None)
+    """A label per absolute position: the token there when every prompt that reaches it has the same one, else
+    `*`; then the role found there in every such prompt. Prompts of different templates or lengths share few
+    tokens by position, so their labels say so rather than show one prompt's token."""
+    labels, tok = [], getattr(model, "tokenizer", None)
+    tokens, lengths = pairs.clean_tokens, pairs.lengths
     for pos in range(pairs.seq_len):
-        roles = [r for r, where in pairs.positions.items() if bool((where == pos).all()) and r != "END"]
-        if not roles and bool((pairs.positions.get("END", torch.tensor([-1])) == pos).all()):
+        real = lengths > pos  # prompts that have a token here (not padding)
+        column = tokens[real, pos]
+        roles = [r for r, where in pairs.positions.items() if bool((where[real] == pos).all()) and r != "END"]
+        if not roles and bool((pairs.positions.get("END", torch.full_like(lengths, -1))[real] == pos).all()):
             roles = ["END"]
-        text = tok.decode([first[pos]]) if tok is not None else f"<{first[pos]}>"
-        labels.append(f"{text!r}" + (f" [{'/'.join(roles)}]" if roles else ""))
+        if bool((column == column[0]).all()):
+            first = int(column[0])
+            text = repr(tok.decode([first])) if tok is not None else f"<{first}>"
+        else:
+            text = "*"
+        labels.append(text + (f" [{'/'.join(roles)}]" if roles else ""))
     return labels
 
 
@@ -216,14 +227,15 @@ def _oracle(p: Pipeline) -> dict[str, Any]:
     p.say(f"  exact edge patching of {p.cfg.oracle_edges} sampled edges")
     rho, frame = p.batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
                                           progress=p.progress)
-    frame = frame.assign(approx_effect=frame["approx"] / edges.gap, exact_effect=frame["exact"] / edges.gap)
+    frame = frame.assign(approx_effect=normalize_difference(frame["approx"], edges.gap),
+                         exact_effect=normalize_difference(frame["exact"], edges.gap))
     return {"oracle": frame, "oracle_summary": {"spearman": rho, "n_edges": int(len(frame))}}
 
 
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
     cfg = p.cfg
     edges, nodes = p.scores()
-    ranking = edges.ranking() if edges is not None else nodes.edge_ranking()
+    ranking = edges.ranking() if edges is not None else nodes.edge_ranking(absolute=True)
     result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
@@ -231,58 +243,11 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
                                      "cmd_ci": list(result.cmd_ci)}}
 
 
-def _circuit(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.reports.faithful import circuit_stage
-
-    return circuit_stage(p)
-
-
 def _roles(p: Pipeline) -> dict[str, Any]:
     from circuitlab.graphs.roles import detect_roles
 
     return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
-
-
-# ---------------------------------------------------------------------- circuit
-
-def selection(cfg: RunConfig) -> Any:
-    """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
-    from circuitlab.graphs.circuit import Selection
-
-    for key in ("top_fraction", "threshold", "top_k"):
-        if getattr(cfg, key) is not None:
-            return Selection(**{key: getattr(cfg, key)})
-    return None
-
-
-def build_circuit(p: Pipeline) -> Any:
-    """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
-    the method's scores — with exact effects and measured roles on its nodes."""
-    from circuitlab.graphs.discovery import choose_circuit
-    from circuitlab.graphs.roles import assign_roles
-    from circuitlab.reports.result import strongest_per_node
-
-    cfg = p.cfg
-    if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
-        from circuitlab.reports.faithful import faithful_graph
-
-        summary = p.result.faithful
-        graph = faithful_graph(summary, p.result.faithful_ranking, p.graph(),
-                               f"{cfg.task} on {Path(cfg.model).name} ({summary['method']})")
-    else:
-        if cfg.method == "acdc" and not p.result.acdc_summary["kept_edges"]:
-            raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
-        edges, nodes = p.scores()
-        circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)
-        graph = circuit.to_networkx(f"{cfg.task} on {Path(cfg.model).name} ({cfg.method})")
-    exact = strongest_per_node(p.result.exact).set_index("node")["effect"]
-    for node, data in graph.nodes(data=True):
-        if node in exact.index:
-            data["exact_effect"] = float(exact[node])
-    if p.result.roles is not None and not p.result.roles.empty:
-        graph = assign_roles(graph, p.result.roles)
-    return graph
 
 
 # ---------------------------------------------------------------------- the run
@@ -371,13 +336,14 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                            "change the task, corruption or model")
     spec = get_method(cfg.method)
     p.stage("scores", _scores)
-    p.stage("exact", _exact)
+    if cfg.positions != "none":
+        p.stage("exact", _exact)
     if cfg.resid_positions != "none":
         p.stage("resid", _resid)
     if spec.level == "edge" and not spec.exact and cfg.oracle_edges > 0:
         p.stage("oracle", _oracle)
     p.stage("faithfulness", _faithfulness)
-    p.stage("circuit", _circuit)
+    p.stage("circuit", circuit_stage)
     if cfg.roles:
         p.stage("roles", _roles)
     result.circuit = build_circuit(p)

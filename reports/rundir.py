@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from circuitlab.reports.config import ConfigError
-from circuitlab.reports.store import file_record
+from circuitlab.reports.store import check_writable, file_record
 
 RECORD = "run.json"
 _RENAME_EXCHANGE = 2
@@ -136,19 +136,7 @@ def resolve_out(out: str | os.PathLike[str]) -> Path:
     if path.is_dir() and not (path / RECORD).is_file() and [p for p in path.iterdir() if p.name != ".partial"]:
         raise ConfigError(f"--out {str(out)!r} holds files that are not a finished circuitlab result and would be "
                           "replaced; choose a new or empty folder")
-    parent = path.parent
-    missing = [p for p in [parent, *parent.parents] if not p.exists()]
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{path.name}.write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise ConfigError(f"cannot write to output directory {str(out)!r} ({exc.strerror or exc}); "
-                          "choose another --out") from None
+    check_writable(path.parent, shown=str(out))
     return path
 
 

@@ -6,10 +6,12 @@ Stage results live under `.partial/<resume key>/` (`reports.save.StageCache`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,15 +123,27 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def code_version() -> str:
-    """A fingerprint of circuitlab's own source (every .py file of the package): any code change changes it."""
-    root = Path(__file__).resolve().parent.parent
+CODE_FOLDERS = ("patching", "tasks", "graphs", "reports")
+
+
+def source_fingerprint(root: Path) -> str:
+    """sha256 (16 hex) over the package's Python sources below `root`: its own top-level files and every file
+    of `CODE_FOLDERS`, sub-folders included (a change to `graphs/groundtruth/verify.py` counts too)."""
+    files = sorted(root.glob("*.py"))
+    for folder in CODE_FOLDERS:
+        files += sorted((root / folder).rglob("*.py"))
     digest = hashlib.sha256()
-    for folder in ("", "patching", "tasks", "graphs", "reports"):
-        for path in sorted((root / folder).glob("*.py")):
-            digest.update(f"{folder}/{path.name}".encode())
-            digest.update(path.read_bytes())
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The fingerprint of circuitlab's own source (`source_fingerprint`, once per process): keys runs, resumable
+    stages and grid cells, so any code change re-addresses them."""
+    return source_fingerprint(Path(__file__).resolve().parent.parent)
 
 
 def resume_key(parts: dict[str, str]) -> str:
@@ -159,9 +173,11 @@ def describe_stale(partial: Path, parts: dict[str, str]) -> list[str]:
     return reasons
 
 
-def check_writable(directory: str | os.PathLike[str]) -> Path:
-    """Create the output directory and prove it is writable; raise a clear error otherwise."""
+def check_writable(directory: str | os.PathLike[str], *, shown: str | None = None) -> Path:
+    """Create `directory` and prove it is writable; a clear error otherwise, naming `shown` (default: the
+    directory) and leaving no folder it created behind."""
     directory = Path(directory)
+    missing = [p for p in [directory, *directory.parents] if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-test-{os.getpid()}"
@@ -170,6 +186,9 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         from circuitlab.reports.config import ConfigError
 
-        raise ConfigError(f"cannot write to output directory {str(directory)!r} ({exc.strerror or exc}); "
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(f"cannot write to output directory {shown or str(directory)!r} ({exc.strerror or exc}); "
                           "choose another --out") from None
     return directory

@@ -191,13 +191,13 @@ def parse_senders(text: str) -> Any:
 
 
 def _position(value: str | None, roles: tuple[str, ...]) -> Any:
-    if value is None or value == "all":
+    """One path-patching position (`parse_positions`, restricted to all, one role or one integer)."""
+    parsed = "all" if value is None else parse_positions(value, roles)
+    if parsed == "all":
         return None
-    if value.lstrip("-").isdigit():
-        return int(value)
-    if value not in roles:
+    if parsed == "each" or len(parsed) != 1:
         raise ConfigError(f"bad position {value!r}: use all, an integer, or a role of this task ({', '.join(roles)})")
-    return value
+    return parsed[0]
 
 
 def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:

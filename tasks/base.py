@@ -343,25 +343,6 @@ class Task(ABC):
         """Per-prompt metric `[..., B]` from full logits `[..., B, S, V]`."""
         return self.metric_at(self.gather(logits, pairs), pairs)
 
-    @staticmethod
-    def normalized(value: Tensor | float, clean_value: Tensor | float, corrupt_value: Tensor | float) -> Tensor:
-        """(value − corrupt) / (clean − corrupt): 0 = the corrupt run, 1 = the clean run.
-
-        Raises ValueError when clean equals corrupt (the task does not separate the two runs, so no effect
-        can be normalized): pick prompts where the model behaves differently, or a different corruption.
-        """
-        value_t, clean_t, corrupt_t = (torch.as_tensor(v, dtype=torch.get_default_dtype())
-                                       if not isinstance(v, Tensor) else v
-                                       for v in (value, clean_value, corrupt_value))
-        denom = clean_t - corrupt_t
-        bad = (denom == 0) | ~torch.isfinite(denom)
-        if bool(bad.any()):
-            raise ValueError(
-                f"cannot normalize: clean and corrupt metric are equal (or not finite) for {int(bad.sum())} of "
-                f"{bad.numel()} entries (clean={clean_t.detach().flatten()[:4].tolist()}, "
-                f"corrupt={corrupt_t.detach().flatten()[:4].tolist()}); the corruption does not change the metric.")
-        return (value_t - corrupt_t) / denom
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, metric={self.metric_name!r})"
 

@@ -75,12 +75,18 @@ def smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
 
 
-def build_tiny(family: str, directory: str | Path, *, tokenizer: Any = None, seed: int = 0, scale: float = 3.0) -> Path:
-    """Build a tiny random `family` model, scale its 2-D weights, save it with a tokenizer; return the folder."""
+def build_tiny(family: str, directory: str | Path, *, tokenizer: Any = None, seed: int = 0, scale: float = 3.0,
+               size: dict[str, int] | None = None) -> Path:
+    """Build a tiny random `family` model, scale its 2-D weights, save it with a tokenizer; return the folder.
+
+    `size` overrides config fields by their generic names (`num_hidden_layers`, `hidden_size`,
+    `num_attention_heads`, `intermediate_size`), e.g. for benchmarks where timings must mean something."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or smollm2_tokenizer()
     config = FAMILIES[family](len(tokenizer))
+    for key, value in (size or {}).items():
+        setattr(config, key, value)  # GPT-2's n_layer/n_embd/n_head answer to the generic names
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch
 
 from circuitlab.patching.acdc import acdc
 from circuitlab.patching.activation import PatchingConfig, activation_patching
-from circuitlab.patching.attribution import (eap_ig_scores, eap_scores, edge_frame, exact_edge_scores, node_frame,
-                                  oracle_check, spearman)
+from circuitlab.graphs.scores import EdgeScores
+from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores, oracle_check, spearman
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.faithfulness import faithfulness_curve
@@ -90,11 +90,13 @@ def test_node_scores_are_sums_of_outgoing_edges(tiny_model):
     task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, seed=6)
     ctx = prepare_edges(tiny_model, task, pairs)
     scores = eap_scores(ctx)
-    nodes = node_frame(ctx, scores, "eap")
-    edges = edge_frame(ctx, scores, "eap")
+    typed = EdgeScores(ctx.graph, scores, "eap", ctx.clean_metric - ctx.corrupt_metric)
+    nodes, edges = typed.node_scores().frame, typed.to_frame()
+    assert len(nodes) == ctx.graph.n_senders - 1  # every head and MLP
     for row in nodes.itertuples():
         name = f"a{row.layer}.h{row.head}" if row.component == "z" else f"m{row.layer}"
         assert math.isclose(row.score, edges.loc[edges.sender == name, "score"].sum(), abs_tol=1e-5)
+        assert math.isclose(row.effect, row.score / (ctx.clean_metric - ctx.corrupt_metric), rel_tol=1e-9)
 
 
 def _dead_heads_model():
@@ -167,16 +169,17 @@ def test_spearman_handles_ties():
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_ablated_context_empty_graph_is_the_ablated_run(tiny_model, ablation):
-    """Every head and MLP output ablated (and the embeddings): compare with explicit bridge hooks."""
+    """Every head and MLP output ablated (and the embeddings): compare with explicit bridge hooks. Mean ablation
+    is the mean over the corrupted prompts (the one definition, `activation.mean_ablation`): a clean mean fails."""
     from circuitlab.patching.components import hook_name
     from circuitlab.patching.edges import ablated_context
 
     task, pairs = ToyTask(), toy_pairs(tiny_model.cfg.d_vocab, seed=10)
     ctx = ablated_context(prepare_edges(tiny_model, task, pairs), ablation)
-    n_layers, d_head = tiny_model.cfg.n_layers, tiny_model.cfg.d_head
+    n_layers = tiny_model.cfg.n_layers
     with torch.no_grad():
         names = [hook_name("z", l) for l in range(n_layers)] + [hook_name("mlp_out", l) for l in range(n_layers)]
-        _, cache = tiny_model.run_with_cache(pairs.clean_tokens, names_filter=lambda n: n in names + ["hook_embed"])
+        _, cache = tiny_model.run_with_cache(pairs.corrupt_tokens, names_filter=lambda n: n in names + ["hook_embed"])
 
     def replace(name):
         def hook(act, hook):

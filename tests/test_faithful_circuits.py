@@ -10,6 +10,7 @@ from circuitlab.graphs.greedy import greedy_refine
 from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
 from circuitlab.graphs.selection import candidate_order, edge_evaluator, node_evaluator, select_by_faithfulness
 from circuitlab.graphs.stability import inclusion_frequency, subset_context
+from circuitlab.patching.components import node_kind, parse_edge
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import eap_ig_scores
 from circuitlab.patching.edge_masks import edge_masked_metric
@@ -119,9 +120,9 @@ def test_learned_edge_masks_recover_the_true_edges():
     gt, ctx = _gt_context("induction_handwired")
     result = learn_masks(ctx, MaskConfig(level="edge", steps=300))
     chosen = select_by_faithfulness(edge_evaluator(ctx), result.keep_probability, 0.8, absolute=False, n_boot=100)
-    nodes = {part for e in chosen.items for part in e.replace("<", "->").split("->")[:2]}
+    nodes = {part for e in chosen.items for part in parse_edge(e)[:2]}
     assert chosen.reached
-    assert {e for e in gt.true_edges if e.startswith("a")} <= set(chosen.items)
+    assert {e for e in gt.true_edges if node_kind(parse_edge(e)[0]) == "head"} <= set(chosen.items)
     assert not nodes & set(gt.distractors)
 
 

@@ -169,3 +169,18 @@ def test_mib_export_expands_implied_head_edges():
     assert {"input->a0.h1<q>", "input->a0.h1<k>", "input->a0.h1<v>", "a0.h1->m1", "m1->logits"} <= set(mib["edges"])
     with pytest.raises(ValueError, match="missing top-level key 'edges'"):
         from_mib({"cfg": {}, "nodes": {}})
+
+
+def test_node_to_edge_ranking_signed_and_absolute():
+    from circuitlab.graphs.scores import NodeScores
+    from circuitlab.patching.topology import ComputationalGraph
+
+    g = ComputationalGraph(1, 2, 2, attn_only=True)
+    nodes = NodeScores.from_values(g, ["a0.h0", "a0.h1"], [0.5, -0.8], 1.0, "by hand", True)
+    ranked = {}
+    for absolute in (True, False):
+        values = nodes.edge_ranking(absolute=absolute).tolist()
+        ranked[absolute] = dict(zip(g.edge_names, values))
+    assert ranked[True]["input->a0.h0<q>"] == 0.5 and ranked[True]["a0.h1->logits"] == 0.8
+    assert ranked[False]["input->a0.h0<q>"] == 0.5 and ranked[False]["a0.h1->logits"] == -0.8
+    assert ranked[True]["input->logits"] == 0.8 and ranked[False]["input->logits"] == 0.5  # largest |s| / largest s

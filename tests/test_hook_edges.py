@@ -4,6 +4,7 @@ one edge score equal to a naive two-pass computation over the bridge's own hooks
 import pytest
 import torch
 
+from circuitlab.graphs.benchmark import visible_edges
 from circuitlab.patching.acdc import acdc
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores
 from circuitlab.patching.edge_masks import edge_masked_metric
@@ -47,6 +48,9 @@ def test_hook_edge_methods_equal_fast(request, name):
     assert _close(exact_edge_scores(fast, edges), exact_edge_scores(slow, edges))
     nodes = (torch.rand(3, g.n_senders, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     assert _close(evaluate_node_masks(fast, nodes), evaluate_node_masks(slow, nodes))
+    names = [g.edge_names[i] for i in range(0, g.n_edges, 5)]
+    seen = visible_edges(fast, names)
+    assert seen == visible_edges(slow, names)
     f_fast, f_slow = faithfulness_curve(fast, eap, n_boot=20), faithfulness_curve(slow, eap, n_boot=20)
     assert abs(f_fast.cpr - f_slow.cpr) < 1e-4 and abs(f_fast.cmd - f_slow.cmd) < 1e-4
 

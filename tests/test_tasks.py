@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from circuitlab.tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, RepeatedTokensTask, Task,
+from circuitlab.tasks import (PAD_ID, CapitalsTask, GreaterThanTask, IOITask, RepeatedTokensTask,
                    TaskUnsupportedError, get_task, list_tasks)
 from circuitlab.tasks import data
 from circuitlab.tasks.greater_than import year_token_ids
@@ -147,16 +147,6 @@ def test_logit_diff_metric_matches_manual_and_broadcasts(tok):
     leaf = logits.clone().requires_grad_()
     task.metric(leaf, pairs).sum().backward()
     assert int((leaf.grad != 0).sum()) == 10 and float(leaf.grad.sum()) == 0.0
-
-
-def test_normalized():
-    assert float(Task.normalized(1.0, 3.0, -1.0)) == 0.5
-    v = IOITask().normalized(torch.tensor([3.0, -1.0]), torch.tensor(3.0), torch.tensor(-1.0))
-    assert v.tolist() == [1.0, 0.0]
-    with pytest.raises(ValueError, match="equal"):
-        Task.normalized(1.0, 2.0, 2.0)
-    with pytest.raises(ValueError, match="equal"):
-        Task.normalized(torch.ones(3), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 1.0]))
 
 
 # ----------------------------------------------------------------------------------------- capitals

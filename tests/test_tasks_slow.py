@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from circuitlab.patching.normalize import normalize
 from circuitlab.tasks import TaskUnsupportedError, get_task
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,7 @@ def test_ioi_on_smollm2(smollm2):
     assert accuracy >= 0.9
     assert float(clean.mean()) >= 2.0
     assert abs(float(corrupt.mean())) < 1.0
-    normalized = task.normalized(corrupt.mean(), clean.mean(), corrupt.mean())
-    assert float(normalized) == 0.0
+    assert float(normalize(corrupt.mean(), clean.mean(), corrupt.mean())) == 0.0
 
 
 def test_capitals_on_smollm2(smollm2, caplog):

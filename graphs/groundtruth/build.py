@@ -19,8 +19,9 @@ import torch
 
 from circuitlab.graphs.groundtruth import verify
 from circuitlab.graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
-from circuitlab.patching.components import hook_name
+from circuitlab.patching.components import hook_name, parse_edge
 from circuitlab.patching.models import save_model
+from circuitlab.patching.normalize import noising_share
 
 EVAL_N, EVAL_SEED = 512, 1234
 
@@ -102,10 +103,10 @@ def planted_edges(built: Built, threshold: float = 0.05) -> tuple[set[str], dict
     m_clean, m_corrupt = float(task.metric(clean_lg, batch)), float(task.metric(corrupt_lg, batch))
     effects = {}
     for edge in verify.all_edges(w):
-        s, d = edge.split("->")
-        if s in built.true_nodes and d.split("<")[0] in built.true_nodes:
+        s, d, _ = parse_edge(edge)
+        if s in built.true_nodes and d in built.true_nodes:
             lg, _ = verify.graph_forward(w, batch.clean, ablate={edge}, source=src)
-            effects[edge] = round((m_clean - float(task.metric(lg, batch))) / (m_clean - m_corrupt), 4)
+            effects[edge] = round(noising_share(float(task.metric(lg, batch)), m_clean, m_corrupt), 4)
     return {e for e, v in effects.items() if v > threshold}, effects
 
 
@@ -155,7 +156,7 @@ def write(built: Built, folder: Path | None = None) -> Path:
         batch = built.task.make_pairs(EVAL_N, seed=EVAL_SEED + 1)
         tokens = torch.cat([batch.clean, batch.corrupt])
         edges, dropped = verify.prune_inert_edges(w, tokens, batch.read_pos, edges)
-        nodes = {e.split("->")[0] for e in edges} | {e.split("->")[1].split("<")[0] for e in edges}
+        nodes = {node for e in edges for node in parse_edge(e)[:2]}
         how = ("structural: non-zero virtual weights on a path input -> logits (verify.structural_circuit), "
                "minus edges whose zero-ablation changes no read logit by >= 1e-4 on the task "
                "(verify.prune_inert_edges; listed under inert_structural_edges)")
