@@ -163,6 +163,8 @@ def test_heldout_split_shares_no_template():
     assert not set(disc.meta["template_id"]) & set(held.meta["template_id"])
     assert shared_templates(disc, held) == set()
     assert not set(disc.clean_texts) & set(held.clean_texts)
+    for part in (disc, held):  # each side keeps only its own padding (a position no prompt reaches breaks labels)
+        assert part.seq_len == int(part.lengths.max())
     with pytest.raises(ValueError, match="larger pool"):
         split_pairs(disc, 10, 10)
 
