@@ -325,6 +325,10 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
     """Name movers (+ negative, backup), IOI-position attention roles and S-inhibition (path patching)."""
     from circuitlab.patching.path import path_patching
 
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not bool(mask.bool().all()) and getattr(model.cfg, "attention_dir", "causal") != "causal":
+        raise ValueError("IOI role scores run the bridge's own forward, which does not mask the padding of a "
+                         "bidirectional model: use IOI prompts of one length (or --no-roles)")
     prompts = IOIPrompts(pairs.clean_tokens, pairs.positions, pairs.answer_ids, pairs.wrong_ids)
     batch_size = getattr(context, "batch_size", None)  # prompt batches: role scores run in the same batches
     scores = ioi_head_scores(model, prompts, batch_size=batch_size)

@@ -64,3 +64,13 @@ def test_edge_methods(setup):
     _close(eap_ig_scores(ctx, steps=2), torch.stack([eap_ig_scores(c, steps=2) for c in contexts]).mean(0))
     edges = list(range(0, ctx.graph.n_edges, 41))
     _close(exact_edge_scores(ctx, edges), torch.stack([exact_edge_scores(c, edges) for c in contexts]).mean(0))
+
+
+def test_ioi_roles_refuse_padded_bidirectional_prompts(setup):
+    """Role scores run the bridge itself (no padding mask): on padded prompts of a bidirectional model they
+    would be silently wrong, so they refuse."""
+    from circuitlab.graphs.roles import RoleThresholds, ioi_roles
+
+    model, task, pairs, _ = setup
+    with pytest.raises(ValueError, match="bidirectional"):
+        ioi_roles(model, task, pairs, RoleThresholds())
