@@ -31,8 +31,6 @@ class Reference:
     def load(cls, path: str | Path) -> Reference:
         """Read a circuit file: our `circuitlab-circuit` JSON (`graphs.groundtruth.write_circuit`) or an
         EAP-IG/MIB circuit JSON (`graphs.io.write_mib`; edges with `in_graph` true)."""
-        import json
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"reference circuit file {path} does not exist")

@@ -50,7 +50,7 @@ from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, 
 from circuitlab.graphs.evaluate import roc_auc
 from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, get_method
 from circuitlab.graphs.scores import EdgeScores, NodeScores
-from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec
+from circuitlab.graphs.groundtruth import TaskSpec
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges
 from circuitlab.patching.topology import ComputationalGraph

@@ -88,6 +88,8 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     ctx = context or prepare_edges(model, task, pairs)
     if context is None and opts.ablation:
         ctx = ablated_context(ctx, opts.ablation)
+    elif opts.ablation and hasattr(context, "with_ablation"):  # prompt batches: means over the whole dataset
+        ctx = context.with_ablation(opts.ablation)
     start = time.perf_counter()
     edges, nodes = score(method, model, task, pairs, ctx, opts)
     seconds = time.perf_counter() - start
@@ -117,7 +119,7 @@ def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: Discov
             ctx, steps=opts.steps, progress=opts.progress)
     elif method == "acdc":
         threshold = opts.acdc_threshold * (abs(gap) if opts.acdc_objective == "metric" else 1.0)
-        result = acdc(list(ctx.edge_contexts()) if batched else ctx, threshold, objective=opts.acdc_objective,
+        result = acdc(ctx, threshold, objective=opts.acdc_objective,
                       progress=opts.progress)
         values, kept = result.scores, result.kept.bool()
     else:
@@ -187,14 +189,23 @@ class CircuitEvaluation:
         return float(normalize(self.metric, float(self.clean.mean()), float(self.corrupt.mean())))
 
 
-def evaluate(context: EdgeContext, circuit: Circuit, *, memory_budget_mb: float = 1024.0) -> CircuitEvaluation:
-    """Exact edge patching of a circuit (edge or node circuit): its edges clean, every other edge corrupted."""
-    if circuit.graph.n_edges != context.graph.n_edges:
+def evaluate(context: Any, circuit: Circuit, *, memory_budget_mb: float = 1024.0) -> CircuitEvaluation:
+    """Exact edge patching of a circuit (edge or node circuit): its edges clean, every other edge corrupted.
+    `context`: an engine context, or prompt batches (`patching.batched.Batches`, one batch alive at a time)."""
+    batched = hasattr(context, "edge_contexts")
+    graph = ComputationalGraph.from_model(context.model) if batched else context.graph
+    if circuit.graph.n_edges != graph.n_edges:
         raise ValueError(f"the circuit has {circuit.graph.n_edges} edges but the context's model has "
-                         f"{context.graph.n_edges}: evaluate a circuit on the model it was found on")
-    values = evaluate_edge_masks(context, circuit.edges.float().unsqueeze(0), memory_budget_mb=memory_budget_mb)[0]
-    return CircuitEvaluation(values.cpu().double().numpy(), context.clean_values.cpu().double().numpy(),
-                             context.corrupt_values.cpu().double().numpy(), circuit.n_edges)
+                         f"{graph.n_edges}: evaluate a circuit on the model it was found on")
+    mask = circuit.edges.float().unsqueeze(0)
+    if batched:
+        values = context.evaluate_edge_masks(mask, memory_budget_mb=memory_budget_mb)[0]
+        clean, corrupt = context.baseline()
+    else:
+        values = evaluate_edge_masks(context, mask, memory_budget_mb=memory_budget_mb)[0]
+        clean, corrupt = context.clean_values, context.corrupt_values
+    return CircuitEvaluation(values.cpu().double().numpy(), clean.cpu().double().numpy(),
+                             corrupt.cpu().double().numpy(), circuit.n_edges)
 
 
 __all__ = ["Circuit", "CircuitEvaluation", "Discovery", "DiscoveryOptions", "EdgeScores", "NodeScores",

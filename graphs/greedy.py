@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from circuitlab.graphs.selection import CircuitEvaluator, candidate_order, normalized

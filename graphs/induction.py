@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import Tensor
 
-from circuitlab.graphs.role_scores import (RepeatedTokens, copying_scores, eigen_score, kv_head, repeated_random_tokens,
-                                           repeated_token_scores)
+from circuitlab.graphs.role_scores import (RepeatedTokens, copying_scores, eigen_score, kv_head, normed_embeddings,
+                                           repeated_random_tokens, repeated_token_scores)
 
 HEAD_COLUMNS = ["layer", "head", "previous_token", "duplicate_token", "induction", "ov_copying", "qk_direct",
                 "qk_matching", "qk_via"]
@@ -79,17 +79,6 @@ def _reader(model, layer: int, weight: Tensor) -> Tensor:
     return w
 
 
-def _embeddings(model, layer: int) -> Tensor:
-    """Token embeddings as layer `layer`'s attention would read them (normalised per row, no positions)."""
-    emb = model.W_E.detach().float()
-    norm = _norm_type(model)
-    if norm in ("LN", "LNPre"):
-        emb = emb - emb.mean(-1, keepdim=True)
-    if norm is not None:
-        emb = emb / (emb.pow(2).mean(-1, keepdim=True) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
-    return emb
-
-
 def _qkv(model, layer: int, head: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(W_Q, W_K, W_V, W_O) of a head, the first three with the input norm folded in."""
     kv = kv_head(model, head)
@@ -105,7 +94,7 @@ def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """
     rows = []
     for layer in range(model.cfg.n_layers):
-        emb_q = _embeddings(model, layer)
+        emb_q = normed_embeddings(model)
         for head in range(model.cfg.n_heads):
             wq, wk, _, _ = _qkv(model, layer, head)
             direct = eigen_score(emb_q @ wq, (emb_q @ wk).T)
@@ -119,7 +108,7 @@ def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
                 scored = []
                 for l0, h0 in candidates:
                     _, _, wv0, wo0 = _qkv(model, l0, h0)
-                    keys = (_embeddings(model, l0) @ wv0 @ wo0) @ wk  # [vocab, d_head]: previous token's key
+                    keys = (normed_embeddings(model) @ wv0 @ wo0) @ wk  # [vocab, d_head]: previous token's key
                     scored.append((eigen_score(emb_q @ wq, keys.T), f"a{l0}.h{h0}"))
                 best, via = max(scored)
             rows.append({"layer": layer, "head": head, "qk_direct": direct, "qk_matching": best, "qk_via": via})

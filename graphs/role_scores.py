@@ -12,7 +12,7 @@ raw bridges keep un-folded norms and a head in a deep layer reads a residual str
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 import torch
@@ -139,6 +139,18 @@ def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def normed_embeddings(model: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (all, or the given `rows` of W_E) normalised per row as a first layer's input norm would
+    (LayerNorm: centred, then scaled; RMSNorm: scaled), before the norm's weight; unchanged without norms."""
+    emb = model.W_E.detach().float() if rows is None else rows.float()
+    norm = getattr(model.cfg, "normalization_type", None)
+    if norm in ("LN", "LNPre"):
+        emb = emb - emb.mean(dim=-1, keepdim=True)
+    if norm is not None:
+        emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + float(getattr(model.cfg, "eps", 1e-5))).sqrt()
+    return emb
+
+
 def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_tokens: int = 500,
                    seed: int = 0) -> pd.DataFrame:
     """Per head: OV copying score sum(λ)/sum(|λ|) of W_E[S] W_V W_O W_U[:, S] for a token sample S.
@@ -156,16 +168,11 @@ def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_
     final_w = norms.get("ln_final.weight")
     if final_w is not None:
         W_U = final_w.float()[:, None] * W_U
-    norm = getattr(model.cfg, "normalization_type", None)
-    eps = float(getattr(model.cfg, "eps", 1e-5))
+    normed = normed_embeddings(model, W_E)
     W_V, W_O = model.W_V.detach().float(), model.W_O.detach().float()
     rows = []
     for layer, head in heads:
-        emb = W_E
-        if norm in ("LN", "LNPre"):
-            emb = emb - emb.mean(dim=-1, keepdim=True)
-        if norm is not None:
-            emb = emb / (emb.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+        emb = normed
         ln1 = norms.get(f"blocks.{layer}.ln1.weight")
         if ln1 is not None:
             emb = emb * ln1.float()
@@ -174,15 +181,51 @@ def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_
     return pd.DataFrame(rows, columns=["layer", "head", "copying"])
 
 
-def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: list | None = None,
-                    final_scale: torch.Tensor | None = None) -> pd.DataFrame:
+def ioi_batches(prompts: IOIPrompts, batch_size: int | None) -> list[tuple[slice, IOIPrompts]]:
+    """Consecutive batches of at most `batch_size` prompts (None: one), with the slice each one covers."""
+    n = int(prompts.tokens.shape[0])
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = n if batch_size is None else min(batch_size, max(n, 1))
+    out = []
+    for start in range(0, n, max(size, 1)):
+        sl = slice(start, min(start + size, n))
+        out.append((sl, IOIPrompts(prompts.tokens[sl], {k: v[sl] for k, v in prompts.positions.items()},
+                                   None if prompts.io_ids is None else prompts.io_ids[sl],
+                                   None if prompts.s_ids is None else prompts.s_ids[sl])))
+    return out
+
+
+def mean_over_batches(frames: list[pd.DataFrame], sizes: list[int]) -> pd.DataFrame:
+    """Per-batch frames of means over prompts (same rows) -> the mean over every prompt: Σ n_b · frame_b / n."""
+    out = frames[0].copy()
+    columns = [c for c in out.columns if c not in ("layer", "head")]
+    total = sum(sizes)
+    out[columns] = sum(f[columns].to_numpy(dtype="float64") * (n / total) for f, n in zip(frames, sizes))
+    return out
+
+
+Hooks = list | Callable[[IOIPrompts], list] | None
+
+
+def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: Hooks = None,
+                    final_scale: torch.Tensor | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """Per head on IOI prompts: attention END→IO, END→S2, S2→S1, S2→S1+1, S1+1→S1, and the direct logit
     attribution of the head's END output onto W_U[IO] − W_U[S] (mean over prompts).
 
-    `fwd_hooks` run during the forward (ablations); `final_scale` [batch] freezes the final norm's scale
-    at END (e.g. to the clean run's), so DLA changes reflect the heads and not the norm.
+    `fwd_hooks` run during the forward (ablations): a list, or a function of a batch's prompts giving one (for
+    hooks that index prompts); `final_scale` [batch] freezes the final norm's scale at END (e.g. to the clean
+    run's), so DLA changes reflect the heads and not the norm. `batch_size` runs the prompts in batches (memory
+    flat in their number) and averages exactly over them.
     """
     _check_ioi(prompts)
+    if batch_size is not None and batch_size < prompts.tokens.shape[0]:
+        parts = ioi_batches(prompts, batch_size)
+        frames = [ioi_head_scores(model, part, fwd_hooks=fwd_hooks,
+                                  final_scale=None if final_scale is None else final_scale[sl]) for sl, part in parts]
+        return mean_over_batches(frames, [sl.stop - sl.start for sl, _ in parts])
+    if callable(fwd_hooks):
+        fwd_hooks = fwd_hooks(prompts)
     L = model.cfg.n_layers
     names = {hook_name("pattern", layer) for layer in range(L)} | {hook_name("z", layer) for layer in range(L)}
     names.add("ln_final.hook_scale")
@@ -226,11 +269,28 @@ def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: list | None =
     return pd.DataFrame(out)
 
 
-def final_norm_scale(model: Any, prompts: IOIPrompts) -> torch.Tensor | None:
+def final_norm_scale(model: Any, prompts: IOIPrompts, *, batch_size: int | None = None) -> torch.Tensor | None:
     """The final norm's scale at END per prompt ([batch]), or None for models without a final norm."""
-    with torch.no_grad():
-        _, cache = model.run_with_cache(prompts.tokens, names_filter=lambda n: n == "ln_final.hook_scale")
-    if "ln_final.hook_scale" not in cache:
-        return None
-    rows = torch.arange(prompts.tokens.shape[0])
-    return cache["ln_final.hook_scale"][rows, prompts.positions["END"].long()].reshape(-1)
+    scales = []
+    for _, part in ioi_batches(prompts, batch_size):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(part.tokens, names_filter=lambda n: n == "ln_final.hook_scale")
+        if "ln_final.hook_scale" not in cache:
+            return None
+        rows = torch.arange(part.tokens.shape[0])
+        scales.append(cache["ln_final.hook_scale"][rows, part.positions["END"].long()].reshape(-1))
+    return torch.cat(scales)
+
+
+def z_end_mean(model: Any, prompts: IOIPrompts, layer: int, *, fwd_hooks: Hooks = None,
+               batch_size: int | None = None) -> torch.Tensor:
+    """The mean over every prompt of `layer`'s per-head `z` at END [head, d_head], summed over batches."""
+    total = None
+    for _, part in ioi_batches(prompts, batch_size):
+        hooks = fwd_hooks(part) if callable(fwd_hooks) else (fwd_hooks or [])
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            _, cache = model.run_with_cache(part.tokens, names_filter=lambda n: n == hook_name("z", layer))
+        rows = torch.arange(part.tokens.shape[0])
+        z = cache[hook_name("z", layer)][rows, part.positions["END"].long()].double().sum(0)
+        total = z if total is None else total + z
+    return total / prompts.tokens.shape[0]

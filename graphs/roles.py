@@ -39,9 +39,11 @@ import pandas as pd
 import torch
 
 from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_scores, final_norm_scale,
-                                           ioi_head_scores, repeated_random_tokens, repeated_token_scores)
+                                           ioi_head_scores, repeated_random_tokens, repeated_token_scores,
+                                           z_end_mean)
 from circuitlab.patching.activation import PatchingConfig
 from circuitlab.patching.components import head_node, hook_name, parse_node
+from circuitlab.patching.normalize import noising_share
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
@@ -154,7 +156,7 @@ def detect_ioi_attention_roles(scores: pd.DataFrame, thresholds: RoleThresholds 
 
 def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list[tuple[int, int]],
                               thresholds: RoleThresholds = RoleThresholds(),
-                              clean_scores: pd.DataFrame | None = None) -> pd.DataFrame:
+                              clean_scores: pd.DataFrame | None = None, *, batch_size: int | None = None) -> pd.DataFrame:
     """Heads that take over when the name movers are knocked out (Wang et al. §3.4).
 
     The name movers' outputs at END are mean-ablated (replaced by their mean over the prompts; Wang et
@@ -162,28 +164,35 @@ def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list
     that is not itself a name mover is a backup name mover if its DLA onto IO−S rises by at least
     `thresholds.backup_dla_increase` to at least `name_mover_dla` (it then writes IO; a negative name
     mover that merely stops suppressing does not count) and it then attends END→IO at least
-    `name_mover_attention`.
+    `name_mover_attention`. `batch_size`: prompts per forward; the means are over every prompt (one pass per
+    name-mover layer, each with the earlier layers' ablations in place, as in one forward).
     """
     if not name_movers:
         return pd.DataFrame(columns=ROLE_COLUMNS)
-    clean = clean_scores if clean_scores is not None else ioi_head_scores(model, prompts)
-    end = prompts.positions["END"].long()
-    rows_idx = torch.arange(prompts.tokens.shape[0])
+    clean = clean_scores if clean_scores is not None else ioi_head_scores(model, prompts, batch_size=batch_size)
     by_layer: dict[int, list[int]] = {}
     for layer, head in name_movers:
         by_layer.setdefault(int(layer), []).append(int(head))
+    means: dict[int, torch.Tensor] = {}
 
-    def make_hook(heads: list[int]):
+    def make_hook(end: torch.Tensor, heads: list[int], mean: torch.Tensor):
         def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
             z = z.clone()
+            rows_idx = torch.arange(z.shape[0])
             at_end = z[rows_idx, end]  # [batch, head, d_head]
-            at_end[:, heads] = at_end[:, heads].mean(0, keepdim=True)
+            at_end[:, heads] = mean[heads].to(z.dtype)
             z[rows_idx, end] = at_end
             return z
         return hook
 
-    hooks = [(hook_name("z", layer), make_hook(heads)) for layer, heads in by_layer.items()]
-    ablated = ioi_head_scores(model, prompts, fwd_hooks=hooks, final_scale=final_norm_scale(model, prompts))
+    def hooks(part: IOIPrompts) -> list:
+        end = part.positions["END"].long()
+        return [(hook_name("z", layer), make_hook(end, by_layer[layer], mean)) for layer, mean in means.items()]
+
+    for layer in sorted(by_layer):  # each layer's mean with the earlier layers already ablated
+        means[layer] = z_end_mean(model, prompts, layer, fwd_hooks=hooks, batch_size=batch_size)
+    ablated = ioi_head_scores(model, prompts, fwd_hooks=hooks, batch_size=batch_size,
+                              final_scale=final_norm_scale(model, prompts, batch_size=batch_size))
     merged = clean.merge(ablated, on=["layer", "head"], suffixes=("", "_ablated"))
     merged["dla_increase"] = merged["dla_io_minus_s_ablated"] - merged["dla_io_minus_s"]
     nm = {(int(a), int(b)) for a, b in name_movers}
@@ -316,13 +325,19 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
     """Name movers (+ negative, backup), IOI-position attention roles and S-inhibition (path patching)."""
     from circuitlab.patching.path import path_patching
 
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not bool(mask.bool().all()) and getattr(model.cfg, "attention_dir", "causal") != "causal":
+        raise ValueError("IOI role scores run the bridge's own forward, which does not mask the padding of a "
+                         "bidirectional model: use IOI prompts of one length (or --no-roles)")
     prompts = IOIPrompts(pairs.clean_tokens, pairs.positions, pairs.answer_ids, pairs.wrong_ids)
-    scores = ioi_head_scores(model, prompts)
+    batch_size = getattr(context, "batch_size", None)  # prompt batches: role scores run in the same batches
+    scores = ioi_head_scores(model, prompts, batch_size=batch_size)
     movers = detect_name_movers(scores, thresholds)
     nm = [(int(r.layer), int(r.head)) for r in movers.itertuples() if r.role == "name_mover"]
     frames = [movers, detect_ioi_attention_roles(scores, thresholds)]
     if nm:
-        frames.append(detect_backup_name_movers(model, prompts, nm, thresholds, clean_scores=scores))
+        frames.append(detect_backup_name_movers(model, prompts, nm, thresholds, clean_scores=scores,
+                                                batch_size=batch_size))
         first = min(layer for layer, _ in nm)
         below = scores[scores["layer"] < first].sort_values("attn_end_s2", ascending=False)
         candidates = [head_node(int(r.layer), int(r.head)) for r in below.head(S_INHIBITION_CANDIDATES).itertuples()]
@@ -336,8 +351,8 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
                 path = context.path_patching(**kwargs)
             else:
                 path = path_patching(model, task, pairs, context=context, **kwargs)
-            effects = path[["sender", "receiver", "channel", "effect"]].copy()
-            effects["effect"] = 1.0 - effects["effect"]  # noising: the path's share of the clean behaviour
+            effects = path[["sender", "receiver", "channel"]].copy()  # noising: the path's share of the behaviour
+            effects["effect"] = noising_share(path["metric"], path.attrs["clean_metric"], path.attrs["corrupt_metric"])
             frames.append(detect_s_inhibition(effects, receivers, thresholds))
     return frames
 

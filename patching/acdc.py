@@ -8,12 +8,14 @@ have all been removed cannot matter: its incoming edges are removed without eval
 
 Each tentative removal is one batched forward over the prompts, so the cost is about one forward per
 edge of the still-connected graph: fine for small models, hours for SmolLM2's 123k edges (the CLI warns).
+Over prompt batches (`patching.batched.Batches`), each evaluation rebuilds one batch's context at a time, so
+memory stays that of one batch (about three times the compute of keeping every batch's context alive).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +33,16 @@ class ACDCResult:
     forwards: int
 
 
-def _objective(ctx: EdgeContext | Sequence[EdgeContext], masks: Tensor, kind: str,
-               clean_logprobs: Tensor | Sequence[Tensor]) -> Tensor:
-    """Mean objective over the prompts of each circuit [C]; a list of contexts is a dataset in prompt batches."""
-    if isinstance(ctx, (list, tuple)):
-        sizes = [c.read_positions.shape[0] for c in ctx]
-        total = sum(_objective(c, masks, kind, lp) * n for c, lp, n in zip(ctx, clean_logprobs, sizes))
-        return total / sum(sizes)
+def _objective(ctx: EdgeContext | Sequence[EdgeContext] | Callable[[], Iterator[EdgeContext]], masks: Tensor,
+               kind: str, clean_logprobs: Tensor | Sequence[Tensor]) -> Tensor:
+    """Mean objective over the prompts of each circuit [C]; a list of contexts (or a function giving them one
+    at a time) is a dataset in prompt batches."""
+    if isinstance(ctx, (list, tuple)) or callable(ctx):
+        total, size = 0.0, 0
+        for c, lp in zip(ctx() if callable(ctx) else ctx, clean_logprobs):
+            n = c.read_positions.shape[0]
+            total, size = total + _objective(c, masks, kind, lp) * n, size + n
+        return total / size
     er = ctx.edge_runner
     final = er.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(masks))
     logits = _logits_at(er.runner, final, ctx.read_positions)
@@ -50,28 +55,35 @@ def _objective(ctx: EdgeContext | Sequence[EdgeContext], masks: Tensor, kind: st
     return ctx.task.metric_at(logits, ctx.pairs).mean(1)
 
 
-def acdc(ctx: EdgeContext | Sequence[EdgeContext], threshold: float, *, objective: str = "kl",
-         progress: bool = False) -> ACDCResult:
+def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = False) -> ACDCResult:
     """Run ACDC at `threshold`; returns which edges survive and the objective change each removal caused.
 
-    `ctx` may be a list of contexts, one per prompt batch: each objective is then the exact mean over all.
+    `ctx` may be a list of contexts, one per prompt batch, or prompt batches (`Batches`, whose contexts are
+    rebuilt one at a time for every evaluation): each objective is then the exact mean over all prompts.
     """
     if objective not in ("kl", "metric"):
         raise ValueError(f"objective {objective!r} is unknown: use 'kl' or 'metric'")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
-    g = contexts[0].graph
+    if hasattr(ctx, "edge_contexts"):  # prompt batches: one batch's context alive at a time
+        contexts: Any = ctx.edge_contexts
+        first = next(iter(contexts()))
+    else:
+        contexts = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+        first = contexts[0]
+    g = first.graph
     kept = torch.ones(g.n_edges)
     scores = torch.full((g.n_edges,), float("nan"))
     with torch.no_grad():
         clean_logprobs = []
-        for c in contexts:
+        for c in (contexts() if callable(contexts) else contexts):
             clean_final = c.edge_runner.masked(c.pairs.clean_tokens, c.corrupt, g.mask(kept.unsqueeze(0)))
             clean_logits = _logits_at(c.edge_runner.runner, clean_final, c.read_positions)
             clean_logprobs.append(F.log_softmax(clean_logits.view(1, *c.read_positions.shape, -1), dim=-1)[0])
-        ctx = contexts if len(contexts) > 1 else contexts[0]
-        clean_logprobs = clean_logprobs if len(contexts) > 1 else clean_logprobs[0]
+        if callable(contexts) and len(clean_logprobs) == 1:
+            contexts = [first]  # one batch: keep its context
+        ctx = contexts if callable(contexts) or len(contexts) > 1 else contexts[0]
+        clean_logprobs = clean_logprobs if len(clean_logprobs) > 1 else clean_logprobs[0]
         current = _objective(ctx, kept.unsqueeze(0), objective, clean_logprobs)[0]
         forwards = 1
         receivers = list(range(g.n_receivers - 1, -1, -1))

@@ -222,6 +222,12 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
         return corrupt
     if source == "zero":
         return torch.zeros_like(corrupt)
+    means = getattr(ctx, "means", None)
+    if means is not None and (kind, layer) in means:  # a dataset's means over prompt batches (patching.batched)
+        mean = means[(kind, layer)]
+        for dim in ((2, 3) if kind == "pattern" else (_position_dim(kind),)):
+            mean = mean.narrow(dim, 0, corrupt.shape[dim])
+        return mean.to(corrupt.device, corrupt.dtype).expand_as(corrupt)
     return mean_ablation(corrupt, getattr(ctx.pairs, "attention_mask", None), _position_dim(kind))
 
 

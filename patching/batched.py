@@ -3,13 +3,14 @@
 `Batches(model, task, pairs, batch_size=...)` (or `batch_size_for(model, pairs, memory_budget_mb)`) splits the
 prompts into batches (each trimmed to its own longest prompt), builds one context per batch, runs the method
 and adds up exact sums: per-prompt metrics are concatenated, means are weighted by batch size. The results
-equal the single-batch ones to float rounding (tested). Only one batch's activations are alive at a time,
-except for ACDC, which revisits every batch at every step and keeps their contexts.
+equal the single-batch ones to float rounding (tested). Mean ablation takes its means over every prompt in a
+first pass (`Batches.means`, exact sums over batches). Only one batch's activations are alive at a time,
+ACDC too (it rebuilds each batch's context at every step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.runner import Runner
+from circuitlab.patching.topology import sender_nodes
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
 # gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
@@ -28,9 +30,9 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    mlp = 0 if getattr(cfg, "attn_only", False) else 1
-    n_senders = 1 + n_layers * (n_heads + mlp)
-    receivers = n_layers * (3 * n_heads + mlp) + 1  # q, k, v per query head (patching.edges)
+    attn_only = bool(getattr(cfg, "attn_only", False))
+    n_senders = len(sender_nodes(n_layers, n_heads, attn_only))
+    receivers = n_senders - 1 + 2 * n_layers * n_heads + 1  # every head reads q, k, v (per query head); logits
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 
@@ -49,6 +51,7 @@ class Batches:
     pairs: Any
     batch_size: int | None = None
     runner: Runner | None = None
+    ablation: str | None = None  # edge methods: None (corrupted prompts), "zero" or "mean" (see with_ablation)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -73,12 +76,65 @@ class Batches:
         for start in range(0, self.n, size):
             yield self.pairs.subset(slice(start, start + size))
 
+    def with_ablation(self, ablation: str | None) -> Batches:
+        """The same batches whose edge methods replace the corrupted run by an ablation of the clean one
+        (`patching.edges.ablated_context`); `mean` is the mean over every prompt of the dataset, not the batch's."""
+        if ablation not in (None, "zero", "mean"):
+            raise ValueError(f"ablation {ablation!r} is unknown: use None, 'zero' or 'mean'")
+        return replace(self, ablation=ablation)
+
+    # ------------------------------------------------------------------ exact means over batches
+    def means(self, keys: Sequence[tuple[str, int]], *, run: str = "corrupt") -> dict[tuple[str, int], Tensor]:
+        """Per-position means over every prompt of the activations at `keys` (`(kind, layer)`; `senders` for the
+        edge engine's sender outputs) in the clean or corrupted run, each position averaged over the prompts
+        that are real there: what `activation.prompt_mean` gives on one batch, summed exactly over batches at
+        the dataset's full width ([1, pos, ...]; patterns [1, head, pos, pos])."""
+        from circuitlab.patching.activation import _position_dim, _site_activation, prepare
+
+        width, sums, count = self.pairs.seq_len, {}, None
+        collect = [k for k in keys if k[0] not in ("resid_pre", "resid_mid", "senders")]
+        for part in self.parts():
+            ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            mask = part.attention_mask if part.attention_mask is not None else torch.ones_like(part.clean_tokens)
+            mask = mask.to(ctx.clean_values.dtype)
+            for key in keys:
+                if key[0] == "senders":
+                    act = (ctx.clean if run == "clean" else ctx.corrupt).senders
+                else:
+                    act = _site_activation(ctx.clean_run if run == "clean" else ctx.corrupt_run, *key)
+                pdim = 2 if key[0] == "pattern" else (1 if key[0] == "senders" else _position_dim(key[0]))
+                shape = [1] * act.dim()
+                shape[0], shape[pdim] = mask.shape
+                total = (act * mask.to(act.device).reshape(shape)).sum(0, keepdim=True)
+                pad = [0, 0] * act.dim()
+                for dim in ([pdim, pdim + 1] if key[0] == "pattern" else [pdim]):  # zeros beyond this batch
+                    pad[2 * (act.dim() - 1 - dim) + 1] = width - act.shape[dim]
+                total = torch.nn.functional.pad(total, pad)
+                sums[key] = total if key not in sums else sums[key] + total
+            counts = torch.nn.functional.pad(mask.sum(0), (0, width - mask.shape[1]))
+            count = counts if count is None else count + counts
+            del ctx
+        out = {}
+        for key, total in sums.items():
+            pdim = 2 if key[0] == "pattern" else (1 if key[0] == "senders" else _position_dim(key[0]))
+            shape = [1] * total.dim()
+            shape[pdim] = width
+            out[key] = total / count.clamp(min=1.0).to(total.device, total.dtype).reshape(shape)
+        return out
+
     # ------------------------------------------------------------------ edge engine
     def edge_contexts(self) -> Iterator[Any]:
-        from circuitlab.patching.edges import prepare_edges
+        from circuitlab.patching.edges import ablated_context, prepare_edges
 
+        senders = None
+        if self.ablation == "mean":  # the corrupted senders' mean over the whole dataset (two passes)
+            senders = self.means([("senders", 0)])[("senders", 0)]
         for part in self.parts():
-            yield prepare_edges(self.model, self.task, part, runner=self.runner)
+            ctx = prepare_edges(self.model, self.task, part, runner=self.runner)
+            if self.ablation is not None:
+                width = part.seq_len
+                ctx = ablated_context(ctx, self.ablation, means=None if senders is None else senders[:, :width])
+            yield ctx
 
     def _weighted(self, per_batch: Callable[[Any], Tensor]) -> Tensor:
         """Σ_b (n_b / n) · f(batch b): the all-prompt mean of a quantity that is a mean over a batch."""
@@ -146,19 +202,21 @@ class Batches:
     def acdc(self, threshold: float, *, objective: str = "kl", progress: bool = False) -> Any:
         from circuitlab.patching.acdc import acdc
 
-        return acdc(list(self.edge_contexts()), threshold, objective=objective, progress=progress)
+        return acdc(self, threshold, objective=objective, progress=progress)  # contexts rebuilt one batch at a time
 
     # ------------------------------------------------------------------ activation and path patching
     def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
-              trim: bool = True) -> pd.DataFrame:
+              trim: bool = True, means: dict[tuple[str, int], Tensor] | None = None) -> pd.DataFrame:
         """`run(batch_pairs, context)` per batch (a frame with a `metric` column, same rows for every batch),
         combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
-        batch at the full padded width (for absolute positions)."""
+        batch at the full padded width (for absolute positions). `means` (from `means`) replace each batch's
+        own means in mean ablation."""
         from circuitlab.patching.activation import prepare
 
         total, clean, corrupt, first = None, 0.0, 0.0, None
         for part in self.parts(trim=trim):
             ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            ctx.means = means
             frame = run(part, ctx)
             weight = len(part) / self.n
             metric = frame["metric"].to_numpy() * weight
@@ -178,14 +236,17 @@ class Batches:
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
         """`activation.activation_patching` over prompt batches (absolute positions keep the full padded width)."""
         from circuitlab.patching.activation import activation_patching
+        from circuitlab.patching.components import canonical_kind
 
-        if config is not None and config.resolved_source() == "mean" and (self.batch_size or self.n) < self.n:
-            raise ValueError("mean ablation averages over all prompts: run it in one batch (batch_size=None)")
+        means = None
+        if config is not None and config.resolved_source() == "mean":  # the mean over every prompt, not the batch's
+            kind = canonical_kind(component)
+            means = self.means([(kind, layer) for layer in (layers if layers is not None else range(self.runner.n_layers))])
         absolute = not position_independent(positions)
         return self.sweep(
             lambda part, ctx: activation_patching(self.model, self.task, part, component, positions=positions,
                                                   layers=layers, heads=heads, config=config, context=ctx),
-            collect, trim=not absolute)
+            collect, trim=not absolute, means=means)
 
     def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q", **kwargs: Any) -> pd.DataFrame:
         """`path.path_patching` over prompt batches."""

@@ -39,7 +39,7 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
         return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, b, p, R, d]
 
     for layer in range(r.n_layers):
-        n_prev = 1 + layer * g.send_stride
+        n_prev = g.senders_before(g.attn_receivers(layer).start)
         x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
         heads = er._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))  # [C*b, p, H, d]
         first = g.head_sender(layer, 0)

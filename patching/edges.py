@@ -183,7 +183,7 @@ class EdgeRunner:
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
         for layer in range(r.n_layers):
-            n_prev = 1 + layer * g.send_stride
+            n_prev = g.senders_before(g.attn_receivers(layer).start)
             x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
             head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
             first = g.head_sender(layer, 0)
@@ -246,9 +246,10 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     return torch.cat(out, dim=0)
 
 
-def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
+def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor | None = None) -> EdgeContext:
     """The same clean run with every corrupted sender replaced by zero or by its mean over the corrupted prompts
-    (`activation.mean_ablation`, the one mean ablation).
+    (`activation.mean_ablation`, the one mean ablation; `means` [1, pos, n_senders, d_model]: a dataset's means
+    when the context is one batch of many, `batched.Batches.means`).
 
     Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
     and corrupted runs (e.g. purely positional queries). The residual streams of the "corrupted" run keep the
@@ -259,6 +260,8 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero") -> EdgeContext:
     clean, g = ctx.clean, ctx.graph
     if ablation == "zero":
         senders = torch.zeros_like(clean.senders)
+    elif means is not None:
+        senders = means.to(clean.senders.device, clean.senders.dtype).expand_as(clean.senders).contiguous()
     else:
         from circuitlab.patching.activation import mean_ablation
 

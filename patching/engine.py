@@ -30,15 +30,16 @@ if TYPE_CHECKING:
     from circuitlab.patching.topology import ComputationalGraph
 
 
-def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding is exact: no real token sees a later pad
+def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
     clean, corrupt, mask = pairs.clean_tokens, pairs.corrupt_tokens, getattr(pairs, "attention_mask", None)
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} differ in shape; "
                          "patching needs aligned prompts")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise ValueError("prompts must be right-padded (attention_mask rows 1…1 then 0…0): pad after the text")
-    if mask is not None and not runner.causal and not bool(mask.bool().all()):
-        raise ValueError("padded prompts on a bidirectional model are not supported: use prompts of one length")
+    if mask is not None and not runner.causal and not bool(mask.bool().all()) and not hasattr(runner, "with_key_mask"):
+        raise ValueError(f"padded prompts on a bidirectional model need the fast runner to mask the padding, but "
+                         f"{runner.arch.name} runs on the {runner.backend} backend: use prompts of one length")
 
 
 def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
@@ -112,6 +113,7 @@ class EngineContext:
         self.clean_run, self.corrupt_run = clean_run, corrupt_run
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
+        self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -202,6 +204,9 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
     else:
         backend, reason = getattr(runner, "backend", "fast"), getattr(runner, "backend_reason", "")
     _check_pairs(pairs, runner)
+    mask = getattr(pairs, "attention_mask", None)
+    if mask is not None and not runner.causal and not bool(mask.bool().all()):
+        runner = runner.with_key_mask(mask)  # bidirectional: real tokens must not attend to the padding
     keys = _site_sets(runner, collect)
     read = task.read_positions(pairs).to(pairs.clean_tokens.device)
     if read.dim() != 2 or read.shape[0] != pairs.clean_tokens.shape[0]:

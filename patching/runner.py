@@ -18,6 +18,7 @@ window of positions and returns the (possibly edited) activation.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -69,6 +70,7 @@ class Runner:
     """Layer-, position- and readout-restricted forward passes over a TransformerBridge's weights."""
 
     backend = "fast"
+    key_mask: Tensor | None = None  # [batch, pos] bool: keys a bidirectional model may attend to (not padding)
 
     def __init__(self, model: Any, *, check: bool = True, atol: float | None = None) -> None:
         cfg = model.cfg
@@ -116,6 +118,14 @@ class Runner:
         self._rope = make_rope(model, arch, self.attn_modules)
         if check:
             self.check(atol=atol)
+
+    def with_key_mask(self, mask: Tensor) -> "Runner":
+        """A view of this runner (weights shared) whose attention ignores the keys where `mask` [batch, pos] is 0:
+        right padding of a bidirectional model, where real tokens would otherwise attend to later pads. Partial
+        runs stack copies of the batch (`x.repeat(n, 1, 1)`); the mask repeats the same way."""
+        view = copy.copy(self)
+        view.key_mask = mask.bool()
+        return view
 
     # ------------------------------------------------------------------ architecture pieces
     def _attention_scale(self) -> float:
@@ -255,6 +265,12 @@ class Runner:
                 scores = scores.masked_fill(key_pos <= query_pos - window, float("-inf"))
         elif pos0 > 0:
             raise ValueError("bidirectional attention: later positions change earlier ones; run from position 0")
+        if self.key_mask is not None:
+            keys = self.key_mask.to(q.device)[:, :total]
+            if batch % keys.shape[0]:
+                raise ValueError(f"a key mask for {keys.shape[0]} prompts cannot mask a batch of {batch}")
+            keys = keys.repeat(batch // keys.shape[0], 1)
+            scores = scores.masked_fill(~keys[:, None, None, :], float("-inf"))
         pattern = torch.softmax(scores, dim=-1)
         if ("pattern", layer) in hooks:
             pattern = hooks[("pattern", layer)](pattern)

@@ -83,6 +83,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     # 3. heatmaps
     heat = Section("Where the effect is: heads, MLPs, residual stream")
     exact = result.exact
+    if exact is None:  # --positions none: no exact patching in this run
+        exact = pd.DataFrame(columns=["component", "layer", "head", "position", "role", "effect", "node"])
+        heat.paragraphs.append("Exact activation patching of heads and MLPs was skipped in this run (--positions none).")
     heads = exact[exact["component"] == "z"]
     panels = []
     for label, group in heads.groupby(heads["role"].where(heads["role"] != "", heads["position"].astype(str)), sort=False):
@@ -117,8 +120,13 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
             grid = resid.pivot_table(index="layer", columns="role", values="effect", aggfunc="mean")
             grid = grid[[r for r in record["task"]["roles"] if r in grid.columns]]
             labels = list(grid.columns)
+        absolute = bool((resid["position"].astype(int) >= 0).all())
+        mixed = absolute and any(label.startswith("*") for label in labels_all)
         heat.figures.append(("resid", "Normalized effect of patching the residual stream before each layer (rows) at "
-                             "each position (columns) from the clean into the corrupted run",
+                             "each position (columns) from the clean into the corrupted run" +
+                             (": columns are absolute positions; a token is shown where every prompt has the same "
+                              "one there, * where prompts differ (different templates or lengths), with the role "
+                              "found there in every prompt" if mixed else ""),
                              figures.png_bytes(figures.resid_heatmap(grid, labels))))
     top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
     heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
@@ -128,10 +136,25 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     from circuitlab.graphs.draw import draw_circuit
     graph = result.circuit
     circ = Section("The circuit")
-    circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
-                           f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
-    circ.figures.append(("circuit", f"The circuit selected from {method} scores ({_selection_text(cfg)}): heads and "
-                         "MLPs coloured by their measured role, edges from input to logits", figures.png_bytes(
+    faithful = result.faithful
+    forced = any(cfg.get(k) is not None for k in ("top_fraction", "threshold", "top_k"))
+    if faithful and not forced:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        circ.paragraphs += faithful_paragraphs(faithful)
+        how = f"the smallest faithful circuit found by {faithful['method']}"
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges"
+                               + (" (edges implied between the kept heads; MLPs are recomputed, not drawn)"
+                                  if graph.graph.get("mlps_recomputed") else "") + ". Nodes are coloured by measured role.")
+    else:
+        how = f"selected from {method} scores ({_selection_text(cfg)})"
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, {how}. Nodes "
+                               "are coloured by measured role.")
+        if faithful:
+            circ.paragraphs.append("The size was forced by the options above; the smallest faithful circuit is "
+                                   "reported under Faithfulness.")
+    circ.figures.append(("circuit", f"The circuit ({how}): heads and MLPs coloured by their measured role, edges "
+                         "from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     nodes = []
     for name, data in graph.nodes(data=True):
@@ -178,6 +201,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
+    if faithful:
+        _faithful_circuit(faith, result, faithful, forced)
     sections.append(faith)
 
     # 7. agreement
@@ -193,6 +218,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                                 f"{agreement['n_nodes']} heads and MLPs: Spearman {_fmt(agreement['spearman'])}.")
         fig_panels.append((f"nodes: Spearman {_fmt(agreement['spearman'])}", merged["approx"].to_numpy(float),
                            merged["exact"].to_numpy(float), f"{method} effect", "exact effect"))
+    elif result.exact is None:
+        agree.paragraphs.append("Node level: no exact activation patching in this run (--positions none).")
     else:
         agree.paragraphs.append("Node level: the method is exact activation patching itself.")
     oracle = result.oracle
@@ -218,6 +245,24 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                             + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()) + ".")
     sections.append(repro)
     return record, sections
+
+
+def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any], forced: bool) -> None:
+    """The faithful circuit's part of the Faithfulness section: size curves, baseline, stability."""
+    if forced:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        faith.paragraphs += faithful_paragraphs(summary)
+    curve = result.faithful_curve
+    if curve is not None and not curve.empty:
+        faith.figures.append(("circuit_size", "Exact faithfulness against circuit size on the discovery pairs (solid) "
+                              "and the held-out pairs (dashed), 95% bootstrap bands; the star is the chosen circuit",
+                              figures.png_bytes(figures.circuit_size_figure(curve, summary))))
+        faith.tables.append(("Exact faithfulness vs circuit size, per ranking (discovery and held-out pairs, 95% "
+                             "bootstrap intervals)", curve))
+    if result.stability is not None:
+        faith.tables.append(("Stability: how often each component is in the circuit found on bootstrap resamples "
+                             "of the discovery pairs", result.stability))
 
 
 def _engine_text(engine: dict[str, Any]) -> str:

@@ -112,9 +112,13 @@ def test_kl_metric_dataset_runs(tiny_dir, tmp_path):
         r.pop("answer_ids"), r.pop("wrong_ids")
     out = tmp_path / "kl"
     assert main(["run", "--task", str(_write(tmp_path / "kl.jsonl", rows)), "--model", tiny_dir, "--out", str(out),
-                 "--method", "eap", "--batch-size", "4", *FAST]) == 0
+                 "--method", "eap", "--batch-size", "4", *FAST, "--positions", "none"]) == 0
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     assert metrics["clean"] == pytest.approx(0.0, abs=1e-5) and metrics["corrupt"] < 0  # minus KL from clean
+    # --positions none skips exact patching (the slowest stage): no activation rows, and the report says so
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False)
+    assert "activation" not in set(scores["method"]) and "eap" in set(scores["method"])
+    assert "skipped in this run (--positions none)" in (out / "report.md").read_text()
 
 
 def test_patch_subcommand_takes_a_dataset(tiny_dir, tmp_path):

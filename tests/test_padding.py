@@ -141,3 +141,18 @@ def test_mean_ablation_averages_only_real_tokens(setup):
     edges = prepare_edges(model, task, pairs)
     ablated = ablated_context(edges, "mean")
     _close(ablated.corrupt.senders[0, 10], edges.corrupt.senders[3, 10])
+
+
+def test_position_labels_of_mixed_prompts(setup):
+    """Heatmap column labels: a token only where every prompt reaching that position has it, else `*`; a role
+    only where every such prompt has it (the first prompt's tokens would mislabel the others)."""
+    from circuitlab.reports.run import _position_labels
+
+    model, _, pairs, _ = setup
+    labels = _position_labels(model, pairs)
+    assert len(labels) == pairs.seq_len
+    assert labels[1].endswith("[IO]") and labels[2].endswith("[S1]") and labels[3].endswith("[S1+1]")
+    assert labels[1].startswith("*")  # random tokens: the prompts differ at position 1
+    last = pairs.seq_len - 1  # only the longest prompt reaches it: its token and its END
+    assert labels[last] == f"<{int(pairs.clean_tokens[3, last])}> [END]"
+    assert not any("[S2]" in label or "[END]" in label for label in labels[:last])

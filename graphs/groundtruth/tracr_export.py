@@ -12,7 +12,6 @@ to a TransformerLens-4 native model (`graphs.groundtruth.builders.build_tracr`) 
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
