@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -166,6 +167,22 @@ def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: Circu
     raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
 
 
+def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int], *, n_boot: int = 1000,
+                 seed: int = 0, batch: int = 16) -> pd.DataFrame:
+    """Exact faithfulness (with 95% bootstrap interval) of the first k items of `ranked`, for each k in `sizes`:
+    the faithfulness-vs-size curve of a ranking on another set of prompts (e.g. held-out ones)."""
+    from circuitlab.graphs.selection import normalized
+
+    index = {name: i for i, name in enumerate(evaluator.items)}
+    masks = torch.zeros(len(sizes), len(evaluator.items))
+    for row, k in enumerate(sizes):
+        masks[row, [index[n] for n in ranked[:k]]] = 1.0
+    values = np.concatenate([evaluator.values(masks[i:i + batch]) for i in range(0, len(sizes), batch)]) if sizes \
+        else np.zeros((0, len(evaluator.clean_values)))
+    f, lo, hi = normalized(values, evaluator.clean_values, evaluator.corrupt_values, n_boot=n_boot, seed=seed)
+    return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi})
+
+
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
                           heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
                           edge_scores: Tensor | None = None) -> FaithfulResult:
@@ -192,16 +209,8 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     if heldout is not None:
         held_eval = make(heldout)
         held = held_eval.faithfulness(circuit.items, n_boot=cfg.n_boot, seed=cfg.seed)
-        from circuitlab.graphs.selection import normalized
-
-        sizes = [int(s) for s in circuit.curve["size"]]
-        masks = torch.zeros(len(sizes), len(evaluator.items))
-        for row, k in enumerate(sizes):
-            masks[row, [evaluator.items.index(n) for n in ranking["item"][:k]]] = 1.0
-        values = torch.cat([torch.as_tensor(held_eval.values(masks[i:i + 16])) for i in range(0, len(sizes), 16)])
-        f, lo, hi = normalized(values.numpy(), held_eval.clean_values, held_eval.corrupt_values, n_boot=cfg.n_boot,
-                               seed=cfg.seed)
-        held_curve = pd.DataFrame({"size": sizes, "faithfulness": f, "ci_low": lo, "ci_high": hi})
+        held_curve = prefix_curve(held_eval, list(ranking["item"]), [int(s) for s in circuit.curve["size"]],
+                                  n_boot=cfg.n_boot, seed=cfg.seed)
     if edge_level:
         sizes = edge_circuit_sizes(circuit.items)
     else:
@@ -215,4 +224,4 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
 
 
 __all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
-           "find_faithful_circuit", "induced_edges", "rank", "single_effect_scores"]
+           "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

@@ -185,6 +185,7 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     model = load_model(str(model_path))
     labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
     others = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label != "induction"]
+    previous = {(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "previous_token"}
     out: dict[str, Any] = {"induction_heads": [head_node(l, h) for l, h in labelled]}
     if not labelled or len(others) < len(labelled):
         return out | {"reason": "no labelled induction heads" if not labelled else "too few other heads"}
@@ -199,7 +200,14 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
         fracs = [joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width)["fraction_removed"]
                  for c in combos]
         out[f"{kind}_others"] = {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs),
-                                 "max_fraction_removed": max(fracs)}
+                                 "max_fraction_removed": max(fracs),
+                                 "worst_set": [head_node(l, h) for l, h in combos[fracs.index(max(fracs))]]}
+        # the same, over the sets holding no labelled previous-token head (the induction heads' own inputs)
+        plain = [f for c, f in zip(combos, fracs) if not set(c) & previous]
+        if plain:
+            out[f"{kind}_others_without_previous_token"] = {"sets": len(plain),
+                                                             "mean_fraction_removed": sum(plain) / len(plain),
+                                                             "max_fraction_removed": max(plain)}
     return out
 
 

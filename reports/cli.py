@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=None,
                      help="prompt pairs per batch (default: as many as --memory-budget allows)")
     run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default eap-ig)")
+    run.add_argument("--faithfulness-target", type=float, default=None,
+                     help="the circuit is the smallest one whose exact faithfulness reaches this (default 0.8)")
+    run.add_argument("--circuit-method", default=None,
+                     help="how the circuit is found: auto (the method's ranking), greedy, node-pruning, "
+                          "edge-pruning, single-effect, eap, eap-ig, eap-edges, eap-ig-edges")
+    run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
+    run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
+    run.add_argument("--stability-resamples", type=int, default=None,
+                     help="rediscover the circuit on this many bootstrap resamples (default 0)")
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
@@ -115,7 +124,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
                                          "top_fraction", "threshold", "top_k", "positions", "resid_positions",
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
-                                         "acdc_threshold", "n_boot", "percents", "roles", "force", "threads")}
+                                         "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
+                                         "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
+                                         "stability_resamples")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)

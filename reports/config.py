@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuitlab.graphs.methods import METHOD_NAMES as METHODS  # the one registry (graphs.methods)
+from circuitlab.graphs.methods import METHOD_NAMES  # the one registry of scoring methods (graphs.methods)
+
+# methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
+# EAP-IG diagnostics and takes its circuit from that method (`make_config`)
+CIRCUIT_METHODS = ("greedy", "node-pruning", "edge-pruning", "single-effect")
+METHODS = METHOD_NAMES + CIRCUIT_METHODS
 
 
 class ConfigError(ValueError):
@@ -33,6 +38,13 @@ class RunConfig:
     over at most `resid_layers` evenly spaced layers. `percents`: the faithfulness curve's k (% of edges).
     `threads`: CPU threads for torch (default: 1 on machines with at most 2 cores, where a second thread
     competing with other processes made patching up to 10x slower; all cores otherwise).
+
+    The circuit (unless a size is forced with the options above) is the smallest circuit whose exact faithfulness
+    on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
+    held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
+    the method's own ranking (`reports.faithful.RUN_METHOD_TO_CIRCUIT`); `greedy` refines it by exact gains.
+    `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
+    method on that many bootstrap resamples and reports how often each component is included.
     """
 
     task: str = "ioi"
@@ -60,6 +72,11 @@ class RunConfig:
     roles: bool = True
     force: bool = False
     task_options: dict[str, Any] = field(default_factory=dict)
+    faithfulness_target: float = 0.8
+    circuit_method: str = "auto"
+    heldout_n: int | None = None
+    mask_steps: int = 60
+    stability_resamples: int = 0
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size")  # any batch size gives the same numbers
@@ -184,13 +201,16 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             continue
         value = values[f.name]
         kwargs[f.name] = _coerce(f.name, value)
+    if kwargs.get("method") in CIRCUIT_METHODS:  # `--method greedy`: EAP-IG diagnostics, the circuit by greedy
+        kwargs["circuit_method"], kwargs["method"] = kwargs["method"], "eap-ig"
     cfg = RunConfig(**kwargs)
     validate(cfg)
     return cfg
 
 
-_INTS = ("n", "batch_size", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads")
-_FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold")
+_INTS = ("n", "batch_size", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads",
+         "heldout_n", "mask_steps", "stability_resamples")
+_FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold", "faithfulness_target")
 _BOOLS = ("roles", "force")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -228,12 +248,8 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    from circuitlab.graphs.methods import get_method
-
-    try:
-        get_method(cfg.method)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    if cfg.method not in METHOD_NAMES:
+        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
@@ -270,6 +286,19 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)
+    from circuitlab.graphs.faithful import FAITHFUL_METHODS
+
+    if cfg.circuit_method not in ("auto",) + FAITHFUL_METHODS:
+        raise ConfigError(f"unknown --circuit-method {cfg.circuit_method!r}: use auto or one of "
+                          f"{', '.join(FAITHFUL_METHODS)}")
+    if not 0.0 < cfg.faithfulness_target <= 1.0:
+        raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
+    if cfg.heldout_n is not None and cfg.heldout_n < 2:
+        raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
+    if cfg.mask_steps < 1:
+        raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
+    if cfg.stability_resamples < 0:
+        raise ConfigError(f"--stability-resamples must be >= 0, got {cfg.stability_resamples}")
     if cfg.corruption is not None and task.name != "ioi":
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):

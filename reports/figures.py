@@ -122,6 +122,32 @@ def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Fig
     return fig
 
 
+def circuit_size_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Figure:
+    """Exact faithfulness against circuit size for each ranking (discovery solid, held-out dashed, 95% bands),
+    the chosen circuit marked on both prompt sets and the target as a line."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.0))
+    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"]
+    for i, (ranking, group) in enumerate(curve.groupby("ranking", sort=False)):
+        group, color = group.sort_values("size"), palette[i % len(palette)]
+        x = group["size"].to_numpy(dtype=float)
+        for suffix, style, label in (("", "-", "discovery"), ("_heldout", "--", "held-out")):
+            ax.plot(x, group[f"faithfulness{suffix}"].astype(float), ls=style, marker="o", ms=3, color=color,
+                    label=f"{ranking}, {label}")
+            ax.fill_between(x, group[f"ci_low{suffix}"].astype(float), group[f"ci_high{suffix}"].astype(float),
+                            color=color, alpha=0.12)
+    size = float(summary["sizes"]["edges" if summary["level"] == "edge" else "heads"])
+    ax.scatter([size, size], [summary["discovery"], summary["heldout"]], marker="*", s=140, color="black", zorder=5,
+               label=f"chosen circuit ({summary['method']}): discovery, held-out")
+    ax.axhline(float(summary["target"]), color="red", lw=0.8, ls=":", label=f"target {summary['target']}")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"circuit size ({'edges' if summary['level'] == 'edge' else 'heads kept'})")
+    ax.set_ylabel("faithfulness (0 = corrupt, 1 = full model)")
+    ax.set_title("Exact faithfulness against circuit size", fontsize=10)
+    ax.legend(fontsize=7)
+    return fig
+
+
 def agreement_figure(panels: list[tuple[str, np.ndarray, np.ndarray, str, str]]) -> plt.Figure:
     """Scatter plots of approximate vs exact scores: (title, x, y, xlabel, ylabel) per panel."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.0), squeeze=False)

@@ -22,8 +22,13 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str, Any],
-               joints: dict[str, Any]) -> dict[str, Any]:
-    """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail)."""
+               joints: dict[str, Any], composition: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail).
+
+    The K-composition criterion reads `composition` (the final checkpoints' `composition_scores`): for each
+    labelled induction head, the layer-0 head with the highest K-composition into it must be a labelled
+    previous-token head.
+    """
     out: dict[str, Any] = {}
     final = checkpoints.sort_values("step").groupby("model").tail(1).set_index("model")
     if {"1L", "2L"} <= set(final.index):
@@ -48,16 +53,29 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                               "fraction_removed_mean": j["mean_induction"]["fraction_removed"],
                               "others_max_fraction_removed_zero": oth,
                               "others_mean_fraction_removed_zero": j["zero_others"]["mean_fraction_removed"],
+                              "others_worst_set_zero": j["zero_others"].get("worst_set"),
+                              "others_without_previous_token_zero": j.get("zero_others_without_previous_token"),
                               "pass": bool(ind >= 0.7 and oth <= 0.5 * ind)}
     if "2L" in set(heads["model"]):
         last = heads[(heads["model"] == "2L") & (heads["step"] == heads[heads["model"] == "2L"]["step"].max())]
         ind = last[last["label"] == "induction"]
         prev_heads = set(last[(last["layer"] == 0) & (last["label"] == "previous_token")]["node"])
-        rows = [{"head": r.node, "ov_copying": r.ov_copying, "qk_matching": r.qk_matching, "qk_via": r.qk_via,
-                 "k_comp_from_prev": r.k_comp_from_prev} for r in ind.itertuples()]
+        comp = composition if composition is not None and len(composition) else None
+        if comp is not None:
+            comp = comp[comp["model"] == "2L"]
+        rows = []
+        for r in ind.itertuples():
+            top_k = None
+            if comp is not None:
+                into = comp[(comp["receiver"] == r.node) & comp["sender"].str.startswith("a0.")]
+                top_k = str(into.loc[into["k_comp"].idxmax(), "sender"]) if len(into) else None
+            rows.append({"head": r.node, "ov_copying": r.ov_copying, "qk_matching": r.qk_matching,
+                         "qk_via": r.qk_via, "k_comp_from_prev": r.k_comp_from_prev,
+                         "top_k_comp_layer0_sender": top_k})
         out["induction_heads_2L"] = {"heads": rows, "layer0_previous_token_heads": sorted(prev_heads),
                                      "pass": bool(rows) and all(r["ov_copying"] > 0 and r["qk_matching"] > 0
-                                                                and r["qk_via"] in prev_heads for r in rows)}
+                                                                and r["top_k_comp_layer0_sender"] in prev_heads
+                                                                for r in rows)}
     return out
 
 
@@ -169,6 +187,7 @@ def render_phase_report(run_dir: str | Path) -> tuple[Path, Path]:
 def _command(cfg: dict[str, Any]) -> str:
     if cfg.get("model"):
         return f"circuitlab phase --out {cfg['out']} --model {cfg['model']} --revisions {','.join(cfg['revisions'])}"
-    keys = ("steps", "batch_size", "n_ctx", "d_model", "n_heads", "lr", "repeat_prob", "seed")
+    keys = ("steps", "batch_size", "n_ctx", "d_model", "n_heads", "lr", "repeat_prob", "periodic_prob", "min_period",
+            "max_period", "seed")
     flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in keys if k in cfg)
     return f"circuitlab phase --out {cfg.get('out')} --layers {','.join(map(str, cfg.get('layers', [])))} {flags}"

@@ -136,10 +136,25 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     from circuitlab.graphs.draw import draw_circuit
     graph = result.circuit
     circ = Section("The circuit")
-    circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, selected from "
-                           f"{method} scores ({_selection_text(cfg)}). Nodes are coloured by measured role.")
-    circ.figures.append(("circuit", f"The circuit selected from {method} scores ({_selection_text(cfg)}): heads and "
-                         "MLPs coloured by their measured role, edges from input to logits", figures.png_bytes(
+    faithful = result.faithful
+    forced = any(cfg.get(k) is not None for k in ("top_fraction", "threshold", "top_k"))
+    if faithful and not forced:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        circ.paragraphs += faithful_paragraphs(faithful)
+        how = f"the smallest faithful circuit found by {faithful['method']}"
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges"
+                               + (" (edges implied between the kept heads; MLPs are recomputed, not drawn)"
+                                  if graph.graph.get("mlps_recomputed") else "") + ". Nodes are coloured by measured role.")
+    else:
+        how = f"selected from {method} scores ({_selection_text(cfg)})"
+        circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges, {how}. Nodes "
+                               "are coloured by measured role.")
+        if faithful:
+            circ.paragraphs.append("The size was forced by the options above; the smallest faithful circuit is "
+                                   "reported under Faithfulness.")
+    circ.figures.append(("circuit", f"The circuit ({how}): heads and MLPs coloured by their measured role, edges "
+                         "from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     nodes = []
     for name, data in graph.nodes(data=True):
@@ -186,6 +201,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
+    if faithful:
+        _faithful_circuit(faith, result, faithful, forced)
     sections.append(faith)
 
     # 7. agreement
@@ -228,6 +245,24 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                             + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()) + ".")
     sections.append(repro)
     return record, sections
+
+
+def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any], forced: bool) -> None:
+    """The faithful circuit's part of the Faithfulness section: size curves, baseline, stability."""
+    if forced:
+        from circuitlab.reports.faithful import faithful_paragraphs
+
+        faith.paragraphs += faithful_paragraphs(summary)
+    curve = result.faithful_curve
+    if curve is not None and not curve.empty:
+        faith.figures.append(("circuit_size", "Exact faithfulness against circuit size on the discovery pairs (solid) "
+                              "and the held-out pairs (dashed), 95% bootstrap bands; the star is the chosen circuit",
+                              figures.png_bytes(figures.circuit_size_figure(curve, summary))))
+        faith.tables.append(("Exact faithfulness vs circuit size, per ranking (discovery and held-out pairs, 95% "
+                             "bootstrap intervals)", curve))
+    if result.stability is not None:
+        faith.tables.append(("Stability: how often each component is in the circuit found on bootstrap resamples "
+                             "of the discovery pairs", result.stability))
 
 
 def _engine_text(engine: dict[str, Any]) -> str:

@@ -13,6 +13,12 @@ turns it into HTML and Markdown. Tables are tidy DataFrames with real dtypes (bo
 | `oracle`       | sampled edges re-scored by exact edge patching                          | oracle        |
 | `faithfulness` | the top-k% faithfulness curve (signed and absolute selection)           | faithfulness  |
 | `roles`        | measured head roles (`graphs.roles.ROLE_COLUMNS`)                        | roles         |
+| `faithful_curve` | exact faithfulness vs circuit size, discovery and held-out, per ranking | circuit       |
+| `faithful_ranking` | the circuit method's ranking (item, score)                           | circuit       |
+| `stability`    | inclusion frequency of each component over bootstrap resamples           | circuit       |
+
+`heldout_pairs` are the held-out prompt pairs (templates the discovery `pairs` do not use); `faithful` the
+circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as `circuit_faithfulness`.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import pandas as pd
 
 from circuitlab.reports.config import RunConfig
 
-TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles")
+TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
+          "faithful_ranking", "stability")
 SUMMARIES = ("oracle_summary", "faithfulness_summary", "acdc_summary")
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
@@ -44,6 +51,7 @@ class RunResult:
     task: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     pairs: Any = None
+    heldout_pairs: Any = None
     baseline: pd.DataFrame | None = None
     nodes: pd.DataFrame | None = None
     edges: pd.DataFrame | None = None
@@ -52,6 +60,10 @@ class RunResult:
     oracle: pd.DataFrame | None = None
     faithfulness: pd.DataFrame | None = None
     roles: pd.DataFrame | None = None
+    faithful_curve: pd.DataFrame | None = None
+    faithful_ranking: pd.DataFrame | None = None
+    stability: pd.DataFrame | None = None
+    faithful: dict[str, Any] | None = None
     oracle_summary: dict[str, Any] | None = None
     faithfulness_summary: dict[str, Any] | None = None
     acdc_summary: dict[str, Any] | None = None
@@ -127,7 +139,7 @@ class RunResult:
                "n_pairs": int(len(self.baseline)),
                "circuit": {"nodes": self.circuit.number_of_nodes(), "edges": self.circuit.number_of_edges()},
                "node_agreement": self.node_agreement(), "oracle": self.oracle_summary,
-               "faithfulness": self.faithfulness_summary,
+               "faithfulness": self.faithfulness_summary, "circuit_faithfulness": self.faithful,
                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}
         if self.acdc_summary is not None:
             out["acdc"] = self.acdc_summary

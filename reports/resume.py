@@ -18,8 +18,9 @@ from typing import Any
 from circuitlab.reports import rundir, store
 
 
-def generate_pairs(p: Any) -> Any:
-    """The run's prompt pairs, after checking that `--n` fits the memory budget and the free memory (one pair
+def generate_pairs(p: Any) -> tuple[Any, Any, str]:
+    """The run's discovery and held-out prompt pairs and how they were split (`reports.faithful.split_prompts`),
+    after checking that `--n` fits the memory budget and the free memory (one pair
     is generated first to learn the prompt length; nothing of size n is allocated before the check)."""
     cfg, model = p.cfg, p.model()
     options = dict(cfg.task_options, **({"corruption": cfg.corruption} if cfg.corruption is not None else {}))
@@ -32,11 +33,14 @@ def generate_pairs(p: Any) -> Any:
     else:  # prompt batches keep memory flat; what grows with n is the pairs themselves (Python objects, ~4x JSONL)
         held, what = 4.0 * len(pairs_jsonl(sample)) + 16.0 * sample.seq_len, "the prompt pairs"
     rundir.check_n(cfg.n, held, batch if cfg.batch_size is None else 0.0, cfg.memory_budget, what)
-    p.say(f"[pairs] generating {cfg.n} prompt pairs ...")
+    from circuitlab.reports.faithful import split_prompts
+
+    n_heldout = cfg.heldout_n or cfg.n
+    p.say(f"[pairs] generating {cfg.n} prompt pairs and {n_heldout} held-out pairs ...")
     start = time.time()
-    pairs = p.task.generate(model, cfg.n, seed=cfg.seed, **options)
+    pairs, heldout, split = split_prompts(p.task, model, cfg.n, n_heldout, cfg.seed, options)
     p.result.timings["generate"] = round(time.time() - start, 3)
-    return pairs
+    return pairs, heldout, split
 
 
 def pairs_jsonl(pairs: Any) -> bytes:
@@ -51,12 +55,13 @@ def pairs_hash(pairs: Any) -> str:
     return hashlib.sha256(pairs_jsonl(pairs)).hexdigest()[:16]
 
 
-def key_parts(cfg: Any, model: Any, pairs: Any) -> dict[str, str]:
-    """The four parts of the resume key."""
+def key_parts(cfg: Any, model: Any, pairs: Any, heldout: Any = None) -> dict[str, str]:
+    """The four parts of the resume key (the task part hashes the discovery and the held-out pairs)."""
     from circuitlab.patching.models import weight_hash
 
-    return {"config": cfg.result_key(), "model": weight_hash(model), "task": pairs_hash(pairs),
-            "code": store.code_version()}
+    task = pairs_hash(pairs) if heldout is None else hashlib.sha256(
+        pairs_jsonl(pairs) + b"\n--heldout--\n" + pairs_jsonl(heldout)).hexdigest()[:16]
+    return {"config": cfg.result_key(), "model": weight_hash(model), "task": task, "code": store.code_version()}
 
 
 def open_cache(out: Path, parts: dict[str, str], say: Any) -> tuple[Any, list[str]]:

@@ -2,9 +2,10 @@
 
 Stages: pairs -> baseline (clean vs corrupt metric) -> scores (`graphs.discovery.discover` with the chosen
 method) -> exact (activation patching of every head and MLP) -> resid (residual-stream heatmap) -> oracle
-(exact re-scoring of sampled edges) -> faithfulness (top-k circuits, CPR/CMD) -> roles. Each stage's output
+(exact re-scoring of sampled edges) -> faithfulness (top-k circuits, CPR/CMD) -> circuit (the smallest circuit
+reaching --faithfulness-target, checked on held-out pairs: `reports.faithful`) -> roles. Each stage's output
 is kept under `.partial/<resume key>/` when done and reused by a rerun whose key matches (`reports.resume`:
-same options, model weights, prompt pairs and code; files verified). Then the circuit is selected,
+same options, model weights, prompt pairs and code; files verified). Then the circuit graph is built,
 `reports.save` writes the run directory and `reports.render` the reports — all into a staging folder that
 replaces OUT in one step, under OUT's lock (`reports.rundir`); a failed run leaves OUT as it was.
 """
@@ -25,10 +26,11 @@ from circuitlab.graphs.methods import get_method
 from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
 
-STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "roles")
+STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
 
 
 @dataclass
@@ -124,7 +126,7 @@ class Pipeline:
 
 # ---------------------------------------------------------------------- stages
 
-def _pairs(p: Pipeline, pairs: Any) -> dict[str, Any]:
+def _pairs(p: Pipeline, pairs: Any, heldout: Any, split: str) -> dict[str, Any]:
     cfg, model = p.cfg, p.model()
     meta = {"name": cfg.model, "weight_hash": p.key_parts["model"], "n_layers": int(model.cfg.n_layers),
             "n_heads": int(model.cfg.n_heads),
@@ -134,8 +136,8 @@ def _pairs(p: Pipeline, pairs: Any) -> dict[str, Any]:
             "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
             "architecture": str(getattr(model.cfg, "architecture", "")),
             "has_tokenizer": model.tokenizer is not None, "position_labels": _position_labels(model, pairs),
-            "engine": p.engine()}
-    return {"pairs": pairs, "model": meta}
+            "engine": p.engine(), "heldout_split": split}
+    return {"pairs": pairs, "heldout_pairs": heldout, "model": meta}
 
 
 def _position_labels(model: Any, pairs: Any) -> list[str]:
@@ -248,40 +250,6 @@ def _roles(p: Pipeline) -> dict[str, Any]:
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
 
-# ---------------------------------------------------------------------- circuit
-
-def selection(cfg: RunConfig) -> Any:
-    """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
-    from circuitlab.graphs.circuit import Selection
-
-    for key in ("top_fraction", "threshold", "top_k"):
-        if getattr(cfg, key) is not None:
-            return Selection(**{key: getattr(cfg, key)})
-    return None
-
-
-def build_circuit(p: Pipeline) -> Any:
-    """The circuit graph selected from the method's scores, with exact effects and measured roles on its nodes."""
-    from circuitlab.graphs.discovery import choose_circuit
-    from circuitlab.graphs.roles import assign_roles
-    from circuitlab.reports.result import strongest_per_node
-
-    cfg = p.cfg
-    if cfg.method == "acdc" and not p.result.acdc_summary["kept_edges"]:
-        raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
-    edges, nodes = p.scores()
-    circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)
-    graph = circuit.to_networkx(f"{cfg.task} on {Path(cfg.model).name} ({cfg.method})")
-    if p.result.exact is not None:
-        exact = strongest_per_node(p.result.exact).set_index("node")["effect"]
-        for node, data in graph.nodes(data=True):
-            if node in exact.index:
-                data["exact_effect"] = float(exact[node])
-    if p.result.roles is not None and not p.result.roles.empty:
-        graph = assign_roles(graph, p.result.roles)
-    return graph
-
-
 # ---------------------------------------------------------------------- the run
 
 def _check_dataset(cfg: RunConfig, task: Any) -> Any:
@@ -342,11 +310,11 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                                   "metric": getattr(task, "metric_name", ""), "roles": list(getattr(task, "roles", ()))})
     p = Pipeline(cfg, result, None, say, progress=not quiet, task=task, _model=model)  # type: ignore[arg-type]
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
-    pairs = resume.generate_pairs(p)
-    p.key_parts = resume.key_parts(cfg, p.model(), pairs)
+    pairs, heldout, split = resume.generate_pairs(p)
+    p.key_parts = resume.key_parts(cfg, p.model(), pairs, heldout)
     p.cache, fresh = resume.open_cache(out, p.key_parts, say)
     staging = p.cache.root.parent.parent
-    p.stage("pairs", lambda p: _pairs(p, pairs))
+    p.stage("pairs", lambda p: _pairs(p, pairs, heldout, split))
     if getattr(task, "metric_name", "") == "kl" and hasattr(task, "attach_reference"):
         task.attach_reference(p.model(), result.pairs)  # the clean distributions are not saved
     say(f"  {len(result.pairs)} pairs of {result.pairs.seq_len} tokens, e.g. {result.pairs.clean_texts[0]!r} -> "
@@ -375,6 +343,7 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     if spec.level == "edge" and not spec.exact and cfg.oracle_edges > 0:
         p.stage("oracle", _oracle)
     p.stage("faithfulness", _faithfulness)
+    p.stage("circuit", circuit_stage)
     if cfg.roles:
         p.stage("roles", _roles)
     result.circuit = build_circuit(p)
@@ -385,6 +354,8 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     render_result(result, staging)
     say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit "
         f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges; "
+        + (f"held-out faithfulness {result.faithful['heldout']:.3f} (target {cfg.faithfulness_target}); "
+           if result.faithful else "")
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "
            if record.get("faithfulness") else "") + f"{record['wall_seconds']:.0f}s")
     return record

@@ -2,11 +2,12 @@
 
 OUT/
   run.json              record: config, task, model, metrics, summaries, timings, versions (JSON)
-  pairs.jsonl           the prompt pairs (`tasks.PromptPairs.save_jsonl`)
+  pairs.jsonl           the prompt pairs (`tasks.PromptPairs.save_jsonl`); heldout_pairs.jsonl the held-out ones
   tables/<name>.parquet every table of `reports.result.TABLES` that was computed (dtypes kept)
   circuit.json          the circuit, node-link JSON; circuit.graphml the same for Gephi/Cytoscape
   scores.csv            one tidy export of every score (exact, method nodes, edges, residual stream)
-  baseline.csv, oracle.csv, faithfulness.csv, roles.csv   CSV exports of those tables, for spreadsheets
+  baseline.csv, oracle.csv, faithfulness.csv, roles.csv, faithful_curve.csv, stability.csv   CSV exports of
+                        those tables, for spreadsheets
   report.html, report.md, figures/*.png   the rendered report (`reports.render`)
   .partial/<resume key>/ stage results (same formats), for resuming; each `<stage>.done` lists its files
 
@@ -30,7 +31,7 @@ from circuitlab.reports import store
 from circuitlab.reports.result import SUMMARIES, TABLES, RunResult
 from circuitlab.reports.rundir import mismatch
 
-CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles")
+CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
 
 def write_value(directory: Path, name: str, value: Any) -> None:
@@ -116,6 +117,8 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any
 
     out = Path(out)
     write_value(out, "pairs", result.pairs)
+    if result.heldout_pairs is not None:
+        write_value(out, "heldout_pairs", result.heldout_pairs)
     for name in TABLES:
         table = getattr(result, name)
         if table is not None:
@@ -154,6 +157,8 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
                                     "(rerun `circuitlab run` with the same arguments to complete it)")
     result = RunResult(make_config(record["config"]), task=record["task"], model=record["model"])
     result.pairs = read_value(out, "pairs")
+    result.heldout_pairs = read_value(out, "heldout_pairs")
+    result.faithful = record.get("circuit_faithfulness")
     result.circuit = read_value(out, "circuit")
     for name in TABLES:
         result.update({name: read_value(out / "tables", name)})

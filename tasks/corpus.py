@@ -76,6 +76,37 @@ def with_repeats(tokens: Tensor, prob: float, generator: torch.Generator, *, min
     return out
 
 
+def periodic_mix(corpus: Corpus, n: int, width: int, generator: torch.Generator, *, periodic_prob: float = 0.5,
+                 min_period: int = 4, max_period: int = 32, repeat_prob: float = 1.0) -> Tensor:
+    """Training batch [n, width] of real text in which a fraction of the rows is "periodic real text".
+
+    Each row is a training window passed through `with_repeats(…, repeat_prob)`; then, with probability
+    `periodic_prob`, it keeps a random lead of 0…L−1 of its own tokens and is filled from there on by one
+    real-text segment of random length L ∈ [min_period, max_period] (cut from another random window of the
+    corpus) tiled to the end. Why: with one repeated span per row a 2-layer attention-only model sits on a
+    loss plateau for thousands of steps (no induction head forms within a CPU budget); rows that repeat
+    all the way make "attend to the token after the earlier copy" pay on most positions, so induction heads
+    form (abruptly, after a plateau) within ~1–2k steps. Every token is still corpus text; every draw comes
+    from `generator`.
+    """
+    if not 0.0 <= periodic_prob <= 1.0:
+        raise ValueError(f"periodic_prob must be in [0, 1], got {periodic_prob}")
+    if not 1 <= min_period <= max_period < width:
+        raise ValueError(f"periods must satisfy 1 ≤ min_period ≤ max_period < width, got {min_period}, "
+                         f"{max_period}, width {width}")
+    out = with_repeats(corpus.batch(n, width, generator), repeat_prob, generator)
+    segments = corpus.batch(n, max_period, generator)
+    draws = torch.rand(n, generator=generator)
+    periods = torch.randint(min_period, max_period + 1, (n,), generator=generator)
+    leads = (torch.rand(n, generator=generator) * periods).long()
+    for row in range(n):
+        if float(draws[row]) >= periodic_prob:
+            continue
+        period, lead = int(periods[row]), int(leads[row])
+        out[row, lead:] = segments[row, :period].repeat((width - lead) // period + 1)[:width - lead]
+    return out
+
+
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     """The `.py` files of the Python standard library (no `site-packages`), sorted by path."""
     root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
@@ -191,5 +222,5 @@ def model_corpus(model: Any, *, max_bytes: int | None = 2_000_000) -> Corpus:
     return load_corpus(max_bytes=max_bytes, tokenizer=tokenizer)
 
 
-__all__ = ["Corpus", "with_repeats", "PAPER_EARLY", "PAPER_LATE", "eval_tokens", "icl_positions", "icl_score", "load_corpus",
-           "loss_by_position", "model_corpus", "stdlib_files"]
+__all__ = ["Corpus", "PAPER_EARLY", "PAPER_LATE", "eval_tokens", "icl_positions", "icl_score", "load_corpus",
+           "loss_by_position", "model_corpus", "periodic_mix", "stdlib_files", "with_repeats"]

@@ -45,7 +45,9 @@ def split_pairs(pairs: PromptPairs, n_discovery: int, n_heldout: int, *, seed: i
     if len(disc_rows) < n_discovery or len(held_rows) < n_heldout:
         raise ValueError(f"the pool of {len(pairs)} pairs has {int((~is_held).sum())} discovery and {int(is_held.sum())} "
                          f"held-out pairs; need {n_discovery} and {n_heldout}: generate a larger pool")
-    return pairs.subset(disc_rows), pairs.subset(held_rows)
+    from circuitlab.tasks.batching import trim_padding
+
+    return trim_padding(pairs.subset(disc_rows)), trim_padding(pairs.subset(held_rows))  # each to its own width
 
 
 def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, seed: int = 0,

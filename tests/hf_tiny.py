@@ -87,6 +87,9 @@ def build_tiny(family: str, directory: str | Path, *, tokenizer: Any = None, see
     config = FAMILIES[family](len(tokenizer))
     for key, value in (size or {}).items():
         setattr(config, key, value)  # GPT-2's n_layer/n_embd/n_head answer to the generic names
+    types = getattr(config, "layer_types", None)  # per-layer attention kinds, sized at construction
+    if types is not None and len(types) != config.num_hidden_layers:
+        config.layer_types = [types[i % len(types)] for i in range(config.num_hidden_layers)]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():

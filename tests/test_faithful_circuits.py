@@ -163,5 +163,37 @@ def test_heldout_split_shares_no_template():
     assert not set(disc.meta["template_id"]) & set(held.meta["template_id"])
     assert shared_templates(disc, held) == set()
     assert not set(disc.clean_texts) & set(held.clean_texts)
+    for part in (disc, held):  # each side keeps only its own padding (a position no prompt reaches breaks labels)
+        assert part.seq_len == int(part.lengths.max())
     with pytest.raises(ValueError, match="larger pool"):
         split_pairs(disc, 10, 10)
+
+
+@pytest.mark.parametrize("name", list_groundtruth())
+def test_chosen_circuit_on_groundtruth_is_the_true_one(name):
+    """The run's default circuit (EAP-IG ranking, smallest faithful prefix) and greedy refinement keep every true
+    component and nothing else (distractors and zero-weight heads are inert: their scores are zero, so they are
+    never candidates). Where EAP-IG is blind to a true component (tracr's categorical MLPs pass no gradient), the
+    selection must say the target was not reached rather than claim a circuit."""
+    gt, ctx = _gt_context(name)
+    _, held = _gt_context(name, seed=5)
+    true = {n for n in gt.true_nodes if n not in ("input", "logits")}
+    evaluator = node_evaluator(ctx, heads_only=False)
+    scores = eap_ig_scores(ctx, steps=5)
+    config = FaithfulConfig(heads_only=False, n_boot=50)
+    for method in ("eap-ig", "greedy"):
+        found = find_faithful_circuit(ctx, method, config, heldout=held, edge_scores=scores)
+        chosen = set(found.circuit.items)
+        assert not chosen & set(gt.distractors), method
+        assert chosen <= set(evaluator.items)
+        if found.circuit.reached:
+            assert chosen == true, (method, sorted(chosen ^ true))
+            assert found.heldout[0] >= 0.8, method
+        else:  # only where a true component's attribution score is zero or within noise of it, and it is said
+            node = found.ranking.set_index("item")["score"]
+            candidates = {found.ranking["item"][i] for i in candidate_order(torch.tensor(found.ranking["score"]))}
+            blind = true - candidates
+            assert all(abs(float(node[n])) <= 1e-6 * float(node.abs().max()) for n in blind)
+            assert blind and not blind & chosen, (method, sorted(true - chosen))
+            full = evaluator.faithfulness(sorted(true), n_boot=0)[0]
+            assert full >= 0.8 and found.circuit.faithfulness < 0.8  # the true circuit is faithful; the claim is not

@@ -128,3 +128,32 @@ def test_exact_patching_effect_on_repeated_tokens(toy):
     eff = frame.set_index(["layer", "head"])["effect"]
     assert eff[(1, 0)] == pytest.approx(1.0, abs=0.02)
     assert abs(eff[(1, 1)]) < 1e-6 and abs(eff[(0, 1)]) < 1e-6
+
+
+def test_joint_ablation_and_acceptance_name_the_wired_circuit(toy, tmp_path):
+    """The run's labels, joint ablations and K-composition criterion on the hand-wired pair."""
+    import pandas as pd
+
+    from circuitlab.graphs.phase import joint_induction_ablation, label_heads
+    from circuitlab.patching.models import save_model
+    from circuitlab.reports.phase_report import acceptance
+
+    heads = head_scores(toy, PROBE)
+    heads["label"] = label_heads(heads)
+    assert dict(zip(zip(heads["layer"], heads["head"]), heads["label"])) == {
+        (0, 0): "previous_token", (0, 1): "", (1, 0): "induction", (1, 1): ""}
+    save_model(toy, tmp_path / "toy")
+    joint = joint_induction_ablation(tmp_path / "toy", _repeated_text(), heads, seed=0)
+    assert joint["induction_heads"] == ["a1.h0"] and joint["zero_induction"]["fraction_removed"] > 0.9
+    assert joint["zero_others"]["worst_set"] == ["a0.h0"]  # its previous-token partner: part of the circuit
+    assert joint["zero_others"]["max_fraction_removed"] > 0.2
+    plain = joint["zero_others_without_previous_token"]
+    assert plain["sets"] == 2 and abs(plain["max_fraction_removed"]) < 1e-6
+    table = heads.assign(model="2L", step=0, node=[f"a{l}.h{h}" for l, h in zip(heads["layer"], heads["head"])],
+                         k_comp_from_prev=float("nan"))
+    comp = composition_scores(toy).assign(model="2L")
+    checkpoints = pd.DataFrame({"model": ["2L"], "step": [0], "icl_score": [-1.0]})
+    found = acceptance(checkpoints, table, {}, {}, comp)["induction_heads_2L"]
+    assert [r["top_k_comp_layer0_sender"] for r in found["heads"]] == ["a0.h0"] and found["pass"]
+    swapped = comp.assign(k_comp=[-1.0 if s == "a0.h0" else k for s, k in zip(comp["sender"], comp["k_comp"])])
+    assert not acceptance(checkpoints, table, {}, {}, swapped)["induction_heads_2L"]["pass"]

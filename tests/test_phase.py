@@ -10,7 +10,7 @@ import torch
 from circuitlab.graphs.phase import detect_phase_change
 from circuitlab.patching.models import load_model
 from circuitlab.patching.training import FastAttnOnly, TrainConfig, checkpoint_steps, train_attn_only
-from circuitlab.tasks.corpus import load_corpus, with_repeats
+from circuitlab.tasks.corpus import Corpus, load_corpus, periodic_mix, with_repeats
 
 
 def test_checkpoint_steps_log_and_linear():
@@ -97,6 +97,34 @@ def test_with_repeats_copies_a_span_forward():
         assert torch.equal(row[start:start + length], torch.arange(src, src + length))
         assert src + length <= start  # the source lies before the copy
     assert torch.equal(with_repeats(base, 0.0, gen), base)
+
+
+def test_periodic_mix_tiles_one_corpus_segment_after_a_short_lead():
+    """Distinct tokens (the stream is 0, 1, 2, …) make every period and every source offset readable."""
+    stream = torch.arange(5000)
+    corpus = Corpus(stream, stream.clone(), 5000, "arange", 1, "bytes")
+    out = periodic_mix(corpus, 64, 40, torch.Generator().manual_seed(3), periodic_prob=1.0, min_period=3,
+                       max_period=7, repeat_prob=0.0)
+    for row in out.tolist():
+        # positions ≥ 14 lie in the tiled part (lead < 7, period ≤ 7): the smallest shift that repeats them
+        period = next(p for p in range(1, 20) if all(row[t] == row[t - p] for t in range(14, 40)))
+        lead = next(t for t in range(40) if all(row[u] == row[u - period] for u in range(t + period, 40)))
+        assert 3 <= period <= 7 and 0 <= lead < period
+        segment = row[lead:lead + period]
+        assert segment == list(range(segment[0], segment[0] + period))  # one contiguous corpus segment
+        assert row[lead:] == (segment * 40)[:40 - lead]
+        assert row[:lead] == list(range(row[0], row[0] + lead))  # the lead is real text of the row's window
+    mixed = periodic_mix(corpus, 400, 40, torch.Generator().manual_seed(4), periodic_prob=0.5, repeat_prob=0.0,
+                         max_period=8)
+    periodic = [r != list(range(r[0], r[0] + 40)) for r in mixed.tolist()]  # other rows: untouched windows
+    assert 0.4 < sum(periodic) / 400 < 0.6
+    again = periodic_mix(corpus, 400, 40, torch.Generator().manual_seed(4), periodic_prob=0.5, repeat_prob=0.0,
+                         max_period=8)
+    assert torch.equal(mixed, again)
+    plain = periodic_mix(corpus, 8, 40, torch.Generator().manual_seed(5), periodic_prob=0.0, repeat_prob=1.0)
+    assert torch.equal(plain, with_repeats(corpus.batch(8, 40, g := torch.Generator().manual_seed(5)), 1.0, g))
+    with pytest.raises(ValueError, match="max_period"):
+        periodic_mix(corpus, 2, 16, torch.Generator(), max_period=16)
 
 
 def test_corpus_split_is_by_file_and_deterministic(tmp_path):
