@@ -152,13 +152,12 @@ def test_truncated_files_are_refused(tiny_dir, tmp_path, capsys):
 
 
 def test_huge_n_is_refused_before_any_work(tiny_dir, tmp_path):
-    # Generating 1e9 prompts would take hours: the subprocess timeout is the "before any work" guard
-    # (a wall-clock bound here failed on a loaded machine although the refusal came before any work).
+    start = time.time()
     proc = _run("run", "--model", tiny_dir, "--out", str(tmp_path / "o"), "--task", "repeated_tokens",
-                "--task-option", "seq_len=8", "--n", "1000000000", "--quiet", timeout=300)
+                "--task-option", "seq_len=8", "--n", "1000000000", "--quiet", timeout=90)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--n 1000000000" in lines[0] and "--n " in lines[0]
-    assert not (tmp_path / "o").exists()
+    assert time.time() - start < 60 and not (tmp_path / "o").exists()
 
 
 def test_second_run_into_a_busy_folder_fails_at_once(tiny_dir, tmp_path, capsys):
@@ -174,7 +173,7 @@ def test_second_run_into_a_busy_folder_fails_at_once(tiny_dir, tmp_path, capsys)
             time.sleep(0.1)
         start = time.time()
         assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) != 0
-        assert time.time() - start < 60  # the first run holds the folder for 120 s
+        assert time.time() - start < 10
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "in use by another circuitlab run" in err[0] and str(out) in err[0]
     finally:
