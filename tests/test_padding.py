@@ -59,6 +59,19 @@ def test_activation_patching(setup):
     _close(ctx.clean_metric, torch.tensor([prepare(model, task, p).clean_metric for p in singles]).mean())
 
 
+def check_edge_methods(ctx, contexts, *, n_masks: int, seed: int, steps: int, stride: int) -> torch.Tensor:
+    """Edge masks, EAP, EAP-IG and exact edge scores of the padded context equal the per-prompt contexts'.
+
+    Returns the random edge masks it checked, for further checks on the same circuits."""
+    masks = (torch.rand(n_masks, ctx.graph.n_edges, generator=torch.Generator().manual_seed(seed)) > 0.5).float()
+    _close(evaluate_edge_masks(ctx, masks), torch.cat([evaluate_edge_masks(c, masks) for c in contexts], 1))
+    _close(eap_scores(ctx), torch.stack([eap_scores(c) for c in contexts]).mean(0))
+    _close(eap_ig_scores(ctx, steps=steps), torch.stack([eap_ig_scores(c, steps=steps) for c in contexts]).mean(0))
+    edges = list(range(0, ctx.graph.n_edges, stride))
+    _close(exact_edge_scores(ctx, edges), torch.stack([exact_edge_scores(c, edges) for c in contexts]).mean(0))
+    return masks
+
+
 def test_path_patching(setup):
     model, task, pairs, singles = setup
     for receivers, channel in ((["a1.h0", "a1.h1"], "q"), (["a1.h2"], "k"), (None, "logits")):
@@ -73,12 +86,7 @@ def test_edge_patching_eap_eap_ig_and_acdc(setup):
     model, task, pairs, singles = setup
     ctx = prepare_edges(model, task, pairs)
     contexts = [prepare_edges(model, task, p) for p in singles]
-    masks = (torch.rand(4, ctx.graph.n_edges, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-    _close(evaluate_edge_masks(ctx, masks), torch.cat([evaluate_edge_masks(c, masks) for c in contexts], 1))
-    _close(eap_scores(ctx), torch.stack([eap_scores(c) for c in contexts]).mean(0))
-    _close(eap_ig_scores(ctx, steps=3), torch.stack([eap_ig_scores(c, steps=3) for c in contexts]).mean(0))
-    edges = list(range(0, ctx.graph.n_edges, 37))
-    _close(exact_edge_scores(ctx, edges), torch.stack([exact_edge_scores(c, edges) for c in contexts]).mean(0))
+    masks = check_edge_methods(ctx, contexts, n_masks=4, seed=0, steps=3, stride=37)
     # ACDC only ever sees the mean objective of a circuit over the prompts: check it, then a whole run.
     for kind in ("kl", "metric"):
         full = ctx.edge_runner.masked(pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(torch.ones(1, ctx.graph.n_edges)))

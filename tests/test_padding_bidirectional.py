@@ -12,7 +12,7 @@ from circuitlab.patching.path import path_patching
 from circuitlab.tasks import Task
 from circuitlab.tasks.batching import prompt_batches
 from tests.conftest import TINY_CONFIG
-from tests.test_padding import _close, _rows
+from tests.test_padding import _close, _rows, check_edge_methods
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,7 @@ def test_edge_methods(setup):
     model, task, pairs, singles = setup
     ctx = prepare_edges(model, task, pairs)
     contexts = [prepare_edges(model, task, p) for p in singles]
-    masks = (torch.rand(3, ctx.graph.n_edges, generator=torch.Generator().manual_seed(2)) > 0.5).float()
-    _close(evaluate_edge_masks(ctx, masks), torch.cat([evaluate_edge_masks(c, masks) for c in contexts], 1))
-    _close(eap_scores(ctx), torch.stack([eap_scores(c) for c in contexts]).mean(0))
-    _close(eap_ig_scores(ctx, steps=2), torch.stack([eap_ig_scores(c, steps=2) for c in contexts]).mean(0))
-    edges = list(range(0, ctx.graph.n_edges, 41))
-    _close(exact_edge_scores(ctx, edges), torch.stack([exact_edge_scores(c, edges) for c in contexts]).mean(0))
+    check_edge_methods(ctx, contexts, n_masks=3, seed=2, steps=2, stride=41)
 
 
 def test_ioi_roles_refuse_padded_bidirectional_prompts(setup):
