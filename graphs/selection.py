@@ -78,6 +78,17 @@ def normalized(values: np.ndarray, clean: Tensor, corrupt: Tensor, *, n_boot: in
     return point, lo, hi
 
 
+def distance(f: float) -> float:
+    """How far a circuit's faithfulness is from the full model's (1): undershoot and overshoot count alike."""
+    return abs(1.0 - f)
+
+
+def within(f: float, target: float) -> bool:
+    """The two-sided criterion (greedy refinement, bench/circuits.py): f in [target, 2 - target], |1 - f| <= 1 - target.
+    A circuit that overshoots (f = 1.49: it removed heads that oppose the behaviour) does not explain it either."""
+    return distance(f) <= 1.0 - target
+
+
 def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int = 8) -> CircuitEvaluator:
     """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs."""
     g = ctx.graph
@@ -198,4 +209,4 @@ def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: 
 
 
 __all__ = ["CircuitEvaluator", "FaithfulCircuit", "candidate_order", "edge_evaluator", "node_evaluator",
-           "normalized", "select_by_faithfulness", "size_grid", "NOISE"]
+           "distance", "normalized", "select_by_faithfulness", "size_grid", "within", "NOISE"]
