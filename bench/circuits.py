@@ -13,13 +13,15 @@ the one closest to 1; edges_at: the size of the smallest *edge* circuit, from an
 same criterion on held-out prompts — `none` if none does; the line before it names that method, or the best edge
 circuit reached and its size).
 
-Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 60] [--mask-batch 4] [--methods ...] [--threads 1]`.
+Run: `.venv/bin/python bench/circuits.py [--n 16] [--steps 5] [--mask-steps 60] [--edge-steps 60] [--edge-sparsity 1e-4]
+[--mask-batch 4] [--methods ...] [--threads 1]`; bench/results/circuits.txt holds the last full run and its command.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.02, help="mask-learning L0 weight (per kept item)")
     parser.add_argument("--mask-lr", type=float, default=0.25, help="mask-learning Adam learning rate")
     parser.add_argument("--edge-steps", type=int, default=60, help="edge mask-learning steps")
+    parser.add_argument("--edge-sparsity", type=float, default=1e-4,
+                        help="edge mask-learning L0 weight per kept edge (SmolLM2 has ~123k edges, 270 heads)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=FAITHFUL_METHODS)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,6 +86,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
+    print("command: python bench/circuits.py " + " ".join(sys.argv[1:]), flush=True)
     model = load_model(args.model)
     task = get_task("ioi")
     disc, held = heldout_split(task, model, args.n, args.n, seed=args.seed, corruption="abc")
@@ -94,8 +99,8 @@ def main() -> None:
     config = FaithfulConfig(target=args.target, eap_ig_steps=args.steps, n_boot=args.n_boot, seed=args.seed,
                             masks=MaskConfig(steps=args.mask_steps, sparsity=args.sparsity, seed=args.seed, lr=args.mask_lr,
                                              batch_size=args.mask_batch),
-                            edge_masks=MaskConfig(level="edge", steps=args.edge_steps, sparsity=args.sparsity, lr=args.mask_lr,
-                                                  seed=args.seed, batch_size=args.mask_batch))
+                            edge_masks=MaskConfig(level="edge", steps=args.edge_steps, sparsity=args.edge_sparsity,
+                                                  lr=args.mask_lr, seed=args.seed, batch_size=args.mask_batch))
     rows = []
     edge_scores = None
     if {"eap-ig", "greedy", "eap-ig-edges"} & set(args.methods):
