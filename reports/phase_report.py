@@ -184,15 +184,18 @@ def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFr
 
 def _tables(summary: dict[str, Any], checkpoints: pd.DataFrame, heads: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     final = heads[heads["step"] == heads.groupby("model")["step"].transform("max")]
-    cols = ["model", "node", "label", "previous_token", "induction", "ov_copying", "qk_matching", "qk_via",
+    cols = ["model", "node", "label", "previous_token", "previous_token_top", "induction", "ov_copying", "qk_matching", "qk_via",
             "k_comp_from_prev", "delta_icl_zero", "delta_icl_mean", "patch_effect"]
     windows = pd.DataFrame([{"model": k, **{c: v[c] for c in ("found", "start", "end", "fraction_of_training",
                                                               "top_induction_before", "top_induction_after",
                                                               "icl_before", "icl_after", "icl_final",
-                                                              "icl_change_in_window", "loss_slope_ratio", "reason")}}
+                                                              "icl_change_in_window", "steepest_icl_drop",
+                                                              "steepest_icl_drop_in_window", "early_icl_change",
+                                                              "steepest_icl_drop_any", "loss_slope_ratio", "reason")
+                                 if c in v}}
                             for k, v in summary.get("windows", {}).items()])
-    shown = checkpoints[["model", "step", "tokens", "icl_score", "mean_loss", "train_loss", "top_induction",
-                         "top_induction_head"]]
+    shown = checkpoints[[c for c in ("model", "step", "tokens", "icl_score", "icl_se", "mean_loss", "train_loss",
+                                     "top_induction", "top_induction_head") if c in checkpoints]]
     return [("Phase-change windows", windows), ("Heads at the final checkpoint", final[cols]),
             ("Checkpoints", shown)]
 
