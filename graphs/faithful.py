@@ -14,7 +14,10 @@ recomputed, never corrupted, unless `heads_only=False`) or over edges (edge leve
 | edge-pruning   | edge  | learned hard-concrete edge masks (Edge Pruning), by log_alpha                  |
 | greedy         | node  | EAP-IG's faithful prefix refined by exact gains (`graphs.greedy`)              |
 
-The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts; the
+The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts. When even the
+whole ranking (every item with a score clear of noise) falls short of the target, it is completed from the items
+the ranking could not rank, by exact gain (`graphs.greedy.complete_by_exact_gain`: an item enters only with an
+exact gain above noise, so inert components never do); `circuit.added` names them. The
 headline number is its exact faithfulness on held-out prompts (`heldout` context), with a bootstrap interval.
 """
 
@@ -29,9 +32,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.graphs.greedy import greedy_refine
-from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, edge_evaluator, node_evaluator,
-                                         select_by_faithfulness)
+from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
+from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, candidate_order, edge_evaluator,
+                                         node_evaluator, select_by_faithfulness)
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.normalize import noising_share
@@ -51,6 +54,7 @@ class FaithfulConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)
     edge_masks: MaskConfig = field(default_factory=lambda: MaskConfig(level="edge", steps=100))
     greedy_candidates: int = 32
+    complete: bool = True  # complete a ranking that falls short of the target by exact gain
     require_lower: bool = False
     n_boot: int = 1000
     seed: int = 0
@@ -202,6 +206,17 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         f, ci = evaluator.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
         note = f"from EAP-IG's prefix of {circuit.size}: {refined.evaluations} exact evaluations"
         circuit = FaithfulCircuit(refined.items, f, ci, cfg.target, refined.reached, circuit.candidates, circuit.curve)
+    if cfg.complete and not circuit.reached:
+        ranked = set(candidate_order(scores, absolute=absolute))
+        pool = [evaluator.items[i] for i in range(len(evaluator.items)) if i not in ranked]
+        done = complete_by_exact_gain(evaluator, circuit.items, pool, cfg.target)
+        if done.steps:
+            f, ci = evaluator.faithfulness(done.items, n_boot=cfg.n_boot, seed=cfg.seed)
+            note = "; ".join(x for x in (note, f"the ranking fell short of {cfg.target}: completed by exact gain "
+                                         f"({done.evaluations} exact evaluations), added {', '.join(done.added) or 'none'}")
+                             if x)
+            circuit = FaithfulCircuit(done.items, f, ci, cfg.target, done.reached, circuit.candidates, circuit.curve,
+                                      done.added)
     key = scores.abs() if absolute else scores
     order = torch.argsort(key, descending=True, stable=True).tolist()
     ranking = pd.DataFrame({"item": [evaluator.items[i] for i in order], "score": [float(scores[i]) for i in order]})

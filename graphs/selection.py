@@ -110,6 +110,7 @@ class FaithfulCircuit:
     reached: bool
     candidates: int  # items with a score clear of noise
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # size, faithfulness, ci_low, ci_high
+    added: list[str] = field(default_factory=list)  # entered by exact gain, not by the ranking (`graphs.greedy`)
 
     @property
     def size(self) -> int:

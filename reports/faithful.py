@@ -80,12 +80,32 @@ def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict
     return summary, _curve(chosen.curve, held, "top-k heads by single exact effect (baseline)")
 
 
+def faithful_config(cfg: Any, n_discovery: int) -> Any:
+    """The `graphs.faithful.FaithfulConfig` of a run's circuit stage (`cfg`: a `RunConfig`)."""
+    from circuitlab.graphs.faithful import FaithfulConfig
+    from circuitlab.patching.mask_learning import MaskConfig
+
+    batch = min(8, n_discovery)
+    return FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
+                          masks=MaskConfig(steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch),
+                          edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
+
+
+def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = None, log: Any = None) -> Any:
+    """The run's circuit (`graphs.faithful.FaithfulResult`): `circuit_method(cfg)` with the run's options on the
+    discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
+    scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings)."""
+    from circuitlab.graphs.faithful import find_faithful_circuit
+
+    return find_faithful_circuit(discovery, circuit_method(cfg), faithful_config(cfg, len(discovery.clean_values)),
+                                 heldout=heldout, edge_scores=edge_scores, log=log)
+
+
 def circuit_stage(p: Any) -> dict[str, Any]:
     """Find, check and compare the run's faithful circuit (see the module docstring); RunResult fields."""
     from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
     from circuitlab.graphs.selection import node_evaluator
     from circuitlab.patching.edges import prepare_edges
-    from circuitlab.patching.mask_learning import MaskConfig
 
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
@@ -96,13 +116,10 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     if p.result.edges is not None and cfg.method in ("eap-ig", "eap") and method in (
             "eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges"):
         edge_scores, reused = p.scores()[0].scores.float(), f"the run's {cfg.method} scores"
-    batch = min(8, len(discovery))
-    config = FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
-                            masks=MaskConfig(steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch),
-                            edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
+    config = faithful_config(cfg, len(discovery))
     say(f"  {method}: smallest circuit with exact faithfulness >= {cfg.faithfulness_target} on {len(discovery)} "
         f"discovery pairs, checked on {len(heldout)} held-out pairs")
-    found = find_faithful_circuit(ectx, method, config, heldout=hctx, edge_scores=edge_scores, log=say)
+    found = run_circuit(cfg, ectx, hctx, edge_scores=edge_scores, log=say)
     ranking_name = {"greedy": f"{cfg.method if reused else 'eap-ig'} (greedy starts from its faithful prefix)",
                     "eap-ig": "eap-ig node scores", "eap": "eap node scores",
                     "node-pruning": "learned node masks", "edge-pruning": "learned edge masks",
@@ -118,7 +135,8 @@ def circuit_stage(p: Any) -> dict[str, Any]:
                "items": found.circuit.items, "reached": found.circuit.reached,
                "discovery": found.circuit.faithfulness, "discovery_ci": list(found.circuit.ci),
                "heldout": held_f, "heldout_ci": list(held_ci), "heldout_reached": bool(held_f >= cfg.faithfulness_target),
-               "sizes": found.sizes, "candidates": found.circuit.candidates, "n_discovery": len(discovery),
+               "sizes": found.sizes, "candidates": found.circuit.candidates, "added": list(found.circuit.added),
+               "n_discovery": len(discovery),
                "n_heldout": len(heldout), "split": p.result.model.get("heldout_split", "templates"),
                "heads_only": config.heads_only, "notes": "; ".join(x for x in (found.notes, reused and f"ranked by {reused}") if x),
                "seconds": round(found.seconds, 3), "baseline": baseline}
@@ -174,7 +192,10 @@ def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
         f"`{summary['method']}` ({summary['ranking']}) as the smallest circuit whose exact faithfulness on the "
         f"{summary['n_discovery']} discovery pairs {found} {summary['target']}: {_f(summary['discovery'])} (95% CI "
         f"{_f(summary['discovery_ci'][0])} to {_f(summary['discovery_ci'][1])}); {summary['candidates']} components "
-        f"had scores clear of zero (no other may enter). In the circuit's evaluation {kept}."
+        f"had scores clear of zero" + (
+            f"; the whole ranking fell short, so {', '.join(summary['added'])} entered by exact faithfulness gain "
+            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.get("added") else
+            " (no other may enter)") + f". In the circuit's evaluation {kept}."
         + (f" ({summary['notes']}.)" if summary.get("notes") else ""),
     ]
     base = summary.get("baseline")
@@ -231,5 +252,5 @@ def _f(value: Any) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_graph",
-           "faithful_paragraphs", "selection", "split_prompts"]
+__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_config",
+           "faithful_graph", "faithful_paragraphs", "run_circuit", "selection", "split_prompts"]
