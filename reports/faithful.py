@@ -22,7 +22,8 @@ HELDOUT_SEED_OFFSET = 1_000_003
 # `--circuit-method auto`: how each scoring method's run finds its circuit — the smallest faithful prefix of its own
 # ranking (attribution node scores; exact single-head effects for `activation`). `greedy` (refining that prefix by
 # exact gains) finds smaller circuits but costs one exact evaluation per candidate: on SmolLM2 IOI (16 pairs, 2
-# cores) EAP-IG's prefix kept 39 heads (held-out 0.866) in ~2 min, greedy 20 heads (held-out 1.035) in ~12 min.
+# cores, bench/results/circuits.txt) EAP-IG's prefix kept 39 heads (held-out 0.866) in 72 s, greedy 26 heads
+# (held-out 0.992) in 181 s.
 RUN_METHOD_TO_CIRCUIT = {"eap-ig": "eap-ig", "eap": "eap", "attribution": "eap", "acdc": "eap-ig", "random": "eap-ig",
                          "activation": "single-effect"}
 SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
