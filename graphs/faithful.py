@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
-from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, candidate_order, edge_evaluator,
-                                         node_evaluator, select_by_faithfulness)
+from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order,
+                                         edge_evaluator, node_evaluator, select_by_faithfulness)
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.normalize import noising_share
@@ -55,6 +55,7 @@ class FaithfulConfig:
     edge_masks: MaskConfig = field(default_factory=lambda: MaskConfig(level="edge", steps=100))
     greedy_candidates: int = 32
     complete: bool = True  # complete a ranking that falls short of the target by exact gain
+    memory_budget_mb: float = 1024.0  # masked circuits stacked per forward in exact evaluations
     require_lower: bool = False
     n_boot: int = 1000
     seed: int = 0
@@ -187,17 +188,34 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
     return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi})
 
 
+Contexts = Callable[[], Iterable[EdgeContext]]
+REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges")  # rankings that `edge_scores` can supply
+
+
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
                           heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
-                          edge_scores: Tensor | None = None) -> FaithfulResult:
-    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`."""
+                          edge_scores: Tensor | None = None, batches: Contexts | None = None,
+                          heldout_batches: Contexts | None = None) -> FaithfulResult:
+    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`.
+
+    With `batches` (and `heldout_batches`), callables yielding one context per prompt batch, every exact
+    evaluation runs batch by batch (`graphs.selection.batched_evaluator`) and `ctx` serves only for the graph:
+    the ranking must then come from `edge_scores` computed over every prompt."""
     cfg = config or FaithfulConfig()
     if method not in FAITHFUL_METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
+    if batches is not None and (edge_scores is None or method not in REUSABLE):
+        raise ValueError(f"{method!r} ranks on one context holding every prompt: pass edge_scores (methods "
+                         f"{REUSABLE}) or no batches")
     started = time.time()
     edge_level = method in EDGE_METHODS
-    make = (lambda c: edge_evaluator(c)) if edge_level else (lambda c: node_evaluator(c, heads_only=cfg.heads_only))
-    evaluator = make(ctx)
+
+    def make(c: EdgeContext) -> CircuitEvaluator:
+        if edge_level:
+            return edge_evaluator(c, memory_budget_mb=cfg.memory_budget_mb)
+        return node_evaluator(c, heads_only=cfg.heads_only, memory_budget_mb=cfg.memory_budget_mb)
+
+    evaluator = batched_evaluator(make, batches) if batches is not None else make(ctx)
     scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
     circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
                                      n_boot=cfg.n_boot, seed=cfg.seed)
@@ -221,8 +239,8 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     order = torch.argsort(key, descending=True, stable=True).tolist()
     ranking = pd.DataFrame({"item": [evaluator.items[i] for i in order], "score": [float(scores[i]) for i in order]})
     held, held_curve = None, None
-    if heldout is not None:
-        held_eval = make(heldout)
+    if heldout is not None or heldout_batches is not None:
+        held_eval = batched_evaluator(make, heldout_batches) if heldout_batches is not None else make(heldout)
         held = held_eval.faithfulness(circuit.items, n_boot=cfg.n_boot, seed=cfg.seed)
         held_curve = prefix_curve(held_eval, list(ranking["item"]), [int(s) for s in circuit.curve["size"]],
                                   n_boot=cfg.n_boot, seed=cfg.seed)
@@ -238,5 +256,5 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
                           time.time() - started, note)
 
 
-__all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
+__all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "REUSABLE", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
            "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

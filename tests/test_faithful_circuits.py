@@ -209,3 +209,21 @@ def test_completion_adds_no_inert_component_even_when_the_target_is_unreachable(
     inert = [i for i in evaluator.items if i not in ("a0.h0", "a1.h0")]
     done = complete_by_exact_gain(evaluator, ["a1.h0", *inert], ["a0.h0"], target=0.8)
     assert done.items == ["a0.h0", "a1.h0"] and done.reached  # inert members pruned: their removal costs nothing
+
+
+def test_greedy_criterion_is_two_sided():
+    """Greedy refinement does not reward overshoot: on a linear toy whose circuit is known by hand (metric = sum of
+    kept weights; removing the negative item would give f = 1.6), pruning stops within [0.8, 1.2]; a one-sided
+    f >= 0.8 would drop the negative item first."""
+    from circuitlab.graphs.selection import CircuitEvaluator, within
+
+    weights = torch.tensor([0.5, 0.45, -0.6, 0.55, 0.1])  # sums to 1.0: the full model
+    evaluator = CircuitEvaluator([f"a0.h{i}" for i in range(5)], lambda m: (m @ weights).unsqueeze(1).repeat(1, 3),
+                                 torch.full((3,), 1.0), torch.zeros(3))
+    refined = greedy_refine(evaluator, evaluator.items, torch.ones(5), 0.8)
+    assert refined.reached and within(refined.faithfulness, 0.8) and 0.8 <= refined.faithfulness <= 1.2
+    assert "a0.h2" in refined.items  # the opposing item stays: without it f would overshoot
+    kept = evaluator.mask(refined.items) @ weights
+    assert abs(float(kept) - refined.faithfulness) < 1e-6  # independent: the hand-computed sum
+    assert refined.items == ["a0.h0", "a0.h1", "a0.h2", "a0.h3"]  # a0.h4 (0.1) is the only free removal
+    assert not within(1.6, 0.8) and within(1.2, 0.8) and not within(0.79, 0.8)
