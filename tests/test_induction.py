@@ -196,3 +196,9 @@ def test_a_smeared_previous_token_head_is_labelled_by_where_it_attends_most():
     full["label"] = label_heads(full)
     assert _row(full, 0, 0)["label"] == "previous_token"
     assert _row(full, 1, 1)["label"] == ""  # uniform attention: i−1 never strictly on top
+    # `circuitlab run`'s role detector labels by the same rule
+    from circuitlab.graphs.roles import detect_repeated_token_roles
+
+    roles = detect_repeated_token_roles(model, prompts, with_copying=False)
+    prev = roles[roles["role"] == "previous_token"]
+    assert (0, 0) in set(zip(prev["layer"], prev["head"])) and (1, 1) not in set(zip(prev["layer"], prev["head"]))
