@@ -57,16 +57,22 @@ def ablation_hooks(model: Any, heads: Iterable[tuple[int, int]], kind: str, toke
     return hooks
 
 
-def head_means(model: Any, tokens: Tensor, batch_size: int = 16) -> dict[int, Tensor]:
-    """Mean of each layer's `hook_z` over the sequences, per position: {layer: [pos, head, d_head]}."""
-    names = {hook_name("z", layer): layer for layer in range(model.cfg.n_layers)}
+def head_means(model: Any, tokens: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
+    """Mean of each layer's `hook_z` over the sequences, per position: {layer: [pos, head, d_head]}.
+
+    Read by recording hooks during `loss_by_position` (so it runs on the fast fused forward where that is checked
+    equal to the bridge, and on the bridge's hooks otherwise)."""
     sums: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], batch_size):
-            _, cache = model.run_with_cache(tokens[start:start + batch_size], names_filter=lambda n: n in names)
-            for name, layer in names.items():
-                part = cache[name].double().sum(0)
-                sums[layer] = sums[layer] + part if layer in sums else part
+
+    def record(layer: int) -> Any:
+        def hook(z: Tensor, hook: Any = None) -> Tensor:
+            part = z.detach().double().sum(0)
+            sums[layer] = sums[layer] + part if layer in sums else part
+            return z
+        return hook
+
+    hooks = [(hook_name("z", layer), record(layer)) for layer in range(model.cfg.n_layers)]
+    loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks)
     return {layer: (total / tokens.shape[0]).float() for layer, total in sums.items()}
 
 
@@ -79,7 +85,7 @@ def _row(layer: int, head: int, kind: str, losses: Tensor, base: float, late: in
 
 def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
                  kinds: Sequence[str] = ABLATIONS, late: int | None = None, early: int | None = None,
-                 width: int = 1, batch_size: int = 16) -> pd.DataFrame:
+                 width: int = 1, batch_size: int = 64) -> pd.DataFrame:
     """The ICL score with each head ablated alone (columns `ABLATION_COLUMNS`); `attrs` hold the base losses."""
     if late is None or early is None:
         late, early = icl_positions(tokens.shape[1])
@@ -99,14 +105,16 @@ def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]]
 
 
 def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero", *,
-                       late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 16,
-                       base: float | None = None) -> dict[str, Any]:
-    """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`."""
+                       late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 64,
+                       base: float | None = None, means: dict[int, Tensor] | None = None) -> dict[str, Any]:
+    """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`.
+
+    `means` (`head_means` of the same tokens) saves recomputing them for each set under mean ablation."""
     if late is None or early is None:
         late, early = icl_positions(tokens.shape[1])
     if base is None:
         base = icl_score(loss_by_position(model, tokens, batch_size=batch_size), late, early, width)
-    hooks = ablation_hooks(model, heads, kind, tokens=tokens)
+    hooks = ablation_hooks(model, heads, kind, tokens=tokens, means=means)
     value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
     return {"heads": [f"a{l}.h{h}" for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,

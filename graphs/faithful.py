@@ -14,7 +14,10 @@ recomputed, never corrupted, unless `heads_only=False`) or over edges (edge leve
 | edge-pruning   | edge  | learned hard-concrete edge masks (Edge Pruning), by log_alpha                  |
 | greedy         | node  | EAP-IG's faithful prefix refined by exact gains (`graphs.greedy`)              |
 
-The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts; the
+The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts. When even the
+whole ranking (every item with a score clear of noise) falls short of the target, it is completed from the items
+the ranking could not rank, by exact gain (`graphs.greedy.complete_by_exact_gain`: an item enters only with an
+exact gain above noise, so inert components never do); `circuit.added` names them. The
 headline number is its exact faithfulness on held-out prompts (`heldout` context), with a bootstrap interval.
 """
 
@@ -22,16 +25,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.graphs.greedy import greedy_refine
-from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, edge_evaluator, node_evaluator,
-                                         select_by_faithfulness)
+from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
+from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order,
+                                         edge_evaluator, node_evaluator, select_by_faithfulness)
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.normalize import noising_share
@@ -51,6 +54,8 @@ class FaithfulConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)
     edge_masks: MaskConfig = field(default_factory=lambda: MaskConfig(level="edge", steps=100))
     greedy_candidates: int = 32
+    complete: bool = True  # complete a ranking that falls short of the target by exact gain
+    memory_budget_mb: float = 1024.0  # masked circuits stacked per forward in exact evaluations
     require_lower: bool = False
     n_boot: int = 1000
     seed: int = 0
@@ -183,17 +188,34 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
     return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi})
 
 
+Contexts = Callable[[], Iterable[EdgeContext]]
+REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges")  # rankings that `edge_scores` can supply
+
+
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
                           heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
-                          edge_scores: Tensor | None = None) -> FaithfulResult:
-    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`."""
+                          edge_scores: Tensor | None = None, batches: Contexts | None = None,
+                          heldout_batches: Contexts | None = None) -> FaithfulResult:
+    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`.
+
+    With `batches` (and `heldout_batches`), callables yielding one context per prompt batch, every exact
+    evaluation runs batch by batch (`graphs.selection.batched_evaluator`) and `ctx` serves only for the graph:
+    the ranking must then come from `edge_scores` computed over every prompt."""
     cfg = config or FaithfulConfig()
     if method not in FAITHFUL_METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
+    if batches is not None and (edge_scores is None or method not in REUSABLE):
+        raise ValueError(f"{method!r} ranks on one context holding every prompt: pass edge_scores (methods "
+                         f"{REUSABLE}) or no batches")
     started = time.time()
     edge_level = method in EDGE_METHODS
-    make = (lambda c: edge_evaluator(c)) if edge_level else (lambda c: node_evaluator(c, heads_only=cfg.heads_only))
-    evaluator = make(ctx)
+
+    def make(c: EdgeContext) -> CircuitEvaluator:
+        if edge_level:
+            return edge_evaluator(c, memory_budget_mb=cfg.memory_budget_mb)
+        return node_evaluator(c, heads_only=cfg.heads_only, memory_budget_mb=cfg.memory_budget_mb)
+
+    evaluator = batched_evaluator(make, batches) if batches is not None else make(ctx)
     scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
     circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
                                      n_boot=cfg.n_boot, seed=cfg.seed)
@@ -202,12 +224,23 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         f, ci = evaluator.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
         note = f"from EAP-IG's prefix of {circuit.size}: {refined.evaluations} exact evaluations"
         circuit = FaithfulCircuit(refined.items, f, ci, cfg.target, refined.reached, circuit.candidates, circuit.curve)
+    if cfg.complete and not circuit.reached:
+        ranked = set(candidate_order(scores, absolute=absolute))
+        pool = [evaluator.items[i] for i in range(len(evaluator.items)) if i not in ranked]
+        done = complete_by_exact_gain(evaluator, circuit.items, pool, cfg.target)
+        if done.steps:
+            f, ci = evaluator.faithfulness(done.items, n_boot=cfg.n_boot, seed=cfg.seed)
+            note = "; ".join(x for x in (note, f"the ranking fell short of {cfg.target}: completed by exact gain "
+                                         f"({done.evaluations} exact evaluations), added {', '.join(done.added) or 'none'}")
+                             if x)
+            circuit = FaithfulCircuit(done.items, f, ci, cfg.target, done.reached, circuit.candidates, circuit.curve,
+                                      done.added)
     key = scores.abs() if absolute else scores
     order = torch.argsort(key, descending=True, stable=True).tolist()
     ranking = pd.DataFrame({"item": [evaluator.items[i] for i in order], "score": [float(scores[i]) for i in order]})
     held, held_curve = None, None
-    if heldout is not None:
-        held_eval = make(heldout)
+    if heldout is not None or heldout_batches is not None:
+        held_eval = batched_evaluator(make, heldout_batches) if heldout_batches is not None else make(heldout)
         held = held_eval.faithfulness(circuit.items, n_boot=cfg.n_boot, seed=cfg.seed)
         held_curve = prefix_curve(held_eval, list(ranking["item"]), [int(s) for s in circuit.curve["size"]],
                                   n_boot=cfg.n_boot, seed=cfg.seed)
@@ -223,5 +256,5 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
                           time.time() - started, note)
 
 
-__all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
+__all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "REUSABLE", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
            "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

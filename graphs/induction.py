@@ -1,7 +1,8 @@
 """Per-head induction measurements on any bridge: attention scores, OV/QK eigenvalue scores, composition.
 
 - Attention scores on repeated random tokens (`graphs.role_scores.repeated_token_scores`): previous-token,
-  duplicate-token and prefix-matching (induction), each a mean attention probability in [0, 1].
+  duplicate-token and prefix-matching (induction), each a mean attention probability in [0, 1], and
+  `previous_token_top`, the share of query positions whose most-attended key is the previous token.
 - OV copying score (`graphs.role_scores.copying_scores`): Σλ/Σ|λ| over the eigenvalues of W_E W_V W_O W_U
   (Olsson et al. 2022); +1 = the head copies the token it attends to, −1 = it suppresses it.
 - QK matching score, Σλ/Σ|λ| of a vocab × vocab QK circuit: positive when a query token attends to keys
@@ -33,7 +34,7 @@ from torch import Tensor
 from circuitlab.graphs.role_scores import (RepeatedTokens, copying_scores, eigen_score, kv_head, normed_embeddings,
                                            repeated_random_tokens, repeated_token_scores)
 
-HEAD_COLUMNS = ["layer", "head", "previous_token", "duplicate_token", "induction", "ov_copying", "qk_direct",
+HEAD_COLUMNS = ["layer", "head", "previous_token", "previous_token_top", "duplicate_token", "induction", "ov_copying", "qk_direct",
                 "qk_matching", "qk_via"]
 COMPOSITION_COLUMNS = ["sender", "receiver", "sender_layer", "sender_head", "receiver_layer", "receiver_head",
                        "q_comp", "k_comp", "v_comp"]

@@ -120,7 +120,11 @@ def _patterns(model: Any, tokens: torch.Tensor, extra: tuple[str, ...] = ()) -> 
 # ------------------------------------------------------------------ scores
 
 def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
-    """Per head: previous-token, duplicate-token and induction (prefix-matching) attention scores."""
+    """Per head: previous-token, duplicate-token and induction (prefix-matching) attention scores.
+
+    Each is a mean attention probability. `previous_token_top` is the share of query positions at which the
+    previous token gets strictly more attention than any other key (a head that spreads its attention over the
+    last few tokens but favours i−1 is a previous-token head by that share, whatever its mean)."""
     tokens, half, off = prompts.tokens, prompts.half, prompts.offset
     if tokens.shape[1] != off + 2 * half:
         raise ValueError(f"tokens have length {tokens.shape[1]}, expected offset+2*half = {off + 2 * half}")
@@ -130,11 +134,16 @@ def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
     rows = []
     for layer in range(model.cfg.n_layers):
         pattern = cache[hook_name("pattern", layer)].float()  # [batch, head, dest, src]
-        prev = pattern[:, :, prev_q, prev_q - 1].mean(dim=(0, 2))
+        prev_w = pattern[:, :, prev_q, prev_q - 1]  # [batch, head, query]
+        prev = prev_w.mean(dim=(0, 2))
+        rest = pattern[:, :, prev_q].clone()
+        rest[:, :, torch.arange(len(prev_q)), prev_q - 1] = -1.0
+        prev_top = (prev_w > rest.amax(-1)).float().mean(dim=(0, 2))
         dup = pattern[:, :, second, second - half].mean(dim=(0, 2))
         ind = pattern[:, :, second, second - half + 1].mean(dim=(0, 2))
         for head in range(model.cfg.n_heads):
             rows.append({"layer": layer, "head": head, "previous_token": float(prev[head]),
+                         "previous_token_top": float(prev_top[head]),
                          "duplicate_token": float(dup[head]), "induction": float(ind[head])})
     return pd.DataFrame(rows)
 

@@ -15,14 +15,14 @@ both (`CircuitEvaluator.faithfulness`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks
+from circuitlab.patching.edges import EdgeContext, circuits_per_forward, evaluate_edge_masks
 from circuitlab.patching.node_masks import evaluate_node_masks
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.stats import bootstrap, percentile_ci
@@ -78,9 +78,23 @@ def normalized(values: np.ndarray, clean: Tensor, corrupt: Tensor, *, n_boot: in
     return point, lo, hi
 
 
-def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int = 8) -> CircuitEvaluator:
-    """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs."""
+def distance(f: float) -> float:
+    """How far a circuit's faithfulness is from the full model's (1): undershoot and overshoot count alike."""
+    return abs(1.0 - f)
+
+
+def within(f: float, target: float) -> bool:
+    """The two-sided criterion (greedy refinement, bench/circuits.py): f in [target, 2 - target], |1 - f| <= 1 - target.
+    A circuit that overshoots (f = 1.49: it removed heads that oppose the behaviour) does not explain it either."""
+    return distance(f) <= 1.0 - target
+
+
+def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int | None = None,
+                   memory_budget_mb: float = 1024.0) -> CircuitEvaluator:
+    """Node circuits over heads (MLPs and embeddings recomputed) or over heads and MLPs; `chunk` circuits per
+    forward (default: as many as `memory_budget_mb` allows, at most 8)."""
     g = ctx.graph
+    chunk = chunk or min(8, circuits_per_forward(ctx, memory_budget_mb))
     learn = g.senders_of(*(("head",) if heads_only else ("head", "mlp")))
     idx = torch.tensor(learn, dtype=torch.long)
 
@@ -99,6 +113,28 @@ def edge_evaluator(ctx: EdgeContext, *, memory_budget_mb: float = 1024.0) -> Cir
                             ctx.clean_values, ctx.corrupt_values, "edge")
 
 
+def batched_evaluator(make: Callable[[EdgeContext], CircuitEvaluator],
+                      contexts: Callable[[], Iterable[EdgeContext]]) -> CircuitEvaluator:
+    """One evaluator over prompt batches: `contexts()` yields each batch's context (built as it is needed, so only
+    one batch's activations are alive), `make` turns one into an evaluator; per-prompt metrics are concatenated
+    in batch order, so faithfulness and its bootstrap equal those of one context over every prompt."""
+    first, clean, corrupt = None, [], []
+    for ctx in contexts():
+        part = make(ctx)
+        first = first or part
+        if part.items != first.items:
+            raise ValueError("prompt batches give different items; every batch must come from one model")
+        clean.append(part.clean_values.detach().cpu())
+        corrupt.append(part.corrupt_values.detach().cpu())
+    if first is None:
+        raise ValueError("no prompt batches: nothing to evaluate")
+
+    def run(masks: Tensor) -> Tensor:
+        return torch.cat([make(ctx).run(masks).detach().cpu() for ctx in contexts()], dim=1)
+
+    return CircuitEvaluator(first.items, run, torch.cat(clean), torch.cat(corrupt), first.level)
+
+
 @dataclass
 class FaithfulCircuit:
     """The chosen circuit, its exact faithfulness with interval, and the faithfulness-vs-size curve."""
@@ -110,6 +146,7 @@ class FaithfulCircuit:
     reached: bool
     candidates: int  # items with a score clear of noise
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # size, faithfulness, ci_low, ci_high
+    added: list[str] = field(default_factory=list)  # entered by exact gain, not by the ranking (`graphs.greedy`)
 
     @property
     def size(self) -> int:
@@ -196,5 +233,5 @@ def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: 
                            (float(hi_row["ci_low"]), float(hi_row["ci_high"])), target, True, len(order), curve)
 
 
-__all__ = ["CircuitEvaluator", "FaithfulCircuit", "candidate_order", "edge_evaluator", "node_evaluator",
-           "normalized", "select_by_faithfulness", "size_grid", "NOISE"]
+__all__ = ["CircuitEvaluator", "FaithfulCircuit", "batched_evaluator", "candidate_order", "edge_evaluator", "node_evaluator",
+           "distance", "normalized", "select_by_faithfulness", "size_grid", "within", "NOISE"]

@@ -214,7 +214,8 @@ def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = 
     return engine_context(model, task, pairs, runner=runner, check_gap=False)
 
 
-def _circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
+def circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
+    """Masked circuits one forward may stack on this context's prompts within `memory_budget_mb` (at least 1)."""
     batch, seq = ctx.pairs.clean_tokens.shape
     per_circuit = 4.0 * batch * seq * ctx.graph.n_senders * ctx.edge_runner.runner.d_model * 2
     return max(1, int(memory_budget_mb * 2**20 // per_circuit))
@@ -229,7 +230,7 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
         raise ValueError(f"edge masks have {edge_masks.shape[-1]} entries; this graph has {ctx.graph.n_edges} edges")
     if not bool(torch.isfinite(edge_masks).all()):
         raise ValueError("edge masks contain NaN or inf")
-    step = _circuits_per_forward(ctx, memory_budget_mb)
+    step = circuits_per_forward(ctx, memory_budget_mb)
     batch, reads = ctx.pairs.clean_tokens.shape[0], ctx.read_positions.shape[1]
     out = []
     starts = range(0, edge_masks.shape[0], step)

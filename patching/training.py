@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -131,7 +131,9 @@ class FastAttnOnly(nn.Module):
             return x
         return F.layer_norm(x, (x.shape[-1],), self.p(f"{prefix}.weight"), self.p(f"{prefix}.bias"), self.eps)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, z_hooks: dict[int, list[Callable[..., Tensor]]] | None = None) -> Tensor:
+        """Logits [batch, seq, vocab]; `z_hooks[layer]` edit the heads' outputs z [batch, pos, head, d_head]
+        before W_O, like functions on the bridge's `blocks.{layer}.attn.hook_z`."""
         batch, seq = tokens.shape
         x = F.embedding(tokens, self.p("embed.weight"))
         if self.rotary is None:
@@ -143,14 +145,48 @@ class FastAttnOnly(nn.Module):
                        .view(batch, seq, self.n_heads, self.d_head).transpose(1, 2) for n in "qkv")
             if self.rotary is not None:
                 q, k = self.rotary.apply_rope(q, k)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            z = z.transpose(1, 2).reshape(batch, seq, self.n_heads * self.d_head)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            for hook in (z_hooks or {}).get(layer, ()):
+                z = hook(z, hook=None)
+            z = z.reshape(batch, seq, self.n_heads * self.d_head)
             x = x + F.linear(z, self.p(f"{pre}.o.weight"), self.p(f"{pre}.o.bias"))
         x = self._ln(x, "ln_final")
         return F.linear(x, self.p("unembed.weight"), self.p("unembed.bias"))
 
     def to_state_dict(self) -> dict[str, Tensor]:
         return {key: self.params[key.replace(".", "__")].detach().clone() for key in self._keys}
+
+
+def hooked_forward(model: Any, fwd_hooks: Sequence[tuple[str, Callable[..., Tensor]]] = (), *,
+                   check: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
+    """A no-grad forward `tokens -> logits` of `model` with `fwd_hooks` on `hook_z`, run on `FastAttnOnly`.
+
+    Why: measuring checkpoints (ICL loss curves, per-head ablations) through the bridge's hooked forward cost
+    most of a phase study's time. Returns None (use the bridge) when the fast module cannot reproduce the model,
+    when a hook is on anything but `blocks.{l}.attn.hook_z`, or when its logits on `check` (default: two random
+    rows) differ from the bridge's by more than 1e-4 relative to the logits' scale.
+    """
+    if not hasattr(model, "cfg") or unsupported_reason(model):
+        return None
+    layers = {f"blocks.{layer}.attn.hook_z": layer for layer in range(model.cfg.n_layers)}
+    z_hooks: dict[int, list[Callable[..., Tensor]]] = {}
+    for name, fn in fwd_hooks:
+        if name not in layers:
+            return None
+        z_hooks.setdefault(layers[name], []).append(fn)
+    fast = FastAttnOnly(model)
+    if check is None:
+        check = torch.randint(0, model.cfg.d_vocab, (2, min(model.cfg.n_ctx, 32)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(check)
+        gap = float((fast(check) - ref).abs().max())
+    if gap > 1e-4 * max(1.0, float(ref.abs().max())):
+        return None
+
+    def run(tokens: Tensor) -> Tensor:
+        with torch.no_grad():
+            return fast(tokens, z_hooks)
+    return run
 
 
 def unsupported_reason(bridge: Any) -> str:
@@ -310,5 +346,5 @@ def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Gener
                        float(frame["seconds"].iloc[-1]) if len(frame) else 0.0)
 
 
-__all__ = ["FastAttnOnly", "LOG_COLUMNS", "TrainConfig", "TrainResult", "checkpoint_name", "checkpoint_steps",
+__all__ = ["FastAttnOnly", "hooked_forward", "LOG_COLUMNS", "TrainConfig", "TrainResult", "checkpoint_name", "checkpoint_steps",
            "train_attn_only", "unsupported_reason"]

@@ -80,29 +80,81 @@ def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict
     return summary, _curve(chosen.curve, held, "top-k heads by single exact effect (baseline)")
 
 
+def faithful_config(cfg: Any, n_discovery: int) -> Any:
+    """The `graphs.faithful.FaithfulConfig` of a run's circuit stage (`cfg`: a `RunConfig`)."""
+    from circuitlab.graphs.faithful import FaithfulConfig
+    from circuitlab.patching.mask_learning import MaskConfig
+
+    batch = min(8, n_discovery)
+    return FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
+                          memory_budget_mb=cfg.memory_budget,
+                          masks=MaskConfig(steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch),
+                          edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
+
+
+def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = None, log: Any = None,
+                batches: Any = None, heldout_batches: Any = None, n_discovery: int | None = None) -> Any:
+    """The run's circuit (`graphs.faithful.FaithfulResult`): `circuit_method(cfg)` with the run's options on the
+    discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
+    scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/`heldout_batches`: the
+    prompts batch by batch (see `graphs.faithful.find_faithful_circuit`)."""
+    from circuitlab.graphs.faithful import find_faithful_circuit
+
+    config = faithful_config(cfg, n_discovery or len(discovery.clean_values))
+    return find_faithful_circuit(discovery, circuit_method(cfg), config, heldout=heldout, edge_scores=edge_scores,
+                                 log=log, batches=batches, heldout_batches=heldout_batches)
+
+
+def _contexts(p: Any, pairs: Any) -> tuple[Any, int]:
+    """(callable yielding one edge context per prompt batch sized by --batch-size or --memory-budget, batch size)."""
+    from circuitlab.patching.batched import Batches, batch_size_for
+    from circuitlab.patching.edges import prepare_edges
+
+    model, runner = p.model(), p.runner()
+    size = p.cfg.batch_size or batch_size_for(model, pairs, p.cfg.memory_budget)
+    parts = Batches(model, p.task, pairs, batch_size=size, runner=runner)
+    return (lambda: (prepare_edges(model, p.task, part, runner=runner) for part in parts.parts())), size
+
+
 def circuit_stage(p: Any) -> dict[str, Any]:
     """Find, check and compare the run's faithful circuit (see the module docstring); RunResult fields."""
-    from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
-    from circuitlab.graphs.selection import node_evaluator
+    from circuitlab.graphs.faithful import REUSABLE, FaithfulConfig, find_faithful_circuit
+    from circuitlab.graphs.selection import batched_evaluator, node_evaluator
     from circuitlab.patching.edges import prepare_edges
-    from circuitlab.patching.mask_learning import MaskConfig
 
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
-    ectx = prepare_edges(p.model(), p.task, discovery, runner=p.runner())
-    hctx = prepare_edges(p.model(), p.task, heldout, runner=p.runner())
     edge_scores, reused = None, ""
-    if p.result.edges is not None and cfg.method in ("eap-ig", "eap") and method in (
-            "eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges"):
+    if p.result.edges is not None and cfg.method in ("eap-ig", "eap") and method in REUSABLE:
         edge_scores, reused = p.scores()[0].scores.float(), f"the run's {cfg.method} scores"
-    batch = min(8, len(discovery))
-    config = FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
-                            masks=MaskConfig(steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch),
-                            edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
+    (disc_parts, disc_size), (held_parts, held_size) = _contexts(p, discovery), _contexts(p, heldout)
+    batched = disc_size < len(discovery) or held_size < len(heldout)
+    full = {}  # contexts over every prompt, built only where needed
+
+    def whole(name: str) -> Any:
+        if name not in full:
+            full[name] = prepare_edges(p.model(), p.task, discovery if name == "discovery" else heldout,
+                                       runner=p.runner())
+        return full[name]
+
+    config = faithful_config(cfg, len(discovery))
+    nodes = lambda c: node_evaluator(c, memory_budget_mb=cfg.memory_budget)  # noqa: E731  (the baseline's)
     say(f"  {method}: smallest circuit with exact faithfulness >= {cfg.faithfulness_target} on {len(discovery)} "
         f"discovery pairs, checked on {len(heldout)} held-out pairs")
-    found = find_faithful_circuit(ectx, method, config, heldout=hctx, edge_scores=edge_scores, log=say)
+    memory = ""
+    if batched and edge_scores is not None:  # --memory-budget: evaluations batch by batch
+        memory = f"evaluated in prompt batches of <= {disc_size} (discovery) and <= {held_size} (held-out)"
+        ectx = next(iter(disc_parts()))  # only its graph is used: the ranking is the run's, over every prompt
+        found = run_circuit(cfg, ectx, None, edge_scores=edge_scores, log=say, batches=disc_parts,
+                            heldout_batches=held_parts, n_discovery=len(discovery))
+        evaluators = (batched_evaluator(nodes, disc_parts), batched_evaluator(nodes, held_parts))
+    else:
+        if batched:
+            memory = f"{method} ranks on every prompt at once, so this stage holds them all despite --memory-budget"
+            say(f"  note: {memory}")
+        found = run_circuit(cfg, whole("discovery"), whole("heldout"), edge_scores=edge_scores, log=say)
+        evaluators = (nodes(whole("discovery")), nodes(whole("heldout")))
     ranking_name = {"greedy": f"{cfg.method if reused else 'eap-ig'} (greedy starts from its faithful prefix)",
                     "eap-ig": "eap-ig node scores", "eap": "eap node scores",
                     "node-pruning": "learned node masks", "edge-pruning": "learned edge masks",
@@ -111,16 +163,18 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     baseline = None
     if p.result.exact is not None and (p.result.exact["component"] == "z").any():
         say("  baseline: top-k heads by single exact effect")
-        baseline, base_curve = _baseline(p, node_evaluator(ectx), node_evaluator(hctx), config)
+        baseline, base_curve = _baseline(p, *evaluators, config)
         curves.append(base_curve)
     held_f, held_ci = found.heldout
     summary = {"method": method, "ranking": ranking_name, "level": found.level, "target": cfg.faithfulness_target,
                "items": found.circuit.items, "reached": found.circuit.reached,
                "discovery": found.circuit.faithfulness, "discovery_ci": list(found.circuit.ci),
                "heldout": held_f, "heldout_ci": list(held_ci), "heldout_reached": bool(held_f >= cfg.faithfulness_target),
-               "sizes": found.sizes, "candidates": found.circuit.candidates, "n_discovery": len(discovery),
+               "sizes": found.sizes, "candidates": found.circuit.candidates, "added": list(found.circuit.added),
+               "n_discovery": len(discovery),
                "n_heldout": len(heldout), "split": p.result.model.get("heldout_split", "templates"),
-               "heads_only": config.heads_only, "notes": "; ".join(x for x in (found.notes, reused and f"ranked by {reused}") if x),
+               "heads_only": config.heads_only,
+               "notes": "; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
                "seconds": round(found.seconds, 3), "baseline": baseline}
     stability = None
     if cfg.stability_resamples > 0:
@@ -128,8 +182,10 @@ def circuit_stage(p: Any) -> dict[str, Any]:
 
         say(f"  stability: rediscovering on {cfg.stability_resamples} bootstrap resamples")
         quick = FaithfulConfig(**{**config.__dict__, "n_boot": 0})
+        if batched:
+            say("  note: stability resamples hold every discovery prompt at once despite --memory-budget")
         stability = inclusion_frequency(
-            ectx, lambda sub: find_faithful_circuit(sub, method, quick).circuit.items,
+            whole("discovery"), lambda sub: find_faithful_circuit(sub, method, quick).circuit.items,
             n_resamples=cfg.stability_resamples, seed=cfg.seed, reference=found.circuit.items)
     say(f"  circuit: {found.sizes['heads']} heads, {found.sizes['mlps']} MLPs, {found.sizes['edges']} edges; "
         f"faithfulness {found.circuit.faithfulness:.3f} (discovery), {held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
@@ -174,7 +230,10 @@ def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
         f"`{summary['method']}` ({summary['ranking']}) as the smallest circuit whose exact faithfulness on the "
         f"{summary['n_discovery']} discovery pairs {found} {summary['target']}: {_f(summary['discovery'])} (95% CI "
         f"{_f(summary['discovery_ci'][0])} to {_f(summary['discovery_ci'][1])}); {summary['candidates']} components "
-        f"had scores clear of zero (no other may enter). In the circuit's evaluation {kept}."
+        f"had scores clear of zero" + (
+            f"; the whole ranking fell short, so {', '.join(summary['added'])} entered by exact faithfulness gain "
+            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.get("added") else
+            " (no other may enter)") + f". In the circuit's evaluation {kept}."
         + (f" ({summary['notes']}.)" if summary.get("notes") else ""),
     ]
     base = summary.get("baseline")
@@ -231,5 +290,5 @@ def _f(value: Any) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_graph",
-           "faithful_paragraphs", "selection", "split_prompts"]
+__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_config",
+           "faithful_graph", "faithful_paragraphs", "run_circuit", "selection", "split_prompts"]

@@ -28,17 +28,19 @@ from circuitlab.patching.models import load_model
 from circuitlab.reports import store
 from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, periodic_mix
 
-CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "late", "early", "icl_width", "late_loss",
+CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "icl_se", "late", "early", "icl_width", "late_loss",
                       "early_loss",
                       "mean_loss", "train_loss", "top_induction", "top_induction_head", "top_previous_token",
                       "top_ov_copying"]
-HEAD_TABLE_COLUMNS = ["model", "n_layers", "step", "layer", "head", "node", "previous_token", "duplicate_token",
+HEAD_TABLE_COLUMNS = ["model", "n_layers", "step", "layer", "head", "node", "previous_token", "previous_token_top",
+                      "duplicate_token",
                       "induction", "ov_copying", "qk_direct", "qk_matching", "qk_via", "k_comp_from_prev",
                       "delta_icl_zero", "delta_icl_mean", "patch_effect", "label"]
 COLUMN_DOCS = {
     "model": "which run: `1L`, `2L`, `3L` (trained here) or `name@revision` (published checkpoints)",
     "step": "optimizer step of the checkpoint (0 = initialisation); `tokens` = tokens seen",
     "icl_score": "loss at token `late` minus loss at token `early` on held-out text (negative = uses context)",
+    "icl_se": "standard error of icl_score over the evaluation sequences (std of each sequence's own score / √n)",
     "late, early": "token indices of the ICL score: 500 and 50 when the context allows, else n_ctx−1 and a tenth",
     "icl_width": "indices averaged on each side (late−w+1…late minus early…early+w−1; n_ctx/32) against the noise "
                  "of few evaluation sequences",
@@ -47,6 +49,7 @@ COLUMN_DOCS = {
     "top_induction": "largest prefix-matching (induction) attention score of any head on repeated random tokens",
     "previous_token, duplicate_token, induction": "mean attention to i−1 / to the earlier copy / to the token after "
                                                   "the earlier copy, on repeated random tokens (graphs.induction)",
+    "previous_token_top": "share of query positions (repeated random tokens) whose most-attended key is i−1",
     "ov_copying": "Σλ/Σ|λ| of W_E W_OV W_U (+1 copies, −1 suppresses)",
     "qk_direct, qk_matching, qk_via": "Σλ/Σ|λ| of the QK circuit on raw tokens, and through the earlier head "
                                       "`qk_via` with the highest previous-token score (K-composition path)",
@@ -55,7 +58,8 @@ COLUMN_DOCS = {
                                       "(causal checkpoints only, else NaN)",
     "patch_effect": "exact patching effect of the head's output on the repeated-tokens task (engine; 1 = restores "
                     "the clean metric alone; causal checkpoints only)",
-    "label": "`induction` (induction ≥ 0.3 and ov_copying > 0), `previous_token` (previous_token ≥ 0.4) or ``",
+    "label": "`induction` (induction ≥ 0.3 and ov_copying > 0), `previous_token` (previous_token ≥ 0.4, or "
+             "previous_token_top > 0.5: i−1 is the most-attended key at most positions) or ``",
 }
 
 
@@ -136,7 +140,7 @@ def _measure_cache(out: Path, name: str, cfg: PhaseConfig) -> Path:
     other evaluation or probe settings measures afresh instead of reusing stale rows)."""
     import hashlib
 
-    key = json.dumps([cfg.eval_sequences, cfg.n_ctx, cfg.probe_sequences, cfg.probe_half, cfg.seed, cfg.max_bytes])
+    key = json.dumps(["v2", cfg.eval_sequences, cfg.n_ctx, cfg.probe_sequences, cfg.probe_half, cfg.seed, cfg.max_bytes])
     return out / store.PARTIAL / "measure" / name / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -149,6 +153,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     from circuitlab.reports.phase_report import render_phase_report
 
     began = time.perf_counter()
+    load_at_start = os.getloadavg()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = store.check_writable(cfg.out)
@@ -180,7 +185,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
         t0 = time.perf_counter()
         table, heads = _measure_run(name, n_layers, result.checkpoints, result.log, tokens, probe,
                                     _measure_cache(out, name, cfg), cfg.batch_size * cfg.n_ctx, cfg.progress)
-        window = detect_phase_change(table, result.log, low=cfg.low, high=cfg.high)
+        window = detect_phase_change(table, result.log, low=cfg.low, high=cfg.high, grid=_grid(cfg))
         windows[name] = window.to_dict()
         final = int(table["step"].max())
         causal_steps = sorted({final} | ({window.start, window.end} if window.found else set()))
@@ -207,8 +212,9 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     timings["total"] = time.perf_counter() - began
     summary = {"config": _plain_config(cfg), "corpus": {"source": corpus.source, "files": corpus.n_files,
                "tokenizer": corpus.tokenizer, "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout)},
-               "windows": windows, "joint_ablation": joints, "timings_s": timings, "load_average": os.getloadavg(),
-               "cpu_count": os.cpu_count()}
+               "windows": windows, "joint_ablation": joints, "timings_s": timings, "cpu_s": _cpu_seconds(),
+               "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads()}
     from circuitlab.reports.phase_report import acceptance
 
     composition = pd.concat([c for c in comps if len(c)] or [pd.DataFrame()], ignore_index=True)
@@ -217,6 +223,20 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     store.write_text(out / "columns.md", "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_DOCS.items()) + "\n")
     render_phase_report(out)
     return checkpoints
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (wall time alone misleads on a shared machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _grid(cfg: PhaseConfig) -> list[int] | None:
+    """The evenly spaced checkpoint steps (`checkpoint_steps`' linear part) over which ICL drops are compared."""
+    n = cfg.n_linear_checkpoints
+    return sorted({int(round(cfg.steps * i / n)) for i in range(1, n + 1)}) if n > 0 else None
 
 
 def _plain_config(cfg: PhaseConfig) -> dict[str, Any]:

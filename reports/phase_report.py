@@ -25,15 +25,23 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                joints: dict[str, Any], composition: pd.DataFrame | None = None) -> dict[str, Any]:
     """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail).
 
-    The K-composition criterion reads `composition` (the final checkpoints' `composition_scores`): for each
-    labelled induction head, the layer-0 head with the highest K-composition into it must be a labelled
-    previous-token head.
+    - ICL drop: the steepest fall of the 2L ICL score over the evenly spaced checkpoints lies in the window
+      (`graphs.phase.PhaseWindow`); reported beside it: the early transient (step 0 → first grid step) of both
+      models, the 1L model's change over the window, and the steepest fall of the 2L − 1L gap on the grid.
+    - Ablation: the induction heads together remove ≥ 70 % of the final ICL score, and ablating as many heads
+      outside the induction circuit (not induction heads, not their layer-0 K-composition partners) removes on
+      average at most half as much; the maximum over those sets and over all non-induction heads is reported.
+    - K-composition (reads `composition`, the final checkpoints' `composition_scores`): for each labelled
+      induction head, the layer-0 head with the highest K-composition into it must be a labelled previous-token
+      head, and its OV and QK eigenvalue scores are positive.
     """
     out: dict[str, Any] = {}
     final = checkpoints.sort_values("step").groupby("model").tail(1).set_index("model")
     if {"1L", "2L"} <= set(final.index):
         a, b = float(final.loc["1L", "icl_score"]), float(final.loc["2L", "icl_score"])
+        se = {m: float(final.loc[m, "icl_se"]) if "icl_se" in final else None for m in ("1L", "2L")}
         out["icl_2L_vs_1L"] = {"icl_1L": a, "icl_2L": b, "ratio": b / a if a else None,
+                               "icl_se_1L": se["1L"], "icl_se_2L": se["2L"],
                                "pass": bool(b < 0 and (a >= 0 or b / a >= 2.0))}
     w = windows.get("2L")
     if w:
@@ -43,19 +51,22 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                             "top_induction_after": w["top_induction_after"],
                             "pass": bool(w["found"] and w["fraction_of_training"] is not None
                                          and w["fraction_of_training"] <= 0.2)}
-        out["icl_drop_in_window_2L"] = {"steepest_icl_drop": w["steepest_icl_drop"],
-                                        "icl_change_in_window": w["icl_change_in_window"],
-                                        "pass": bool(w["found"] and w["steepest_icl_drop_in_window"])}
+        out["icl_drop_in_window_2L"] = _icl_drop(checkpoints, windows, w)
     j = joints.get("2L", {})
     if "zero_induction" in j:
-        ind, oth = j["zero_induction"]["fraction_removed"], j["zero_others"]["max_fraction_removed"]
-        out["ablation_2L"] = {"induction_heads": j["induction_heads"], "fraction_removed_zero": ind,
+        ind, oth = j["zero_induction"]["fraction_removed"], j["zero_others"]
+        out["ablation_2L"] = {"induction_heads": j["induction_heads"], "partners": j["partners"],
+                              "fraction_removed_zero": ind,
                               "fraction_removed_mean": j["mean_induction"]["fraction_removed"],
-                              "others_max_fraction_removed_zero": oth,
-                              "others_mean_fraction_removed_zero": j["zero_others"]["mean_fraction_removed"],
-                              "others_worst_set_zero": j["zero_others"].get("worst_set"),
-                              "others_without_previous_token_zero": j.get("zero_others_without_previous_token"),
-                              "pass": bool(ind >= 0.7 and oth <= 0.5 * ind)}
+                              "other_heads": j["other_heads"],
+                              "others_mean_fraction_removed_zero": oth["mean_fraction_removed"],
+                              "others_max_fraction_removed_zero": oth["max_fraction_removed"],
+                              "others_worst_set_zero": oth["worst_set"],
+                              "others_mean_fraction_removed_mean": j["mean_others"]["mean_fraction_removed"],
+                              "any_other_mean_fraction_removed_zero": j["zero_any_other"]["mean_fraction_removed"],
+                              "any_other_max_fraction_removed_zero": j["zero_any_other"]["max_fraction_removed"],
+                              "max_also_under_half": bool(oth["max_fraction_removed"] <= 0.5 * ind),
+                              "pass": bool(ind >= 0.7 and oth["mean_fraction_removed"] <= 0.5 * ind)}
     if "2L" in set(heads["model"]):
         last = heads[(heads["model"] == "2L") & (heads["step"] == heads[heads["model"] == "2L"]["step"].max())]
         ind = last[last["label"] == "induction"]
@@ -76,6 +87,36 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                                      "pass": bool(rows) and all(r["ov_copying"] > 0 and r["qk_matching"] > 0
                                                                 and r["top_k_comp_layer0_sender"] in prev_heads
                                                                 for r in rows)}
+    return out
+
+
+def _icl_drop(checkpoints: pd.DataFrame, windows: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
+    """The ICL-drop criterion of the 2L window, with the 1L control over the same steps."""
+    import numpy as np
+
+    from circuitlab.graphs.phase import steepest_drop
+
+    out = {"window": [w["start"], w["end"]], "grid_spacing": w.get("grid_spacing"),
+           "steepest_icl_drop_on_grid": w["steepest_icl_drop"], "steepest_icl_drop_value": w.get("steepest_icl_drop_value"),
+           "icl_change_in_window": (w["icl_after"] - w["icl_before"]) if w["found"] else None,
+           "share_of_run_icl_change_in_window": w["icl_change_in_window"],
+           "early_icl_change_2L": w.get("early_icl_change"),
+           "steepest_icl_drop_any_checkpoints": w.get("steepest_icl_drop_any")}
+    icl = {m: g.set_index("step")["icl_score"] for m, g in checkpoints.groupby("model")}
+    if "1L" in icl and "1L" in windows:
+        one = icl["1L"]
+        out["early_icl_change_1L"] = windows["1L"].get("early_icl_change")
+        if w["found"] and {w["start"], w["end"]} <= set(one.index):
+            out["icl_change_in_window_1L"] = float(one[w["end"]] - one[w["start"]])
+        grid = [s for s in range(w["grid_spacing"] or 1, w["total_steps"] + 1, w["grid_spacing"] or 1)
+                if s in one.index and s in icl["2L"].index] if w.get("grid_spacing") else []
+        if len(grid) > 1:
+            gap = np.array([icl["2L"][s] - one[s] for s in grid])
+            pair, value = steepest_drop(np.array(grid), gap)
+            out["steepest_drop_of_2L_minus_1L_on_grid"] = list(pair)
+            out["steepest_drop_of_2L_minus_1L_value"] = value
+            out["gap_drop_in_window"] = bool(w["found"] and w["start"] <= pair[0] and pair[1] <= w["end"])
+    out["pass"] = bool(w["found"] and w["steepest_icl_drop_in_window"])
     return out
 
 
@@ -145,15 +186,18 @@ def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFr
 
 def _tables(summary: dict[str, Any], checkpoints: pd.DataFrame, heads: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     final = heads[heads["step"] == heads.groupby("model")["step"].transform("max")]
-    cols = ["model", "node", "label", "previous_token", "induction", "ov_copying", "qk_matching", "qk_via",
+    cols = ["model", "node", "label", "previous_token", "previous_token_top", "induction", "ov_copying", "qk_matching", "qk_via",
             "k_comp_from_prev", "delta_icl_zero", "delta_icl_mean", "patch_effect"]
     windows = pd.DataFrame([{"model": k, **{c: v[c] for c in ("found", "start", "end", "fraction_of_training",
                                                               "top_induction_before", "top_induction_after",
                                                               "icl_before", "icl_after", "icl_final",
-                                                              "icl_change_in_window", "loss_slope_ratio", "reason")}}
+                                                              "icl_change_in_window", "steepest_icl_drop",
+                                                              "steepest_icl_drop_in_window", "early_icl_change",
+                                                              "steepest_icl_drop_any", "loss_slope_ratio", "reason")
+                                 if c in v}}
                             for k, v in summary.get("windows", {}).items()])
-    shown = checkpoints[["model", "step", "tokens", "icl_score", "mean_loss", "train_loss", "top_induction",
-                         "top_induction_head"]]
+    shown = checkpoints[[c for c in ("model", "step", "tokens", "icl_score", "icl_se", "mean_loss", "train_loss",
+                                     "top_induction", "top_induction_head") if c in checkpoints]]
     return [("Phase-change windows", windows), ("Heads at the final checkpoint", final[cols]),
             ("Checkpoints", shown)]
 

@@ -171,27 +171,35 @@ def icl_positions(n_ctx: int) -> tuple[int, int]:
     return late, max(1, round(late / 10))
 
 
-def loss_by_position(model: Any, tokens: Tensor, *, batch_size: int = 16,
-                     fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Tensor:
+def loss_by_position(model: Any, tokens: Tensor, *, batch_size: int = 64,
+                     fwd_hooks: Sequence[tuple[str, Callable]] = (), fast: bool = True,
+                     per_sequence: bool = False) -> Tensor:
     """Mean next-token loss at each token index over the sequences, [seq_len]; entry 0 is NaN.
+    (`per_sequence`: every sequence's losses instead, [n, seq_len], for standard errors.)
 
     Entry t is the loss of predicting token t from tokens 0..t-1 (so "the loss at token 500" is entry 500,
     as in Olsson et al.). Works on any bridge (`model(tokens)` returns logits); `fwd_hooks` run during the
-    forward (ablations).
+    forward (ablations). With `fast`, attention-only TL-native models run on `patching.training.hooked_forward`
+    (fused attention, checked against the bridge's logits first; `hook_z` hooks only); otherwise, and whenever
+    that check fails, the bridge's own hooked forward runs.
     """
+    from circuitlab.patching.training import hooked_forward
+
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, seq ≥ 2], got {tuple(tokens.shape)}")
-    total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
-    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+    rows = []
+    forward = hooked_forward(model, fwd_hooks, check=tokens[:2]) if fast else None
+    hooks = [] if forward is not None else list(fwd_hooks)
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, tokens.shape[0], batch_size):
             chunk = tokens[start:start + batch_size]
-            logits = model(chunk)
+            logits = forward(chunk) if forward is not None else model(chunk)
             logprobs = logits[:, :-1].float().log_softmax(-1)
             nll = -logprobs.gather(-1, chunk[:, 1:, None].to(logprobs.device))[..., 0]
-            total += nll.sum(0).double().cpu()
-    out = torch.full((tokens.shape[1],), float("nan"), dtype=torch.float64)
-    out[1:] = total / tokens.shape[0]
-    return out
+            rows.append(nll.double().cpu())
+    out = torch.full((tokens.shape[0], tokens.shape[1]), float("nan"), dtype=torch.float64)
+    out[:, 1:] = torch.cat(rows)
+    return out if per_sequence else out.mean(0)
 
 
 def icl_score(losses: Tensor, late: int | None = None, early: int | None = None, width: int = 1) -> float:
@@ -208,6 +216,16 @@ def icl_score(losses: Tensor, late: int | None = None, early: int | None = None,
     return float(losses[late - width + 1:late + 1].mean() - losses[early:early + width].mean())
 
 
+def icl_standard_error(per_sequence: Tensor, late: int | None = None, early: int | None = None,
+                       width: int = 1) -> float:
+    """Standard error of `icl_score` over the sequences, from per-sequence losses [n, seq] (std / √n of each
+    sequence's own late-minus-early loss): the evaluation noise to set against an ICL change."""
+    if late is None or early is None:
+        late, early = icl_positions(per_sequence.shape[1])
+    diffs = per_sequence[:, late - width + 1:late + 1].mean(1) - per_sequence[:, early:early + width].mean(1)
+    return float(diffs.std() / len(diffs) ** 0.5) if len(diffs) > 1 else float("nan")
+
+
 def eval_tokens(corpus: Corpus, n: int, seq_len: int, *, seed: int = 0) -> Tensor:
     """A fixed held-out evaluation set: `n` windows of `seq_len` tokens (seeded)."""
     return corpus.batch(n, seq_len, torch.Generator().manual_seed(int(seed)), split="heldout")
@@ -222,5 +240,5 @@ def model_corpus(model: Any, *, max_bytes: int | None = 2_000_000) -> Corpus:
     return load_corpus(max_bytes=max_bytes, tokenizer=tokenizer)
 
 
-__all__ = ["Corpus", "PAPER_EARLY", "PAPER_LATE", "eval_tokens", "icl_positions", "icl_score", "load_corpus",
-           "loss_by_position", "model_corpus", "periodic_mix", "stdlib_files", "with_repeats"]
+__all__ = ["Corpus", "PAPER_EARLY", "PAPER_LATE", "eval_tokens", "icl_positions", "icl_score", "icl_standard_error",
+           "load_corpus", "loss_by_position", "model_corpus", "periodic_mix", "stdlib_files", "with_repeats"]

@@ -65,6 +65,17 @@ def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):  #
     if summary["reached"]:
         assert summary["discovery"] >= summary["target"]
     assert "Baseline, top-k heads by single exact effect" in (out / "report.md").read_text()
+    # a memory budget that allows only small prompt batches: the circuit stage evaluates batch by batch (it says
+    # so) and finds the same circuit with the same faithfulness as one batch of every prompt
+    small = tmp_path / "small"
+    assert main(["run", "--model", tiny_dir, "--out", str(small), "--quiet", "--no-roles", "--resid-positions", "none",
+                 "--heldout-n", "4", "--memory-budget", "1", *FAST]) == 0
+    batched = json.loads((small / "run.json").read_text())["circuit_faithfulness"]
+    assert "evaluated in prompt batches of <= " in batched["notes"] and "prompt batches" not in summary["notes"]
+    assert batched["items"] == summary["items"] and batched["baseline"]["heads"] == summary["baseline"]["heads"]
+    for key in ("discovery", "heldout"):
+        assert batched[key] == pytest.approx(summary[key], abs=1e-5)
+        assert batched[key + "_ci"] == pytest.approx(summary[key + "_ci"], abs=1e-5)
     forced = tmp_path / "forced"
     assert main(["run", "--model", tiny_dir, "--out", str(forced), "--quiet", "--no-roles", "--resid-positions", "none",
                  "--heldout-n", "4", "--top-fraction", "0.5", *FAST]) == 0

@@ -6,9 +6,10 @@ import torch
 
 from circuitlab.graphs.benchmark import adapt_groundtruth
 from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
-from circuitlab.graphs.greedy import greedy_refine
+from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
 from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
-from circuitlab.graphs.selection import candidate_order, edge_evaluator, node_evaluator, select_by_faithfulness
+from circuitlab.graphs.selection import (NOISE, candidate_order, edge_evaluator, node_evaluator,
+                                         select_by_faithfulness)
 from circuitlab.graphs.stability import inclusion_frequency, subset_context
 from circuitlab.patching.components import node_kind, parse_edge
 from circuitlab.patching.activation import PatchingConfig, activation_patching
@@ -17,6 +18,8 @@ from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.node_masks import expand_to_edges, node_mask, node_masked_metric
+from circuitlab.reports.config import RunConfig
+from circuitlab.reports.faithful import run_circuit
 from tests.test_edges import _dead_heads_model
 from tests.toy import ToyTask, toy_pairs
 
@@ -170,30 +173,57 @@ def test_heldout_split_shares_no_template():
 
 
 @pytest.mark.parametrize("name", list_groundtruth())
-def test_chosen_circuit_on_groundtruth_is_the_true_one(name):
-    """The run's default circuit (EAP-IG ranking, smallest faithful prefix) and greedy refinement keep every true
-    component and nothing else (distractors and zero-weight heads are inert: their scores are zero, so they are
-    never candidates). Where EAP-IG is blind to a true component (tracr's categorical MLPs pass no gradient), the
-    selection must say the target was not reached rather than claim a circuit."""
+def test_run_circuit_on_groundtruth_is_the_true_one(name):
+    """`circuitlab run`'s default circuit (`reports.faithful.run_circuit` with `RunConfig()`: EAP-IG ranking, the
+    smallest faithful prefix, completed by exact gain where the ranking falls short) keeps every true head and
+    nothing else: distractors and zero-weight heads are inert or weak. So do greedy refinement and the same
+    selection over heads and MLPs. tracr_reverse's a0.h0 scores -1.7e-8 under EAP-IG (noise): it must enter by
+    its exact gain, not by its score."""
     gt, ctx = _gt_context(name)
     _, held = _gt_context(name, seed=5)
     true = {n for n in gt.true_nodes if n not in ("input", "logits")}
-    evaluator = node_evaluator(ctx, heads_only=False)
-    scores = eap_ig_scores(ctx, steps=5)
+    found = run_circuit(RunConfig(), ctx, held)
+    assert found.method == "eap-ig" and found.level == "node"
+    assert set(found.circuit.items) == {n for n in true if node_kind(n) == "head"}, sorted(found.circuit.items)
+    assert found.circuit.reached and found.heldout[0] >= 0.8
     config = FaithfulConfig(heads_only=False, n_boot=50)
     for method in ("eap-ig", "greedy"):
-        found = find_faithful_circuit(ctx, method, config, heldout=held, edge_scores=scores)
-        chosen = set(found.circuit.items)
-        assert not chosen & set(gt.distractors), method
-        assert chosen <= set(evaluator.items)
-        if found.circuit.reached:
-            assert chosen == true, (method, sorted(chosen ^ true))
-            assert found.heldout[0] >= 0.8, method
-        else:  # only where a true component's attribution score is zero or within noise of it, and it is said
-            node = found.ranking.set_index("item")["score"]
-            candidates = {found.ranking["item"][i] for i in candidate_order(torch.tensor(found.ranking["score"]))}
-            blind = true - candidates
-            assert all(abs(float(node[n])) <= 1e-6 * float(node.abs().max()) for n in blind)
-            assert blind and not blind & chosen, (method, sorted(true - chosen))
-            full = evaluator.faithfulness(sorted(true), n_boot=0)[0]
-            assert full >= 0.8 and found.circuit.faithfulness < 0.8  # the true circuit is faithful; the claim is not
+        found = find_faithful_circuit(ctx, method, config, heldout=held)
+        assert set(found.circuit.items) == true, (method, sorted(set(found.circuit.items) ^ true))
+        assert found.circuit.reached and found.heldout[0] >= 0.8, method
+        scores = found.ranking.set_index("item")["score"]
+        blind = {n for n in true if abs(float(scores[n])) <= NOISE * float(scores.abs().max())}
+        assert set(found.circuit.added) == blind, method  # exactly the true items the ranking could not see
+    if name == "tracr_reverse":
+        assert blind == {"a0.h0"}
+
+
+def test_completion_adds_no_inert_component_even_when_the_target_is_unreachable():
+    """Completion by exact gain adds the true head a ranking missed and never an inert one (their exact gains are
+    exactly zero), even when it cannot reach the target and keeps looking; members whose removal costs nothing go."""
+    gt, ctx = _gt_context("induction_handwired")
+    evaluator = node_evaluator(ctx, heads_only=False)
+    pool = [i for i in evaluator.items if i != "a1.h0"]
+    done = complete_by_exact_gain(evaluator, ["a1.h0"], pool, target=10.0)
+    assert done.items == ["a0.h0", "a1.h0"] and done.added == ["a0.h0"] and not done.reached
+    inert = [i for i in evaluator.items if i not in ("a0.h0", "a1.h0")]
+    done = complete_by_exact_gain(evaluator, ["a1.h0", *inert], ["a0.h0"], target=0.8)
+    assert done.items == ["a0.h0", "a1.h0"] and done.reached  # inert members pruned: their removal costs nothing
+
+
+def test_greedy_criterion_is_two_sided():
+    """Greedy refinement does not reward overshoot: on a linear toy whose circuit is known by hand (metric = sum of
+    kept weights; removing the negative item would give f = 1.6), pruning stops within [0.8, 1.2]; a one-sided
+    f >= 0.8 would drop the negative item first."""
+    from circuitlab.graphs.selection import CircuitEvaluator, within
+
+    weights = torch.tensor([0.5, 0.45, -0.6, 0.55, 0.1])  # sums to 1.0: the full model
+    evaluator = CircuitEvaluator([f"a0.h{i}" for i in range(5)], lambda m: (m @ weights).unsqueeze(1).repeat(1, 3),
+                                 torch.full((3,), 1.0), torch.zeros(3))
+    refined = greedy_refine(evaluator, evaluator.items, torch.ones(5), 0.8)
+    assert refined.reached and within(refined.faithfulness, 0.8) and 0.8 <= refined.faithfulness <= 1.2
+    assert "a0.h2" in refined.items  # the opposing item stays: without it f would overshoot
+    kept = evaluator.mask(refined.items) @ weights
+    assert abs(float(kept) - refined.faithfulness) < 1e-6  # independent: the hand-computed sum
+    assert refined.items == ["a0.h0", "a0.h1", "a0.h2", "a0.h3"]  # a0.h4 (0.1) is the only free removal
+    assert not within(1.6, 0.8) and within(1.2, 0.8) and not within(0.79, 0.8)

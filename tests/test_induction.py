@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from circuitlab.graphs.ablation import icl_ablation, joint_icl_ablation, repeated_tokens_patching
-from circuitlab.graphs.induction import ProbeOptions, composition_scores, eigen_score, head_scores, qk_scores
+from circuitlab.graphs.induction import (ProbeOptions, composition_scores, eigen_score, head_scores, qk_scores,
+                                        repeated_prompts)
 from circuitlab.graphs.role_scores import copying_scores
 from circuitlab.patching.models import boot_native_model
 from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
@@ -145,10 +146,11 @@ def test_joint_ablation_and_acceptance_name_the_wired_circuit(toy, tmp_path):
     save_model(toy, tmp_path / "toy")
     joint = joint_induction_ablation(tmp_path / "toy", _repeated_text(), heads, seed=0)
     assert joint["induction_heads"] == ["a1.h0"] and joint["zero_induction"]["fraction_removed"] > 0.9
-    assert joint["zero_others"]["worst_set"] == ["a0.h0"]  # its previous-token partner: part of the circuit
-    assert joint["zero_others"]["max_fraction_removed"] > 0.2
-    plain = joint["zero_others_without_previous_token"]
-    assert plain["sets"] == 2 and abs(plain["max_fraction_removed"]) < 1e-6
+    assert joint["partners"] == {"a1.h0": "a0.h0"}  # its K-composition partner: inside the circuit
+    assert joint["other_heads"] == ["a0.h1", "a1.h1"]  # the heads outside it write nothing
+    assert joint["zero_others"]["sets"] == 2 and abs(joint["zero_others"]["max_fraction_removed"]) < 1e-6
+    assert joint["zero_any_other"]["worst_set"] == ["a0.h0"]  # over every non-induction head: the partner
+    assert joint["zero_any_other"]["max_fraction_removed"] > 0.2
     table = heads.assign(model="2L", step=0, node=[f"a{l}.h{h}" for l, h in zip(heads["layer"], heads["head"])],
                          k_comp_from_prev=float("nan"))
     comp = composition_scores(toy).assign(model="2L")
@@ -157,3 +159,46 @@ def test_joint_ablation_and_acceptance_name_the_wired_circuit(toy, tmp_path):
     assert [r["top_k_comp_layer0_sender"] for r in found["heads"]] == ["a0.h0"] and found["pass"]
     swapped = comp.assign(k_comp=[-1.0 if s == "a0.h0" else k for s, k in zip(comp["sender"], comp["k_comp"])])
     assert not acceptance(checkpoints, table, {}, {}, swapped)["induction_heads_2L"]["pass"]
+    # the circuit's other half is the top layer-0 K-composer only when it is a labelled previous-token head
+    from circuitlab.graphs.phase import induction_partners
+
+    assert induction_partners(heads, comp) == {"a1.h0": "a0.h0"}
+    assert induction_partners(heads, swapped) == {"a1.h0": None}  # a0.h1 now tops K-composition: not previous-token
+
+
+def test_a_smeared_previous_token_head_is_labelled_by_where_it_attends_most():
+    """a0.h0 rewired to spread attention over i−1 (most), i−2, i−3 and itself: mean attention to i−1 falls under
+    0.4 but i−1 stays its most-attended key everywhere, so it is labelled previous-token."""
+    import numpy as np
+
+    from circuitlab.graphs.phase import label_heads
+    from circuitlab.graphs.role_scores import repeated_token_scores
+    from tests.induction_toy import D_HEAD, POS
+
+    model = induction_model()
+    state = model.state_dict()
+    k0 = state["blocks.0.attn.k.weight"].clone()
+    for j in range(N_CTX):  # key at position j also matches queries at j (self), j+2 and j+3, a little less
+        for offset, logit in ((0, -0.5), (2, -0.3), (3, -0.6)):
+            if j + offset < D_HEAD:
+                k0[j + offset, POS + j] = 1.0 + logit / 60.0
+    model.load_state_dict({"blocks.0.attn.k.weight": k0}, strict=False)
+    prompts = repeated_prompts(V, PROBE)
+    scores = repeated_token_scores(model, prompts)
+    row = _row(scores, 0, 0)
+    assert 0.3 < row["previous_token"] < 0.4  # ≈ 1 / (1 + e^-0.3 + e^-0.5 + e^-0.6)
+    _, cache = model.run_with_cache(prompts.tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    pat = cache["blocks.0.attn.hook_pattern"][:, 0]
+    top = np.mean([float(pat[b, i, i - 1] > torch.cat([pat[b, i, :i - 1], pat[b, i, i:]]).max())
+                   for b in range(pat.shape[0]) for i in range(2, 15)])  # brute force over the BOS-offset queries
+    assert row["previous_token_top"] == pytest.approx(top) and top == 1.0
+    full = head_scores(model, PROBE)
+    full["label"] = label_heads(full)
+    assert _row(full, 0, 0)["label"] == "previous_token"
+    assert _row(full, 1, 1)["label"] == ""  # uniform attention: i−1 never strictly on top
+    # `circuitlab run`'s role detector labels by the same rule
+    from circuitlab.graphs.roles import detect_repeated_token_roles
+
+    roles = detect_repeated_token_roles(model, prompts, with_copying=False)
+    prev = roles[roles["role"] == "previous_token"]
+    assert (0, 0) in set(zip(prev["layer"], prev["head"])) and (1, 1) not in set(zip(prev["layer"], prev["head"]))

@@ -157,6 +157,57 @@ def test_detect_phase_change_on_known_curves():
     assert not flat.found and "never reached" in flat.reason
 
 
+def test_icl_drop_is_compared_on_the_even_grid_not_in_the_early_transient():
+    """Log-spaced early checkpoints (1, 3) catch the untrained model starting to use its context: a big fall over
+    few steps. On the evenly spaced checkpoints the steepest fall is the window's; both are reported."""
+    from circuitlab.graphs.phase import even_grid
+
+    steps = np.array([0, 1, 3, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
+    ind = np.array([0.02, 0.02, 0.02, 0.03, 0.05, 0.1, 0.15, 0.7, 0.8, 0.82, 0.85, 0.85, 0.86])
+    icl = np.array([0.1, 0.05, -0.3, -0.12, -0.1, -0.12, -0.15, -0.4, -0.45, -0.5, -0.5, -0.5, -0.51])
+    table = pd.DataFrame({"step": steps, "top_induction": ind, "icl_score": icl})
+    assert even_grid(steps) == list(range(10, 101, 10))
+    w = detect_phase_change(table)
+    assert (w.start, w.end, w.grid_spacing) == (40, 50, 10)
+    assert w.steepest_icl_drop == (40, 50) and w.steepest_icl_drop_value == pytest.approx(-0.25)
+    assert w.steepest_icl_drop_in_window
+    assert w.steepest_icl_drop_any == (1, 3) and w.steepest_icl_drop_any_value == pytest.approx(-0.35)
+    assert w.early_icl_change == pytest.approx(-0.22)  # step 0 -> first grid step
+    coarse = detect_phase_change(table, grid=[10, 20, 30, 90, 100])  # one grid interval holds the whole window
+    assert coarse.steepest_icl_drop == (30, 90) and coarse.steepest_icl_drop_in_window
+    later = detect_phase_change(table.assign(icl_score=np.r_[icl[:10], -0.9, -0.9, -0.9]))  # a later, bigger fall
+    assert later.steepest_icl_drop == (70, 80) and not later.steepest_icl_drop_in_window
+
+
+def test_fast_loss_and_ablations_match_the_bridge():
+    """`loss_by_position` on the fused forward (with zero/mean ablation hooks on hook_z) equals the bridge's own
+    hooked forward; the mean activations equal the bridge's cached hook_z averaged by hand."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from circuitlab.graphs.ablation import ablation_hooks, head_means
+    from circuitlab.tasks.corpus import loss_by_position
+
+    cfg = TrainConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=20, d_vocab=24)
+    bridge = TransformerBridge.boot_native(cfg.model_config(), device="cpu")
+    state = {k: v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if v.is_floating_point()
+             and "rotary" not in k else v for k, v in bridge.state_dict().items()}
+    bridge.load_state_dict(state, strict=False)
+    bridge.eval()
+    tokens = torch.randint(0, 24, (10, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    means = head_means(bridge, tokens, batch_size=4)
+    for layer in range(2):
+        assert torch.allclose(means[layer], cache[f"blocks.{layer}.attn.hook_z"].mean(0), atol=1e-5)
+    for hooks in ([], ablation_hooks(bridge, [(0, 1), (1, 0)], "zero"),
+                  ablation_hooks(bridge, [(1, 1)], "mean", means=means)):
+        fast = loss_by_position(bridge, tokens, batch_size=4, fwd_hooks=hooks)
+        slow = loss_by_position(bridge, tokens, batch_size=4, fwd_hooks=hooks, fast=False)
+        assert torch.allclose(fast[1:], slow[1:], atol=1e-5)
+    assert not torch.allclose(loss_by_position(bridge, tokens, fwd_hooks=ablation_hooks(bridge, [(0, 1)], "zero")),
+                              loss_by_position(bridge, tokens), equal_nan=True)  # the hooks do act
+
+
 def test_offline_published_checkpoints_give_the_usual_error(monkeypatch, tmp_path):
     from circuitlab.reports.cli import main
 
