@@ -29,7 +29,7 @@ import torch
 
 from circuitlab.graphs.ablation import head_means, icl_ablation, joint_icl_ablation, repeated_tokens_patching
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
-from circuitlab.graphs.roles import RoleThresholds
+from circuitlab.graphs.roles import RoleThresholds, previous_token_mask
 from circuitlab.patching.components import head_node, parse_node
 from circuitlab.patching.models import load_model
 from circuitlab.tasks.corpus import icl_positions, icl_score, icl_standard_error, loss_by_position
@@ -216,15 +216,11 @@ def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) ->
 def label_heads(heads: pd.DataFrame, thresholds: RoleThresholds = RoleThresholds()) -> pd.Series:
     """`induction`, `previous_token` or `` per head row.
 
-    Induction: induction score ≥ `thresholds.induction` and a copying OV circuit (graphs.roles). Previous-token:
-    mean attention to i−1 ≥ `thresholds.previous_token`, or i−1 is the head's most-attended key at a majority of
-    the query positions (`previous_token_top` > 0.5): a head that spreads some attention over the last few tokens
-    yet favours the previous one is a previous-token head (a trained layer-0 head: 0.38 mean, top at 91 %).
+    Induction: induction score ≥ `thresholds.induction` and a copying OV circuit; previous-token:
+    `graphs.roles.previous_token_mask` (the same rule `circuitlab run` labels by).
     """
     ind = (heads["induction"] >= thresholds.induction) & (heads["ov_copying"] > thresholds.copying)
-    prev = heads["previous_token"] >= thresholds.previous_token
-    if "previous_token_top" in heads:
-        prev |= heads["previous_token_top"].fillna(0.0) > 0.5
+    prev = previous_token_mask(heads, thresholds)
     return pd.Series(["induction" if a else "previous_token" if b else "" for a, b in zip(ind, prev)],
                      index=heads.index)
 

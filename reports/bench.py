@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-SMOLLM2_IOI = "smollm2-ioi"
+from circuitlab.reports.cell_kinds import SMOLLM2_IOI, SMOLLM2_IOI_ROW
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,9 @@ def _results_frame(result: Any) -> pd.DataFrame:
             rows.append(record["result"])
         else:
             note = f"skipped: {record['reason']}" if record["status"] == "skipped" else f"failed: {record['error']}"
-            rows.append({"model": Path(str(params["model"])).name, "counterfactual": params["counterfactual"],
-                         "method": params["method"], "note": note})
+            model, counterfactual = ((SMOLLM2_IOI_ROW if params["model"] == SMOLLM2_IOI else
+                                      (Path(str(params["model"])).name, params["counterfactual"])))
+            rows.append({"model": model, "counterfactual": counterfactual, "method": params["method"], "note": note})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 

@@ -153,6 +153,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     from circuitlab.reports.phase_report import render_phase_report
 
     began = time.perf_counter()
+    load_at_start = os.getloadavg()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = store.check_writable(cfg.out)
@@ -211,8 +212,9 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     timings["total"] = time.perf_counter() - began
     summary = {"config": _plain_config(cfg), "corpus": {"source": corpus.source, "files": corpus.n_files,
                "tokenizer": corpus.tokenizer, "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout)},
-               "windows": windows, "joint_ablation": joints, "timings_s": timings, "load_average": os.getloadavg(),
-               "cpu_count": os.cpu_count()}
+               "windows": windows, "joint_ablation": joints, "timings_s": timings, "cpu_s": _cpu_seconds(),
+               "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads()}
     from circuitlab.reports.phase_report import acceptance
 
     composition = pd.concat([c for c in comps if len(c)] or [pd.DataFrame()], ignore_index=True)
@@ -221,6 +223,14 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     store.write_text(out / "columns.md", "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_DOCS.items()) + "\n")
     render_phase_report(out)
     return checkpoints
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (wall time alone misleads on a shared machine)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _grid(cfg: PhaseConfig) -> list[int] | None:

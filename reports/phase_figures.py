@@ -30,6 +30,9 @@ def loss_icl_figure(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], wi
                          label=str(name))
         group = group.sort_values("step")
         ax_icl.plot(group["step"], group["icl_score"], marker="o", ms=3, color=color, label=str(name))
+        if "icl_se" in group and group["icl_se"].notna().any():  # ± one standard error over evaluation windows
+            ax_icl.fill_between(group["step"], group["icl_score"] - group["icl_se"],
+                                group["icl_score"] + group["icl_se"], color=color, alpha=0.15, linewidth=0)
         for ax in (ax_loss, ax_icl):
             _shade(ax, windows.get(str(name)), color or "#999999")
     ax_loss.set_xlabel("step")

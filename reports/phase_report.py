@@ -39,7 +39,9 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
     final = checkpoints.sort_values("step").groupby("model").tail(1).set_index("model")
     if {"1L", "2L"} <= set(final.index):
         a, b = float(final.loc["1L", "icl_score"]), float(final.loc["2L", "icl_score"])
+        se = {m: float(final.loc[m, "icl_se"]) if "icl_se" in final else None for m in ("1L", "2L")}
         out["icl_2L_vs_1L"] = {"icl_1L": a, "icl_2L": b, "ratio": b / a if a else None,
+                               "icl_se_1L": se["1L"], "icl_se_2L": se["2L"],
                                "pass": bool(b < 0 and (a >= 0 or b / a >= 2.0))}
     w = windows.get("2L")
     if w:

@@ -159,6 +159,11 @@ def test_joint_ablation_and_acceptance_name_the_wired_circuit(toy, tmp_path):
     assert [r["top_k_comp_layer0_sender"] for r in found["heads"]] == ["a0.h0"] and found["pass"]
     swapped = comp.assign(k_comp=[-1.0 if s == "a0.h0" else k for s, k in zip(comp["sender"], comp["k_comp"])])
     assert not acceptance(checkpoints, table, {}, {}, swapped)["induction_heads_2L"]["pass"]
+    # the circuit's other half is the top layer-0 K-composer only when it is a labelled previous-token head
+    from circuitlab.graphs.phase import induction_partners
+
+    assert induction_partners(heads, comp) == {"a1.h0": "a0.h0"}
+    assert induction_partners(heads, swapped) == {"a1.h0": None}  # a0.h1 now tops K-composition: not previous-token
 
 
 def test_a_smeared_previous_token_head_is_labelled_by_where_it_attends_most():
@@ -191,3 +196,9 @@ def test_a_smeared_previous_token_head_is_labelled_by_where_it_attends_most():
     full["label"] = label_heads(full)
     assert _row(full, 0, 0)["label"] == "previous_token"
     assert _row(full, 1, 1)["label"] == ""  # uniform attention: i−1 never strictly on top
+    # `circuitlab run`'s role detector labels by the same rule
+    from circuitlab.graphs.roles import detect_repeated_token_roles
+
+    roles = detect_repeated_token_roles(model, prompts, with_copying=False)
+    prev = roles[roles["role"] == "previous_token"]
+    assert (0, 0) in set(zip(prev["layer"], prev["head"])) and (1, 1) not in set(zip(prev["layer"], prev["head"]))
