@@ -9,13 +9,15 @@ Runs `circuitlab run --task ioi --model smollm2-135m` in this process (the CLI's
   positions count the fraction they run, and C stacked circuits count C) and, for the hook backend and direct
   model calls, the bridge's `forward` (batch x positions x all layers). Clean and corrupt runs count one each.
 - backwards: calls of `torch.autograd.backward` / `torch.autograd.grad` (any batch size).
-- seconds: the stage's wall time (`finish` also holds loading the model, drawing pairs, saving and rendering;
-  `setup` counts forwards before the first stage).
+- cpu_s: the stage's CPU seconds in this process (`time.process_time`, every thread), and wall_s its wall time
+  (`finish` also holds loading the model, drawing pairs, saving and rendering; `setup` counts forwards before
+  the first stage). The ratio uses CPU seconds: this machine is shared (load 5-17 while this was written), so
+  wall time measures the other processes as much as this one, while CPU time measures this run's own work.
 
 Then, in the same process and after the run, it times one clean forward and backward over the same discovery
-prompts (fast runner, gradient w.r.t. the embedding, the task metric at the read positions; median of 3) with
-the thread count the run used. Its last line is `run_seconds=.. forward_seconds=.. ratio=..`, ratio =
-run_seconds / forward_seconds: the run's cost in plain forward+backward units.
+prompts (fast runner, gradient w.r.t. the embedding, the task metric at the read positions; median of 3 CPU
+times) with the thread count the run used. Its last line is `run_seconds=.. forward_seconds=.. ratio=..` (CPU
+seconds), ratio = run_seconds / forward_seconds: the run's cost in plain forward+backward units.
 
 Run: `HF_HUB_OFFLINE=1 PYTHONPATH=<parent of circuitlab> nice -n 19 python bench/run_cost.py --out /tmp/rc`.
 """
@@ -48,6 +50,7 @@ class Counter:
         self.token_layers: dict[str, float] = defaultdict(float)
         self.backwards: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
         self.active = True
         self.unit = 1.0
 
@@ -108,13 +111,13 @@ def _forward_backward_seconds(pipeline: Any, threads: int, repeats: int = 3) -> 
     times = []
     try:
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = time.process_time()
             with torch.enable_grad():
                 resid = runner.embed(pairs.clean_tokens).detach().requires_grad_(True)
                 final = runner.run(resid)
                 picked = torch.gather(final, 1, read[..., None].expand(-1, -1, final.shape[-1]))
                 task.metric_at(runner.unembed(picked), pairs).sum().backward()
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     finally:
         torch.set_num_threads(previous)
     return statistics.median(times)
@@ -139,17 +142,18 @@ def main() -> None:
         captured["pipeline"] = self
         watch_model(self.model())
         counter.stage = name
-        start = time.perf_counter()
+        start, wall = time.process_time(), time.perf_counter()
         try:
             stage(self, name, compute)
         finally:
-            counter.seconds[name] = time.perf_counter() - start
+            counter.seconds[name] = time.process_time() - start
+            counter.wall[name] = time.perf_counter() - wall
             counter.stage = "finish"
 
     run_module.Pipeline.stage = counted_stage  # type: ignore[method-assign]
-    start = time.perf_counter()
+    start, wall = time.process_time(), time.perf_counter()
     record = run_module.execute(cfg, quiet=True)
-    run_seconds = time.perf_counter() - start
+    run_seconds, run_wall = time.process_time() - start, time.perf_counter() - wall
     counter.active = False
     pipeline = captured["pipeline"]
     pairs = pipeline.pairs()
@@ -160,16 +164,18 @@ def main() -> None:
     print(f"# circuitlab run --task ioi --model smollm2-135m --n {cfg.n} --method {cfg.method} --out {out}")
     print(f"# threads={threads} load_before_timing={os.getloadavg()[0]:.2f}; one forward = every layer once over "
           f"{len(pairs)} discovery prompts of {pairs.seq_len} tokens")
-    print(f"{'stage':<14}{'forwards':>10}{'backwards':>11}{'seconds':>10}")
-    counter.seconds["setup"] = 0.0
+    print(f"{'stage':<14}{'forwards':>10}{'backwards':>11}{'cpu_s':>10}{'wall_s':>10}")
+    counter.seconds["setup"] = counter.wall["setup"] = 0.0
     counter.seconds["finish"] = run_seconds - sum(counter.seconds.values())  # loading, pairs, saving, rendering
+    counter.wall["finish"] = run_wall - sum(counter.wall.values())
     names = ["setup", *[s for s in run_module.STAGES if s in counter.seconds or s in counter.token_layers], "finish"]
     for name in names:
         forwards = counter.token_layers.get(name, 0.0) / counter.unit
-        seconds = counter.seconds.get(name, 0.0)
-        print(f"{name:<14}{forwards:>10.1f}{counter.backwards.get(name, 0):>11d}{seconds:>10.1f}")
+        seconds, wall = counter.seconds.get(name, 0.0), counter.wall.get(name, 0.0)
+        print(f"{name:<14}{forwards:>10.1f}{counter.backwards.get(name, 0):>11d}{seconds:>10.1f}{wall:>10.1f}")
     total_forwards = sum(counter.token_layers.values()) / counter.unit
-    print(f"{'total':<14}{total_forwards:>10.1f}{sum(counter.backwards.values()):>11d}{run_seconds:>10.1f}")
+    print(f"{'total':<14}{total_forwards:>10.1f}{sum(counter.backwards.values()):>11d}{run_seconds:>10.1f}"
+          f"{run_wall:>10.1f}")
     print(f"run_seconds={run_seconds:.1f} forward_seconds={forward_seconds:.3f} "
           f"ratio={run_seconds / forward_seconds:.0f}")
 
