@@ -48,14 +48,16 @@ from circuitlab.graphs.discovery import DiscoveryOptions, score
 from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, GroundTruthTask, Reference,
                                              adapt_groundtruth, adapt_spec)
 from circuitlab.graphs.evaluate import roc_auc
-from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, get_method
 from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.graphs.groundtruth import TaskSpec
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges
+from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.engine import EngineContext
+from circuitlab.patching.methods import METHODS as REGISTRY, get_method
+from circuitlab.patching.prompts import OneBatch, Prompts, as_prompts
 from circuitlab.patching.topology import ComputationalGraph
 
-METHODS: tuple[str, ...] = BENCHMARK_METHODS
+METHODS: tuple[str, ...] = tuple(name for name, m in REGISTRY.items() if m.benchmark)  # what runs by default
 METHOD_NOTES: dict[str, str] = {name: get_method(name).note for name in METHODS}
 RESULT_COLUMNS = ["model", "counterfactual", "method", "n_pairs", "n_edges", "n_true_edges", "n_visible_true_edges",
                   "edge_auroc", "edge_auroc_visible", "node_auroc", "cpr", "cpr_low", "cpr_high", "cmd", "cmd_low", "cmd_high", "seconds",
@@ -105,8 +107,6 @@ def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Te
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     """(forwards, seconds): ACDC needs up to one masked forward per edge; time `n_probe` of them here."""
-    from circuitlab.patching.edges import evaluate_edge_masks
-
     masks = torch.ones(1, ctx.graph.n_edges)
     evaluate_edge_masks(ctx, masks)  # warm-up
     start = time.perf_counter()
@@ -116,21 +116,24 @@ def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     return ctx.graph.n_edges, per * ctx.graph.n_edges
 
 
-def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: EdgeContext | None = None,
+def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: Prompts | EngineContext | None = None,
                config: BenchConfig | None = None, ablation: str | None = None
                ) -> tuple[Tensor | None, pd.DataFrame, float]:
     """Run one registered method (`graphs.discovery.score`): (edge ranking [n_edges] or None for node methods,
-    node scores (`node`, `score`), seconds). Seconds exclude preparing the shared `ctx`."""
+    node scores (`node`, `score`), seconds). Seconds exclude preparing the shared `ctx` (prompts already carrying
+    the `ablation`, or an engine context to which it is applied here)."""
     config = config or BenchConfig()
     get_method(name)
-    ctx = ctx or prepare_edges(model, task, pairs)
-    if name == "acdc" and ctx.graph.n_edges > config.acdc_max_edges:
-        raise ValueError(f"ACDC on {ctx.graph.n_edges} edges exceeds acdc_max_edges={config.acdc_max_edges}")
+    prompts = as_prompts(ctx if ctx is not None else prepare_edges(model, task, pairs))
+    if not isinstance(ctx, Prompts) and ablation:
+        prompts = prompts.with_ablation(ablation)
+    if name == "acdc" and prompts.graph.n_edges > config.acdc_max_edges:
+        raise ValueError(f"ACDC on {prompts.graph.n_edges} edges exceeds acdc_max_edges={config.acdc_max_edges}")
     options = DiscoveryOptions(steps=config.eap_ig_steps, acdc_threshold=config.acdc_threshold,
                                acdc_objective=config.acdc_objective, ablation=ablation, seed=config.seed,
                                memory_budget_mb=config.memory_budget_mb)
     start = time.perf_counter()
-    edges, nodes = score(name, model, task, pairs, ctx, options)
+    edges, nodes = score(name, prompts, options)
     seconds = time.perf_counter() - start
     ranking = edges.ranking().float() if edges is not None else None
     return ranking, nodes.frame[["node", "score"]], seconds
@@ -240,10 +243,9 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
         raise ValueError(f"unknown methods {unknown}: use any of {tuple(REGISTRY)}")
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    ctx = prepare_edges(case.model, case.task, case.pairs)
     ablation = "zero" if case.counterfactual == "zero" else None
-    if ablation:
-        ctx = ablated_context(ctx, ablation)
+    prompts = OneBatch(prepare_edges(case.model, case.task, case.pairs)).with_ablation(ablation)
+    ctx = next(prompts.edge_contexts())  # what circuits are evaluated on (the ablated run, if any)
     prep = time.perf_counter() - start
     graph = ctx.graph
     reference = case.reference.checked(graph) if case.reference is not None else None
@@ -268,7 +270,7 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
             rows.append(row)
             say(f"  {method:10s} {row['note']}")
             continue
-        edges, nodes, seconds = run_method(method, case.model, case.task, case.pairs, ctx=ctx, config=config,
+        edges, nodes, seconds = run_method(method, case.model, case.task, case.pairs, ctx=prompts, config=config,
                                            ablation=ablation)
         if edges is None:
             edges = edge_scores_from_nodes(graph, nodes)

@@ -13,6 +13,7 @@ recomputed, never corrupted, unless `heads_only=False`) or over edges (edge leve
 | node-pruning   | node  | learned hard-concrete node masks (`patching.mask_learning`), by log_alpha      |
 | edge-pruning   | edge  | learned hard-concrete edge masks (Edge Pruning), by log_alpha                  |
 | greedy         | node  | EAP-IG's faithful prefix refined by exact gains (`graphs.greedy`)              |
+| ranking-edges  | edge  | the run's own edge ranking (given as `edge_scores`), highest first             |
 
 The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts. When even the
 whole ranking (every item with a score clear of noise) falls short of the target, it is completed from the items
@@ -40,8 +41,8 @@ from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.normalize import noising_share
 
 FAITHFUL_METHODS = ("single-effect", "eap", "eap-ig", "eap-edges", "eap-ig-edges", "node-pruning", "edge-pruning",
-                    "greedy")
-EDGE_METHODS = ("eap-edges", "eap-ig-edges", "edge-pruning")
+                    "greedy", "ranking-edges")
+EDGE_LEVEL = ("eap-edges", "eap-ig-edges", "edge-pruning", "ranking-edges")  # circuit methods that keep edges
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,10 @@ def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: Circu
         return _attribution_nodes(ctx, evaluator, edge_scores), True, "attribution scores of the run"
     if edge_scores is not None and method in ("eap-edges", "eap-ig-edges"):
         return edge_scores.float(), True, "attribution scores of the run"
+    if method == "ranking-edges":
+        if edge_scores is None:
+            raise ValueError("circuit method 'ranking-edges' ranks the run's own edge scores: pass edge_scores")
+        return edge_scores.float(), True, "the run's own edge ranking"
     if method == "single-effect":
         return single_effect_scores(ctx, evaluator), True, "exact single-item noising effects"
     if method in ("eap", "eap-ig", "greedy"):
@@ -189,7 +194,7 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
 
 
 Contexts = Callable[[], Iterable[EdgeContext]]
-REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges")  # rankings that `edge_scores` can supply
+REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges", "ranking-edges")  # rankings `edge_scores` can supply
 
 
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
@@ -208,7 +213,7 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         raise ValueError(f"{method!r} ranks on one context holding every prompt: pass edge_scores (methods "
                          f"{REUSABLE}) or no batches")
     started = time.time()
-    edge_level = method in EDGE_METHODS
+    edge_level = method in EDGE_LEVEL
 
     def make(c: EdgeContext) -> CircuitEvaluator:
         if edge_level:
@@ -256,5 +261,5 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
                           time.time() - started, note)
 
 
-__all__ = ["EDGE_METHODS", "FAITHFUL_METHODS", "REUSABLE", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
+__all__ = ["EDGE_LEVEL", "FAITHFUL_METHODS", "REUSABLE", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
            "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

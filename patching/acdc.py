@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.prompts import Prompts
 
 
 @dataclass
@@ -65,7 +66,7 @@ def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = 
         raise ValueError(f"objective {objective!r} is unknown: use 'kl' or 'metric'")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if hasattr(ctx, "edge_contexts"):  # prompt batches: one batch's context alive at a time
+    if isinstance(ctx, Prompts):  # prompt batches: one batch's context alive at a time
         contexts: Any = ctx.edge_contexts
         first = next(iter(contexts()))
     else:

@@ -5,21 +5,29 @@ prompts into batches (each trimmed to its own longest prompt), builds one contex
 and adds up exact sums: per-prompt metrics are concatenated, means are weighted by batch size. The results
 equal the single-batch ones to float rounding (tested). Mean ablation takes its means over every prompt in a
 first pass (`Batches.means`, exact sums over batches). Only one batch's activations are alive at a time,
-ACDC too (it rebuilds each batch's context at every step).
+ACDC too (it rebuilds each batch's context at every step). When every prompt fits in one batch, its context
+(the clean and corrupt runs) is built once and kept for every later call (`Batches.keeps_contexts`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitlab.patching.activation import (PatchingConfig, _position_dim, _site_activation, activation_patching)
+from circuitlab.patching.components import canonical_kind
+from circuitlab.patching.edges import ablated_context
+from circuitlab.patching.engine import EngineContext, engine_context, make_runner
 from circuitlab.patching.normalize import normalize
+from circuitlab.patching.path import path_patching
+from circuitlab.patching.prompts import Prompts
 from circuitlab.patching.runner import Runner
 from circuitlab.patching.topology import sender_nodes
+from circuitlab.tasks.batching import prompt_batches
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
 # gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
@@ -42,9 +50,9 @@ def batch_size_for(model: Any, pairs: Any, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * 2**20 // per))
 
 
-@dataclass
-class Batches:
-    """A dataset split into prompt batches, with the batched forms of every method."""
+@dataclass(eq=False)
+class Batches(Prompts):
+    """A dataset split into prompt batches, with the batched forms of every method (`patching.prompts.Prompts`)."""
 
     model: Any
     task: Any
@@ -52,23 +60,16 @@ class Batches:
     batch_size: int | None = None
     runner: Runner | None = None
     ablation: str | None = None  # edge methods: None (corrupted prompts), "zero" or "mean" (see with_ablation)
+    _kept: dict[Any, EngineContext] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.runner is None:
-            from circuitlab.patching.engine import make_runner
-
             self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
-
-    @property
-    def n(self) -> int:
-        return len(self.pairs)
 
     def parts(self, *, trim: bool = True) -> Iterator[Any]:
         """The prompt batches (trimmed of unused padding unless `trim=False`)."""
-        from circuitlab.tasks.batching import prompt_batches
-
         if trim:
             yield from prompt_batches(self.pairs, self.batch_size)
             return
@@ -81,7 +82,9 @@ class Batches:
         (`patching.edges.ablated_context`); `mean` is the mean over every prompt of the dataset, not the batch's."""
         if ablation not in (None, "zero", "mean"):
             raise ValueError(f"ablation {ablation!r} is unknown: use None, 'zero' or 'mean'")
-        return replace(self, ablation=ablation)
+        out = replace(self, ablation=ablation)
+        out._kept = self._kept  # the same prompts: share the kept contexts
+        return out
 
     # ------------------------------------------------------------------ exact means over batches
     def means(self, keys: Sequence[tuple[str, int]], *, run: str = "corrupt") -> dict[tuple[str, int], Tensor]:
@@ -89,12 +92,10 @@ class Batches:
         edge engine's sender outputs) in the clean or corrupted run, each position averaged over the prompts
         that are real there: what `activation.prompt_mean` gives on one batch, summed exactly over batches at
         the dataset's full width ([1, pos, ...]; patterns [1, head, pos, pos])."""
-        from circuitlab.patching.activation import _position_dim, _site_activation, prepare
-
         width, sums, count = self.pairs.seq_len, {}, None
         collect = [k for k in keys if k[0] not in ("resid_pre", "resid_mid", "senders")]
         for part in self.parts():
-            ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            ctx = self.context(part, collect)
             mask = part.attention_mask if part.attention_mask is not None else torch.ones_like(part.clean_tokens)
             mask = mask.to(ctx.clean_values.dtype)
             for key in keys:
@@ -122,87 +123,37 @@ class Batches:
             out[key] = total / count.clamp(min=1.0).to(total.device, total.dtype).reshape(shape)
         return out
 
-    # ------------------------------------------------------------------ edge engine
-    def edge_contexts(self) -> Iterator[Any]:
-        from circuitlab.patching.edges import ablated_context, prepare_edges
+    # ------------------------------------------------------------------ contexts, each built once when they fit
+    def keeps_contexts(self) -> bool:
+        """Whether built contexts are kept for reuse: when every prompt fits in one batch (the batch size is what
+        --memory-budget allows), so the clean and corrupt forwards run once per run; otherwise each batch's
+        context is rebuilt when needed (recomputed, and counted by bench/run_cost.py) to keep memory flat."""
+        return self.batch_size is None or self.batch_size >= self.n
 
+    def context(self, part: Any, collect: Sequence[tuple[str, int]] = ()) -> EngineContext:
+        """The engine context of one prompt batch: built (two forwards), or the kept one when `keeps_contexts`."""
+        key = (tuple(part.clean_tokens.shape), part.clean_tokens.cpu().numpy().tobytes(),
+               part.corrupt_tokens.cpu().numpy().tobytes())
+        ctx = self._kept.get(key) if self.keeps_contexts() else None
+        if ctx is None:
+            ctx = engine_context(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            if self.keeps_contexts():
+                self._kept[key] = ctx
+        else:
+            ctx.ensure_collected(collect)
+        ctx.means = None
+        return ctx
+
+    def edge_contexts(self) -> Iterator[EngineContext]:
         senders = None
         if self.ablation == "mean":  # the corrupted senders' mean over the whole dataset (two passes)
             senders = self.means([("senders", 0)])[("senders", 0)]
         for part in self.parts():
-            ctx = prepare_edges(self.model, self.task, part, runner=self.runner)
+            ctx = self.context(part)
             if self.ablation is not None:
                 width = part.seq_len
                 ctx = ablated_context(ctx, self.ablation, means=None if senders is None else senders[:, :width])
             yield ctx
-
-    def _weighted(self, per_batch: Callable[[Any], Tensor]) -> Tensor:
-        """Σ_b (n_b / n) · f(batch b): the all-prompt mean of a quantity that is a mean over a batch."""
-        total = None
-        for ctx in self.edge_contexts():
-            value = per_batch(ctx) * (ctx.read_positions.shape[0] / self.n)
-            total = value if total is None else total + value
-            del ctx
-        return total
-
-    def baseline(self) -> tuple[Tensor, Tensor]:
-        """Per-prompt clean and corrupt metric values [n] each."""
-        clean, corrupt = [], []
-        for ctx in self.edge_contexts():
-            clean.append(ctx.clean_values.cpu())
-            corrupt.append(ctx.corrupt_values.cpu())
-        return torch.cat(clean), torch.cat(corrupt)
-
-    def eap(self) -> Tensor:
-        from circuitlab.patching.attribution import eap_scores
-
-        return self._weighted(eap_scores)
-
-    def eap_ig(self, steps: int = 5, *, progress: bool = False) -> Tensor:
-        from circuitlab.patching.attribution import eap_ig_scores
-
-        return self._weighted(lambda ctx: eap_ig_scores(ctx, steps=steps, progress=progress))
-
-    def exact_edge_scores(self, edges: Any, *, progress: bool = False) -> Tensor:
-        from circuitlab.patching.attribution import exact_edge_scores
-
-        return self._weighted(lambda ctx: exact_edge_scores(ctx, edges, progress=progress))
-
-    def evaluate_edge_masks(self, masks: Tensor, *, memory_budget_mb: float = 1024.0, progress: bool = False) -> Tensor:
-        """Per-prompt metric [C, n] of each circuit (edge vectors [C, n_edges])."""
-        from circuitlab.patching.edges import evaluate_edge_masks
-
-        return torch.cat([evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu()
-                          for ctx in self.edge_contexts()], dim=1)
-
-    def oracle_check(self, scores: Tensor, *, n_edges: int = 200, seed: int = 0,
-                     progress: bool = False) -> tuple[float, pd.DataFrame]:
-        from circuitlab.patching.attribution import oracle_frame, oracle_sample
-        from circuitlab.patching.topology import ComputationalGraph
-
-        graph = ComputationalGraph.from_model(self.model)
-        chosen = oracle_sample(graph, scores, n_edges=n_edges, seed=seed)
-        return oracle_frame(graph, scores, chosen, self.exact_edge_scores(chosen.tolist(), progress=progress))
-
-    def faithfulness_curve(self, scores: Tensor, *, percents: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                           memory_budget_mb: float = 1024.0, progress: bool = False) -> Any:
-        from circuitlab.patching.faithfulness import curve_from_values, curve_masks
-
-        masks, counts = curve_masks(scores, tuple(percents))
-        values, clean, corrupt = [], [], []
-        from circuitlab.patching.edges import evaluate_edge_masks
-
-        for ctx in self.edge_contexts():
-            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu())
-            clean.append(ctx.clean_values.cpu())
-            corrupt.append(ctx.corrupt_values.cpu())
-        return curve_from_values(torch.cat(values, 1), torch.cat(clean), torch.cat(corrupt), counts,
-                                 percents=tuple(percents), n_boot=n_boot, seed=seed)
-
-    def acdc(self, threshold: float, *, objective: str = "kl", progress: bool = False) -> Any:
-        from circuitlab.patching.acdc import acdc
-
-        return acdc(self, threshold, objective=objective, progress=progress)  # contexts rebuilt one batch at a time
 
     # ------------------------------------------------------------------ activation and path patching
     def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
@@ -211,11 +162,9 @@ class Batches:
         combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
         batch at the full padded width (for absolute positions). `means` (from `means`) replace each batch's
         own means in mean ablation."""
-        from circuitlab.patching.activation import prepare
-
         total, clean, corrupt, first = None, 0.0, 0.0, None
         for part in self.parts(trim=trim):
-            ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
+            ctx = self.context(part, collect)
             ctx.means = means
             frame = run(part, ctx)
             weight = len(part) / self.n
@@ -235,9 +184,6 @@ class Batches:
                             heads: Sequence[int] | None = None, config: Any = None,
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
         """`activation.activation_patching` over prompt batches (absolute positions keep the full padded width)."""
-        from circuitlab.patching.activation import activation_patching
-        from circuitlab.patching.components import canonical_kind
-
         means = None
         if config is not None and config.resolved_source() == "mean":  # the mean over every prompt, not the batch's
             kind = canonical_kind(component)
@@ -250,8 +196,6 @@ class Batches:
 
     def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q", **kwargs: Any) -> pd.DataFrame:
         """`path.path_patching` over prompt batches."""
-        from circuitlab.patching.path import path_patching
-
         absolute = not (position_independent(kwargs.get("sender_positions")) and position_independent(kwargs.get("receiver_positions")))
         return self.sweep(
             lambda part, ctx: path_patching(self.model, self.task, part, senders, receivers, channel, context=ctx,

@@ -98,7 +98,7 @@ def _run_result(record: dict[str, Any]) -> dict[str, Any]:
 
 def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One `circuitlab run` into `folder`; returns the headline numbers of its run.json."""
-    from circuitlab.graphs.methods import get_method
+    from circuitlab.patching.methods import get_method
     from circuitlab.reports.config import make_config
     from circuitlab.reports.run import execute
 

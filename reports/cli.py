@@ -35,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--memory-budget", type=float, default=d(2048.0),
                    help="MB for one batch of prompts (sets the batch size) and per batched forward")
     p.add_argument("--device", default=d("cpu"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on <= 2 cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores free at the start)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from circuitlab.graphs.methods import METHOD_NAMES  # the one registry of scoring methods (graphs.methods)
+from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
 
 # methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
 # EAP-IG diagnostics and takes its circuit from that method (`make_config`)
 CIRCUIT_METHODS = ("greedy", "node-pruning", "edge-pruning", "single-effect")
-METHODS = METHOD_NAMES + CIRCUIT_METHODS
+METHODS = method_names() + CIRCUIT_METHODS
 
 
 class ConfigError(ValueError):
@@ -36,13 +36,13 @@ class RunConfig:
     `positions`: where heads and MLPs are patched exactly — `all`, `each`, task roles (`END` or
     `S2,END`), or `none` (no exact patching: the slowest stage, one patched forward per head and MLP). `resid_positions`: the residual-stream heatmap (`each` position, the task's `roles`, or `none`),
     over at most `resid_layers` evenly spaced layers. `percents`: the faithfulness curve's k (% of edges).
-    `threads`: CPU threads for torch (default: 1 on machines with at most 2 cores, where a second thread
-    competing with other processes made patching up to 10x slower; all cores otherwise).
+    `threads`: CPU threads for torch (default: the cores free when the run starts, `resolve_threads`; run.json
+    records the number used and why).
 
     The circuit (unless a size is forced with the options above) is the smallest circuit whose exact faithfulness
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
-    the method's own ranking (`reports.faithful.RUN_METHOD_TO_CIRCUIT`); `greedy` refines it by exact gains.
+    the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -248,7 +248,7 @@ def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     from circuitlab.tasks import get_task
 
-    if cfg.method not in METHOD_NAMES:
+    if cfg.method not in method_names():
         raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     try:
         task = get_task(cfg.task)
@@ -364,9 +364,22 @@ def parse_percents(spec: str) -> tuple[float, ...]:
     return values
 
 
+def free_cores() -> tuple[int, str]:
+    """(cores free for torch now, how that was decided): the cores this process may run on
+    (`os.sched_getaffinity`) minus the 1-minute load average of the others, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    return free, f"{free} of {cores} cores free at load {load:.2f}"
+
+
 def resolve_threads(threads: int | None) -> int:
-    """The torch thread count to use: the given one, else 1 on <= 2 cores, else every core."""
+    """The torch thread count to use: the given one, else the cores free now (`free_cores`): on a shared 2-core
+    machine a second thread competing with other processes made patching up to 10x slower, while on a quiet one
+    the second core sat idle."""
     if threads is not None:
         return int(threads)
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else cores
+    return free_cores()[0]

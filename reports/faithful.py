@@ -18,14 +18,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from circuitlab.patching.methods import get_method
+
 HELDOUT_SEED_OFFSET = 1_000_003
-# `--circuit-method auto`: how each scoring method's run finds its circuit — the smallest faithful prefix of its own
-# ranking (attribution node scores; exact single-head effects for `activation`). `greedy` (refining that prefix by
-# exact gains) finds smaller circuits but costs one exact evaluation per candidate: on SmolLM2 IOI (16 pairs, 2
-# cores, bench/results/circuits.txt) EAP-IG's prefix kept 39 heads (held-out 0.866) in 72 s, greedy 26 heads
-# (held-out 0.992) in 181 s.
-RUN_METHOD_TO_CIRCUIT = {"eap-ig": "eap-ig", "eap": "eap", "attribution": "eap", "acdc": "eap-ig", "random": "eap-ig",
-                         "activation": "single-effect"}
 SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
           "seed": "drawn with another seed (this task records no templates, so they may share templates)",
           "overlapping": "drawn with another seed but OVERLAPPING the discovery pairs (too few distinct prompts): "
@@ -49,8 +44,12 @@ def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, opti
 
 
 def circuit_method(cfg: Any) -> str:
-    """The `graphs.faithful` method that finds the run's circuit."""
-    return cfg.circuit_method if cfg.circuit_method != "auto" else RUN_METHOD_TO_CIRCUIT.get(cfg.method, "greedy")
+    """The `graphs.faithful` method that finds the run's circuit: `--circuit-method`, or with `auto` the smallest
+    faithful prefix of the method's own ranking (its registry entry's `circuit`, `patching.methods`). `greedy`
+    (refining that prefix by exact gains) finds smaller circuits but costs one exact evaluation per candidate: on
+    SmolLM2 IOI (16 pairs, 2 cores, bench/results/circuits.txt) EAP-IG's prefix kept 39 heads (held-out 0.866) in
+    72 s, greedy 26 heads (held-out 0.992) in 181 s."""
+    return cfg.circuit_method if cfg.circuit_method != "auto" else get_method(cfg.method).circuit
 
 
 def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -106,15 +105,10 @@ def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = No
                                  log=log, batches=batches, heldout_batches=heldout_batches)
 
 
-def _contexts(p: Any, pairs: Any) -> tuple[Any, int]:
-    """(callable yielding one edge context per prompt batch sized by --batch-size or --memory-budget, batch size)."""
-    from circuitlab.patching.batched import Batches, batch_size_for
-    from circuitlab.patching.edges import prepare_edges
-
-    model, runner = p.model(), p.runner()
-    size = p.cfg.batch_size or batch_size_for(model, pairs, p.cfg.memory_budget)
-    parts = Batches(model, p.task, pairs, batch_size=size, runner=runner)
-    return (lambda: (prepare_edges(model, p.task, part, runner=runner) for part in parts.parts())), size
+def _contexts(parts: Any) -> tuple[Any, int]:
+    """(callable yielding one edge context per prompt batch of `parts` (`patching.batched.Batches`: kept, not
+    rebuilt, when every prompt fits in one batch), batch size)."""
+    return parts.edge_contexts, parts.batch_size or parts.n
 
 
 def circuit_stage(p: Any) -> dict[str, Any]:
@@ -127,16 +121,18 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
     edge_scores, reused = None, ""
-    if p.result.edges is not None and cfg.method in ("eap-ig", "eap") and method in REUSABLE:
-        edge_scores, reused = p.scores()[0].scores.float(), f"the run's {cfg.method} scores"
-    (disc_parts, disc_size), (held_parts, held_size) = _contexts(p, discovery), _contexts(p, heldout)
+    if p.result.edges is not None and method in REUSABLE and (cfg.method in ("eap-ig", "eap") or
+                                                              method == "ranking-edges"):
+        edge_scores, reused = p.scores()[0].ranking().float(), f"the run's {cfg.method} scores"
+    (disc_parts, disc_size), (held_parts, held_size) = _contexts(p.batches()), _contexts(p.batches("heldout"))
     batched = disc_size < len(discovery) or held_size < len(heldout)
     full = {}  # contexts over every prompt, built only where needed
 
     def whole(name: str) -> Any:
         if name not in full:
-            full[name] = prepare_edges(p.model(), p.task, discovery if name == "discovery" else heldout,
-                                       runner=p.runner())
+            parts = p.batches() if name == "discovery" else p.batches("heldout")
+            full[name] = next(parts.edge_contexts()) if parts.keeps_contexts() else prepare_edges(
+                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner())
         return full[name]
 
     config = faithful_config(cfg, len(discovery))
@@ -159,7 +155,8 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     ranking_name = {"greedy": f"{cfg.method if reused else 'eap-ig'} (greedy starts from its faithful prefix)",
                     "eap-ig": "eap-ig node scores", "eap": "eap node scores",
                     "node-pruning": "learned node masks", "edge-pruning": "learned edge masks",
-                    "single-effect": "single-head noising effect"}.get(method, method)
+                    "single-effect": "single-head noising effect",
+                    "ranking-edges": f"{cfg.method} edge ranking"}.get(method, method)
     curves = [_curve(found.circuit.curve, found.heldout_curve, f"{ranking_name} prefix")]
     baseline = None
     if p.result.exact is not None and (p.result.exact["component"] == "z").any():
@@ -262,7 +259,6 @@ def build_circuit(p: Any) -> Any:
     from pathlib import Path
 
     from circuitlab.graphs.discovery import choose_circuit
-    from circuitlab.graphs.methods import get_method
     from circuitlab.graphs.roles import assign_roles
     from circuitlab.reports.result import strongest_per_node
 
@@ -291,5 +287,5 @@ def _f(value: Any) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-__all__ = ["RUN_METHOD_TO_CIRCUIT", "SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_config",
+__all__ = ["SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_config",
            "faithful_graph", "faithful_paragraphs", "run_circuit", "selection", "split_prompts"]

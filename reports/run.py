@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab.graphs.methods import get_method
+from circuitlab.patching.methods import get_method
+from circuitlab.patching.batched import Batches, batch_size_for
 from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
-from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports.config import ConfigError, RunConfig, free_cores, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
@@ -60,17 +61,17 @@ class Pipeline:
     def pairs(self) -> Any:
         return self.result.pairs.to(self.cfg.device)
 
-    def batches(self) -> Any:
-        """The prompts in batches sized by --batch-size or --memory-budget; every stage iterates over them."""
-        if "batches" not in self._contexts:
-            from circuitlab.patching.batched import Batches, batch_size_for
-
-            model, pairs = self.model(), self.pairs()
+    def batches(self, which: str = "discovery") -> Batches:
+        """The discovery (or `heldout`) prompts in batches sized by --batch-size or --memory-budget; every stage
+        iterates over them, and when they fit in one batch its clean and corrupt runs are computed once per run."""
+        if which not in self._contexts:
+            model = self.model()
+            pairs = self.pairs() if which == "discovery" else self.result.heldout_pairs.to(self.cfg.device)
             size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
-            self._contexts["batches"] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
+            self._contexts[which] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
             n_batches = -(-len(pairs) // size)
-            self.say(f"  {len(pairs)} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
-        return self._contexts["batches"]
+            self.say(f"  {len(pairs)} {which} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
+        return self._contexts[which]
 
     def runner(self) -> Any:
         """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
@@ -271,17 +272,16 @@ def _check_dataset(cfg: RunConfig, task: Any) -> Any:
 
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
-    from circuitlab.reports.config import resolve_threads
-
     previous = torch.get_num_threads()
-    torch.set_num_threads(resolve_threads(cfg.threads))
+    threads, why = (cfg.threads, "--threads") if cfg.threads is not None else free_cores()
+    torch.set_num_threads(threads)
     try:
-        return _execute(cfg, quiet=quiet, command=command)
+        return _execute(cfg, quiet=quiet, command=command, threads_chosen=why)
     finally:
         torch.set_num_threads(previous)
 
 
-def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, Any]:
+def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen: str) -> dict[str, Any]:
     from circuitlab.tasks import get_task
 
     started = time.time()
@@ -291,7 +291,8 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     with rundir.locked(out):
         try:
-            record = _run(cfg, out, task, model, say, quiet=quiet, command=command, started=started)
+            record = _run(cfg, out, task, model, say, quiet=quiet, command=command, started=started,
+                          threads_chosen=threads_chosen)
         except BaseException as exc:
             if not rundir.discard_if_empty(out):
                 untouched = f"the previous result in {out} is untouched; " if out.exists() else ""
@@ -303,7 +304,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
 
 
 def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], None], *, quiet: bool,
-         command: str | None, started: float) -> dict[str, Any]:
+         command: str | None, started: float, threads_chosen: str) -> dict[str, Any]:
     from circuitlab.reports.render import render_result
 
     result = RunResult(cfg, task={"name": task.name, "description": getattr(task, "description", ""),
@@ -348,6 +349,7 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
         p.stage("roles", _roles)
     result.circuit = build_circuit(p)
     result.info = {"command": command or cfg.command(), "versions": versions(), "threads": torch.get_num_threads(),
+                   "threads_chosen": threads_chosen,
                    "wall_seconds": round(time.time() - started, 3), "platform": platform_info(),
                    "resume_key": {"key": p.cache.root.name, **p.key_parts}, "fresh_because": fresh}
     record = save_result(result, staging)

@@ -165,7 +165,7 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
     result.oracle_summary, result.faithfulness_summary = record.get("oracle"), record.get("faithfulness")
     result.acdc_summary = record.get("acdc")
     result.timings, result.resumed = dict(record.get("timings", {})), list(record.get("resumed_stages", []))
-    result.info = {k: record[k] for k in ("command", "versions", "threads", "wall_seconds", "platform") if k in record}
+    result.info = {k: record[k] for k in ("command", "versions", "threads", "threads_chosen", "wall_seconds", "platform") if k in record}
     return result
 
 

@@ -122,7 +122,7 @@ def test_other_methods(tiny_dir, tmp_path, method):
 def test_acdc_refuses_large_graphs_unless_forced(tiny_dir, tmp_path, monkeypatch, capsys):
     import dataclasses
 
-    from circuitlab.graphs.methods import METHODS
+    from circuitlab.patching.methods import METHODS
 
     monkeypatch.setitem(METHODS, "acdc", dataclasses.replace(METHODS["acdc"], max_edges=10))
     args = ["run", "--model", tiny_dir, "--out", str(tmp_path / "a"), "--method", "acdc", "--quiet", *FAST]

@@ -8,7 +8,7 @@ import circuitlab
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.evaluate import Ablator
 from circuitlab.graphs.io import from_mib
-from circuitlab.graphs.methods import METHOD_NAMES
+from circuitlab.patching.methods import method_names
 from circuitlab.graphs.scores import Circuit
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.tasks import get_task
@@ -60,7 +60,7 @@ def test_edge_circuits_full_and_empty(setup):
 
 def test_every_registered_method_gives_a_connected_circuit(setup):
     model, task, pairs, ctx = setup
-    for method in (m for m in METHOD_NAMES if m != "acdc"):  # ACDC: one forward per edge, tested by test_cli
+    for method in (m for m in method_names() if m != "acdc"):  # ACDC: one forward per edge, tested by test_cli
         found = circuitlab.discover(model, task, pairs, method, context=ctx)
         assert found.circuit.connected(), method
         assert len(found.node_scores.frame) == 15 and found.node_scores.frame["score"].notna().all()
