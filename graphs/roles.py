@@ -45,6 +45,7 @@ from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_s
 from circuitlab.patching.activation import PatchingConfig
 from circuitlab.patching.components import head_node, hook_name, parse_node
 from circuitlab.patching.normalize import noising_share
+from circuitlab.patching.prompts import as_prompts
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
@@ -361,10 +362,10 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
                 say(f"  S-inhibition: path patching {len(candidates)} candidate heads into {len(receivers)} name movers' queries")
             kwargs = dict(senders=candidates, receivers=receivers, channel="q", receiver_positions="END",
                           config=PatchingConfig(direction="noise", chunk_size=4, memory_budget_mb=memory_budget_mb))
-            if hasattr(context, "path_patching"):  # prompt batches (patching.batched.Batches)
-                path = context.path_patching(**kwargs)
+            if context is not None:  # one engine context or prompt batches: the one prompt-batch protocol
+                path = as_prompts(context).path_patching(**kwargs)
             else:
-                path = path_patching(model, task, pairs, context=context, **kwargs)
+                path = path_patching(model, task, pairs, **kwargs)
             effects = path[["sender", "receiver", "channel"]].copy()  # noising: the path's share of the behaviour
             effects["effect"] = noising_share(path["metric"], path.attrs["clean_metric"], path.attrs["corrupt_metric"])
             frames.append(detect_s_inhibition(effects, receivers, thresholds))

@@ -115,8 +115,9 @@ def edge_evaluator(ctx: EdgeContext, *, memory_budget_mb: float = 1024.0) -> Cir
 
 def batched_evaluator(make: Callable[[EdgeContext], CircuitEvaluator],
                       contexts: Callable[[], Iterable[EdgeContext]]) -> CircuitEvaluator:
-    """One evaluator over prompt batches: `contexts()` yields each batch's context (built as it is needed, so only
-    one batch's activations are alive), `make` turns one into an evaluator; per-prompt metrics are concatenated
+    """One evaluator over prompt batches: `contexts()` yields each batch's context (`patching.batched.Batches`:
+    the kept context when every prompt fits in one batch, else built as it is needed, so only one batch's
+    activations are alive), `make` turns one into an evaluator; per-prompt metrics are concatenated
     in batch order, so faithfulness and its bootstrap equal those of one context over every prompt."""
     first, clean, corrupt = None, [], []
     for ctx in contexts():

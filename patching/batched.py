@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from circuitlab.patching.activation import (PatchingConfig, _position_dim, _site_activation, activation_patching)
+from circuitlab.patching.activation import _position_dim, _site_activation, activation_patching
 from circuitlab.patching.components import canonical_kind
 from circuitlab.patching.edges import ablated_context
 from circuitlab.patching.engine import EngineContext, engine_context, make_runner
