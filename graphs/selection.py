@@ -39,6 +39,7 @@ class CircuitEvaluator:
     clean_values: Tensor
     corrupt_values: Tensor
     level: str = "node"
+    _seen: dict[bytes, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def mask(self, names: Sequence[str]) -> Tensor:
         index = {name: i for i, name in enumerate(self.items)}
@@ -50,8 +51,19 @@ class CircuitEvaluator:
         return vec
 
     def values(self, masks: Tensor) -> np.ndarray:
-        """Per-prompt metric [C, batch] as float64."""
-        return self.run(masks if masks.dim() == 2 else masks.unsqueeze(0)).detach().cpu().double().numpy()
+        """Per-prompt metric [C, batch] as float64. A circuit measured before is not run again (selection,
+        refinement and reporting often measure the same circuit more than once)."""
+        masks = masks if masks.dim() == 2 else masks.unsqueeze(0)
+        keys = [str(row.dtype).encode() + row.detach().cpu().numpy().tobytes() for row in masks]
+        new, pending = [], set()
+        for i, key in enumerate(keys):
+            if key not in self._seen and key not in pending:
+                new.append(i)
+                pending.add(key)
+        if new:
+            rows = self.run(masks[new]).detach().cpu().double().numpy()
+            self._seen.update({keys[i]: row for i, row in zip(new, rows)})
+        return np.stack([self._seen[key] for key in keys])
 
     def faithfulness(self, names_or_mask: Sequence[str] | Tensor, *, n_boot: int = 1000, seed: int = 0
                      ) -> tuple[float, tuple[float, float]]:
