@@ -73,7 +73,7 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path):
     table = result.table.set_index("model")
     assert table.loc["induction_handwired", "status"] == "done"
     assert table.loc[str(broken), "status"] == "failed"
-    assert "safetensors" in table.loc[str(broken), "error"].lower() or "header" in table.loc[str(broken), "error"].lower()
+    assert table.loc[str(broken), "error"] == "SafetensorError: Error while deserializing header: header too large"
     assert 0 <= table.loc["induction_handwired", "edge_auroc"] <= 1
     saved = pd.read_parquet(tmp_path / "sweep" / "sweep.parquet")
     assert list(saved["status"]) == list(result.table["status"])
