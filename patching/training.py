@@ -250,6 +250,7 @@ def _write_checkpoint(bridge: Any, state: dict[str, Tensor], folder: Path) -> Pa
     return folder
 
 
+@torch.enable_grad()  # trains by backpropagation even when called under torch.no_grad()
 def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Generator], Tensor],
                     out_dir: str | os.PathLike[str], *, progress: bool = True, fast: bool = True,
                     desc: str | None = None) -> TrainResult:

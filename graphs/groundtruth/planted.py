@@ -74,6 +74,7 @@ def _pool(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     return tokens, answers, marker_pos
 
 
+@torch.enable_grad()  # trains by backpropagation even when called under torch.no_grad()
 def train_planted(seed: int = 0, steps: int = 1200, batch: int = 64, lr: float = 3e-3,
                   log: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train the planted-circuit model; returns its state dict and a training summary."""
