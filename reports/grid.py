@@ -198,7 +198,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
             todo.append(i)
     say(f"sweep: {len(cells)} cells, {len(reused)} already finished, {len(todo)} to run on {executor.name}")
     ran: list[str] = []
-    pause_after = int(os.environ.get("CIRCUITLAB_SWEEP_PAUSE_AFTER", "0") or 0)  # a hook for the kill test
 
     def on_done(j: int, outcome: CellOutcome) -> None:
         i = todo[j]
@@ -209,8 +208,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
         detail = outcome.error or outcome.reason
         say(f"  [{len(ran)}/{len(todo)}] {folders[i].name}: {outcome.status}{': ' + detail if detail else ''} "
             f"({outcome.wall_seconds:.1f}s)")
-        if pause_after and len(ran) == pause_after:
-            time.sleep(float(os.environ.get("CIRCUITLAB_SWEEP_PAUSE_SECONDS", "60")))
 
     started = time.time()
     try:

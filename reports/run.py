@@ -12,7 +12,6 @@ replaces OUT in one step, under OUT's lock (`reports.rundir`); a failed run leav
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +108,6 @@ class Pipeline:
             values = compute(self)
             seconds = time.time() - start
             self.cache.save(name, values, seconds)
-            if os.environ.get("CIRCUITLAB_PAUSE_AFTER_STAGE") == name:  # a hook for the resume test
-                time.sleep(float(os.environ.get("CIRCUITLAB_PAUSE_SECONDS", "60")))
         self.result.update(values)
         self.result.timings[name] = round(seconds, 3)
 

@@ -15,6 +15,7 @@ from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+STOP_AT = Path(__file__).with_name("stop_at.py")  # runs the CLI and freezes it at a chosen point
 QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
          "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--quiet"]
 
@@ -167,9 +168,8 @@ def test_huge_n_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch, caps
 
 def test_second_run_into_a_busy_folder_fails_at_once(tiny_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    env = dict(ENV, CIRCUITLAB_PAUSE_AFTER_STAGE="pairs", CIRCUITLAB_PAUSE_SECONDS="120")
-    first = subprocess.Popen([sys.executable, "-m", "circuitlab.reports.cli", "run", "--model", tiny_dir, "--out",
-                              str(out), *QUICK], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, str(STOP_AT), "stage", "pairs", "--", "run", "--model", tiny_dir, "--out",
+                              str(out), *QUICK], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
         while not list(tmp_path.glob("**/pairs.done")):
