@@ -18,7 +18,8 @@ from torch import Tensor
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.components import hook_name
-from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
+from circuitlab.patching.loss import loss_by_position
+from circuitlab.tasks.corpus import icl_positions, icl_score
 
 ABLATION_COLUMNS = ["layer", "head", "ablation", "icl", "base_icl", "delta_icl", "late_loss", "early_loss"]
 ABLATIONS = ("zero", "mean")

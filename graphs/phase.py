@@ -31,8 +31,9 @@ from circuitlab.graphs.ablation import head_means, icl_ablation, joint_icl_ablat
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
 from circuitlab.graphs.roles import RoleThresholds, previous_token_mask
 from circuitlab.patching.components import head_node, parse_node
+from circuitlab.patching.loss import loss_by_position
 from circuitlab.patching.models import load_model
-from circuitlab.tasks.corpus import icl_positions, icl_score, icl_standard_error, loss_by_position
+from circuitlab.tasks.corpus import icl_positions, icl_score, icl_standard_error
 
 
 @dataclass(frozen=True)
