@@ -1,4 +1,5 @@
-"""What each kind of sweep cell runs, and how its parameters are checked before anything heavy loads.
+"""What each kind of sweep cell runs, how its parameters are checked before anything heavy loads, and
+`run_cell`, which runs one cell in a private staging folder and records its outcome.
 
 - `run`: one ordinary `circuitlab run` (parameters are `RunConfig` fields; the folder is a normal run folder:
   report.html/.md, run.json, scores.csv, circuit.json/.graphml, pairs.jsonl, baseline/faithfulness/oracle/
@@ -11,11 +12,21 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import shutil
+import socket
+import tempfile
+import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from circuitlab.reports.cells import Cell, SkipCell
+import torch
+
+from circuitlab.reports.cells import Cell, CellOutcome, SkipCell
 
 SMOLLM2_IOI = "smollm2-ioi"  # the bench grid's name for SmolLM2 IOI
 SMOLLM2_IOI_ROW = ("smollm2-135m IOI", "task (ABC)")  # its model and counterfactual as the results table shows them
@@ -172,3 +183,59 @@ def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Cell, Path], dict[str, Any]]] = {"run": run_run_cell, "bench": run_bench_cell}
 
+
+# ---------------------------------------------------------------------- running
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _backend(executor: str, device: str) -> dict[str, Any]:
+    return {"executor": executor, "device": device, "host": socket.gethostname(), "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def run_cell(cell: Cell, executor: str = "sequential") -> CellOutcome:
+    """Run one cell in a private staging folder; never raises for a cell's own failure (it is recorded)."""
+    staging = Path(tempfile.mkdtemp(prefix="circuitlab-cell-"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cell.threads)
+    exact_peak = _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    outcome = CellOutcome(status="done")
+    try:
+        outcome.result = RUNNERS[cell.kind](cell, staging)
+    except SkipCell as exc:
+        outcome = CellOutcome(status="skipped", reason=str(exc))
+    except Exception as exc:  # a cell's failure is data: the sweep goes on and records it
+        outcome = CellOutcome(status="failed", error=f"{type(exc).__name__}: {exc}",
+                              result={"traceback": traceback.format_exc(limit=8)})
+    finally:
+        torch.set_num_threads(previous)
+    outcome.wall_seconds = time.perf_counter() - started
+    outcome.peak_rss_mb = _peak_rss_mb()
+    outcome.backend = _backend(executor, str(cell.params.get("device", "cpu")))
+    outcome.backend["peak_memory"] = "VmHWM during the cell" if exact_peak else "process peak (ru_maxrss)"
+    if torch.cuda.is_available():
+        outcome.backend["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if outcome.status == "done":
+        outcome.files = {str(p.relative_to(staging)): p.read_bytes()
+                         for p in sorted(staging.rglob("*")) if p.is_file() and ".partial" not in p.parts}
+    shutil.rmtree(staging, ignore_errors=True)
+    return outcome

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from circuitlab.reports.cells import Cell, CellOutcome, run_cell
+from circuitlab.reports.cell_kinds import run_cell
+from circuitlab.reports.cells import Cell, CellOutcome
 
 OnDone = Callable[[int, CellOutcome], None]
 
