@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
@@ -275,8 +276,6 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             work.append((kind, layer, pos0, members[start:start + size]))
     iterator: Iterable[Any] = work
     if config.progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd")
     with torch.no_grad():
         for kind, layer, pos0, members in iterator:

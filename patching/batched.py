@@ -17,9 +17,18 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from circuitlab.patching.acdc import acdc
+from circuitlab.patching.activation import _position_dim, _site_activation, activation_patching, prepare
+from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores, oracle_frame, oracle_sample
+from circuitlab.patching.components import canonical_kind
+from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.engine import make_runner
+from circuitlab.patching.faithfulness import curve_from_values, curve_masks
 from circuitlab.patching.normalize import normalize
+from circuitlab.patching.path import path_patching
 from circuitlab.patching.runner import Runner
-from circuitlab.patching.topology import sender_nodes
+from circuitlab.patching.topology import sender_nodes, ComputationalGraph
+from circuitlab.tasks.batching import prompt_batches
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
 # gradient leaves with their autograd intermediates (~6 per receiver), and slack for the forward's temporaries.
@@ -57,8 +66,6 @@ class Batches:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.runner is None:
-            from circuitlab.patching.engine import make_runner
-
             self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
 
     @property
@@ -67,8 +74,6 @@ class Batches:
 
     def parts(self, *, trim: bool = True) -> Iterator[Any]:
         """The prompt batches (trimmed of unused padding unless `trim=False`)."""
-        from circuitlab.tasks.batching import prompt_batches
-
         if trim:
             yield from prompt_batches(self.pairs, self.batch_size)
             return
@@ -89,8 +94,6 @@ class Batches:
         edge engine's sender outputs) in the clean or corrupted run, each position averaged over the prompts
         that are real there: what `activation.prompt_mean` gives on one batch, summed exactly over batches at
         the dataset's full width ([1, pos, ...]; patterns [1, head, pos, pos])."""
-        from circuitlab.patching.activation import _position_dim, _site_activation, prepare
-
         width, sums, count = self.pairs.seq_len, {}, None
         collect = [k for k in keys if k[0] not in ("resid_pre", "resid_mid", "senders")]
         for part in self.parts():
@@ -124,8 +127,6 @@ class Batches:
 
     # ------------------------------------------------------------------ edge engine
     def edge_contexts(self) -> Iterator[Any]:
-        from circuitlab.patching.edges import ablated_context, prepare_edges
-
         senders = None
         if self.ablation == "mean":  # the corrupted senders' mean over the whole dataset (two passes)
             senders = self.means([("senders", 0)])[("senders", 0)]
@@ -154,43 +155,29 @@ class Batches:
         return torch.cat(clean), torch.cat(corrupt)
 
     def eap(self) -> Tensor:
-        from circuitlab.patching.attribution import eap_scores
-
         return self._weighted(eap_scores)
 
     def eap_ig(self, steps: int = 5, *, progress: bool = False) -> Tensor:
-        from circuitlab.patching.attribution import eap_ig_scores
-
         return self._weighted(lambda ctx: eap_ig_scores(ctx, steps=steps, progress=progress))
 
     def exact_edge_scores(self, edges: Any, *, progress: bool = False) -> Tensor:
-        from circuitlab.patching.attribution import exact_edge_scores
-
         return self._weighted(lambda ctx: exact_edge_scores(ctx, edges, progress=progress))
 
     def evaluate_edge_masks(self, masks: Tensor, *, memory_budget_mb: float = 1024.0, progress: bool = False) -> Tensor:
         """Per-prompt metric [C, n] of each circuit (edge vectors [C, n_edges])."""
-        from circuitlab.patching.edges import evaluate_edge_masks
-
         return torch.cat([evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu()
                           for ctx in self.edge_contexts()], dim=1)
 
     def oracle_check(self, scores: Tensor, *, n_edges: int = 200, seed: int = 0,
                      progress: bool = False) -> tuple[float, pd.DataFrame]:
-        from circuitlab.patching.attribution import oracle_frame, oracle_sample
-        from circuitlab.patching.topology import ComputationalGraph
-
         graph = ComputationalGraph.from_model(self.model)
         chosen = oracle_sample(graph, scores, n_edges=n_edges, seed=seed)
         return oracle_frame(graph, scores, chosen, self.exact_edge_scores(chosen.tolist(), progress=progress))
 
     def faithfulness_curve(self, scores: Tensor, *, percents: Sequence[float], n_boot: int = 1000, seed: int = 0,
                            memory_budget_mb: float = 1024.0, progress: bool = False) -> Any:
-        from circuitlab.patching.faithfulness import curve_from_values, curve_masks
-
         masks, counts = curve_masks(scores, tuple(percents))
         values, clean, corrupt = [], [], []
-        from circuitlab.patching.edges import evaluate_edge_masks
 
         for ctx in self.edge_contexts():
             values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu())
@@ -200,8 +187,6 @@ class Batches:
                                  percents=tuple(percents), n_boot=n_boot, seed=seed)
 
     def acdc(self, threshold: float, *, objective: str = "kl", progress: bool = False) -> Any:
-        from circuitlab.patching.acdc import acdc
-
         return acdc(self, threshold, objective=objective, progress=progress)  # contexts rebuilt one batch at a time
 
     # ------------------------------------------------------------------ activation and path patching
@@ -211,8 +196,6 @@ class Batches:
         combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
         batch at the full padded width (for absolute positions). `means` (from `means`) replace each batch's
         own means in mean ablation."""
-        from circuitlab.patching.activation import prepare
-
         total, clean, corrupt, first = None, 0.0, 0.0, None
         for part in self.parts(trim=trim):
             ctx = prepare(self.model, self.task, part, runner=self.runner, collect=collect, check_gap=False)
@@ -235,9 +218,6 @@ class Batches:
                             heads: Sequence[int] | None = None, config: Any = None,
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
         """`activation.activation_patching` over prompt batches (absolute positions keep the full padded width)."""
-        from circuitlab.patching.activation import activation_patching
-        from circuitlab.patching.components import canonical_kind
-
         means = None
         if config is not None and config.resolved_source() == "mean":  # the mean over every prompt, not the batch's
             kind = canonical_kind(component)
@@ -250,8 +230,6 @@ class Batches:
 
     def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q", **kwargs: Any) -> pd.DataFrame:
         """`path.path_patching` over prompt batches."""
-        from circuitlab.patching.path import path_patching
-
         absolute = not (position_independent(kwargs.get("sender_positions")) and position_independent(kwargs.get("receiver_positions")))
         return self.sweep(
             lambda part, ctx: path_patching(self.model, self.task, part, senders, receivers, channel, context=ctx,

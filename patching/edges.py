@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.edge_runner import GraphActivations
@@ -55,8 +56,6 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     out = []
     starts = range(0, edge_masks.shape[0], step)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="edge patching", unit="fwd")
     with torch.no_grad():
         for start in starts:
