@@ -20,6 +20,7 @@ from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.components import hook_name
 from circuitlab.patching.loss import loss_by_position
 from circuitlab.tasks.corpus import icl_positions, icl_score
+from circuitlab.tasks.repeated import RepeatedTokensTask
 
 ABLATION_COLUMNS = ["layer", "head", "ablation", "icl", "base_icl", "delta_icl", "late_loss", "early_loss"]
 ABLATIONS = ("zero", "mean")
@@ -128,8 +129,6 @@ def repeated_tokens_patching(model: Any, *, n: int = 16, seq_len: int = 20, seed
 
     The task's metric is the mean log-prob of the repeated half; effect 1 = the head alone restores it.
     """
-    from circuitlab.tasks.repeated import RepeatedTokensTask
-
     task = RepeatedTokensTask()
     options: dict[str, Any] = {"seq_len": seq_len}
     if token_range is not None:

@@ -50,9 +50,12 @@ from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, 
 from circuitlab.graphs.evaluate import roc_auc
 from circuitlab.graphs.methods import BENCHMARK_METHODS, METHODS as REGISTRY, get_method
 from circuitlab.graphs.scores import EdgeScores, NodeScores
-from circuitlab.graphs.groundtruth import TaskSpec
+from circuitlab.graphs.groundtruth import TaskSpec, load_groundtruth
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges
+from circuitlab.patching.edges import EdgeContext, ablated_context, prepare_edges, evaluate_edge_masks
+from circuitlab.patching.faithfulness import faithfulness_curve
+from circuitlab.patching.models import load_model
+from circuitlab.tasks import get_task
 from circuitlab.patching.topology import ComputationalGraph
 
 METHODS: tuple[str, ...] = BENCHMARK_METHODS
@@ -105,8 +108,6 @@ def edge_scores_from_nodes(graph: ComputationalGraph, nodes: pd.DataFrame) -> Te
 
 def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     """(forwards, seconds): ACDC needs up to one masked forward per edge; time `n_probe` of them here."""
-    from circuitlab.patching.edges import evaluate_edge_masks
-
     masks = torch.ones(1, ctx.graph.n_edges)
     evaluate_edge_masks(ctx, masks)  # warm-up
     start = time.perf_counter()
@@ -199,8 +200,6 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
 def evaluate_method(ctx: EdgeContext, edge_scores: Tensor, nodes: pd.DataFrame, reference: Reference | None,
                     config: BenchConfig) -> dict[str, float]:
     """Edge/node ROC-AUC (NaN without a reference) and MIB CPR/CMD with bootstrap CIs, plus eval seconds."""
-    from circuitlab.patching.faithfulness import faithfulness_curve
-
     start = time.perf_counter()
     out: dict[str, float] = {"edge_auroc": float("nan"), "edge_auroc_visible": float("nan"),
                              "node_auroc": float("nan")}
@@ -284,8 +283,6 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
 def groundtruth_cases(names: Sequence[str], n: int, seed: int = 0,
                       counterfactuals: Sequence[str] = COUNTERFACTUALS) -> list[BenchCase]:
     """Benchmark cases for committed ground-truth models, one per counterfactual."""
-    from circuitlab.graphs.groundtruth import load_groundtruth
-
     cases = []
     for name in names:
         gt = load_groundtruth(name)
@@ -300,8 +297,6 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     """A case for a user's own model: a model directory (`save_model` / `save_pretrained`), a reference circuit
     file (see `Reference.load`), and a task: a `task.json` TaskSpec path (token-id inputs) or a registry task
     name (`ioi`, ...; generated with the model's tokenizer, task corruption only)."""
-    from circuitlab.patching.models import load_model
-
     model_path = Path(model_dir)
     if not model_path.is_dir():
         raise FileNotFoundError(f"model directory {model_path} does not exist")
@@ -316,7 +311,6 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     else:
         if counterfactual != "task":
             raise ValueError(f"counterfactual {counterfactual!r} needs a task.json spec; registry tasks use 'task'")
-        from circuitlab.tasks import get_task
 
         engine_task = get_task(str(task))
         pairs = engine_task.generate(model, n, seed=seed)

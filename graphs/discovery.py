@@ -24,6 +24,9 @@ from torch import Tensor
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.methods import get_method
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
+from circuitlab.patching.acdc import acdc
+from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
+from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 from circuitlab.patching.components import head_node, mlp_node
 from circuitlab.patching.edges import EdgeContext, ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.topology import ComputationalGraph
@@ -101,9 +104,6 @@ def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: Discov
           ) -> tuple[EdgeScores | None, NodeScores]:
     """Run one registered method on a prepared context — one engine context, or prompt batches
     (`patching.batched.Batches`, summed exactly over batches) — : (edge scores or None, node scores)."""
-    from circuitlab.patching.acdc import acdc
-    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
-
     spec = get_method(method)
     batched = hasattr(ctx, "edge_contexts")
     graph = ComputationalGraph.from_model(model) if batched else ctx.graph
@@ -134,8 +134,6 @@ def score(method: str, model: Any, task: Any, pairs: Any, ctx: Any, opts: Discov
 def _activation_nodes(model: Any, task: Any, pairs: Any, ctx: Any, graph: ComputationalGraph, clean: float,
                       gap: float, opts: DiscoveryOptions) -> NodeScores:
     """Exact noising of every head output (`z`) and MLP output: score = m(clean) − m(node corrupted)."""
-    from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
-
     config = PatchingConfig(direction="noise", source=opts.ablation, memory_budget_mb=opts.memory_budget_mb,
                             progress=opts.progress)
     names, values = [], []

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pathlib import Path
+import itertools
+import random
 
 import numpy as np
 import pandas as pd
@@ -263,9 +265,6 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     every same-size set of the remaining heads (or `max_sets` seeded random ones), `*_any_other` the same over all
     non-induction heads, partners included (what ablating a random set of other heads does).
     """
-    import itertools
-    import random
-
     model = load_model(str(model_path))
     labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
     partners = induction_partners(heads, composition_scores(model))

@@ -19,6 +19,7 @@ import torch
 
 from circuitlab.graphs.groundtruth import verify
 from circuitlab.graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
+from circuitlab.graphs.groundtruth.planted import build_planted
 from circuitlab.patching.components import hook_name, parse_edge
 from circuitlab.patching.models import save_model
 from circuitlab.patching.normalize import noising_share
@@ -28,8 +29,6 @@ EVAL_N, EVAL_SEED = 512, 1234
 
 def builders() -> dict[str, Callable[[], Built]]:
     """Name -> zero-argument builder, for every ground-truth model."""
-    from circuitlab.graphs.groundtruth.planted import build_planted
-
     return {
         "induction_handwired": build_induction_handwired,
         "tracr_reverse": lambda: build_tracr("tracr_reverse"),
