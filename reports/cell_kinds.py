@@ -24,9 +24,21 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+import pandas as pd
 import torch
 
+from circuitlab.graphs.benchmark import (
+    BenchCase, BenchConfig, COUNTERFACTUALS, METHODS, Reference, adapt_groundtruth, benchmark_case, own_case,
+)
+from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
+from circuitlab.graphs.methods import get_method
+from circuitlab.patching.models import load_model
+from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.reports import store
 from circuitlab.reports.cells import Cell, CellOutcome, SkipCell
+from circuitlab.reports.config import ConfigError, FIELDS, make_config, validate
+from circuitlab.reports.run import execute
+from circuitlab.tasks import get_task
 
 SMOLLM2_IOI = "smollm2-ioi"  # the bench grid's name for SmolLM2 IOI
 SMOLLM2_IOI_ROW = ("smollm2-135m IOI", "task (ABC)")  # its model and counterfactual as the results table shows them
@@ -34,8 +46,6 @@ BENCH_FIELDS = ("model", "method", "counterfactual", "seed", "n", "ioi_n", "circ
 
 
 def _bench_options() -> tuple[str, ...]:
-    from circuitlab.graphs.benchmark import BenchConfig
-
     return tuple(f.name for f in fields(BenchConfig) if f.name != "seed")
 
 
@@ -43,11 +53,7 @@ def _bench_options() -> tuple[str, ...]:
 
 def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated, resolved parameters of one cell (errors name the option and the cell)."""
-    from circuitlab.reports.config import ConfigError
-
     if kind == "run":
-        from circuitlab.reports.config import FIELDS, make_config, validate
-
         unknown = sorted(set(params) - FIELDS)
         if unknown:
             raise ConfigError(f"{where}: unknown run option(s) {unknown}; known: {', '.join(sorted(FIELDS))}")
@@ -59,8 +65,6 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         resolved.pop("out")
         return resolved
     if kind == "bench":
-        from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS, BenchConfig
-
         known = set(BENCH_FIELDS) | set(_bench_options())
         unknown = sorted(set(params) - known)
         if unknown:
@@ -109,16 +113,9 @@ def _run_result(record: dict[str, Any]) -> dict[str, Any]:
 
 def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One `circuitlab run` into `folder`; returns the headline numbers of its run.json."""
-    from circuitlab.graphs.methods import get_method
-    from circuitlab.reports.config import make_config
-    from circuitlab.reports.run import execute
-
     cfg = make_config({**cell.params, "out": str(folder), "threads": cell.threads})
     limit = get_method(cfg.method).max_edges
     if limit is not None and not cfg.force:
-        from circuitlab.patching.topology import ComputationalGraph
-        from circuitlab.patching.models import load_model
-
         mcfg = load_model(cfg.model, device=cfg.device).cfg
         n_edges = ComputationalGraph(int(mcfg.n_layers), int(mcfg.n_heads),
                                      int(getattr(mcfg, "n_key_value_heads", None) or mcfg.n_heads),
@@ -132,15 +129,10 @@ def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- bench cells
 
 def _bench_case(params: dict[str, Any]) -> Any:
-    from circuitlab.graphs.benchmark import BenchCase, Reference, adapt_groundtruth, own_case
-    from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
-
     model, n, seed, cf = str(params["model"]), int(params["n"]), int(params["seed"]), params["counterfactual"]
     if model == SMOLLM2_IOI:
         if cf != "task":
             raise SkipCell(f"{SMOLLM2_IOI} has only the task's own (ABC) counterfactual, not {cf!r}")
-        from circuitlab.patching.models import load_model
-        from circuitlab.tasks import get_task
 
         lm = load_model("smollm2-135m")
         task = get_task("ioi")
@@ -162,11 +154,6 @@ def _bench_case(params: dict[str, Any]) -> Any:
 
 def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One method on one benchmark case; writes result.json/.csv into `folder` and returns the row."""
-    import pandas as pd
-
-    from circuitlab.graphs.benchmark import BenchConfig, benchmark_case
-    from circuitlab.reports import store
-
     params = cell.params
     case = _bench_case(params)
     options = {k: params[k] for k in _bench_options() if k in params}

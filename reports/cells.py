@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth
+from circuitlab.patching.models import _smollm2_gguf
 from circuitlab.reports.store import code_version
 
 KINDS = ("run", "bench")
@@ -99,16 +101,12 @@ def _folder_hash(folder: Path) -> str:
 
 def model_fingerprint(model: str) -> str:
     """A hash of a model's weight files, computed without loading it (`unhashed:<name>` for hub names)."""
-    from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth
-
     path = Path(model).expanduser()
     if path.is_dir():
         return _folder_hash(path)
     if model in list_groundtruth():
         return _folder_hash(MODELS_DIR / model)
     if model.lower() in ("smollm2-135m", "smollm2", "smollm2-135m-instruct", "smollm2-ioi"):
-        from circuitlab.patching.models import _smollm2_gguf
-
         gguf = _smollm2_gguf()
         return _files_hash(str(gguf.parent), ((gguf.name, gguf.stat().st_size, gguf.stat().st_mtime_ns),))
     return f"unhashed:{model}"

@@ -21,13 +21,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from circuitlab.graphs.circuit import node_name_from_row
+from circuitlab.graphs.discovery import discover
 from circuitlab.graphs.methods import get_method
+from circuitlab.graphs.roles import detect_roles
+from circuitlab.graphs.scores import EdgeScores, NodeScores
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.batched import Batches, batch_size_for, position_independent
+from circuitlab.patching.engine import make_runner
+from circuitlab.patching.models import load_model
 from circuitlab.patching.normalize import normalize_difference
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
-from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions, resolve_threads
 from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
+from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
+from circuitlab.tasks import get_task
+from circuitlab.tasks.custom import RecordsTask
 
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
 
@@ -48,8 +60,6 @@ class Pipeline:
 
     def model(self) -> Any:
         if self._model is None:
-            from circuitlab.patching.models import load_model
-
             self.say(f"loading model {self.cfg.model} on {self.cfg.device}")
             start = time.time()
             self._model = load_model(self.cfg.model, device=self.cfg.device)
@@ -62,8 +72,6 @@ class Pipeline:
     def batches(self) -> Any:
         """The prompts in batches sized by --batch-size or --memory-budget; every stage iterates over them."""
         if "batches" not in self._contexts:
-            from circuitlab.patching.batched import Batches, batch_size_for
-
             model, pairs = self.model(), self.pairs()
             size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
             self._contexts["batches"] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
@@ -74,8 +82,6 @@ class Pipeline:
     def runner(self) -> Any:
         """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
         if "runner" not in self._contexts:
-            from circuitlab.patching.engine import make_runner
-
             self._contexts["runner"] = make_runner(self.model())
         return self._contexts["runner"][0]
 
@@ -89,8 +95,6 @@ class Pipeline:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
-        from circuitlab.patching.topology import ComputationalGraph
-
         return ComputationalGraph.from_meta(self.result.model)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
@@ -113,8 +117,6 @@ class Pipeline:
 
     def scores(self) -> tuple[Any, Any]:
         """The method's typed scores, rebuilt from the result's tables: (EdgeScores or None, NodeScores)."""
-        from circuitlab.graphs.scores import EdgeScores, NodeScores
-
         graph, base = self.graph(), self.result.baseline
         gap = float(base["clean"].mean() - base["corrupt"].mean())
         edges = EdgeScores.from_frame(graph, self.result.edges, gap) if self.result.edges is not None else None
@@ -165,8 +167,6 @@ def _baseline(p: Pipeline) -> dict[str, Any]:
 
 
 def _scores(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.graphs.discovery import discover
-
     cfg = p.cfg
     p.say(f"  {cfg.method} over {p.graph().n_edges} edges")
     found = discover(p.model(), p.task, p.pairs(), cfg.method, context=p.batches(), steps=cfg.steps,
@@ -182,17 +182,12 @@ def _scores(p: Pipeline) -> dict[str, Any]:
 
 def _with_nodes(frame: pd.DataFrame, corrupt: float) -> pd.DataFrame:
     """Exact patching rows with their graph node name and score = m(patched) − m(corrupt)."""
-    from circuitlab.graphs.circuit import node_name_from_row
-
     nodes = [node_name_from_row(c, l, h) if c in ("z", "mlp_out") else "" for c, l, h in
              zip(frame["component"], frame["layer"], frame["head"])]
     return frame.assign(node=nodes, score=frame["metric"] - corrupt)
 
 
 def _exact(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
-    from circuitlab.patching.batched import position_independent
-
     cfg, model = p.cfg, p.model()
     positions = parse_positions(cfg.positions, p.task.roles)
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=p.progress)
@@ -207,8 +202,6 @@ def _exact(p: Pipeline) -> dict[str, Any]:
 
 
 def _resid(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.activation import PatchingConfig
-
     cfg, n_layers = p.cfg, int(p.model().cfg.n_layers)
     positions: Any = "each"
     if cfg.resid_positions == "roles":
@@ -241,8 +234,6 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.graphs.roles import detect_roles
-
     return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
@@ -252,11 +243,8 @@ def _roles(p: Pipeline) -> dict[str, Any]:
 def _check_dataset(cfg: RunConfig, task: Any) -> Any:
     """For a dataset-file task: load the model and tokenize every row now, so bad data is one clear error
     before anything is written. Returns the loaded model (None for built-in tasks)."""
-    from circuitlab.tasks.custom import RecordsTask
-
     if not isinstance(task, RecordsTask):
         return None
-    from circuitlab.patching.models import load_model
 
     model = load_model(cfg.model, device=cfg.device)
     try:
@@ -268,8 +256,6 @@ def _check_dataset(cfg: RunConfig, task: Any) -> Any:
 
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
-    from circuitlab.reports.config import resolve_threads
-
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(cfg.threads))
     try:
@@ -279,8 +265,6 @@ def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) 
 
 
 def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, Any]:
-    from circuitlab.tasks import get_task
-
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
@@ -301,8 +285,6 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
 
 def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], None], *, quiet: bool,
          command: str | None, started: float) -> dict[str, Any]:
-    from circuitlab.reports.render import render_result
-
     result = RunResult(cfg, task={"name": task.name, "description": getattr(task, "description", ""),
                                   "metric": getattr(task, "metric_name", ""), "roles": list(getattr(task, "roles", ()))})
     p = Pipeline(cfg, result, None, say, progress=not quiet, task=task, _model=model)  # type: ignore[arg-type]
