@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
-from circuitlab.patching.components import hook_name
+from circuitlab.patching.components import head_node, hook_name
 from circuitlab.patching.loss import loss_by_position
 from circuitlab.tasks.corpus import icl_positions, icl_score
 from circuitlab.tasks.repeated import RepeatedTokensTask
@@ -119,7 +119,7 @@ def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, in
     hooks = ablation_hooks(model, heads, kind, tokens=tokens, means=means)
     value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
-    return {"heads": [f"a{l}.h{h}" for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
+    return {"heads": [head_node(l, h) for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
             "delta_icl": value - base, "fraction_removed": removed}
 
 

@@ -233,10 +233,12 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
 
 
 def mean_ablation(corrupt: Tensor, mask: Tensor | None, pos_dim: int = 1) -> Tensor:
-    """The one mean ablation: every activation replaced by its mean over the *corrupted* prompts, position by
+    """The one mean ablation of prompt pairs: every activation replaced by its mean over the *corrupted* prompts, position by
     position (over the prompts that are real there), as Wang et al. 2022 mean-ablate over their ABC dataset.
     Used by activation/path patching (`source="mean"`), edge methods (`edges.ablated_context`) and node-circuit
-    evaluation (`graphs.evaluate.Ablator`), so a circuit's "mean" means the same everywhere."""
+    evaluation (`graphs.evaluate.Ablator`), so a circuit's "mean" means the same everywhere for prompt pairs.
+    (Unpaired text has no corrupted prompts: the in-context-learning ablations of `graphs.ablation` take each
+    head's mean over the evaluation sequences instead, `graphs.ablation.head_means`.)"""
     return prompt_mean(corrupt, mask, pos_dim).expand_as(corrupt)
 
 

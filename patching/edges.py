@@ -68,7 +68,7 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
 
 def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor | None = None) -> EdgeContext:
     """The same clean run with every corrupted sender replaced by zero or by its mean over the corrupted prompts
-    (`activation.mean_ablation`, the one mean ablation; `means` [1, pos, n_senders, d_model]: a dataset's means
+    (`activation.mean_ablation`, the one mean ablation of prompt pairs; `means` [1, pos, n_senders, d_model]: a dataset's means
     when the context is one batch of many, `batched.Batches.means`).
 
     Zero ablation (ACDC's alternative to corrupted prompts) exposes edges that carry the same value in clean
