@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from circuitlab.reports import cli, grid, save
+
 
 def _stop() -> None:
     os.kill(os.getpid(), signal.SIGSTOP)  # frozen, not exited: locks stay held and nothing more is written
@@ -17,8 +19,6 @@ def _stop() -> None:
 def main(argv: list[str]) -> int:
     kind, value, separator, *args = argv
     assert separator == "--", argv
-    from circuitlab.reports import cli, grid, save
-
     if kind == "stage":
         original_save = save.StageCache.save
 
