@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
-from circuitlab.patching.components import hook_name
-from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
+from circuitlab.patching.components import head_node, hook_name
+from circuitlab.patching.loss import loss_by_position
+from circuitlab.tasks.corpus import icl_positions, icl_score
+from circuitlab.tasks.repeated import RepeatedTokensTask
 
 ABLATION_COLUMNS = ["layer", "head", "ablation", "icl", "base_icl", "delta_icl", "late_loss", "early_loss"]
 ABLATIONS = ("zero", "mean")
@@ -117,7 +119,7 @@ def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, in
     hooks = ablation_hooks(model, heads, kind, tokens=tokens, means=means)
     value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
-    return {"heads": [f"a{l}.h{h}" for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
+    return {"heads": [head_node(l, h) for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
             "delta_icl": value - base, "fraction_removed": removed}
 
 
@@ -127,8 +129,6 @@ def repeated_tokens_patching(model: Any, *, n: int = 16, seq_len: int = 20, seed
 
     The task's metric is the mean log-prob of the repeated half; effect 1 = the head alone restores it.
     """
-    from circuitlab.tasks.repeated import RepeatedTokensTask
-
     task = RepeatedTokensTask()
     options: dict[str, Any] = {"seq_len": seq_len}
     if token_range is not None:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from torch import Tensor
 
+from circuitlab.graphs.evaluate import edge_set, node_set
 from circuitlab.graphs.groundtruth import GroundTruth, TaskSpec, read_circuit
+from circuitlab.graphs.io import from_mib
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.topology import ComputationalGraph
 
@@ -39,9 +41,6 @@ class Reference:
             circuit = read_circuit(path)
             return cls(frozenset(circuit["nodes"]), frozenset(circuit["edges"]))
         if isinstance(data, dict) and {"cfg", "nodes", "edges"} <= set(data):
-            from circuitlab.graphs.evaluate import edge_set, node_set
-            from circuitlab.graphs.io import from_mib
-
             graph = from_mib(data)
             return cls(frozenset(node_set(graph)), frozenset(edge_set(graph)))
         raise ValueError(f"{path}: not a circuit file (expected format 'circuitlab-circuit' or an EAP-IG/MIB "

@@ -49,9 +49,12 @@ from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, 
                                              adapt_groundtruth, adapt_spec)
 from circuitlab.graphs.evaluate import roc_auc
 from circuitlab.graphs.scores import EdgeScores, NodeScores
-from circuitlab.graphs.groundtruth import TaskSpec
+from circuitlab.graphs.groundtruth import TaskSpec, load_groundtruth
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks, prepare_edges
+from circuitlab.patching.faithfulness import faithfulness_curve
+from circuitlab.patching.models import load_model
+from circuitlab.tasks import get_task
 from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.methods import METHODS as REGISTRY, get_method
 from circuitlab.patching.prompts import OneBatch, Prompts, as_prompts
@@ -202,8 +205,6 @@ def visible_edges(ctx: EdgeContext, edges: Sequence[str], *, tol: float = 1e-5) 
 def evaluate_method(ctx: EdgeContext, edge_scores: Tensor, nodes: pd.DataFrame, reference: Reference | None,
                     config: BenchConfig) -> dict[str, float]:
     """Edge/node ROC-AUC (NaN without a reference) and MIB CPR/CMD with bootstrap CIs, plus eval seconds."""
-    from circuitlab.patching.faithfulness import faithfulness_curve
-
     start = time.perf_counter()
     out: dict[str, float] = {"edge_auroc": float("nan"), "edge_auroc_visible": float("nan"),
                              "node_auroc": float("nan")}
@@ -286,8 +287,6 @@ def benchmark_case(case: BenchCase, methods: Sequence[str] = METHODS, config: Be
 def groundtruth_cases(names: Sequence[str], n: int, seed: int = 0,
                       counterfactuals: Sequence[str] = COUNTERFACTUALS) -> list[BenchCase]:
     """Benchmark cases for committed ground-truth models, one per counterfactual."""
-    from circuitlab.graphs.groundtruth import load_groundtruth
-
     cases = []
     for name in names:
         gt = load_groundtruth(name)
@@ -302,8 +301,6 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     """A case for a user's own model: a model directory (`save_model` / `save_pretrained`), a reference circuit
     file (see `Reference.load`), and a task: a `task.json` TaskSpec path (token-id inputs) or a registry task
     name (`ioi`, ...; generated with the model's tokenizer, task corruption only)."""
-    from circuitlab.patching.models import load_model
-
     model_path = Path(model_dir)
     if not model_path.is_dir():
         raise FileNotFoundError(f"model directory {model_path} does not exist")
@@ -318,7 +315,6 @@ def own_case(model_dir: str | Path, circuit: str | Path, task: str | Path, n: in
     else:
         if counterfactual != "task":
             raise ValueError(f"counterfactual {counterfactual!r} needs a task.json spec; registry tasks use 'task'")
-        from circuitlab.tasks import get_task
 
         engine_task = get_task(str(task))
         pairs = engine_task.generate(model, n, seed=seed)

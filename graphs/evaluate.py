@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab.graphs.circuit import component_nodes
+from circuitlab.graphs.circuit import component_nodes, node_name_from_row
 from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.components import edge_name, head_node, hook_name, mlp_node, parse_edge, parse_node
 from circuitlab.patching.normalize import is_normalizable, normalize
@@ -111,7 +111,6 @@ def node_score_auroc(scores: Mapping[str, float] | pd.DataFrame, reference: nx.M
     `effect` (per-position rows are reduced to their largest |effect|). Every scored node is a candidate.
     """
     if isinstance(scores, pd.DataFrame):
-        from circuitlab.graphs.circuit import node_name_from_row
         names = [node_name_from_row(c, lay, h) for c, lay, h in zip(scores["component"], scores["layer"], scores["head"])]
         frame = pd.DataFrame({"node": names, "score": scores["effect"].astype(float)})
         frame["key"] = frame["score"].abs()

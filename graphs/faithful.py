@@ -34,8 +34,13 @@ import torch
 from torch import Tensor
 
 from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
-from circuitlab.graphs.selection import (CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order,
-                                         edge_evaluator, node_evaluator, select_by_faithfulness)
+from circuitlab.graphs.selection import (
+    CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order, edge_evaluator, node_evaluator,
+    select_by_faithfulness, normalized,
+)
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.attribution import eap_ig_scores, eap_scores
+from circuitlab.patching.components import head_node, mlp_node, node_kind, parse_edge
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.normalize import noising_share
@@ -92,9 +97,6 @@ def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tenso
     Uses the activation-patching engine (noising `z` / `mlp_out` at all positions, each patched forward
     starting at its layer), which equals the node-masked forward with one item off (tested).
     """
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
-    from circuitlab.patching.components import head_node, mlp_node, node_kind
-
     model = ctx.edge_runner.runner.model
     config = PatchingConfig(direction="noise")
     frames = [activation_patching(model, ctx.task, ctx.pairs, "z", config=config)]
@@ -117,8 +119,6 @@ def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_score
 
 
 def _edge_scores(ctx: EdgeContext, method: str, steps: int) -> Tensor:
-    from circuitlab.patching.attribution import eap_ig_scores, eap_scores
-
     return eap_ig_scores(ctx, steps=steps) if method.startswith("eap-ig") else eap_scores(ctx)
 
 
@@ -136,8 +136,6 @@ def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True
 
 def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
     """Heads, MLPs and edges of an edge circuit (nodes touched by a kept edge)."""
-    from circuitlab.patching.components import node_kind, parse_edge
-
     nodes = set()
     for name in edges:
         src, dst, _ = parse_edge(name)
@@ -181,8 +179,6 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
                  seed: int = 0, batch: int = 16) -> pd.DataFrame:
     """Exact faithfulness (with 95% bootstrap interval) of the first k items of `ranked`, for each k in `sizes`:
     the faithfulness-vs-size curve of a ranking on another set of prompts (e.g. held-out ones)."""
-    from circuitlab.graphs.selection import normalized
-
     index = {name: i for i, name in enumerate(evaluator.items)}
     masks = torch.zeros(len(sizes), len(evaluator.items))
     for row, k in enumerate(sizes):
@@ -252,8 +248,6 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     if edge_level:
         sizes = edge_circuit_sizes(circuit.items)
     else:
-        from circuitlab.patching.components import node_kind
-
         heads = [n for n in circuit.items if node_kind(n) == "head"]
         sizes = {"heads": len(heads), "mlps": sum(node_kind(n) == "mlp" for n in circuit.items),
                  "edges": induced_edges(ctx, circuit.items, heads_only=cfg.heads_only)}

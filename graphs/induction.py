@@ -33,6 +33,7 @@ from torch import Tensor
 
 from circuitlab.graphs.role_scores import (RepeatedTokens, copying_scores, eigen_score, kv_head, normed_embeddings,
                                            repeated_random_tokens, repeated_token_scores)
+from circuitlab.patching.components import head_node
 
 HEAD_COLUMNS = ["layer", "head", "previous_token", "previous_token_top", "duplicate_token", "induction", "ov_copying", "qk_direct",
                 "qk_matching", "qk_via"]
@@ -110,7 +111,7 @@ def qk_scores(model, head_scores: pd.DataFrame | None = None) -> pd.DataFrame:
                 for l0, h0 in candidates:
                     _, _, wv0, wo0 = _qkv(model, l0, h0)
                     keys = (normed_embeddings(model) @ wv0 @ wo0) @ wk  # [vocab, d_head]: previous token's key
-                    scored.append((eigen_score(emb_q @ wq, keys.T), f"a{l0}.h{h0}"))
+                    scored.append((eigen_score(emb_q @ wq, keys.T), head_node(l0, h0)))
                 best, via = max(scored)
             rows.append({"layer": layer, "head": head, "qk_direct": direct, "qk_matching": best, "qk_via": via})
     return pd.DataFrame(rows, columns=["layer", "head", "qk_direct", "qk_matching", "qk_via"])
@@ -133,7 +134,7 @@ def composition_scores(model) -> pd.DataFrame:
             def ratio(m: Tensor, d: float) -> float:
                 return float(m.norm()) / d if d > 1e-12 else 0.0
 
-            rows.append({"sender": f"a{ls}.h{hs}", "receiver": f"a{lr}.h{hr}", "sender_layer": ls,
+            rows.append({"sender": head_node(ls, hs), "receiver": head_node(lr, hr), "sender_layer": ls,
                          "sender_head": hs, "receiver_layer": lr, "receiver_head": hr,
                          "q_comp": ratio(ov_s @ qk_r, denom_qk), "k_comp": ratio(qk_r @ ov_s.T, denom_qk),
                          "v_comp": ratio(ov_s @ ov_r, denom_ov)})

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pathlib import Path
+import itertools
+import random
 
 import numpy as np
 import pandas as pd
@@ -31,8 +33,9 @@ from circuitlab.graphs.ablation import head_means, icl_ablation, joint_icl_ablat
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
 from circuitlab.graphs.roles import RoleThresholds, previous_token_mask
 from circuitlab.patching.components import head_node, parse_node
+from circuitlab.patching.loss import loss_by_position
 from circuitlab.patching.models import load_model
-from circuitlab.tasks.corpus import icl_positions, icl_score, icl_standard_error, loss_by_position
+from circuitlab.tasks.corpus import icl_positions, icl_score, icl_standard_error
 
 
 @dataclass(frozen=True)
@@ -262,9 +265,6 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     every same-size set of the remaining heads (or `max_sets` seeded random ones), `*_any_other` the same over all
     non-induction heads, partners included (what ablating a random set of other heads does).
     """
-    import itertools
-    import random
-
     model = load_model(str(model_path))
     labelled = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label == "induction"]
     partners = induction_partners(heads, composition_scores(model))

@@ -39,12 +39,14 @@ import networkx as nx
 import pandas as pd
 import torch
 
+from circuitlab.graphs.circuit import add_node
 from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_scores, final_norm_scale,
                                            ioi_head_scores, repeated_random_tokens, repeated_token_scores,
                                            z_end_mean)
 from circuitlab.patching.activation import PatchingConfig
 from circuitlab.patching.components import head_node, hook_name, parse_node
 from circuitlab.patching.normalize import noising_share
+from circuitlab.patching.path import path_patching
 from circuitlab.patching.prompts import as_prompts
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
@@ -290,7 +292,6 @@ def assign_roles(graph: nx.MultiDiGraph, roles: pd.DataFrame, *, add_missing: bo
         if name not in out:
             if not add_missing:
                 continue
-            from circuitlab.graphs.circuit import add_node
             add_node(out, name)
         best: dict[str, dict[str, Any]] = {}
         for entry in found:
@@ -338,8 +339,6 @@ def repeated_token_roles(model: Any, thresholds: RoleThresholds, *, seed: int = 
 def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, context: Any = None,
               memory_budget_mb: float = 1024.0, say: Callable[[str], None] | None = None) -> list[pd.DataFrame]:
     """Name movers (+ negative, backup), IOI-position attention roles and S-inhibition (path patching)."""
-    from circuitlab.patching.path import path_patching
-
     mask = getattr(pairs, "attention_mask", None)
     if mask is not None and not bool(mask.bool().all()) and getattr(model.cfg, "attention_dir", "causal") != "causal":
         raise ValueError("IOI role scores run the bridge's own forward, which does not mask the padding of a "

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.edges import EdgeContext, _logits_at
 from circuitlab.patching.prompts import Prompts
@@ -90,8 +91,6 @@ def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = 
         receivers = list(range(g.n_receivers - 1, -1, -1))
         iterator: Any = receivers
         if progress:
-            from tqdm.auto import tqdm
-
             iterator = tqdm(receivers, desc="ACDC receivers")
         edge_recv = g.edge_receiver
         for receiver in iterator:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
@@ -232,10 +233,12 @@ def _source_activation(ctx: PatchingContext, kind: str, layer: int, source: str)
 
 
 def mean_ablation(corrupt: Tensor, mask: Tensor | None, pos_dim: int = 1) -> Tensor:
-    """The one mean ablation: every activation replaced by its mean over the *corrupted* prompts, position by
+    """The one mean ablation of prompt pairs: every activation replaced by its mean over the *corrupted* prompts, position by
     position (over the prompts that are real there), as Wang et al. 2022 mean-ablate over their ABC dataset.
     Used by activation/path patching (`source="mean"`), edge methods (`edges.ablated_context`) and node-circuit
-    evaluation (`graphs.evaluate.Ablator`), so a circuit's "mean" means the same everywhere."""
+    evaluation (`graphs.evaluate.Ablator`), so a circuit's "mean" means the same everywhere for prompt pairs.
+    (Unpaired text has no corrupted prompts: the in-context-learning ablations of `graphs.ablation` take each
+    head's mean over the evaluation sequences instead, `graphs.ablation.head_means`.)"""
     return prompt_mean(corrupt, mask, pos_dim).expand_as(corrupt)
 
 
@@ -275,8 +278,6 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             work.append((kind, layer, pos0, members[start:start + size]))
     iterator: Iterable[Any] = work
     if config.progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd")
     with torch.no_grad():
         for kind, layer, pos0, members in iterator:

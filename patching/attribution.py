@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import _metric_values
-from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_masks
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -67,8 +68,6 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
     total = None
     iterator: Any = range(1, steps + 1)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc="EAP-IG steps", unit="step")
     for k in iterator:
         alpha = k / steps
@@ -88,7 +87,6 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     g, runner = ctx.graph, ctx.edge_runner.runner
     index = [g.edge_index(e) if isinstance(e, str) else int(e) for e in edges]
     if getattr(ctx.edge_runner, "backend", "fast") == "hook":  # no partial runs: the full graph minus one edge
-        from circuitlab.patching.edges import evaluate_edge_masks
 
         masks = torch.ones(len(index), g.n_edges)
         masks[torch.arange(len(index)), torch.tensor(index, dtype=torch.long)] = 0.0
@@ -105,8 +103,6 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             for i in range(0, len(members), chunk_size)]
     iterator: Any = work
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(work, desc="exact edge scores", unit="fwd")
     with torch.no_grad():
         for (layer, channel), members in iterator:

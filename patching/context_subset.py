@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from circuitlab.patching.edges import EdgeContext, GraphActivations
+from circuitlab.patching.edge_runner import GraphActivations
+from circuitlab.patching.edges import EdgeContext
 
 
 def _subset_pairs(pairs: Any, idx: Tensor) -> Any:

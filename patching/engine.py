@@ -17,17 +17,17 @@ context serves every method; `PatchingContext` and `EdgeContext` are names of th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
+from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
+from circuitlab.patching.hook_backend import HookRunner
+from circuitlab.patching.hook_edges import HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
-
-if TYPE_CHECKING:
-    from circuitlab.patching.edges import EdgeRunner, GraphActivations
-    from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
@@ -70,23 +70,15 @@ def make_runner(model: Any) -> tuple[Any, str, str]:
         reason = str(exc)
     except (AttributeError, TypeError, KeyError, NotImplementedError) as exc:  # a module layout we do not know
         reason = f"the fast runner cannot read this architecture ({type(exc).__name__}: {exc})"
-    try:
-        from circuitlab.patching.hook_backend import HookRunner
-    except ImportError:
-        raise UnsupportedModelError(reason) from None
     runner = HookRunner(model)
     runner.backend_reason = reason
     return runner, "hook", reason
 
 
 def make_edge_runner(model: Any, runner: Any) -> Any:
-    """The graph-form runner for a runner: `edges.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
+    """The graph-form runner for a runner: `edge_runner.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
     if getattr(runner, "backend", "fast") == "hook":
-        from circuitlab.patching.hook_edges import HookEdgeRunner
-
         return HookEdgeRunner(model, runner)
-    from circuitlab.patching.edges import EdgeRunner
-
     return EdgeRunner(model, runner)
 
 

@@ -24,22 +24,22 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.components import hook_name
+from circuitlab.patching.edge_runner import GraphActivations
 from circuitlab.patching.forward_parts import UnsupportedModelError, block_norms, rms_post_share
 from circuitlab.patching.hook_backend import _Stop
 from circuitlab.patching.runner import RunState
+from circuitlab.patching.topology import ComputationalGraph
 
 _FINAL = "ln_final.hook_in"
 
 
 class HookEdgeRunner:
-    """`patching.edges.EdgeRunner`'s interface (from_run, plain, masked) over the bridge's hooks."""
+    """`patching.edge_runner.EdgeRunner`'s interface (from_run, plain, masked) over the bridge's hooks."""
 
     backend = "hook"
     available = True
 
     def __init__(self, model: Any, runner: Any) -> None:
-        from circuitlab.patching.topology import ComputationalGraph
-
         self.model, self.runner, self.arch = model, runner, runner.arch
         self.graph = g = ComputationalGraph.from_architecture(self.arch)
         self.n_copies = 3 * g.n_heads + (0 if g.attn_only else 1)
@@ -238,8 +238,6 @@ class HookEdgeRunner:
     # ------------------------------------------------------------------ EdgeRunner's interface
     def from_run(self, state: RunState) -> Any:
         """Graph activations of a plain hook-backend run (`z` and `mlp_out` collected at every layer)."""
-        from circuitlab.patching.edges import GraphActivations
-
         self.require()
         g = self.graph
         senders = [state.resid_pre[0]]
@@ -259,8 +257,6 @@ class HookEdgeRunner:
     def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
               ) -> tuple[Any, Tensor, dict[str, list[Tensor]] | None]:
         """A normal forward in graph form (see `EdgeRunner.plain`); `leaves` for receiver-input gradients."""
-        from circuitlab.patching.edges import GraphActivations
-
         self.require()
         grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
         senders, final, pre, mid = self._plain_forward(tokens, embed, grads)

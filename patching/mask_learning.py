@@ -26,9 +26,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuitlab.patching.context_subset import subset_context
+from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import EdgeContext
+from circuitlab.patching.node_masks import node_masked_metric
 from circuitlab.patching.normalize import checked_gap, normalize_difference
 
 LEVELS = ("node", "edge")
@@ -101,8 +104,6 @@ def keep_probability(log_alpha: Tensor, cfg: MaskConfig) -> Tensor:
 
 
 def _node_setup(ctx: EdgeContext, cfg: MaskConfig) -> tuple[list[int], Callable[[EdgeContext, Tensor], Tensor]]:
-    from circuitlab.patching.node_masks import node_masked_metric
-
     g = ctx.graph
     learn = g.senders_of(*(("head",) if cfg.heads_only else ("head", "mlp")))
     base = torch.ones(g.n_senders)
@@ -117,8 +118,6 @@ def _node_setup(ctx: EdgeContext, cfg: MaskConfig) -> tuple[list[int], Callable[
 
 
 def _edge_setup() -> Callable[[EdgeContext, Tensor], Tensor]:
-    from circuitlab.patching.edge_masks import edge_masked_metric
-
     return edge_masked_metric
 
 
@@ -145,8 +144,6 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
     started = time.time()
     iterator: Any = range(cfg.steps)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step")
     ramp = max(1, int(cfg.warmup * cfg.steps))
     with torch.enable_grad():

@@ -7,16 +7,22 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import check_required_hooks
@@ -119,8 +125,6 @@ def _cache_is_valid(folder: Path, *, full: bool = False) -> bool:
 
 def _build_smollm2(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF file into a safetensors checkpoint (with tokenizer) in `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     hf.hf_quantizer = None
@@ -134,8 +138,6 @@ def _build_lock(folder: Path) -> int:
     """Hold the build lock of a cache entry (blocks while another process builds it); returns its fd.
 
     The lock file is removed on release (`_release`); a waiter that locked a removed file retries."""
-    import fcntl
-
     path = folder.parent / f".{folder.name}.lock"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -243,8 +245,6 @@ def _native_config_dict(model: TransformerBridge) -> dict[str, Any]:
 
 def save_model(model: TransformerBridge, directory: str | os.PathLike[str]) -> Path:
     """Write a TL-native model as its config (JSON) plus safetensors weights; reload with `load_model(dir)`."""
-    from safetensors.torch import save_file
-
     if model.cfg.architecture != "TransformerLensNative":
         raise ValueError(
             f"save_model writes TL-native models; this one is {model.cfg.architecture!r}. "
@@ -261,13 +261,9 @@ def save_model(model: TransformerBridge, directory: str | os.PathLike[str]) -> P
 
 
 def _load_native_dir(directory: Path, device: str, dtype: torch.dtype) -> TransformerBridge:
-    from safetensors.torch import load_file
-
     meta = json.loads((directory / _NATIVE_CONFIG).read_text())
     tokenizer = None
     if (directory / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
     model = TransformerBridge.boot_native(dict(meta["config"]), tokenizer=tokenizer, device=device, dtype=dtype)
     state = load_file(str(directory / _NATIVE_WEIGHTS), device=str(device))
@@ -286,11 +282,6 @@ def _looks_like_path(name: str) -> bool:
 
 def _check_hub_name(name: str, revision: str | None = None) -> None:
     """Fail at once for a hub name that is neither cached locally nor reachable (no minute of hub retries)."""
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     advice = (f"offline, use the embedded default {DEFAULT_MODEL!r} or a folder written by "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.activation import _metric_values
+from circuitlab.patching.edge_masks import edge_masked_final
 from circuitlab.patching.edges import EdgeContext, _logits_at
 
 
@@ -59,7 +60,6 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
     if masks.dim() != 2 or masks.shape[1] != g.n_senders:
         raise ValueError(f"node masks must be [circuits, {g.n_senders}] over graph.sender_names; got {tuple(masks.shape)}")
     if getattr(er, "backend", "fast") == "hook":  # every outgoing edge of u at m_u: the same circuit, by edges
-        from circuitlab.patching.edge_masks import edge_masked_final
 
         return edge_masked_final(ctx, expand_to_edges(ctx, masks))
     n_circ = masks.shape[0]

@@ -27,9 +27,12 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from circuitlab.patching.activation import (PatchingConfig, PatchingContext, _gather_logits, _metric_values,
-                                            ensure_collected, prepare, resolve_position)
+from circuitlab.patching.activation import (
+    PatchingConfig, PatchingContext, _gather_logits, _metric_values, ensure_collected, prepare, resolve_position,
+    _source_activation,
+)
 from circuitlab.patching.components import Node, parse_node
 
 PATH_COLUMNS = ["sender", "receiver", "channel", "layer", "head", "position", "role", "metric", "effect",
@@ -119,8 +122,6 @@ class _PathRun:
         self.recv_layers = sorted({int(node.layer) for node in receivers}) if channel != "logits" else []
 
     def _source(self, kind: str, layer: int) -> Tensor:
-        from circuitlab.patching.activation import _source_activation
-
         return _source_activation(self.ctx, kind, layer, self.source)
 
     def _pos_mask(self, positions: Tensor | None, batch: int, seq: int, device: torch.device) -> Tensor:
@@ -258,8 +259,6 @@ def path_patching(model: Any, task: Any, pairs: Any, senders: Any = "heads", rec
             chunks.append([index])
     iterator: Iterable[list[int]] = chunks
     if config.progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(chunks, desc="path patching", unit="fwd")
     for members in iterator:
         chunk = [kept[i] for i in members]

@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import torch
 
 from circuitlab.patching.activation import RESULT_COLUMNS, PatchingConfig, activation_patching
+from circuitlab.patching.attribution import exact_edge_scores
+from circuitlab.patching.components import parse_edge, parse_node
+from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.models import load_model
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
@@ -55,10 +60,6 @@ def split_layers(layers: Sequence[int], n_shards: int) -> list[tuple[int, ...]]:
 
 def run_shard(shard: PatchShard) -> pd.DataFrame:
     """Load the model and patch this shard's layers (runs in a worker; the frame keeps clean/corrupt metrics)."""
-    import torch
-
-    from circuitlab.patching.models import load_model
-
     previous = torch.get_num_threads()
     torch.set_num_threads(shard.threads)
     try:
@@ -122,8 +123,6 @@ class EdgeShard:
 
 
 def _receiver_layer(edge: str) -> int:
-    from circuitlab.patching.components import parse_edge, parse_node
-
     node = parse_node(parse_edge(edge)[1])
     return 1 << 30 if node.layer is None else int(node.layer)  # logits read after the last layer
 
@@ -137,12 +136,6 @@ def split_edges(edges: Sequence[str], n_shards: int) -> list[list[int]]:
 
 def run_edge_shard(shard: EdgeShard) -> Any:
     """Load the model and score this shard's edges exactly (`attribution.exact_edge_scores`); runs in a worker."""
-    import torch
-
-    from circuitlab.patching.attribution import exact_edge_scores
-    from circuitlab.patching.edges import prepare_edges
-    from circuitlab.patching.models import load_model
-
     previous = torch.get_num_threads()
     torch.set_num_threads(shard.threads)
     try:
@@ -157,8 +150,6 @@ def sharded_exact_edge_scores(model: str, task: Any, pairs: Any, edges: Sequence
                               map_fn: MapFn | None = None, chunk_size: int = 16, device: str = "cpu",
                               threads: int = 1) -> Any:
     """`attribution.exact_edge_scores` for many edges (names), split over `n_shards` workers by receiver layer."""
-    import torch
-
     edges = list(edges)
     groups = split_edges(edges, n_shards)
     shards = [EdgeShard(model, task, pairs, tuple(edges[i] for i in g), chunk_size, device, threads) for g in groups]

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from circuitlab.patching.architecture import describe
 from circuitlab.patching.components import Node, edge_name, head_node, mlp_node, parse_edge, parse_node
 
 
@@ -109,8 +110,6 @@ class ComputationalGraph:
 
     @classmethod
     def from_model(cls, model: Any) -> ComputationalGraph:
-        from circuitlab.patching.architecture import describe
-
         return cls.from_architecture(describe(model))
 
     @classmethod

@@ -28,6 +28,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.models import save_model
 
@@ -250,6 +252,7 @@ def _write_checkpoint(bridge: Any, state: dict[str, Tensor], folder: Path) -> Pa
     return folder
 
 
+@torch.enable_grad()  # trains by backpropagation even when called under torch.no_grad()
 def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Generator], Tensor],
                     out_dir: str | os.PathLike[str], *, progress: bool = True, fast: bool = True,
                     desc: str | None = None) -> TrainResult:
@@ -259,8 +262,6 @@ def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Gener
     log to `out_dir/train_log.csv`. Rerunning with the same config resumes; the result is the same either way
     (the sampler's generator state is saved with the weights).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,8 +319,6 @@ def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Gener
         save_state(0)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.steps, initial=start, desc=desc or f"train {config.n_layers}L", unit="step")
     for step in range(start, config.steps):
         lr = _lr_at(config, step)

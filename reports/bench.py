@@ -10,6 +10,7 @@ script. Hook into the CLI with `add_bench_parser(sub)` (the `bench` command, its
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -19,9 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+import torch
 
+from circuitlab.graphs.benchmark import (
+    BenchConfig, COUNTERFACTUALS, METHODS, METHOD_NOTES, RESULT_COLUMNS, results_markdown,
+)
+from circuitlab.graphs.groundtruth import list_groundtruth
 from circuitlab.reports.cell_kinds import SMOLLM2_IOI, SMOLLM2_IOI_ROW
+from circuitlab.reports.executors import make_executor
+from circuitlab.reports.grid import SweepSpec, run_sweep
 
 
 @dataclass(frozen=True)
@@ -49,8 +60,6 @@ def _csv(value: str) -> tuple[str, ...]:
 
 def add_methods_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `bench methods` (shared by the CLI and `bench/methods.py`)."""
-    from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS
-
     p.add_argument("--models", default=None,
                    help=f"comma-separated: ground-truth names (graphs.groundtruth.list_groundtruth()) and/or "
                         f"{SMOLLM2_IOI} (default: all of them; none when --own-model is given)")
@@ -76,9 +85,6 @@ def add_methods_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> MethodsBenchConfig:
     """Validate parsed arguments into a `MethodsBenchConfig` (errors name the bad value)."""
-    from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS
-    from circuitlab.graphs.groundtruth import list_groundtruth
-
     own = (args.own_model, args.own_circuit, args.own_task)
     if any(own) and not all(own):
         raise ValueError("--own-model, --own-circuit and --own-task go together: give all three")
@@ -115,8 +121,6 @@ def sweep_spec(cfg: MethodsBenchConfig) -> Any:
     With the defaults this is `bench/methods.yaml`. SmolLM2 IOI and registry tasks of an own model have only
     the task's own counterfactual: the other counterfactuals are excluded for them.
     """
-    from circuitlab.reports.grid import SweepSpec
-
     models = list(cfg.models)
     options: dict[str, Any] = {"n": cfg.n, "ioi_n": cfg.ioi_n, "n_boot": cfg.n_boot}
     exclude = [{"model": SMOLLM2_IOI, "counterfactual": cf} for cf in cfg.counterfactuals if cf != "task"]
@@ -133,10 +137,6 @@ def sweep_spec(cfg: MethodsBenchConfig) -> Any:
 
 def _results_frame(result: Any) -> pd.DataFrame:
     """methods.csv rows (`graphs.benchmark.RESULT_COLUMNS`) from the sweep's cells, in grid order."""
-    import json
-
-    from circuitlab.graphs.benchmark import RESULT_COLUMNS
-
     rows = []
     for name in result.table["cell"]:
         record = json.loads((result.out / "cells" / name / "cell.json").read_text())
@@ -155,9 +155,6 @@ def run_methods_bench(cfg: MethodsBenchConfig, command: str = "", *, executor: A
                       sweep_dir: str | None = None, force: bool = False) -> pd.DataFrame:
     """Run the benchmark as a sweep (cells under `sweep_dir`, default `cfg.out`/sweep) and write
     methods.md / .csv / .png under `cfg.out`; returns the results frame."""
-    from circuitlab.graphs.benchmark import BenchConfig, results_markdown
-    from circuitlab.reports.grid import run_sweep
-
     say: Callable[[str], None] = (lambda s: None) if cfg.quiet else (lambda s: print(s, flush=True))
     start = time.perf_counter()
     bench_cfg = BenchConfig(n_boot=cfg.n_boot, seed=cfg.seed)
@@ -180,10 +177,6 @@ def run_methods_bench(cfg: MethodsBenchConfig, command: str = "", *, executor: A
 
 def _markdown_page(frame: pd.DataFrame, table: str, cfg: MethodsBenchConfig, bench_cfg: Any, total: float,
                    command: str, cells: str = "") -> str:
-    from circuitlab.graphs.benchmark import METHOD_NOTES
-
-    import torch
-
     best = []
     for (model, cf), group in frame.groupby(["model", "counterfactual"], sort=False):
         if group["edge_auroc"].notna().any():
@@ -238,11 +231,7 @@ def _markdown_page(frame: pd.DataFrame, table: str, cfg: MethodsBenchConfig, ben
 
 def plot_results(frame: pd.DataFrame, path: str | Path) -> Path:
     """Grouped bars: edge ROC-AUC (ground truths) and CPR / CMD (every case), one colour per method."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     frame = frame.copy()
     frame["case"] = frame["model"] + "\n" + frame["counterfactual"]
@@ -298,8 +287,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_from_args(args: argparse.Namespace, command: str) -> None:
-    from circuitlab.reports.executors import make_executor
-
     executor = make_executor(args.executor, address=args.address)
     run_methods_bench(config_from_args(args), command=command, executor=executor, sweep_dir=args.sweep_dir,
                       force=args.force)

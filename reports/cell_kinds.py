@@ -1,4 +1,5 @@
-"""What each kind of sweep cell runs, and how its parameters are checked before anything heavy loads.
+"""What each kind of sweep cell runs, how its parameters are checked before anything heavy loads, and
+`run_cell`, which runs one cell in a private staging folder and records its outcome.
 
 - `run`: one ordinary `circuitlab run` (parameters are `RunConfig` fields; the folder is a normal run folder:
   report.html/.md, run.json, scores.csv, circuit.json/.graphml, pairs.jsonl, baseline/faithfulness/oracle/
@@ -11,11 +12,33 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import shutil
+import socket
+import tempfile
+import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from circuitlab.reports.cells import Cell, SkipCell
+import pandas as pd
+import torch
+
+from circuitlab.graphs.benchmark import (
+    BenchCase, BenchConfig, COUNTERFACTUALS, METHODS, Reference, adapt_groundtruth, benchmark_case, own_case,
+)
+from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
+from circuitlab.graphs.methods import get_method
+from circuitlab.patching.models import load_model
+from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.reports import store
+from circuitlab.reports.cells import Cell, CellOutcome, SkipCell
+from circuitlab.reports.config import ConfigError, FIELDS, make_config, validate
+from circuitlab.reports.run import execute
+from circuitlab.tasks import get_task
 
 SMOLLM2_IOI = "smollm2-ioi"  # the bench grid's name for SmolLM2 IOI
 SMOLLM2_IOI_ROW = ("smollm2-135m IOI", "task (ABC)")  # its model and counterfactual as the results table shows them
@@ -23,8 +46,6 @@ BENCH_FIELDS = ("model", "method", "counterfactual", "seed", "n", "ioi_n", "circ
 
 
 def _bench_options() -> tuple[str, ...]:
-    from circuitlab.graphs.benchmark import BenchConfig
-
     return tuple(f.name for f in fields(BenchConfig) if f.name != "seed")
 
 
@@ -32,11 +53,7 @@ def _bench_options() -> tuple[str, ...]:
 
 def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated, resolved parameters of one cell (errors name the option and the cell)."""
-    from circuitlab.reports.config import ConfigError
-
     if kind == "run":
-        from circuitlab.reports.config import FIELDS, make_config, validate
-
         unknown = sorted(set(params) - FIELDS)
         if unknown:
             raise ConfigError(f"{where}: unknown run option(s) {unknown}; known: {', '.join(sorted(FIELDS))}")
@@ -48,8 +65,6 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         resolved.pop("out")
         return resolved
     if kind == "bench":
-        from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS, BenchConfig
-
         known = set(BENCH_FIELDS) | set(_bench_options())
         unknown = sorted(set(params) - known)
         if unknown:
@@ -98,16 +113,9 @@ def _run_result(record: dict[str, Any]) -> dict[str, Any]:
 
 def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One `circuitlab run` into `folder`; returns the headline numbers of its run.json."""
-    from circuitlab.patching.methods import get_method
-    from circuitlab.reports.config import make_config
-    from circuitlab.reports.run import execute
-
     cfg = make_config({**cell.params, "out": str(folder), "threads": cell.threads})
     limit = get_method(cfg.method).max_edges
     if limit is not None and not cfg.force:
-        from circuitlab.patching.topology import ComputationalGraph
-        from circuitlab.patching.models import load_model
-
         mcfg = load_model(cfg.model, device=cfg.device).cfg
         n_edges = ComputationalGraph(int(mcfg.n_layers), int(mcfg.n_heads),
                                      int(getattr(mcfg, "n_key_value_heads", None) or mcfg.n_heads),
@@ -121,15 +129,10 @@ def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- bench cells
 
 def _bench_case(params: dict[str, Any]) -> Any:
-    from circuitlab.graphs.benchmark import BenchCase, Reference, adapt_groundtruth, own_case
-    from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
-
     model, n, seed, cf = str(params["model"]), int(params["n"]), int(params["seed"]), params["counterfactual"]
     if model == SMOLLM2_IOI:
         if cf != "task":
             raise SkipCell(f"{SMOLLM2_IOI} has only the task's own (ABC) counterfactual, not {cf!r}")
-        from circuitlab.patching.models import load_model
-        from circuitlab.tasks import get_task
 
         lm = load_model("smollm2-135m")
         task = get_task("ioi")
@@ -151,11 +154,6 @@ def _bench_case(params: dict[str, Any]) -> Any:
 
 def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One method on one benchmark case; writes result.json/.csv into `folder` and returns the row."""
-    import pandas as pd
-
-    from circuitlab.graphs.benchmark import BenchConfig, benchmark_case
-    from circuitlab.reports import store
-
     params = cell.params
     case = _bench_case(params)
     options = {k: params[k] for k in _bench_options() if k in params}
@@ -172,3 +170,59 @@ def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[Cell, Path], dict[str, Any]]] = {"run": run_run_cell, "bench": run_bench_cell}
 
+
+# ---------------------------------------------------------------------- running
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _backend(executor: str, device: str) -> dict[str, Any]:
+    return {"executor": executor, "device": device, "host": socket.gethostname(), "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def run_cell(cell: Cell, executor: str = "sequential") -> CellOutcome:
+    """Run one cell in a private staging folder; never raises for a cell's own failure (it is recorded)."""
+    staging = Path(tempfile.mkdtemp(prefix="circuitlab-cell-"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cell.threads)
+    exact_peak = _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    outcome = CellOutcome(status="done")
+    try:
+        outcome.result = RUNNERS[cell.kind](cell, staging)
+    except SkipCell as exc:
+        outcome = CellOutcome(status="skipped", reason=str(exc))
+    except Exception as exc:  # a cell's failure is data: the sweep goes on and records it
+        outcome = CellOutcome(status="failed", error=f"{type(exc).__name__}: {exc}",
+                              result={"traceback": traceback.format_exc(limit=8)})
+    finally:
+        torch.set_num_threads(previous)
+    outcome.wall_seconds = time.perf_counter() - started
+    outcome.peak_rss_mb = _peak_rss_mb()
+    outcome.backend = _backend(executor, str(cell.params.get("device", "cpu")))
+    outcome.backend["peak_memory"] = "VmHWM during the cell" if exact_peak else "process peak (ru_maxrss)"
+    if torch.cuda.is_available():
+        outcome.backend["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if outcome.status == "done":
+        outcome.files = {str(p.relative_to(staging)): p.read_bytes()
+                         for p in sorted(staging.rglob("*")) if p.is_file() and ".partial" not in p.parts}
+    shutil.rmtree(staging, ignore_errors=True)
+    return outcome

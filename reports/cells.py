@@ -3,7 +3,7 @@
 A cell is a plain description (`Cell`: kind, parameters, resources) that pickles to any worker. Running it
 (`run_cell`) happens in a private staging folder and returns every file it wrote as bytes together with its
 status, so the driver writes the cell's folder itself (workers need no shared filesystem) and a cell folder
-is either complete or absent. Kinds: `run` (one ordinary `circuitlab run`) and `bench` (one discovery method
+is either complete or absent; `run_cell` lives with the kinds it dispatches to, in `reports.cell_kinds`. Kinds: `run` (one ordinary `circuitlab run`) and `bench` (one discovery method
 on a model with a known circuit, as in `circuitlab bench methods`).
 
 A cell's key hashes its resolved parameters, the code version (every source file of the package) and the
@@ -15,17 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import shutil
-import socket
-import tempfile
-import time
-import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth
+from circuitlab.patching.models import _smollm2_gguf
 from circuitlab.reports.store import code_version
 
 KINDS = ("run", "bench")
@@ -105,16 +101,12 @@ def _folder_hash(folder: Path) -> str:
 
 def model_fingerprint(model: str) -> str:
     """A hash of a model's weight files, computed without loading it (`unhashed:<name>` for hub names)."""
-    from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth
-
     path = Path(model).expanduser()
     if path.is_dir():
         return _folder_hash(path)
     if model in list_groundtruth():
         return _folder_hash(MODELS_DIR / model)
     if model.lower() in ("smollm2-135m", "smollm2", "smollm2-135m-instruct", "smollm2-ioi"):
-        from circuitlab.patching.models import _smollm2_gguf
-
         gguf = _smollm2_gguf()
         return _files_hash(str(gguf.parent), ((gguf.name, gguf.stat().st_size, gguf.stat().st_mtime_ns),))
     return f"unhashed:{model}"
@@ -135,68 +127,3 @@ def cell_key(cell: Cell) -> str:
             files[name] = _files_hash(str(path.parent), ((path.name, path.stat().st_size, path.stat().st_mtime_ns),))
     data = {**cell.resolved(), "code": code_version(), "weights": weights, "files": files}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------- running
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _backend(executor: str, device: str) -> dict[str, Any]:
-    import torch
-
-    return {"executor": executor, "device": device, "host": socket.gethostname(), "pid": os.getpid(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-
-
-def run_cell(cell: Cell, executor: str = "sequential") -> CellOutcome:
-    """Run one cell in a private staging folder; never raises for a cell's own failure (it is recorded)."""
-    import torch
-
-    from circuitlab.reports.cell_kinds import RUNNERS
-
-    staging = Path(tempfile.mkdtemp(prefix="circuitlab-cell-"))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cell.threads)
-    exact_peak = _reset_peak_rss()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    outcome = CellOutcome(status="done")
-    try:
-        outcome.result = RUNNERS[cell.kind](cell, staging)
-    except SkipCell as exc:
-        outcome = CellOutcome(status="skipped", reason=str(exc))
-    except Exception as exc:  # a cell's failure is data: the sweep goes on and records it
-        outcome = CellOutcome(status="failed", error=f"{type(exc).__name__}: {exc}",
-                              result={"traceback": traceback.format_exc(limit=8)})
-    finally:
-        torch.set_num_threads(previous)
-    outcome.wall_seconds = time.perf_counter() - started
-    outcome.peak_rss_mb = _peak_rss_mb()
-    outcome.backend = _backend(executor, str(cell.params.get("device", "cpu")))
-    outcome.backend["peak_memory"] = "VmHWM during the cell" if exact_peak else "process peak (ru_maxrss)"
-    if torch.cuda.is_available():
-        outcome.backend["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if outcome.status == "done":
-        outcome.files = {str(p.relative_to(staging)): p.read_bytes()
-                         for p in sorted(staging.rglob("*")) if p.is_file() and ".partial" not in p.parts}
-    shutil.rmtree(staging, ignore_errors=True)
-    return outcome

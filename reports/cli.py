@@ -12,9 +12,20 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
-from circuitlab.reports.config import METHODS, ConfigError
+from circuitlab.patching.models import list_models
+from circuitlab.reports import rundir
+from circuitlab.reports.bench import add_bench_parser
+from circuitlab.reports.config import METHODS, ConfigError, build_configs, load_config_file
+from circuitlab.reports.grid import add_sweep_parser
+from circuitlab.reports.phase import add_phase_parser
+from circuitlab.reports.render import render_report
+from circuitlab.reports.run import execute
+from circuitlab.reports.rundir import annotate
+from circuitlab.reports.sweep import SweepConfig, run_patch, run_path
+from circuitlab.tasks import get_task, list_tasks
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,13 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list tasks").set_defaults(func=_cmd_tasks)
     sub.add_parser("models", help="list loadable models").set_defaults(func=_cmd_models)
-    from circuitlab.reports.bench import add_bench_parser
 
     add_bench_parser(sub)
-    from circuitlab.reports.grid import add_sweep_parser
 
     add_sweep_parser(sub)
-    from circuitlab.reports.phase import add_phase_parser
 
     add_phase_parser(sub)
     return parser
@@ -117,9 +125,6 @@ def _task_options(items: list[str]) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from circuitlab.reports.config import build_configs, load_config_file
-    from circuitlab.reports.run import execute
-
     file_values = load_config_file(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("task", "model", "method", "out", "n", "seed", "corruption",
                                          "top_fraction", "threshold", "top_k", "positions", "resid_positions",
@@ -135,8 +140,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
             record = execute(cfg, quiet=args.quiet)
         except Exception as exc:
             if len(configs) > 1:
-                from circuitlab.reports.rundir import annotate
-
                 annotate(exc, prefix=f"run {i + 1} of {len(configs)} (out {cfg.out}): ")
             raise
         print(f"report: {cfg.out}/report.html (and report.md); run record {cfg.out}/run.json"
@@ -145,16 +148,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: str) -> Any:
-    from circuitlab.reports.sweep import SweepConfig
-
     return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
                        corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
                        device=args.device, threads=args.threads, spec=spec)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
-    from circuitlab.reports.sweep import run_patch
-
     if args.shards < 1:
         raise ConfigError(f"--shards must be >= 1, got {args.shards}")
     spec = {"component": args.component, "positions": args.positions, "shards": args.shards,
@@ -165,8 +164,6 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_path(args: argparse.Namespace) -> int:
-    from circuitlab.reports.sweep import run_path
-
     spec = {"senders": args.senders, "receivers": args.receivers, "channel": args.channel,
             "sender_positions": args.sender_positions, "receiver_positions": args.receiver_positions}
     run_path(_sweep_config(args, spec, "runs/path"), quiet=args.quiet, command=_command_line())
@@ -193,11 +190,6 @@ SWEEP_COMMANDS = (
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from circuitlab.reports import rundir
-    from circuitlab.reports.render import render_report
-
     folder = Path(args.run_dir).expanduser().absolute()
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
@@ -208,8 +200,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from circuitlab.tasks import get_task, list_tasks
-
     for name in list_tasks():
         task = get_task(name)
         print(f"{name:16s} metric {task.metric_name:13s} roles {','.join(task.roles):38s} {task.description}")
@@ -217,8 +207,6 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from circuitlab.patching.models import list_models
-
     for info in list_models():
         print(f"{info.name:24s} {'offline' if info.offline else 'online ':8s} {info.description}")
     return 0

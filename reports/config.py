@@ -11,11 +11,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from circuitlab.graphs.faithful import FAITHFUL_METHODS
+from circuitlab.tasks import get_task
 from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.tasks.custom import load_task, looks_like_path
 
 # methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
 # EAP-IG diagnostics and takes its circuit from that method (`make_config`)
@@ -110,8 +117,6 @@ class RunConfig:
 
 
 def _quote(text: str) -> str:
-    import shlex
-
     return shlex.quote(text)
 
 
@@ -128,8 +133,6 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml and json raise different types; both mean a malformed file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -183,8 +186,6 @@ def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> li
 
 def _dataset_rows(task: Any) -> int | None:
     """How many rows a `--task` dataset file holds (None for built-in task names)."""
-    from circuitlab.tasks.custom import load_task, looks_like_path
-
     if not isinstance(task, str) or not looks_like_path(task):
         return None
     try:
@@ -246,8 +247,6 @@ def _coerce(name: str, value: Any) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
-    from circuitlab.tasks import get_task
-
     if cfg.method not in method_names():
         raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
     try:
@@ -286,7 +285,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)
-    from circuitlab.graphs.faithful import FAITHFUL_METHODS
 
     if cfg.circuit_method not in ("auto",) + FAITHFUL_METHODS:
         raise ConfigError(f"unknown --circuit-method {cfg.circuit_method!r}: use auto or one of "
@@ -313,8 +311,6 @@ def check_seed(seed: int) -> None:
 
 def check_device(device: str) -> None:
     """Refuse a device torch cannot parse or this machine does not have (before any model is loaded)."""
-    import torch
-
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

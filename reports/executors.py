@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from circuitlab.reports.cells import Cell, CellOutcome, run_cell
+from circuitlab.reports.cell_kinds import run_cell
+from circuitlab.reports.cells import Cell, CellOutcome
+from circuitlab.reports.config import ConfigError
 
 OnDone = Callable[[int, CellOutcome], None]
 
@@ -73,10 +75,8 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         self._depth += 1
         try:
-            import ray
+            import ray  # optional dependency: circuitlab[ray]
         except ImportError:
-            from circuitlab.reports.config import ConfigError
-
             raise ConfigError("--executor ray needs Ray: pip install 'circuitlab[ray]' (or pip install ray)") from None
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -94,14 +94,14 @@ class RayExecutor:
     def __exit__(self, *exc: Any) -> None:
         self._depth -= 1
         if self._owned and self._depth == 0:
-            import ray
+            import ray  # optional dependency: circuitlab[ray]
 
             ray.shutdown()
             self._owned = False
 
     def run_cells(self, cells: Sequence[Cell], on_done: OnDone) -> None:
-        import ray
-        from ray.exceptions import RayError
+        import ray  # optional dependency: circuitlab[ray]
+        from ray.exceptions import RayError  # optional dependency: circuitlab[ray]
 
         remote = ray.remote(type(self).cell_function)
         pending = {remote.options(**_ray_options(cell.resources, self.max_retries)).remote(cell): i
@@ -124,7 +124,7 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], resources: dict[str, Any] | None = None) -> list[Any]:
-        import ray
+        import ray  # optional dependency: circuitlab[ray]
 
         remote = ray.remote(fn).options(**_ray_options(resources, self.max_retries))
         return ray.get([remote.remote(item) for item in items])
@@ -132,8 +132,6 @@ class RayExecutor:
 
 def make_executor(name: str = "sequential", *, address: str | None = None, num_cpus: int | None = None) -> Any:
     """An executor by name (`sequential` or `ray`); an address implies Ray."""
-    from circuitlab.reports.config import ConfigError
-
     if address or name == "ray":
         return RayExecutor(address, num_cpus=num_cpus)
     if name == "sequential":

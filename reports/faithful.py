@@ -13,12 +13,24 @@ the size forced by --top-k/--top-fraction/--threshold (`selection`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from circuitlab.graphs.circuit import Selection
+from circuitlab.graphs.discovery import choose_circuit
+from circuitlab.graphs.faithful import FaithfulConfig, REUSABLE, find_faithful_circuit, prefix_curve
+from circuitlab.graphs.roles import assign_roles
+from circuitlab.graphs.scores import Circuit
+from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
+from circuitlab.graphs.stability import inclusion_frequency
+from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.mask_learning import MaskConfig
 from circuitlab.patching.methods import get_method
+from circuitlab.reports.result import strongest_per_node
+from circuitlab.tasks.split import heldout_split
 
 HELDOUT_SEED_OFFSET = 1_000_003
 SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
@@ -30,8 +42,6 @@ SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
 def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, options: dict[str, Any]
                   ) -> tuple[Any, Any, str]:
     """(discovery pairs, held-out pairs, how they were split: a key of `SPLITS`)."""
-    from circuitlab.tasks.split import heldout_split
-
     try:
         disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)
         return disc, held, "templates"
@@ -61,10 +71,6 @@ def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
 def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict[str, Any], pd.DataFrame]:
     """Top-k heads by single exact effect (the run's exact activation-patching stage), chosen and measured like
     the circuit: the smallest prefix reaching the target on the discovery pairs, then on held-out pairs."""
-    from circuitlab.graphs.faithful import prefix_curve
-    from circuitlab.graphs.selection import candidate_order, select_by_faithfulness
-    from circuitlab.reports.result import strongest_per_node
-
     exact = strongest_per_node(p.result.exact[p.result.exact["component"] == "z"]).set_index("node")["effect"]
     heads = [i for i in evaluator.items if i.startswith("a")]
     scores = torch.tensor([abs(float(exact.get(i, 0.0))) if i in heads else 0.0 for i in evaluator.items])
@@ -82,9 +88,6 @@ def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict
 
 def faithful_config(cfg: Any, n_discovery: int) -> Any:
     """The `graphs.faithful.FaithfulConfig` of a run's circuit stage (`cfg`: a `RunConfig`)."""
-    from circuitlab.graphs.faithful import FaithfulConfig
-    from circuitlab.patching.mask_learning import MaskConfig
-
     batch = min(8, n_discovery)
     return FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
                           memory_budget_mb=cfg.memory_budget,
@@ -98,8 +101,6 @@ def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = No
     discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
     scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/`heldout_batches`: the
     prompts batch by batch (see `graphs.faithful.find_faithful_circuit`)."""
-    from circuitlab.graphs.faithful import find_faithful_circuit
-
     config = faithful_config(cfg, n_discovery or len(discovery.clean_values))
     return find_faithful_circuit(discovery, circuit_method(cfg), config, heldout=heldout, edge_scores=edge_scores,
                                  log=log, batches=batches, heldout_batches=heldout_batches)
@@ -113,10 +114,6 @@ def _contexts(parts: Any) -> tuple[Any, int]:
 
 def circuit_stage(p: Any) -> dict[str, Any]:
     """Find, check and compare the run's faithful circuit (see the module docstring); RunResult fields."""
-    from circuitlab.graphs.faithful import REUSABLE, FaithfulConfig, find_faithful_circuit
-    from circuitlab.graphs.selection import batched_evaluator, node_evaluator
-    from circuitlab.patching.edges import prepare_edges
-
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
@@ -176,8 +173,6 @@ def circuit_stage(p: Any) -> dict[str, Any]:
                "seconds": round(found.seconds, 3), "baseline": baseline}
     stability = None
     if cfg.stability_resamples > 0:
-        from circuitlab.graphs.stability import inclusion_frequency
-
         say(f"  stability: rediscovering on {cfg.stability_resamples} bootstrap resamples")
         quick = FaithfulConfig(**{**config.__dict__, "n_boot": 0})
         if batched:
@@ -195,8 +190,6 @@ def circuit_stage(p: Any) -> dict[str, Any]:
 
 def faithful_graph(summary: dict[str, Any], ranking: pd.DataFrame, graph: Any, name: str) -> Any:
     """The circuit graph of a faithful selection (node circuits: the kept heads/MLPs with implied edges)."""
-    from circuitlab.graphs.scores import Circuit
-
     scores = ranking.set_index("item")["score"]
     items = summary["items"]
     values = {i: (float(scores[i]) or 1e-12) for i in items}  # chosen items are clear of zero; keep them drawable
@@ -245,8 +238,6 @@ def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
 
 def selection(cfg: Any) -> Any:
     """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
-    from circuitlab.graphs.circuit import Selection
-
     for key in ("top_fraction", "threshold", "top_k"):
         if getattr(cfg, key) is not None:
             return Selection(**{key: getattr(cfg, key)})
@@ -256,12 +247,6 @@ def selection(cfg: Any) -> Any:
 def build_circuit(p: Any) -> Any:
     """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
     the method's scores — with exact effects and measured roles on its nodes."""
-    from pathlib import Path
-
-    from circuitlab.graphs.discovery import choose_circuit
-    from circuitlab.graphs.roles import assign_roles
-    from circuitlab.reports.result import strongest_per_node
-
     cfg = p.cfg
     if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
         summary = p.result.faithful

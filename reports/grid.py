@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import yaml
 
 from circuitlab.reports import store
+from circuitlab.reports.cell_kinds import check_params
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
 from circuitlab.reports.config import ConfigError
+from circuitlab.reports.executors import SequentialExecutor, make_executor
+from circuitlab.reports.sweep_summary import write_summary
 
 SWEEP_KEYS = ("kind", "grid", "options", "resources", "exclude")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory_mb")
@@ -88,8 +92,6 @@ class SweepSpec:
         if not path.is_file():
             raise ConfigError(f"sweep file {str(path)!r} does not exist")
         try:
-            import yaml
-
             data = yaml.safe_load(path.read_text()) if path.suffix.lower() != ".json" else json.loads(path.read_text())
         except Exception as exc:  # yaml and json raise different types; both mean a malformed file
             raise ConfigError(f"sweep file {str(path)!r} cannot be parsed: {str(exc).splitlines()[0]}") from exc
@@ -101,8 +103,6 @@ class SweepSpec:
 
     def cells(self) -> list[Cell]:
         """Every cell of the grid (validated and resolved; exclusions and duplicates dropped), in grid order."""
-        from circuitlab.reports.cell_kinds import check_params
-
         keys = list(self.grid)
         out: list[Cell] = []
         seen: set[str] = set()
@@ -178,8 +178,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
     A cell is finished when its folder (named by its content key) holds a record with status done or
     skipped; failed cells run again. Each cell is written as soon as it finishes.
     """
-    from circuitlab.reports.executors import SequentialExecutor
-
     executor = executor or SequentialExecutor()
     out = store.check_writable(out)
     root = out / "cells"
@@ -198,7 +196,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
             todo.append(i)
     say(f"sweep: {len(cells)} cells, {len(reused)} already finished, {len(todo)} to run on {executor.name}")
     ran: list[str] = []
-    pause_after = int(os.environ.get("CIRCUITLAB_SWEEP_PAUSE_AFTER", "0") or 0)  # a hook for the kill test
 
     def on_done(j: int, outcome: CellOutcome) -> None:
         i = todo[j]
@@ -209,8 +206,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
         detail = outcome.error or outcome.reason
         say(f"  [{len(ran)}/{len(todo)}] {folders[i].name}: {outcome.status}{': ' + detail if detail else ''} "
             f"({outcome.wall_seconds:.1f}s)")
-        if pause_after and len(ran) == pause_after:
-            time.sleep(float(os.environ.get("CIRCUITLAB_SWEEP_PAUSE_SECONDS", "60")))
 
     started = time.time()
     try:
@@ -223,7 +218,6 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
             "cells": len(cells), "ran": ran, "reused": reused, "wall_seconds": round(time.time() - started, 3),
             "status": table["status"].value_counts().to_dict() if len(table) else {}})
         write_table(out, table)
-    from circuitlab.reports.sweep_summary import write_summary
 
     write_summary(out, table, spec)
     return SweepResult(table, ran, reused, out)
@@ -289,8 +283,6 @@ def add_sweep_parser(subparsers: Any) -> Any:
 
 
 def _cmd_sweep(args: Any) -> int:
-    from circuitlab.reports.executors import make_executor
-
     address = args.address or (os.environ.get("RAY_ADDRESS") if args.executor == "ray" else None)
     spec = SweepSpec.load(args.config)
     executor = make_executor(args.executor, address=address, num_cpus=args.num_cpus)

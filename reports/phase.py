@@ -11,8 +11,10 @@ Column meanings are in `COLUMN_DOCS` (also written to `columns.md`). Rerunning t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,13 +22,17 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from circuitlab.graphs.induction import ProbeOptions, composition_scores
 from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_change, joint_induction_ablation,
                                      label_heads, measure_checkpoint)
 from circuitlab.patching.models import load_model
+from circuitlab.patching.training import TrainConfig, train_attn_only
 from circuitlab.reports import store
-from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, periodic_mix
+from circuitlab.reports.config import ConfigError
+from circuitlab.reports.phase_report import acceptance, render_phase_report
+from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, periodic_mix, model_corpus
 
 CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "icl_se", "late", "early", "icl_width", "late_loss",
                       "early_loss",
@@ -111,8 +117,6 @@ def probe_tokens(corpus: Corpus, k: int = 96) -> tuple[int, ...]:
 def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_log: pd.DataFrame | None,
                  tokens: torch.Tensor, probe: ProbeOptions, cache_dir: Path, tokens_per_step: int,
                  progress: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from tqdm.auto import tqdm
-
     rows, head_frames = [], []
     smoothed = None
     if train_log is not None and len(train_log):
@@ -138,8 +142,6 @@ def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_l
 def _measure_cache(out: Path, name: str, cfg: PhaseConfig) -> Path:
     """Cache folder of one model's checkpoint measurements, keyed by the settings they depend on (a rerun with
     other evaluation or probe settings measures afresh instead of reusing stale rows)."""
-    import hashlib
-
     key = json.dumps(["v2", cfg.eval_sequences, cfg.n_ctx, cfg.probe_sequences, cfg.probe_half, cfg.seed, cfg.max_bytes])
     return out / store.PARTIAL / "measure" / name / hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -149,9 +151,6 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
 
     Returns the tidy per-checkpoint DataFrame (`CHECKPOINT_COLUMNS`); every table is also written to `cfg.out`.
     """
-    from circuitlab.patching.training import TrainConfig, train_attn_only
-    from circuitlab.reports.phase_report import render_phase_report
-
     began = time.perf_counter()
     load_at_start = os.getloadavg()
     if cfg.threads:
@@ -215,7 +214,6 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
                "windows": windows, "joint_ablation": joints, "timings_s": timings, "cpu_s": _cpu_seconds(),
                "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
-    from circuitlab.reports.phase_report import acceptance
 
     composition = pd.concat([c for c in comps if len(c)] or [pd.DataFrame()], ignore_index=True)
     summary["acceptance"] = acceptance(checkpoints, heads, windows, joints, composition)
@@ -227,8 +225,6 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
 
 def _cpu_seconds() -> float:
     """User + system CPU seconds of this process so far (wall time alone misleads on a shared machine)."""
-    import resource
-
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -250,9 +246,6 @@ def run_published(cfg: PhaseConfig) -> pd.DataFrame:
 
     Needs the network (or the hub cache) once per revision; offline, `load_model` raises its usual clear error.
     """
-    from circuitlab.reports.phase_report import render_phase_report
-    from circuitlab.tasks.corpus import model_corpus
-
     if not cfg.revisions:
         raise ValueError("published checkpoints need --revisions, e.g. step1000,step2000")
     out = Path(cfg.out)
@@ -311,8 +304,6 @@ def add_phase_parser(sub: Any) -> None:
 
 
 def _cmd_phase(args: Any) -> int:
-    from circuitlab.reports.config import ConfigError
-
     try:
         layers = tuple(int(x) for x in str(args.layers).split(",") if x.strip())
     except ValueError:

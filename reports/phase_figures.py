@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from circuitlab.graphs.draw import draw_circuit
+
 COLORS = {"1L": "#1f77b4", "2L": "#d62728", "3L": "#2ca02c"}
 
 
@@ -112,6 +114,4 @@ def composition_heatmap(comp: pd.DataFrame, model: str) -> plt.Figure:
 
 def circuit_figure(graph: Any, title: str) -> plt.Figure:
     """A circuit drawn with graphs.draw (layered, roles coloured)."""
-    from circuitlab.graphs.draw import draw_circuit
-
     return draw_circuit(graph, title=title, figsize=(6.5, 4.0))

@@ -12,9 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import networkx as nx
+import numpy as np
 import pandas as pd
 
+from circuitlab.graphs.circuit import add_edge, add_node, new_circuit
+from circuitlab.graphs.phase import steepest_drop
 from circuitlab.reports import phase_figures, store
 from circuitlab.reports.figures import png_bytes
 
@@ -92,10 +96,6 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
 
 def _icl_drop(checkpoints: pd.DataFrame, windows: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
     """The ICL-drop criterion of the 2L window, with the 1L control over the same steps."""
-    import numpy as np
-
-    from circuitlab.graphs.phase import steepest_drop
-
     out = {"window": [w["start"], w["end"]], "grid_spacing": w.get("grid_spacing"),
            "steepest_icl_drop_on_grid": w["steepest_icl_drop"], "steepest_icl_drop_value": w.get("steepest_icl_drop_value"),
            "icl_change_in_window": (w["icl_after"] - w["icl_before"]) if w["found"] else None,
@@ -122,8 +122,6 @@ def _icl_drop(checkpoints: pd.DataFrame, windows: dict[str, Any], w: dict[str, A
 
 def _circuit(heads: pd.DataFrame, comp: pd.DataFrame | None, model: str, step: int) -> nx.MultiDiGraph:
     """Labelled heads (and heads whose zero ablation moves the ICL score by ≥ 10% of the largest) at a step."""
-    from circuitlab.graphs.circuit import add_edge, add_node, new_circuit
-
     sub = heads[(heads["model"] == model) & (heads["step"] == step)]
     n_layers = int(sub["n_layers"].iloc[0])
     graph = new_circuit(f"{model} step {step}", "phase", n_layers)
@@ -204,8 +202,6 @@ def _tables(summary: dict[str, Any], checkpoints: pd.DataFrame, heads: pd.DataFr
 
 def render_phase_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write report.html, report.md and figures/*.png for a phase study folder; returns the two report paths."""
-    import jinja2
-
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = store.read_csv(run_dir / "checkpoints.csv")

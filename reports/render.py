@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from circuitlab.graphs.draw import draw_circuit, layered_layout
 from circuitlab.patching.components import head_node
 from circuitlab.reports import figures, store
+from circuitlab.reports.faithful import faithful_paragraphs
 from circuitlab.reports.result import RunResult
+from circuitlab.reports.rundir import record_rendered
 from circuitlab.reports.save import load_result
 
 
@@ -133,14 +137,11 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     sections.append(heat)
 
     # 4. circuit
-    from circuitlab.graphs.draw import draw_circuit
     graph = result.circuit
     circ = Section("The circuit")
     faithful = result.faithful
     forced = any(cfg.get(k) is not None for k in ("top_fraction", "threshold", "top_k"))
     if faithful and not forced:
-        from circuitlab.reports.faithful import faithful_paragraphs
-
         circ.paragraphs += faithful_paragraphs(faithful)
         how = f"the smallest faithful circuit found by {faithful['method']}"
         circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges"
@@ -250,8 +251,6 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
 def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any], forced: bool) -> None:
     """The faithful circuit's part of the Faithfulness section: size curves, baseline, stability."""
     if forced:
-        from circuitlab.reports.faithful import faithful_paragraphs
-
         faith.paragraphs += faithful_paragraphs(summary)
     curve = result.faithful_curve
     if curve is not None and not curve.empty:
@@ -279,8 +278,6 @@ def _engine_text(engine: dict[str, Any]) -> str:
 
 def _circuit_size(graph: Any) -> tuple[float, float]:
     """A drawing size that stays readable in a page: at most 16 inches wide, taller for crowded layers."""
-    from circuitlab.graphs.draw import layered_layout
-
     pos = layered_layout(graph)
     xs = [p[0] for p in pos.values()] or [0.0]
     per_column: dict[float, int] = {}
@@ -322,8 +319,6 @@ def _view(sections: list[Section]) -> list[dict[str, Any]]:
 
 
 def _environment() -> Any:
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
@@ -361,7 +356,6 @@ def render_result(result: RunResult, run_dir: str | Path) -> tuple[Path, Path]:
             written.append(f"figures/{stem}.png")
     html_path = store.write_text(run_dir / "report.html", to_html(record, sections))
     md_path = store.write_text(run_dir / "report.md", to_markdown(record, sections))
-    from circuitlab.reports.rundir import record_rendered
 
     record_rendered(run_dir, written + ["report.html", "report.md"])
     return html_path, md_path

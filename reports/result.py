@@ -34,6 +34,8 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from circuitlab.patching.attribution import spearman
+from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
@@ -83,8 +85,6 @@ class RunResult:
     # ------------------------------------------------------------------ derived views
     def metrics(self) -> dict[str, Any]:
         """Clean and corrupt metric means with 95% bootstrap intervals (prompts resampled)."""
-        from circuitlab.patching.stats import bootstrap_ci
-
         clean = self.baseline["clean"].to_numpy(float)
         corrupt = self.baseline["corrupt"].to_numpy(float)
         seed = self.config.seed
@@ -97,8 +97,6 @@ class RunResult:
 
     def node_agreement(self) -> dict[str, Any]:
         """Spearman rank agreement of the method's node effects with exact activation patching."""
-        from circuitlab.patching.attribution import spearman
-
         if self.exact is None:  # --positions none: no exact patching to compare with
             return {"compared_with": None, "spearman": None, "n_nodes": 0}
         exact = strongest_per_node(self.exact).set_index("node")["effect"]

@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from circuitlab.patching.batched import bytes_per_prompt
+from circuitlab.patching.models import weight_hash
 from circuitlab.reports import rundir, store
+from circuitlab.reports.faithful import split_prompts
+from circuitlab.reports.save import StageCache
 
 
 def generate_pairs(p: Any) -> tuple[Any, Any, str]:
@@ -25,7 +29,6 @@ def generate_pairs(p: Any) -> tuple[Any, Any, str]:
     cfg, model = p.cfg, p.model()
     options = dict(cfg.task_options, **({"corruption": cfg.corruption} if cfg.corruption is not None else {}))
     sample = p.task.generate(model, 1, seed=cfg.seed, **options)
-    from circuitlab.patching.batched import bytes_per_prompt
 
     batch = bytes_per_prompt(model, sample.seq_len)
     if cfg.method == "acdc":  # ACDC keeps every batch's context alive
@@ -33,7 +36,6 @@ def generate_pairs(p: Any) -> tuple[Any, Any, str]:
     else:  # prompt batches keep memory flat; what grows with n is the pairs themselves (Python objects, ~4x JSONL)
         held, what = 4.0 * len(pairs_jsonl(sample)) + 16.0 * sample.seq_len, "the prompt pairs"
     rundir.check_n(cfg.n, held, batch if cfg.batch_size is None else 0.0, cfg.memory_budget, what)
-    from circuitlab.reports.faithful import split_prompts
 
     n_heldout = cfg.heldout_n or cfg.n
     p.say(f"[pairs] generating {cfg.n} prompt pairs and {n_heldout} held-out pairs ...")
@@ -57,8 +59,6 @@ def pairs_hash(pairs: Any) -> str:
 
 def key_parts(cfg: Any, model: Any, pairs: Any, heldout: Any = None) -> dict[str, str]:
     """The four parts of the resume key (the task part hashes the discovery and the held-out pairs)."""
-    from circuitlab.patching.models import weight_hash
-
     task = pairs_hash(pairs) if heldout is None else hashlib.sha256(
         pairs_jsonl(pairs) + b"\n--heldout--\n" + pairs_jsonl(heldout)).hexdigest()[:16]
     return {"config": cfg.result_key(), "model": weight_hash(model), "task": task, "code": store.code_version()}
@@ -68,8 +68,6 @@ def open_cache(out: Path, parts: dict[str, str], say: Any) -> tuple[Any, list[st
     """The stage cache for this key in the staging folder of `out`: saved stages of a failed run with the same
     key (kept in the staging folder), else those of the finished result in `out`; anything else is discarded.
     Returns the cache and why older saved work was not reused."""
-    from circuitlab.reports.save import StageCache
-
     key = store.resume_key(parts)
     staging = rundir.staging_path(out)
     reasons: list[str] = []

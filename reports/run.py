@@ -12,7 +12,6 @@ replaces OUT in one step, under OUT's lock (`reports.rundir`); a failed run leav
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,25 @@ import numpy as np
 import pandas as pd
 import torch
 
+from circuitlab.graphs.circuit import node_name_from_row
+from circuitlab.graphs.discovery import discover
+from circuitlab.graphs.roles import detect_roles
+from circuitlab.graphs.scores import EdgeScores, NodeScores
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.batched import Batches, batch_size_for, position_independent
+from circuitlab.patching.engine import make_runner
 from circuitlab.patching.methods import get_method
-from circuitlab.patching.batched import Batches, batch_size_for
+from circuitlab.patching.models import load_model
 from circuitlab.patching.normalize import normalize_difference
+from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, free_cores, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
+from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
+from circuitlab.tasks import get_task
+from circuitlab.tasks.custom import RecordsTask
 
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
 
@@ -50,8 +60,6 @@ class Pipeline:
 
     def model(self) -> Any:
         if self._model is None:
-            from circuitlab.patching.models import load_model
-
             self.say(f"loading model {self.cfg.model} on {self.cfg.device}")
             start = time.time()
             self._model = load_model(self.cfg.model, device=self.cfg.device)
@@ -76,8 +84,6 @@ class Pipeline:
     def runner(self) -> Any:
         """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
         if "runner" not in self._contexts:
-            from circuitlab.patching.engine import make_runner
-
             self._contexts["runner"] = make_runner(self.model())
         return self._contexts["runner"][0]
 
@@ -91,8 +97,6 @@ class Pipeline:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
-        from circuitlab.patching.topology import ComputationalGraph
-
         return ComputationalGraph.from_meta(self.result.model)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
@@ -110,15 +114,11 @@ class Pipeline:
             values = compute(self)
             seconds = time.time() - start
             self.cache.save(name, values, seconds)
-            if os.environ.get("CIRCUITLAB_PAUSE_AFTER_STAGE") == name:  # a hook for the resume test
-                time.sleep(float(os.environ.get("CIRCUITLAB_PAUSE_SECONDS", "60")))
         self.result.update(values)
         self.result.timings[name] = round(seconds, 3)
 
     def scores(self) -> tuple[Any, Any]:
         """The method's typed scores, rebuilt from the result's tables: (EdgeScores or None, NodeScores)."""
-        from circuitlab.graphs.scores import EdgeScores, NodeScores
-
         graph, base = self.graph(), self.result.baseline
         gap = float(base["clean"].mean() - base["corrupt"].mean())
         edges = EdgeScores.from_frame(graph, self.result.edges, gap) if self.result.edges is not None else None
@@ -169,8 +169,6 @@ def _baseline(p: Pipeline) -> dict[str, Any]:
 
 
 def _scores(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.graphs.discovery import discover
-
     cfg = p.cfg
     p.say(f"  {cfg.method} over {p.graph().n_edges} edges")
     found = discover(p.model(), p.task, p.pairs(), cfg.method, context=p.batches(), steps=cfg.steps,
@@ -186,17 +184,12 @@ def _scores(p: Pipeline) -> dict[str, Any]:
 
 def _with_nodes(frame: pd.DataFrame, corrupt: float) -> pd.DataFrame:
     """Exact patching rows with their graph node name and score = m(patched) − m(corrupt)."""
-    from circuitlab.graphs.circuit import node_name_from_row
-
     nodes = [node_name_from_row(c, l, h) if c in ("z", "mlp_out") else "" for c, l, h in
              zip(frame["component"], frame["layer"], frame["head"])]
     return frame.assign(node=nodes, score=frame["metric"] - corrupt)
 
 
 def _exact(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
-    from circuitlab.patching.batched import position_independent
-
     cfg, model = p.cfg, p.model()
     positions = parse_positions(cfg.positions, p.task.roles)
     config = PatchingConfig(memory_budget_mb=cfg.memory_budget, progress=p.progress)
@@ -211,8 +204,6 @@ def _exact(p: Pipeline) -> dict[str, Any]:
 
 
 def _resid(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.patching.activation import PatchingConfig
-
     cfg, n_layers = p.cfg, int(p.model().cfg.n_layers)
     positions: Any = "each"
     if cfg.resid_positions == "roles":
@@ -245,8 +236,6 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
-    from circuitlab.graphs.roles import detect_roles
-
     return {"roles": detect_roles(p.model(), p.task, p.pairs(), context=p.batches(),
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
@@ -256,11 +245,8 @@ def _roles(p: Pipeline) -> dict[str, Any]:
 def _check_dataset(cfg: RunConfig, task: Any) -> Any:
     """For a dataset-file task: load the model and tokenize every row now, so bad data is one clear error
     before anything is written. Returns the loaded model (None for built-in tasks)."""
-    from circuitlab.tasks.custom import RecordsTask
-
     if not isinstance(task, RecordsTask):
         return None
-    from circuitlab.patching.models import load_model
 
     model = load_model(cfg.model, device=cfg.device)
     try:
@@ -282,8 +268,6 @@ def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) 
 
 
 def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen: str) -> dict[str, Any]:
-    from circuitlab.tasks import get_task
-
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
@@ -305,8 +289,6 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen
 
 def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], None], *, quiet: bool,
          command: str | None, started: float, threads_chosen: str) -> dict[str, Any]:
-    from circuitlab.reports.render import render_result
-
     result = RunResult(cfg, task={"name": task.name, "description": getattr(task, "description", ""),
                                   "metric": getattr(task, "metric_name", ""), "roles": list(getattr(task, "roles", ()))})
     p = Pipeline(cfg, result, None, say, progress=not quiet, task=task, _model=model)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from circuitlab.reports.config import ConfigError
-from circuitlab.reports.store import check_writable, file_record
+from circuitlab.reports.store import check_writable, file_record, write_json
 
 RECORD = "run.json"
 _RENAME_EXCHANGE = 2
@@ -39,8 +39,6 @@ def manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict[str
 
 def record_rendered(folder: Path, names: list[str]) -> None:
     """List the rendered report files (report.html, report.md, figures) in the run record as well."""
-    from circuitlab.reports.store import write_json
-
     record = read_record(folder)
     record["rendered"] = manifest(folder, names)
     write_json(folder / RECORD, record)

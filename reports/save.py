@@ -27,9 +27,12 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
-from circuitlab.reports import store
+from circuitlab.graphs.io import from_node_link, to_node_link, write_graphml
+from circuitlab.reports import store, rundir
+from circuitlab.reports.config import make_config
 from circuitlab.reports.result import SUMMARIES, TABLES, RunResult
 from circuitlab.reports.rundir import mismatch
+from circuitlab.tasks import PromptPairs
 
 CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
@@ -39,8 +42,6 @@ def write_value(directory: Path, name: str, value: Any) -> None:
     if isinstance(value, pd.DataFrame):
         store.write_parquet(directory / f"{name}.parquet", value)
     elif isinstance(value, nx.Graph):
-        from circuitlab.graphs.io import to_node_link
-
         store.write_json(directory / f"{name}.json", to_node_link(value))
     elif hasattr(value, "save_jsonl"):
         store.write_with(directory / f"{name}.jsonl", value.save_jsonl)
@@ -53,8 +54,6 @@ def read_value(directory: Path, name: str) -> Any:
     if (directory / f"{name}.parquet").is_file():
         return store.read_parquet(directory / f"{name}.parquet")
     if (directory / f"{name}.jsonl").is_file():
-        from circuitlab.tasks import PromptPairs
-
         path = directory / f"{name}.jsonl"
         try:
             return PromptPairs.load_jsonl(path)
@@ -63,8 +62,6 @@ def read_value(directory: Path, name: str) -> Any:
     if (directory / f"{name}.json").is_file():
         data = store.read_json(directory / f"{name}.json")
         if name == "circuit":
-            from circuitlab.graphs.io import from_node_link
-
             return from_node_link(data)
         return data
     return None
@@ -113,8 +110,6 @@ class StageCache:
 
 def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any]:
     """Write every file of a finished run (see the module docstring); returns the run.json record."""
-    from circuitlab.graphs.io import write_graphml
-
     out = Path(out)
     write_value(out, "pairs", result.pairs)
     if result.heldout_pairs is not None:
@@ -128,7 +123,6 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any
     store.write_csv(out / "scores.csv", result.scores_table())
     write_value(out, "circuit", result.circuit)
     store.write_with(out / "circuit.graphml", lambda tmp: write_graphml(result.circuit, tmp))
-    from circuitlab.reports import rundir
 
     record = result.record()
     record["outputs"] = rundir.manifest(out)
@@ -138,10 +132,6 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any
 
 def load_result(out: str | os.PathLike[str]) -> RunResult:
     """Read a finished run directory back into a `RunResult` (no model needed)."""
-    from circuitlab.reports.config import make_config
-
-    from circuitlab.reports import rundir
-
     out = Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"run directory {str(out)!r} does not exist")

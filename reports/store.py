@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from circuitlab.reports.config import ConfigError
+
 PARTIAL = ".partial"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -184,8 +186,6 @@ def check_writable(directory: str | os.PathLike[str], *, shown: str | None = Non
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        from circuitlab.reports.config import ConfigError
-
         for folder in missing:
             with contextlib.suppress(OSError):
                 folder.rmdir()

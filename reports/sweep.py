@@ -6,15 +6,25 @@ Each writes OUT/pairs.jsonl, OUT/scores.csv (the engine's tidy columns), OUT/run
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+import torch
 
-from circuitlab.reports import rundir, store
-from circuitlab.reports.config import ConfigError, parse_positions
+from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.components import canonical_kind, parse_node
+from circuitlab.patching.models import load_model, weight_hash
+from circuitlab.patching.path import CHANNELS, path_patching
+from circuitlab.patching.shard import sharded_activation_patching
+from circuitlab.reports import rundir, store, figures
+from circuitlab.reports.config import ConfigError, parse_positions, check_device, check_seed, resolve_threads
+from circuitlab.reports.executors import make_executor
+from circuitlab.tasks import get_task
+from circuitlab.tasks.custom import RecordsTask
 
 
 @dataclass
@@ -35,11 +45,8 @@ class SweepConfig:
 
 
 def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
-    from circuitlab.patching.models import load_model
-
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
-    from circuitlab.tasks import get_task
 
     try:
         task = get_task(cfg.task)
@@ -49,8 +56,6 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
     if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
-    from circuitlab.reports.config import check_device, check_seed
-    from circuitlab.tasks.custom import RecordsTask
 
     check_seed(cfg.seed)
     check_device(cfg.device)
@@ -81,10 +86,6 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
 def _threads(threads: int | None, out: str) -> Iterator[None]:
     """Inside the block: `threads` torch threads (see `resolve_threads`) and the lock of output folder `out`;
     a failure discards the staging folder (a sweep has nothing to resume), leaving `out` as it was."""
-    import torch
-
-    from circuitlab.reports.config import resolve_threads
-
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads))
     folder = rundir.resolve_out(out)
@@ -93,8 +94,6 @@ def _threads(threads: int | None, out: str) -> Iterator[None]:
             try:
                 yield
             except BaseException:
-                import shutil
-
                 shutil.rmtree(rundir.staging_path(folder), ignore_errors=True)
                 raise
     finally:
@@ -105,8 +104,6 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
             model: Any, figure_kind: str | None = None) -> None:
     """Write scores, figure and run record (listing every output with size and SHA-256) into the staging
     folder `out`, then replace the output folder with it in one step."""
-    from circuitlab.patching.models import weight_hash
-
     store.write_csv(out / "scores.csv", frame)
     if figure_kind is not None:
         _figure(frame, figure_kind, out)
@@ -120,10 +117,6 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
 
 def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
     """One activation-patching sweep of a component kind over layers (× heads × positions)."""
-    from circuitlab.patching.activation import PatchingConfig, activation_patching
-    from circuitlab.patching.components import canonical_kind
-    from circuitlab.tasks import get_task
-
     started = time.time()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     try:
@@ -151,12 +144,6 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
 def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, positions: Any, config: Any,
              shards: int, say: Callable[[str], None]) -> pd.DataFrame:
     """The same sweep split by layer over `shards` workers (`patching.shard`), each loading its own model."""
-    from dataclasses import replace
-
-    from circuitlab.patching.shard import sharded_activation_patching
-    from circuitlab.reports.config import resolve_threads
-    from circuitlab.reports.executors import make_executor
-
     executor = make_executor(cfg.spec.get("executor") or "sequential", address=cfg.spec.get("address"))
     say(f"  {shards} shards on {executor.name}")
     with executor:
@@ -167,8 +154,6 @@ def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, pos
 
 
 def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
-    from circuitlab.reports import figures
-
     if kind in ("z", "q", "k", "v", "pattern"):
         grid = frame.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")
         fig = figures.head_heatmaps([(f"{kind} patching", grid)])
@@ -202,11 +187,6 @@ def _position(value: str | None, roles: tuple[str, ...]) -> Any:
 
 def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
     """One path-patching sweep: senders -> receivers through a channel (q/k/v of receiver heads, or logits)."""
-    from circuitlab.patching.activation import PatchingConfig
-    from circuitlab.patching.components import parse_node
-    from circuitlab.patching.path import CHANNELS, path_patching
-    from circuitlab.tasks import get_task
-
     started = time.time()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     spec = cfg.spec

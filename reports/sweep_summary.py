@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from jinja2 import Environment
 
+from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports import store
 
 METRICS = {
@@ -53,8 +55,6 @@ def _fmt(value: float) -> str:
 
 def summarise(values: pd.DataFrame, metric: str) -> str:
     """`mean [low, high] (n=k)` over a group's finished cells (see the module docstring for the interval)."""
-    from circuitlab.patching.stats import bootstrap_ci
-
     col = pd.to_numeric(values[metric], errors="coerce").dropna() if metric in values else pd.Series(dtype=float)
     if col.empty:
         return "n/a"
@@ -116,8 +116,6 @@ def _markdown(title: str, intro: str, sections: list[dict[str, Any]]) -> str:
 
 def write_summary(out: str | Path, table: pd.DataFrame, spec: Any) -> tuple[Path, Path]:
     """Write summary.md and summary.html for a sweep's table."""
-    from jinja2 import Environment
-
     out = Path(out)
     counts = table["status"].value_counts().to_dict()
     title = f"circuitlab sweep: {len(table)} {spec.kind} cells"

@@ -2,7 +2,7 @@
 
 `get_task(name).generate(model_or_tokenizer, n, seed=...)` returns a `PromptPairs`; `task.metric(logits,
 pairs)` scores a run per prompt. Tasks: ioi, capitals (capital_lookup), repeated_tokens (induction),
-greater_than; and your own data: `load_task("pairs.jsonl")` or `Task.from_records([...])` (schema:
+greater_than; and your own data: `load_task("pairs.jsonl")` or `from_records([...])` (schema:
 `circuitlab.tasks.records`).
 """
 

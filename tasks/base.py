@@ -317,16 +317,6 @@ class Task(ABC):
     def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
         """Make `n` distinct clean/corrupt pairs for this model's tokenizer; same seed → same pairs."""
 
-    @staticmethod
-    def from_records(records: Any, *, metric: str | None = None, name: str = "custom") -> Task:
-        """A task from your own rows (dicts: clean, corrupt, answer, wrong, optional roles/metric/meta).
-
-        Schema and errors: `circuitlab.tasks.records`; files: `circuitlab.tasks.load_task(path)`.
-        """
-        from circuitlab.tasks.custom import from_records
-
-        return from_records(records, metric=metric, name=name)
-
     def read_positions(self, pairs: PromptPairs) -> Tensor:
         """Sequence positions `[B, R]` whose logits the metric reads (default: the END position, R = 1)."""
         return pairs.positions["END"][:, None]

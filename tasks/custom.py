@@ -1,4 +1,4 @@
-"""A task from a researcher's own rows: `load_task("pairs.jsonl")`, `Task.from_records([...])`.
+"""A task from a researcher's own rows: `load_task("pairs.jsonl")`, `from_records([...])`.
 
 `RecordsTask.generate(model_or_tokenizer, n)` tokenizes the first `n` rows (all by default), checks what
 needs the tokenizer (clean and corrupt token lengths, single-token answers, roles found) and returns

@@ -6,6 +6,7 @@ from typing import Any
 
 from circuitlab.tasks.base import Task
 from circuitlab.tasks.capitals import CapitalsTask
+from circuitlab.tasks.custom import load_task, looks_like_path
 from circuitlab.tasks.greater_than import GreaterThanTask
 from circuitlab.tasks.ioi import IOITask
 from circuitlab.tasks.repeated import RepeatedTokensTask
@@ -32,8 +33,6 @@ def list_tasks() -> list[str]:
 def get_task(name: str, **kwargs: Any) -> Task:
     """A new task instance by name or alias, or a dataset file (`.jsonl`/`.csv`, see `load_task`); keyword
     arguments go to its constructor (e.g. `metric=`)."""
-    from circuitlab.tasks.custom import load_task, looks_like_path
-
     if looks_like_path(str(name)):
         return load_task(name, **kwargs)
     key = str(name).strip().lower()

@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 from circuitlab.tasks.base import PromptPairs
+from circuitlab.tasks.batching import trim_padding
 
 TEMPLATE_KEYS = ("template_id", "template")
 
@@ -45,7 +46,6 @@ def split_pairs(pairs: PromptPairs, n_discovery: int, n_heldout: int, *, seed: i
     if len(disc_rows) < n_discovery or len(held_rows) < n_heldout:
         raise ValueError(f"the pool of {len(pairs)} pairs has {int((~is_held).sum())} discovery and {int(is_held.sum())} "
                          f"held-out pairs; need {n_discovery} and {n_heldout}: generate a larger pool")
-    from circuitlab.tasks.batching import trim_padding
 
     return trim_padding(pairs.subset(disc_rows)), trim_padding(pairs.subset(held_rows))  # each to its own width
 

@@ -32,5 +32,14 @@ def tiny_gqa_model():
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct, offline, fp32."""
-    torch.set_grad_enabled(True)
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def torch_global_state_is_left_alone():
+    """No test or fixture may change torch's global gradient mode or default dtype for the tests after it: each
+    code path that needs gradients turns them on locally (`torch.enable_grad()`), so it works under `no_grad`."""
+    before = torch.is_grad_enabled(), torch.get_default_dtype()
+    yield
+    after = torch.is_grad_enabled(), torch.get_default_dtype()
+    assert after == before, f"global torch state changed from {before} to {after}; use a context manager instead"

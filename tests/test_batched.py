@@ -13,13 +13,13 @@ from circuitlab.graphs.discovery import discover, evaluate
 from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, prepare_edges
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.path import path_patching
-from circuitlab.tasks import Task
+from circuitlab.tasks import from_records
 from tests.test_padding import _rows
 
 
 @pytest.fixture(scope="module")
 def data(tiny_model):
-    task = Task.from_records(_rows(tiny_model.cfg.d_vocab, seed=3))
+    task = from_records(_rows(tiny_model.cfg.d_vocab, seed=3))
     pairs = task.generate(tiny_model)
     return tiny_model, task, pairs, Batches(tiny_model, task, pairs, batch_size=2)
 

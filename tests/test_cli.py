@@ -1,6 +1,7 @@
 """End-to-end tests of the `circuitlab` command line on a tiny native model (fast) and SmolLM2 (slow)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+STOP_AT = Path(__file__).with_name("stop_at.py")  # runs the CLI and freezes it at a chosen point
 FAST = ["--task", "repeated_tokens", "--n", "6", "--task-option", "seq_len=5", "--n-boot", "50",
         "--percents", "1,10,50,100", "--oracle-edges", "40"]
 PAIR_KEYS = {"clean_text", "corrupt_text", "clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "positions"}
@@ -115,7 +117,8 @@ def test_other_methods(tiny_dir, tmp_path, method):
     has_edges = (scores["component"] == "edge").any()
     assert has_edges == (method in ("eap", "acdc"))
     record = json.loads((out / "run.json").read_text())
-    assert record["faithfulness"]["cpr"] == record["faithfulness"]["cpr"]  # not NaN
+    cpr = record["faithfulness"]["cpr"]
+    assert isinstance(cpr, float) and math.isfinite(cpr), cpr  # NaN is saved as null
     assert (out / "report.html").is_file()
 
 
@@ -251,9 +254,8 @@ def test_killed_run_resumes_with_identical_results(tiny_dir, tmp_path):
     _cli(*args, "--out", str(tmp_path / "whole"), "--quiet")
 
     out = tmp_path / "killed"
-    env = dict(ENV, CIRCUITLAB_PAUSE_AFTER_STAGE="scores", CIRCUITLAB_PAUSE_SECONDS="120")
-    proc = subprocess.Popen([sys.executable, "-m", "circuitlab.reports.cli", *args, "--out", str(out), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(STOP_AT), "stage", "scores", "--", *args, "--out", str(out), "--quiet"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".killed.staging/.partial/*/scores.done")):  # work happens in the staging folder
         assert proc.poll() is None, proc.stderr.read().decode()

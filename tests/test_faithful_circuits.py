@@ -96,7 +96,11 @@ def test_selection_is_the_smallest_faithful_prefix(tiny_model):
     f = (values.mean(1) - ctx.corrupt_metric) / (ctx.clean_metric - ctx.corrupt_metric)
     k = chosen.size
     assert chosen.reached and f[k - 1] >= 0.7 and abs(f[k - 1] - chosen.faithfulness) < 1e-4
-    assert k == 1 or f[k - 2] < 0.7
+    assert k > 1 and f[k - 2] < 0.7  # the prefix one item smaller is not faithful
+    assert bool((f[k - 1:] >= 0.7).all())  # stable: every larger prefix reaches the target too
+    eager = select_by_faithfulness(evaluator, scores, 0.7, n_boot=100, stable=False)
+    first = next(i for i, v in enumerate(f) if v >= 0.7) + 1  # without `stable`: the first prefix that reaches it (2 here)
+    assert first < k and eager.size == first and eager.reached
 
 
 def _gt_context(name: str, n: int = 16, seed: int = 0):

@@ -10,7 +10,8 @@ from circuitlab.graphs.induction import (ProbeOptions, composition_scores, eigen
                                         repeated_prompts)
 from circuitlab.graphs.role_scores import copying_scores
 from circuitlab.patching.models import boot_native_model
-from circuitlab.tasks.corpus import icl_positions, icl_score, loss_by_position
+from circuitlab.patching.loss import loss_by_position
+from circuitlab.tasks.corpus import icl_positions, icl_score
 from tests.induction_toy import N_CTX, V, induction_model
 
 BOS = 0

@@ -11,7 +11,7 @@ from circuitlab.patching.activation import activation_patching, prepare
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
 from circuitlab.patching.path import path_patching
-from circuitlab.tasks import Task
+from circuitlab.tasks import from_records
 from circuitlab.tasks.batching import prompt_batches, trim_padding
 
 LENGTHS = (6, 9, 7, 11, 8)
@@ -35,7 +35,7 @@ def _rows(vocab: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(params=["tiny_model", "tiny_gqa_model"])
 def setup(request):
     model = request.getfixturevalue(request.param)
-    task = Task.from_records(_rows(model.cfg.d_vocab))
+    task = from_records(_rows(model.cfg.d_vocab))
     pairs = task.generate(model)
     assert pairs.attention_mask is not None and len(set(pairs.lengths.tolist())) == len(LENGTHS)
     singles = list(prompt_batches(pairs, 1))

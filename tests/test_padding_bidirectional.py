@@ -9,7 +9,7 @@ from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edg
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
 from circuitlab.patching.models import boot_native_model
 from circuitlab.patching.path import path_patching
-from circuitlab.tasks import Task
+from circuitlab.tasks import from_records
 from circuitlab.tasks.batching import prompt_batches
 from tests.conftest import TINY_CONFIG
 from tests.test_padding import _close, _rows, check_edge_methods
@@ -18,7 +18,7 @@ from tests.test_padding import _close, _rows, check_edge_methods
 @pytest.fixture(scope="module")
 def setup():
     model = boot_native_model(dict(TINY_CONFIG, attention_dir="bidirectional", seed=4))
-    task = Task.from_records(_rows(model.cfg.d_vocab, seed=5))
+    task = from_records(_rows(model.cfg.d_vocab, seed=5))
     pairs = task.generate(model)
     singles = list(prompt_batches(pairs, 1))
     assert pairs.attention_mask is not None and all(p.attention_mask is None for p in singles)

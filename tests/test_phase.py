@@ -185,7 +185,7 @@ def test_fast_loss_and_ablations_match_the_bridge():
     from transformer_lens.model_bridge import TransformerBridge
 
     from circuitlab.graphs.ablation import ablation_hooks, head_means
-    from circuitlab.tasks.corpus import loss_by_position
+    from circuitlab.patching.loss import loss_by_position
 
     cfg = TrainConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=20, d_vocab=24)
     bridge = TransformerBridge.boot_native(cfg.model_config(), device="cpu")

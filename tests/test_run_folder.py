@@ -15,6 +15,7 @@ from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+STOP_AT = Path(__file__).with_name("stop_at.py")  # runs the CLI and freezes it at a chosen point
 QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
          "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--quiet"]
 
@@ -152,12 +153,12 @@ def test_truncated_files_are_refused(tiny_dir, tmp_path, capsys):
 
 
 def test_huge_n_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch, capsys):
-    import circuitlab.reports.faithful as faithful
+    import circuitlab.reports.resume as resume
 
     def generate_all(*args, **kwargs):  # the only place n prompt pairs are made
         raise AssertionError("n prompt pairs were generated before --n was checked")
 
-    monkeypatch.setattr(faithful, "split_prompts", generate_all)
+    monkeypatch.setattr(resume, "split_prompts", generate_all)  # where the run calls it
     code = main(["run", "--model", tiny_dir, "--out", str(tmp_path / "o"), "--task", "repeated_tokens",
                  "--task-option", "seq_len=8", "--n", "1000000000", "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
@@ -167,21 +168,20 @@ def test_huge_n_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch, caps
 
 def test_second_run_into_a_busy_folder_fails_at_once(tiny_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    env = dict(ENV, CIRCUITLAB_PAUSE_AFTER_STAGE="pairs", CIRCUITLAB_PAUSE_SECONDS="120")
-    first = subprocess.Popen([sys.executable, "-m", "circuitlab.reports.cli", "run", "--model", tiny_dir, "--out",
-                              str(out), *QUICK], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, str(STOP_AT), "stage", "pairs", "--", "run", "--model", tiny_dir, "--out",
+                              str(out), *QUICK], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
         while not list(tmp_path.glob("**/pairs.done")):
             assert first.poll() is None, first.stderr.read().decode()
             assert time.time() < deadline, "the first run never finished its pairs stage"
             time.sleep(0.1)
-        import circuitlab.patching.models as models
+        import circuitlab.reports.run as run
 
         def load(*args, **kwargs):  # failing "at once" means before any work, the model load included
             raise AssertionError("the second run loaded the model before finding the folder busy")
 
-        monkeypatch.setattr(models, "load_model", load)
+        monkeypatch.setattr(run, "load_model", load)  # where the run calls it
         assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "in use by another circuitlab run" in err[0] and str(out) in err[0]

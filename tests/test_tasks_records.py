@@ -1,4 +1,4 @@
-"""Your own data: Task.from_records / load_task on JSONL and CSV, per-prompt roles, metrics, and one clear
+"""Your own data: from_records / load_task on JSONL and CSV, per-prompt roles, metrics, and one clear
 error per kind of bad row (file, row and field named)."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from circuitlab.tasks import DataError, IOITask, Task, get_task, load_task
+from circuitlab.tasks import DataError, IOITask, from_records, get_task, load_task
 from tests.test_tasks_helpers import smollm2_tokenizer
 
 ROWS = [
@@ -31,7 +31,7 @@ def _write_jsonl(path, rows):
 
 
 def test_records_give_padded_pairs_with_per_prompt_roles(tok):
-    pairs = Task.from_records(ROWS).generate(tok)
+    pairs = from_records(ROWS).generate(tok)
     lengths = pairs.lengths.tolist()
     assert len(set(lengths)) == 3 and pairs.seq_len == max(lengths)
     for i, row in enumerate(ROWS):
@@ -45,29 +45,29 @@ def test_records_give_padded_pairs_with_per_prompt_roles(tok):
 
 
 def test_metrics_against_hand_computation(tok):
-    pairs = Task.from_records(ROWS).generate(tok)
+    pairs = from_records(ROWS).generate(tok)
     logits = torch.randn(2, len(pairs), pairs.seq_len, len(tok), generator=torch.Generator().manual_seed(0))
     mary, john = tok(" Mary")["input_ids"][0], tok(" John")["input_ids"][0]
     end = pairs.positions["END"]
     rows = torch.arange(len(pairs))
     at_end = logits[:, rows, end]  # [2, B, V]
-    logit = Task.from_records(ROWS).metric(logits, pairs)
+    logit = from_records(ROWS).metric(logits, pairs)
     assert torch.allclose(logit, at_end[..., mary] - at_end[..., john])
     probs = torch.softmax(at_end, -1)
-    prob = Task.from_records(ROWS, metric="prob_diff").metric(logits, pairs)
+    prob = from_records(ROWS, metric="prob_diff").metric(logits, pairs)
     assert torch.allclose(prob, probs[..., mary] - probs[..., john])
     two = [dict(ROWS[0], answer=[" Mary", " Anna"], wrong=" John")]
-    p2 = Task.from_records(two).generate(tok)
+    p2 = from_records(two).generate(tok)
     anna = tok(" Anna")["input_ids"][0]
     lg = logits[:, :1, :p2.seq_len]
     last = lg[:, 0, int(p2.positions["END"][0])]
-    assert torch.allclose(Task.from_records(two).metric(lg, p2)[:, 0], (last[:, mary] + last[:, anna]) / 2 - last[:, john])
+    assert torch.allclose(from_records(two).metric(lg, p2)[:, 0], (last[:, mary] + last[:, anna]) / 2 - last[:, john])
 
 
 def test_kl_metric_is_zero_on_clean_and_positive_divergence(tiny_model):
     rows = [{"clean_ids": [1, 2, 3, 4], "corrupt_ids": [1, 5, 3, 4], "positions": {}, "clean": "a", "corrupt": "b"},
             {"clean_ids": [1, 2, 3], "corrupt_ids": [1, 6, 3], "positions": {}, "clean": "c", "corrupt": "d"}]
-    task = Task.from_records(rows, metric="kl")
+    task = from_records(rows, metric="kl")
     pairs = task.generate(tiny_model)
     with torch.no_grad():
         clean = task.metric(tiny_model(pairs.clean_tokens), pairs)
@@ -129,10 +129,10 @@ def test_bad_data_names_file_row_and_field(case, tok, tmp_path):
 
 def test_records_errors_in_python_name_the_row(tok):
     with pytest.raises(DataError, match=r"<records>, row 2, field 'answer'"):
-        Task.from_records([ROWS[0], {"clean": "a", "corrupt": "b", "wrong": " x", "roles": {"IO": "a", "S2": "a"}}])
+        from_records([ROWS[0], {"clean": "a", "corrupt": "b", "wrong": " x", "roles": {"IO": "a", "S2": "a"}}])
     with pytest.raises(DataError, match="row 1, field 'metric'"):
-        Task.from_records([dict(ROWS[0], metric="accuracy")])
+        from_records([dict(ROWS[0], metric="accuracy")])
     with pytest.raises(DataError, match="row 2, field 'roles'"):
-        Task.from_records([ROWS[0], dict(ROWS[1], roles={"X": " Mary"})])
+        from_records([ROWS[0], dict(ROWS[1], roles={"X": " Mary"})])
     with pytest.raises(ValueError, match="at most 3"):
-        Task.from_records(ROWS).generate(tok, 4)
+        from_records(ROWS).generate(tok, 4)

@@ -26,6 +26,9 @@ from typing import Any
 
 from torch import Tensor
 
+from circuitlab.graphs.circuit import add_edge, finish, new_circuit
+from circuitlab.patching.components import parse_edge, parse_node
+from circuitlab.patching.models import load_model
 from circuitlab.graphs.groundtruth.taskspec import TaskBatch, TaskSpec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -60,9 +63,6 @@ class GroundTruth:
 
     def circuit_graph(self) -> Any:
         """The true circuit as a `graphs.circuit` graph (networkx MultiDiGraph; write with `graphs.io`)."""
-        from circuitlab.graphs.circuit import add_edge, finish, new_circuit
-        from circuitlab.patching.components import parse_edge
-
         graph = new_circuit(name=f"{self.name} (ground truth)", method="ground_truth",
                             n_layers=self.model.cfg.n_layers)
         for edge in sorted(self.true_edges):
@@ -82,8 +82,6 @@ def list_groundtruth(models_dir: Path = MODELS_DIR) -> list[str]:
 
 def read_circuit(path: str | Path) -> dict[str, Any]:
     """Read a circuit JSON file, checking its format and that every name parses."""
-    from circuitlab.patching.components import parse_edge, parse_node
-
     data = json.loads(Path(path).read_text())
     if data.get("format") != CIRCUIT_FORMAT:
         raise ValueError(f"{path}: not a {CIRCUIT_FORMAT} file (format={data.get('format')!r})")
@@ -103,8 +101,6 @@ def write_circuit(path: str | Path, model: str, nodes: set[str], edges: set[str]
 
 def load_groundtruth(name: str, models_dir: Path = MODELS_DIR) -> GroundTruth:
     """Load a committed ground-truth model by name (see `list_groundtruth()`)."""
-    from circuitlab.patching.models import load_model
-
     folder = models_dir / name
     if not (folder / "circuit.json").is_file():
         raise ValueError(f"unknown ground-truth model {name!r}: choose from {list_groundtruth(models_dir)}")

@@ -19,7 +19,8 @@ import torch
 
 from circuitlab.graphs.groundtruth import verify
 from circuitlab.graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
-from circuitlab.patching.components import hook_name, parse_edge
+from circuitlab.graphs.groundtruth.planted import build_planted
+from circuitlab.patching.components import head_node, hook_name, parse_edge
 from circuitlab.patching.models import save_model
 from circuitlab.patching.normalize import noising_share
 
@@ -28,8 +29,6 @@ EVAL_N, EVAL_SEED = 512, 1234
 
 def builders() -> dict[str, Callable[[], Built]]:
     """Name -> zero-argument builder, for every ground-truth model."""
-    from circuitlab.graphs.groundtruth.planted import build_planted
-
     return {
         "induction_handwired": build_induction_handwired,
         "tracr_reverse": lambda: build_tracr("tracr_reverse"),
@@ -81,7 +80,7 @@ def evaluate(built: Built, nodes: set[str], edges: set[str]) -> dict[str, Any]:
         for head in range(model.cfg.n_heads):
             lg = (resample_head_logits(model, batch.clean, batch.corrupt, layer, head) if resample
                   else zero_head_logits(model, batch.clean, layer, head))
-            out["heads"][f"a{layer}.h{head}"] = dict(
+            out["heads"][head_node(layer, head)] = dict(
                 accuracy=task.accuracy(lg, batch), max_abs_delta=float((read(lg) - read(clean)).abs().max()))
     w = verify.weights_of(model)
     src = verify.graph_forward(w, batch.corrupt)[1] if resample else None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from circuitlab.patching.components import head_node
 from circuitlab.patching.models import boot_native_model
 from circuitlab.graphs.groundtruth.taskspec import TaskSpec
 
@@ -228,6 +229,6 @@ def build_tracr(name: str, models_dir: Path = MODELS_DIR) -> Built:
         "duplicate-token attention; V reads positions and scratch; O writes only the scratch dims, which "
         "neither Tracr's components nor W_U read). Empty Tracr heads/MLPs (all-zero weights) are left as they are.")
     return Built(name, model, task, description=meta["description"], construction=construction,
-                 distractors=[f"a{layer}.h{H}" for layer in range(L)],
+                 distractors=[head_node(layer, H) for layer in range(L)],
                  extra=dict(ref_tokens=arr["ref_tokens"].long(), ref_final_resid=arr["ref_final_resid"],
                             tracr_dims=D))

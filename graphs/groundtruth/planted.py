@@ -26,6 +26,7 @@ from torch import Tensor
 
 from circuitlab.graphs.groundtruth.builders import Built, _load_full_state
 from circuitlab.graphs.groundtruth.taskspec import TaskSpec
+from circuitlab.patching.components import head_node
 from circuitlab.patching.models import boot_native_model
 
 PLANTED_CFG = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=16, n_ctx=12, attn_only=True,
@@ -74,6 +75,7 @@ def _pool(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     return tokens, answers, marker_pos
 
 
+@torch.enable_grad()  # trains by backpropagation even when called under torch.no_grad()
 def train_planted(seed: int = 0, steps: int = 1200, batch: int = 64, lr: float = 3e-3,
                   log: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train the planted-circuit model; returns its state dict and a training summary."""
@@ -138,7 +140,7 @@ def build_planted(seed: int = 0, steps: int = 1200, log: bool = False) -> Built:
                  description="Marker retrieval: at the last position (query token 2), predict the token right "
                              "after the unique marker token 1.",
                  construction=construction,
-                 distractors=[f"a{l}.h{h}" for l in range(2) for h in range(4)
+                 distractors=[head_node(l, h) for l in range(2) for h in range(4)
                               if (l, h) not in ((0, PREV_HEAD), (1, READ_HEAD))],
                  true_nodes={"input", f"a0.h{PREV_HEAD}", f"a1.h{READ_HEAD}", "logits"},
                  extra=dict(training=summary))

@@ -24,8 +24,8 @@ BOS = "BOS"
 
 
 def _programs() -> dict[str, dict[str, Any]]:
-    from tracr.compiler import lib
-    from tracr.rasp import rasp
+    from tracr.compiler import lib  # optional dependency: tracr (only to rebuild the tracr ground truths)
+    from tracr.rasp import rasp  # optional dependency: tracr (only to rebuild the tracr ground truths)
 
     return {
         "tracr_reverse": dict(program=lib.make_reverse(rasp.tokens), vocab=["a", "b", "c", "d"],
@@ -39,7 +39,7 @@ def _programs() -> dict[str, dict[str, Any]]:
 
 def export(name: str, spec: dict[str, Any], out_dir: Path, n_ref: int = 32, seed: int = 0) -> None:
     """Compile one program and write its weights, labels and reference outputs."""
-    from tracr.compiler import compiling
+    from tracr.compiler import compiling  # optional dependency: tracr (only to rebuild the tracr ground truths)
 
     model = compiling.compile_rasp_to_model(spec["program"], vocab=set(spec["vocab"]),
                                             max_seq_len=spec["max_seq_len"], causal=spec["causal"],

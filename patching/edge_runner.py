@@ -1,0 +1,196 @@
+"""Forward passes in graph form (`EdgeRunner`) and what a plain run records for them (`GraphActivations`):
+sender outputs and the residual streams, from which edge patching, EAP, EAP-IG, ACDC and faithfulness build each
+receiver's input. The engine context keeps one of each for its clean and corrupted runs; `patching.edges` uses
+them to evaluate circuits given as edge masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuitlab.patching.forward_parts import rms_post_share
+from circuitlab.patching.runner import Runner, RunState
+from circuitlab.patching.topology import ComputationalGraph
+
+
+@dataclass
+class GraphActivations:
+    """Sender outputs and residual streams of one plain run, for edge patching and attribution."""
+
+    senders: Tensor  # [batch, pos, n_senders, d_model]
+    resid_pre: list[Tensor]
+    resid_mid: list[Tensor]
+    resid_final: Tensor
+
+
+class EdgeRunner:
+    """Forward passes in graph form: plain (recording senders), masked (edge patching), or with gradients."""
+
+    def __init__(self, model: Any, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner(model)
+        self.arch = self.runner.arch
+        self.graph = ComputationalGraph.from_architecture(self.arch)
+        self.available = getattr(self.runner, "backend", "fast") == "fast"
+        if not self.available:
+            return
+        group = self.graph.group  # per-query-head copies of the key/value weights (grouped-query attention)
+        r = self.runner
+        self._weights = {"q": (r.W_Q, r.b_Q), "k": (r.W_K.repeat_interleave(group, dim=1), r.b_K.repeat_interleave(group, dim=1)),
+                         "v": (r.W_V.repeat_interleave(group, dim=1), r.b_V.repeat_interleave(group, dim=1))}
+        self._full = {"q": (r.W_Q, r.b_Q), "k": (r.W_K, r.b_K)}
+        self._head_index = {"q": torch.arange(r.n_heads), "k": torch.arange(r.n_heads) // group}
+
+    def require(self) -> None:
+        """This class computes receiver inputs with the fast runner's weights; the hook backend has its own."""
+        if not self.available:
+            raise ValueError(f"{self.arch.name} runs on the exact hook backend: build its graph-form runner with "
+                             "patching.engine.make_edge_runner (a patching.hook_edges.HookEdgeRunner), as "
+                             "engine_context does")
+
+    def receiver_value(self, layer: int, channel: str, head: int, stream: Tensor) -> Tensor:
+        """What a receiver computes from its input stream: query head `head`'s q/k/v [b, p, d_head], or the MLP's
+        contribution (channel `mlp`) [b, p, d_model]."""
+        r = self.runner
+        if channel == "mlp":
+            return r.mlp_block(layer, stream)
+        copies = r.ln1[layer](stream).unsqueeze(2).expand(-1, -1, self.graph.n_heads, -1)
+        return self.project(layer, channel, copies)[:, :, head]
+
+    def project(self, layer: int, kind: str, x: Tensor) -> Tensor:
+        """Normalized per-query-head inputs [b, p, H, d_model] to that head's q, k or v [b, p, H, d_head]
+        (query/key norms included; a norm over all heads, as OLMo-2's, sees each copy's full projection)."""
+        r = self.runner
+        if kind == "v" or self.arch.qk_norm != "full":
+            weight, bias = self._weights[kind]
+            out = torch.einsum("bphm,hmd->bphd", x, weight[layer]) + bias[layer]
+            return out if kind == "v" else r.norm_qk(layer, kind, out)
+        weight, bias = self._full[kind]
+        full = r.norm_qk(layer, kind, torch.einsum("bphm,nmd->bphnd", x, weight[layer]) + bias[layer])
+        heads = torch.arange(r.n_heads, device=x.device)
+        return full[:, :, heads, self._head_index[kind].to(x.device)]
+
+    def shares(self, layer: int, head_out: Tensor) -> Tensor:
+        """Each head's contribution to the stream [b, p, H, d_model]: z_h W_O, or with a post-attention norm
+        (Gemma-2/3, OLMo-2) its exact share of the normed output at this run's norm scale."""
+        r = self.runner
+        if not self.arch.post_attn_norm:
+            return head_out
+        if self.arch.norm != "RMS" or bool(r.b_O[layer].abs().max() > 0):
+            raise ValueError(f"{self.arch.name}: a post-attention {self.arch.norm} norm with attention biases does "
+                             "not split into per-head edges; use activation or path patching on this model")
+        return rms_post_share(r.post1[layer], head_out.sum(2), head_out)
+
+    def attn_total(self, layer: int, shares: Tensor) -> Tensor:
+        """The attention layer's contribution to the stream from its head shares."""
+        return shares.sum(2) + (0.0 if self.arch.post_attn_norm else self.runner.b_O[layer])
+
+    def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model]."""
+        r, g = self.runner, self.graph
+        xn = r.ln1[layer](x)
+        xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
+        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv))
+        return self.shares(layer, r.head_outputs(layer, z))
+
+    def from_run(self, state: RunState) -> GraphActivations:
+        """Graph activations of a plain run recorded by the runner (`z` and `mlp_out` collected at every layer)."""
+        self.require()
+        r = self.runner
+        senders = [state.resid_pre[0]]
+        mid = []
+        for layer in range(r.n_layers):
+            senders += list(self.shares(layer, r.head_outputs(layer, state.acts[("z", layer)])).unbind(2))
+            if r.attn_only:
+                mid.append(state.resid_pre[layer + 1] if layer + 1 < r.n_layers else state.resid_final)
+                continue
+            senders.append(state.acts[("mlp_out", layer)])
+            mid.append(state.resid_pre[layer] if r.parallel else state.resid_mid[layer])
+        pre = [state.resid_pre[layer] for layer in range(r.n_layers)]
+        return GraphActivations(torch.stack(senders, dim=2), pre, mid, state.resid_final)
+
+    def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
+              ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
+        """A normal forward in graph form. With `leaves`, every receiver input gets a zero leaf whose
+        gradient is d(metric)/d(receiver input). Returns (activations, final resid, leaves)."""
+        self.require()
+        r, g = self.runner, self.graph
+        resid = r.embed(tokens) if embed is None else embed
+        batch, seq, dm = resid.shape
+        senders = [resid]
+        pre, mid = [], []
+        grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
+        for layer in range(r.n_layers):
+            pre.append(resid)
+            x = resid.unsqueeze(2).expand(batch, seq, 3 * g.n_heads, dm)
+            if grads is not None:
+                leaf = torch.zeros_like(x, requires_grad=True)
+                grads["attn"].append(leaf)
+                x = x + leaf
+            head_out = self._attn_from_inputs(layer, x)
+            senders += list(head_out.unbind(2))
+            attn_total = self.attn_total(layer, head_out)
+            if r.attn_only:
+                resid = resid + attn_total
+                mid.append(resid)
+                continue
+            mlp_in = resid if r.parallel else resid + attn_total
+            mid.append(mlp_in)
+            if grads is not None:
+                leaf = torch.zeros_like(mlp_in, requires_grad=True)
+                grads["mlp"].append(leaf)
+                mlp_in = mlp_in + leaf
+            mlp_out = r.mlp_block(layer, mlp_in)
+            senders.append(mlp_out)
+            resid = resid + attn_total + mlp_out
+        final = resid
+        if grads is not None:
+            leaf = torch.zeros_like(final, requires_grad=True)
+            grads["logits"].append(leaf)
+            final = final + leaf
+        acts = GraphActivations(torch.stack(senders, dim=2), pre, mid, resid)
+        return acts, final, grads
+
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
+        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
+
+        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
+        layer's receiver inputs are one batched matrix product with the transposed masks.
+        """
+        r, g = self.runner, self.graph
+        n_circ = masks.shape[0]
+        resid0 = r.embed(tokens)
+        batch, seq, dm = resid0.shape
+        flat = batch * seq * dm
+        deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
+        corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
+        deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
+        masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+
+        def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
+            mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
+            return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
+
+        for layer in range(r.n_layers):
+            n_prev = g.senders_before(g.attn_receivers(layer).start)
+            x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
+            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
+            first = g.head_sender(layer, 0)
+            head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
+                n_circ, g.n_heads, flat)
+            deltas[:, first:first + g.n_heads] = head_out - corrupt_flat[first:first + g.n_heads]
+            if r.attn_only:
+                continue
+            receiver = g.mlp_receiver(layer)
+            n_mlp = g.senders_before(receiver)
+            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
+            mlp_out = r.mlp_block(layer, x_mlp)
+            idx = g.mlp_sender(layer)
+            deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
+        last = g.logits_receiver
+        final = inputs(corrupt.resid_final, g.n_senders, slice(last, last + 1)).squeeze(3)
+        return final.reshape(n_circ * batch, seq, dm)

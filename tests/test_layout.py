@@ -1,0 +1,200 @@
+"""The package's layout rules, checked on the source text alone (ast; nothing is imported or run).
+
+- No import cycle between files, nor between the folders `tasks`, `patching`, `graphs`, `reports`. An import
+  written inside a function counts as an edge like one at the top: a lazy import hides a cycle, it does not
+  remove it.
+- `tasks` imports none of the other folders; `patching` imports only `tasks`; `graphs` never imports `reports`.
+- An import inside a function is allowed only for an optional heavy dependency named in `OPTIONAL`, with a
+  comment on that line or the line above saying so; everything else is imported at the top of its module.
+- No source file over 400 lines; every package folder's `__init__.py` has a docstring.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "circuitlab"
+FOLDERS = ("tasks", "patching", "graphs", "reports")
+MAY_IMPORT = {"tasks": set(), "patching": {"tasks"}, "graphs": {"tasks", "patching"},
+              "reports": {"tasks", "patching", "graphs"}}
+MAX_LINES = 400
+# optional dependencies a function may import where it needs them (not installed everywhere, or slow to import
+# and needed by one command): the distributed executor, the browser test driver, the interpretability
+# references, interactive figures and the tracr compiler stack
+OPTIONAL = {"ray", "playwright", "pyvene", "plotly", "tracr", "jax", "haiku", "chex"}
+
+
+def _sources() -> list[Path]:
+    files = [ROOT / "__init__.py"]
+    for folder in FOLDERS:
+        files += sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+    return files
+
+
+def _module(path: Path) -> str:
+    parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@lru_cache(maxsize=1)
+def _modules() -> dict[str, Path]:
+    return {_module(p): p for p in _sources()}
+
+
+class _Imports(ast.NodeVisitor):
+    """Every import of a file: (imported module name, line, inside a function?)."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, int, bool]] = []
+        self.depth = 0
+
+    def _function(self, node: ast.AST) -> None:
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def visit_Import(self, node: ast.Import) -> None:
+        self.found += [(alias.name, node.lineno, self.depth > 0) for alias in node.names]
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        assert node.level == 0, f"relative import at line {node.lineno}: write the absolute `circuitlab.` name"
+        base = node.module or ""
+        # `from circuitlab.x import y` imports the module circuitlab.x.y when it is one, else a name of circuitlab.x
+        self.found += [(f"{base}.{alias.name}", node.lineno, self.depth > 0) for alias in node.names]
+
+
+@lru_cache(maxsize=1)
+def _imports() -> dict[str, list[tuple[str, int, bool]]]:
+    out = {}
+    for module, path in _modules().items():
+        visitor = _Imports()
+        visitor.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        out[module] = visitor.found
+    return out
+
+
+def _internal(name: str) -> str | None:
+    """The package module an imported name refers to (the longest module prefix), or None if external."""
+    modules = _modules()
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+@lru_cache(maxsize=1)
+def _edges() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in _modules()}
+    for module, found in _imports().items():
+        for name, _, _ in found:
+            target = _internal(name)
+            if target and target != module:
+                graph[module].add(target)
+    return graph
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_no_import_cycle_between_files():
+    assert _cycles(_edges()) == []
+
+
+def test_folders_import_only_what_they_may():
+    wrong = []
+    for module, targets in _edges().items():
+        here = _folder(module)
+        for target in sorted(targets):
+            there = _folder(target)
+            if here and there and there != here and there not in MAY_IMPORT[here]:
+                wrong.append(f"{module} imports {target}")
+    assert wrong == []
+
+
+def test_no_import_cycle_between_folders():
+    graph: dict[str, set[str]] = {f: set() for f in FOLDERS}
+    for module, targets in _edges().items():
+        for target in targets:
+            here, there = _folder(module), _folder(target)
+            if here and there and here != there:
+                graph[here].add(there)
+    assert _cycles(graph) == []
+
+
+def test_imports_inside_functions_are_optional_dependencies_with_a_comment():
+    wrong = []
+    for module, found in _imports().items():
+        lines = _modules()[module].read_text(encoding="utf-8").splitlines()
+        for name, line, inside in found:
+            if not inside:
+                continue
+            top = name.split(".")[0]
+            commented = "#" in lines[line - 1] or lines[line - 2].strip().startswith("#")
+            if top not in OPTIONAL or not commented:
+                wrong.append(f"{module}:{line} imports {name} inside a function")
+    assert wrong == []
+
+
+def test_source_files_are_short():
+    long = {str(p.relative_to(ROOT)): n for p in _sources()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_every_package_folder_says_what_it_holds():
+    folders = {p.parent for p in _sources()}
+    missing = [str(f.relative_to(ROOT)) for f in sorted(folders)
+               if not (f / "__init__.py").is_file() or not ast.get_docstring(ast.parse((f / "__init__.py").read_text()))]
+    assert missing == []
+
+
+def test_the_checks_see_a_cycle_and_a_forbidden_import():
+    """The checker itself: a two-file cycle is found, and so is a patching → graphs import."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    assert _internal("circuitlab.patching.engine.Runner") == "circuitlab.patching.engine"
+    assert _internal("torch.nn") is None
+    assert len(_edges()) == len(_sources()) and sum(map(len, _edges().values())) > 100  # it sees the real graph
