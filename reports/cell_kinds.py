@@ -31,7 +31,7 @@ from circuitlab.graphs.benchmark import (
     BenchCase, BenchConfig, COUNTERFACTUALS, METHODS, Reference, adapt_groundtruth, benchmark_case, own_case,
 )
 from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
-from circuitlab.graphs.methods import get_method
+from circuitlab.patching.methods import get_method
 from circuitlab.patching.models import load_model
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import store
