@@ -9,7 +9,8 @@ keys/values), and unembeds only the positions the metric reads (see `patching.ru
 Result columns (one row per patched component):
 - `component`: the kind (`z`, `q`, `k`, `v`, `pattern`, `resid_pre`, `resid_mid`, `resid_post`, `attn_out`, `mlp_out`)
 - `layer`, `head` (query head; key/value head for `k`/`v`; -1 where the kind has no heads)
-- `position`: absolute position patched (-1 = all positions; per-prompt role positions give -1 too)
+- `position`: the position patched: an absolute position (>= 0), or a negative integer as asked for (that many
+  tokens back from each prompt's own end); -1 also marks all positions and per-prompt role positions (see `role`)
 - `role`: the token role patched (`""` when positions are absolute or all)
 - `metric`: mean task metric over prompts after the patch
 - `effect`: normalized, (metric - corrupt) / (clean - corrupt): 0 = corrupted run, 1 = clean run
@@ -149,9 +150,11 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
 
 
 def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int, str]:
-    """The one reading of a position: a task role (its per-prompt positions) or an integer (negative counts from
-    the end). Returns (positions [batch], the integer or -1 for a role, the role's name or the role at the
-    integer position); a ValueError naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
+    """The one reading of a position: a task role (its per-prompt positions) or an integer. A non-negative integer
+    is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
+    right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, -1 for
+    a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.
+    `what` (e.g. `sender`) names it in errors."""
     batch, seq = pairs.clean_tokens.shape
     name = f"{what} position" if what else "position"
     if isinstance(item, str):
@@ -161,13 +164,23 @@ def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tenso
                              "(or use 'all' or integer positions)")
         return roles[item].long(), -1, item
     pos = int(item)
-    if not -seq <= pos < seq:
+    mask = getattr(pairs, "attention_mask", None)
+    lengths = torch.full((batch,), seq, dtype=torch.long) if mask is None else mask.long().sum(1).cpu()
+    if pos >= seq:
         raise ValueError(f"{name} {pos} is out of range for prompts of {seq} tokens")
-    pos %= seq
-    return torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)
+    shortest = int(lengths.min()) if batch else seq
+    if pos < -shortest:
+        raise ValueError(f"{name} {pos} is out of range: it counts back from the end of each prompt, and the "
+                         f"shortest prompt has {shortest} tokens (use -{shortest}..-1 or 0..{seq - 1})")
+    if pos < 0:
+        index = (lengths + pos).to(pairs.clean_tokens.device)
+        label = pos  # per prompt: the same tokens in any batch, so the same label
+    else:
+        index, label = torch.full((batch,), pos, dtype=torch.long, device=pairs.clean_tokens.device), pos
+    return index, label, _role_at(pairs, index)
 
 
-def _role_at(pairs: Any, pos: int) -> str:
+def _role_at(pairs: Any, pos: int | Tensor) -> str:
     for role, where in (getattr(pairs, "positions", {}) or {}).items():
         if bool((where == pos).all()):
             return role
