@@ -37,6 +37,9 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--device", default=d("cpu"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on <= 2 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--backend", default=d("auto"), choices=None,
+                   help="auto (the fast runner where it reproduces the model, else the exact hook backend), fast or "
+                        "hook: run both to check one against the other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples")}
+                                         "stability_resamples", "backend")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
@@ -149,7 +152,7 @@ def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: s
 
     return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
                        corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
-                       device=args.device, threads=args.threads, spec=spec)
+                       device=args.device, threads=args.threads, backend=args.backend, spec=spec)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitlab.graphs.methods import METHOD_NAMES  # the one registry of scoring methods (graphs.methods)
+from circuitlab.patching.engine import BACKENDS
 
 # methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
 # EAP-IG diagnostics and takes its circuit from that method (`make_config`)
@@ -77,9 +78,10 @@ class RunConfig:
     heldout_n: int | None = None
     mask_steps: int = 60
     stability_resamples: int = 0
+    backend: str = "auto"
 
     # fields that do not change results (left out of the resume key)
-    _NON_RESULT = ("out", "force", "batch_size")  # any batch size gives the same numbers
+    _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
 
     def result_key(self) -> str:
         """A short hash of every field that changes results: equal keys mean a run may resume."""
@@ -272,6 +274,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--batch-size must be >= 1 prompt pairs, got {cfg.batch_size}")
     if cfg.memory_budget <= 0:
         raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
+    check_backend(cfg.backend)
     given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]
     if len(given) > 1:
         raise ConfigError(f"give at most one of --top-fraction, --threshold, --top-k (got {', '.join(given)})")
@@ -303,6 +306,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+
+
+def check_backend(backend: str) -> None:
+    """`--backend`: auto (the fast runner where it reproduces the model, else hooks), fast or hook."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown: use {', '.join(BACKENDS)} (auto: the fast runner where "
+                          "it reproduces the model, else the exact hook backend)")
 
 
 def check_seed(seed: int) -> None:

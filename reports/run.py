@@ -73,18 +73,23 @@ class Pipeline:
         return self._contexts["batches"]
 
     def runner(self) -> Any:
-        """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
+        """The runner `--backend` asks for (auto: the fast runner where it reproduces the model, else the exact hook
+        backend; `patching.engine.make_runner`)."""
         if "runner" not in self._contexts:
             from circuitlab.patching.engine import make_runner
 
-            self._contexts["runner"] = make_runner(self.model())
+            try:
+                self._contexts["runner"] = make_runner(self.model(), self.cfg.backend)
+            except ValueError as exc:  # --backend fast on a model it does not reproduce
+                raise ConfigError(str(exc)) from None
         return self._contexts["runner"][0]
 
     def engine(self) -> dict[str, Any]:
         """Which backend runs this model and why, with the architecture description (for run.json)."""
         runner = self.runner()
         _, backend, reason = self._contexts["runner"]
-        return {"backend": backend, "reason": reason, "architecture": runner.arch.as_dict()}
+        return {"backend": backend, "requested": self.cfg.backend, "reason": reason,
+                "architecture": runner.arch.as_dict()}
 
     def head_and_mlp_kinds(self) -> list[str]:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])

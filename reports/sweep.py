@@ -31,7 +31,20 @@ class SweepConfig:
     memory_budget: float = 2048.0
     device: str = "cpu"
     threads: int | None = None
+    backend: str = "auto"  # patching.engine.make_runner: auto, fast or hook
     spec: dict[str, Any] = field(default_factory=dict)
+
+
+def _context(cfg: SweepConfig, model: Any, task: Any, pairs: Any) -> Any:
+    """The engine context on the backend `cfg.backend` asks for (`patching.engine.make_runner`)."""
+    from circuitlab.patching.activation import prepare
+    from circuitlab.patching.engine import make_runner
+
+    try:
+        runner = make_runner(model, cfg.backend)[0]
+    except ValueError as exc:  # --backend fast on a model it does not reproduce
+        raise ConfigError(str(exc)) from None
+    return prepare(model, task, pairs, runner=runner)
 
 
 def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
@@ -49,9 +62,10 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
     if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
-    from circuitlab.reports.config import check_device, check_seed
+    from circuitlab.reports.config import check_backend, check_device, check_seed
     from circuitlab.tasks.custom import RecordsTask
 
+    check_backend(cfg.backend)
     check_seed(cfg.seed)
     check_device(cfg.device)
     n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
@@ -114,6 +128,7 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
         "command": command, "kind": kind, "config": asdict(cfg), "seed": cfg.seed,
         "model": {"name": cfg.model, "weight_hash": weight_hash(model)},
         "metrics": {"clean": frame.attrs.get("clean_metric"), "corrupt": frame.attrs.get("corrupt_metric")},
+        "engine": {"requested": cfg.backend, **frame.attrs.get("engine", {"backend": f"{cfg.backend} (in each shard)"})},
         "wall_seconds": round(time.time() - started, 3), "outputs": rundir.manifest(out)})
     rundir.publish(Path(cfg.out).expanduser().absolute())
 
@@ -139,7 +154,9 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
         if shards > 1:
             frame = _sharded(cfg, model, task, pairs, kind, positions, config, shards, say)
         else:
-            frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
+            ctx = _context(cfg, model, task, pairs)
+            frame = activation_patching(model, task, pairs, kind, positions=positions, config=config, context=ctx)
+            frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "patch", started, command, model, figure_kind=kind)
     top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
@@ -163,7 +180,7 @@ def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, pos
         return sharded_activation_patching(cfg.model, task, pairs.to("cpu"), kind, positions=positions,
                                            n_layers=int(model.cfg.n_layers), config=replace(config, progress=False),
                                            n_shards=shards, map_fn=executor.map, device=cfg.device,
-                                           threads=resolve_threads(cfg.threads))
+                                           threads=resolve_threads(cfg.threads), backend=cfg.backend)
 
 
 def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
@@ -228,8 +245,11 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
     with _threads(cfg.threads, cfg.out):
         model, task, pairs, out = _prepare(cfg, say)
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+        ctx = _context(cfg, model, task, pairs)
         frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
-                              sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
+                              sender_positions=sender_pos, receiver_positions=receiver_pos, config=config,
+                              context=ctx)
+        frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "path", started, command, model)
     top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
