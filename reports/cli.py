@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--percents", default=None, help="faithfulness curve points, %% of edges (comma-separated)")
     run.add_argument("--roles", dest="roles", action="store_true", default=None, help="detect head roles (default)")
     run.add_argument("--no-roles", dest="roles", action="store_false", help="skip role detection")
-    run.add_argument("--force", action="store_true", default=None, help="allow ACDC on large graphs")
+    run.add_argument("--force", action="store_true", default=None,
+                     help="allow ACDC on large graphs, and replace files in --out that circuitlab did not write")
     run.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                      help="extra task.generate option, e.g. seq_len=8 (repeatable)")
     run.set_defaults(func=_cmd_run)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
 from circuitlab.reports.config import ConfigError
 
@@ -181,7 +181,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
     from circuitlab.reports.executors import SequentialExecutor
 
     executor = executor or SequentialExecutor()
-    out = store.check_writable(out)
+    out = store.check_writable(rundir.check_kind(out, "sweep"))  # never mixes cells into a run/patch/... folder
     root = out / "cells"
     root.mkdir(exist_ok=True)
     for stale in root.glob(".staging-*"):  # left by an interrupted sweep: never a finished cell

@@ -25,7 +25,7 @@ from circuitlab.graphs.induction import ProbeOptions, composition_scores
 from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_change, joint_induction_ablation,
                                      label_heads, measure_checkpoint)
 from circuitlab.patching.models import load_model
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, periodic_mix
 
 CHECKPOINT_COLUMNS = ["model", "n_layers", "step", "tokens", "icl_score", "icl_se", "late", "early", "icl_width", "late_loss",
@@ -156,7 +156,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     load_at_start = os.getloadavg()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = store.check_writable(cfg.out)
+    out = store.check_writable(rundir.check_kind(cfg.out, "phase"))  # never mixes tables into another result
     if cfg.model:
         return run_published(cfg)
     corpus = load_corpus(max_bytes=cfg.max_bytes)

@@ -292,7 +292,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
-    out = rundir.resolve_out(cfg.out)
+    out = rundir.resolve_out(cfg.out, "run", force=cfg.force)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     with rundir.locked(out):
         try:

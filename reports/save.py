@@ -131,6 +131,7 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any
     from circuitlab.reports import rundir
 
     record = result.record()
+    record["kind"] = "run"  # rundir.result_kind: what this folder holds
     record["outputs"] = rundir.manifest(out)
     store.write_json(out / "run.json", record)
     return record

@@ -47,7 +47,7 @@ def _context(cfg: SweepConfig, model: Any, task: Any, pairs: Any) -> Any:
     return prepare(model, task, pairs, runner=runner)
 
 
-def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
+def _prepare(cfg: SweepConfig, say: Callable[[str], None], kind: str) -> tuple[Any, Any, Any, Path]:
     from circuitlab.patching.models import load_model
 
     if cfg.threads is not None and cfg.threads < 1:
@@ -69,7 +69,7 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
     check_seed(cfg.seed)
     check_device(cfg.device)
     n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
-    out = rundir.resolve_out(cfg.out)
+    out = rundir.resolve_out(cfg.out, kind)
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
@@ -92,7 +92,7 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
 
 
 @contextlib.contextmanager
-def _threads(threads: int | None, out: str) -> Iterator[None]:
+def _threads(threads: int | None, out: str, kind: str) -> Iterator[None]:
     """Inside the block: `threads` torch threads (see `resolve_threads`) and the lock of output folder `out`;
     a failure discards the staging folder (a sweep has nothing to resume), leaving `out` as it was."""
     import torch
@@ -101,7 +101,7 @@ def _threads(threads: int | None, out: str) -> Iterator[None]:
 
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads))
-    folder = rundir.resolve_out(out)
+    folder = rundir.resolve_out(out, kind)
     try:
         with rundir.locked(folder):
             try:
@@ -130,7 +130,7 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
         "metrics": {"clean": frame.attrs.get("clean_metric"), "corrupt": frame.attrs.get("corrupt_metric")},
         "engine": {"requested": cfg.backend, **frame.attrs.get("engine", {"backend": f"{cfg.backend} (in each shard)"})},
         "wall_seconds": round(time.time() - started, 3), "outputs": rundir.manifest(out)})
-    rundir.publish(Path(cfg.out).expanduser().absolute())
+    rundir.publish(rundir.real_out(cfg.out))
 
 
 def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
@@ -147,8 +147,8 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     positions = parse_positions(cfg.spec.get("positions", "all"), roles)
-    with _threads(cfg.threads, cfg.out):
-        model, task, pairs, out = _prepare(cfg, say)
+    with _threads(cfg.threads, cfg.out, "patch"):
+        model, task, pairs, out = _prepare(cfg, say, "patch")
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
         shards = int(cfg.spec.get("shards") or 1)
         if shards > 1:
@@ -242,8 +242,8 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
         raise ConfigError(f"--channel {channel} needs --receivers (heads such as a9.h9,a9.h6)")
     sender_pos = _position(spec.get("sender_positions"), roles)
     receiver_pos = _position(spec.get("receiver_positions"), roles)
-    with _threads(cfg.threads, cfg.out):
-        model, task, pairs, out = _prepare(cfg, say)
+    with _threads(cfg.threads, cfg.out, "path"):
+        model, task, pairs, out = _prepare(cfg, say, "path")
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
         ctx = _context(cfg, model, task, pairs)
         frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
