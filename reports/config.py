@@ -298,6 +298,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
         raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
+    if cfg.heldout_n is None and cfg.n < 2:  # the held-out count defaults to --n: the same check, not bypassed
+        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
+                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
+                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
     if cfg.mask_steps < 1:
         raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
     if cfg.stability_resamples < 0:

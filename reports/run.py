@@ -26,7 +26,7 @@ from circuitlab.graphs.methods import get_method
 from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
-from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
+from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
 
@@ -357,9 +357,14 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                    "resume_key": {"key": p.cache.root.name, **p.key_parts}, "fresh_because": fresh}
     record = save_result(result, staging)
     render_result(result, staging)
-    say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit "
-        f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges; "
-        + (f"held-out faithfulness {result.faithful['heldout']:.3f} (target {cfg.faithfulness_target}); "
+    if result.faithful is not None and selection(cfg) is None:  # the size the circuit stage printed
+        sizes = result.faithful["sizes"]
+        size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
+    else:
+        size = f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges"
+    label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
+    say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
+        + (f"faithfulness {result.faithful['heldout']:.3f} ({label}; target {cfg.faithfulness_target}); "
            if result.faithful else "")
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "
            if record.get("faithfulness") else "") + f"{record['wall_seconds']:.0f}s")
