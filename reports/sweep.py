@@ -159,10 +159,18 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
             frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "patch", started, command, model, figure_kind=kind)
-    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
-    say(top[["component", "layer", "head", "position", "role", "effect"]].to_string(index=False))
+    _say_top(frame, ["component", "layer", "head", "position", "role", "effect"], cfg.direction, say)
     say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame
+
+
+def _say_top(frame: pd.DataFrame, columns: list[str], direction: str, say: Callable[[str], None]) -> None:
+    """The 10 rows farthest from "no effect", which is normalized effect 0 when denoising (the corrupted run)
+    and 1 when noising (the clean run): sorting by |effect| would list the unimportant ones first when noising."""
+    neutral = 1.0 if direction == "noise" else 0.0
+    top = frame.assign(_far=(frame["effect"] - neutral).abs()).sort_values("_far", ascending=False).head(10)
+    say(f"top {len(top)} by distance from no effect (effect {neutral:g} when patching in the {direction} direction):")
+    say(top[columns].to_string(index=False))
 
 
 def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, positions: Any, config: Any,
@@ -252,7 +260,6 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
         frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "path", started, command, model)
-    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
-    say(top[["sender", "receiver", "channel", "effect"]].to_string(index=False))
+    _say_top(frame, ["sender", "receiver", "channel", "effect"], cfg.direction, say)
     say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame

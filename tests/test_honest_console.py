@@ -66,3 +66,24 @@ def test_one_row_file_refuses_before_any_work(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--heldout-n" in err and "1" in err, err
     assert not out.exists() and not (tmp_path / ".run.staging").exists()
+
+
+@pytest.mark.parametrize("command", ["path", "patch"])
+def test_top_list_ranks_by_distance_from_no_effect_in_the_run_direction(tiny_dir, tmp_path, capsys, command):
+    """Noising leaves an unimportant component at effect 1 (the clean run): the list must start with the
+    component farthest from 1, not with the effects nearest 1."""
+    import pandas as pd
+
+    out = tmp_path / command
+    extra = ["--channel", "logits"] if command == "path" else ["--component", "head"]
+    assert main([command, "--model", tiny_dir, "--task", "repeated_tokens", "--n", "4", "--out", str(out),
+                 "--direction", "noise", *extra]) == 0
+    text = capsys.readouterr().out
+    frame = pd.read_csv(out / "scores.csv")
+    far = frame.loc[(frame["effect"] - 1.0).abs().idxmax()]
+    near = frame.loc[(frame["effect"] - 1.0).abs().idxmin()]
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if "effect" in line and "distance" in line)
+    assert f"{far['effect']:.6f}"[:6] in lines[header + 2], (lines[header:header + 4], far)
+    if len(frame) > 10:
+        assert all(f"{near['effect']:.6f}"[:7] not in line for line in lines[header + 2:header + 12])
