@@ -87,3 +87,19 @@ def test_top_list_ranks_by_distance_from_no_effect_in_the_run_direction(tiny_dir
     assert f"{far['effect']:.6f}"[:6] in lines[header + 2], (lines[header:header + 4], far)
     if len(frame) > 10:
         assert all(f"{near['effect']:.6f}"[:7] not in line for line in lines[header + 2:header + 12])
+
+
+def test_scores_csv_never_writes_minus_one_for_all_positions(tiny_dir, tmp_path):
+    """-1 as an input means each prompt's last token; "all positions" (and per-prompt roles) are written empty."""
+    import csv
+
+    rows = {}
+    for spec in ("all", "END", "-1"):
+        out = tmp_path / spec
+        assert main(["patch", "--model", tiny_dir, "--task", "repeated_tokens", "--n", "4", "--out", str(out),
+                     "--positions", spec, "--quiet"]) == 0
+        with open(out / "scores.csv", newline="") as handle:
+            rows[spec] = list(csv.DictReader(handle))
+    assert {r["position"] for r in rows["all"]} == {""} and {r["role"] for r in rows["all"]} == {""}
+    assert {r["position"] for r in rows["END"]} == {""} and {r["role"] for r in rows["END"]} == {"END"}
+    assert {r["position"] for r in rows["-1"]} == {"-1"}
