@@ -161,6 +161,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
     if args.shards < 1:
         raise ConfigError(f"--shards must be >= 1, got {args.shards}")
+    from circuitlab.reports.executors import EXECUTORS
+
+    if args.executor not in EXECUTORS:
+        raise ConfigError(f"--executor {args.executor!r} is unknown: use {' or '.join(EXECUTORS)}")
     spec = {"component": args.component, "positions": args.positions, "shards": args.shards,
             "executor": args.executor, "address": args.address}
     cfg = _sweep_config(args, spec, "runs/patch")
@@ -203,8 +207,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from circuitlab.reports.render import render_report
 
     folder = Path(args.run_dir).expanduser().absolute()
+    if folder.is_file():
+        raise ConfigError(f"{args.run_dir!r} is a file; `circuitlab report` takes the folder a `circuitlab run` wrote")
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
+    kind = rundir.result_kind(folder)
+    if kind in ("sweep", "phase"):
+        raise ConfigError(f"{args.run_dir!r} holds a circuitlab {kind} result, whose report is written with it "
+                          f"({'summary.html' if kind == 'sweep' else 'report.html'}); `circuitlab report` re-renders "
+                          "a `circuitlab run` folder")
     with rundir.locked(folder):
         html_path, md_path = render_report(folder)
     print(f"report: {html_path} (and {md_path.name})")

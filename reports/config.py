@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,12 +128,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = parse_unique(text, json_file=path.suffix.lower() == ".json")
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}; keep one") from None
     except Exception as exc:  # yaml and json raise different types; both mean a malformed file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {str(path)!r} cannot be parsed: {first}") from exc
@@ -142,6 +140,41 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
     return _normalise_keys(data, str(path))
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping in a config file gives one key twice (YAML and JSON would silently keep the last)."""
+
+
+def parse_unique(text: str, *, json_file: bool) -> Any:
+    """JSON or YAML, refusing a key given twice in one mapping (naming the key and its second line)."""
+    if json_file:
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            for key, value in items:
+                if key in seen:
+                    lines = [i for i, line in enumerate(text.splitlines(), 1) if f'"{key}"' in line]
+                    where = f" (line {lines[1]})" if len(lines) > 1 else ""
+                    raise DuplicateKeyError(f"key {key!r} is given twice{where}")
+                seen[key] = value
+            return seen
+        return json.loads(text, object_pairs_hook=pairs)
+    import yaml  # only YAML files need it (imported here as before)
+
+    class UniqueLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueLoader)
 
 
 def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -268,12 +301,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.oracle_edges < 0 or cfg.n_boot < 0:
         raise ConfigError("--oracle-edges and --n-boot must be >= 0")
+    if cfg.n_boot > MAX_N_BOOT:
+        raise ConfigError(f"--n-boot {cfg.n_boot} is more bootstrap resamples than any interval needs (at most "
+                          f"{MAX_N_BOOT}; 1000, the default, gives a 95% interval to about ±0.01)")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 prompt pairs, got {cfg.batch_size}")
-    if cfg.memory_budget <= 0:
-        raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
+    check_memory_budget(cfg.memory_budget)
     check_backend(cfg.backend)
     given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]
     if len(given) > 1:
@@ -310,6 +345,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+
+
+MAX_N_BOOT = 100_000
+
+
+def check_memory_budget(mb: float) -> None:
+    """`--memory-budget`: a finite, positive number of MB."""
+    if not math.isfinite(mb) or mb <= 0:
+        raise ConfigError(f"--memory-budget must be a finite, positive number of MB (e.g. 2048), got {mb}")
 
 
 def check_backend(backend: str) -> None:

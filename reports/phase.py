@@ -324,6 +324,16 @@ def _cmd_phase(args: Any) -> int:
                                              "n_checkpoints", "n_linear_checkpoints",
                                              "max_bytes", "eval_sequences", "probe_sequences", "probe_half", "low",
                                              "high", "threads", "model", "positions")}
+    for flag, value in (("--n-heads", args.n_heads), ("--eval-sequences", args.eval_sequences),
+                        ("--probe-sequences", args.probe_sequences), ("--probe-half", args.probe_half),
+                        ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    need = max(12, 2 * args.probe_half + 1)  # the ICL score's positions; the induction probe's [BOS] r r
+    if args.n_ctx < need:
+        raise ConfigError(f"--n-ctx {args.n_ctx} is too short: the induction probe needs 2 x --probe-half + 1 = "
+                          f"{2 * args.probe_half + 1} tokens and the ICL score 12; use --n-ctx {need} or more "
+                          "(or a smaller --probe-half)")
     if args.d_model % args.n_heads:
         raise ConfigError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     revisions = tuple(r.strip() for r in args.revisions.split(",") if r.strip())

@@ -303,6 +303,14 @@ def available_bytes() -> int | None:
         return None
 
 
+def check_context(seq_len: int, model: Any, name: str) -> None:
+    """Refuse prompts longer than the model's context (`cfg.n_ctx`), naming both, before any work."""
+    limit = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    if limit and seq_len > limit:
+        raise ConfigError(f"the longest prompt has {seq_len} tokens, more than the {limit}-token context of {name}; "
+                          "use shorter prompts (fewer tokens per row / a smaller seq_len)")
+
+
 def check_n(n: int, held_per_pair: float, batch_per_pair: float, memory_budget_mb: float, what: str) -> None:
     """Refuse `--n` before anything of size n is allocated: when what the run holds for all its prompts
     (`held_per_pair` bytes each: `what`) exceeds the machine's free memory, or when even a batch of one prompt

@@ -62,16 +62,21 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None], kind: str) -> tuple[A
         raise ConfigError(f"--direction must be denoise or noise, got {cfg.direction!r}")
     if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
-    from circuitlab.reports.config import check_backend, check_device, check_seed
+    from circuitlab.reports.config import check_backend, check_device, check_memory_budget, check_seed
     from circuitlab.tasks.custom import RecordsTask
 
     check_backend(cfg.backend)
+    check_memory_budget(cfg.memory_budget)
     check_seed(cfg.seed)
     check_device(cfg.device)
     n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
     out = rundir.resolve_out(cfg.out, kind)
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
+    shards, layers = int(cfg.spec.get("shards") or 1), int(model.cfg.n_layers)
+    if shards > layers:  # shards split the sweep by layer
+        raise ConfigError(f"--shards {shards} is more than the {layers} layers of {cfg.model} (a shard holds whole "
+                          f"layers); use --shards {layers} or fewer")
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
     try:  # bad data fails here, before --out is touched
         if n is not None:
@@ -81,6 +86,7 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None], kind: str) -> tuple[A
                            f"{sample.seq_len} positions")
         say(f"generating {n if n is not None else 'all'} prompt pairs ...")
         pairs = task.generate(model, n, seed=cfg.seed, **options)
+        rundir.check_context(pairs.seq_len, model, cfg.model)
     except ConfigError:
         raise
     except ValueError as exc:
