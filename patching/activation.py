@@ -9,7 +9,9 @@ keys/values), and unembeds only the positions the metric reads (see `patching.ru
 Result columns (one row per patched component):
 - `component`: the kind (`z`, `q`, `k`, `v`, `pattern`, `resid_pre`, `resid_mid`, `resid_post`, `attn_out`, `mlp_out`)
 - `layer`, `head` (query head; key/value head for `k`/`v`; -1 where the kind has no heads)
-- `position`: absolute position patched (-1 = all positions; per-prompt role positions give -1 too)
+- `position`: the position patched (nullable Int64): an absolute position (>= 0), or a negative integer as asked
+  for (that many tokens back from each prompt's own end); empty (NA) for all positions at once and for a role's
+  per-prompt positions (see `role`), never -1, which as an input means each prompt's last token
 - `role`: the token role patched (`""` when positions are absolute or all)
 - `metric`: mean task metric over prompts after the patch
 - `effect`: normalized, (metric - corrupt) / (clean - corrupt): 0 = corrupted run, 1 = clean run
@@ -68,7 +70,7 @@ class Patch:
     layer: int
     head: int | None
     positions: Tensor | None  # LongTensor [batch] of absolute positions, or None for every position
-    position_label: int = -1
+    position_label: int | None = None  # None: all positions, or a role's per-prompt positions
     role: str = ""
 
 
@@ -134,9 +136,9 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             if not 0 <= int(head) < n:
                 what = "key/value heads" if kind in KV_KINDS else "heads"
                 raise ValueError(f"head {head} is out of range for {kind!r}: the model has {n} {what}")
-    position_specs: list[tuple[Tensor | None, int, str]] = []
+    position_specs: list[tuple[Tensor | None, int | None, str]] = []
     if isinstance(positions, str) and positions == "all":
-        position_specs.append((None, -1, ""))
+        position_specs.append((None, None, ""))
     elif isinstance(positions, str) and positions == "each":
         for pos in range(seq):
             position_specs.append((torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)))
@@ -149,10 +151,12 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             for layer in layers for pos, label, role in position_specs for head in head_list]
 
 
-def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int, str]:
-    """The one reading of a position: a task role (its per-prompt positions) or an integer (negative counts from
-    the end). Returns (positions [batch], the integer or -1 for a role, the role's name or the role at the
-    integer position); a ValueError naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
+def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
+    """The one reading of a position: a task role (its per-prompt positions) or an integer. A non-negative integer
+    is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
+    right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, None
+    for a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.
+    `what` (e.g. `sender`) names it in errors."""
     batch, seq = pairs.clean_tokens.shape
     name = f"{what} position" if what else "position"
     if isinstance(item, str):
@@ -160,15 +164,25 @@ def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tenso
         if item not in roles:
             raise ValueError(f"unknown {name} role {item!r}: this task has roles {sorted(roles)} "
                              "(or use 'all' or integer positions)")
-        return roles[item].long(), -1, item
+        return roles[item].long(), None, item
     pos = int(item)
-    if not -seq <= pos < seq:
+    mask = getattr(pairs, "attention_mask", None)
+    lengths = torch.full((batch,), seq, dtype=torch.long) if mask is None else mask.long().sum(1).cpu()
+    if pos >= seq:
         raise ValueError(f"{name} {pos} is out of range for prompts of {seq} tokens")
-    pos %= seq
-    return torch.full((batch,), pos, dtype=torch.long), pos, _role_at(pairs, pos)
+    shortest = int(lengths.min()) if batch else seq
+    if pos < -shortest:
+        raise ValueError(f"{name} {pos} is out of range: it counts back from the end of each prompt, and the "
+                         f"shortest prompt has {shortest} tokens (use -{shortest}..-1 or 0..{seq - 1})")
+    if pos < 0:
+        index = (lengths + pos).to(pairs.clean_tokens.device)
+        label = pos  # per prompt: the same tokens in any batch, so the same label
+    else:
+        index, label = torch.full((batch,), pos, dtype=torch.long, device=pairs.clean_tokens.device), pos
+    return index, label, _role_at(pairs, index)
 
 
-def _role_at(pairs: Any, pos: int) -> str:
+def _role_at(pairs: Any, pos: int | Tensor) -> str:
     for role, where in (getattr(pairs, "positions", {}) or {}).items():
         if bool((where == pos).all()):
             return role
@@ -325,6 +339,7 @@ def activation_patching(model: Any, task: Any, pairs: Any, component: str = "z",
                      "position": patch.position_label, "role": patch.role, "metric": value,
                      "effect": float(ctx.normalize(value)), "direction": config.direction, "source": source})
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame["position"] = frame["position"].astype("Int64")  # NA (written empty) = all positions / a role's
     frame.attrs.update(clean_metric=ctx.clean_metric, corrupt_metric=ctx.corrupt_metric)
     return frame
 
@@ -354,4 +369,6 @@ def load_results(path: str | Path) -> pd.DataFrame:
     frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
     if "role" in frame:
         frame["role"] = frame["role"].astype(str)
+    if "position" in frame:  # empty = all positions / a role's (NA)
+        frame["position"] = pd.to_numeric(frame["position"].replace("", pd.NA)).astype("Int64")
     return frame

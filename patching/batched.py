@@ -204,11 +204,15 @@ class Batches(Prompts):
 
 
 def position_independent(positions: Any) -> bool:
-    """True for position specs that mean the same tokens in any batch (all, None, role names)."""
+    """True for position specs that mean the same tokens in any batch (all, None, role names, negative integers:
+    counted from each prompt's own end)."""
     if positions is None or positions == "all":
         return True
     if isinstance(positions, str):
         return positions != "each"
+    if isinstance(positions, int):
+        return positions < 0
     if isinstance(positions, (list, tuple)):
-        return all(isinstance(p, str) and p not in ("each", "all") for p in positions)
+        return all((isinstance(p, str) and p not in ("each", "all")) or (isinstance(p, int) and p < 0)
+                   for p in positions)
     return False

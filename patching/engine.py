@@ -62,14 +62,26 @@ def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0
     return runner.unembed(picked)
 
 
-def make_runner(model: Any) -> tuple[Any, str, str]:
-    """(runner, backend, reason): the fast Runner where its self-check passes, else the exact hook backend."""
+BACKENDS = ("auto", "fast", "hook")
+
+
+def make_runner(model: Any, backend: str = "auto") -> tuple[Any, str, str]:
+    """(runner, backend, reason). `auto`: the fast Runner where its self-check passes, else the exact hook backend;
+    `fast`: the fast Runner or a ValueError saying why it cannot run this model; `hook`: the hook backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    if backend == "hook":
+        runner = HookRunner(model)
+        runner.backend_reason = "asked for (backend hook)"
+        return runner, "hook", runner.backend_reason
     try:
         return Runner(model), "fast", ""
     except UnsupportedModelError as exc:
         reason = str(exc)
     except (AttributeError, TypeError, KeyError, NotImplementedError) as exc:  # a module layout we do not know
         reason = f"the fast runner cannot read this architecture ({type(exc).__name__}: {exc})"
+    if backend == "fast":
+        raise ValueError(f"backend fast cannot run this model: {reason}. Use --backend auto or hook")
     runner = HookRunner(model)
     runner.backend_reason = reason
     return runner, "hook", reason
@@ -217,4 +229,4 @@ def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, col
                          clean_run=clean, corrupt_run=corrupt, collected=keys, backend=backend, backend_reason=reason)
 
 
-__all__ = ["EngineContext", "engine_context", "make_edge_runner", "make_runner"]
+__all__ = ["BACKENDS", "EngineContext", "engine_context", "make_edge_runner", "make_runner"]

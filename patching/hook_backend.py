@@ -10,10 +10,16 @@ Activation patching (every kind; an edit of `resid_mid` reaches the MLP and the 
 bridge aliases `hook_resid_mid` to the MLP norm's input, as TL-native bridges do) and path patching (q, and k/v
 per query head under grouped-query attention, by running a key/value group's query heads as batch copies) work.
 Edge methods (edge patching, EAP, EAP-IG, ACDC, faithfulness, node masks) run on `patching.hook_edges`.
+
+Every hook this backend edits is first probed on the loaded model (`require_editable`: add fixed noise there, see
+the logits move), because some bridges fire a hook after the wrapped module has used the values (TransformerLens
+4.3: `attn.hook_pattern` of GPT-J and OPT): an edit there would be discarded and every patched metric would
+silently equal the unpatched one. Such an edit is refused with a `DiscardedEditError`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -25,6 +31,10 @@ from circuitlab.patching.runner import RunState
 
 Hook = Callable[[Tensor], Tensor]
 _FINAL = "ln_final.hook_in"
+
+
+class DiscardedEditError(ValueError):
+    """An edit the loaded bridge would discard (the hook fires after its value was used): refused, not run."""
 
 
 class _Stop(Exception):
@@ -46,6 +56,38 @@ class HookRunner:
         self.attn_only, self.parallel, self.causal = arch.attn_only, arch.parallel, arch.causal
         self.W_U = model.W_U.detach()
         self.W_E = model.W_E.detach()
+        self._editable: dict[str, bool] = {}
+
+    def require_editable(self, name: str) -> None:
+        """Refuse an edit at hook `name` that would not reach the logits (probed once per hook, see module doc)."""
+        if name not in self._editable:
+            self._editable[name] = self._edit_moves_logits(name)
+        if not self._editable[name]:
+            raise DiscardedEditError(
+                f"the hook backend cannot edit {name} on this {self.arch.name or 'model'}: the bridge fires that hook "
+                "after the model has used the values, so an edit there changes nothing and every patched metric would "
+                "equal the unpatched one. Use the fast backend (`--backend fast`, or `backend='fast'`), which computes "
+                "this component itself.")
+
+    def edits(self, hooks: list[tuple[str, Callable]]) -> list[tuple[str, Callable]]:
+        """`hooks` (all of which edit), after `require_editable` on each name."""
+        for name, _ in hooks:
+            self.require_editable(name)
+        return hooks
+
+    def _edit_moves_logits(self, name: str) -> bool:
+        """Whether adding fixed unit noise at hook `name` changes the logits of a short prompt."""
+        tokens = (torch.arange(1, 6, device=self.W_E.device) % self.W_E.shape[0]).unsqueeze(0)
+        gen = torch.Generator().manual_seed(0)
+
+        def noise(act: Tensor, hook: Any) -> Tensor:
+            return act + torch.randn(act.shape, generator=gen).to(act.device, act.dtype)
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TransformerLens warns about the discarded edit we are probing for
+            base = self.model(tokens)
+            edited = self._forward(tokens, [(name, noise)])
+        return not torch.allclose(base, edited, rtol=1e-4, atol=1e-5)
 
     # ------------------------------------------------------------------ the runner interface
     def _forward(self, tokens: Tensor, hooks: list[tuple[str, Callable]]) -> Tensor | None:
@@ -88,7 +130,7 @@ class HookRunner:
             fwd = self._mid_hooks(start_layer, lambda act: resid)
         else:
             entry = hook_name("resid_pre", start_layer) if start_layer < self.n_layers else _FINAL
-            fwd = [(entry, lambda act, hook: resid)]
+            fwd = self.edits([(entry, lambda act, hook: resid)])
         fwd += self._hooks(hooks, start_layer, start_at_mlp, state)
         got: dict[str, Tensor] = {}
         exit_name = _FINAL if stop >= self.n_layers else hook_name("resid_pre", stop)
@@ -137,8 +179,8 @@ class HookRunner:
             return own.unsqueeze(0).expand(group, *own.shape).reshape(act.shape)
 
         layers = sorted({layer for _, layer in per_query})
-        first = [(hook_name("z", layer), merge) for layer in layers]
-        last = [(self.read_site(kind[0], layer), edit(fn)) for (kind, layer), fn in per_query.items()]
+        first = self.edits([(hook_name("z", layer), merge) for layer in layers])
+        last = self.edits([(self.read_site(kind[0], layer), edit(fn)) for (kind, layer), fn in per_query.items()])
         return first + [(name, chunked(fn)) for name, fn in fwd] + last
 
     @property
@@ -158,6 +200,7 @@ class HookRunner:
 
     def _mid_hooks(self, layer: int, fn: Hook) -> list[tuple[str, Callable]]:
         """Hooks editing resid_mid of `layer` by `fn`, on the MLP's input and on the skip connection alike."""
+        self.require_editable(hook_name("resid_mid", layer))
         if self.mid_is_stream:
             return [(hook_name("resid_mid", layer), lambda act, hook: fn(act))]
         changes: list[Tensor] = []  # one per call (several when the batch runs in chunks)
@@ -188,6 +231,7 @@ class HookRunner:
                 kind = "q"
             if kind in ("k_q", "v_q"):  # full_run: run() takes these
                 raise ValueError("per-query-head key/value edits are for partial runs (HookRunner.run)")
+            self.require_editable(hook_name(kind, layer))
             out.append((hook_name(kind, layer), lambda act, hook, fn=fn: fn(act)))
         if state is not None:
             for layer in range(start, self.n_layers):
@@ -241,4 +285,4 @@ def _record(store: dict, key: Any) -> Callable:
     return hook
 
 
-__all__ = ["HookRunner"]
+__all__ = ["DiscardedEditError", "HookRunner"]

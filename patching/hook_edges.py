@@ -163,7 +163,7 @@ class HookEdgeRunner:
                 hooks.append((hook_name("mlp_out", layer), mlp_hook(layer)))
         hooks.append((_FINAL, final_hook))
         placeholder = torch.zeros(n * items, seq, dtype=torch.long, device=self.W_O.device)
-        self.runner._forward(placeholder, hooks)  # stopped by final_hook
+        self.runner._forward(placeholder, self.runner.edits(hooks))  # stopped by final_hook; every hook probed
         return out["final"]
 
     def _plain_forward(self, tokens: Tensor | None, embed: Tensor | None, leaves: dict[str, list[Tensor]] | None

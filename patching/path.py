@@ -264,13 +264,15 @@ def path_patching(model: Any, task: Any, pairs: Any, senders: Any = "heads", rec
         chunk = [kept[i] for i in members]
         values[torch.tensor(members)] = run.pass_two(run.pass_one(chunk), len(chunk)).cpu()
     receiver_name = ",".join(node.name for node in recv)
+    receiver_label = receiver_positions if isinstance(receiver_positions, int) else None  # NA: all / a role
     rows = []
     for sender_set, value in zip(kept, values.tolist()):
         single = sender_set.nodes[0] if len(sender_set.nodes) == 1 else None
         rows.append({"sender": sender_set.name, "receiver": receiver_name, "channel": channel,
                      "layer": sender_set.min_layer, "head": single.head if single is not None and single.kind == "head" else -1,
-                     "position": -1, "role": receiver_role, "metric": value, "effect": float(ctx.normalize(value)),
+                     "position": receiver_label, "role": receiver_role, "metric": value, "effect": float(ctx.normalize(value)),
                      "direction": config.direction, "source": run.source})
     frame = pd.DataFrame(rows, columns=PATH_COLUMNS)
+    frame["position"] = frame["position"].astype("Int64")  # the receiver position; NA (written empty): all / a role
     frame.attrs.update(clean_metric=ctx.clean_metric, corrupt_metric=ctx.corrupt_metric)
     return frame

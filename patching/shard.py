@@ -16,10 +16,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from circuitlab.patching.activation import RESULT_COLUMNS, PatchingConfig, activation_patching
+from circuitlab.patching.activation import RESULT_COLUMNS, PatchingConfig, activation_patching, prepare
 from circuitlab.patching.attribution import exact_edge_scores
 from circuitlab.patching.components import parse_edge, parse_node
 from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.engine import make_runner
 from circuitlab.patching.models import load_model
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
@@ -39,6 +40,7 @@ class PatchShard:
     config: PatchingConfig
     device: str = "cpu"
     threads: int = 1
+    backend: str = "auto"  # patching.engine.make_runner: auto, fast or hook
 
 
 def split_layers(layers: Sequence[int], n_shards: int) -> list[tuple[int, ...]]:
@@ -64,10 +66,11 @@ def run_shard(shard: PatchShard) -> pd.DataFrame:
     torch.set_num_threads(shard.threads)
     try:
         model = load_model(shard.model, device=shard.device)
-        frame = activation_patching(model, shard.task, shard.pairs.to(shard.device) if hasattr(shard.pairs, "to")
-                                    else shard.pairs, shard.component, positions=shard.positions,
+        pairs = shard.pairs.to(shard.device) if hasattr(shard.pairs, "to") else shard.pairs
+        context = prepare(model, shard.task, pairs, runner=make_runner(model, shard.backend)[0])
+        frame = activation_patching(model, shard.task, pairs, shard.component, positions=shard.positions,
                                     layers=list(shard.layers), heads=None if shard.heads is None else list(shard.heads),
-                                    config=shard.config)
+                                    config=shard.config, context=context)
     finally:
         torch.set_num_threads(previous)
     frame["clean_metric"] = frame.attrs["clean_metric"]
@@ -93,7 +96,7 @@ def sharded_activation_patching(model: str, task: Any, pairs: Any, component: st
                                 layers: Sequence[int] | None = None, n_layers: int | None = None,
                                 heads: Sequence[int] | None = None, config: PatchingConfig | None = None,
                                 n_shards: int = 2, map_fn: MapFn | None = None, device: str = "cpu",
-                                threads: int = 1) -> pd.DataFrame:
+                                threads: int = 1, backend: str = "auto") -> pd.DataFrame:
     """`activation_patching` split over `n_shards` workers by layer; the same table as one process.
 
     `model` is a name or directory for `load_model` (each worker loads its own copy); give `layers`, or
@@ -104,7 +107,8 @@ def sharded_activation_patching(model: str, task: Any, pairs: Any, component: st
             raise ValueError("give layers (or n_layers to patch every layer)")
         layers = range(n_layers)
     shards = [PatchShard(model, task, pairs, component, positions, part, None if heads is None else tuple(heads),
-                         config or PatchingConfig(), device, threads) for part in split_layers(list(layers), n_shards)]
+                         config or PatchingConfig(), device, threads, backend)
+              for part in split_layers(list(layers), n_shards)]
     results = (map_fn or (lambda fn, items: [fn(x) for x in items]))(run_shard, shards)
     return merge_shards(results)
 

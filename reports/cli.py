@@ -19,6 +19,7 @@ from circuitlab.patching.models import list_models
 from circuitlab.reports import rundir
 from circuitlab.reports.bench import add_bench_parser
 from circuitlab.reports.config import METHODS, ConfigError, build_configs, load_config_file
+from circuitlab.reports.executors import EXECUTORS
 from circuitlab.reports.grid import add_sweep_parser
 from circuitlab.reports.phase import add_phase_parser
 from circuitlab.reports.render import render_report
@@ -48,6 +49,9 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     p.add_argument("--device", default=d("cpu"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores free at the start)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--backend", default=d("auto"), choices=None,
+                   help="auto (the fast runner where it reproduces the model, else the exact hook backend), fast or "
+                        "hook: run both to check one against the other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--percents", default=None, help="faithfulness curve points, %% of edges (comma-separated)")
     run.add_argument("--roles", dest="roles", action="store_true", default=None, help="detect head roles (default)")
     run.add_argument("--no-roles", dest="roles", action="store_false", help="skip role detection")
-    run.add_argument("--force", action="store_true", default=None, help="allow ACDC on large graphs")
+    run.add_argument("--force", action="store_true", default=None,
+                     help="allow ACDC on large graphs, and replace files in --out that circuitlab did not write")
     run.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                      help="extra task.generate option, e.g. seq_len=8 (repeatable)")
     run.set_defaults(func=_cmd_run)
@@ -131,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples")}
+                                         "stability_resamples", "backend")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
@@ -150,12 +155,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _sweep_config(args: argparse.Namespace, spec: dict[str, Any], default_out: str) -> Any:
     return SweepConfig(task=args.task, model=args.model, out=args.out or default_out, n=args.n, seed=args.seed,
                        corruption=args.corruption, direction=args.direction, memory_budget=args.memory_budget,
-                       device=args.device, threads=args.threads, spec=spec)
+                       device=args.device, threads=args.threads, backend=args.backend, spec=spec)
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
     if args.shards < 1:
         raise ConfigError(f"--shards must be >= 1, got {args.shards}")
+    if args.executor not in EXECUTORS:
+        raise ConfigError(f"--executor {args.executor!r} is unknown: use {' or '.join(EXECUTORS)}")
     spec = {"component": args.component, "positions": args.positions, "shards": args.shards,
             "executor": args.executor, "address": args.address}
     cfg = _sweep_config(args, spec, "runs/patch")
@@ -191,8 +198,15 @@ SWEEP_COMMANDS = (
 
 def _cmd_report(args: argparse.Namespace) -> int:
     folder = Path(args.run_dir).expanduser().absolute()
+    if folder.is_file():
+        raise ConfigError(f"{args.run_dir!r} is a file; `circuitlab report` takes the folder a `circuitlab run` wrote")
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
+    kind = rundir.result_kind(folder)
+    if kind in ("sweep", "phase"):
+        raise ConfigError(f"{args.run_dir!r} holds a circuitlab {kind} result, whose report is written with it "
+                          f"({'summary.html' if kind == 'sweep' else 'report.html'}); `circuitlab report` re-renders "
+                          "a `circuitlab run` folder")
     with rundir.locked(folder):
         html_path, md_path = render_report(folder)
     print(f"report: {html_path} (and {md_path.name})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ import torch
 import yaml
 
 from circuitlab.graphs.faithful import FAITHFUL_METHODS
-from circuitlab.tasks import get_task
+from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
 
 # methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
@@ -84,9 +86,10 @@ class RunConfig:
     heldout_n: int | None = None
     mask_steps: int = 60
     stability_resamples: int = 0
+    backend: str = "auto"
 
     # fields that do not change results (left out of the resume key)
-    _NON_RESULT = ("out", "force", "batch_size")  # any batch size gives the same numbers
+    _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
 
     def result_key(self) -> str:
         """A short hash of every field that changes results: equal keys mean a run may resume."""
@@ -130,10 +133,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = parse_unique(text, json_file=path.suffix.lower() == ".json")
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}; keep one") from None
     except Exception as exc:  # yaml and json raise different types; both mean a malformed file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {str(path)!r} cannot be parsed: {first}") from exc
@@ -143,6 +145,40 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
     return _normalise_keys(data, str(path))
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping in a config file gives one key twice (YAML and JSON would silently keep the last)."""
+
+
+def parse_unique(text: str, *, json_file: bool) -> Any:
+    """JSON or YAML, refusing a key given twice in one mapping (naming the key and its second line)."""
+    if json_file:
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            for key, value in items:
+                if key in seen:
+                    lines = [i for i, line in enumerate(text.splitlines(), 1) if f'"{key}"' in line]
+                    where = f" (line {lines[1]})" if len(lines) > 1 else ""
+                    raise DuplicateKeyError(f"key {key!r} is given twice{where}")
+                seen[key] = value
+            return seen
+        return json.loads(text, object_pairs_hook=pairs)
+
+    class UniqueLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueLoader)
 
 
 def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -265,12 +301,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
     if cfg.oracle_edges < 0 or cfg.n_boot < 0:
         raise ConfigError("--oracle-edges and --n-boot must be >= 0")
+    if cfg.n_boot > MAX_N_BOOT:
+        raise ConfigError(f"--n-boot {cfg.n_boot} is more bootstrap resamples than any interval needs (at most "
+                          f"{MAX_N_BOOT}; 1000, the default, gives a 95% interval to about ±0.01)")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 prompt pairs, got {cfg.batch_size}")
-    if cfg.memory_budget <= 0:
-        raise ConfigError(f"--memory-budget must be a positive number of MB, got {cfg.memory_budget}")
+    check_memory_budget(cfg.memory_budget)
+    check_backend(cfg.backend)
     given = [x for x in ("top_fraction", "threshold", "top_k") if getattr(cfg, x) is not None]
     if len(given) > 1:
         raise ConfigError(f"give at most one of --top-fraction, --threshold, --top-k (got {', '.join(given)})")
@@ -293,6 +332,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
         raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
+    if cfg.heldout_n is None and cfg.n < 2:  # the held-out count defaults to --n: the same check, not bypassed
+        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
+                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
+                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
     if cfg.mask_steps < 1:
         raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
     if cfg.stability_resamples < 0:
@@ -301,6 +344,22 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+
+
+MAX_N_BOOT = 100_000
+
+
+def check_memory_budget(mb: float) -> None:
+    """`--memory-budget`: a finite, positive number of MB."""
+    if not math.isfinite(mb) or mb <= 0:
+        raise ConfigError(f"--memory-budget must be a finite, positive number of MB (e.g. 2048), got {mb}")
+
+
+def check_backend(backend: str) -> None:
+    """`--backend`: auto (the fast runner where it reproduces the model, else hooks), fast or hook."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is unknown: use {', '.join(BACKENDS)} (auto: the fast runner where "
+                          "it reproduces the model, else the exact hook backend)")
 
 
 def check_seed(seed: int) -> None:

@@ -130,6 +130,9 @@ class RayExecutor:
         return ray.get([remote.remote(item) for item in items])
 
 
+EXECUTORS = ("sequential", "ray")
+
+
 def make_executor(name: str = "sequential", *, address: str | None = None, num_cpus: int | None = None) -> Any:
     """An executor by name (`sequential` or `ray`); an address implies Ray."""
     if address or name == "ray":

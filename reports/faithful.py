@@ -30,6 +30,7 @@ from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
 from circuitlab.patching.methods import get_method
 from circuitlab.reports.result import strongest_per_node
+from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
 
 HELDOUT_SEED_OFFSET = 1_000_003
@@ -37,6 +38,19 @@ SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
           "seed": "drawn with another seed (this task records no templates, so they may share templates)",
           "overlapping": "drawn with another seed but OVERLAPPING the discovery pairs (too few distinct prompts): "
                          "this is not a held-out test"}
+
+
+def heldout_label(task: Any, discovery: Any, heldout: Any, split: str | None) -> str:
+    """How the console names the held-out numbers: `held-out` only when the pairs are held out; otherwise why
+    not and what to do (a small file gives the same rows for discovery and held-out pairs)."""
+    if split != "overlapping":
+        return "held-out"
+    if isinstance(task, RecordsTask):
+        source = f"the file has {len(task.records)} rows"
+    else:
+        distinct = len(set(map(tuple, discovery.clean_tokens.tolist())) | set(map(tuple, heldout.clean_tokens.tolist())))
+        source = f"the task gave {distinct} distinct prompts"
+    return f"not held out: {source}; use --heldout-n / more rows"
 
 
 def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, options: dict[str, Any]
@@ -134,8 +148,10 @@ def circuit_stage(p: Any) -> dict[str, Any]:
 
     config = faithful_config(cfg, len(discovery))
     nodes = lambda c: node_evaluator(c, memory_budget_mb=cfg.memory_budget)  # noqa: E731  (the baseline's)
+    checked = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
     say(f"  {method}: smallest circuit with exact faithfulness >= {cfg.faithfulness_target} on {len(discovery)} "
-        f"discovery pairs, checked on {len(heldout)} held-out pairs")
+        f"discovery pairs, checked on {len(heldout)} " + ("held-out pairs" if checked == "held-out" else
+                                                         f"other pairs ({checked})"))
     memory = ""
     if batched and edge_scores is not None:  # --memory-budget: evaluations batch by batch
         memory = f"evaluated in prompt batches of <= {disc_size} (discovery) and <= {held_size} (held-out)"
@@ -161,6 +177,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
         baseline, base_curve = _baseline(p, *evaluators, config)
         curves.append(base_curve)
     held_f, held_ci = found.heldout
+    label = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
     summary = {"method": method, "ranking": ranking_name, "level": found.level, "target": cfg.faithfulness_target,
                "items": found.circuit.items, "reached": found.circuit.reached,
                "discovery": found.circuit.faithfulness, "discovery_ci": list(found.circuit.ci),
@@ -182,7 +199,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
             n_resamples=cfg.stability_resamples, seed=cfg.seed, reference=found.circuit.items)
     say(f"  circuit: {found.sizes['heads']} heads, {found.sizes['mlps']} MLPs, {found.sizes['edges']} edges; "
         f"faithfulness {found.circuit.faithfulness:.3f} (discovery), {held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
-        "(held-out)" + (f"; baseline top-{baseline['heads']} heads: {baseline['heldout']:.3f} (held-out)"
+        f"({label})" + (f"; baseline top-{baseline['heads']} heads: {baseline['heldout']:.3f} ({label})"
                         if baseline else ""))
     return {"faithful": summary, "faithful_curve": pd.concat(curves, ignore_index=True),
             "faithful_ranking": found.ranking, "stability": stability}

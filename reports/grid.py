@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -30,12 +31,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import yaml
 
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.reports.cell_kinds import check_params
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
-from circuitlab.reports.config import ConfigError
+from circuitlab.reports.config import ConfigError, DuplicateKeyError, parse_unique
 from circuitlab.reports.executors import SequentialExecutor, make_executor
 from circuitlab.reports.sweep_summary import write_summary
 
@@ -77,8 +77,10 @@ class SweepSpec:
         if bad:
             raise ConfigError(f"{where}: unknown resource(s) {bad}; use {', '.join(RESOURCE_KEYS)}")
         for key, value in resources.items():
-            if not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{where}: resource {key} must be a number >= 0, got {value!r}")
+            if key in ("num_cpus", "memory_mb") and value <= 0:  # a cell with no CPU (or memory) never runs
+                raise ConfigError(f"{where}: resource {key} must be > 0 (a cell needs some), got {value!r}")
         exclude = data.get("exclude") or []
         if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
             raise ConfigError(f"{where}: 'exclude' must be a list of mappings such as {{method: acdc}}")
@@ -92,7 +94,9 @@ class SweepSpec:
         if not path.is_file():
             raise ConfigError(f"sweep file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) if path.suffix.lower() != ".json" else json.loads(path.read_text())
+            data = parse_unique(path.read_text(), json_file=path.suffix.lower() == ".json")
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"sweep file {str(path)!r}: {exc}; keep one") from None
         except Exception as exc:  # yaml and json raise different types; both mean a malformed file
             raise ConfigError(f"sweep file {str(path)!r} cannot be parsed: {str(exc).splitlines()[0]}") from exc
         return cls.from_dict(data, str(path))
@@ -179,7 +183,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
     skipped; failed cells run again. Each cell is written as soon as it finishes.
     """
     executor = executor or SequentialExecutor()
-    out = store.check_writable(out)
+    out = store.check_writable(rundir.check_kind(out, "sweep"))  # never mixes cells into a run/patch/... folder
     root = out / "cells"
     root.mkdir(exist_ok=True)
     for stale in root.glob(".staging-*"):  # left by an interrupted sweep: never a finished cell

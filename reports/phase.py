@@ -29,7 +29,7 @@ from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_
                                      label_heads, measure_checkpoint)
 from circuitlab.patching.models import load_model
 from circuitlab.patching.training import TrainConfig, train_attn_only
-from circuitlab.reports import store
+from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError
 from circuitlab.reports.phase_report import acceptance, render_phase_report
 from circuitlab.tasks.corpus import Corpus, eval_tokens, load_corpus, periodic_mix, model_corpus
@@ -155,7 +155,7 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
     load_at_start = os.getloadavg()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = store.check_writable(cfg.out)
+    out = store.check_writable(rundir.check_kind(cfg.out, "phase"))  # never mixes tables into another result
     if cfg.model:
         return run_published(cfg)
     corpus = load_corpus(max_bytes=cfg.max_bytes)
@@ -315,6 +315,16 @@ def _cmd_phase(args: Any) -> int:
                                              "n_checkpoints", "n_linear_checkpoints",
                                              "max_bytes", "eval_sequences", "probe_sequences", "probe_half", "low",
                                              "high", "threads", "model", "positions")}
+    for flag, value in (("--n-heads", args.n_heads), ("--eval-sequences", args.eval_sequences),
+                        ("--probe-sequences", args.probe_sequences), ("--probe-half", args.probe_half),
+                        ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    need = max(12, 2 * args.probe_half + 1)  # the ICL score's positions; the induction probe's [BOS] r r
+    if args.n_ctx < need:
+        raise ConfigError(f"--n-ctx {args.n_ctx} is too short: the induction probe needs 2 x --probe-half + 1 = "
+                          f"{2 * args.probe_half + 1} tokens and the ICL score 12; use --n-ctx {need} or more "
+                          "(or a smaller --probe-half)")
     if args.d_model % args.n_heads:
         raise ConfigError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     revisions = tuple(r.strip() for r in args.revisions.split(",") if r.strip())

@@ -92,8 +92,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         heat.paragraphs.append("Exact activation patching of heads and MLPs was skipped in this run (--positions none).")
     heads = exact[exact["component"] == "z"]
     panels = []
-    for label, group in heads.groupby(heads["role"].where(heads["role"] != "", heads["position"].astype(str)), sort=False):
-        title = "exact activation patching" + ("" if label in ("-1", "") else f" at {label}")
+    where = heads["position"].astype("Int64").astype(str).replace("<NA>", "all positions")
+    for label, group in heads.groupby(heads["role"].where(heads["role"] != "", where), sort=False):
+        title = "exact activation patching" + ("" if label in ("", "all positions") else f" at {label}")
         panels.append((title, group.pivot_table(index="layer", columns="head", values="effect", aggfunc="mean")))
     approx = result.nodes if method != "activation" else result.nodes.iloc[0:0]
     approx_heads = approx[approx["component"] == "z"]
@@ -117,14 +118,14 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     resid = result.resid
     if resid is not None and not resid.empty:
         labels_all = model.get("position_labels", [])
-        if (resid["position"].astype(int) >= 0).all():
+        if _absolute(resid):
             grid = resid.pivot_table(index="layer", columns="position", values="effect", aggfunc="mean")
             labels = [f"{p}: {labels_all[int(p)]}" if int(p) < len(labels_all) else str(p) for p in grid.columns]
         else:
             grid = resid.pivot_table(index="layer", columns="role", values="effect", aggfunc="mean")
             grid = grid[[r for r in record["task"]["roles"] if r in grid.columns]]
             labels = list(grid.columns)
-        absolute = bool((resid["position"].astype(int) >= 0).all())
+        absolute = _absolute(resid)
         mixed = absolute and any(label.startswith("*") for label in labels_all)
         heat.figures.append(("resid", "Normalized effect of patching the residual stream before each layer (rows) at "
                              "each position (columns) from the clean into the corrupted run" +
@@ -262,6 +263,12 @@ def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any]
     if result.stability is not None:
         faith.tables.append(("Stability: how often each component is in the circuit found on bootstrap resamples "
                              "of the discovery pairs", result.stability))
+
+
+def _absolute(frame: pd.DataFrame) -> bool:
+    """Whether every row of a patching table is at an absolute position (NA = all positions or a role's)."""
+    position = frame["position"].astype("Int64")
+    return bool(position.notna().all() and (position >= 0).all())
 
 
 def _engine_text(engine: dict[str, Any]) -> str:

@@ -108,14 +108,16 @@ class RunResult:
                 "n_nodes": int(len(common))}
 
     def scores_table(self) -> pd.DataFrame:
-        """scores.csv: exact head/MLP rows, the method's node rows, edge rows, residual-stream rows."""
+        """scores.csv: exact head/MLP rows, the method's node rows, edge rows, residual-stream rows. `position` is
+        the position patched (a negative one counts from each prompt's end); empty for all positions at once, a
+        role's per-prompt positions (see `role`) and rows with no position (node and edge scores)."""
         parts = []
         if self.exact is not None:
             parts.append(self.exact.assign(method="activation", exact=True))
         if self.nodes is not None and self.config.method != "activation":
-            parts.append(self.nodes.assign(position=-1, role="", metric=np.nan))
+            parts.append(self.nodes.assign(position=pd.NA, role="", metric=np.nan))  # no position: written empty
         if self.edges is not None:
-            parts.append(self.edges.assign(component="edge", node="", layer=-1, head=-1, position=-1, role="",
+            parts.append(self.edges.assign(component="edge", node="", layer=-1, head=-1, position=pd.NA, role="",
                                            exact=bool(self.config.method == "acdc"), metric=np.nan))
         if self.resid is not None:
             parts.append(self.resid.assign(node="", method="activation", exact=True))
@@ -125,6 +127,7 @@ class RunResult:
                 frame[col] = ""
         for col in ("node", "role", "edge", "sender", "receiver", "channel"):
             frame[col] = frame[col].fillna("").astype(str)
+        frame["position"] = frame["position"].astype("Int64")  # empty = all positions, a role's, or none
         extra = [c for c in frame.columns if c not in SCORE_COLUMNS and c not in ("direction", "source")]
         return frame[SCORE_COLUMNS + extra]
 

@@ -41,6 +41,7 @@ def generate_pairs(p: Any) -> tuple[Any, Any, str]:
     p.say(f"[pairs] generating {cfg.n} prompt pairs and {n_heldout} held-out pairs ...")
     start = time.time()
     pairs, heldout, split = split_prompts(p.task, model, cfg.n, n_heldout, cfg.seed, options)
+    rundir.check_context(max(pairs.seq_len, heldout.seq_len), model, cfg.model)
     p.result.timings["generate"] = round(time.time() - start, 3)
     return pairs, heldout, split
 

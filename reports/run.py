@@ -34,7 +34,7 @@ from circuitlab.patching.normalize import normalize_difference
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, free_cores, parse_percents, parse_positions
-from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
+from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
 from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
@@ -82,16 +82,21 @@ class Pipeline:
         return self._contexts[which]
 
     def runner(self) -> Any:
-        """The fast runner where it reproduces the model, else the exact hook backend (`patching.engine`)."""
+        """The runner `--backend` asks for (auto: the fast runner where it reproduces the model, else the exact hook
+        backend; `patching.engine.make_runner`)."""
         if "runner" not in self._contexts:
-            self._contexts["runner"] = make_runner(self.model())
+            try:
+                self._contexts["runner"] = make_runner(self.model(), self.cfg.backend)
+            except ValueError as exc:  # --backend fast on a model it does not reproduce
+                raise ConfigError(str(exc)) from None
         return self._contexts["runner"][0]
 
     def engine(self) -> dict[str, Any]:
         """Which backend runs this model and why, with the architecture description (for run.json)."""
         runner = self.runner()
         _, backend, reason = self._contexts["runner"]
-        return {"backend": backend, "reason": reason, "architecture": runner.arch.as_dict()}
+        return {"backend": backend, "requested": self.cfg.backend, "reason": reason,
+                "architecture": runner.arch.as_dict()}
 
     def head_and_mlp_kinds(self) -> list[str]:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
@@ -271,7 +276,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
-    out = rundir.resolve_out(cfg.out)
+    out = rundir.resolve_out(cfg.out, "run", force=cfg.force)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     with rundir.locked(out):
         try:
@@ -336,9 +341,14 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                    "resume_key": {"key": p.cache.root.name, **p.key_parts}, "fresh_because": fresh}
     record = save_result(result, staging)
     render_result(result, staging)
-    say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit "
-        f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges; "
-        + (f"held-out faithfulness {result.faithful['heldout']:.3f} (target {cfg.faithfulness_target}); "
+    if result.faithful is not None and selection(cfg) is None:  # the size the circuit stage printed
+        sizes = result.faithful["sizes"]
+        size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
+    else:
+        size = f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges"
+    label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
+    say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
+        + (f"faithfulness {result.faithful['heldout']:.3f} ({label}; target {cfg.faithfulness_target}); "
            if result.faithful else "")
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "
            if record.get("faithfulness") else "") + f"{record['wall_seconds']:.0f}s")

@@ -6,6 +6,11 @@ it: a second run into the same folder fails at once), writes everything into a s
 in one rename. A failed or killed run leaves the previous result untouched; its staging folder keeps the
 finished stages for resuming. The run record (`run.json`) lists every output with its size and SHA-256, and
 `verify_outputs` refuses a folder whose files no longer match.
+
+An output folder never loses a file the user made (`resolve_out`, `check_kind`): a command refuses a folder that
+holds another kind of circuitlab result (run / patch / path / sweep / phase, `result_kind`), or files its own
+result did not write (named; `--force` replaces them), and a symlinked `--out` is resolved first, so the link
+stays a link and the staging folder, lock and swap happen next to its target.
 """
 
 from __future__ import annotations
@@ -125,15 +130,86 @@ def locked(out: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- the folder itself
 
-def resolve_out(out: str | os.PathLike[str]) -> Path:
-    """Check `--out` before any work: its parent must be writable, and an existing folder must be a
-    circuitlab result (it is replaced as a whole)."""
+KINDS = ("run", "patch", "path", "sweep", "phase")
+
+
+def result_kind(folder: Path) -> str | None:
+    """What kind of circuitlab result `folder` holds: `run`/`patch`/`path` (the `kind` in its run.json; a record
+    without one is a run), `sweep` (sweep.json), `phase` (summary.json and checkpoints.csv), else None."""
+    if (folder / RECORD).is_file():
+        try:
+            record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, OSError):
+            return "run"
+        return str(record.get("kind") or "run") if isinstance(record, dict) else "run"
+    if (folder / "sweep.json").is_file():
+        return "sweep"
+    if (folder / "summary.json").is_file() and (folder / "checkpoints.csv").is_file():
+        return "phase"
+    return None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files (and empty folders) in a finished run/patch/path folder that its run record does not list."""
+    try:
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    known = set(record.get("outputs") or {}) | set(record.get("rendered") or {}) | {RECORD}
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] == ".partial":  # saved stages, ours
+            continue
+        if path.is_dir():
+            if not any(path.iterdir()):
+                out.append(f"{rel}/")
+        elif str(rel) not in known:
+            out.append(str(rel))
+    return out
+
+
+def real_out(out: str | os.PathLike[str]) -> Path:
+    """`--out` as an absolute path with any symlink resolved (the link is left as it is)."""
     path = Path(out).expanduser().absolute()
+    if path.is_symlink() or any(p.is_symlink() for p in path.parents):
+        target = path.resolve()
+        if path.is_symlink() and not target.exists() and not target.parent.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a symlink to {target}, whose folder does not exist; "
+                              "fix the link or choose another --out")
+        return target
+    return path
+
+
+def check_kind(out: str | os.PathLike[str], kind: str) -> Path:
+    """Refuse an output folder that holds another kind of circuitlab result (naming it); returns the real path."""
+    path = real_out(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose another --out")
+    found = result_kind(path) if path.is_dir() else None
+    if found is not None and found != kind:
+        raise ConfigError(f"--out {str(out)!r} holds a circuitlab {found} result, and `circuitlab {kind}` would "
+                          f"{'mix its files into it' if kind in ('sweep', 'phase') else 'replace it'}; "
+                          "choose another --out")
+    return path
+
+
+def resolve_out(out: str | os.PathLike[str], kind: str = "run", *, force: bool = False) -> Path:
+    """Check `--out` before any work and return the folder to write (symlinks resolved): its parent must be
+    writable, and an existing folder must be a finished result of this `kind` holding nothing its run record
+    does not list (`force` replaces such files), since it is replaced as a whole."""
+    path = check_kind(out, kind)
     if path.is_dir() and not (path / RECORD).is_file() and [p for p in path.iterdir() if p.name != ".partial"]:
         raise ConfigError(f"--out {str(out)!r} holds files that are not a finished circuitlab result and would be "
                           "replaced; choose a new or empty folder")
+    if path.is_dir() and (path / RECORD).is_file() and not force:
+        foreign = foreign_files(path)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"--out {str(out)!r} holds files this {kind} did not write ({shown}); they would be "
+                              "deleted when the new result replaces the folder: move them out, choose another "
+                              "--out, or pass --force to replace them")
     check_writable(path.parent, shown=str(out))
     return path
 
@@ -223,6 +299,14 @@ def available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_context(seq_len: int, model: Any, name: str) -> None:
+    """Refuse prompts longer than the model's context (`cfg.n_ctx`), naming both, before any work."""
+    limit = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    if limit and seq_len > limit:
+        raise ConfigError(f"the longest prompt has {seq_len} tokens, more than the {limit}-token context of {name}; "
+                          "use shorter prompts (fewer tokens per row / a smaller seq_len)")
 
 
 def check_n(n: int, held_per_pair: float, batch_per_pair: float, memory_budget_mb: float, what: str) -> None:

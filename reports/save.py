@@ -125,6 +125,7 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any
     store.write_with(out / "circuit.graphml", lambda tmp: write_graphml(result.circuit, tmp))
 
     record = result.record()
+    record["kind"] = "run"  # rundir.result_kind: what this folder holds
     record["outputs"] = rundir.manifest(out)
     store.write_json(out / "run.json", record)
     return record

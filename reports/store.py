@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from functools import lru_cache
@@ -60,12 +61,12 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write JSON atomically (NaN written as null)."""
-    return write_text(path, json.dumps(_clean(data), indent=1, sort_keys=False) + "\n")
+    """Write strict JSON atomically (NaN and infinities written as null)."""
+    return write_text(path, json.dumps(_clean(data), indent=1, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _clean(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}

@@ -15,13 +15,15 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.activation import PatchingConfig, activation_patching, prepare
 from circuitlab.patching.components import canonical_kind, parse_node
+from circuitlab.patching.engine import make_runner
 from circuitlab.patching.models import load_model, weight_hash
 from circuitlab.patching.path import CHANNELS, path_patching
 from circuitlab.patching.shard import sharded_activation_patching
 from circuitlab.reports import rundir, store, figures
-from circuitlab.reports.config import ConfigError, parse_positions, check_device, check_seed, resolve_threads
+from circuitlab.reports.config import (ConfigError, check_backend, check_device, check_memory_budget, check_seed,
+                                      parse_positions, resolve_threads)
 from circuitlab.reports.executors import make_executor
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
@@ -41,10 +43,20 @@ class SweepConfig:
     memory_budget: float = 2048.0
     device: str = "cpu"
     threads: int | None = None
+    backend: str = "auto"  # patching.engine.make_runner: auto, fast or hook
     spec: dict[str, Any] = field(default_factory=dict)
 
 
-def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, Any, Path]:
+def _context(cfg: SweepConfig, model: Any, task: Any, pairs: Any) -> Any:
+    """The engine context on the backend `cfg.backend` asks for (`patching.engine.make_runner`)."""
+    try:
+        runner = make_runner(model, cfg.backend)[0]
+    except ValueError as exc:  # --backend fast on a model it does not reproduce
+        raise ConfigError(str(exc)) from None
+    return prepare(model, task, pairs, runner=runner)
+
+
+def _prepare(cfg: SweepConfig, say: Callable[[str], None], kind: str) -> tuple[Any, Any, Any, Path]:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
 
@@ -57,12 +69,18 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
     if cfg.n is not None and cfg.n < 1:
         raise ConfigError(f"--n must be a positive number of prompt pairs, got {cfg.n}")
 
+    check_backend(cfg.backend)
+    check_memory_budget(cfg.memory_budget)
     check_seed(cfg.seed)
     check_device(cfg.device)
     n = cfg.n if cfg.n is not None else (None if isinstance(task, RecordsTask) else 16)  # a dataset: every row
-    out = rundir.resolve_out(cfg.out)
+    out = rundir.resolve_out(cfg.out, kind)
     say(f"loading model {cfg.model}")
     model = load_model(cfg.model, device=cfg.device)
+    shards, layers = int(cfg.spec.get("shards") or 1), int(model.cfg.n_layers)
+    if shards > layers:  # shards split the sweep by layer
+        raise ConfigError(f"--shards {shards} is more than the {layers} layers of {cfg.model} (a shard holds whole "
+                          f"layers); use --shards {layers} or fewer")
     options = {"corruption": cfg.corruption} if cfg.corruption else {}
     try:  # bad data fails here, before --out is touched
         if n is not None:
@@ -72,6 +90,7 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
                            f"{sample.seq_len} positions")
         say(f"generating {n if n is not None else 'all'} prompt pairs ...")
         pairs = task.generate(model, n, seed=cfg.seed, **options)
+        rundir.check_context(pairs.seq_len, model, cfg.model)
     except ConfigError:
         raise
     except ValueError as exc:
@@ -83,12 +102,12 @@ def _prepare(cfg: SweepConfig, say: Callable[[str], None]) -> tuple[Any, Any, An
 
 
 @contextlib.contextmanager
-def _threads(threads: int | None, out: str) -> Iterator[None]:
+def _threads(threads: int | None, out: str, kind: str) -> Iterator[None]:
     """Inside the block: `threads` torch threads (see `resolve_threads`) and the lock of output folder `out`;
     a failure discards the staging folder (a sweep has nothing to resume), leaving `out` as it was."""
     previous = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(threads))
-    folder = rundir.resolve_out(out)
+    folder = rundir.resolve_out(out, kind)
     try:
         with rundir.locked(folder):
             try:
@@ -111,8 +130,9 @@ def _finish(cfg: SweepConfig, out: Path, frame: pd.DataFrame, kind: str, started
         "command": command, "kind": kind, "config": asdict(cfg), "seed": cfg.seed,
         "model": {"name": cfg.model, "weight_hash": weight_hash(model)},
         "metrics": {"clean": frame.attrs.get("clean_metric"), "corrupt": frame.attrs.get("corrupt_metric")},
+        "engine": {"requested": cfg.backend, **frame.attrs.get("engine", {"backend": f"{cfg.backend} (in each shard)"})},
         "wall_seconds": round(time.time() - started, 3), "outputs": rundir.manifest(out)})
-    rundir.publish(Path(cfg.out).expanduser().absolute())
+    rundir.publish(rundir.real_out(cfg.out))
 
 
 def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.DataFrame:
@@ -125,20 +145,30 @@ def run_patch(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     positions = parse_positions(cfg.spec.get("positions", "all"), roles)
-    with _threads(cfg.threads, cfg.out):
-        model, task, pairs, out = _prepare(cfg, say)
+    with _threads(cfg.threads, cfg.out, "patch"):
+        model, task, pairs, out = _prepare(cfg, say, "patch")
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
         shards = int(cfg.spec.get("shards") or 1)
         if shards > 1:
             frame = _sharded(cfg, model, task, pairs, kind, positions, config, shards, say)
         else:
-            frame = activation_patching(model, task, pairs, kind, positions=positions, config=config)
+            ctx = _context(cfg, model, task, pairs)
+            frame = activation_patching(model, task, pairs, kind, positions=positions, config=config, context=ctx)
+            frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "patch", started, command, model, figure_kind=kind)
-    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
-    say(top[["component", "layer", "head", "position", "role", "effect"]].to_string(index=False))
+    _say_top(frame, ["component", "layer", "head", "position", "role", "effect"], cfg.direction, say)
     say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame
+
+
+def _say_top(frame: pd.DataFrame, columns: list[str], direction: str, say: Callable[[str], None]) -> None:
+    """The 10 rows farthest from "no effect", which is normalized effect 0 when denoising (the corrupted run)
+    and 1 when noising (the clean run): sorting by |effect| would list the unimportant ones first when noising."""
+    neutral = 1.0 if direction == "noise" else 0.0
+    top = frame.assign(_far=(frame["effect"] - neutral).abs()).sort_values("_far", ascending=False).head(10)
+    say(f"top {len(top)} by distance from no effect (effect {neutral:g} when patching in the {direction} direction):")
+    say(top[columns].to_string(index=False))
 
 
 def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, positions: Any, config: Any,
@@ -150,7 +180,7 @@ def _sharded(cfg: SweepConfig, model: Any, task: Any, pairs: Any, kind: str, pos
         return sharded_activation_patching(cfg.model, task, pairs.to("cpu"), kind, positions=positions,
                                            n_layers=int(model.cfg.n_layers), config=replace(config, progress=False),
                                            n_shards=shards, map_fn=executor.map, device=cfg.device,
-                                           threads=resolve_threads(cfg.threads))
+                                           threads=resolve_threads(cfg.threads), backend=cfg.backend)
 
 
 def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
@@ -205,14 +235,16 @@ def run_path(cfg: SweepConfig, *, quiet: bool = False, command: str = "") -> pd.
         raise ConfigError(f"--channel {channel} needs --receivers (heads such as a9.h9,a9.h6)")
     sender_pos = _position(spec.get("sender_positions"), roles)
     receiver_pos = _position(spec.get("receiver_positions"), roles)
-    with _threads(cfg.threads, cfg.out):
-        model, task, pairs, out = _prepare(cfg, say)
+    with _threads(cfg.threads, cfg.out, "path"):
+        model, task, pairs, out = _prepare(cfg, say, "path")
         config = PatchingConfig(direction=cfg.direction, memory_budget_mb=cfg.memory_budget, progress=not quiet)
+        ctx = _context(cfg, model, task, pairs)
         frame = path_patching(model, task, pairs, senders=senders, receivers=receivers or None, channel=channel,
-                              sender_positions=sender_pos, receiver_positions=receiver_pos, config=config)
+                              sender_positions=sender_pos, receiver_positions=receiver_pos, config=config,
+                              context=ctx)
+        frame.attrs["engine"] = ctx.describe()
         say(f"clean {task.metric_name} {frame.attrs['clean_metric']:+.3f}, corrupt {frame.attrs['corrupt_metric']:+.3f}")
         _finish(cfg, out, frame, "path", started, command, model)
-    top = frame.assign(_abs=frame["effect"].abs()).sort_values("_abs", ascending=False).head(10)
-    say(top[["sender", "receiver", "channel", "effect"]].to_string(index=False))
+    _say_top(frame, ["sender", "receiver", "channel", "effect"], cfg.direction, say)
     say(f"wrote {Path(cfg.out) / 'scores.csv'}")
     return frame

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -51,9 +52,16 @@ def _as_long(x: Any, name: str) -> Tensor:
 
 
 def _json_scalar(value: Any) -> Any:
-    """A meta cell as a JSON value (numpy scalars to Python, everything else unchanged)."""
+    """A value as strict JSON: numpy scalars to Python, NaN/inf to null (a bare NaN is not JSON), containers
+    element by element, everything else unchanged."""
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_scalar(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_scalar(v) for v in value]
     return value
 
 
@@ -232,9 +240,9 @@ class PromptPairs:
                     "attention_mask": None if self.attention_mask is None else self.attention_mask[i].tolist(),
                     "meta": {str(c): _json_scalar(self.meta.iloc[i][c]) for c in cols},
                     "meta_dtypes": dtypes,
-                    "info": self.info,
+                    "info": _json_scalar(self.info),
                 }
-                handle.write(json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n")
+                handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         return path
 
     @classmethod

@@ -84,7 +84,10 @@ def _answers(value: Any, source: str, row: int, name: str, *, required: bool) ->
         if name.endswith("_ids") and not isinstance(item, int):
             raise DataError(source, row, name, f"holds {item!r}, not a token id", "write integers, or use the text field")
         if isinstance(item, int) and item < 0:
-            continue  # -1 pads the answer lists of a saved pairs.jsonl
+            if not out:  # -1 only pads a saved pairs.jsonl's list after its real ids
+                raise DataError(source, row, name, f"holds {item}, out of range: token ids are 0 or more",
+                                "use an id of this model's tokenizer (-1 only pads a list after real ids)")
+            continue
         if isinstance(item, str) and item == "":
             raise DataError(source, row, name, "is an empty text", "write the token the model should (not) say")
         out.append(item)
@@ -126,6 +129,10 @@ def parse_record(obj: Mapping[str, Any], source: str, row: int) -> Record:
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise DataError(source, row, "meta", f"must be an object, got {meta!r}", "write e.g. {\"template\": 3}")
+    same = [a for a in answer if a in wrong]
+    if same:
+        raise DataError(source, row, wrong_key, f"holds {same[0]!r}, which is also the answer",
+                        "the wrong token must differ from the answer, or the metric is 0 for every patch")
     rec = Record(row, texts["clean"], texts["corrupt"], answer, wrong, dict(roles), dict(meta), metric)
     if "clean_ids" in obj or "corrupt_ids" in obj:
         clean_ids = _int_list(obj.get("clean_ids"), source, row, "clean_ids")

@@ -100,3 +100,44 @@ def build_tiny(family: str, directory: str | Path, *, tokenizer: Any = None, see
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def hf_pattern_patched_logits(model: Any, family: str, clean: Any, corrupt: Any, layer: int, head: int,
+                              pos: int | None) -> Any:
+    """Logits of the bridge's wrapped HF model (eager attention) on `corrupt`, with head `head`'s attention
+    probabilities at layer `layer` (query position `pos`, or all) set to their values on `clean`.
+
+    An independent reference for pattern patching: it edits the probabilities inside HF's own eager attention
+    function, not through any TransformerLens hook (on GPT-J/OPT bridges `hook_pattern` fires too late)."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    eager = module.eager_attention_forward
+    hf = model.original_model
+    assert hf.config._attn_implementation == "eager", hf.config._attn_implementation
+    saved: dict[int, Any] = {}
+    sel = (slice(None), head) if pos is None else (slice(None), head, pos)
+
+    def recording(mod: Any, query: Any, key: Any, value: Any, mask: Any, scaling: float, dropout: float = 0.0,
+                  **kw: Any) -> Any:
+        out, weights = eager(mod, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
+        saved[mod.layer_idx] = weights
+        return out, weights
+
+    def patching(mod: Any, query: Any, key: Any, value: Any, mask: Any, scaling: float, dropout: float = 0.0,
+                 **kw: Any) -> Any:
+        out, weights = eager(mod, query, key, value, mask, scaling=scaling, dropout=dropout, **kw)
+        if mod.layer_idx != layer:
+            return out, weights
+        weights = weights.clone()
+        weights[sel] = saved[layer][sel]
+        return torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous(), weights
+
+    try:
+        with torch.no_grad():
+            module.eager_attention_forward = recording
+            hf(input_ids=clean)
+            module.eager_attention_forward = patching
+            return hf(input_ids=corrupt).logits
+    finally:
+        module.eager_attention_forward = eager

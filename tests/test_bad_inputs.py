@@ -201,3 +201,82 @@ def test_report_on_a_patch_folder(tiny_dir, tmp_path, capsys):
     line = _one_error(capsys)
     assert "circuitlab patch" in line and "circuitlab run`" not in line.replace("`circuitlab run` discovery", "")
     assert json.loads((out / "run.json").read_text())["outputs"]["scores.csv"]["bytes"] > 0
+
+
+# ---------------------------------------------------------------------- issue 26: one clear error before any work
+
+PATCH = ["patch", "--task", "repeated_tokens", "--n", "3", "--quiet"]
+RUN_26 = [
+    (["--n-boot", "1000000000"], "--n-boot"),
+    (["--memory-budget", "nan"], "--memory-budget"),
+    (["--memory-budget", "inf"], "--memory-budget"),
+    (["--backend", "nosuch"], "--backend"),
+]
+PATCH_26 = [
+    (["--memory-budget", "nan"], "--memory-budget"),
+    (["--shards", "1000"], "--shards 1000"),
+    (["--executor", "nosuch"], "--executor 'nosuch'"),
+    (["--backend", "nosuch"], "--backend"),
+]
+PHASE_26 = [
+    (["--n-heads", "0"], "--n-heads"),
+    (["--n-ctx", "32"], "--n-ctx 32"),
+    (["--n-ctx", "2"], "--n-ctx 2"),
+    (["--eval-sequences", "0"], "--eval-sequences"),
+]
+
+
+@pytest.mark.parametrize("command, args, named", [("run", a, n) for a, n in RUN_26] + [("patch", a, n) for a, n in
+                                                                                      PATCH_26] +
+                         [("phase", a, n) for a, n in PHASE_26])
+def test_bad_option_is_one_error_naming_it_before_any_work(tiny_dir, tmp_path, capsys, command, args, named):
+    out = tmp_path / "o"
+    if command == "run":
+        argv = ["run", "--model", tiny_dir, "--out", str(out), *QUICK, *args]
+    elif command == "patch":
+        argv = [*PATCH, "--model", tiny_dir, "--out", str(out), *args]
+    else:
+        argv = ["phase", "--out", str(out), "--quiet", *args]
+    assert main(argv) == 2
+    assert named in _one_error(capsys)
+    assert list(tmp_path.iterdir()) == []  # nothing written: no folder, staging or lock
+
+
+def test_sweep_resources_and_report_on_other_kinds(tiny_dir, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"kind: run\ngrid:\n  seed: [0]\noptions:\n  model: {tiny_dir}\nresources:\n  num_cpus: 0\n")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sw")]) == 2
+    assert "num_cpus" in _one_error(capsys) and not (tmp_path / "sw").exists()
+    assert main(["report", str(spec)]) != 0
+    assert "is a file" in _one_error(capsys)
+    (tmp_path / "sweepdir").mkdir()
+    (tmp_path / "sweepdir" / "sweep.json").write_text("{}")
+    assert main(["report", str(tmp_path / "sweepdir")]) != 0
+    assert "circuitlab sweep result" in _one_error(capsys)
+
+
+DATA_26 = [  # (file name, content, what the one error line must name)
+    ("dup.yaml", "task: repeated_tokens\nn: 4\ntask: ioi\n", "key 'task' is given twice (line 3)"),
+    ("dup.json", '{"task": "repeated_tokens",\n "n": 4,\n "n": 5}', "key 'n' is given twice (line 3)"),
+    ("same.jsonl", json.dumps({"clean_ids": [1, 2, 3], "corrupt_ids": [1, 5, 3], "answer_ids": [7], "wrong_ids": [8]})
+     + "\n" + json.dumps({"clean_ids": [1, 2, 3], "corrupt_ids": [1, 6, 3], "answer_ids": [9], "wrong_ids": [9]}),
+     "row 2, field 'wrong_ids': holds 9, which is also the answer"),
+    ("neg.jsonl", json.dumps({"clean_ids": [1, 2, 3], "corrupt_ids": [1, 5, 3], "answer_ids": [-1], "wrong_ids": [8]}),
+     "row 1, field 'answer_ids': holds -1, out of range"),
+    ("long.jsonl", json.dumps({"clean_ids": [1] * 70, "corrupt_ids": [2] * 70, "answer_ids": [7], "wrong_ids": [8]}),
+     "70 tokens, more than the 64-token context"),
+]
+
+
+@pytest.mark.parametrize("name, content, named", DATA_26)
+def test_bad_files_are_one_error_naming_the_row_or_line(tiny_dir, tmp_path, capsys, name, content, named):
+    path = tmp_path / name
+    path.write_text(content)
+    out = tmp_path / "o"
+    if name.endswith((".yaml", ".json")):
+        argv = ["run", "--config", str(path), "--model", tiny_dir, "--out", str(out), "--quiet"]
+    else:
+        argv = ["patch", "--task", str(path), "--model", tiny_dir, "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert named in _one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -68,7 +68,8 @@ def test_run_writes_the_output_contract(tiny_run):
     assert len(node_rows) == 12 + 3
     edges = scores[scores["component"] == "edge"]
     assert len(edges) > 100 and edges["edge"].str.contains("->").all()
-    assert (scores[scores["component"] == "resid_pre"]["position"] >= 0).all()
+    assert (pd.to_numeric(scores[scores["component"] == "resid_pre"]["position"]) >= 0).all()
+    assert (scores[scores["component"] == "edge"]["position"] == "").all()  # no position: empty, never -1
 
     record = json.loads((out / "run.json").read_text())
     assert record["seed"] == 0 and record["config"]["method"] == "eap-ig"

@@ -59,6 +59,24 @@ def test_activation_patching(setup):
     _close(ctx.clean_metric, torch.tensor([prepare(model, task, p).clean_metric for p in singles]).mean())
 
 
+def test_negative_positions_count_from_each_prompts_end(setup):
+    """`positions=[-1, -3]` on a padded batch patches each prompt's own last / third-last token: the numbers of
+    running each prompt alone (where -1 is unambiguous), not a padding column of the shorter prompts."""
+    model, task, pairs, singles = setup
+    for component in ("z", "resid_pre", "pattern"):
+        padded = activation_patching(model, task, pairs, component, positions=[-1, -3])
+        alone = [activation_patching(model, task, p, component, positions=[-1, -3])["metric"] for p in singles]
+        _close(padded["metric"].to_numpy(), torch.tensor([list(a) for a in alone]).mean(0))
+        assert set(padded["position"]) == {-1, -3}
+    kwargs = dict(senders=["a0.h0", "a0.h3"], receivers=["a1.h1"], channel="q", sender_positions=-2,
+                  receiver_positions=-1)
+    padded = path_patching(model, task, pairs, **kwargs)
+    alone = torch.tensor([list(path_patching(model, task, p, **kwargs)["metric"]) for p in singles]).mean(0)
+    _close(padded["metric"].to_numpy(), alone)
+    with pytest.raises(ValueError, match="shortest prompt has 6 tokens"):
+        activation_patching(model, task, pairs, "z", positions=[-7])
+
+
 def check_edge_methods(ctx, contexts, *, n_masks: int, seed: int, steps: int, stride: int) -> torch.Tensor:
     """Edge masks, EAP, EAP-IG and exact edge scores of the padded context equal the per-prompt contexts'.
 
