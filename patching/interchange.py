@@ -213,6 +213,6 @@ def train_featurizer(runner: Any, batches: Sequence[PreparedBatch], site: Site, 
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     featurizer.eval()
     return losses

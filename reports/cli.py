@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     from circuitlab.reports.phase import add_phase_parser
 
     add_phase_parser(sub)
+    from circuitlab.reports.localize import add_localize_parser
+
+    add_localize_parser(sub)
     return parser
 
 
