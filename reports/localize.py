@@ -142,6 +142,13 @@ def _grid(frame: pd.DataFrame, featurizer: str) -> pd.DataFrame:
     return part.pivot_table(index="layer", columns="site", values="iia", aggfunc="max")
 
 
+def _table(grid: pd.DataFrame) -> str:
+    head = "| layer | " + " | ".join(str(c) for c in grid.columns) + " |"
+    rows = [f"| {layer} | " + " | ".join("" if pd.isna(v) else f"{v:.2f}" for v in row) + " |"
+            for layer, row in grid.iterrows()]
+    return "\n".join([head, "|" + "---|" * (len(grid.columns) + 1)] + rows)
+
+
 def markdown(result: LocalizeResult, frame: pd.DataFrame) -> str:
     """The report as markdown: split, controls, the best site per featurizer, the full table (test split)."""
     cf = result.counterfactuals
@@ -165,7 +172,7 @@ def markdown(result: LocalizeResult, frame: pd.DataFrame) -> str:
     for feat in frame.featurizer.unique():
         grid = _grid(frame, feat)
         if feat != "none" and not grid.empty:
-            lines += [f"### {feat}", "", grid.round(2).to_markdown(), ""]
+            lines += [f"### {feat}", "", _table(grid), ""]
     return "\n".join(lines) + "\n"
 
 
