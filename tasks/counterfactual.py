@@ -9,7 +9,8 @@ side (`base_positions`, `source_positions`; `END` is each prompt's last token).
 File schema (`.jsonl` or `.csv`, one row per pair; errors as for pair files, `tasks.records.DataError`):
 `base`, `source` (texts), `expected` (text/id/list: the token the intervened base run should predict),
 `variable` (name), optional `base_answer`, `roles` ({name: substring or [start, end]}, resolved in base and
-source separately; CSV `role:NAME`/`span:NAME`), `metric`, `meta`. The `counterfactuals.jsonl` a localisation
+source separately; `{name: {"base": " Mary", "source": " Anna"}}` marks each side's own text; CSV
+`role:NAME`/`span:NAME`), `meta`. The `counterfactuals.jsonl` a localisation
 run writes (`base_ids`, `source_ids`, `expected_id`, `positions: {"base": {...}, "source": {...}}`, `split`) is
 itself valid input.
 """
@@ -214,6 +215,13 @@ def _token_ids(values: list[str | int], src: TokenSource, source: str, row: int,
     return out
 
 
+def _side_spec(spec: Any, side: str) -> Any:
+    """A role's spec for one side: `{"base": ..., "source": ...}` gives each side its own text or span."""
+    if isinstance(spec, dict) and set(spec) == {"base", "source"}:
+        return spec[side]
+    return spec
+
+
 def _row(obj: Mapping[str, Any], src: TokenSource, source: str, row: int) -> CounterfactualRow:
     """Check one file row and tokenize it (roles resolved in base and source separately)."""
     if "base_ids" in obj or "source_ids" in obj:  # a saved counterfactuals.jsonl: ids and positions as they are
@@ -253,14 +261,17 @@ def _row(obj: Mapping[str, Any], src: TokenSource, source: str, row: int) -> Cou
         if not isinstance(roles, dict):
             raise DataError(source, row, "roles", f"must be an object {{name: substring or [start, end]}}, got {roles!r}",
                             "write e.g. {\"IO\": \" Mary\"}")
+        if "END" in roles:
+            raise DataError(source, row, "roles.END", "END is always each prompt's last token (where the answer is read)",
+                            "drop the END role")
         meta = obj.get("meta") or {}
         if not isinstance(meta, dict):
             raise DataError(source, row, "meta", f"must be an object, got {meta!r}", "write e.g. {\"template\": 3}")
         side_ids = {k: src.with_bos(src.encode(t)) for k, t in texts.items()}
         side_pos: dict[str, dict[str, int]] = {}
         for side in ("base", "source"):
-            side_pos[side] = {str(role): role_position(source, row, str(role), spec, texts[side], side_ids[side], src,
-                                                       side=side)
+            side_pos[side] = {str(role): role_position(source, row, str(role), _side_spec(spec, side), texts[side],
+                                                       side_ids[side], src, side=side)
                               for role, spec in roles.items()}
         out = CounterfactualRow(side_ids["base"], side_ids["source"], _token_ids(expected, src, source, row, "expected"),
                                 _token_ids(base_answer, src, source, row, "base_answer"), side_pos["base"],
