@@ -225,6 +225,7 @@ def localize(model: Any, task: str | Counterfactuals, variable: str | None = Non
     for site in sites:  # the full vector everywhere: the ceiling, and the ranking for top_sites
         d = runner.d_head if site.head is not None else runner.d_model
         ceiling[site] = sweep.measure(site, FullVector(d), "full", d)
+        say(f"full vector {site.label}: train IIA {ceiling[site]:.2f}", flush=True)
     ranked = sorted(sites, key=lambda s: -ceiling[s])
     trained_at = set(ranked[:config.top_sites] if config.top_sites is not None else ranked)
     controls: set[tuple[Site, int]] = set()  # one random-rotation control per site and k
@@ -244,5 +245,6 @@ def localize(model: Any, task: str | Counterfactuals, variable: str | None = Non
                     controls.add((site, dims))
                     gen = torch.Generator().manual_seed(config.seed + 1)
                     sweep.measure(site, Subspace(random_rotation(dims, d, generator=gen), name="random"), "random", dims)
-        say(f"[{i + 1}/{len(sites)}] {site.label}: full-vector train IIA {ceiling[site]:.2f}", flush=True)
+        if site in trained_at or any(k not in TRAINED + ("full",) for k in config.featurizers):
+            say(f"[{i + 1}/{len(sites)}] {site.label}: featurizers measured", flush=True)
     return LocalizeResult(cf.task, cf.variable, sweep.rows, cf, sweep.rotations, sweep.losses, config)
