@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from safetensors.torch import save_file
 
+from circuitlab.patching.engine import make_runner
 from circuitlab.patching.localize import KNOWN, LocalizeConfig, LocalizeResult, default_sites, localize
 from circuitlab.patching.models import load_model, weight_hash
 from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError, check_device, check_seed, resolve_threads
+from circuitlab.tasks.causal import causal_model
+from circuitlab.tasks.counterfactual import read_counterfactuals
+from circuitlab.tasks.custom import looks_like_path
 
 
 def add_localize_parser(sub: Any) -> None:
@@ -41,7 +47,8 @@ def add_localize_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=40, help="training steps of das, boundless and mask")
     p.add_argument("--top-sites", type=int, default=4, help="train das/boundless/mask only at the N sites with the best "
                    "full-vector train IIA (0 = every site)")
-    p.add_argument("--n", type=int, default=48, help="counterfactual pairs (half train, half test; a file: every row)")
+    p.add_argument("--n", type=int, default=None, help="counterfactual pairs (default 48; half train, half test; "
+                   "a file: every row, or its first N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-budget", type=float, default=2048.0, help="MB per batch of pairs")
     p.add_argument("--device", default="cpu")
@@ -60,12 +67,6 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 
 def _cmd_localize(args: argparse.Namespace) -> int:
-    import torch
-
-    from circuitlab.patching.engine import make_runner
-    from circuitlab.tasks.counterfactual import read_counterfactuals
-    from circuitlab.tasks.custom import looks_like_path
-
     check_seed(args.seed)
     check_device(args.device)
     featurizers = tuple(f.strip() for f in args.featurizers.split(",") if f.strip())
@@ -85,15 +86,15 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     try:  # bad data and bad sites fail here, before --out is touched
         if looks_like_path(args.task):
             cf = read_counterfactuals(args.task, model)
-            if args.n is not None and args.n < len(cf) and not Path(args.task).suffix == "":
-                cf = cf.subset(range(args.n)) if cf.split else cf.subset(range(args.n))
+            if args.n is not None:
+                if args.n > len(cf):
+                    raise ValueError(f"--n {args.n}: {args.task} has only {len(cf)} rows")
+                cf = cf.subset(range(args.n))
         else:
-            from circuitlab.tasks.causal import causal_model
-
             if args.variable is None:
                 raise ValueError(f"--variable is required: task {args.task!r} has "
                                  f"{sorted(causal_model(args.task).variables)}")
-            cf = causal_model(args.task).counterfactuals(model, args.variable, args.n, seed=args.seed)
+            cf = causal_model(args.task).counterfactuals(model, args.variable, args.n or 48, seed=args.seed)
         positions = None if args.positions is None else [int(p) if p.lstrip("-").isdigit() else p
                                                          for p in args.positions.split(",") if p]
         sites = default_sites(runner, cf, [c.strip() for c in args.components.split(",") if c.strip()],
@@ -122,8 +123,6 @@ def _cmd_localize(args: argparse.Namespace) -> int:
 
 def write_outputs(result: LocalizeResult, folder: Path) -> None:
     """iia.parquet/csv, counterfactuals.jsonl, rotations.safetensors, report.md and localize.html into `folder`."""
-    from safetensors.torch import save_file
-
     frame = result.to_frame()
     store.write_parquet(folder / "iia.parquet", frame)
     store.write_csv(folder / "iia.csv", frame)
