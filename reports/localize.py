@@ -45,6 +45,7 @@ def add_localize_parser(sub: Any) -> None:
     p.add_argument("--featurizers", default="full,das", help=f"comma-separated: {', '.join(KNOWN)}")
     p.add_argument("--dims", default="1", help="comma-separated k for das, pca, neurons")
     p.add_argument("--steps", type=int, default=40, help="training steps of das, boundless and mask")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of das, boundless and mask")
     p.add_argument("--top-sites", type=int, default=4, help="train das/boundless/mask only at the N sites with the best "
                    "full-vector train IIA (0 = every site)")
     p.add_argument("--n", type=int, default=None, help="counterfactual pairs (default 48; half train, half test; "
@@ -72,7 +73,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     featurizers = tuple(f.strip() for f in args.featurizers.split(",") if f.strip())
     try:
         config = LocalizeConfig(featurizers=featurizers, dims=tuple(_ints(args.dims, "--dims") or ()), steps=args.steps,
-                                seed=args.seed, memory_budget_mb=args.memory_budget,
+                                lr=args.lr, seed=args.seed, memory_budget_mb=args.memory_budget,
                                 top_sites=args.top_sites or None, progress=not args.quiet)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
