@@ -42,9 +42,9 @@ class LocalizeConfig:
     sites with the best full-vector IIA on the train pairs (None: every site)."""
 
     featurizers: tuple[str, ...] = ("full", "das")
-    dims: tuple[int, ...] = (1,)
-    steps: int = 40
-    lr: float = 1e-2
+    dims: tuple[int, ...] = (16,)
+    steps: int = 30
+    lr: float = 0.05
     test_fraction: float = 0.5
     seed: int = 0
     memory_budget_mb: float = 2048.0

@@ -43,10 +43,10 @@ def add_localize_parser(sub: Any) -> None:
     p.add_argument("--layers", default=None, help="comma-separated layers (default every layer)")
     p.add_argument("--positions", default=None, help="comma-separated roles, 'last' or indices (default every role)")
     p.add_argument("--featurizers", default="full,das", help=f"comma-separated: {', '.join(KNOWN)}")
-    p.add_argument("--dims", default="1", help="comma-separated k for das, pca, neurons")
-    p.add_argument("--steps", type=int, default=40, help="training steps of das, boundless and mask")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of das, boundless and mask")
-    p.add_argument("--top-sites", type=int, default=4, help="train das/boundless/mask only at the N sites with the best "
+    p.add_argument("--dims", default="16", help="comma-separated k for das, pca, neurons")
+    p.add_argument("--steps", type=int, default=30, help="training steps of das, boundless and mask")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of das, boundless and mask")
+    p.add_argument("--top-sites", type=int, default=2, help="train das/boundless/mask only at the N sites with the best "
                    "full-vector train IIA (0 = every site)")
     p.add_argument("--n", type=int, default=None, help="counterfactual pairs (default 48; half train, half test; "
                    "a file: every row, or its first N)")
