@@ -14,6 +14,7 @@ Every featurizer maps (base vector, source vector) `[N, d]` to the intervened ve
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +25,18 @@ FEATURIZERS = ("full", "neurons", "mask", "pca", "das", "boundless", "random")
 TRAINED = ("mask", "das", "boundless")
 
 
-class Featurizer(nn.Module):
-    """Base class: `forward(base, source)` gives the intervened vectors; `dims` how many dimensions it swaps."""
+class Featurizer(nn.Module, ABC):
+    """Base class: `forward(base, source)` gives the intervened vectors; `dims` how many dimensions it swaps;
+    `penalty` the sparsity term a trained featurizer adds to its loss (zero for the others)."""
 
     name = ""
 
+    @abstractmethod
     def dims(self) -> int:
-        raise NotImplementedError
+        """How many dimensions the intervention swaps."""
+
+    def penalty(self) -> Tensor:
+        return torch.zeros(())
 
     def rotation(self) -> Tensor | None:
         """The rows spanning the swapped subspace `[k, d]` (None where the featurizer is not a subspace)."""

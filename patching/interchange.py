@@ -206,8 +206,7 @@ def train_featurizer(runner: Any, batches: Sequence[PreparedBatch], site: Site, 
         i = step % len(batches)
         logits = intervened_logits(runner, batches[i], site, featurizer, source=sources[i])
         loss = expected_loss(logits, batches[i].cf)
-        reg = getattr(featurizer, "penalty", None)
-        total = loss + (penalty * reg() if reg is not None else 0.0)
+        total = loss + penalty * featurizer.penalty().to(loss.device)
         grads = torch.autograd.grad(total, params)
         opt.zero_grad()
         for p, g in zip(params, grads):
