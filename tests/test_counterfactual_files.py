@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from circuitlab.tasks import TaskUnsupportedError
 from circuitlab.tasks.causal import causal_model
 from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.records import DataError
 from tests.hf_tiny import smollm2_tokenizer
+from tests.test_tasks_helpers import gpt2_style_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +97,16 @@ def test_causal_models_answers(tok):
         assert int(cf.expected_ids[i, 0]) == int(cf.source_tokens[i, int(cf.source_positions["next"][i])])
     with pytest.raises(ValueError, match="has no variable 'xyz'"):
         causal_model("ioi").counterfactuals(tok, "xyz", 2)
+
+
+def test_greater_than_year(tok):
+    """year: the expected set is every two-digit year above the source's YY; digit tokenizers are refused."""
+    with pytest.raises(TaskUnsupportedError, match="greater-than needs a tokenizer"):
+        causal_model("greater_than").counterfactuals(tok, "year", 2)
+    gt = gpt2_style_tokenizer()
+    cf = causal_model("greater_than").counterfactuals(gt, "year", 4, seed=0)
+    for i in range(4):
+        yy = int(cf.meta["source_year"].iloc[i])
+        expected = [t for t in cf.expected_ids[i].tolist() if t >= 0]
+        assert len(expected) == 99 - yy  # years yy+1 .. 99
+        assert int(cf.source_tokens[i, int(cf.source_positions["YY"][i])]) not in expected
