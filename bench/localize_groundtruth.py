@@ -5,7 +5,8 @@ position in exactly k = 2 rotated dimensions (a nuisance of larger variance besi
 positions carry nothing of X. This sweeps the true site and the wrong ones with every featurizer (trained ones
 on the train pairs, at the site with the best full-vector train IIA) and prints the held-out IIA table with
 its controls, then one summary line:
-`das_iia=.. neurons_iia=.. pca_iia=.. random_iia=.. wrong_sites_max_iia=.. baseline_iia=..`
+`das_iia=.. neurons_iia=.. pca_iia=.. random_iia=.. wrong_sites_max_iia=.. baseline_iia=..` (random: the
+random-rotation control with the true k).
 
 Usage: .venv/bin/python bench/localize_groundtruth.py [--n 128] [--steps 100] [--seed 0]
 """
@@ -39,7 +40,8 @@ def main() -> None:
     at_true = test[(test.position == str(gt.true_site.position)) & (test.component == gt.true_site.component)]
 
     def get(name: str) -> float:
-        return float(at_true[at_true.featurizer == name].iia.max())
+        rows = at_true[at_true.featurizer == name]
+        return float(rows[rows.dims == gt.k].iia.max() if name == "random" else rows.iia.max())
 
     wrong = test[(test.position != str(gt.true_site.position)) & (test.featurizer != "none")]
     print(f"das_iia={get('das'):.3f} neurons_iia={get('neurons'):.3f} pca_iia={get('pca'):.3f} "
