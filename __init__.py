@@ -9,7 +9,8 @@ from circuitlab.graphs.discovery import Discovery, discover, evaluate
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
 from circuitlab.patching import load_model, save_model
 from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.localize import LocalizeResult, localize
 from circuitlab.tasks import get_task, list_tasks
 
-__all__ = ["Circuit", "Discovery", "EdgeScores", "NodeScores", "discover", "evaluate", "get_task", "list_tasks",
-           "load_model", "prepare_edges", "save_model"]
+__all__ = ["Circuit", "Discovery", "EdgeScores", "LocalizeResult", "NodeScores", "discover", "evaluate", "get_task",
+           "list_tasks", "load_model", "localize", "prepare_edges", "save_model"]

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
 
     add_phase_parser(sub)
+    from circuitlab.reports.localize import add_localize_parser
+
+    add_localize_parser(sub)
     return parser
 
 

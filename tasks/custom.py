@@ -72,35 +72,7 @@ class RecordsTask(Task):
         return ids
 
     def _role_position(self, rec: Record, role: str, spec: Any, src: TokenSource, ids: list[int]) -> int:
-        text = rec.clean
-        if isinstance(spec, str):
-            spec = {"text": spec}
-        if isinstance(spec, dict):
-            needle, occurrence = spec.get("text"), int(spec.get("occurrence", 1))
-            start = -1
-            for _ in range(max(occurrence, 1)):
-                start = text.find(needle, start + 1) if isinstance(needle, str) and needle else -1
-                if start < 0:
-                    break
-            if start < 0:
-                raise DataError(self.source, rec.row, f"roles.{role}", f"{needle!r} does not occur"
-                                f"{'' if occurrence == 1 else f' {occurrence} times'} in the clean text {text!r}",
-                                "give a substring of the clean prompt (mind leading spaces) or a [start, end] span")
-        elif isinstance(spec, list) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
-            start, end = spec
-            if not 0 <= start < end <= len(text):
-                raise DataError(self.source, rec.row, f"roles.{role}", f"span {spec} is outside the clean text "
-                                f"({len(text)} characters)", "give [start, end] character offsets with start < end")
-        else:
-            raise DataError(self.source, rec.row, f"roles.{role}", f"{spec!r} is neither a substring nor a span",
-                            "write a substring of the clean text or [start, end]")
-        prefix = src.encode(text[:start])
-        if ids[src.n_prefix:src.n_prefix + len(prefix)] != prefix and start > 0 and text[start - 1] == " ":
-            prefix = src.encode(text[:start - 1])  # "Mary" marked inside the token " Mary"
-        if ids[src.n_prefix:src.n_prefix + len(prefix)] != prefix or len(prefix) + src.n_prefix >= len(ids):
-            raise DataError(self.source, rec.row, f"roles.{role}", f"the text at character {start} is inside a token "
-                            f"of {text!r}", "mark text that starts a token (usually with its leading space)")
-        return src.n_prefix + len(prefix)
+        return role_position(self.source, rec.row, role, spec, rec.clean, ids, src)
 
     def _row_pair(self, rec: Record, src: TokenSource) -> tuple[list[int], list[int], dict[str, int]]:
         if rec.clean_ids is not None and rec.corrupt_ids is not None:
@@ -194,6 +166,40 @@ class RecordsTask(Task):
         a_n = (answer != PAD_ID).sum(-1).clamp(min=1).to(values.device)
         w_n = (wrong != PAD_ID).sum(-1).clamp(min=1).to(values.device)
         return a.sum(-1) / a_n - w.sum(-1) / w_n
+
+
+def role_position(source: str, row: int, role: str, spec: Any, text: str, ids: list[int], src: TokenSource, *,
+                  side: str = "clean") -> int:
+    """The token index where a role's marked text (substring, {"text", "occurrence"} or [start, end]) starts in
+    `text` (tokenized as `ids`); a `DataError` naming the row and role otherwise. `side` names the prompt."""
+    if isinstance(spec, str):
+        spec = {"text": spec}
+    if isinstance(spec, dict):
+        needle, occurrence = spec.get("text"), int(spec.get("occurrence", 1))
+        start = -1
+        for _ in range(max(occurrence, 1)):
+            start = text.find(needle, start + 1) if isinstance(needle, str) and needle else -1
+            if start < 0:
+                break
+        if start < 0:
+            raise DataError(source, row, f"roles.{role}", f"{needle!r} does not occur"
+                            f"{'' if occurrence == 1 else f' {occurrence} times'} in the {side} text {text!r}",
+                            f"give a substring of the {side} prompt (mind leading spaces) or a [start, end] span")
+    elif isinstance(spec, list) and len(spec) == 2 and all(isinstance(v, int) for v in spec):
+        start, end = spec
+        if not 0 <= start < end <= len(text):
+            raise DataError(source, row, f"roles.{role}", f"span {spec} is outside the {side} text "
+                            f"({len(text)} characters)", "give [start, end] character offsets with start < end")
+    else:
+        raise DataError(source, row, f"roles.{role}", f"{spec!r} is neither a substring nor a span",
+                        f"write a substring of the {side} text or [start, end]")
+    prefix = src.encode(text[:start])
+    if ids[src.n_prefix:src.n_prefix + len(prefix)] != prefix and start > 0 and text[start - 1] == " ":
+        prefix = src.encode(text[:start - 1])  # "Mary" marked inside the token " Mary"
+    if ids[src.n_prefix:src.n_prefix + len(prefix)] != prefix or len(prefix) + src.n_prefix >= len(ids):
+        raise DataError(source, row, f"roles.{role}", f"the text at character {start} is inside a token "
+                        f"of {text!r}", "mark text that starts a token (usually with its leading space)")
+    return src.n_prefix + len(prefix)
 
 
 def from_records(records: Iterable[Mapping[str, Any]], *, metric: str | None = None, name: str = "custom",

@@ -69,6 +69,7 @@ class Record:
 
 
 def _answers(value: Any, source: str, row: int, name: str, *, required: bool) -> list[str | int]:
+    """An answer field as a list of texts and ids (-1 padding dropped); a `DataError` for anything else."""
     if value is None or value == "" or value == []:
         if required:
             raise DataError(source, row, name, "is missing",
@@ -92,6 +93,9 @@ def _answers(value: Any, source: str, row: int, name: str, *, required: bool) ->
             raise DataError(source, row, name, "is an empty text", "write the token the model should (not) say")
         out.append(item)
     return out
+
+
+answer_values = _answers  # the public name (counterfactual files read `expected` / `base_answer` with it)
 
 
 def _int_list(value: Any, source: str, row: int, name: str) -> list[int]:
@@ -162,8 +166,19 @@ def _lines(data: bytes, source: str) -> list[tuple[int, str]]:
     return out
 
 
+decoded_lines = _lines  # the public name: line-numbered UTF-8 decoding, shared with counterfactual files
+
+
 def _csv_row(row: Mapping[str, str], source: str, lineno: int) -> dict[str, Any]:
     """A CSV row in schema form: JSON-looking answers parsed, role:/span: columns gathered, the rest as meta."""
+    return csv_row(row, source, lineno)
+
+
+def csv_row(row: Mapping[str, str], source: str, lineno: int, *,
+            answers: Sequence[str] = ("answer", "wrong", "answer_ids", "wrong_ids"),
+            known: Sequence[str] = tuple(_KNOWN)) -> dict[str, Any]:
+    """A CSV row as a schema dict: `answers` columns parsed (JSON lists/ids), role:/span: columns gathered into
+    `roles`, `known` columns kept, every other column into `meta` (pair files and counterfactual files)."""
     obj: dict[str, Any] = {"roles": {}, "meta": {}}
     for key, value in row.items():
         if key is None:
@@ -180,9 +195,9 @@ def _csv_row(row: Mapping[str, str], source: str, lineno: int) -> dict[str, Any]
                 except ValueError as exc:
                     raise DataError(source, lineno, key, f"{value!r} is not a character span", "write start:end, e.g. 5:10") from exc
                 obj["roles"][key[5:]] = [start, end]
-        elif key in ("answer", "wrong", "answer_ids", "wrong_ids"):
+        elif key in answers:
             obj[key] = _csv_answer(value)
-        elif key in _KNOWN:
+        elif key in known:
             obj[key] = value
         else:
             obj["meta"][key] = value
