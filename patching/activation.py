@@ -277,7 +277,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     if config.progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd")
+        iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd",
+                        disable=None)  # a bar on a terminal only
     with torch.no_grad():
         for kind, layer, pos0, members in iterator:
             chunk = [patches[i] for i in members]

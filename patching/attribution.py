@@ -69,7 +69,7 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="EAP-IG steps", unit="step")
+        iterator = tqdm(iterator, desc="EAP-IG steps", unit="step", disable=None)  # a bar on a terminal only
     for k in iterator:
         alpha = k / steps
         grads = _receiver_gradients(ctx, embed=corrupt_embed + alpha * (clean_embed - corrupt_embed))
@@ -107,7 +107,7 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(work, desc="exact edge scores", unit="fwd")
+        iterator = tqdm(work, desc="exact edge scores", unit="fwd", disable=None)  # a bar on a terminal only
     with torch.no_grad():
         for (layer, channel), members in iterator:
             chosen = [index[m] for m in members]

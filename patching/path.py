@@ -260,7 +260,7 @@ def path_patching(model: Any, task: Any, pairs: Any, senders: Any = "heads", rec
     if config.progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(chunks, desc="path patching", unit="fwd")
+        iterator = tqdm(chunks, desc="path patching", unit="fwd", disable=None)  # a bar on a terminal only
     for members in iterator:
         chunk = [kept[i] for i in members]
         values[torch.tensor(members)] = run.pass_two(run.pass_one(chunk), len(chunk)).cpu()

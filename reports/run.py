@@ -108,6 +108,7 @@ class Pipeline:
             start = time.time()
             values = compute(self)
             seconds = time.time() - start
+            self.say(f"[{name}] done in {seconds:.1f} s")  # the one line per stage where no progress bar is drawn
             self.cache.save(name, values, seconds)
             if os.environ.get("CIRCUITLAB_PAUSE_AFTER_STAGE") == name:  # a hook for the resume test
                 time.sleep(float(os.environ.get("CIRCUITLAB_PAUSE_SECONDS", "60")))

@@ -8,6 +8,9 @@ and use it like a reader: click a node, move the threshold, sort a table.
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 
@@ -15,7 +18,6 @@ import pandas as pd
 import pytest
 
 from circuitlab.patching.models import boot_native_model, save_model
-from circuitlab.reports.cli import main
 from circuitlab.reports.plots import plotly_js
 from tests.conftest import TINY_CONFIG
 
@@ -23,14 +25,30 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_log(tmp_path_factory):
+    """A real run of the tiny model, its output piped (not a terminal), as a user's log file would get it."""
     root = tmp_path_factory.mktemp("html")
     save_model(boot_native_model(TINY_CONFIG), root / "model")
     out = root / "run"
-    assert main(["run", "--task", "repeated_tokens", "--model", str(root / "model"), "--out", str(out), "--n", "6",
-                 "--task-option", "seq_len=5", "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30",
-                 "--quiet"]) == 0
-    return out
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "repeated_tokens",
+                           "--model", str(root / "model"), "--out", str(out), "--n", "6", "--task-option", "seq_len=5",
+                           "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(run_log):
+    return run_log[0]
+
+
+def test_log_without_terminal_has_no_progress_bars(run_log):
+    _, log = run_log
+    assert "\r" not in log and "fwd/s" not in log and "it/s" not in log  # no tqdm bar when output is not a terminal
+    done = re.findall(r"^\[(\w+)\] done in ([0-9.]+) s$", log, flags=re.M)
+    assert {"baseline", "scores", "exact", "faithfulness"} <= {name for name, _ in done}  # one line per stage
 
 
 class _Page(HTMLParser):
