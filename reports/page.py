@@ -34,7 +34,8 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _sort_key(value: Any) -> str:
+def sort_key(value: Any) -> str:
+    """A numeric cell's key for the page's table sorting (data-sort), empty for text."""
     if isinstance(value, (bool, np.bool_)):
         return ""
     if isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value):
@@ -46,7 +47,7 @@ def _table(caption: str, table: Any, limit: int) -> dict[str, Any]:
     """A table as cells, without the columns that hold nothing but n/a (or nothing)."""
     shown = table.head(limit)
     keep = [i for i, c in enumerate(table.columns) if not all(fmt(v) in MISSING for v in table[c])]
-    rows = [[(fmt(row[i]), _sort_key(row[i])) for i in keep] for row in shown.itertuples(index=False)]
+    rows = [[(fmt(row[i]), sort_key(row[i])) for i in keep] for row in shown.itertuples(index=False)]
     return {"caption": caption, "columns": [str(table.columns[i]) for i in keep], "rows": rows,
             "hidden": max(0, len(table) - limit), "dropped": [str(c) for i, c in enumerate(table.columns) if i not in keep]}
 

@@ -167,3 +167,55 @@ def agreement(panels: list[tuple[str, np.ndarray, np.ndarray, str, str, list[str
         fig.update_yaxes(title_text=ylabel, row=1, col=i)
     fig.update_layout(height=400)
     return to_json(fig)
+
+
+def _window_shapes(fig: go.Figure, windows: dict[str, Any], row: int | None = None, col: int | None = None) -> None:
+    for i, (name, w) in enumerate(windows.items()):
+        if w and w.get("found"):
+            fig.add_vrect(x0=w["start"], x1=w["end"], fillcolor=PALETTE[i % len(PALETTE)], opacity=0.12, line_width=0,
+                          annotation_text=f"{name} window", annotation_position="top left", row=row, col=col)
+
+
+def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, Any]) -> str:
+    """Training loss (smoothed) and held-out ICL score (± one standard error) over training, per model, with each
+    model's phase-change window shaded."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["Training loss (smoothed)",
+                                                        "In-context learning score (held-out text)"])
+    for i, (name, group) in enumerate(checkpoints.groupby("model", sort=False)):
+        color, group = PALETTE[i % len(PALETTE)], group.sort_values("step")
+        log = logs.get(str(name))
+        if log is not None and len(log):
+            smooth = log["loss"].rolling(max(1, len(log) // 50), min_periods=1, center=True).mean()
+            fig.add_scatter(x=log["step"], y=smooth, mode="lines", name=f"{name} loss", line=dict(color=color),
+                            hovertemplate=f"{name}: step %{{x}}<br>loss %{{y:.4g}}<extra></extra>", row=1, col=1)
+        x, y = group["step"].to_numpy(float), group["icl_score"].to_numpy(float)
+        if "icl_se" in group and group["icl_se"].notna().any():
+            se = group["icl_se"].fillna(0.0).to_numpy(float)
+            fig.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([y + se, (y - se)[::-1]]), fill="toself",
+                            fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip", showlegend=False,
+                            row=1, col=2)
+        fig.add_scatter(x=x, y=y, mode="lines+markers", name=f"{name} ICL", line=dict(color=color),
+                        hovertemplate=f"{name}: step %{{x}}<br>ICL score %{{y:.4g}}<extra></extra>", row=1, col=2)
+    _window_shapes(fig, windows, row=1, col=2)
+    late, early = int(checkpoints["late"].iloc[0]), int(checkpoints["early"].iloc[0])
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="training loss", row=1, col=1)
+    fig.update_yaxes(title_text=f"loss@{late} − loss@{early}", row=1, col=2)
+    fig.update_layout(height=400)
+    return to_json(fig)
+
+
+def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str, Any] | None) -> str:
+    """Every head's induction (prefix-matching) score over the checkpoints, one line per head, hover per point."""
+    fig = go.Figure()
+    sub = heads[heads["model"] == model]
+    for node, group in sub.groupby("node"):
+        group = group.sort_values("step")
+        strong = float(group["induction"].max()) >= 0.3
+        fig.add_scatter(x=group["step"], y=group["induction"], mode="lines+markers", name=str(node),
+                        line=dict(width=2.5 if strong else 1), opacity=1.0 if strong else 0.5,
+                        hovertemplate=f"{node}: step %{{x}}<br>induction %{{y:.3f}}<extra></extra>")
+    _window_shapes(fig, {model: window} if window else {})
+    fig.update_layout(title=f"{model}: per-head induction score over training", height=380,
+                      xaxis_title="step", yaxis=dict(title="induction (prefix-matching) score", range=[-0.02, 1.02]))
+    return to_json(fig)
