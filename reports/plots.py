@@ -219,3 +219,23 @@ def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str,
     fig.update_layout(title=f"{model}: per-head induction score over training", height=380,
                       xaxis_title="step", yaxis=dict(title="induction (prefix-matching) score", range=[-0.02, 1.02]))
     return to_json(fig)
+
+
+def method_intervals(metric: str, methods: list[str],
+                     groups: list[tuple[str, list[tuple[float, float, float, int] | None]]]) -> str:
+    """A sweep metric per group (model / task) and method: the mean with its 95% interval as an error bar."""
+    fig = go.Figure()
+    labels = [label for label, _ in groups]
+    for j, method in enumerate(methods):
+        cells = [values[j] for _, values in groups]
+        mean = [c[0] if c else None for c in cells]
+        plus = [(c[2] - c[0]) if c and np.isfinite(c[2]) else None for c in cells]
+        minus = [(c[0] - c[1]) if c and np.isfinite(c[1]) else None for c in cells]
+        text = [("n/a" if not c else f"{c[0]:.3f}" + (f" [{c[1]:.3f}, {c[2]:.3f}]" if np.isfinite(c[1]) else ""))
+                for c in cells]
+        fig.add_bar(x=labels, y=mean, name=method, marker_color=PALETTE[j % len(PALETTE)], text=text,
+                    textposition="none", error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus),
+                    hovertemplate=f"{method}<br>%{{x}}<br>{metric} %{{text}}<extra></extra>")
+    fig.update_layout(title=f"{metric} by method (mean, 95% interval)", barmode="group", height=380,
+                      yaxis_title=metric)
+    return to_json(fig)
