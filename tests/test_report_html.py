@@ -158,7 +158,12 @@ def test_no_network_and_no_console_error(browser_page):
     page, seen = browser_page
     assert seen["requests"] and all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
     assert seen["errors"] == []
-    assert page.locator("#fig-heads .main-svg").count() > 0  # Plotly drew the figures
+    page.locator("#fig-heads").scroll_into_view_if_needed()  # figures are drawn as they come into view
+    page.wait_for_selector("#fig-heads .main-svg", timeout=10_000)
+    page.evaluate("window.circuitlab.drawAll()")
+    assert page.locator("div.plot[data-drawn='1']").count() == page.locator("div.plot[data-figure]").count()
+    page.wait_for_timeout(200)
+    assert seen["errors"] == []
 
 
 def test_clicking_a_node_shows_its_own_numbers(browser_page, run_dir):

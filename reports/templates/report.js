@@ -26,12 +26,21 @@
   }
 
   // ------------------------------------------------------------------ figures
+  function drawFigure(div) {
+    if (div.getAttribute("data-drawn")) { return; }
+    var fig = readJSON(div.getAttribute("data-figure"));
+    Plotly.newPlot(div, fig.data, fig.layout, PLOT_CONFIG);
+    div.setAttribute("data-drawn", "1");
+  }
+
+  // Each figure is drawn when it comes near the window (the page opens fast); all at once without an observer.
   function drawFigures() {
-    var divs = document.querySelectorAll("div.plot[data-figure]");
-    for (var i = 0; i < divs.length; i++) {
-      var fig = readJSON(divs[i].getAttribute("data-figure"));
-      Plotly.newPlot(divs[i], fig.data, fig.layout, PLOT_CONFIG);
-    }
+    var divs = Array.prototype.slice.call(document.querySelectorAll("div.plot[data-figure]"));
+    if (!("IntersectionObserver" in window)) { divs.forEach(drawFigure); return; }
+    var seen = new IntersectionObserver(function (entries) {
+      entries.forEach(function (e) { if (e.isIntersecting) { drawFigure(e.target); seen.unobserve(e.target); } });
+    }, {rootMargin: "400px 0px"});
+    divs.forEach(function (div) { seen.observe(div); });
   }
 
   // ------------------------------------------------------------------ tables
@@ -294,7 +303,8 @@
     select: select,
     setThreshold: setThreshold,
     drawnEdges: function () { return state.drawn; },
-    data: data
+    data: data,
+    drawAll: function () { document.querySelectorAll("div.plot[data-figure]").forEach(drawFigure); }
   };
   drawFigures();
   setUpTables();
