@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.plots import plotly_js
@@ -166,7 +167,7 @@ def test_no_network_and_no_console_error(browser_page):
     assert seen["errors"] == []
 
 
-def test_clicking_a_node_shows_its_own_numbers(browser_page, run_dir):
+def test_clicking_a_node_shows_its_own_numbers(browser_page, run_dir, tmp_path):
     page, _ = browser_page
     circuit = json.loads((run_dir / "circuit.json").read_text())
     node = max((n for n in circuit["nodes"] if n["kind"] == "head"), key=lambda n: abs(n["exact_effect"]))
@@ -187,6 +188,9 @@ def test_clicking_a_node_shows_its_own_numbers(browser_page, run_dir):
     incoming = edges[edges["receiver"] == node["id"]]
     strongest = incoming.loc[incoming["score"].abs().idxmax()]
     assert page.locator("#evidence").inner_text().count(strongest["sender"]) >= 1
+    page.locator("#explorer").screenshot(path=tmp_path / "explorer.png")  # bench/report_page.py: the README's
+    colours = Image.open(tmp_path / "explorer.png").convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 100  # drawn nodes, edges and the panel, not a blank box
 
 
 def _drawn_edges(page) -> int:
