@@ -39,10 +39,16 @@ def _limit(values: np.ndarray) -> float:
     return top if top > 0 else 1.0
 
 
-def per_prompt(baseline: pd.DataFrame, texts: list[str], metric: str, ci: dict[str, tuple[float, float]]) -> str:
-    """Clean and corrupt metric of every prompt pair (hover: the prompt), means with 95% bootstrap intervals."""
+def per_prompt(baseline: pd.DataFrame, texts: list[str], metric: str, ci: dict[str, tuple[float, float]],
+               circuit: np.ndarray | None = None) -> str:
+    """Clean and corrupt metric of every prompt pair (hover: the prompt), means with 95% bootstrap intervals, and
+    the faithful circuit's metric on each pair where the run has it."""
     fig = go.Figure()
     x = np.arange(len(baseline))
+    if circuit is not None:
+        fig.add_scatter(x=x, y=circuit, mode="markers", name="circuit", text=texts,
+                        marker=dict(color="#31a354", size=9, symbol="diamond-open"),
+                        hovertemplate=f"pair %{{x}}<br>circuit {metric} %{{y:.4g}}<br>%{{text}}<extra></extra>")
     for col, color in (("clean", "#2b8cbe"), ("corrupt", "#e34a33")):
         values = baseline[col].to_numpy(float)
         lo, hi = ci.get(col, (np.nan, np.nan))

@@ -75,11 +75,16 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     base.figures.append(("baseline", f"{metrics['metric']} of each prompt pair on the clean and the corrupted prompt, "
                          "with the means and their 95% bootstrap intervals",
                          figures.png_bytes(figures.baseline_figure(baseline, metrics["metric"], ci))))
-    base.plots["baseline"] = plots.per_prompt(baseline, list(pairs.clean_texts), metrics["metric"], ci)
+    circuit = result.circuit_prompts
+    circuit = None if circuit is None or len(circuit) != len(baseline) else circuit["circuit"].to_numpy(float)
+    base.plots["baseline"] = plots.per_prompt(baseline, list(pairs.clean_texts), metrics["metric"], ci, circuit)
     prompts = pd.DataFrame({"pair": np.arange(len(baseline)), "clean prompt": list(pairs.clean_texts)[:len(baseline)],
                             "clean": baseline["clean"].to_numpy(float), "corrupt": baseline["corrupt"].to_numpy(float)})
-    base.tables.append(("Per prompt pair: the metric on the clean and the corrupted prompt (sort by a column to see "
-                        "where the model fails)", prompts.assign(difference=prompts["clean"] - prompts["corrupt"])))
+    if circuit is not None:  # the faithful circuit alone (the rest corrupted), on the same prompt
+        prompts["circuit"] = circuit
+    base.tables.append(("Per prompt pair: the metric on the clean and the corrupted prompt" + (
+                        ", and with only the faithful circuit kept clean" if circuit is not None else "") +
+                        " (sort by a column to see where the model or the circuit fails)", prompts.assign(difference=prompts["clean"] - prompts["corrupt"])))
     sections.append(base)
 
     # 3. heatmaps

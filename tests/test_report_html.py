@@ -123,6 +123,12 @@ def test_report_page_data(run_dir):
     assert explorer["total_edges"] == len(edges)
     top = edges.sort_values("score", ascending=False)["score"].head(len(explorer["edges"]))
     assert [e["score"] for e in explorer["edges"]] == pytest.approx(list(top))  # in the order the curve kept them
+    faithful = json.loads((run_dir / "run.json").read_text())["circuit_faithfulness"]
+    prompts = pd.read_parquet(run_dir / "tables" / "circuit_prompts.parquet")["circuit"]
+    base = pd.read_csv(run_dir / "baseline.csv")
+    assert len(prompts) == len(base) and "diamond-open" in page.json["data-baseline"]  # drawn per prompt
+    f = (prompts.mean() - base["corrupt"].mean()) / (base["clean"].mean() - base["corrupt"].mean())
+    assert f == pytest.approx(faithful["discovery"], rel=1e-5)  # per-prompt values average to the circuit's f
     assert page.tables and all(len(set(rows)) == 1 for rows in page.tables)  # rectangular tables
     text = " ".join(page.text)
     for bad in ("Traceback", "Error:", "undefined", "{{", "{%", "position -1"):
