@@ -129,7 +129,8 @@ def _ranked_edges(result: RunResult) -> tuple[pd.DataFrame, str]:
 
 def _edges(frame: pd.DataFrame) -> list[ExplorerEdge]:
     return [ExplorerEdge(str(e), str(s), str(r), _channel(str(r), str(c)), float(v))
-            for e, s, r, c, v in zip(frame["edge"], frame["sender"], frame["receiver"], frame["channel"], frame["score"])]
+            for e, s, r, c, v in zip(frame["edge"], frame["sender"], frame["receiver"], frame["channel"],
+                                     frame["score"])]
 
 
 def _position(name: str, n_layers: int, n_heads: int) -> tuple[str, int, int, float, float]:

@@ -49,7 +49,8 @@ def _table(caption: str, table: Any, limit: int) -> dict[str, Any]:
     keep = [i for i, c in enumerate(table.columns) if not all(fmt(v) in MISSING for v in table[c])]
     rows = [[(fmt(row[i]), sort_key(row[i])) for i in keep] for row in shown.itertuples(index=False)]
     return {"caption": caption, "columns": [str(table.columns[i]) for i in keep], "rows": rows,
-            "hidden": max(0, len(table) - limit), "dropped": [str(c) for i, c in enumerate(table.columns) if i not in keep]}
+            "hidden": max(0, len(table) - limit),
+            "dropped": [str(c) for i, c in enumerate(table.columns) if i not in keep]}
 
 
 def _view(sections: list[Section], limit: int) -> list[dict[str, Any]]:
@@ -92,6 +93,6 @@ def to_html(record: dict[str, Any], sections: list[Section]) -> str:
 
 def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
     """The report as Markdown (templates/report.md.j2); figures are figures/<name>.png next to it."""
-    return _environment().get_template("report.md.j2").render(
-        title=report_title(record), sections=[{**s, "tables": [{**t, "rows": [[c for c, _ in r] for r in t["rows"]]}
-                                                               for t in s["tables"]]} for s in _view(sections, MAX_ROWS)])
+    view = [{**s, "tables": [{**t, "rows": [[cell for cell, _ in row] for row in t["rows"]]} for t in s["tables"]]}
+            for s in _view(sections, MAX_ROWS)]  # Markdown cells without their sort keys
+    return _environment().get_template("report.md.j2").render(title=report_title(record), sections=view)

@@ -101,7 +101,7 @@ def resid_heatmap(grid: pd.DataFrame, labels: list[str]) -> str:
 
 
 def _band(fig: go.Figure, x: np.ndarray, low: np.ndarray, high: np.ndarray, color: str, group: str) -> None:
-    fig.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]), fill="toself",
+    fig.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]), fill="toself", mode="lines",
                     fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip", showlegend=False,
                     legendgroup=group)
 
@@ -197,7 +197,8 @@ def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFra
         x, y = group["step"].to_numpy(float), group["icl_score"].to_numpy(float)
         if "icl_se" in group and group["icl_se"].notna().any():
             se = group["icl_se"].fillna(0.0).to_numpy(float)
-            fig.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([y + se, (y - se)[::-1]]), fill="toself",
+            fig.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([y + se, (y - se)[::-1]]),
+                            fill="toself", mode="lines",
                             fillcolor=_rgba(color, 0.15), line=dict(width=0), hoverinfo="skip", showlegend=False,
                             row=1, col=2)
         fig.add_scatter(x=x, y=y, mode="lines+markers", name=f"{name} ICL", line=dict(color=color),

@@ -84,7 +84,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         prompts["circuit"] = circuit
     base.tables.append(("Per prompt pair: the metric on the clean and the corrupted prompt" + (
                         ", and with only the faithful circuit kept clean" if circuit is not None else "") +
-                        " (sort by a column to see where the model or the circuit fails)", prompts.assign(difference=prompts["clean"] - prompts["corrupt"])))
+                        " (sort by a column to see where the model or the circuit fails)",
+                        prompts.assign(difference=prompts["clean"] - prompts["corrupt"])))
     sections.append(base)
 
     # 3. heatmaps

@@ -84,9 +84,11 @@ def build_sections(table: pd.DataFrame, kind: str) -> list[dict[str, Any]]:
         for group, frame in done.groupby(keys, sort=False) if keys else [((), done)]:
             group = group if isinstance(group, tuple) else (group,)
             rows.append([*map(str, group), *[summarise(frame[frame["method"] == m], metric) for m in methods]])
-            numbers.append((" / ".join(map(str, group)), [interval(frame[frame["method"] == m], metric) for m in methods]))
+            numbers.append((" / ".join(map(str, group)),
+                            [interval(frame[frame["method"] == m], metric) for m in methods]))
         sections.append({"title": metric, "text": text, "columns": [*keys, *methods], "rows": rows,
-                         "sort": [[""] * len(keys) + [sort_key(v[0]) if v else "" for v in vals] for _, vals in numbers],
+                         "sort": [[""] * len(keys) + [sort_key(v[0]) if v else "" for v in vals]
+                                  for _, vals in numbers],
                          "plot": plots.method_intervals(metric, methods, numbers)})
     counts = table.groupby(["method", "status"]).size().unstack(fill_value=0) if methods else pd.DataFrame()
     if not counts.empty:
