@@ -26,8 +26,9 @@ DEMO_ARGS ?= --n 16 --steps 5 --positions END --resid-positions each --oracle-ed
 demo: setup
 	$(VENV)/bin/circuitlab run --task ioi --model smollm2-135m --method eap-ig --out runs/demo $(DEMO_ARGS)
 
-# Headless Chromium for tests/test_report_html.py's browser checks (system package; needs root and apt-get).
-# Without it those two tests skip; test_report_structure checks the page in Python either way.
+# Headless Chromium for tests/test_report_html.py's browser checks (system package; needs root and apt-get;
+# Playwright, a dev dependency, drives it). Without it those tests skip; test_report_page_data checks the page in
+# Python either way.
 browser:
 	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
 

@@ -110,6 +110,16 @@ def _node_columns(name: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- scores
 
+def ranking_key(scores: Tensor, kept: Tensor | None = None) -> Tensor:
+    """The key circuits are grown by (descending): the scores, or for ACDC every kept edge above every removed
+    one. `EdgeScores.ranking` and the report's explorer (which reads the saved edge table) share it."""
+    if kept is None:
+        return scores
+    change = torch.nan_to_num(scores.double(), nan=0.0).abs()
+    return change + (1.0 + 2.0 * float(change.max())) * kept.double()
+
+
+
 @dataclass(frozen=True, eq=False)
 class EdgeScores:
     """Per-edge scores [n_edges] of one method over a model's graph.
@@ -130,10 +140,7 @@ class EdgeScores:
 
     def ranking(self) -> Tensor:
         """The order circuits are grown in: the scores, or for ACDC every kept edge above every removed one."""
-        if self.kept is None:
-            return self.scores
-        change = torch.nan_to_num(self.scores.double(), nan=0.0).abs()
-        return change + (1.0 + 2.0 * float(change.max())) * self.kept.double()
+        return ranking_key(self.scores, self.kept)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per edge: `EDGE_COLUMNS` (plus `kept` for ACDC)."""

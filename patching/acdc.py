@@ -91,7 +91,7 @@ def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = 
         receivers = list(range(g.n_receivers - 1, -1, -1))
         iterator: Any = receivers
         if progress:
-            iterator = tqdm(receivers, desc="ACDC receivers")
+            iterator = tqdm(receivers, desc="ACDC receivers", disable=None)  # a bar on a terminal only
         edge_recv = g.edge_receiver
         for receiver in iterator:
             incoming = torch.nonzero(edge_recv == receiver).flatten().tolist()

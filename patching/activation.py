@@ -292,7 +292,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             work.append((kind, layer, pos0, members[start:start + size]))
     iterator: Iterable[Any] = work
     if config.progress:
-        iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd")
+        iterator = tqdm(work, desc=f"patching {patches[0].kind if patches else ''}", unit="fwd",
+                        disable=None)  # a bar on a terminal only
     with torch.no_grad():
         for kind, layer, pos0, members in iterator:
             chunk = [patches[i] for i in members]

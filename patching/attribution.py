@@ -68,7 +68,7 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
     total = None
     iterator: Any = range(1, steps + 1)
     if progress:
-        iterator = tqdm(iterator, desc="EAP-IG steps", unit="step")
+        iterator = tqdm(iterator, desc="EAP-IG steps", unit="step", disable=None)  # a bar on a terminal only
     for k in iterator:
         alpha = k / steps
         grads = _receiver_gradients(ctx, embed=corrupt_embed + alpha * (clean_embed - corrupt_embed))
@@ -103,7 +103,7 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             for i in range(0, len(members), chunk_size)]
     iterator: Any = work
     if progress:
-        iterator = tqdm(work, desc="exact edge scores", unit="fwd")
+        iterator = tqdm(work, desc="exact edge scores", unit="fwd", disable=None)  # a bar on a terminal only
     with torch.no_grad():
         for (layer, channel), members in iterator:
             chosen = [index[m] for m in members]

@@ -56,7 +56,7 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     out = []
     starts = range(0, edge_masks.shape[0], step)
     if progress:
-        starts = tqdm(starts, desc="edge patching", unit="fwd")
+        starts = tqdm(starts, desc="edge patching", unit="fwd", disable=None)  # a bar on a terminal only
     with torch.no_grad():
         for start in starts:
             chunk = edge_masks[start:start + step]

@@ -144,7 +144,7 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
     started = time.time()
     iterator: Any = range(cfg.steps)
     if progress:
-        iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step")
+        iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step", disable=None)  # a bar on a terminal only
     ramp = max(1, int(cfg.warmup * cfg.steps))
     with torch.enable_grad():
         for step in iterator:

@@ -259,7 +259,7 @@ def path_patching(model: Any, task: Any, pairs: Any, senders: Any = "heads", rec
             chunks.append([index])
     iterator: Iterable[list[int]] = chunks
     if config.progress:
-        iterator = tqdm(chunks, desc="path patching", unit="fwd")
+        iterator = tqdm(chunks, desc="path patching", unit="fwd", disable=None)  # a bar on a terminal only
     for members in iterator:
         chunk = [kept[i] for i in members]
         values[torch.tensor(members)] = run.pass_two(run.pass_one(chunk), len(chunk)).cpu()

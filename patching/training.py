@@ -319,7 +319,8 @@ def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Gener
         save_state(0)
     bar = None
     if progress:
-        bar = tqdm(total=config.steps, initial=start, desc=desc or f"train {config.n_layers}L", unit="step")
+        bar = tqdm(total=config.steps, initial=start, desc=desc or f"train {config.n_layers}L", unit="step",
+                   disable=None)  # a bar on a terminal only
     for step in range(start, config.steps):
         lr = _lr_at(config, step)
         for group in optimizer.param_groups:

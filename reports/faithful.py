@@ -202,7 +202,17 @@ def circuit_stage(p: Any) -> dict[str, Any]:
         f"({label})" + (f"; baseline top-{baseline['heads']} heads: {baseline['heldout']:.3f} ({label})"
                         if baseline else ""))
     return {"faithful": summary, "faithful_curve": pd.concat(curves, ignore_index=True),
-            "faithful_ranking": found.ranking, "stability": stability}
+            "faithful_ranking": found.ranking, "stability": stability,
+            "circuit_prompts": _per_prompt(evaluators[0], found)}
+
+
+def _per_prompt(evaluator: Any, found: Any) -> pd.DataFrame | None:
+    """The chosen node circuit's metric on each discovery prompt (the report's per-prompt view: where it fails);
+    None for an edge-level circuit or one with items the head evaluator does not know."""
+    if found.level != "node" or not set(found.circuit.items) <= set(evaluator.items):
+        return None
+    values = evaluator.values(evaluator.mask(found.circuit.items))[0]
+    return pd.DataFrame({"prompt": range(len(values)), "circuit": values})
 
 
 def faithful_graph(summary: dict[str, Any], ranking: pd.DataFrame, graph: Any, name: str) -> Any:

@@ -122,7 +122,8 @@ def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_l
     if train_log is not None and len(train_log):
         window = max(1, len(train_log) // 50)
         smoothed = train_log.set_index("step")["loss"].rolling(window, min_periods=1, center=True).mean()
-    for step, path in tqdm(steps_paths.items(), desc=f"measure {name}", unit="ckpt", disable=not progress):
+    for step, path in tqdm(steps_paths.items(), desc=f"measure {name}", unit="ckpt",
+                            disable=None if progress else True):  # a bar on a terminal only
         done = cache_dir / f"step_{step:06d}.json"
         if done.is_file():
             row = json.loads(done.read_text())

@@ -19,8 +19,10 @@ import pandas as pd
 
 from circuitlab.graphs.circuit import add_edge, add_node, new_circuit
 from circuitlab.graphs.phase import steepest_drop
-from circuitlab.reports import phase_figures, store
+from circuitlab.reports import phase_figures, plots, store
 from circuitlab.reports.figures import png_bytes
+from circuitlab.reports.page import page_script, sort_key
+from circuitlab.reports.plots import plotly_js
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -152,6 +154,20 @@ def _logs(run_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def interactive_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFrame,
+                        heads: pd.DataFrame) -> dict[str, str]:
+    """stem -> Plotly JSON for the figures report.html shows with hover (the others stay PNG)."""
+    windows = summary.get("windows", {})
+    out = {"loss_icl": plots.loss_icl_over_training(checkpoints, _logs(run_dir), windows)}
+    for model in heads["model"].unique():
+        out[_induction_stem(model)] = plots.head_scores_over_training(heads, str(model), windows.get(str(model)))
+    return out
+
+
+def _induction_stem(model: Any) -> str:
+    return f"induction_{model}".replace("/", "_").replace("@", "_")
+
+
 def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFrame,
                   heads: pd.DataFrame) -> list[tuple[str, str, bytes]]:
     """(stem, caption, png) for every figure of the report."""
@@ -159,8 +175,7 @@ def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFr
     figs = [("loss_icl", "Training loss and ICL score over training; shaded: phase-change window",
              png_bytes(phase_figures.loss_icl_figure(checkpoints, _logs(run_dir), windows)))]
     for model in heads["model"].unique():
-        figs.append((f"induction_{model}".replace("/", "_").replace("@", "_"),
-                     f"{model}: per-head induction score over training",
+        figs.append((_induction_stem(model), f"{model}: per-head induction score over training",
                      png_bytes(phase_figures.induction_over_training(heads, str(model), windows.get(str(model))))))
     final = heads[heads["step"] == heads.groupby("model")["step"].transform("max")]
     figs.append(("eigen_scatter", "OV copying vs QK matching eigenvalue scores at the final checkpoint",
@@ -215,8 +230,12 @@ def render_phase_report(run_dir: str | Path) -> tuple[Path, Path]:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=jinja2.select_autoescape(["html"]),
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+    env.filters["sortkey"] = sort_key
+    interactive = interactive_figures(run_dir, summary, checkpoints, heads)
     context = {"summary": summary, "acceptance": summary.get("acceptance", {}), "tables": tables,
-               "figures": [(stem, caption, base64.b64encode(png).decode("ascii")) for stem, caption, png in figs],
+               "figures": [(stem, caption, "" if stem in interactive else base64.b64encode(png).decode("ascii"),
+                            interactive.get(stem)) for stem, caption, png in figs],
+               "plotly_js": plotly_js(), "script": page_script(),
                "config": summary.get("config", {}), "title": "circuitlab: the induction-head phase change",
                "command": _command(summary.get("config", {}))}
     html_path = store.write_text(run_dir / "report.html", env.get_template("phase.html.j2").render(**context))

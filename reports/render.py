@@ -6,7 +6,6 @@ with `reports.save.load_result` (no model needed) and renders it with the same c
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +13,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from circuitlab.graphs.draw import draw_circuit, layered_layout
 from circuitlab.patching.components import head_node
-from circuitlab.reports import figures, store
+from circuitlab.reports import figures, plots, store
+from circuitlab.reports.explorer import build_explorer
 from circuitlab.reports.faithful import faithful_paragraphs
+from circuitlab.reports.page import fmt as _fmt
+from circuitlab.reports.page import to_html, to_markdown
 from circuitlab.reports.result import RunResult
 from circuitlab.reports.rundir import record_rendered
 from circuitlab.reports.save import load_result
@@ -27,21 +28,16 @@ from circuitlab.reports.save import load_result
 
 @dataclass
 class Section:
-    """One report section: a title, paragraphs (plain text), tables and figures (name, PNG bytes)."""
+    """One report section: a title, paragraphs (plain text), tables and figures (name, PNG bytes; Plotly JSON for
+    the HTML page where there is an interactive version)."""
 
     title: str
     paragraphs: list[str] = field(default_factory=list)
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (file stem, caption, png)
     code: str | None = None
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+    plots: dict[str, str] = field(default_factory=dict)  # file stem -> the same figure as Plotly JSON (report.html)
+    explorer: str | None = None  # the circuit explorer's data (JSON, `reports.explorer`)
 
 
 def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
@@ -82,6 +78,17 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     base.figures.append(("baseline", f"{metrics['metric']} of each prompt pair on the clean and the corrupted prompt, "
                          "with the means and their 95% bootstrap intervals",
                          figures.png_bytes(figures.baseline_figure(baseline, metrics["metric"], ci))))
+    circuit = result.circuit_prompts
+    circuit = None if circuit is None or len(circuit) != len(baseline) else circuit["circuit"].to_numpy(float)
+    base.plots["baseline"] = plots.per_prompt(baseline, list(pairs.clean_texts), metrics["metric"], ci, circuit)
+    prompts = pd.DataFrame({"pair": np.arange(len(baseline)), "clean prompt": list(pairs.clean_texts)[:len(baseline)],
+                            "clean": baseline["clean"].to_numpy(float), "corrupt": baseline["corrupt"].to_numpy(float)})
+    if circuit is not None:  # the faithful circuit alone (the rest corrupted), on the same prompt
+        prompts["circuit"] = circuit
+    base.tables.append(("Per prompt pair: the metric on the clean and the corrupted prompt" + (
+                        ", and with only the faithful circuit kept clean" if circuit is not None else "") +
+                        " (sort by a column to see where the model or the circuit fails)",
+                        prompts.assign(difference=prompts["clean"] - prompts["corrupt"])))
     sections.append(base)
 
     # 3. heatmaps
@@ -106,6 +113,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                              "patching of its output from the clean into the corrupted run (0 = corrupt, 1 = clean)"
                              + (f", and {method} node attribution" if not approx_heads.empty else ""),
                              figures.png_bytes(figures.head_heatmaps(panels[:4]))))
+        heat.plots["heads"] = plots.head_heatmaps(panels[:4])
     mlps = exact[exact["component"] == "mlp_out"]
     if not mlps.empty:
         series = [("exact", mlps.groupby("layer")["effect"].mean())]
@@ -115,6 +123,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         heat.figures.append(("mlps", "Normalized effect of each layer's MLP output, patched exactly from the clean "
                              "into the corrupted run" + (f", with {method}'s estimate" if len(series) > 1 else ""),
                              figures.png_bytes(figures.mlp_figure(series))))
+        heat.plots["mlps"] = plots.mlp_bars(series)
     resid = result.resid
     if resid is not None and not resid.empty:
         labels_all = model.get("position_labels", [])
@@ -133,7 +142,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                               "one there, * where prompts differ (different templates or lengths), with the role "
                               "found there in every prompt" if mixed else ""),
                              figures.png_bytes(figures.resid_heatmap(grid, labels))))
+        heat.plots["resid"] = plots.resid_heatmap(grid, labels)
     top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
+    top = top.assign(position=[("all" if int(p) < 0 else str(p)) for p in top["position"]])  # -1: all positions
     heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
     sections.append(heat)
 
@@ -158,6 +169,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     circ.figures.append(("circuit", f"The circuit ({how}): heads and MLPs coloured by their measured role, edges "
                          "from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
+    circ.explorer = build_explorer(result).to_json()
     nodes = []
     for name, data in graph.nodes(data=True):
         if data.get("kind") in ("head", "mlp"):
@@ -201,6 +213,9 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         faith.figures.append(("faithfulness", "Faithfulness f(k) = (m(C_k) − m(∅)) / (m(M) − m(∅)) of the circuit of the "
                               "top k% edges, measured by exact edge patching, with 95% bootstrap bands over prompts",
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
+        total = int(curve["n_edges"].max())
+        chosen = (faithful or {}).get("sizes", {}).get("edges") if faithful and faithful.get("level") == "edge" else None
+        faith.plots["faithfulness"] = plots.faithfulness_curve(curve, summary, 100.0 * chosen / total if chosen else None)
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
     if faithful:
@@ -219,7 +234,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         agree.paragraphs.append(f"Node level: {method} node effects vs exact activation patching of all "
                                 f"{agreement['n_nodes']} heads and MLPs: Spearman {_fmt(agreement['spearman'])}.")
         fig_panels.append((f"nodes: Spearman {_fmt(agreement['spearman'])}", merged["approx"].to_numpy(float),
-                           merged["exact"].to_numpy(float), f"{method} effect", "exact effect"))
+                           merged["exact"].to_numpy(float), f"{method} effect", "exact effect", list(merged.index)))
     elif result.exact is None:
         agree.paragraphs.append("Node level: no exact activation patching in this run (--positions none).")
     else:
@@ -230,11 +245,13 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
         agree.paragraphs.append(f"Edge level (oracle check): {len(oracle)} edges (half the top by |score|, half at "
                                 f"random) re-scored by exact edge patching: Spearman {_fmt(rho)}.")
         fig_panels.append((f"edges: Spearman {_fmt(rho)}", oracle["approx_effect"].to_numpy(float),
-                           oracle["exact_effect"].to_numpy(float), "approximate effect", "exact effect"))
+                           oracle["exact_effect"].to_numpy(float), "approximate effect", "exact effect",
+                           [str(e) for e in oracle["edge"]] if "edge" in oracle.columns else [""] * len(oracle)))
     if fig_panels:
         agree.figures.append(("agreement", f"{method}'s estimated effects against exact patching of the same heads, MLPs "
                               "and sampled edges (each point one component or edge; Spearman rank correlation in "
-                              "the titles)", figures.png_bytes(figures.agreement_figure(fig_panels))))
+                              "the titles)", figures.png_bytes(figures.agreement_figure([p[:5] for p in fig_panels]))))
+        agree.plots["agreement"] = plots.agreement(fig_panels)
     sections.append(agree)
 
     # 8. reproduce
@@ -258,6 +275,7 @@ def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any]
         faith.figures.append(("circuit_size", "Exact faithfulness against circuit size on the discovery pairs (solid) "
                               "and the held-out pairs (dashed), 95% bootstrap bands; the star is the chosen circuit",
                               figures.png_bytes(figures.circuit_size_figure(curve, summary))))
+        faith.plots["circuit_size"] = plots.circuit_size_curve(curve, summary)
         faith.tables.append(("Exact faithfulness vs circuit size, per ranking (discovery and held-out pairs, 95% "
                              "bootstrap intervals)", curve))
     if result.stability is not None:
@@ -301,50 +319,6 @@ def _selection_text(cfg: dict[str, Any]) -> str:
         if cfg.get(key) is not None:
             return f"{label} {cfg[key]}"
     return "default: top 50 edges / 20 components, widened until input connects to logits"
-
-
-# ---------------------------------------------------------------------- HTML and Markdown (Jinja2 templates)
-
-MAX_ROWS = 60
-
-
-def _cell(value: Any) -> str:
-    return _fmt(value) if isinstance(value, float) else str(value)
-
-
-def _view(sections: list[Section]) -> list[dict[str, Any]]:
-    """Sections as plain data for the templates: figures base64-encoded, table cells formatted."""
-    out = []
-    for section in sections:
-        out.append({"title": section.title, "paragraphs": section.paragraphs, "code": section.code,
-                    "figures": [{"stem": stem, "caption": caption, "base64": base64.b64encode(png).decode("ascii")}
-                                for stem, caption, png in section.figures],
-                    "tables": [{"caption": caption, "columns": [str(c) for c in table.columns],
-                                "rows": [[_cell(v) for v in row] for row in table.head(MAX_ROWS).itertuples(index=False)],
-                                "hidden": max(0, len(table) - MAX_ROWS)} for caption, table in section.tables]})
-    return out
-
-
-def _environment() -> Any:
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
-    env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
-    return env
-
-
-def report_title(record: dict[str, Any]) -> str:
-    """The report's title, shared by the HTML and Markdown renderers."""
-    return f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
-
-
-def to_html(record: dict[str, Any], sections: list[Section]) -> str:
-    """One self-contained HTML page (templates/report.html.j2): figures embedded as base64 PNG."""
-    return _environment().get_template("report.html.j2").render(title=report_title(record), sections=_view(sections))
-
-
-def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
-    """The report as Markdown (templates/report.md.j2); figures are figures/<name>.png next to it."""
-    return _environment().get_template("report.md.j2").render(title=report_title(record), sections=_view(sections))
 
 
 def render_report(run_dir: str | Path) -> tuple[Path, Path]:

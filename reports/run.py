@@ -118,6 +118,7 @@ class Pipeline:
             start = time.time()
             values = compute(self)
             seconds = time.time() - start
+            self.say(f"[{name}] done in {seconds:.1f} s")  # the one line per stage where no progress bar is drawn
             self.cache.save(name, values, seconds)
         self.result.update(values)
         self.result.timings[name] = round(seconds, 3)

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from jinja2 import Environment
+from jinja2 import Environment, FileSystemLoader
 
 from circuitlab.patching.stats import bootstrap_ci
-from circuitlab.reports import store
+from circuitlab.reports import plots, store
+from circuitlab.reports.page import page_script, sort_key
+from circuitlab.reports.plots import plotly_js
 
 METRICS = {
     "run": [("cpr", "CPR: area under the faithfulness curve (higher is better)"),
@@ -28,22 +30,6 @@ METRICS = {
               ("node_auroc", "node ROC-AUC against the known circuit"),
               ("cpr", "CPR (higher is better)"), ("cmd", "CMD (0 is best)")],
 }
-_TEMPLATE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{{ title }}</title>
-<style>body{font-family:sans-serif;margin:2em;max-width:80em} table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left} th{background:#f3f3f3} .bad{color:#a00}</style>
-</head><body>
-<h1>{{ title }}</h1>
-<p>{{ intro }}</p>
-{% for section in sections %}<h2>{{ section.title }}</h2>
-{% if section.text %}<p>{{ section.text }}</p>{% endif %}
-<table><tr>{% for col in section.columns %}<th>{{ col }}</th>{% endfor %}</tr>
-{% for row in section.rows %}<tr>{% for value in row %}<td>{{ value }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-{% endfor %}</body></html>
-"""
-
-
 def _group_keys(kind: str, table: pd.DataFrame) -> list[str]:
     second = "counterfactual" if kind == "bench" else "task"
     return [k for k in ("model", second) if k in table.columns]
@@ -53,11 +39,12 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def summarise(values: pd.DataFrame, metric: str) -> str:
-    """`mean [low, high] (n=k)` over a group's finished cells (see the module docstring for the interval)."""
+def interval(values: pd.DataFrame, metric: str) -> tuple[float, float, float, int] | None:
+    """(mean, low, high, n) over a group's finished cells (see the module docstring for the interval; low and
+    high are NaN for one cell without its own interval); None when no cell has the metric."""
     col = pd.to_numeric(values[metric], errors="coerce").dropna() if metric in values else pd.Series(dtype=float)
     if col.empty:
-        return "n/a"
+        return None
     mean = float(col.mean())
     if len(col) == 1:
         low_col, high_col = f"{metric}_low", f"{metric}_high"
@@ -65,10 +52,23 @@ def summarise(values: pd.DataFrame, metric: str) -> str:
             low = pd.to_numeric(values.loc[col.index, low_col], errors="coerce").iloc[0]
             high = pd.to_numeric(values.loc[col.index, high_col], errors="coerce").iloc[0]
             if not (math.isnan(low) or math.isnan(high)):
-                return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
-        return f"{_fmt(mean)} (n=1)"
+                return mean, float(low), float(high), 0  # 0: the cell's own interval, over prompts
+        return mean, math.nan, math.nan, 1
     low, high = bootstrap_ci(col.to_numpy(dtype=float), n_boot=2000, seed=0)
-    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}] (n={len(col)})"
+    return mean, float(low), float(high), len(col)
+
+
+def summarise(values: pd.DataFrame, metric: str) -> str:
+    """`mean [low, high] (n=k)` over a group's finished cells (see the module docstring for the interval)."""
+    found = interval(values, metric)
+    if found is None:
+        return "n/a"
+    mean, low, high, n = found
+    if n == 0:
+        return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
+    if n == 1:
+        return f"{_fmt(mean)} (n=1)"
+    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}] (n={n})"
 
 
 def build_sections(table: pd.DataFrame, kind: str) -> list[dict[str, Any]]:
@@ -80,11 +80,16 @@ def build_sections(table: pd.DataFrame, kind: str) -> list[dict[str, Any]]:
     for metric, text in METRICS.get(kind, []):
         if metric not in done or pd.to_numeric(done[metric], errors="coerce").isna().all():
             continue
-        rows = []
+        rows, numbers = [], []
         for group, frame in done.groupby(keys, sort=False) if keys else [((), done)]:
             group = group if isinstance(group, tuple) else (group,)
             rows.append([*map(str, group), *[summarise(frame[frame["method"] == m], metric) for m in methods]])
-        sections.append({"title": metric, "text": text, "columns": [*keys, *methods], "rows": rows})
+            numbers.append((" / ".join(map(str, group)),
+                            [interval(frame[frame["method"] == m], metric) for m in methods]))
+        sections.append({"title": metric, "text": text, "columns": [*keys, *methods], "rows": rows,
+                         "sort": [[""] * len(keys) + [sort_key(v[0]) if v else "" for v in vals]
+                                  for _, vals in numbers],
+                         "plot": plots.method_intervals(metric, methods, numbers)})
     counts = table.groupby(["method", "status"]).size().unstack(fill_value=0) if methods else pd.DataFrame()
     if not counts.empty:
         sections.append({"title": "cells by status", "text": "", "columns": ["method", *counts.columns],
@@ -124,9 +129,11 @@ def write_summary(out: str | Path, table: pd.DataFrame, spec: Any) -> tuple[Path
              "Every cell's numbers are in sweep.parquet / sweep.csv.")
     sections = build_sections(table, spec.kind)
     md = store.write_text(out / "summary.md", _markdown(title, intro, sections))
-    page = Environment(autoescape=True).from_string(_TEMPLATE).render(title=title, intro=intro, sections=sections)
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
+    page = env.get_template("sweep.html.j2").render(title=title, intro=intro, sections=sections, plotly_js=plotly_js(),
+                                                     script=page_script())
     html = store.write_text(out / "summary.html", page)
     return md, html
 
 
-__all__ = ["write_summary", "build_sections", "summarise", "METRICS"]
+__all__ = ["write_summary", "build_sections", "interval", "summarise", "METRICS"]

@@ -16,6 +16,7 @@ import pytest
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
+from circuitlab.reports.plots import plotly_js
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -90,11 +91,12 @@ def test_run_writes_the_output_contract(tiny_run):
 
 def test_report_rerenders_from_saved_files(tiny_run):
     html = (tiny_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 6
+    assert html.count('data-figure="') >= 6 and 'id="explorer-data"' in html  # interactive figures, explorer
     for heading in ("Does the model do the task?", "The circuit", "Roles with evidence", "Faithfulness",
                     "Exact vs approximate", "Reproduce"):
         assert heading in html
-    assert "http://" not in html and "https://" not in html  # self-contained
+    page = html.replace(plotly_js(), "")  # the inlined plotly.js names URLs (maps, docs) it never fetches here
+    assert "http://" not in page and "https://" not in page  # self-contained
     (tiny_run / "report.html").unlink()
     (tiny_run / "report.md").unlink()
     proc = _cli("report", str(tiny_run))
@@ -294,4 +296,4 @@ def test_smollm2_ioi_run(tmp_path):
     roles = pd.read_csv(out / "roles.csv", keep_default_na=False)
     assert {"name_mover", "induction"} & set(roles["role"])
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 6 and "Roles with evidence" in html
+    assert html.count('data-figure="') >= 6 and "Roles with evidence" in html

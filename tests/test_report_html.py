@@ -1,80 +1,79 @@
-"""The HTML report: its structure checked in Python on every run, and in a real browser where one is installed.
+"""The interactive report, checked in Python on every run and in a real browser where Chromium is installed.
 
-`test_report_structure` always runs: it parses report.html with the standard library, decodes every embedded
-figure with Pillow and checks captions, tables and the absence of error text. The two Chromium tests load the
-page offline in headless Chromium (figures decoded by the browser, a non-blank screenshot); they need the
-`chromium` binary, which `make browser` installs (tests never install system packages).
+`test_report_page_data` always runs: it parses report.html with the standard library and checks its inlined
+figure and explorer data against the run folder's own files. The browser tests open the page from disk in
+headless Chromium through Playwright (the system `chromium` that `make browser` installs; nothing is downloaded)
+and use it like a reader: click a node, move the threshold, sort a table.
 """
 
-import base64
-import io
+import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
+import sys
+import time
 from html.parser import HTMLParser
-from pathlib import Path
 
+import pandas as pd
 import pytest
+from PIL import Image
 
 from circuitlab.patching.models import boot_native_model, save_model
-from circuitlab.reports.cli import main
+from circuitlab.reports.plots import plotly_js
 from tests.conftest import TINY_CONFIG
 
 CHROMIUM = "/usr/bin/chromium"
-FIGURES = ("baseline", "heads", "mlps", "resid", "circuit", "faithfulness", "agreement")
-
-
-def _chromium_binary() -> str:
-    found = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
-    if not found:
-        pytest.skip("headless Chromium is not installed (`make browser` installs it); test_report_structure "
-                    "checked the page without a browser")
-    return found
-
-
-def _chromium(binary: str, *args: str) -> subprocess.CompletedProcess:
-    profile = tempfile.mkdtemp(prefix="circuitlab-chromium-")
-    try:
-        return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                               "--no-first-run", "--mute-audio", f"--user-data-dir={profile}",
-                               "--virtual-time-budget=5000", *args],
-                              capture_output=True, text=True, timeout=180)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def run_log(tmp_path_factory):
+    """A real run of the tiny model, its output piped (not a terminal), as a user's log file would get it."""
     root = tmp_path_factory.mktemp("html")
     save_model(boot_native_model(TINY_CONFIG), root / "model")
     out = root / "run"
-    assert main(["run", "--task", "repeated_tokens", "--model", str(root / "model"), "--out", str(out), "--n", "6",
-                 "--task-option", "seq_len=5", "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30",
-                 "--quiet"]) == 0
-    return out / "report.html"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "repeated_tokens",
+                           "--model", str(root / "model"), "--out", str(out), "--n", "6", "--task-option", "seq_len=5",
+                           "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(run_log):
+    return run_log[0]
+
+
+def test_log_without_terminal_has_no_progress_bars(run_log):
+    _, log = run_log
+    assert "\r" not in log and "fwd/s" not in log and "it/s" not in log  # no tqdm bar when output is not a terminal
+    done = re.findall(r"^\[(\w+)\] done in ([0-9.]+) s$", log, flags=re.M)
+    assert {"baseline", "scores", "exact", "faithfulness"} <= {name for name, _ in done}  # one line per stage
 
 
 class _Page(HTMLParser):
-    """Collects figures (img src, alt, id, caption), table shapes and the open-tag stack of a page."""
+    """Collects the page's JSON blocks, tags with src/href, table shapes and visible text."""
 
     VOID = {"img", "meta", "br", "hr", "link", "input"}
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
-        self.figures: list[dict] = []
+        self.json: dict[str, str] = {}
+        self.refs: list[str] = []
         self.tables: list[list[int]] = []
         self.text: list[str] = []
         self.errors: list[str] = []
+        self._json_id = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "img":
-            self.figures.append({"src": attrs.get("src", ""), "alt": attrs.get("alt", ""), "id": attrs.get("id", "")})
-        elif tag == "table":
+        self.refs += [attrs[k] for k in ("src", "href") if attrs.get(k) and not attrs[k].startswith(("#", "data:"))]
+        if tag == "script" and attrs.get("type") == "application/json":
+            self._json_id = attrs["id"]
+            self.json[self._json_id] = ""
+        if tag == "table":
             self.tables.append([])
         elif tag == "tr" and self.tables:
             self.tables[-1].append(0)
@@ -86,67 +85,157 @@ class _Page(HTMLParser):
     def handle_endtag(self, tag):
         if tag in self.VOID:
             return
+        if tag == "script":
+            self._json_id = None
         if not self.stack or self.stack[-1] != tag:
             self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
             return
         self.stack.pop()
 
     def handle_data(self, data):
-        if self.stack and self.stack[-1] == "figcaption" and self.figures:
-            self.figures[-1]["caption"] = self.figures[-1].get("caption", "") + data
-        if not self.stack or self.stack[-1] not in ("script", "style"):
+        if self._json_id:
+            self.json[self._json_id] += data
+        elif not self.stack or self.stack[-1] not in ("script", "style"):
             self.text.append(data)
 
 
-def test_report_structure(report):
-    from PIL import Image
+def _signed_curve(run_dir) -> pd.DataFrame:
+    curve = pd.read_csv(run_dir / "faithfulness.csv")
+    return curve[curve["selection"] == "signed"].set_index("percent")
 
+
+def test_report_page_data(run_dir):
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
     page = _Page()
-    page.feed(report.read_text(encoding="utf-8"))
+    page.feed(html)
     page.close()
     assert not page.errors and page.stack == [], (page.errors[:3], page.stack)
-    assert {f["id"] for f in page.figures} >= {f"fig-{name}" for name in FIGURES}
-    for fig in page.figures:
-        assert fig["src"].startswith("data:image/png;base64,"), fig["id"]
-        image = Image.open(io.BytesIO(base64.b64decode(fig["src"].split(",", 1)[1])))
-        image.verify()
-        assert image.size[0] > 100 and image.size[1] > 100, fig["id"]
-        caption = fig.get("caption", "").strip()
-        assert len(caption) > 30 and caption == fig["alt"], (fig["id"], caption)  # says what was measured
+    assert page.refs == []  # nothing is loaded from anywhere: scripts, styles and data are inline
+    assert "http://" not in html.replace(plotly_js(), "") and "https://" not in html.replace(plotly_js(), "")
+    figures = {k: json.loads(v) for k, v in page.json.items() if k.startswith("data-")}
+    assert set(figures) >= {f"data-{n}" for n in ("baseline", "heads", "mlps", "resid", "faithfulness", "agreement")}
+    assert all(fig["data"] for fig in figures.values())
+    explorer = json.loads(page.json["explorer-data"])
+    curve = _signed_curve(run_dir)
+    assert [t["percent"] for t in explorer["thresholds"]] == list(curve.index)
+    assert [t["faithfulness"] for t in explorer["thresholds"]] == pytest.approx(list(curve["faithfulness"]))
+    edges = pd.read_parquet(run_dir / "tables" / "edges.parquet")
+    assert explorer["total_edges"] == len(edges)
+    top = edges.sort_values("score", ascending=False)["score"].head(len(explorer["edges"]))
+    assert [e["score"] for e in explorer["edges"]] == pytest.approx(list(top))  # in the order the curve kept them
+    faithful = json.loads((run_dir / "run.json").read_text())["circuit_faithfulness"]
+    prompts = pd.read_parquet(run_dir / "tables" / "circuit_prompts.parquet")["circuit"]
+    base = pd.read_csv(run_dir / "baseline.csv")
+    assert len(prompts) == len(base) and "diamond-open" in page.json["data-baseline"]  # drawn per prompt
+    f = (prompts.mean() - base["corrupt"].mean()) / (base["clean"].mean() - base["corrupt"].mean())
+    assert f == pytest.approx(faithful["discovery"], rel=1e-5)  # per-prompt values average to the circuit's f
     assert page.tables and all(len(set(rows)) == 1 for rows in page.tables)  # rectangular tables
     text = " ".join(page.text)
-    for bad in ("Traceback", "Error:", "undefined", "{{", "{%"):
+    for bad in ("Traceback", "Error:", "undefined", "{{", "{%", "position -1"):
         assert bad not in text, bad
-    assert not re.search(r"\bnan\b", text, re.I), "NaN printed in the report (use n/a)"
+    assert " nan " not in f" {text.lower()} ", "NaN printed in the report (use n/a)"
 
 
-def test_report_loads_in_headless_chromium_with_all_figures(report):
-    binary = _chromium_binary()
-    html = report.read_text()
-    n_figures = html.count("<img ")
-    assert n_figures >= 6
-    proc = _chromium(binary, "--dump-dom", report.resolve().as_uri())
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
-    assert "<h1>circuitlab: repeated_tokens" in dom
-    match = re.search(r'data-figures-loaded="(\d+)/(\d+)"', dom)
-    assert match, "the page's load handler did not run"
-    assert match.group(1) == match.group(2) == str(n_figures), f"only {match.group(1)} of {match.group(2)} figures decoded"
-    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", dom)  # base64 may spell anything
-    for bad in ("Traceback", "Error:", "NaN", "undefined"):
-        assert bad not in text, bad
-    for fig in FIGURES:
-        assert f'id="fig-{fig}"' in dom
+# ---------------------------------------------------------------------- in a real browser
+
+@pytest.fixture(scope="module")
+def browser_page(run_dir):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (`make browser` installs it); test_report_page_data checked the "
+                    "page without a browser")
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed"
+                                          ).sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        seen = {"requests": [], "errors": []}
+        page.on("request", lambda r: seen["requests"].append(r.url))
+        page.on("console", lambda m: seen["errors"].append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+        start = time.perf_counter()
+        page.goto((run_dir / "report.html").resolve().as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        print(f"\nreport.html ({(run_dir / 'report.html').stat().st_size / 1e6:.1f} MB) rendered in headless Chromium "
+              f"in {time.perf_counter() - start:.2f} s")
+        yield page, seen
+        browser.close()
 
 
-def test_report_screenshot_is_not_blank(report, tmp_path):
-    binary = _chromium_binary()
-    shot = tmp_path / "report.png"
-    proc = _chromium(binary, f"--screenshot={shot}", "--window-size=1200,2400", report.resolve().as_uri())
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
-    from PIL import Image
+def test_no_network_and_no_console_error(browser_page):
+    page, seen = browser_page
+    assert seen["requests"] and all(u.startswith(("file:", "data:")) for u in seen["requests"]), seen["requests"]
+    assert seen["errors"] == []
+    page.locator("#fig-heads").scroll_into_view_if_needed()  # figures are drawn as they come into view
+    page.wait_for_selector("#fig-heads .main-svg", timeout=10_000)
+    page.evaluate("window.circuitlab.drawAll()")
+    assert page.locator("div.plot[data-drawn='1']").count() == page.locator("div.plot[data-figure]").count()
+    page.wait_for_timeout(200)
+    assert seen["errors"] == []
 
-    image = Image.open(shot).convert("L")
-    assert image.size == (1200, 2400)
-    colours = image.getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50  # text and figures, not an empty page
+
+def test_clicking_a_node_shows_its_own_numbers(browser_page, run_dir, tmp_path):
+    page, _ = browser_page
+    circuit = json.loads((run_dir / "circuit.json").read_text())
+    node = max((n for n in circuit["nodes"] if n["kind"] == "head"), key=lambda n: abs(n["exact_effect"]))
+    page.locator("#explorer").scroll_into_view_if_needed()
+    x, y = page.evaluate("""(name) => {
+        const gd = document.getElementById('circuit-plot'), n = window.circuitlab.data.nodes.find(m => m.name === name);
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
+        return [box.left + xa._offset + xa.l2p(n.x), box.top + ya._offset + ya.l2p(n.y)]; }""", node["id"])
+    page.mouse.click(x, y)
+    page.wait_for_selector(f"#evidence h3[data-node='{node['id']}']", timeout=5_000)
+    shown = {row.get_attribute("data-key"): row.locator("td").get_attribute("data-value")
+             for row in page.locator("#evidence table.numbers tr[data-key]").all()}
+    assert float(shown["score"]) == pytest.approx(node["score"], rel=1e-12)
+    assert float(shown["exact_effect"]) == pytest.approx(node["exact_effect"], rel=1e-12)
+    for key, value in json.loads(node["evidence"]).items():
+        assert shown[key] == str(value) or float(shown[key]) == pytest.approx(value, rel=1e-12)
+    edges = pd.read_parquet(run_dir / "tables" / "edges.parquet")
+    incoming = edges[edges["receiver"] == node["id"]]
+    strongest = incoming.loc[incoming["score"].abs().idxmax()]
+    assert page.locator("#evidence").inner_text().count(strongest["sender"]) >= 1
+    page.locator("#explorer").screenshot(path=tmp_path / "explorer.png")  # bench/report_page.py: the README's
+    colours = Image.open(tmp_path / "explorer.png").convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 100  # drawn nodes, edges and the panel, not a blank box
+
+
+def _drawn_edges(page) -> int:
+    """Edge segments in the explorer's Plotly traces (lines drawn: x, x, null per edge)."""
+    return page.evaluate("""() => document.getElementById('circuit-plot').data
+        .filter(t => t.meta === 'edges').reduce((s, t) => s + t.x.filter(v => v === null).length, 0)""")
+
+
+def test_threshold_changes_edges_and_states_measured_faithfulness(browser_page, run_dir):
+    page, _ = browser_page
+    curve = _signed_curve(run_dir)
+    counts = {}
+    for percent in (10.0, 50.0):
+        page.evaluate("f => window.circuitlab.setThreshold(f)", percent / 100)
+        stated = page.locator("#threshold-faithfulness")
+        assert float(stated.get_attribute("data-faithfulness")) == pytest.approx(curve.loc[percent, "faithfulness"])
+        assert f"f = {curve.loc[percent, 'faithfulness']:.3f}" in stated.inner_text()
+        counts[percent] = _drawn_edges(page)
+        assert counts[percent] == min(int(curve.loc[percent, "n_edges"]), 400)
+    assert counts[10.0] < counts[50.0]
+    page.evaluate("f => window.circuitlab.setThreshold(f)", 0.3)  # between measured points: the one below, said so
+    stated = page.locator("#threshold-faithfulness")
+    assert float(stated.get_attribute("data-percent")) == 10.0 and "nearest below" in stated.inner_text()
+    page.locator("#threshold").focus()
+    page.keyboard.press("ArrowRight")  # the control itself: one measured point up
+    assert float(stated.get_attribute("data-percent")) == 50.0 and _drawn_edges(page) == counts[50.0]
+
+
+def test_table_sorts_and_page_fits_1280(browser_page, run_dir):
+    page, _ = browser_page
+    table = page.locator("table.sortable").filter(has=page.locator("th", has_text="difference")).first
+    header = table.locator("th").filter(has_text="corrupt").first
+    column = [h.inner_text().strip() for h in table.locator("th").all()].index("corrupt")
+    header.click()
+    values = [float(v) for v in table.locator(f"tbody tr td:nth-child({column + 1})").all_inner_texts()]
+    expected = sorted(pd.read_csv(run_dir / "baseline.csv")["corrupt"])
+    assert values == pytest.approx([round(v, 3) for v in expected], abs=1e-9)
+    header.click()
+    descending = [float(v) for v in table.locator(f"tbody tr td:nth-child({column + 1})").all_inner_texts()]
+    assert descending == values[::-1]
+    width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert width[0] <= width[1], f"horizontal overflow at 1280 px: {width}"
