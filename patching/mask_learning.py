@@ -30,6 +30,7 @@ from torch import Tensor
 from circuitlab.patching.context_subset import subset_context
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.normalize import checked_gap, normalize_difference
+from circuitlab.patching.reproducible import pinned_threads
 
 LEVELS = ("node", "edge")
 
@@ -149,7 +150,8 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
 
         iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step")
     ramp = max(1, int(cfg.warmup * cfg.steps))
-    with torch.enable_grad():
+    # the caller's thread count (a run pins and records it), with deterministic kernels: same seed, same masks
+    with torch.enable_grad(), pinned_threads(torch.get_num_threads()):
         for step in iterator:
             z = sample_hard_concrete(log_alpha, cfg, generator).unsqueeze(0)
             sub = ctx
