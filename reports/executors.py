@@ -10,6 +10,8 @@ Ray is optional (`pip install circuitlab[ray]`); `RayExecutor()` starts a small 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from circuitlab.reports.cells import Cell, CellOutcome, run_cell
@@ -45,8 +47,34 @@ def _ray_options(resources: dict[str, Any] | None, retries: int) -> dict[str, An
     return options
 
 
+HOLD_ENV = "CIRCUITLAB_TEST_HOLD_DIR"  # test-only seam, see `_hold_for_node_kill`
+
+
+def _hold_for_node_kill() -> None:
+    """Test-only seam for the two-node cluster test (`tests/test_ray_cluster.py`), inert unless `HOLD_ENV` is set.
+
+    On a Ray node started with `HOLD_ENV=DIR` in its environment, the node's first cell runs normally; every later
+    cell writes `DIR/started-<n>-<pid>` and then waits, so the test kills the node while a cell is running on it
+    (no timing race) and sees that cell retried on another node. Gives up waiting after 10 minutes.
+    """
+    folder = os.environ.get(HOLD_ENV)
+    if not folder:
+        return
+    marks = Path(folder)
+    started = len(list(marks.glob("started-*")))
+    (marks / f"started-{started}-{os.getpid()}").touch()
+    deadline = time.monotonic() + 600
+    while started and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _ray_cell(cell: Cell) -> CellOutcome:
-    return run_cell(cell, "ray")
+    import ray  # optional dependency: this runs only inside a Ray worker
+
+    _hold_for_node_kill()
+    outcome = run_cell(cell, "ray")
+    outcome.backend["node"] = ray.get_runtime_context().get_node_id()  # which node of the cluster ran it
+    return outcome
 
 
 class RayExecutor:
@@ -104,8 +132,9 @@ class RayExecutor:
         from ray.exceptions import RayError
 
         remote = ray.remote(type(self).cell_function)
-        pending = {remote.options(**_ray_options(cell.resources, self.max_retries)).remote(cell): i
-                   for i, cell in enumerate(cells)}
+        # SPREAD: cells are independent, so a cluster's nodes share them (Ray's default packs the driver's node first)
+        pending = {remote.options(**_ray_options(cell.resources, self.max_retries), scheduling_strategy="SPREAD")
+                   .remote(cell): i for i, cell in enumerate(cells)}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
