@@ -53,18 +53,19 @@ HOLD_ENV = "CIRCUITLAB_TEST_HOLD_DIR"  # test-only seam, see `_hold_for_node_kil
 def _hold_for_node_kill() -> None:
     """Test-only seam for the two-node cluster test (`tests/test_ray_cluster.py`), inert unless `HOLD_ENV` is set.
 
-    On a Ray node started with `HOLD_ENV=DIR` in its environment, the node's first cell runs normally; every later
-    cell writes `DIR/started-<n>-<pid>` and then waits, so the test kills the node while a cell is running on it
-    (no timing race) and sees that cell retried on another node. Gives up waiting after 10 minutes.
+    On a Ray node started with `HOLD_ENV=DIR` in its environment, the node's n-th cell (n = 0, 1, ...) writes
+    `DIR/started-<n>-<pid>` and waits until `DIR/release-<n>` or `DIR/release-all` exists (at most 10 minutes).
+    The test thereby decides which node runs which cell and kills a node while a cell runs on it, without a
+    timing race.
     """
     folder = os.environ.get(HOLD_ENV)
     if not folder:
         return
     marks = Path(folder)
-    started = len(list(marks.glob("started-*")))
-    (marks / f"started-{started}-{os.getpid()}").touch()
+    n = len(list(marks.glob("started-*")))
+    (marks / f"started-{n}-{os.getpid()}").touch()
     deadline = time.monotonic() + 600
-    while started and time.monotonic() < deadline:
+    while not ((marks / f"release-{n}").exists() or (marks / "release-all").exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -132,9 +133,8 @@ class RayExecutor:
         from ray.exceptions import RayError
 
         remote = ray.remote(type(self).cell_function)
-        # SPREAD: cells are independent, so a cluster's nodes share them (Ray's default packs the driver's node first)
-        pending = {remote.options(**_ray_options(cell.resources, self.max_retries), scheduling_strategy="SPREAD")
-                   .remote(cell): i for i, cell in enumerate(cells)}
+        pending = {remote.options(**_ray_options(cell.resources, self.max_retries)).remote(cell): i
+                   for i, cell in enumerate(cells)}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

@@ -1,14 +1,17 @@
 """A real two-node Ray cluster on this machine (loopback only, torn down by the test even on failure).
 
 `circuitlab sweep --address` spreads the cells over both nodes (each cell's record names the node that ran it);
-the second node is killed while one of its cells runs (the cell holds on a test-only seam until then, so there
-is no timing race); that cell is retried on the head node, no cell is lost, and every number equals the
-sequential run's. Skipped, saying why, only where Ray cannot start a cluster here.
+the second node is killed while one of its cells runs; that cell is retried on the head node, no cell is lost,
+and every number equals the sequential run's. Which node runs what is set by a test-only seam
+(`reports.executors.HOLD_ENV`: a node's n-th cell waits for a release file), not by timing: the head holds its
+first cell, so the second node takes cells; its first runs, its second holds until the test kills the node, then
+the head is released. Skipped, saying why, only where Ray cannot start a cluster here.
 """
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -79,9 +82,15 @@ def _start(args: list[str], env: dict[str, str], what: str) -> None:
 def _cluster():
     """A head node and a second node (own raylet, temp dir and `node2` resource), 1 CPU each."""
     head_dir, node_dir = (tempfile.mkdtemp(prefix=f"clray{i}-", dir="/tmp") for i in (1, 2))
-    holds = tempfile.mkdtemp(prefix="clray-hold-", dir="/tmp")
+    holds = Path(tempfile.mkdtemp(prefix="clray-hold-", dir="/tmp"))
+    (holds / "head").mkdir()
+    (holds / "node2").mkdir()
+    (holds / "node2" / "release-0").touch()  # the second node's first cell runs; its second one is held
     root = str(Path(circuitlab.__file__).resolve().parent.parent)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray 2.60 turns token auth on wherever ~/.ray/auth_token exists (any local ray.init() writes one): give this
+    # cluster, and every process that joins it, its own token instead of depending on that file.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     port = _free_port()
     common = ["--node-ip-address", NODE_IP, "--num-cpus", "1", "--object-store-memory", str(80 * 2**20)]
@@ -91,13 +100,11 @@ def _cluster():
     try:
         _start(["--head", "--port", str(port), "--temp-dir", head_dir, "--include-dashboard=false",
                 "--system-config", json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4}),
-                *common, *ports()], env, "a head node")
+                *common, *ports()], {**env, HOLD_ENV: str(holds / "head")}, "a head node")
         _start(["--address", f"{NODE_IP}:{port}", "--temp-dir", node_dir, "--resources", '{"node2": 1}',
-                *common, *ports()], {**env, HOLD_ENV: holds}, "a second node")
-        yield f"{NODE_IP}:{port}", node_dir, Path(holds), env
+                *common, *ports()], {**env, HOLD_ENV: str(holds / "node2")}, "a second node")
+        yield f"{NODE_IP}:{port}", node_dir, holds, env
     finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
         _kill_node(node_dir)
         _kill_node(head_dir)
         for folder in (head_dir, node_dir, holds):
@@ -112,14 +119,21 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _nodes(address: str, env: dict[str, str]) -> list[dict]:
+    """`ray.nodes()` as a separate driver sees them (this process may hold another Ray session)."""
+    code = ("import json, sys, ray; ray.init(address=sys.argv[1], configure_logging=False, log_to_driver=False); "
+            "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'Resources', 'ObjectStoreSocketName')} "
+            "for n in ray.nodes()]))")
+    done = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_two_node_sweep_survives_a_killed_node(tmp_path):
-    if ray.is_initialized():
-        pytest.skip("this process already holds a Ray session; the cluster test needs its own driver")
     spec_file = tmp_path / "sweep.json"
     spec_file.write_text(json.dumps(SPEC))
     with _cluster() as (address, node_dir, holds, env):
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        alive = [n for n in _nodes(address, env) if n["Alive"]]
         assert len(alive) == 2, f"expected 2 alive nodes, got {len(alive)}"
         (second,) = [n["NodeID"] for n in alive if n["Resources"].get("node2")]
         (head,) = [n["NodeID"] for n in alive if n["NodeID"] != second]
@@ -132,19 +146,20 @@ def test_two_node_sweep_survives_a_killed_node(tmp_path):
                                      env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
             # the second node's first cell ran there; its next one is held running: kill the node under it
-            _wait_for(lambda: any(holds.glob("started-1-*")) or sweep.poll() is not None, 240,
+            _wait_for(lambda: any((holds / "node2").glob("started-1-*")) or sweep.poll() is not None, 240,
                       "a second cell to start on the second node")
             assert sweep.poll() is None, f"the sweep ended before the kill:\n{log.read_text()}"
             assert _kill_node(node_dir) > 0
+            (holds / "head" / "release-all").touch()
             sweep.wait(timeout=300)
         finally:
             if sweep.poll() is None:
                 sweep.kill()
         assert sweep.returncode == 0, log.read_text()
-        _wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == second), 60,
+        _wait_for(lambda: [n["NodeID"] for n in _nodes(address, env) if n["Alive"]] == [head], 60,
                   "the cluster to see the second node dead")
-        ray.shutdown()
-        assert len(list(holds.glob("started-*"))) == 2  # the second node started two cells: one ran, one was killed
+        assert len(list((holds / "node2").glob("started-*"))) == 2  # two cells started there: one ran, one was killed
+        assert len(list((holds / "head").glob("started-*"))) == 5  # the held one among the head's five
     table = pd.read_parquet(tmp_path / "cluster" / "sweep.parquet")
     assert len(table) == 6 and set(table["status"]) == {"done"}, table[["cell", "status", "error"]]
     nodes = table["node"].tolist()
