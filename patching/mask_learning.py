@@ -150,8 +150,9 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
 
         iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step")
     ramp = max(1, int(cfg.warmup * cfg.steps))
-    # the caller's thread count (a run pins and records it), with deterministic kernels: same seed, same masks
-    with torch.enable_grad(), pinned_threads(torch.get_num_threads()):
+    # the caller's thread count (a run pins and records it), with deterministic kernels on CPU: same seed, same masks
+    on_cpu = ctx.clean_values.device.type == "cpu"
+    with torch.enable_grad(), pinned_threads(torch.get_num_threads(), deterministic=on_cpu):
         for step in iterator:
             z = sample_hard_concrete(log_alpha, cfg, generator).unsqueeze(0)
             sub = ctx
