@@ -33,6 +33,7 @@ from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.node_masks import node_masked_metric
 from circuitlab.patching.normalize import checked_gap, normalize_difference
+from circuitlab.patching.reproducible import pinned_threads
 
 LEVELS = ("node", "edge")
 
@@ -146,7 +147,9 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
     if progress:
         iterator = tqdm(iterator, desc=f"{cfg.level} masks", unit="step", disable=None)  # a bar on a terminal only
     ramp = max(1, int(cfg.warmup * cfg.steps))
-    with torch.enable_grad():
+    # the caller's thread count (a run pins and records it), with deterministic kernels on CPU: same seed, same masks
+    on_cpu = ctx.clean_values.device.type == "cpu"
+    with torch.enable_grad(), pinned_threads(torch.get_num_threads(), deterministic=on_cpu):
         for step in iterator:
             z = sample_hard_concrete(log_alpha, cfg, generator).unsqueeze(0)
             sub = ctx

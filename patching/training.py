@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.models import save_model
+from circuitlab.patching.reproducible import DEFAULT_THREADS, check_threads, pinned_threads
 
 STATE_FILE = "train_state.pt"
 LOG_COLUMNS = ["step", "tokens", "loss", "lr", "seconds"]
@@ -57,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     n_checkpoints: int = 12
     n_linear_checkpoints: int = 24
+    threads: int = DEFAULT_THREADS  # torch threads while training: the weights depend on it (patching.reproducible)
 
     def model_config(self) -> dict[str, Any]:
         """The `boot_native` config dict of this model."""
@@ -76,6 +78,7 @@ class TrainConfig:
             raise ValueError(f"positional_embedding_type {self.positional_embedding_type!r}: use 'standard' or 'rotary'")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_threads(self.threads)
 
 
 def checkpoint_steps(steps: int, n: int, n_linear: int = 0) -> list[int]:
@@ -260,10 +263,16 @@ def train_attn_only(config: TrainConfig, sample: Callable[[int, int, torch.Gener
 
     Checkpoints (log-spaced, see `checkpoint_steps`) go to `out_dir/step_XXXXXX/` via `save_model`; the loss
     log to `out_dir/train_log.csv`. Rerunning with the same config resumes; the result is the same either way
-    (the sampler's generator state is saved with the weights).
+    (the sampler's generator state is saved with the weights). Training runs at `config.threads` torch threads
+    with deterministic algorithms (`patching.reproducible.pinned_threads`): bit-identical on rerun, at any load.
     """
     config.validate()
-    out = Path(out_dir)
+    with pinned_threads(config.threads):
+        return _train(config, sample, Path(out_dir), progress=progress, fast=fast, desc=desc)
+
+
+def _train(config: TrainConfig, sample: Callable[[int, int, torch.Generator], Tensor], out: Path, *,
+           progress: bool, fast: bool, desc: str | None) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "train_config.json"
     if cfg_path.is_file() and json.loads(cfg_path.read_text()) != asdict(config):

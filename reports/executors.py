@@ -10,6 +10,8 @@ Ray is optional (`pip install circuitlab[ray]`); `RayExecutor()` starts a small 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from circuitlab.reports.cell_kinds import run_cell
@@ -47,8 +49,35 @@ def _ray_options(resources: dict[str, Any] | None, retries: int) -> dict[str, An
     return options
 
 
+HOLD_ENV = "CIRCUITLAB_TEST_HOLD_DIR"  # test-only seam, see `_hold_for_node_kill`
+
+
+def _hold_for_node_kill() -> None:
+    """Test-only seam for the two-node cluster test (`tests/test_ray_cluster.py`), inert unless `HOLD_ENV` is set.
+
+    On a Ray node started with `HOLD_ENV=DIR` in its environment, the node's n-th cell (n = 0, 1, ...) writes
+    `DIR/started-<n>-<pid>` and waits until `DIR/release-<n>` or `DIR/release-all` exists (at most 10 minutes).
+    The test thereby decides which node runs which cell and kills a node while a cell runs on it, without a
+    timing race.
+    """
+    folder = os.environ.get(HOLD_ENV)
+    if not folder:
+        return
+    marks = Path(folder)
+    n = len(list(marks.glob("started-*")))
+    (marks / f"started-{n}-{os.getpid()}").touch()
+    deadline = time.monotonic() + 600
+    while not ((marks / f"release-{n}").exists() or (marks / "release-all").exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _ray_cell(cell: Cell) -> CellOutcome:
-    return run_cell(cell, "ray")
+    import ray  # optional dependency: this runs only inside a Ray worker
+
+    _hold_for_node_kill()
+    outcome = run_cell(cell, "ray")
+    outcome.backend["node"] = ray.get_runtime_context().get_node_id()  # which node of the cluster ran it
+    return outcome
 
 
 class RayExecutor:

@@ -243,7 +243,7 @@ def collect_table(folders: list[Path]) -> pd.DataFrame:
         backend = record.get("backend") or {}
         row.update(wall_seconds=record.get("wall_seconds"), peak_rss_mb=record.get("peak_rss_mb"),
                    executor=backend.get("executor", ""), device=backend.get("device", ""),
-                   host=backend.get("host", ""), attempt=record.get("attempt"))
+                   host=backend.get("host", ""), node=backend.get("node", ""), attempt=record.get("attempt"))
         rows.append(row)
     return _tidy(pd.DataFrame(rows))
 

@@ -28,6 +28,7 @@ from circuitlab.graphs.induction import ProbeOptions, composition_scores
 from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_change, joint_induction_ablation,
                                      label_heads, measure_checkpoint)
 from circuitlab.patching.models import load_model
+from circuitlab.patching.reproducible import DEFAULT_THREADS, check_threads, pinned_threads
 from circuitlab.patching.training import TrainConfig, train_attn_only
 from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError
@@ -78,6 +79,8 @@ class PhaseConfig:
     `min_period`…`max_period` tokens tiled). Without the periodic rows no induction head forms in a CPU budget.
     The ICL score is measured on `eval_sequences` held-out real-text windows (not the training mix); its
     checkpoint-to-checkpoint noise falls as 1/√eval_sequences (16 gave ±0.3 nats, swamping the effect).
+    Everything runs at `threads` torch threads (fixed default, never the machine's core count): with the same
+    `seed` and `threads` a rerun gives the same numbers bit for bit, at any load (`patching.reproducible`).
     """
 
     out: str = "runs/phase"
@@ -102,7 +105,7 @@ class PhaseConfig:
     probe_half: int = 40
     low: float = 0.2
     high: float = 0.5
-    threads: int | None = None
+    threads: int = DEFAULT_THREADS
     model: str | None = None
     revisions: tuple[str, ...] = ()
     progress: bool = True
@@ -143,7 +146,8 @@ def _measure_run(name: str, n_layers: int, steps_paths: dict[int, Path], train_l
 def _measure_cache(out: Path, name: str, cfg: PhaseConfig) -> Path:
     """Cache folder of one model's checkpoint measurements, keyed by the settings they depend on (a rerun with
     other evaluation or probe settings measures afresh instead of reusing stale rows)."""
-    key = json.dumps(["v2", cfg.eval_sequences, cfg.n_ctx, cfg.probe_sequences, cfg.probe_half, cfg.seed, cfg.max_bytes])
+    key = json.dumps(["v3", cfg.eval_sequences, cfg.n_ctx, cfg.probe_sequences, cfg.probe_half, cfg.seed, cfg.max_bytes,
+                      cfg.threads])
     return out / store.PARTIAL / "measure" / name / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -152,10 +156,14 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
 
     Returns the tidy per-checkpoint DataFrame (`CHECKPOINT_COLUMNS`); every table is also written to `cfg.out`.
     """
+    check_threads(cfg.threads)
+    with pinned_threads(cfg.threads):
+        return _run_pinned(cfg)
+
+
+def _run_pinned(cfg: PhaseConfig) -> pd.DataFrame:
     began = time.perf_counter()
     load_at_start = os.getloadavg()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = store.check_writable(rundir.check_kind(cfg.out, "phase"))  # never mixes tables into another result
     if cfg.model:
         return run_published(cfg)
@@ -173,7 +181,8 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
                            d_head=cfg.d_model // cfg.n_heads, n_ctx=cfg.n_ctx, d_vocab=corpus.vocab,
                            positional_embedding_type=cfg.positions,
                            batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                           n_checkpoints=cfg.n_checkpoints, n_linear_checkpoints=cfg.n_linear_checkpoints)
+                           n_checkpoints=cfg.n_checkpoints, n_linear_checkpoints=cfg.n_linear_checkpoints,
+                           threads=cfg.threads)
 
         def sample(n: int, width: int, gen: torch.Generator) -> torch.Tensor:
             return periodic_mix(corpus, n, width, gen, periodic_prob=cfg.periodic_prob, min_period=cfg.min_period,
@@ -214,7 +223,9 @@ def run_phase_study(cfg: PhaseConfig) -> pd.DataFrame:
                "tokenizer": corpus.tokenizer, "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout)},
                "windows": windows, "joint_ablation": joints, "timings_s": timings, "cpu_s": _cpu_seconds(),
                "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(),
+               "reproducibility": {"seed": cfg.seed, "threads": cfg.threads,
+                                   "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}}
 
     composition = pd.concat([c for c in comps if len(c)] or [pd.DataFrame()], ignore_index=True)
     summary["acceptance"] = acceptance(checkpoints, heads, windows, joints, composition)
