@@ -15,7 +15,6 @@ Every featurizer maps (base vector, source vector) `[N, d]` to the intervened ve
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -197,15 +196,3 @@ def pca_rows(vectors: Tensor, k: int) -> Tensor:
     if k > vh.shape[0]:
         raise ValueError(f"PCA with k = {k} needs k <= d = {vh.shape[0]}")
     return vh[:k].to(torch.float32).contiguous()
-
-
-@dataclass(frozen=True)
-class FeaturizerSpec:
-    """A featurizer kind and its dimension count (ignored by `full`, learned by `boundless` and `mask`)."""
-
-    kind: str
-    dims: int
-
-    @property
-    def label(self) -> str:
-        return self.kind if self.kind in ("full", "boundless", "mask") else f"{self.kind}{self.dims}"

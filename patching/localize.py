@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.engine import make_runner
-from circuitlab.patching.featurizers import (DAS, TRAINED, BoundlessDAS, Featurizer, FeaturizerSpec, FullVector,
+from circuitlab.patching.featurizers import (DAS, TRAINED, BoundlessDAS, Featurizer, FullVector,
                                              NeuronMask, Neurons, Subspace, pca_rows, random_rotation)
 from circuitlab.patching.interchange import (PreparedBatch, Site, answer_scores, check_site, intervened_logits,
                                              prepare_batch, site_vectors, train_featurizer)

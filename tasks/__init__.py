@@ -3,7 +3,8 @@
 `get_task(name).generate(model_or_tokenizer, n, seed=...)` returns a `PromptPairs`; `task.metric(logits,
 pairs)` scores a run per prompt. Tasks: ioi, capitals (capital_lookup), repeated_tokens (induction),
 greater_than; and your own data: `load_task("pairs.jsonl")` or `from_records([...])` (schema:
-`circuitlab.tasks.records`).
+`circuitlab.tasks.records`). Counterfactual base/source pairs for interchange interventions come from each task's
+causal model (`tasks.causal.causal_model("ioi").counterfactuals(...)`) or a file (`tasks.counterfactual`).
 """
 
 from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, gather_at

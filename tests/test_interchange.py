@@ -131,3 +131,22 @@ def test_bad_sites_are_refused(tiny):
         check_site(runner, Site("resid_pre", 0, "XX"), cf)
     with pytest.raises(ValueError, match="needs a head"):
         Site("z", 0, "IO")
+
+
+@pytest.mark.slow
+def test_interchange_equals_plain_hooks_on_smollm2(smollm2):
+    """The same check on the real model (GQA, RMSNorm, RoPE): two sites, whole vector and a fixed rotation."""
+    runner, _, _ = make_runner(smollm2)
+    cf = causal_model("ioi").counterfactuals(smollm2, "order", 2, seed=3)
+    sites = [Site("resid_pre", 10, "IO"), Site("z", 20, "last", 3)]
+    prep = prepare_batch(runner, cf, [s.component for s in sites])
+    gen = torch.Generator().manual_seed(0)
+    for site in sites:
+        d = runner.d_head if site.head is not None else runner.d_model
+        for feat in (FullVector(d), Subspace(random_rotation(8, d, generator=gen))):
+            with torch.no_grad():
+                ours = intervened_logits(runner, prep, site, feat)
+            ref = reference_logits(smollm2, cf, site, feat)
+            err = (ours - ref).abs().max().item()
+            assert err < 1e-5 * max(1.0, ref.abs().max().item()), (site.label, feat.name, err)
+            assert (ours - prep.base_logits).abs().max().item() > 1e-3, site.label
