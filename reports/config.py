@@ -18,6 +18,7 @@ from typing import Any
 
 from circuitlab.graphs.methods import METHOD_NAMES  # the one registry of scoring methods (graphs.methods)
 from circuitlab.patching.engine import BACKENDS
+from circuitlab.reports.store import DuplicateKeyError, parse_unique
 
 # methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
 # EAP-IG diagnostics and takes its circuit from that method (`make_config`)
@@ -140,41 +141,6 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
     return _normalise_keys(data, str(path))
-
-
-class DuplicateKeyError(ValueError):
-    """A mapping in a config file gives one key twice (YAML and JSON would silently keep the last)."""
-
-
-def parse_unique(text: str, *, json_file: bool) -> Any:
-    """JSON or YAML, refusing a key given twice in one mapping (naming the key and its second line)."""
-    if json_file:
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for key, value in items:
-                if key in seen:
-                    lines = [i for i, line in enumerate(text.splitlines(), 1) if f'"{key}"' in line]
-                    where = f" (line {lines[1]})" if len(lines) > 1 else ""
-                    raise DuplicateKeyError(f"key {key!r} is given twice{where}")
-                seen[key] = value
-            return seen
-        return json.loads(text, object_pairs_hook=pairs)
-    import yaml  # only YAML files need it (imported here as before)
-
-    class UniqueLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKeyError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return loader.construct_mapping(node, deep=deep)
-
-    UniqueLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=UniqueLoader)
 
 
 def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:

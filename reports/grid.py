@@ -34,7 +34,8 @@ import pandas as pd
 
 from circuitlab.reports import rundir, store
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
-from circuitlab.reports.config import ConfigError, DuplicateKeyError, parse_unique
+from circuitlab.reports.config import ConfigError
+from circuitlab.reports.store import DuplicateKeyError, parse_unique
 
 SWEEP_KEYS = ("kind", "grid", "options", "resources", "exclude")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory_mb")
