@@ -299,10 +299,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
         raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
-    if cfg.heldout_n is None and cfg.n < 2:  # the held-out count defaults to --n: the same check, not bypassed
-        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
-                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
-                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
     if cfg.mask_steps < 1:
         raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
     if cfg.stability_resamples < 0:
@@ -320,6 +316,14 @@ def check_memory_budget(mb: float) -> None:
     """`--memory-budget`: a finite, positive number of MB."""
     if not math.isfinite(mb) or mb <= 0:
         raise ConfigError(f"--memory-budget must be a finite, positive number of MB (e.g. 2048), got {mb}")
+
+
+def check_heldout_n(cfg: RunConfig) -> None:
+    """`--heldout-n >= 2` where it defaults to --n (checked after a dataset's rows, so a bad row is named first)."""
+    if cfg.heldout_n is None and cfg.n < 2:
+        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
+                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
+                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
 
 
 def check_backend(backend: str) -> None:

@@ -25,7 +25,7 @@ import torch
 from circuitlab.graphs.methods import get_method
 from circuitlab.patching.normalize import normalize_difference
 from circuitlab.reports import resume, rundir
-from circuitlab.reports.config import ConfigError, RunConfig, parse_percents, parse_positions
+from circuitlab.reports.config import ConfigError, RunConfig, check_heldout_n, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import StageCache, save_result
@@ -292,6 +292,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None) -> dict[str, A
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
+    check_heldout_n(cfg)
     out = rundir.resolve_out(cfg.out, "run", force=cfg.force)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     with rundir.locked(out):
