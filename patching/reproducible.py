@@ -1,4 +1,5 @@
-"""Pinned torch threads and deterministic kernels for training and mask learning.
+"""Torch threads: pinned threads and deterministic kernels for training and mask learning, and the thread count a
+run chooses from the cores free when it starts (recorded in its run.json).
 
 Why: a CPU reduction (matmul, attention backward) sums in an order that depends on how many threads split it,
 so the same seeded training gives different weights at 1 and 2 threads, and after thousands of steps a
@@ -9,6 +10,7 @@ reproducible; one that pins it is, bit for bit, whatever the machine's load.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -45,4 +47,25 @@ def pinned_threads(threads: int, *, deterministic: bool = True) -> Iterator[int]
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
-__all__ = ["DEFAULT_THREADS", "check_threads", "pinned_threads"]
+def free_cores() -> tuple[int, str]:
+    """(cores free for torch now, how that was decided): the cores this process may run on
+    (`os.sched_getaffinity`) minus the 1-minute load average of the others, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    return free, f"{free} of {cores} cores free at load {load:.2f}"
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The torch thread count to use: the given one, else the cores free now (`free_cores`): on a shared 2-core
+    machine a second thread competing with other processes made patching up to 10x slower, while on a quiet one
+    the second core sat idle."""
+    if threads is not None:
+        return int(threads)
+    return free_cores()[0]
+
+
+__all__ = ["DEFAULT_THREADS", "check_threads", "free_cores", "pinned_threads", "resolve_threads"]

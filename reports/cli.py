@@ -21,6 +21,7 @@ from circuitlab.reports.bench import add_bench_parser
 from circuitlab.reports.config import METHODS, ConfigError, build_configs, load_config_file
 from circuitlab.reports.executors import EXECUTORS
 from circuitlab.reports.grid import add_sweep_parser
+from circuitlab.reports.localize import add_localize_parser
 from circuitlab.reports.phase import add_phase_parser
 from circuitlab.reports.render import render_report
 from circuitlab.reports.run import execute
@@ -111,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
 
     add_phase_parser(sub)
-    from circuitlab.reports.localize import add_localize_parser
-
     add_localize_parser(sub)
     return parser
 

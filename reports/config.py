@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from circuitlab.graphs.faithful import FAITHFUL_METHODS
 from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
 
@@ -145,40 +145,6 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of run options, got {type(data).__name__}")
     return _normalise_keys(data, str(path))
-
-
-class DuplicateKeyError(ValueError):
-    """A mapping in a config file gives one key twice (YAML and JSON would silently keep the last)."""
-
-
-def parse_unique(text: str, *, json_file: bool) -> Any:
-    """JSON or YAML, refusing a key given twice in one mapping (naming the key and its second line)."""
-    if json_file:
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for key, value in items:
-                if key in seen:
-                    lines = [i for i, line in enumerate(text.splitlines(), 1) if f'"{key}"' in line]
-                    where = f" (line {lines[1]})" if len(lines) > 1 else ""
-                    raise DuplicateKeyError(f"key {key!r} is given twice{where}")
-                seen[key] = value
-            return seen
-        return json.loads(text, object_pairs_hook=pairs)
-
-    class UniqueLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise DuplicateKeyError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return loader.construct_mapping(node, deep=deep)
-
-    UniqueLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=UniqueLoader)
 
 
 def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -332,10 +298,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
         raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
-    if cfg.heldout_n is None and cfg.n < 2:  # the held-out count defaults to --n: the same check, not bypassed
-        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
-                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
-                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
     if cfg.mask_steps < 1:
         raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
     if cfg.stability_resamples < 0:
@@ -353,6 +315,14 @@ def check_memory_budget(mb: float) -> None:
     """`--memory-budget`: a finite, positive number of MB."""
     if not math.isfinite(mb) or mb <= 0:
         raise ConfigError(f"--memory-budget must be a finite, positive number of MB (e.g. 2048), got {mb}")
+
+
+def check_heldout_n(cfg: RunConfig) -> None:
+    """`--heldout-n >= 2` where it defaults to --n (checked after a dataset's rows, so a bad row is named first)."""
+    if cfg.heldout_n is None and cfg.n < 2:
+        raise ConfigError(f"held-out faithfulness needs >= 2 held-out pairs (a bootstrap interval needs two), and "
+                          f"--heldout-n defaults to --n, which is {cfg.n} here (a file of {cfg.n} row gives "
+                          f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
 
 
 def check_backend(backend: str) -> None:
@@ -417,24 +387,3 @@ def parse_percents(spec: str) -> tuple[float, ...]:
     if len(values) < 2 or any(not 0 < v <= 100 for v in values) or list(values) != sorted(set(values)):
         raise ConfigError(f"--percents needs at least two increasing values in (0, 100], got {spec!r}")
     return values
-
-
-def free_cores() -> tuple[int, str]:
-    """(cores free for torch now, how that was decided): the cores this process may run on
-    (`os.sched_getaffinity`) minus the 1-minute load average of the others, at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        cores = os.cpu_count() or 1
-    load = os.getloadavg()[0]
-    free = max(1, min(cores, int(cores - load + 0.5)))
-    return free, f"{free} of {cores} cores free at load {load:.2f}"
-
-
-def resolve_threads(threads: int | None) -> int:
-    """The torch thread count to use: the given one, else the cores free now (`free_cores`): on a shared 2-core
-    machine a second thread competing with other processes made patching up to 10x slower, while on a quiet one
-    the second core sat idle."""
-    if threads is not None:
-        return int(threads)
-    return free_cores()[0]

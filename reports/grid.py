@@ -35,8 +35,9 @@ import pandas as pd
 from circuitlab.reports import rundir, store
 from circuitlab.reports.cell_kinds import check_params
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
-from circuitlab.reports.config import ConfigError, DuplicateKeyError, parse_unique
+from circuitlab.reports.config import ConfigError
 from circuitlab.reports.executors import SequentialExecutor, make_executor
+from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.reports.sweep_summary import write_summary
 
 SWEEP_KEYS = ("kind", "grid", "options", "resources", "exclude")

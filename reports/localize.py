@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.localize import KNOWN, LocalizeConfig, LocalizeResult, default_sites, localize
 from circuitlab.patching.models import load_model, weight_hash
+from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.reports import rundir, store
-from circuitlab.reports.config import ConfigError, check_device, check_seed, resolve_threads
+from circuitlab.reports.config import ConfigError, check_device, check_seed
 from circuitlab.tasks.causal import causal_model
 from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.custom import looks_like_path

@@ -9,20 +9,33 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from circuitlab.reports.plots import plotly_js
-
-if TYPE_CHECKING:  # render imports this module; the type only
-    from circuitlab.reports.render import Section
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_ROWS = 60  # rows of a table in report.md
 MAX_HTML_ROWS = 500  # rows of a table in report.html (sortable and filterable there)
 MISSING = ("n/a", "", "nan", "None")
+
+
+@dataclass
+class Section:
+    """One report section: a title, paragraphs (plain text), tables and figures (name, PNG bytes; Plotly JSON for
+    the HTML page where there is an interactive version)."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (file stem, caption, png)
+    code: str | None = None
+    plots: dict[str, str] = field(default_factory=dict)  # file stem -> the same figure as Plotly JSON (report.html)
+    explorer: str | None = None  # the circuit explorer's data (JSON, `reports.explorer`)
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -7,7 +7,6 @@ with `reports.save.load_result` (no model needed) and renders it with the same c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,10 @@ from circuitlab.reports import figures, plots, store
 from circuitlab.reports.explorer import build_explorer
 from circuitlab.reports.faithful import faithful_paragraphs
 from circuitlab.reports.page import fmt as _fmt
-from circuitlab.reports.page import to_html, to_markdown
+from circuitlab.reports.page import Section, to_html, to_markdown
 from circuitlab.reports.result import RunResult
 from circuitlab.reports.rundir import record_rendered
 from circuitlab.reports.save import load_result
-
-
-@dataclass
-class Section:
-    """One report section: a title, paragraphs (plain text), tables and figures (name, PNG bytes; Plotly JSON for
-    the HTML page where there is an interactive version)."""
-
-    title: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
-    figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (file stem, caption, png)
-    code: str | None = None
-    plots: dict[str, str] = field(default_factory=dict)  # file stem -> the same figure as Plotly JSON (report.html)
-    explorer: str | None = None  # the circuit explorer's data (JSON, `reports.explorer`)
 
 
 def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:

@@ -31,9 +31,10 @@ from circuitlab.patching.engine import make_runner
 from circuitlab.patching.methods import get_method
 from circuitlab.patching.models import load_model
 from circuitlab.patching.normalize import normalize_difference
+from circuitlab.patching.reproducible import free_cores
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
-from circuitlab.reports.config import ConfigError, RunConfig, free_cores, parse_percents, parse_positions
+from circuitlab.reports.config import ConfigError, RunConfig, check_heldout_n, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
 from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
@@ -277,6 +278,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
+    check_heldout_n(cfg)
     out = rundir.resolve_out(cfg.out, "run", force=cfg.force)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     with rundir.locked(out):

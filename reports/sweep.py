@@ -19,11 +19,12 @@ from circuitlab.patching.activation import PatchingConfig, activation_patching, 
 from circuitlab.patching.components import canonical_kind, parse_node
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.models import load_model, weight_hash
+from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.patching.path import CHANNELS, path_patching
 from circuitlab.patching.shard import sharded_activation_patching
 from circuitlab.reports import rundir, store, figures
 from circuitlab.reports.config import (ConfigError, check_backend, check_device, check_memory_budget, check_seed,
-                                      parse_positions, resolve_threads)
+                                      parse_positions)
 from circuitlab.reports.executors import make_executor
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
