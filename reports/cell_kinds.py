@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
+from circuitlab.patching.methods import method_names
 from circuitlab.reports.cells import Cell, SkipCell
 
 SMOLLM2_IOI = "smollm2-ioi"  # the bench grid's name for SmolLM2 IOI
@@ -48,7 +49,7 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         resolved.pop("out")
         return resolved
     if kind == "bench":
-        from circuitlab.graphs.benchmark import COUNTERFACTUALS, METHODS, BenchConfig
+        from circuitlab.graphs.benchmark import COUNTERFACTUALS, BenchConfig
 
         known = set(BENCH_FIELDS) | set(_bench_options())
         unknown = sorted(set(params) - known)
@@ -60,8 +61,8 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         resolved.pop("ioi_n", None)
         if "model" not in params or "method" not in params:
             raise ConfigError(f"{where}: a bench cell needs a model and a method")
-        if resolved["method"] not in METHODS:
-            raise ConfigError(f"{where}: unknown method {resolved['method']!r}: use one of {', '.join(METHODS)}")
+        if resolved["method"] not in method_names():
+            raise ConfigError(f"{where}: unknown method {resolved['method']!r}: use one of {', '.join(method_names())}")
         if resolved["counterfactual"] not in COUNTERFACTUALS:
             raise ConfigError(f"{where}: unknown counterfactual {resolved['counterfactual']!r}: use one of "
                               f"{', '.join(COUNTERFACTUALS)}")
