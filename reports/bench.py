@@ -30,6 +30,7 @@ from circuitlab.graphs.benchmark import (
     BenchConfig, COUNTERFACTUALS, METHODS, METHOD_NOTES, RESULT_COLUMNS, results_markdown,
 )
 from circuitlab.graphs.groundtruth import list_groundtruth
+from circuitlab.patching.methods import method_names
 from circuitlab.reports.cell_kinds import SMOLLM2_IOI, SMOLLM2_IOI_ROW
 from circuitlab.reports.executors import make_executor
 from circuitlab.reports.grid import SweepSpec, run_sweep
@@ -63,7 +64,8 @@ def add_methods_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None,
                    help=f"comma-separated: ground-truth names (graphs.groundtruth.list_groundtruth()) and/or "
                         f"{SMOLLM2_IOI} (default: all of them; none when --own-model is given)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods of the registry ({','.join(method_names())}; default {','.join(METHODS)})")
     p.add_argument("--counterfactuals", default=",".join(COUNTERFACTUALS),
                    help="for ground-truth models: task (the spec's corrupted inputs), resample and/or zero (zero ablation)")
     p.add_argument("--n", type=int, default=32, help="prompt pairs per ground-truth model")
@@ -98,8 +100,8 @@ def config_from_args(args: argparse.Namespace) -> MethodsBenchConfig:
             raise ValueError(f"unknown benchmark model {m!r}: use any of {sorted(known)}")
     methods = _csv(args.methods)
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}: use any of {','.join(METHODS)}")
+        if m not in method_names():
+            raise ValueError(f"unknown method {m!r}: use any of {','.join(method_names())}")
     cfs = _csv(args.counterfactuals)
     for c in cfs:
         if c not in COUNTERFACTUALS:

@@ -28,10 +28,10 @@ import pandas as pd
 import torch
 
 from circuitlab.graphs.benchmark import (
-    BenchCase, BenchConfig, COUNTERFACTUALS, METHODS, Reference, adapt_groundtruth, benchmark_case, own_case,
+    BenchCase, BenchConfig, COUNTERFACTUALS, Reference, adapt_groundtruth, benchmark_case, own_case,
 )
 from circuitlab.graphs.groundtruth import list_groundtruth, load_groundtruth
-from circuitlab.patching.methods import get_method
+from circuitlab.patching.methods import get_method, method_names
 from circuitlab.patching.models import load_model
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import store
@@ -75,8 +75,8 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         resolved.pop("ioi_n", None)
         if "model" not in params or "method" not in params:
             raise ConfigError(f"{where}: a bench cell needs a model and a method")
-        if resolved["method"] not in METHODS:
-            raise ConfigError(f"{where}: unknown method {resolved['method']!r}: use one of {', '.join(METHODS)}")
+        if resolved["method"] not in method_names():
+            raise ConfigError(f"{where}: unknown method {resolved['method']!r}: use one of {', '.join(method_names())}")
         if resolved["counterfactual"] not in COUNTERFACTUALS:
             raise ConfigError(f"{where}: unknown counterfactual {resolved['counterfactual']!r}: use one of "
                               f"{', '.join(COUNTERFACTUALS)}")

@@ -221,8 +221,8 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(args, needle, capsys):
 def test_console_exit_status_on_bad_arguments():
     proc = _cli("run", "--method", "magic", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "circuitlab: error: unknown method 'magic': use one of eap-ig, eap, acdc, activation, attribution, random, "
-            "greedy, node-pruning, edge-pruning, single-effect")
+        "circuitlab: error: unknown method 'magic': use one of acdc, activation, attribution, eap, eap-ig, ifr, "
+            "random, greedy, node-pruning, edge-pruning, single-effect")
 
 
 def test_bad_config_file(tmp_path, capsys):

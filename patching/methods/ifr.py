@@ -51,4 +51,4 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 IFR = register(Method("ifr", "edge", False, "information flow routes: share of the sender's contribution in the "
                       "receiver's input, max(|y|_1 - |y - c_j|_1, 0) normalised over senders (one clean forward)",
-                      score))
+                      score, benchmark=False))  # `bench methods --methods ifr`; not yet in the committed grid
