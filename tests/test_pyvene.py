@@ -17,7 +17,7 @@ from circuitlab.patching.models import load_model
 from circuitlab.tasks.causal import causal_model
 from tests.hf_tiny import build_tiny, smollm2_tokenizer
 
-pv = pytest.importorskip("pyvene")  # optional heavy test dependency (the `dev` extra)
+pv = pytest.importorskip("pyvene")  # optional heavy test dependency (`make setup` installs it with --no-deps)
 
 
 def _orthogonal_completion(rows: torch.Tensor, seed: int = 1) -> torch.Tensor:
