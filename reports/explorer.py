@@ -166,7 +166,7 @@ def build_explorer(result: RunResult) -> Explorer:
             data = graph.nodes[name]
             node.role, node.roles = str(data.get("role", "")), list(json.loads(data.get("roles", "[]") or "[]"))
             node.numbers = {k: _number(data[k]) for k in ("score", "exact_effect") if k in data}
-            node.numbers.update({k: _number(v) for k, v in json.loads(data.get("evidence", "{}") or "{}").items()})
+            node.numbers.update(_flat(json.loads(data.get("evidence", "{}") or "{}")))
         else:
             if name in method_scores:
                 node.numbers["score"] = float(method_scores[name])
@@ -183,6 +183,17 @@ def build_explorer(result: RunResult) -> Explorer:
     curve = result.faithfulness if result.edges is not None and not result.edges.empty else None
     return Explorer(nodes, _edges(ranked.head(MAX_DRAWN)), _thresholds(curve), int(len(ranked)),
                     result.config.method, source, n_layers, n_heads, COLORS, ROLE_COLORS)
+
+
+def _flat(evidence: dict[str, object], prefix: str = "") -> dict[str, float | str]:
+    """Evidence as named numbers: nested objects become dotted names (roles.name_mover.copying)."""
+    out: dict[str, float | str] = {}
+    for key, value in evidence.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _number(value)
+    return out
 
 
 def _role_evidence(roles: pd.DataFrame | None) -> dict[str, list[dict[str, object]]]:
