@@ -129,7 +129,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                              figures.png_bytes(figures.resid_heatmap(grid, labels))))
         heat.plots["resid"] = plots.resid_heatmap(grid, labels)
     top = heads.assign(_abs=heads["effect"].abs()).sort_values("_abs", ascending=False).head(10)
-    top = top.assign(position=[("all" if int(p) < 0 else str(p)) for p in top["position"]])  # -1: all positions
+    top = top.assign(position=[(str(role) if role else "all") if pd.isna(p) else str(int(p))  # empty: all or a role
+                               for p, role in zip(top["position"], top["role"])])
     heat.tables.append(("Top heads by exact |effect|", top[["node", "position", "role", "effect"]].reset_index(drop=True)))
     sections.append(heat)
 
