@@ -263,6 +263,21 @@ def _check_dataset(cfg: RunConfig, task: Any) -> Any:
     return model
 
 
+def _check_top_k(cfg: RunConfig, model: Any) -> Any:
+    """Refuse a --top-k larger than the graph it selects from (edges, or heads and MLPs for a node-level method)
+    before any work; returns the model, loaded here when needed (None when --top-k is not given)."""
+    if cfg.top_k is None:
+        return model
+    model = model if model is not None else load_model(cfg.model, device=cfg.device)
+    graph, level = ComputationalGraph.from_model(model), get_method(cfg.method).level
+    available = graph.n_edges if level == "edge" else len(graph.senders_of("head", "mlp"))
+    if cfg.top_k > available:
+        what = "edges" if level == "edge" else "heads and MLPs"
+        raise ConfigError(f"--top-k {cfg.top_k} is more than the {available} {what} of {cfg.model}'s graph "
+                          f"(method {cfg.method}): use --top-k {available} or less, or --top-fraction 1 to keep all")
+    return model
+
+
 def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
     previous = torch.get_num_threads()
@@ -278,6 +293,7 @@ def _execute(cfg: RunConfig, *, quiet: bool, command: str | None, threads_chosen
     started = time.time()
     task = get_task(cfg.task)
     model = _check_dataset(cfg, task)  # bad rows of a dataset file fail here, before --out is touched
+    model = _check_top_k(cfg, model)
     check_heldout_n(cfg)
     out = rundir.resolve_out(cfg.out, "run", force=cfg.force)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))

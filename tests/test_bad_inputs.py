@@ -280,3 +280,14 @@ def test_bad_files_are_one_error_naming_the_row_or_line(tiny_dir, tmp_path, caps
     assert main(argv) == 2
     assert named in _one_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("method, what", [("eap", "edges"), ("activation", "heads and MLPs")])
+def test_top_k_beyond_the_graph_is_refused_before_any_work(tmp_path, capsys, tiny_dir, method, what):
+    """`--top-k 10**12` once spent minutes drawing the whole graph; now one line names the graph's size."""
+    out = tmp_path / "o"
+    args = ["run", "--model", tiny_dir, "--out", str(out), *QUICK, "--method", method, "--top-k", str(10**12)]
+    assert main(args) != 0
+    line = _one_error(capsys)
+    assert f"--top-k {10**12}" in line and what in line and "--top-fraction 1" in line, line
+    assert not out.exists()
