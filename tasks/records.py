@@ -225,13 +225,7 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     lines = _lines(path.read_bytes(), source)
     records: list[Record] = []
     if path.suffix.lower() == ".csv":
-        text = "\n".join(line for _, line in lines)
-        reader = csv.DictReader(io.StringIO(text))
-        for row in reader:
-            lineno = reader.line_num
-            if not any((v or "").strip() for k, v in row.items() if k is not None):
-                continue
-            records.append(parse_record(_csv_row(row, source, lineno), source, lineno))
+        records = _csv_records(lines, source)
     else:
         for lineno, line in lines:
             if not line.strip():
@@ -249,6 +243,36 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
         raise DataError(source, None, None, "holds no rows", f"add one row per clean/corrupt pair; {SCHEMA_HINT}")
     check_consistent(records, source)
     return records
+
+
+def _csv_records(lines: list[tuple[int, str]], source: str) -> list[Record]:
+    """The rows of a CSV file, each named by the line it starts on (a quoted cell may span lines); a quote never
+    closed is blamed on the line where it opens, not on the end of the file."""
+    text = {lineno: line for lineno, line in lines}
+    reader = csv.DictReader(io.StringIO("\n".join(line for _, line in lines)))
+    end = reader.line_num if reader.fieldnames is not None else 0
+    records: list[Record] = []
+    for row in reader:
+        start = end + 1
+        while start < reader.line_num and not text.get(start, "").strip():  # blank lines the reader skipped
+            start += 1
+        end = reader.line_num
+        if not any((v or "").strip() for k, v in row.items() if k is not None):
+            continue
+        if end > start and _unclosed_quote("\n".join(text[i] for i in range(start, end + 1))):
+            raise DataError(source, start, None, f"opens a quote (\") that is never closed (it runs to line {end})",
+                            "close the quote, or write a literal quote inside a quoted cell as \"\"")
+        records.append(parse_record(_csv_row(row, source, start), source, start))
+    return records
+
+
+def _unclosed_quote(block: str) -> bool:
+    """Whether CSV text ends inside a quoted cell."""
+    try:
+        list(csv.reader(io.StringIO(block), strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def check_consistent(records: Sequence[Record], source: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from circuitlab.tasks import DataError, IOITask, from_records, get_task, load_task
+from circuitlab.tasks.records import read_records
 from tests.test_tasks_helpers import smollm2_tokenizer
 
 ROWS = [
@@ -125,6 +126,26 @@ def test_bad_data_names_file_row_and_field(case, tok, tmp_path):
         load_task(path).generate(tok)
     message = str(err.value)
     assert str(path) in message and where in message and what in message, message
+
+
+CSV_HEAD = "clean,corrupt,answer,wrong\n"
+CSV_OK = "Then Mary left. John thanked,Then Alice left. Carl thanked, Mary, John\n"
+
+
+@pytest.mark.parametrize("body, where, what", [
+    # the quote opens on line 3 and swallows the rest of the file: the error names line 3, not the file's end
+    (CSV_OK + '"When Mary went, John gave,When Alice went, Carl gave, Mary, John\n' + CSV_OK + CSV_OK,
+     "row 3:", "never closed (it runs to line 5)"),
+    # a closed quoted cell spanning lines 3-4 and a blank line 5 are fine; the bad row is named by its own line 6
+    (CSV_OK + '"When Mary went,\n John gave",When Alice went Carl gave, Mary, John\n\n'
+     + "Mary met John. John called,, Mary, John\n", "row 6, field 'corrupt'", "non-empty text"),
+])
+def test_csv_errors_name_the_line_where_the_row_starts(tmp_path, body, where, what):
+    path = tmp_path / "pairs.csv"
+    path.write_text(CSV_HEAD + body, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert where in str(err.value) and what in str(err.value), str(err.value)
 
 
 def test_records_errors_in_python_name_the_row(tok):
