@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformer_lens.model_bridge import TransformerBridge
@@ -273,6 +274,21 @@ def _load_native_dir(directory: Path, device: str, dtype: torch.dtype) -> Transf
     return _finish(model, str(directory))
 
 
+def _unreadable_weights(folder: Path, exc: Exception) -> str:
+    """The message for a safetensors file that cannot be read (truncated by an interrupted copy, or corrupt),
+    naming the file(s) at fault."""
+    bad = []
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except SafetensorError:
+            bad.append(str(weights))
+    where = ", ".join(bad) if bad else f"a .safetensors file in {folder}"
+    return (f"cannot read the model weights {where} ({exc}): the file is truncated or corrupt, e.g. by an "
+            "interrupted copy or download; copy or save the model again")
+
+
 def _looks_like_path(name: str) -> bool:
     """A model name that can only mean a folder: absolute, ./ ../ ~ prefixes, several slashes, an existing parent."""
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
@@ -316,10 +332,13 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
     if revision is not None and (path.is_dir() or name.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct")):
         raise ValueError(f"revision={revision!r} applies to hub models only; {name!r} is a local model with one version")
     if path.is_dir():
-        if (path / _NATIVE_CONFIG).is_file():
-            return _load_native_dir(path, device, dtype)
-        if (path / "config.json").is_file():
-            return _finish(TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype), name)
+        try:
+            if (path / _NATIVE_CONFIG).is_file():
+                return _load_native_dir(path, device, dtype)
+            if (path / "config.json").is_file():
+                return _finish(TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype), name)
+        except SafetensorError as exc:
+            raise ValueError(_unreadable_weights(path, exc)) from exc
         raise FileNotFoundError(f"model folder {str(path)!r} holds neither a circuitlab native model "
                                 f"({_NATIVE_CONFIG}) nor a Hugging Face checkpoint (config.json); point --model at "
                                 "a folder written by save_model() or save_pretrained()")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,4 +291,17 @@ def test_top_k_beyond_the_graph_is_refused_before_any_work(tmp_path, capsys, tin
     assert main(args) != 0
     line = _one_error(capsys)
     assert f"--top-k {10**12}" in line and what in line and "--top-fraction 1" in line, line
+    assert not out.exists()
+
+
+def test_truncated_weights_file_is_named(tmp_path, capsys, tiny_dir):
+    """A safetensors file cut short (an interrupted copy) is named by its path, with what to do."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    out = tmp_path / "o"
+    assert main(["run", "--model", str(model), "--out", str(out), *QUICK]) != 0
+    line = _one_error(capsys)
+    assert str(weights) in line and "truncated" in line and "copy or save the model again" in line, line
     assert not out.exists()
