@@ -7,10 +7,12 @@ Stage results live under `.partial/<resume key>/` (`reports.save.StageCache`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +27,30 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class DiskFullError(OSError):
+    """The disk filled up (ENOSPC / EDQUOT) while writing an output file: one line naming the file, the free
+    space left and what to do, instead of a bare `[Errno 28]`."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error means "no space left" (an OSError's errno, or a writer such as pyarrow that keeps only
+    the text)."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def _disk_full_error(path: Path, exc: OSError) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    error = DiskFullError(f"the disk is full: no space left on the device holding {path.parent} ({free}) while "
+                          f"writing {path.name}; free some space there or choose an --out on another disk")
+    error.errno = errno.ENOSPC
+    return error
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,6 +60,10 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as exc:
+        if disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise _disk_full_error(path, exc) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

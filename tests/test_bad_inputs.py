@@ -1,5 +1,6 @@
 """Issue 17's weak cases: each bad input gives one clear line naming it, a non-zero exit, nothing partial."""
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -305,3 +307,18 @@ def test_truncated_weights_file_is_named(tmp_path, capsys, tiny_dir):
     line = _one_error(capsys)
     assert str(weights) in line and "truncated" in line and "copy or save the model again" in line, line
     assert not out.exists()
+
+
+def test_disk_full_while_writing_says_so_and_where(tmp_path, capsys, tiny_dir, monkeypatch):
+    """ENOSPC while saving a stage: one line saying the disk is full, which folder and what to do (not `[Errno 28]`)."""
+    def full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"PAR1")  # a partial file, as a real write would leave
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
+    out = tmp_path / "o"
+    assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) != 0
+    line = _one_error(capsys)
+    assert "the disk is full" in line and str(tmp_path) in line and "Errno" not in line, line
+    assert "another disk" in line and not out.exists(), line
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no half-written file left behind
