@@ -44,6 +44,27 @@ NODE_KINDS = ("input", "head", "mlp", "logits")
 CHANNELS = ("q", "k", "v", "resid")
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with numpy/torch scalars made plain and every non-finite float made None, so that it dumps as
+    strict JSON (`null`, never a bare `NaN`, which JSON readers reject)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return json_safe(value.item())
+        except (ValueError, AttributeError):
+            return str(value)
+    return value
+
+
+def evidence_json(evidence: dict[str, Any]) -> str:
+    """A node's or role's `evidence` as strict JSON text (non-finite numbers written as `null`)."""
+    return json.dumps(json_safe(evidence), sort_keys=True, allow_nan=False)
+
 @dataclass(frozen=True)
 class Selection:
     """How to keep scored items: exactly one of `threshold` (keep |score| >= t), `top_k` (the k largest)
@@ -243,7 +264,7 @@ def circuit_from_node_scores(scores: pd.DataFrame, selection: Selection, *, scor
     add_node(graph, "input")
     add_node(graph, "logits")
     for node, row in chosen.iterrows():
-        attrs: dict[str, Any] = {"evidence": json.dumps({"method": method, score_column: float(row[score_column])})}
+        attrs: dict[str, Any] = {"evidence": evidence_json({"method": method, score_column: float(row[score_column])})}
         if "position" in chosen.columns and not pd.isna(row["position"]):
             attrs["position"] = str(row["position"])
         add_node(graph, str(node), score=float(row[score_column]), **attrs)
@@ -321,7 +342,7 @@ def circuit_from_path_patching(effects: pd.DataFrame, selection: Selection, *, m
                 add_edge(graph, node, "logits", "resid", 0.0, "implied")
     _node_scores_from_edges(graph)
     for node in graph.nodes:
-        graph.nodes[node]["evidence"] = json.dumps({"method": method, "score": "sum |effect| of outgoing edges"})
+        graph.nodes[node]["evidence"] = evidence_json({"method": method, "score": "sum |effect| of outgoing edges"})
     return finish(graph)
 
 

@@ -39,7 +39,7 @@ import networkx as nx
 import pandas as pd
 import torch
 
-from circuitlab.graphs.circuit import add_node
+from circuitlab.graphs.circuit import add_node, evidence_json
 from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_scores, final_norm_scale,
                                            ioi_head_scores, repeated_random_tokens, repeated_token_scores,
                                            z_end_mean)
@@ -91,7 +91,7 @@ def _rows(df: pd.DataFrame, role: str, column: str, threshold: float, evidence_c
         evidence = {c: _plain(row[c]) for c in evidence_columns if c in row and not _is_nan(row[c])}
         out.append({"layer": int(row["layer"]), "head": int(row["head"]), "role": role,
                     "score": float(sign * row[column]), "threshold": float(threshold),
-                    "evidence": json.dumps(evidence, sort_keys=True)})
+                    "evidence": evidence_json(evidence)})
     return pd.DataFrame(out, columns=ROLE_COLUMNS).sort_values("score", ascending=False, ignore_index=True)
 
 
@@ -133,8 +133,8 @@ def detect_repeated_token_roles(model: Any, prompts: RepeatedTokens,
               extra=(scores["copying"] > thresholds.copying) if with_copying else None),
     ]
     out = pd.concat([f for f in frames if not f.empty] or [frames[0]], ignore_index=True)
-    out["evidence"] = [json.dumps({**json.loads(e), **meta, "measured_on": "repeated random tokens"},
-                                  sort_keys=True) for e in out["evidence"]]
+    out["evidence"] = [evidence_json({**json.loads(e), **meta, "measured_on": "repeated random tokens"})
+                       for e in out["evidence"]]
     return out
 
 
@@ -260,7 +260,7 @@ def detect_s_inhibition(path_effects: pd.DataFrame, name_movers: list[tuple[int,
 
 def _with_meta(frame: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
     frame = frame.reset_index(drop=True)
-    frame["evidence"] = [json.dumps({**json.loads(e), **meta}, sort_keys=True) for e in frame["evidence"]]
+    frame["evidence"] = [evidence_json({**json.loads(e), **meta}) for e in frame["evidence"]]
     return frame
 
 
@@ -304,7 +304,7 @@ def assign_roles(graph: nx.MultiDiGraph, roles: pd.DataFrame, *, add_missing: bo
         evidence["roles"] = {e["role"]: {k: e[k] for k in ("score", "threshold", "evidence")} for e in ranked}
         data["role"] = ranked[0]["role"]
         data["roles"] = json.dumps([e["role"] for e in ranked])
-        data["evidence"] = json.dumps(evidence, sort_keys=True)
+        data["evidence"] = evidence_json(evidence)
     return out
 
 

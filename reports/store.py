@@ -10,7 +10,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from circuitlab.graphs.circuit import json_safe
 from circuitlab.reports.config import ConfigError
 
 PARTIAL = ".partial"
@@ -92,22 +92,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Write strict JSON atomically (NaN and infinities written as null)."""
-    return write_text(path, json.dumps(_clean(data), indent=1, sort_keys=False, allow_nan=False) + "\n")
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        try:
-            return _clean(value.item())
-        except (ValueError, AttributeError):
-            return str(value)
-    return value
+    return write_text(path, json.dumps(json_safe(data), indent=1, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:

@@ -2,8 +2,12 @@
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from circuitlab.graphs.circuit import add_node, evidence_json, new_circuit
+from circuitlab.graphs.roles import assign_roles
 from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
 from tests.conftest import TINY_CONFIG
@@ -103,3 +107,22 @@ def test_scores_csv_never_writes_minus_one_for_all_positions(tiny_dir, tmp_path)
     assert {r["position"] for r in rows["all"]} == {""} and {r["role"] for r in rows["all"]} == {""}
     assert {r["position"] for r in rows["END"]} == {""} and {r["role"] for r in rows["END"]} == {"END"}
     assert {r["position"] for r in rows["-1"]} == {"-1"}
+
+
+def _strict(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_node_evidence_is_strict_json_with_null_for_nan():
+    """A role whose score or evidence holds NaN (a numpy float32 from a detector, a user's role table) is written
+    into the node's `evidence` as `null`, never a bare `NaN` that JSON readers reject."""
+    graph = new_circuit("c", "eap", 2)
+    add_node(graph, "a1.h0", score=0.5, evidence=json.dumps({"method": "eap"}))
+    roles = pd.DataFrame([{"layer": 1, "head": 0, "role": "name_mover", "score": 0.8, "threshold": float("nan"),
+                           "evidence": json.dumps({"copy": 1.0})}])
+    evidence = _strict(assign_roles(graph, roles).nodes["a1.h0"]["evidence"])
+    assert evidence["roles"]["name_mover"] == {"score": 0.8, "threshold": None, "evidence": {"copy": 1.0}}
+    assert _strict(evidence_json({"x": np.float32("nan"), "y": [float("inf"), np.float64(2.0)]})) == \
+        {"x": None, "y": [None, 2.0]}
