@@ -17,7 +17,7 @@ Scores (attention scores are mean attention probabilities, in [0, 1]; a uniform 
 | copying (evidence)    | OV-circuit copying: sum(λ)/sum(|λ|) of the eigenvalues of W_E W_V W_O W_U on a     |
 |                       | token sample (Olsson et al.); +1 = pure copying, −1 = pure anti-copying            |
 | name_mover            | attention END→IO ≥ attention threshold and direct logit attribution onto IO−S ≥    |
-|                       | DLA threshold (Wang et al. 2022, arXiv 2211.00593); score = DLA                    |
+|                       | DLA threshold (Wang et al. 2022, arXiv 2211.00593); score = DLA; not s_suppression |
 | negative_name_mover   | same attention, DLA ≤ −threshold; score = −DLA                                     |
 | s_suppression         | attends END→S2 (≥ attention threshold, more than to IO) and DLA ≥ threshold: lowers|
 |                       | the subject's logit (copy suppression, arXiv 2310.04625); our addition             |
@@ -146,17 +146,20 @@ def detect_name_movers(scores: pd.DataFrame, thresholds: RoleThresholds = RoleTh
     logit difference up (name mover) or down (negative name mover).
 
     With `include_s_suppression`, heads that attend END→S2 (more than END→IO) and raise IO−S are labelled
-    `s_suppression`: they lower the subject's logit, the copy-suppression behaviour of McDougall et al.
+    `s_suppression` (and not also `name_mover`, which they would be by attention to IO alone): they lower the subject's logit, the copy-suppression behaviour of McDougall et al.
     2023 (arXiv 2310.04625). Not one of Wang et al.'s GPT-2 classes; our addition, since SmolLM2 has them.
     """
     attends = scores["attn_end_io"] >= thresholds.name_mover_attention
+    on_s2 = (scores["attn_end_s2"] >= thresholds.name_mover_attention) & (scores["attn_end_s2"] > scores["attn_end_io"])
+    on_s2 &= include_s_suppression
     ev = ["attn_end_io", "attn_end_s2", "dla_io_minus_s"]
-    nm = _rows(scores, "name_mover", "dla_io_minus_s", thresholds.name_mover_dla, ev, extra=attends)
+    # one role per head: a head that raises IO−S is a name mover or an S-suppression head by the name it attends
+    # more (its score, the DLA, is the same for both); both attentions stay in the evidence
+    nm = _rows(scores, "name_mover", "dla_io_minus_s", thresholds.name_mover_dla, ev, extra=attends & ~on_s2)
     neg = _rows(scores, "negative_name_mover", "dla_io_minus_s", thresholds.name_mover_dla, ev, sign=-1.0,
                 extra=attends)
     frames = [nm, neg]
     if include_s_suppression:
-        on_s2 = (scores["attn_end_s2"] >= thresholds.name_mover_attention) & (scores["attn_end_s2"] > scores["attn_end_io"])
         frames.append(_rows(scores, "s_suppression", "dla_io_minus_s", thresholds.name_mover_dla, ev, extra=on_s2))
     return _with_meta(pd.concat(frames, ignore_index=True), {"measured_on": "IOI prompts"})
 

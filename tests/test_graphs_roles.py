@@ -147,6 +147,21 @@ def test_name_mover_thresholds_on_synthetic_scores():
     assert roles.set_index("role").loc["negative_name_mover", "score"] == pytest.approx(0.8)
 
 
+def test_one_role_per_head_by_the_name_it_attends_more():
+    """A head attending both names and raising IO−S was labelled name_mover and s_suppression with one score; now
+    the name it attends more decides, and the evidence keeps both attentions."""
+    df = pd.DataFrame({"layer": [5, 6], "head": [0, 1], "attn_end_io": [0.3, 0.5], "attn_end_s2": [0.5, 0.3],
+                       "dla_io_minus_s": [0.4, 0.4]})
+    thresholds = RoleThresholds(name_mover_attention=0.2, name_mover_dla=0.1)
+    roles = detect_name_movers(df, thresholds)
+    assert sorted((r.layer, r.head, r.role) for r in roles.itertuples()) == [(5, 0, "s_suppression"),
+                                                                           (6, 1, "name_mover")]
+    evidence = json.loads(roles.set_index("role").loc["s_suppression", "evidence"])
+    assert (evidence["attn_end_io"], evidence["attn_end_s2"]) == (0.3, 0.5)
+    plain = detect_name_movers(df, thresholds, include_s_suppression=False)  # Wang et al.'s classes only
+    assert sorted((r.layer, r.head, r.role) for r in plain.itertuples()) == [(5, 0, "name_mover"), (6, 1, "name_mover")]
+
+
 def test_backup_name_movers_mechanics(tiny_gqa_model):
     pr = _ioi_like(tiny_gqa_model)
     # name movers in the last layer: nothing downstream can take over
