@@ -119,11 +119,14 @@ def _patterns(model: Any, tokens: torch.Tensor, extra: tuple[str, ...] = ()) -> 
 
 def head_patterns(model: Any, prompts: list[torch.Tensor], heads: list[tuple[int, int]]) -> pd.DataFrame:
     """The attention patterns of `heads` on each prompt (1-D token ids, each run alone so no padding enters):
-    one row per prompt, head (`node`), query and key position (key <= query), with the weight and both tokens."""
+    one row per prompt, head (`node`), query and key position (key <= query), with the weight and both tokens
+    (decoded, or `<id>` for a model without a tokenizer)."""
     rows = []
     for index, tokens in enumerate(prompts):
         cache = _patterns(model, tokens.reshape(1, -1))
-        words = [str(w) for w in model.to_str_tokens(tokens.reshape(-1))]
+        ids = tokens.reshape(-1)
+        words = ([str(w) for w in model.to_str_tokens(ids)] if getattr(model, "tokenizer", None) is not None
+                 else [f"<{int(t)}>" for t in ids])  # a model saved without a tokenizer: token ids
         for layer, head in heads:
             pattern = cache[hook_name("pattern", layer)][0, head].float().cpu()
             query, key = torch.tril_indices(len(words), len(words))

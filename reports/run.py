@@ -255,8 +255,7 @@ def _attention(p: Pipeline, circuit: Any) -> pd.DataFrame:
     dropped) for the report's evidence panel."""
     heads = sorted((n.layer, n.head) for n in map(parse_node, circuit.nodes) if n.kind == "head")
     pairs = p.result.pairs
-    prompts = [pairs.clean_tokens[i] if pairs.attention_mask is None else
-               pairs.clean_tokens[i][pairs.attention_mask[i].bool()] for i in range(min(ATTENTION_PROMPTS, len(pairs)))]
+    prompts = [pairs.clean_tokens[i, :int(pairs.lengths[i])] for i in range(min(ATTENTION_PROMPTS, len(pairs)))]
     return head_patterns(p.model(), [t.to(p.cfg.device) for t in prompts], heads)
 
 
