@@ -261,8 +261,9 @@
         return "<option value=\"" + i + "\">" + i + ": " + esc(tokens.join("").slice(0, 40)) + "</option>";
       }).join("") + "</select></label><div id=\"attention-plot\" data-node=\"" + esc(n.name) + "\"></div>");
     } else {
-      html.push("<p class=\"hint\">No attention pattern: " + (n.kind === "head" ?
+      html.push("<p class=\"hint\">No attention pattern: " + (n.kind === "head" ? (data.prompts.length ?
         "this head is not in the circuit (patterns are stored for the circuit's heads)" :
+        "this run's folder stores none (made before tables/attention.parquet existed)") :
         (n.kind === "mlp" ? "an MLP" : "the " + n.kind + " node") + " does not attend") + ".</p>");
     }
     document.getElementById("evidence").innerHTML = html.join("");
