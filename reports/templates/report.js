@@ -291,7 +291,7 @@
     var labels = a.tokens.map(function (t, i) { return i + " " + t; });  // positions keep repeated tokens apart
     document.getElementById("attention-prompt").value = String(prompt);
     div.setAttribute("data-prompt", String(prompt));
-    Plotly.react(div, [{type: "heatmap", z: a.z, x: labels, y: labels, zmin: 0, zmax: 1, colorscale: "Blues",
+    Plotly.react(div, [{type: "heatmap", z: a.z, x: labels, y: labels, zmin: 0, zmax: 1, colorscale: [[0, "#ffffff"], [1, "#08306b"]],
                         showscale: false, hovertemplate: "query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>"}],
                  {height: 320, margin: {l: 80, r: 5, t: 5, b: 80}, font: {size: 9},
                   yaxis: {autorange: "reversed", type: "category"}, xaxis: {type: "category", tickangle: -60}},
