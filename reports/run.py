@@ -250,10 +250,13 @@ def _roles(p: Pipeline) -> dict[str, Any]:
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
 
-def _attention(p: Pipeline, circuit: Any) -> pd.DataFrame:
+def _attention(p: Pipeline, circuit: Any) -> pd.DataFrame | None:
     """The circuit heads' attention patterns on the first discovery prompts (clean, each run alone, padding
-    dropped) for the report's evidence panel."""
+    dropped) for the report's evidence panel; None for a circuit without heads."""
     heads = sorted((n.layer, n.head) for n in map(parse_node, circuit.nodes) if n.kind == "head")
+    if not heads:
+        return None
+    p.say(f"[attention] patterns of {len(heads)} circuit heads on {min(ATTENTION_PROMPTS, len(p.result.pairs))} prompts")
     pairs = p.result.pairs
     prompts = [pairs.clean_tokens[i, :int(pairs.lengths[i])] for i in range(min(ATTENTION_PROMPTS, len(pairs)))]
     return head_patterns(p.model(), [t.to(p.cfg.device) for t in prompts], heads)
@@ -350,7 +353,9 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     if cfg.roles:
         p.stage("roles", _roles)
     result.circuit = build_circuit(p)
+    start = time.time()
     result.attention = _attention(p, result.circuit)
+    result.timings["attention"] = round(time.time() - start, 3)
     result.info = {"command": command or cfg.command(), "versions": versions(), "threads": torch.get_num_threads(),
                    "threads_chosen": threads_chosen,
                    "wall_seconds": round(time.time() - started, 3), "platform": platform_info(),
