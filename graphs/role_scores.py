@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 import torch
 
-from circuitlab.patching.components import hook_name
+from circuitlab.patching.components import head_node, hook_name
 
 
 # ------------------------------------------------------------------ prompts
@@ -115,6 +115,27 @@ def _patterns(model: Any, tokens: torch.Tensor, extra: tuple[str, ...] = ()) -> 
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     return {k: cache[k] for k in names}
+
+
+def head_patterns(model: Any, prompts: list[torch.Tensor], heads: list[tuple[int, int]]) -> pd.DataFrame:
+    """The attention patterns of `heads` on each prompt (1-D token ids, each run alone so no padding enters):
+    one row per prompt, head (`node`), query and key position (key <= query), with the weight and both tokens
+    (decoded, or `<id>` for a model without a tokenizer)."""
+    rows = []
+    for index, tokens in enumerate(prompts):
+        cache = _patterns(model, tokens.reshape(1, -1))
+        ids = tokens.reshape(-1)
+        words = ([str(w) for w in model.to_str_tokens(ids)] if getattr(model, "tokenizer", None) is not None
+                 else [f"<{int(t)}>" for t in ids])  # a model saved without a tokenizer: token ids
+        for layer, head in heads:
+            pattern = cache[hook_name("pattern", layer)][0, head].float().cpu()
+            query, key = torch.tril_indices(len(words), len(words))
+            rows.append(pd.DataFrame({"prompt": index, "node": head_node(layer, head), "query": query.numpy(),
+                                      "key": key.numpy(), "weight": pattern[query, key].numpy(),
+                                      "query_token": [words[q] for q in query.tolist()],
+                                      "key_token": [words[k] for k in key.tolist()]}))
+    columns = ["prompt", "node", "query", "key", "weight", "query_token", "key_token"]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
 
 
 # ------------------------------------------------------------------ scores

@@ -23,6 +23,7 @@ from circuitlab.reports.result import RunResult, strongest_per_node
 
 MAX_DRAWN = 400  # edges embedded (and drawn at most): the strongest ones; beyond that a page stops being readable
 EDGES_PER_NODE = 5  # strongest incoming and outgoing edges listed in a node's evidence panel
+ATTENTION_DECIMALS = 4  # attention weights embedded in the page (a probability to 1e-4 reads the same)
 COLORS = {**CHANNEL_COLORS, "mlp": "#ff7f0e", "logits": "#7f7f7f", "resid": "#555555"}
 
 
@@ -81,6 +82,9 @@ class Explorer:
     n_heads: int
     colors: dict[str, str]
     role_colors: dict[str, str]
+    prompts: list[list[str]] = field(default_factory=list)  # the tokens of the prompts with attention patterns
+    attention: dict[str, list[list[list[float]]]] = field(default_factory=dict)  # head -> prompt -> query -> key
+
 
     def to_json(self) -> str:
         """JSON for a <script type="application/json"> block (non-finite numbers as null, `</` escaped)."""
@@ -182,7 +186,22 @@ def build_explorer(result: RunResult) -> Explorer:
     # a node method's curve ranked every graph edge by node scores, not these circuit edges: no threshold then
     curve = result.faithfulness if result.edges is not None and not result.edges.empty else None
     return Explorer(nodes, _edges(ranked.head(MAX_DRAWN)), _thresholds(curve), int(len(ranked)),
-                    result.config.method, source, n_layers, n_heads, COLORS, ROLE_COLORS)
+                    result.config.method, source, n_layers, n_heads, COLORS, ROLE_COLORS,
+                    *_attention(result.attention))
+
+
+def _attention(table: pd.DataFrame | None) -> tuple[list[list[str]], dict[str, list[list[list[float]]]]]:
+    """The prompts' tokens and each head's pattern per prompt as rows of keys 0..query (causal: no more)."""
+    if table is None or table.empty:
+        return [], {}
+    table = table.sort_values(["prompt", "node", "query", "key"], kind="stable")
+    first = table[table["key"] == 0].drop_duplicates(["prompt", "query"])
+    prompts = [list(g.sort_values("query")["query_token"]) for _, g in first.groupby("prompt", sort=True)]
+    patterns: dict[str, list[list[list[float]]]] = {}
+    for (node, prompt), g in table.groupby(["node", "prompt"], sort=True):
+        rows = [list(np.round(r["weight"].to_numpy(float), ATTENTION_DECIMALS)) for _, r in g.groupby("query")]
+        patterns.setdefault(str(node), []).append([[float(v) for v in row] for row in rows])
+    return prompts, patterns
 
 
 def _flat(evidence: dict[str, object], prefix: str = "") -> dict[str, float | str]:

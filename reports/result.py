@@ -17,6 +17,7 @@ turns it into HTML and Markdown. Tables are tidy DataFrames with real dtypes (bo
 | `faithful_ranking` | the circuit method's ranking (item, score)                           | circuit       |
 | `stability`    | inclusion frequency of each component over bootstrap resamples           | circuit       |
 | `circuit_prompts` | the chosen node circuit's metric on each discovery prompt              | circuit       |
+| `attention`    | the circuit heads' attention patterns on the first discovery prompts (clean) | after roles |
 
 `heldout_pairs` are the held-out prompt pairs (templates the discovery `pairs` do not use); `faithful` the
 circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as `circuit_faithfulness`.
@@ -40,7 +41,7 @@ from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
-          "faithful_ranking", "stability", "circuit_prompts")
+          "faithful_ranking", "stability", "circuit_prompts", "attention")
 SUMMARIES = ("oracle_summary", "faithfulness_summary", "acdc_summary")
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
@@ -67,6 +68,7 @@ class RunResult:
     faithful_ranking: pd.DataFrame | None = None
     stability: pd.DataFrame | None = None
     circuit_prompts: pd.DataFrame | None = None
+    attention: pd.DataFrame | None = None
     faithful: dict[str, Any] | None = None
     oracle_summary: dict[str, Any] | None = None
     faithfulness_summary: dict[str, Any] | None = None

@@ -23,9 +23,11 @@ import torch
 
 from circuitlab.graphs.circuit import node_name_from_row
 from circuitlab.graphs.discovery import discover
+from circuitlab.graphs.role_scores import head_patterns
 from circuitlab.graphs.roles import detect_roles
 from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.components import parse_node
 from circuitlab.patching.batched import Batches, batch_size_for, position_independent
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.methods import get_method
@@ -42,6 +44,7 @@ from circuitlab.reports.save import StageCache, save_result
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
 
+ATTENTION_PROMPTS = 4  # discovery prompts whose attention patterns the report shows for the circuit's heads
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
 
 
@@ -247,6 +250,18 @@ def _roles(p: Pipeline) -> dict[str, Any]:
                                   memory_budget_mb=p.cfg.memory_budget, seed=p.cfg.seed, say=p.say)}
 
 
+def _attention(p: Pipeline, circuit: Any) -> pd.DataFrame | None:
+    """The circuit heads' attention patterns on the first discovery prompts (clean, each run alone, padding
+    dropped) for the report's evidence panel; None for a circuit without heads."""
+    heads = sorted((n.layer, n.head) for n in map(parse_node, circuit.nodes) if n.kind == "head")
+    if not heads:
+        return None
+    p.say(f"[attention] patterns of {len(heads)} circuit heads on {min(ATTENTION_PROMPTS, len(p.result.pairs))} prompts")
+    pairs = p.result.pairs
+    prompts = [pairs.clean_tokens[i, :int(pairs.lengths[i])] for i in range(min(ATTENTION_PROMPTS, len(pairs)))]
+    return head_patterns(p.model(), [t.to(p.cfg.device) for t in prompts], heads)
+
+
 # ---------------------------------------------------------------------- the run
 
 def _check_dataset(cfg: RunConfig, task: Any) -> Any:
@@ -354,6 +369,9 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     if cfg.roles:
         p.stage("roles", _roles)
     result.circuit = build_circuit(p)
+    start = time.time()
+    result.attention = _attention(p, result.circuit)
+    result.timings["attention"] = round(time.time() - start, 3)
     result.info = {"command": command or cfg.command(), "versions": versions(), "threads": torch.get_num_threads(),
                    "threads_chosen": threads_chosen,
                    "wall_seconds": round(time.time() - started, 3), "platform": platform_info(),

@@ -16,10 +16,12 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from circuitlab.patching.models import boot_native_model, save_model
+from circuitlab.patching.models import boot_native_model, load_model, save_model
 from circuitlab.reports.plots import plotly_js
+from circuitlab.reports.save import read_value
 from tests.conftest import TINY_CONFIG
 
 CHROMIUM = "/usr/bin/chromium"
@@ -129,6 +131,10 @@ def test_report_page_data(run_dir):
     assert len(prompts) == len(base) and "diamond-open" in page.json["data-baseline"]  # drawn per prompt
     f = (prompts.mean() - base["corrupt"].mean()) / (base["clean"].mean() - base["corrupt"].mean())
     assert f == pytest.approx(faithful["discovery"], rel=1e-5)  # per-prompt values average to the circuit's f
+    attention = pd.read_parquet(run_dir / "tables" / "attention.parquet")  # the circuit's heads, 4 prompts
+    heads = {n["id"] for n in json.loads((run_dir / "circuit.json").read_text())["nodes"] if n["kind"] == "head"}
+    assert set(attention["node"]) == heads == set(explorer["attention"]) and len(explorer["prompts"]) == 4
+    assert attention.groupby(["prompt", "node", "query"])["weight"].sum().to_numpy() == pytest.approx(1, abs=1e-5)
     assert page.tables and all(len(set(rows)) == 1 for rows in page.tables)  # rectangular tables
     text = " ".join(page.text)
     for bad in ("Traceback", "Error:", "undefined", "{{", "{%", "position -1"):
@@ -239,3 +245,38 @@ def test_table_sorts_and_page_fits_1280(browser_page, run_dir):
     assert descending == values[::-1]
     width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert width[0] <= width[1], f"horizontal overflow at 1280 px: {width}"
+
+
+def test_evidence_panel_draws_the_heads_attention_pattern(browser_page, run_dir):
+    """The heatmap a head's evidence panel draws equals the pattern read here with plain TransformerLens hooks
+    (`run_with_cache` on `blocks.L.attn.hook_pattern`) on that example prompt; choosing another prompt redraws it."""
+    page, seen = browser_page
+    circuit = json.loads((run_dir / "circuit.json").read_text())
+    head = max((n for n in circuit["nodes"] if n["kind"] == "head"), key=lambda n: abs(n["exact_effect"]))
+    layer, index = head["layer"], head["head"]
+    model = load_model(str(run_dir.parent / "model"))
+    pairs = read_value(run_dir, "pairs")
+    page.evaluate("name => window.circuitlab.select(name)", head["id"])
+    plot = page.locator(f"#evidence #attention-plot[data-node='{head['id']}']")
+    drawn = {}
+    for prompt in (1, 0):
+        page.locator("#attention-prompt").select_option(str(prompt))  # the control a reader uses
+        page.wait_for_selector(f"#attention-plot[data-prompt='{prompt}'] .main-svg", timeout=5_000)
+        z = page.evaluate("() => document.getElementById('attention-plot').data[0].z")
+        assert z == page.evaluate("a => window.circuitlab.attention(a[0], a[1]).z", [head["id"], prompt])
+        tokens = pairs.clean_tokens[prompt, :int(pairs.lengths[prompt])]  # the prompt without its padding
+        name = f"blocks.{layer}.attn.hook_pattern"
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n == name)
+        expected = cache[name][0, index]
+        n = len(tokens)
+        assert len(z) == n and all(len(row) == n for row in z)
+        for q, k in ((n - 1, 0), (n - 1, n - 2), (n // 2, n // 2), (n - 1, n - 1)):
+            assert z[q][k] == pytest.approx(float(expected[q, k]), abs=1e-4), (prompt, q, k)
+        assert z[0][n - 1] is None  # causal: a query sees no later key
+        drawn[prompt] = z
+    assert plot.count() == 1 and drawn[0] != drawn[1]
+    mlp = next(n["name"] for n in page.evaluate("window.circuitlab.data.nodes") if n["kind"] == "mlp")
+    page.evaluate("name => window.circuitlab.select(name)", mlp)
+    assert "no attention pattern" in page.locator("#evidence").inner_text().lower()
+    assert page.locator("#attention-plot").count() == 0 and seen["errors"] == []

@@ -1,7 +1,8 @@
 /* circuitlab report page: figures, the circuit explorer and sortable tables. Everything it draws is inlined in
    the page (JSON script blocks); it fetches nothing. The page API `window.circuitlab` is what the controls use:
    select(nodeName) pins a node and fills #evidence; setThreshold(fractionOfEdges) moves to the measured point of
-   the faithfulness curve at or nearest below that fraction and states its faithfulness in #threshold-faithfulness. */
+   the faithfulness curve at or nearest below that fraction and states its faithfulness in #threshold-faithfulness;
+   attention(head, promptIndex) is the pattern the evidence panel draws for that prompt (showAttention draws it). */
 (function () {
   "use strict";
   var PLOT_CONFIG = {responsive: true, displaylogo: false};
@@ -254,12 +255,47 @@
     }
     html.push("<h4>Strongest incoming edges</h4>" + edgeRows(n.incoming, "from"));
     html.push("<h4>Strongest outgoing edges</h4>" + edgeRows(n.outgoing, "to"));
-    if (n.kind === "head") {
-      html.push("<p class=\"hint\">Attention patterns on example prompts are not stored in this run's folder.</p>");
+    html.push("<h4>Attention pattern</h4>");
+    if (n.kind === "head" && data.attention[n.name]) {
+      html.push("<label>prompt <select id=\"attention-prompt\">" + data.prompts.map(function (tokens, i) {
+        return "<option value=\"" + i + "\">" + i + ": " + esc(tokens.join("").slice(0, 40)) + "</option>";
+      }).join("") + "</select></label><div id=\"attention-plot\" data-node=\"" + esc(n.name) + "\"></div>");
+    } else {
+      html.push("<p class=\"hint\">No attention pattern: " + (n.kind === "head" ? (data.prompts.length ?
+        "this head is not in the circuit (patterns are stored for the circuit's heads)" :
+        "this run's folder stores none (made before tables/attention.parquet existed)") :
+        (n.kind === "mlp" ? "an MLP" : "the " + n.kind + " node") + " does not attend") + ".</p>");
     }
     document.getElementById("evidence").innerHTML = html.join("");
+    var chooser = document.getElementById("attention-prompt");
+    if (chooser) {
+      chooser.addEventListener("change", function () { showAttention(name, parseInt(chooser.value, 10)); });
+      showAttention(name, 0);
+    }
     drawCircuit();
     return n;
+  }
+
+  // A head's pattern on one example prompt: rows are queries, columns keys (null above the diagonal: causal).
+  function attention(name, prompt) {
+    var rows = data.attention[name], tokens = data.prompts[prompt];
+    if (!rows || !tokens) { throw new Error("circuitlab.attention: no pattern of " + name + " on prompt " + prompt); }
+    var z = rows[prompt].map(function (row) {
+      return tokens.map(function (_, k) { return k < row.length ? row[k] : null; });
+    });
+    return {tokens: tokens, z: z};
+  }
+
+  function showAttention(name, prompt) {
+    var a = attention(name, prompt), div = document.getElementById("attention-plot");
+    var labels = a.tokens.map(function (t, i) { return i + " " + t; });  // positions keep repeated tokens apart
+    document.getElementById("attention-prompt").value = String(prompt);
+    div.setAttribute("data-prompt", String(prompt));
+    Plotly.react(div, [{type: "heatmap", z: a.z, x: labels, y: labels, zmin: 0, zmax: 1, colorscale: [[0, "#ffffff"], [1, "#08306b"]],
+                        showscale: false, hovertemplate: "query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>"}],
+                 {height: 320, margin: {l: 80, r: 5, t: 5, b: 80}, font: {size: 9},
+                  yaxis: {autorange: "reversed", type: "category"}, xaxis: {type: "category", tickangle: -60}},
+                 {displaylogo: false, responsive: true});
   }
 
   // The node under the pointer (within its marker, or 12 px): Plotly's own pick may be an edge's hover point.
@@ -302,6 +338,8 @@
   window.circuitlab = {
     select: select,
     setThreshold: setThreshold,
+    attention: attention,
+    showAttention: showAttention,
     drawnEdges: function () { return state.drawn; },
     data: data,
     drawAll: function () { document.querySelectorAll("div.plot[data-figure]").forEach(drawFigure); }
