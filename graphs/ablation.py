@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
-import torch
 from torch import Tensor
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching

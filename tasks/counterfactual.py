@@ -31,7 +31,7 @@ from torch import Tensor
 
 from circuitlab.tasks.base import PAD_ID
 from circuitlab.tasks.custom import role_position
-from circuitlab.tasks.records import DataError, answer_values, csv_row, decoded_lines
+from circuitlab.tasks.records import DataError, answer_values, csv_row, decoded_lines, jsonl_objects
 from circuitlab.tasks.tokens import TokenSource, pad_id_for, pad_right, resolve
 
 
@@ -307,18 +307,7 @@ def read_counterfactuals(path: str | os.PathLike[str], model_or_tokenizer: Any) 
                 objs.append((reader.line_num, csv_row(raw, source, reader.line_num, answers=("expected", "base_answer"),
                                                       known=("base", "source", "variable", "metric", "split"))))
     else:
-        for lineno, line in lines:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(source, lineno, None, f"is not valid JSON ({exc.msg} at column {exc.colno})",
-                                "write one JSON object per line") from exc
-            if not isinstance(obj, dict):
-                raise DataError(source, lineno, None, f"is a JSON {type(obj).__name__}, not an object",
-                                "write one JSON object per line, e.g. {\"base\": ..., \"source\": ..., ...}")
-            objs.append((lineno, obj))
+        objs += jsonl_objects(lines, source, '{"base": ..., "source": ..., ...}')
     if not objs:
         raise DataError(source, None, None, "holds no rows", "add one row per base/source pair")
     rows = [_row(obj, src, source, lineno) for lineno, obj in objs]

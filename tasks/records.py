@@ -227,22 +227,31 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     if path.suffix.lower() == ".csv":
         records = _csv_records(lines, source)
     else:
-        for lineno, line in lines:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(source, lineno, None, f"is not valid JSON ({exc.msg} at column {exc.colno})",
-                                "write one JSON object per line") from exc
-            if not isinstance(obj, dict):
-                raise DataError(source, lineno, None, f"is a JSON {type(obj).__name__}, not an object",
-                                "write one JSON object per line, e.g. {\"clean\": ..., \"corrupt\": ..., ...}")
-            records.append(parse_record(obj, source, lineno))
+        records = [parse_record(obj, source, lineno)
+                   for lineno, obj in jsonl_objects(lines, source, '{"clean": ..., "corrupt": ..., ...}')]
     if not records:
         raise DataError(source, None, None, "holds no rows", f"add one row per clean/corrupt pair; {SCHEMA_HINT}")
     check_consistent(records, source)
     return records
+
+
+def jsonl_objects(lines: list[tuple[int, str]], source: str, example: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON object is an error
+    naming it (`example` shows what a row looks like)."""
+    objs = []
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(source, lineno, None, f"is not valid JSON ({exc.msg} at column {exc.colno})",
+                            "write one JSON object per line") from exc
+        if not isinstance(obj, dict):
+            raise DataError(source, lineno, None, f"is a JSON {type(obj).__name__}, not an object",
+                            f"write one JSON object per line, e.g. {example}")
+        objs.append((lineno, obj))
+    return objs
 
 
 def _csv_records(lines: list[tuple[int, str]], source: str) -> list[Record]:
