@@ -17,6 +17,7 @@ from circuitlab.patching.components import parse_node
 from circuitlab.patching.interchange import Site
 from circuitlab.patching.localize import LocalizeConfig, localize
 from circuitlab.tasks.causal import causal_model
+from circuitlab.tasks.counterfactual import Counterfactuals
 
 
 def variable_names(spec: str, task: str) -> list[str]:
@@ -30,11 +31,12 @@ def variable_names(spec: str, task: str) -> list[str]:
     return names
 
 
-def head_variables(graph: nx.DiGraph, model: Any, task: str, variables: Sequence[str], *, n: int, seed: int = 0,
+def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, variables: Sequence[str], *, n: int, seed: int = 0,
                    steps: int = 30, n_boot: int = 200) -> nx.DiGraph:
     """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable.
 
-    `n` counterfactual pairs per variable (half held out for the measurement), drawn with `seed`."""
+    `task`: a built-in task (its causal model draws `n` pairs per variable with `seed`, half held out for the
+    measurement) or a `Counterfactuals` (its own pairs for its one variable)."""
     heads = sorted((node.layer, node.head, name) for name in graph.nodes
                    if (node := parse_node(name)).kind == "head")
     if not heads:
