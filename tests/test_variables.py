@@ -39,9 +39,9 @@ def test_head_iia_equals_plain_hook_interchange(tiny_model):
     assert cf.base_mask is not None and not bool(cf.base_mask.all())  # padded prompts: positions resolved per prompt
     tops = {node: _tops(tiny_model, cf, *lh) for node, lh in HEADS.items()}
     clean, swapped = tops["a0.h0"]
-    # expected: a0.h0's intervened answer on even pairs, the clean answer on odd ones, so that a no-op
-    # intervention, a wrong head or a wrong position gives a different IIA
-    expected = torch.tensor([[swapped[i] if i % 2 == 0 else clean[i]] for i in range(len(cf))])
+    # expected: a0.h0's intervened answer, so that its IIA is 1 and a no-op intervention (the clean answer, which
+    # differs on some held-out pair), a wrong head or a wrong position gives less
+    expected = torch.tensor([[t] for t in swapped])
     cf = dataclasses.replace(cf, expected_ids=expected)
     test = [i for i, s in enumerate(cf.split) if s == "test"]
     assert any(clean[i] != swapped[i] for i in test)
@@ -53,6 +53,7 @@ def test_head_iia_equals_plain_hook_interchange(tiny_model):
         clean, swapped = tops[node]
         reference = sum(swapped[i] == int(expected[i, 0]) for i in test) / len(test)
         assert graph.nodes[node]["iia_next"] == pytest.approx(reference), node
+        assert reference != sum(clean[i] == int(expected[i, 0]) for i in test) / len(test)  # not a no-op
         assert 0.0 <= graph.nodes[node]["iia_next_das1"] <= 1.0
     assert "iia_next" not in graph.nodes["m2"]
 
