@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
     run.add_argument("--stability-resamples", type=int, default=None,
                      help="rediscover the circuit on this many bootstrap resamples (default 0)")
+    run.add_argument("--variables", default=None,
+                     help="task variables (e.g. io,s) whose IIA is measured at each circuit head's output")
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
@@ -138,7 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples", "backend")}
+                                         "stability_resamples", "backend", "variables")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)

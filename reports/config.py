@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from circuitlab.graphs.faithful import FAITHFUL_METHODS
+from circuitlab.graphs.variables import variable_names
 from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
@@ -52,6 +53,7 @@ class RunConfig:
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
+    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -87,6 +89,7 @@ class RunConfig:
     mask_steps: int = 60
     stability_resamples: int = 0
     backend: str = "auto"
+    variables: str = ""
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
@@ -306,6 +309,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
+    if cfg.variables:
+        try:
+            variable_names(cfg.variables, task.name)
+        except ValueError as exc:
+            raise ConfigError(f"--variables: {exc}") from None
 
 
 MAX_N_BOOT = 100_000

@@ -26,6 +26,7 @@ from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
 from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
 from circuitlab.graphs.stability import inclusion_frequency
+from circuitlab.graphs.variables import head_variables, variable_names
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
 from circuitlab.patching.methods import get_method
@@ -273,7 +274,7 @@ def selection(cfg: Any) -> Any:
 
 def build_circuit(p: Any) -> Any:
     """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
-    the method's scores — with exact effects and measured roles on its nodes."""
+    the method's scores — with exact effects, measured roles and (--variables) each head's IIA on its nodes."""
     cfg = p.cfg
     if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
         summary = p.result.faithful
@@ -292,6 +293,9 @@ def build_circuit(p: Any) -> Any:
                 data["exact_effect"] = float(exact[node])
     if p.result.roles is not None and not p.result.roles.empty:
         graph = assign_roles(graph, p.result.roles)
+    if cfg.variables:  # circuits that carry variables: each head's IIA per variable (`graphs.variables`)
+        p.say(f"[variables] IIA of {cfg.variables} at each circuit head's output on held-out counterfactual pairs")
+        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed)
     return graph
 
 

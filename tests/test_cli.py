@@ -12,11 +12,13 @@ from pathlib import Path
 import networkx as nx
 import pandas as pd
 import pytest
+import torch
 
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.models import boot_native_model, save_model
+from circuitlab.patching.models import boot_native_model, load_model, save_model
 from circuitlab.reports.cli import main
 from circuitlab.reports.plots import plotly_js
+from circuitlab.tasks.causal import causal_model
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -297,3 +299,42 @@ def test_smollm2_ioi_run(tmp_path):
     assert {"name_mover", "induction"} & set(roles["role"])
     html = (out / "report.html").read_text()
     assert html.count('data-figure="') >= 6 and "Roles with evidence" in html
+
+
+def test_run_variables_store_each_heads_iia(tiny_dir, tmp_path, capsys):
+    """--variables: a head's stored full-vector IIA equals a plain-hook interchange of its z at END on the same
+    held-out pairs (0 on this random model: tests/test_variables.py checks non-trivial values); DAS k=1 is stored
+    beside it; an unknown variable is refused naming the known ones, before anything is written."""
+    out = tmp_path / "v"
+    assert main(["run", "--model", tiny_dir, "--out", str(out), "--quiet", "--no-roles", *FAST, "--top-k", "30",
+                 "--positions", "none", "--resid-positions", "none", "--variables", "next"]) == 0
+    graph = nx.read_graphml(out / "circuit.graphml")
+    heads = [(name, data) for name, data in graph.nodes(data=True) if parse_node(name).kind == "head"]
+    assert heads and all("iia_next" in d and "iia_next_das1" in d for _, d in heads)
+    assert "iia_next_das1" in (out / "circuit.json").read_text() and "iia_next" in (out / "report.html").read_text()
+    model = load_model(tiny_dir)
+    cf = causal_model("repeated_tokens").counterfactuals(model, "next", 12, seed=0).with_split(0.5, seed=0).part("test")
+    for name, data in heads:
+        node = parse_node(name)
+        hook_name = f"blocks.{node.layer}.attn.hook_z"
+        hits = []
+        for i in range(len(cf)):
+            nb = int(cf.base_mask[i].sum()) if cf.base_mask is not None else cf.base_tokens.shape[1]
+            ns = int(cf.source_mask[i].sum()) if cf.source_mask is not None else cf.source_tokens.shape[1]
+            base, source = cf.base_tokens[i:i + 1, :nb], cf.source_tokens[i:i + 1, :ns]
+            _, cache = model.run_with_cache(source, names_filter=lambda n: n == hook_name)
+            z_source = cache[hook_name][0, ns - 1, node.head].clone()
+
+            def swap(z, hook, z_source=z_source, at=nb - 1):
+                z = z.clone()
+                z[0, at, node.head] = z_source
+                return z
+
+            with torch.no_grad():
+                top = int(model.run_with_hooks(base, fwd_hooks=[(hook_name, swap)])[0, nb - 1].argmax())
+            hits.append(top in [t for t in cf.expected_ids[i].tolist() if t >= 0])
+        assert data["iia_next"] == pytest.approx(sum(hits) / len(hits)), name
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "bad"), "--quiet", *FAST, "--variables", "io"]) == 2
+    err = capsys.readouterr().err
+    assert "no variable 'io'" in err and "next" in err
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,66 @@
+"""Circuits that carry variables (`graphs.variables`): each head's stored IIA against plain TransformerLens hooks."""
+
+import dataclasses
+
+import networkx as nx
+import pytest
+import torch
+
+from circuitlab.graphs.variables import head_variables, variable_names
+from circuitlab.tasks.causal import causal_model
+
+HEADS = {"a0.h0": (0, 0), "a1.h3": (1, 3)}
+
+
+def _tops(model, cf, layer, head):
+    """Per pair, each prompt run alone without padding: (clean top token at END, top token with the head's z at
+    END swapped in from the source's END)."""
+    name = f"blocks.{layer}.attn.hook_z"
+    clean, swapped = [], []
+    for i in range(len(cf)):
+        nb, ns = int(cf.base_mask[i].sum()), int(cf.source_mask[i].sum())
+        base, source = cf.base_tokens[i:i + 1, :nb], cf.source_tokens[i:i + 1, :ns]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(source, names_filter=lambda n: n == name)
+            z_source = cache[name][0, ns - 1, head].clone()
+
+            def swap(z, hook):
+                z = z.clone()
+                z[0, nb - 1, head] = z_source
+                return z
+
+            clean.append(int(model(base)[0, nb - 1].argmax()))
+            swapped.append(int(model.run_with_hooks(base, fwd_hooks=[(name, swap)])[0, nb - 1].argmax()))
+    return clean, swapped
+
+
+def test_head_iia_equals_plain_hook_interchange(tiny_model):
+    cf = causal_model("repeated_tokens").counterfactuals(tiny_model, "next", 40, seed=0).with_split(0.5, seed=0)
+    assert cf.base_mask is not None and not bool(cf.base_mask.all())  # padded prompts: positions resolved per prompt
+    tops = {node: _tops(tiny_model, cf, *lh) for node, lh in HEADS.items()}
+    clean, swapped = tops["a0.h0"]
+    # expected: a0.h0's intervened answer, so that its IIA is 1 and a no-op intervention (the clean answer, which
+    # differs on some held-out pair), a wrong head or a wrong position gives less
+    expected = torch.tensor([[t] for t in swapped])
+    cf = dataclasses.replace(cf, expected_ids=expected)
+    test = [i for i, s in enumerate(cf.split) if s == "test"]
+    assert any(clean[i] != swapped[i] for i in test)
+    graph = nx.DiGraph()
+    graph.add_edge("a0.h0", "a1.h3")
+    graph.add_node("m2")
+    head_variables(graph, tiny_model, cf, ["next"], n=len(cf), steps=3, n_boot=20)
+    for node in HEADS:
+        clean, swapped = tops[node]
+        reference = sum(swapped[i] == int(expected[i, 0]) for i in test) / len(test)
+        assert graph.nodes[node]["iia_next"] == pytest.approx(reference), node
+        assert reference != sum(clean[i] == int(expected[i, 0]) for i in test) / len(test)  # not a no-op
+        assert 0.0 <= graph.nodes[node]["iia_next_das1"] <= 1.0
+    assert "iia_next" not in graph.nodes["m2"]
+
+
+def test_variable_names_are_checked_against_the_causal_model():
+    assert variable_names("io, s", "ioi") == ["io", "s"]
+    with pytest.raises(ValueError, match=r"no variable 'foo'.*io, order, s"):
+        variable_names("io,foo", "ioi")
+    with pytest.raises(ValueError, match="has no causal model"):
+        variable_names("x", "no_such_task")
