@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from circuitlab.patching.models import boot_native_model, load_model
+from circuitlab.patching.models import boot_native_model, load_model, save_model
 
 TINY_CONFIG = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=64, n_ctx=64,
                    act_fn="gelu", normalization_type="LN", positional_embedding_type="standard", seed=0)
@@ -19,6 +19,15 @@ TINY_CONFIG = dict(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_voca
 def tiny_model():
     """A 3-layer LN/GELU native model with learned positions (random weights, seed 0)."""
     return boot_native_model(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny model saved as a native model directory, shared by the command-line tests (tests copy it before
+    changing it)."""
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(boot_native_model(TINY_CONFIG), directory)
+    return str(directory)
 
 
 @pytest.fixture(scope="session")

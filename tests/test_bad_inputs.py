@@ -14,23 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports import store
 from circuitlab.reports.cli import main
 from circuitlab.reports.config import ConfigError, build_configs, load_config_file
-from tests.conftest import TINY_CONFIG
 from tests.test_run_folder import stage_file
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
          "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--no-roles", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 def _one_error(capsys) -> str:

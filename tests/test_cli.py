@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.models import boot_native_model, load_model, save_model
+from circuitlab.patching.models import load_model
 from circuitlab.reports.cli import main
 from circuitlab.reports.plots import plotly_js
 from circuitlab.tasks.causal import causal_model
-from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 STOP_AT = Path(__file__).with_name("stop_at.py")  # runs the CLI and freezes it at a chosen point
@@ -27,14 +26,6 @@ FAST = ["--task", "repeated_tokens", "--n", "6", "--task-option", "seq_len=5", "
         "--percents", "1,10,50,100", "--oracle-edges", "40"]
 PAIR_KEYS = {"clean_text", "corrupt_text", "clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "positions"}
 SCORE_KEYS = {"component", "layer", "head", "position", "role", "edge", "method", "metric", "effect"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The conftest tiny model (3 layers, 4 heads, MLPs) saved as a native model directory."""
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
-from tests.conftest import TINY_CONFIG
 
 FAST = ["--n-boot", "20", "--percents", "10,100", "--oracle-edges", "10", "--resid-positions", "none",
         "--no-roles", "--steps", "2", "--quiet"]
@@ -24,13 +22,6 @@ def _rows():
         rows.append({"clean_ids": clean, "corrupt_ids": corrupt, "answer_ids": [(5 * i + 3) % 64],
                      "wrong_ids": [(5 * i + 11) % 64], "positions": {"X": 2}, "meta": {"length": length}})
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 def _write(path, rows):

@@ -7,14 +7,14 @@ import pytest
 
 from circuitlab.reports.cli import main
 from circuitlab.reports.save import load_result
-from tests.test_cli import FAST, tiny_dir  # noqa: F401  (fixture)
+from tests.test_cli import FAST
 
 
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path):  # noqa: F811
+def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path):
     out = tmp_path / "np"
     assert main(["run", "--model", tiny_dir, "--out", str(out), "--method", "node-pruning", "--mask-steps", "20",
                  "--faithfulness-target", "0.5", "--heldout-n", "5", "--stability-resamples", "2", "--quiet",
@@ -49,7 +49,7 @@ def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path)
     assert f"Held-out faithfulness {summary['heldout']:.3f}" in (out / "report.md").read_text()
 
 
-def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):  # noqa: F811
+def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):
     """Default options: the smallest faithful prefix of the run's EAP-IG ranking; the curve holds the baseline ranking too; the
     circuit's heads all have scores clear of zero; a forced size keeps the forced circuit and still reports."""
     out = tmp_path / "default"

@@ -8,19 +8,10 @@ import pytest
 
 from circuitlab.graphs.circuit import add_node, evidence_json, new_circuit
 from circuitlab.graphs.roles import assign_roles
-from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
-from tests.conftest import TINY_CONFIG
 
 FAST = ["--n-boot", "20", "--percents", "10,100", "--oracle-edges", "10", "--resid-positions", "none",
         "--no-roles", "--steps", "2", "--method", "eap"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 def _rows(n, nan_meta=False):

@@ -7,9 +7,7 @@ import pandas as pd
 import pytest
 
 from circuitlab.patching.methods import METHODS, get_method
-from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
-from tests.conftest import TINY_CONFIG
 
 
 def test_registry_entries_carry_their_callable():
@@ -17,13 +15,6 @@ def test_registry_entries_carry_their_callable():
         assert method.name == name and callable(method.score) and method.level in ("edge", "node")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 @pytest.mark.parametrize("method", ["random", "acdc"])

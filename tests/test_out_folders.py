@@ -5,20 +5,11 @@ import os
 
 import pytest
 
-from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
-from tests.conftest import TINY_CONFIG
 
 QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", "--n-boot", "20",
          "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--no-roles", "--quiet"]
 PATCH = ["--task", "repeated_tokens", "--n", "4", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,6 @@ QUICK = ["--task", "repeated_tokens", "--n", "4", "--task-option", "seq_len=4", 
          "--percents", "10,100", "--method", "activation", "--resid-positions", "none", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(boot_native_model(TINY_CONFIG), directory)
-    return str(directory)
-
-
 def stage_file(out: Path, stage: str) -> Path:
     """The saved table of a finished stage (CSV in older layouts, Parquet now)."""
     return next(p for p in sorted(out.glob(f".partial/*/{stage}*")) + sorted(out.glob(f".partial/*/{stage}/*"))
