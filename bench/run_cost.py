@@ -4,10 +4,8 @@ Runs `circuitlab run --task ioi --model smollm2-135m` in this process (the CLI's
 `--method` may be given) and counts, per stage (`reports.run.STAGES`, plus `setup` for loading and pairs):
 
 - forwards: model forwards over the discovery prompts. One forward = the work of running every layer once over
-  every discovery prompt (n pairs x seq_len tokens). It is counted where every forward passes: the fast runner's
-  `Runner.attend` (each call adds batch x query positions for one layer; partial runs that start late or at few
-  positions count the fraction they run, and C stacked circuits count C) and, for the hook backend and direct
-  model calls, the bridge's `forward` (batch x positions x all layers). Clean and corrupt runs count one each.
+  every discovery prompt (n pairs x seq_len tokens), counted by `patching.work.WorkCounter` (the fast runner's
+  `Runner.attend` and the bridge's own `forward`). Clean and corrupt runs count one each.
 - backwards: calls of `torch.autograd.backward` / `torch.autograd.grad` (any batch size).
 - cpu_s: the stage's CPU seconds in this process (`time.process_time`, every thread), and wall_s its wall time
   (`finish` also holds loading the model, drawing pairs, saving and rendering; `setup` counts forwards before
@@ -29,7 +27,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,69 +34,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from circuitlab.patching.runner import Runner
+from circuitlab.patching.work import WorkCounter
 from circuitlab.reports import run as run_module
 from circuitlab.reports.config import build_configs
-
-
-class Counter:
-    """Token-layer and backward counts per stage; `unit` token-layers make one forward."""
-
-    def __init__(self) -> None:
-        self.stage = "setup"
-        self.token_layers: dict[str, float] = defaultdict(float)
-        self.backwards: dict[str, int] = defaultdict(int)
-        self.seconds: dict[str, float] = {}
-        self.wall: dict[str, float] = {}
-        self.active = True
-        self.unit = 1.0
-
-    def add(self, rows: int) -> None:
-        if self.active:
-            self.token_layers[self.stage] += rows
-
-    def add_backward(self) -> None:
-        if self.active:
-            self.backwards[self.stage] += 1
-
-
-def _instrument(counter: Counter) -> Callable[[Any], None]:
-    """Patch the counting points; returns a function that also counts the bridge's own forward for a model."""
-    attend = Runner.attend
-
-    def counted_attend(self: Runner, layer: int, q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        counter.add(int(q.shape[0]) * int(q.shape[1]))
-        return attend(self, layer, q, *args, **kwargs)
-
-    Runner.attend = counted_attend  # type: ignore[method-assign]
-    backward, grad = torch.autograd.backward, torch.autograd.grad
-
-    def counted_backward(*args: Any, **kwargs: Any) -> Any:
-        counter.add_backward()
-        return backward(*args, **kwargs)
-
-    def counted_grad(*args: Any, **kwargs: Any) -> Any:
-        counter.add_backward()
-        return grad(*args, **kwargs)
-
-    torch.autograd.backward = counted_backward  # type: ignore[assignment]
-    torch.autograd.grad = counted_grad  # type: ignore[assignment]
-
-    def watch_model(model: Any) -> None:
-        if getattr(model, "_run_cost_counted", False):
-            return
-        forward = model.forward
-        n_layers = int(model.cfg.n_layers)
-
-        def counted_forward(tokens: Any, *args: Any, **kwargs: Any) -> Any:
-            if torch.is_tensor(tokens) and tokens.dim() == 2:
-                counter.add(int(tokens.shape[0]) * int(tokens.shape[1]) * n_layers)
-            return forward(tokens, *args, **kwargs)
-
-        model.forward = counted_forward
-        model._run_cost_counted = True
-
-    return watch_model
 
 
 def _forward_backward_seconds(pipeline: Any, threads: int, repeats: int = 3) -> float:
@@ -133,31 +70,36 @@ def main() -> None:
     cfg = build_configs({}, {"task": "ioi", "model": "smollm2-135m", "out": out, "n": args.n,
                              "method": args.method})[0]
 
-    counter = Counter()
-    watch_model = _instrument(counter)
+    counter = WorkCounter().__enter__()  # counts until the run ends (restored then)
+    counter.stage = "setup"
+    seconds: dict[str, float] = {}
+    walls: dict[str, float] = {}
+    watched: set[int] = set()
     captured: dict[str, Any] = {}
     stage = run_module.Pipeline.stage
 
     def counted_stage(self: Any, name: str, compute: Callable[..., Any]) -> None:
         captured["pipeline"] = self
-        watch_model(self.model())
+        if id(self.model()) not in watched:
+            watched.add(id(self.model()))
+            counter.watch(self.model())
         counter.stage = name
         start, wall = time.process_time(), time.perf_counter()
         try:
             stage(self, name, compute)
         finally:
-            counter.seconds[name] = time.process_time() - start
-            counter.wall[name] = time.perf_counter() - wall
+            seconds[name] = time.process_time() - start
+            walls[name] = time.perf_counter() - wall
             counter.stage = "finish"
 
     run_module.Pipeline.stage = counted_stage  # type: ignore[method-assign]
     start, wall = time.process_time(), time.perf_counter()
     record = run_module.execute(cfg, quiet=True)
     run_seconds, run_wall = time.process_time() - start, time.perf_counter() - wall
-    counter.active = False
+    counter.__exit__(None, None, None)
     pipeline = captured["pipeline"]
     pairs = pipeline.pairs()
-    counter.unit = float(len(pairs) * pairs.seq_len * int(pipeline.model().cfg.n_layers))
+    unit = float(len(pairs) * pairs.seq_len * int(pipeline.model().cfg.n_layers))
     threads = int(record.get("threads", torch.get_num_threads()))
     forward_seconds = _forward_backward_seconds(pipeline, threads)
 
@@ -165,16 +107,15 @@ def main() -> None:
     print(f"# threads={threads} load_before_timing={os.getloadavg()[0]:.2f}; one forward = every layer once over "
           f"{len(pairs)} discovery prompts of {pairs.seq_len} tokens")
     print(f"{'stage':<14}{'forwards':>10}{'backwards':>11}{'cpu_s':>10}{'wall_s':>10}")
-    counter.seconds["setup"] = counter.wall["setup"] = 0.0
-    counter.seconds["finish"] = run_seconds - sum(counter.seconds.values())  # loading, pairs, saving, rendering
-    counter.wall["finish"] = run_wall - sum(counter.wall.values())
-    names = ["setup", *[s for s in run_module.STAGES if s in counter.seconds or s in counter.token_layers], "finish"]
+    seconds["setup"] = walls["setup"] = 0.0
+    seconds["finish"] = run_seconds - sum(seconds.values())  # loading, pairs, saving, rendering
+    walls["finish"] = run_wall - sum(walls.values())
+    names = ["setup", *[s for s in run_module.STAGES if s in seconds or s in counter.token_layers], "finish"]
     for name in names:
-        forwards = counter.token_layers.get(name, 0.0) / counter.unit
-        seconds, wall = counter.seconds.get(name, 0.0), counter.wall.get(name, 0.0)
-        print(f"{name:<14}{forwards:>10.1f}{counter.backwards.get(name, 0):>11d}{seconds:>10.1f}{wall:>10.1f}")
-    total_forwards = sum(counter.token_layers.values()) / counter.unit
-    print(f"{'total':<14}{total_forwards:>10.1f}{sum(counter.backwards.values()):>11d}{run_seconds:>10.1f}"
+        forwards = counter.forwards(unit, name)
+        cpu, wall = seconds.get(name, 0.0), walls.get(name, 0.0)
+        print(f"{name:<14}{forwards:>10.1f}{counter.backward_count(name):>11d}{cpu:>10.1f}{wall:>10.1f}")
+    print(f"{'total':<14}{counter.forwards(unit):>10.1f}{counter.backward_count():>11d}{run_seconds:>10.1f}"
           f"{run_wall:>10.1f}")
     print(f"run_seconds={run_seconds:.1f} forward_seconds={forward_seconds:.3f} "
           f"ratio={run_seconds / forward_seconds:.0f}")
