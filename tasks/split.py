@@ -5,6 +5,10 @@ found on. Splitting pairs at random would leave the same sentence frames on both
 go to one side: the templates present in a generated pool are shuffled (seeded) and dealt to the held-out
 side until it has `heldout_fraction` of them, the rest stay for discovery. Tasks record their template in
 `pairs.meta` (`template_id` for IOI and capitals).
+
+`rephrased_split` extends this to every task: tasks with one template or none get a declared rephrasing
+(`REPHRASINGS`: greater-than's held-out prompts use another sentence frame, repeated tokens another sequence
+length and fresh random tokens); pair files without a template column are split by row (stated in `info`).
 """
 
 from __future__ import annotations
@@ -60,10 +64,43 @@ def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, se
     return disc, held
 
 
+REPHRASINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # task -> (discovery options, held-out options)
+    "greater_than": ({}, {"template": "The {noun} began in the year 17{YY} and ended in the year 17"}),
+    "repeated_tokens": ({"seq_len": 20}, {"seq_len": 14}),
+}
+
+
+def rephrased_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, seed: int = 0
+                    ) -> tuple[PromptPairs, PromptPairs]:
+    """(discovery, held-out) pairs that share no template: `heldout_split` for tasks recording templates, the
+    task's `REPHRASINGS` entry otherwise, and a seeded row split for a pair file without templates."""
+    if task.name in REPHRASINGS:
+        disc_options, held_options = REPHRASINGS[task.name]
+        disc = task.generate(model, n_discovery, seed=seed, **disc_options)
+        held = task.generate(model, n_heldout, seed=seed + 1, **held_options)
+        disc.info = dict(disc.info, split="discovery", rephrasing=disc_options)
+        held.info = dict(held.info, split="heldout", rephrasing=held_options)
+        return disc, held
+    if task.name in ("ioi", "capitals"):
+        return heldout_split(task, model, n_discovery, n_heldout, seed=seed)
+    pool = task.generate(model, None, seed=seed)  # a pair file: every row
+    if any(key in pool.meta.columns for key in TEMPLATE_KEYS):
+        return split_pairs(pool, n_discovery, n_heldout, seed=seed)
+    if len(pool) < n_discovery + n_heldout:
+        raise ValueError(f"{task.name}: {len(pool)} rows, need {n_discovery} discovery + {n_heldout} held-out")
+    rows = list(range(len(pool)))
+    random.Random(seed).shuffle(rows)
+    disc, held = (trim_padding(pool.subset(sorted(rows[:n_discovery]))),
+                  trim_padding(pool.subset(sorted(rows[n_discovery:n_discovery + n_heldout]))))
+    disc.info = dict(disc.info, split="discovery (rows: the file records no template)")
+    held.info = dict(held.info, split="heldout (rows: the file records no template)")
+    return disc, held
+
+
 def shared_templates(a: PromptPairs, b: PromptPairs) -> set[Any]:
     """Templates present in both sets of pairs (empty for a proper held-out split)."""
     key = template_key(a)
     return set(a.meta[key].tolist()) & set(b.meta[template_key(b)].tolist())
 
 
-__all__ = ["heldout_split", "shared_templates", "split_pairs", "template_key"]
+__all__ = ["REPHRASINGS", "rephrased_split", "heldout_split", "shared_templates", "split_pairs", "template_key"]
