@@ -4,11 +4,14 @@ Circuits found by attribution vary a lot across prompt samples (Méloux et al. 2
 draws `n_resamples` bootstrap resamples of the discovery prompts (seeded), reruns a discovery function on each
 (any `find_faithful_circuit` method) and reports how often each node or edge is in the chosen circuit. A
 component in every resample's circuit has frequency 1.0; the report lists the frequencies beside the circuit.
+
+`jaccard` and `overlap` summarise how alike circuits found on different prompts are: the Jaccard overlap
+|A ∩ B| / |A ∪ B| of each circuit with a reference circuit (mean and 95% percentile interval over circuits).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,4 +43,20 @@ def inclusion_frequency(ctx: EdgeContext, discover: Callable[[EdgeContext], Sequ
     return frame.sort_values(["frequency", "item"], ascending=[False, True], ignore_index=True)
 
 
-__all__ = ["inclusion_frequency", "subset_context"]
+def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
+    """|A ∩ B| / |A ∪ B| (1.0 for two empty circuits: they agree)."""
+    a, b = set(a), set(b)
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def overlap(reference: Iterable[str], circuits: Sequence[Iterable[str]]) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of each circuit's Jaccard overlap with `reference`; NaNs without circuits."""
+    ref = set(reference)
+    values = np.array([jaccard(ref, c) for c in circuits], dtype=float)
+    if not len(values):
+        return float("nan"), float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+__all__ = ["inclusion_frequency", "jaccard", "overlap", "subset_context"]
