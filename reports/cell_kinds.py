@@ -8,6 +8,7 @@
   (`graphs.benchmark.benchmark_case`): a ground-truth name (`graphs.groundtruth.list_groundtruth()`), a
   folder laid out like one (model + circuit.json + task.json), or `smollm2-ioi` (no reference circuit).
   The folder holds result.json and result.csv (edge/node ROC-AUC, CPR/CMD with bootstrap intervals, times).
+- `leaderboard`: one method on a model and task, judged on held-out prompts (`reports.leaderboard_cell`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import store
 from circuitlab.reports.cells import Cell, CellOutcome, SkipCell
 from circuitlab.reports.config import ConfigError, FIELDS, make_config, validate
+from circuitlab.reports.leaderboard_cell import check_leaderboard_params, run_leaderboard_cell
 from circuitlab.reports.run import execute
 from circuitlab.tasks import get_task
 
@@ -88,7 +90,9 @@ def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         return resolved
-    raise ConfigError(f"{where}: unknown sweep kind {kind!r}: use run or bench")
+    if kind == "leaderboard":
+        return check_leaderboard_params(params, where)
+    raise ConfigError(f"{where}: unknown sweep kind {kind!r}: use run, bench or leaderboard")
 
 
 # ---------------------------------------------------------------------- run cells
@@ -168,7 +172,8 @@ def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     return row
 
 
-RUNNERS: dict[str, Callable[[Cell, Path], dict[str, Any]]] = {"run": run_run_cell, "bench": run_bench_cell}
+RUNNERS: dict[str, Callable[[Cell, Path], dict[str, Any]]] = {"run": run_run_cell, "bench": run_bench_cell,
+                                                               "leaderboard": run_leaderboard_cell}
 
 
 # ---------------------------------------------------------------------- running

@@ -29,6 +29,8 @@ METRICS = {
     "bench": [("edge_auroc", "edge ROC-AUC against the known circuit"),
               ("node_auroc", "node ROC-AUC against the known circuit"),
               ("cpr", "CPR (higher is better)"), ("cmd", "CMD (0 is best)")],
+    "leaderboard": [("cpr", "held-out CPR (higher is better)"), ("cmd", "held-out CMD (0 is best)"),
+                    ("stability_boot_edges", "Jaccard overlap of edge circuits over discovery resamples")],
 }
 def _group_keys(kind: str, table: pd.DataFrame) -> list[str]:
     second = "counterfactual" if kind == "bench" else "task"

@@ -1,0 +1,218 @@
+"""`circuitlab bench leaderboard`: every method x every task on a real model, judged on held-out prompts.
+
+A sweep (`kind: leaderboard`, one cell per model x task x method, `reports.leaderboard_cell`) run by
+`reports.grid.run_sweep`: in-process or on Ray (`--executor ray`), cells under `--sweep-dir` (default
+OUT/sweep) reused on a rerun. Each cell: held-out CPR/CMD over MIB's edge fractions with 95% bootstrap
+intervals, the smallest head and edge circuits within [0.8, 1.2] held-out (or none reached), Jaccard stability
+over discovery resamples and over the rephrased (held-out) template family, and cost (seconds, forwards,
+backwards of the method; the cell's peak RSS). See `graphs.leaderboard` for every definition.
+Writes OUT/leaderboard.parquet, leaderboard.csv, leaderboard.md and leaderboard.html (tables and Plotly curves).
+
+Defaults (budget): SmolLM2-135M; tasks ioi, capitals, greater_than, repeated_tokens; the methods of
+`graphs.leaderboard.LEADERBOARD_METHODS`; 8 discovery + 8 held-out pairs; 1000 bootstrap resamples; 3 stability
+resamples per side; MIB's 10 fractions; 30 mask-learning steps. Sized for 2 h in-process on 2 quiet CPU cores
+(greater_than is skipped on SmolLM2, which writes years digit by digit; ACDC is skipped above 5000 edges).
+`--import FILE` evaluates a MIB-format score file (`graphs.mib`) as one more method row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from circuitlab.graphs.leaderboard import LEADERBOARD_METHODS, known_methods
+from circuitlab.patching.faithfulness import PERCENTS
+from circuitlab.reports import store
+from circuitlab.reports.executors import make_executor
+from circuitlab.reports.grid import SweepSpec, run_sweep
+from circuitlab.reports.page import Section, to_html
+from circuitlab.reports.plots import faithfulness_curve
+
+DEFAULT_TASKS = ("ioi", "capitals", "greater_than", "repeated_tokens")
+COLUMNS = ["model", "task", "method", "status", "cpr", "cpr_low", "cpr_high", "cmd", "cmd_low", "cmd_high",
+           "heads_at_target", "heads_faithfulness", "heads_low", "heads_high", "edges_at_target",
+           "edges_faithfulness", "edges_low", "edges_high", "stability_boot_edges", "stability_boot_edges_low",
+           "stability_boot_edges_high", "stability_boot_heads", "stability_boot_heads_low", "stability_boot_heads_high",
+           "stability_rephrase_edges", "stability_rephrase_edges_low", "stability_rephrase_edges_high",
+           "stability_rephrase_heads", "stability_rephrase_heads_low", "stability_rephrase_heads_high",
+           "seconds", "forwards", "backwards", "wall_seconds", "peak_rss_mb", "n_discovery", "n_heldout", "n_edges",
+           "n_heads", "level", "note", "cell"]
+
+
+def _csv(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `bench leaderboard`."""
+    p.add_argument("--models", default="smollm2-135m", help="comma-separated models (registry names or folders)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated tasks and/or pair files")
+    p.add_argument("--methods", default=",".join(LEADERBOARD_METHODS),
+                   help=f"comma-separated, any of {','.join(known_methods())}")
+    p.add_argument("--n", type=int, default=8, help="discovery prompt pairs")
+    p.add_argument("--n-heldout", type=int, default=8, help="held-out pairs (templates the discovery pairs lack)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for every interval")
+    p.add_argument("--resamples", type=int, default=3, help="stability resamples per side (discovery, rephrased)")
+    p.add_argument("--percents", default=",".join(f"{x:g}" for x in PERCENTS), help="edge fractions in %% (MIB's)")
+    p.add_argument("--mask-steps", type=int, default=30, help="node/edge pruning steps")
+    p.add_argument("--edge-search", action="store_true",
+                   help="search the smallest edge circuit by exact prefix search (slow) instead of MIB's fractions")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per cell")
+    p.add_argument("--out", default="bench/results", help="folder for leaderboard.parquet/.csv/.md/.html")
+    p.add_argument("--sweep-dir", default=None, help="where the cells live (default OUT/leaderboard_sweep; reused)")
+    p.add_argument("--executor", default="sequential", help="sequential (default) or ray")
+    p.add_argument("--address", default=None, help="Ray cluster address (implies --executor ray)")
+    p.add_argument("--force", action="store_true", help="rerun every cell")
+    p.add_argument("--import", dest="import_file", default=None,
+                   help="a MIB-format score file to evaluate as one more method (graphs.mib); needs one model/task")
+    p.add_argument("--quiet", action="store_true")
+
+
+def sweep_spec(args: argparse.Namespace) -> SweepSpec:
+    """The leaderboard as a sweep: models x tasks x methods, one cell each."""
+    methods = _csv(args.methods)
+    bad = [m for m in methods if m not in known_methods()]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}: use any of {', '.join(known_methods())}")
+    options: dict[str, Any] = {"n": args.n, "n_heldout": args.n_heldout, "n_boot": args.n_boot,
+                               "resamples": args.resamples, "mask_steps": args.mask_steps,
+                               "percents": [float(x) for x in _csv(args.percents)], "edge_search": bool(args.edge_search)}
+    if getattr(args, "import_file", None):
+        options["import_file"] = str(Path(args.import_file).resolve())
+        methods = ["imported"]
+    grid = {"model": _csv(args.models), "task": _csv(args.tasks), "method": methods, "seed": [args.seed]}
+    return SweepSpec.from_dict({"kind": "leaderboard", "grid": grid, "options": options,
+                                "resources": {"num_cpus": args.threads}})
+
+
+def leaderboard_frame(result: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The leaderboard rows (`COLUMNS`, grid order) and each finished cell's held-out curve."""
+    table = result.table.copy()
+    for col in COLUMNS:
+        if col not in table:
+            table[col] = None
+    table["note"] = [r.get("reason") or r.get("error") or r.get("note") or "" for r in table.to_dict("records")]
+    curves = {}
+    for cell in table.loc[table["status"] == "done", "cell"]:
+        path = result.out / "cells" / cell / "curve.csv"
+        if path.is_file():
+            curves[cell] = pd.read_csv(path)
+    return table[COLUMNS].reset_index(drop=True), curves
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{float(v):.{digits}f}"
+
+
+def _ci(r: dict[str, Any], key: str, low: str | None = None, high: str | None = None) -> str:
+    if r.get(key) is None or r.get(key) != r.get(key):
+        return "n/a"
+    return f"{_num(r[key])} [{_num(r.get(low or key + '_low'))}, {_num(r.get(high or key + '_high'))}]"
+
+
+def _circuit(r: dict[str, Any], prefix: str) -> str:
+    if r.get("status") != "done":
+        return "n/a"
+    size = r.get(f"{prefix}_at_target")
+    if size is None or size != size:
+        return "none reached"
+    return f"{int(size)} ({_ci(r, prefix + '_faithfulness', prefix + '_low', prefix + '_high')})"
+
+
+def display_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as strings, one row per cell (Markdown and HTML)."""
+    rows = []
+    for r in frame.to_dict("records"):
+        done = r["status"] == "done"
+        rows.append({"model": r["model"], "task": r["task"], "method": r["method"],
+                     "CPR [95% CI]": _ci(r, "cpr") if done else "n/a", "CMD [95% CI]": _ci(r, "cmd") if done else "n/a",
+                     "heads in [0.8, 1.2]": _circuit(r, "heads"), "edges in [0.8, 1.2]": _circuit(r, "edges"),
+                     "stability edges (boot / rephrase)": (f"{_ci(r, 'stability_boot_edges')} / "
+                                                           f"{_ci(r, 'stability_rephrase_edges')}") if done else "n/a",
+                     "stability heads (boot / rephrase)": (f"{_ci(r, 'stability_boot_heads')} / "
+                                                           f"{_ci(r, 'stability_rephrase_heads')}") if done else "n/a",
+                     "method s": _num(r["seconds"], 1), "forwards": _num(r["forwards"], 1),
+                     "backwards": _num(r["backwards"], 0), "cell s": _num(r["wall_seconds"], 0),
+                     "peak RSS MB": _num(r["peak_rss_mb"], 0), "status / note": f"{r['status']}: {r['note'] or ''}"})
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame, command: str, header: str = "") -> str:
+    """leaderboard.md: how it was made, the table, how to read it."""
+    shown = display_table(frame)
+    lines = ["# Circuit-discovery leaderboard (held-out prompts)", "",
+             f"Generated by `{command}` — do not edit by hand; rerun the command.", "", header, "",
+             "| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in shown.itertuples(index=False)]
+    lines += ["", "How to read it: every number is measured on held-out prompts whose templates the discovery prompts "
+              "do not use. CPR/CMD: MIB's areas over the edge fractions (signed / absolute ranking), 95% bootstrap "
+              "intervals over prompts. Circuits: the smallest head prefix / edge fraction whose held-out faithfulness "
+              "lies in [0.8, 1.2] (and stays there for larger ones), with its interval. Stability: Jaccard overlap of "
+              "the top 1% edges / top 10% heads found on bootstrap resamples of the discovery prompts (boot) and of "
+              "the held-out template family (rephrase) with those found on all discovery prompts; mean [2.5, 97.5 "
+              "percentile]. Cost: the method's seconds, forwards (1 = every layer once over the discovery prompts) "
+              "and backwards on all discovery prompts; the cell's wall time and peak RSS. Definitions: "
+              "`graphs/leaderboard.py`.", ""]
+    return "\n".join(lines)
+
+
+def html_page(frame: pd.DataFrame, curves: dict[str, pd.DataFrame], command: str, header: str) -> str:
+    """leaderboard.html: the table (sortable) and each finished cell's held-out faithfulness curve (Plotly)."""
+    sections = [Section("Leaderboard", [f"Generated by {command}.", header], [("every cell", display_table(frame))])]
+    for task, group in frame.groupby("task", sort=False):
+        section = Section(f"Held-out faithfulness curves: {task}")
+        for r in group.to_dict("records"):
+            curve = curves.get(r["cell"])
+            if curve is None:
+                continue
+            stem = f"curve-{r['cell']}"
+            section.figures.append((stem, f"{r['model']} / {task} / {r['method']}", b""))
+            section.plots[stem] = faithfulness_curve(curve, {"cpr": r["cpr"], "cmd": r["cmd"]}, None)
+        if section.figures:
+            sections.append(section)
+    record = {"task": {"name": "leaderboard"}, "model": {"name": ", ".join(dict.fromkeys(frame["model"]))},
+              "config": {"method": "every method"}}
+    return to_html(record, sections)
+
+
+def run_leaderboard(args: argparse.Namespace, command: str) -> pd.DataFrame:
+    """Run (or resume) the leaderboard sweep and write the four outputs under `args.out`."""
+    say: Callable[[str], None] = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    if args.n < 2 or args.n_heldout < 2 or args.threads < 1:
+        raise ValueError("--n and --n-heldout must be >= 2 and --threads >= 1")
+    start = time.perf_counter()
+    executor = make_executor(args.executor, address=args.address)
+    out = Path(args.out)
+    result = run_sweep(sweep_spec(args), args.sweep_dir or out / "leaderboard_sweep", executor=executor,
+                       force=args.force, say=say)
+    frame, curves = leaderboard_frame(result)
+    total = time.perf_counter() - start
+    header = (f"{len(result.ran)} cells ran in this invocation and {len(result.reused)} were reused from "
+              f"{result.out} ({total:.0f} s this invocation; every cell's own wall time is in the table).")
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_parquet(out / "leaderboard.parquet", frame)
+    store.write_csv(out / "leaderboard.csv", frame)
+    store.write_text(out / "leaderboard.md", markdown(frame, command, header))
+    store.write_text(out / "leaderboard.html", html_page(frame, curves, command, header))
+    say(display_table(frame).to_string(index=False))
+    say(f"wrote {out / 'leaderboard.md'}, leaderboard.csv, leaderboard.parquet, leaderboard.html")
+    return frame
+
+
+def leaderboard_command(args: argparse.Namespace) -> int:
+    command = " ".join(["circuitlab"] + [shlex.quote(a) for a in sys.argv[1:]])
+    if not command.startswith("circuitlab bench"):
+        command = "circuitlab bench leaderboard"
+    run_leaderboard(args, command)
+    return 0
+
+
+__all__ = ["COLUMNS", "DEFAULT_TASKS", "add_leaderboard_arguments", "display_table", "leaderboard_command",
+           "leaderboard_frame", "markdown", "run_leaderboard", "sweep_spec"]
