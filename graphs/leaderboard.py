@@ -17,6 +17,8 @@
   held-out (rephrased template) prompts; each circuit's Jaccard overlap with the circuit found on all discovery
   prompts is summarised as mean and 95% percentile interval (`graphs.stability.overlap`). Seeded methods get
   seed + 1 + i on resample i, so a fixed random ranking does not count as stable.
+- `imported` (`import_file`): edge scores from a MIB score file (`graphs.mib.read_scores`), judged the same way
+  (no stability and no cost: the scores cannot be rediscovered here).
 - **cost** of the method on all discovery prompts: seconds, forwards (every layer once over every discovery
   prompt = 1) and backwards (`patching.work.WorkCounter`); peak memory is the sweep cell's.
 
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from circuitlab.graphs.benchmark import BenchConfig, edge_scores_from_nodes, node_scores_from_edges, run_method
 from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit, rank
+from circuitlab.graphs.mib import read_scores
 from circuitlab.graphs.selection import edge_evaluator, node_evaluator, select_by_faithfulness, within
 from circuitlab.graphs.stability import overlap
 from circuitlab.patching.context_subset import subset_context
@@ -49,12 +52,15 @@ from circuitlab.patching.prompts import OneBatch
 from circuitlab.patching.work import WorkCounter
 
 CIRCUIT_METHODS = ("node-pruning", "edge-pruning", "greedy")  # graphs.faithful methods, not in the registry
-LEADERBOARD_METHODS = ("eap", "eap-ig", "eap-ig-act", "activation", "acdc", "node-pruning", "edge-pruning", "greedy",
-                       "ifr", "random")
+LEADERBOARD_METHODS = ("random", "eap", "ifr", "eap-ig", "eap-ig-act", "acdc", "greedy", "node-pruning",
+                       "edge-pruning", "activation")  # cheapest first: a partial run has the most cells
+
+
+IMPORTED = "imported"  # edge scores read from a MIB score file (`graphs.mib`, `LeaderboardConfig.import_file`)
 
 
 def known_methods() -> tuple[str, ...]:
-    return (*REGISTRY, *CIRCUIT_METHODS)
+    return (*REGISTRY, *CIRCUIT_METHODS, IMPORTED)
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class LeaderboardConfig:
     percents: tuple[float, ...] = PERCENTS
     target: float = 0.8
     n_boot: int = 1000
-    resamples: int = 3
+    resamples: int = 2
     stability_percent: float = 1.0
     stability_heads: float = 10.0
     eap_ig_steps: int = 5
@@ -75,6 +81,7 @@ class LeaderboardConfig:
     mask_lr: float = 0.25
     edge_search: bool = False
     memory_budget_mb: float = 1024.0
+    import_file: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,10 +107,12 @@ class Ranking:
 
 @dataclass
 class LeaderboardResult:
-    """One cell: the row (flat numbers, `ROW_COLUMNS`) and the held-out faithfulness curve."""
+    """One cell: the row (flat numbers, `ROW_COLUMNS`), the held-out faithfulness curve and the method's edge
+    scores on all discovery prompts (what `graphs.mib` exports)."""
 
     row: dict[str, Any]
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)
+    edge_scores: Tensor | None = None
 
 
 ROW_COLUMNS = ["method", "level", "n_discovery", "n_heldout", "n_edges", "n_heads", "cpr", "cpr_low", "cpr_high",
@@ -139,6 +148,11 @@ def rank_method(method: str, ctx: EdgeContext, cfg: LeaderboardConfig, seed: int
     """The method's edge and head scores on `ctx` (see the module docstring for node and circuit methods)."""
     seed = cfg.seed if seed is None else seed
     g = ctx.graph
+    if method == IMPORTED:
+        if not cfg.import_file:
+            raise ValueError("method 'imported' reads a MIB score file: give import_file")
+        edges = read_scores(cfg.import_file, g)
+        return Ranking(edges, _head_scores(ctx, node_scores_from_edges(g, edges)), f"scores from {cfg.import_file}")
     if method in CIRCUIT_METHODS:
         fcfg = _faithful_config(cfg, seed)
         if method == "greedy":
@@ -269,11 +283,15 @@ def leaderboard_cell(ctx: EdgeContext, hctx: EdgeContext, method: str, cfg: Lead
     edges = (_smallest(edge_evaluator(hctx, memory_budget_mb=cfg.memory_budget_mb), ranking.edges, cfg)
              if cfg.edge_search else smallest_edge_fraction(result, cfg.target))
     _put(row, "edges", edges)
-    row.update(_stability(method, ctx, hctx, ranking, cfg))
+    if method == IMPORTED:  # fixed scores: nothing to rediscover, no cost of ours to count
+        row.update(seconds=None, forwards=None, backwards=None)
+        row["note"] = f"{ranking.note}; no stability (the scores cannot be rediscovered here)"
+    else:
+        row.update(_stability(method, ctx, hctx, ranking, cfg))
     say(f"  {method}: heads {row['heads_at_target']}, edges {row['edges_at_target']}, stability (boot) edges "
-        f"{row['stability_boot_edges']:.2f}")
-    return LeaderboardResult({k: row.get(k) for k in ROW_COLUMNS}, result.curve)
+        f"{row.get('stability_boot_edges')}")
+    return LeaderboardResult({k: row.get(k) for k in ROW_COLUMNS}, result.curve, ranking.edges.detach().cpu())
 
 
-__all__ = ["CIRCUIT_METHODS", "LEADERBOARD_METHODS", "LeaderboardConfig", "LeaderboardResult", "ROW_COLUMNS", "Ranking",
+__all__ = ["CIRCUIT_METHODS", "IMPORTED", "LEADERBOARD_METHODS", "LeaderboardConfig", "LeaderboardResult", "ROW_COLUMNS", "Ranking",
            "known_methods", "leaderboard_cell", "rank_method", "smallest_edge_fraction", "top_items"]

@@ -9,7 +9,7 @@ backwards of the method; the cell's peak RSS). See `graphs.leaderboard` for ever
 Writes OUT/leaderboard.parquet, leaderboard.csv, leaderboard.md and leaderboard.html (tables and Plotly curves).
 
 Defaults (budget): SmolLM2-135M; tasks ioi, capitals, greater_than, repeated_tokens; the methods of
-`graphs.leaderboard.LEADERBOARD_METHODS`; 8 discovery + 8 held-out pairs; 1000 bootstrap resamples; 3 stability
+`graphs.leaderboard.LEADERBOARD_METHODS`; 8 discovery + 8 held-out pairs; 1000 bootstrap resamples; 2 stability
 resamples per side; MIB's 10 fractions; 30 mask-learning steps. Sized for 2 h in-process on 2 quiet CPU cores
 (greater_than is skipped on SmolLM2, which writes years digit by digit; ACDC is skipped above 5000 edges).
 `--import FILE` evaluates a MIB-format score file (`graphs.mib`) as one more method row.
@@ -58,7 +58,7 @@ def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=8, help="discovery prompt pairs")
     p.add_argument("--n-heldout", type=int, default=8, help="held-out pairs (templates the discovery pairs lack)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for every interval")
-    p.add_argument("--resamples", type=int, default=3, help="stability resamples per side (discovery, rephrased)")
+    p.add_argument("--resamples", type=int, default=2, help="stability resamples per side (discovery, rephrased)")
     p.add_argument("--percents", default=",".join(f"{x:g}" for x in PERCENTS), help="edge fractions in %% (MIB's)")
     p.add_argument("--mask-steps", type=int, default=30, help="node/edge pruning steps")
     p.add_argument("--edge-search", action="store_true",
@@ -87,7 +87,8 @@ def sweep_spec(args: argparse.Namespace) -> SweepSpec:
     if getattr(args, "import_file", None):
         options["import_file"] = str(Path(args.import_file).resolve())
         methods = ["imported"]
-    grid = {"model": _csv(args.models), "task": _csv(args.tasks), "method": methods, "seed": [args.seed]}
+    # method before task: cells run method by method (cheapest first), so a partial run covers every task
+    grid = {"model": _csv(args.models), "method": methods, "task": _csv(args.tasks), "seed": [args.seed]}
     return SweepSpec.from_dict({"kind": "leaderboard", "grid": grid, "options": options,
                                 "resources": {"num_cpus": args.threads}})
 
@@ -104,6 +105,8 @@ def leaderboard_frame(result: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame
         path = result.out / "cells" / cell / "curve.csv"
         if path.is_file():
             curves[cell] = pd.read_csv(path)
+    order = {name: i for i, name in enumerate(dict.fromkeys(table["task"]))}
+    table = table.assign(_t=table["task"].map(order)).sort_values(["model", "_t"], kind="stable")
     return table[COLUMNS].reset_index(drop=True), curves
 
 
@@ -126,6 +129,10 @@ def _circuit(r: dict[str, Any], prefix: str) -> str:
     return f"{int(size)} ({_ci(r, prefix + '_faithfulness', prefix + '_low', prefix + '_high')})"
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def display_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The leaderboard as strings, one row per cell (Markdown and HTML)."""
     rows = []
@@ -140,7 +147,7 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
                                                            f"{_ci(r, 'stability_rephrase_heads')}") if done else "n/a",
                      "method s": _num(r["seconds"], 1), "forwards": _num(r["forwards"], 1),
                      "backwards": _num(r["backwards"], 0), "cell s": _num(r["wall_seconds"], 0),
-                     "peak RSS MB": _num(r["peak_rss_mb"], 0), "status / note": f"{r['status']}: {r['note'] or ''}"})
+                     "peak RSS MB": _num(r["peak_rss_mb"], 0), "status / note": _short(f"{r['status']}: {r['note'] or ''}")})
     return pd.DataFrame(rows)
 
 

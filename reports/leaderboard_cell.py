@@ -3,16 +3,20 @@
 `check_leaderboard_params` validates a cell's parameters before anything heavy loads; `run_leaderboard_cell`
 loads the model, splits the task's prompts into discovery and held-out ones that share no template
 (`tasks.split.rephrased_split`), runs `graphs.leaderboard.leaderboard_cell` and writes result.json, result.csv and
-curve.csv (the held-out faithfulness curve) into the cell's folder. A task the model cannot pose (greater-than on
+curve.csv (the held-out faithfulness curve) and edge_scores.npy (the method's edge scores on the discovery
+prompts, float32 in the graph's edge order: what `bench leaderboard --export-mib` writes as MIB files) into the
+cell's folder. A task the model cannot pose (greater-than on
 a digit-by-digit tokenizer) and ACDC above its edge limit are skipped cells, with the reason.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from circuitlab.graphs.leaderboard import LeaderboardConfig, known_methods, leaderboard_cell
@@ -28,6 +32,7 @@ from circuitlab.tasks.base import TaskUnsupportedError
 from circuitlab.tasks.custom import load_task
 from circuitlab.tasks.split import rephrased_split
 
+SCORES_FILE = "edge_scores.npy"  # the method's edge scores on the discovery prompts, in the graph's edge order
 LEADERBOARD_FIELDS = ("model", "task", "method", "seed", "n", "n_heldout", "import_file")
 
 
@@ -55,6 +60,8 @@ def check_leaderboard_params(params: dict[str, Any], where: str) -> dict[str, An
     for key in ("n", "n_heldout"):
         if int(resolved[key]) < 2:
             raise ConfigError(f"{where}: {key} must be >= 2 (bootstrap intervals), got {resolved[key]}")
+    if (resolved["method"] == "imported") != bool(resolved.get("import_file")):
+        raise ConfigError(f"{where}: method 'imported' and import_file go together (a MIB score file to evaluate)")
     try:
         leaderboard_config(resolved)
     except (TypeError, ValueError) as exc:
@@ -92,9 +99,12 @@ def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     store.write_csv(folder / "result.csv", pd.DataFrame([row]))
     store.write_csv(folder / "curve.csv", result.curve)
+    buffer = io.BytesIO()
+    np.save(buffer, result.edge_scores.numpy().astype(np.float32))
+    store.write_bytes(folder / SCORES_FILE, buffer.getvalue())
     store.write_json(folder / "result.json", {"cell": p, "result": row,
                                               "templates": {"discovery": disc.info, "heldout": held.info}})
     return row
 
 
-__all__ = ["LEADERBOARD_FIELDS", "check_leaderboard_params", "leaderboard_config", "run_leaderboard_cell"]
+__all__ = ["SCORES_FILE", "LEADERBOARD_FIELDS", "check_leaderboard_params", "leaderboard_config", "run_leaderboard_cell"]
