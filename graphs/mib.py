@@ -11,8 +11,9 @@ than that percentage of the edges (`SUBMISSION_PERCENTS`). Both are the EAP-IG/M
 
 Our graph's names are MIB's (`patching.topology`), so every edge of the graph is written under its own name.
 `write_submission` writes `importances/<task>_<model>/importances.json` (every edge scored, `in_graph` true for
-the whole model) and `multiple_circuits/<task>_<model>/edges_<p>pct.json` (the top floor(p% x edges) edges by
-|score| in the graph; a node is in the graph when an in-graph edge touches it, `input` and `logits` always).
+the whole model) and `multiple_circuits/<task>_<model>/edges_<p>pct.json` (binary circuits without scores: the
+top floor(p% x edges) edges by |score| in the graph; a node is in the graph when an in-graph edge touches it,
+`input` and `logits` always).
 `read_scores` reads any such file back as one score per edge of a graph (a binary circuit file gives 1 for
 in-graph edges and 0 otherwise); it refuses a file whose model shape or edge set differs from the graph's.
 """
@@ -48,8 +49,9 @@ def _node_names(graph: ComputationalGraph) -> list[str]:
 
 
 def to_mib_scores(graph: ComputationalGraph, scores: Tensor, keep: Tensor | None = None, *,
-                  d_model: int | None = None) -> dict[str, Any]:
-    """The MIB JSON dict of edge `scores` [n_edges]; `keep` [n_edges] bool marks the circuit (default: all)."""
+                  d_model: int | None = None, with_scores: bool = True) -> dict[str, Any]:
+    """The MIB JSON dict of edge `scores` [n_edges]; `keep` [n_edges] bool marks the circuit (default: all).
+    `with_scores=False` writes a binary circuit (MIB's multiple-circuit files carry no scores)."""
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if scores.numel() != graph.n_edges:
         raise ValueError(f"{scores.numel()} scores for a graph of {graph.n_edges} edges")
@@ -61,7 +63,7 @@ def to_mib_scores(graph: ComputationalGraph, scores: Tensor, keep: Tensor | None
         touched.add(graph.sender_names[int(graph.edge_sender[e])])
         touched.add(graph.edge_names[e].split("->")[1].split("<")[0])
     nodes = {n: {"in_graph": n in touched} for n in _node_names(graph)}
-    edges = {name: {"score": float(s), "in_graph": bool(k)}
+    edges = {name: ({"score": float(s), "in_graph": bool(k)} if with_scores else {"in_graph": bool(k)})
              for name, s, k in zip(graph.edge_names, scores.tolist(), keep.tolist())}
     return {"cfg": _cfg(graph, d_model), "nodes": nodes, "edges": edges}
 
@@ -89,7 +91,8 @@ def write_submission(out: PathLike, graph: ComputationalGraph, scores: Tensor, *
     written[0].write_text(json.dumps(to_mib_scores(graph, scores, d_model=d_model), allow_nan=False))
     for p, mask in zip(percents, submission_masks(scores, percents)):
         path = circuits_dir / f"edges_{p:g}pct.json"
-        path.write_text(json.dumps(to_mib_scores(graph, scores, mask, d_model=d_model), allow_nan=False))
+        path.write_text(json.dumps(to_mib_scores(graph, scores, mask, d_model=d_model, with_scores=False),
+                                   allow_nan=False))
         written.append(path)
     return written
 

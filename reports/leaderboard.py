@@ -7,6 +7,8 @@ intervals, the smallest head and edge circuits within [0.8, 1.2] held-out (or no
 over discovery resamples and over the rephrased (held-out) template family, and cost (seconds, forwards,
 backwards of the method; the cell's peak RSS). See `graphs.leaderboard` for every definition.
 Writes OUT/leaderboard.parquet, leaderboard.csv, leaderboard.md and leaderboard.html (tables and Plotly curves).
+`--report-only` writes them from the cells already finished (a partial run is marked PARTIAL); `--export-mib DIR`
+writes every finished cell's edge scores as a MIB circuit-track submission (`graphs.mib.write_submission`).
 
 Defaults (budget): SmolLM2-135M; tasks ioi, capitals, greater_than, repeated_tokens; the methods of
 `graphs.leaderboard.LEADERBOARD_METHODS`; 8 discovery + 8 held-out pairs; 1000 bootstrap resamples; 2 stability
@@ -24,13 +26,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
+import torch
 
 from circuitlab.graphs.leaderboard import LEADERBOARD_METHODS, known_methods
+from circuitlab.graphs.mib import write_submission
+from circuitlab.patching.models import load_model
 from circuitlab.patching.faithfulness import PERCENTS
 from circuitlab.reports import store
 from circuitlab.reports.executors import make_executor
-from circuitlab.reports.grid import SweepSpec, run_sweep
+from circuitlab.reports.cells import cell_key
+from circuitlab.reports.grid import SweepResult, SweepSpec, collect_table, run_sweep
+from circuitlab.reports.leaderboard_cell import SCORES_FILE, model_graph
 from circuitlab.reports.page import Section, to_html
 from circuitlab.reports.plots import faithfulness_curve
 
@@ -43,6 +51,9 @@ COLUMNS = ["model", "task", "method", "status", "cpr", "cpr_low", "cpr_high", "c
            "stability_rephrase_heads", "stability_rephrase_heads_low", "stability_rephrase_heads_high",
            "seconds", "forwards", "backwards", "wall_seconds", "peak_rss_mb", "n_discovery", "n_heldout", "n_edges",
            "n_heads", "level", "note", "cell"]
+
+
+TEXT_COLUMNS = ("model", "task", "method", "status", "level", "note", "cell")
 
 
 def _csv(value: str) -> list[str]:
@@ -71,7 +82,11 @@ def add_leaderboard_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (implies --executor ray)")
     p.add_argument("--force", action="store_true", help="rerun every cell")
     p.add_argument("--import", dest="import_file", default=None,
-                   help="a MIB-format score file to evaluate as one more method (graphs.mib); needs one model/task")
+                   help="a MIB-format score file (graphs.mib) to evaluate instead of the methods, on every model and task given")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the outputs from the cells already finished under --sweep-dir")
+    p.add_argument("--export-mib", default=None, metavar="DIR",
+                   help="also write each finished cell's scores as a MIB circuit-track submission under DIR/<method>/")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -105,6 +120,9 @@ def leaderboard_frame(result: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame
         path = result.out / "cells" / cell / "curve.csv"
         if path.is_file():
             curves[cell] = pd.read_csv(path)
+    for col in COLUMNS:
+        if col not in TEXT_COLUMNS:
+            table[col] = pd.to_numeric(table[col].replace("", None), errors="coerce")
     order = {name: i for i, name in enumerate(dict.fromkeys(table["task"]))}
     table = table.assign(_t=table["task"].map(order)).sort_values(["model", "_t"], kind="stable")
     return table[COLUMNS].reset_index(drop=True), curves
@@ -195,22 +213,63 @@ def run_leaderboard(args: argparse.Namespace, command: str) -> pd.DataFrame:
     if args.n < 2 or args.n_heldout < 2 or args.threads < 1:
         raise ValueError("--n and --n-heldout must be >= 2 and --threads >= 1")
     start = time.perf_counter()
-    executor = make_executor(args.executor, address=args.address)
     out = Path(args.out)
-    result = run_sweep(sweep_spec(args), args.sweep_dir or out / "leaderboard_sweep", executor=executor,
-                       force=args.force, say=say)
+    sweep_dir = Path(args.sweep_dir or out / "leaderboard_sweep")
+    if args.report_only:
+        result = finished_cells(sweep_spec(args), sweep_dir)
+    else:
+        result = run_sweep(sweep_spec(args), sweep_dir, executor=make_executor(args.executor, address=args.address),
+                           force=args.force, say=say)
     frame, curves = leaderboard_frame(result)
     total = time.perf_counter() - start
+    counts = frame["status"].value_counts().to_dict()
     header = (f"{len(result.ran)} cells ran in this invocation and {len(result.reused)} were reused from "
-              f"{result.out} ({total:.0f} s this invocation; every cell's own wall time is in the table).")
+              f"{result.out} ({total:.0f} s this invocation; every cell's own wall time is in the table). Cells: "
+              + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
+    if counts.get("missing"):
+        header = (f"**PARTIAL**: {counts['missing']} of {len(frame)} cells have not run yet (status missing). "
+                  + header)
     out.mkdir(parents=True, exist_ok=True)
     store.write_parquet(out / "leaderboard.parquet", frame)
     store.write_csv(out / "leaderboard.csv", frame)
     store.write_text(out / "leaderboard.md", markdown(frame, command, header))
     store.write_text(out / "leaderboard.html", html_page(frame, curves, command, header))
+    if args.export_mib:
+        written = export_mib(frame, result.out, Path(args.export_mib))
+        say(f"wrote {len(written)} MIB files under {args.export_mib}")
     say(display_table(frame).to_string(index=False))
     say(f"wrote {out / 'leaderboard.md'}, leaderboard.csv, leaderboard.parquet, leaderboard.html")
     return frame
+
+
+def finished_cells(spec: SweepSpec, sweep_dir: Path) -> SweepResult:
+    """The sweep's table from what is on disk, running nothing (cells not finished have status missing)."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"no sweep folder {sweep_dir}: run the leaderboard first (without --report-only)")
+    cells = spec.cells()
+    folders = [sweep_dir / "cells" / f"{c.label()}-{cell_key(c)}" for c in cells]
+    table = collect_table(folders)
+    for key in ("model", "task", "method"):  # cells not run yet have no record: name them from the grid
+        table[key] = [str(c.params[key]) for c in cells]
+    return SweepResult(table, [], [f.name for f, s in zip(folders, table["status"]) if s != "missing"], sweep_dir)
+
+
+def export_mib(frame: pd.DataFrame, sweep_dir: Path, out: Path) -> list[Path]:
+    """Each finished cell's edge scores (`edge_scores.npy`) as a MIB submission under out/<method>/."""
+    written: list[Path] = []
+    graphs: dict[str, Any] = {}
+    for r in frame[frame["status"] == "done"].to_dict("records"):
+        path = sweep_dir / "cells" / r["cell"] / SCORES_FILE
+        if not path.is_file():
+            continue
+        if r["model"] not in graphs:
+            model = load_model(str(r["model"]))
+            graphs[r["model"]] = (model_graph(model), int(model.cfg.d_model))
+        graph, d_model = graphs[r["model"]]
+        scores = torch.from_numpy(np.load(path)).double()
+        written += write_submission(out / str(r["method"]), graph, scores, task=Path(str(r["task"])).stem,
+                                    model=str(r["model"]), d_model=d_model)
+    return written
 
 
 def leaderboard_command(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from circuitlab.graphs.leaderboard import LeaderboardConfig, known_methods, leaderboard_cell
+from circuitlab.patching.architecture import describe
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.methods import METHODS as REGISTRY
 from circuitlab.patching.models import load_model
@@ -74,6 +75,11 @@ def _task(name: str) -> Any:
     return load_task(path) if path.is_file() else get_task(name.replace("-", "_"))
 
 
+def model_graph(model: Any) -> ComputationalGraph:
+    """The edge graph of a loaded model (the engine's: `ComputationalGraph.from_architecture`)."""
+    return ComputationalGraph.from_architecture(describe(model))
+
+
 def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One method on one model and task (see the module docstring); returns the row."""
     p = cell.params
@@ -81,9 +87,7 @@ def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     model = load_model(str(p["model"]))
     limit = REGISTRY[method].max_edges if method in REGISTRY else None
     if limit is not None:
-        c = model.cfg
-        n_edges = ComputationalGraph(int(c.n_layers), int(c.n_heads), int(getattr(c, "n_key_value_heads", None) or c.n_heads),
-                                     bool(getattr(c, "attn_only", False))).n_edges
+        n_edges = model_graph(model).n_edges
         if n_edges > limit:
             raise SkipCell(f"{method.upper()} on {n_edges} edges is above its limit of {limit} edges (one masked "
                            f"forward per edge tried)")
@@ -107,4 +111,5 @@ def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     return row
 
 
-__all__ = ["SCORES_FILE", "LEADERBOARD_FIELDS", "check_leaderboard_params", "leaderboard_config", "run_leaderboard_cell"]
+__all__ = ["SCORES_FILE", "LEADERBOARD_FIELDS", "check_leaderboard_params", "leaderboard_config", "model_graph",
+           "run_leaderboard_cell"]
