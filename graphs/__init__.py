@@ -8,6 +8,8 @@
 - `graphs.evaluate`: precision/recall/F1 and ROC-AUC against a reference; faithfulness, completeness,
   minimality of node circuits.
 - `graphs.io`: GraphML, node-link JSON and EAP-IG/MIB JSON; `graphs.draw`: matplotlib drawings.
+- `graphs.leaderboard`: one `bench leaderboard` cell (held-out CPR/CMD, smallest circuits in band, Jaccard
+  stability, cost); `graphs.mib`: MIB circuit-track submissions of whole-graph edge scores, and their import.
 """
 
 from circuitlab.graphs.circuit import (Selection, circuit_from_edge_scores, circuit_from_node_scores,

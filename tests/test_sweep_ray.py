@@ -91,3 +91,16 @@ def test_sharded_head_position_sweep_on_smollm2_equals_one_process(local_ray, sm
     assert (sharded["effect"] - one["effect"]).abs().max() <= 1e-6
     assert abs(sharded.attrs["clean_metric"] - one.attrs["clean_metric"]) <= 1e-6
     assert one["effect"].abs().max() > 0.01  # the sweep measures something
+
+
+@pytest.mark.slow
+def test_ray_leaderboard_cells_equal_sequential(local_ray, tiny_dir, tmp_path):
+    spec = SweepSpec.from_dict({"kind": "leaderboard", "grid": {"model": [tiny_dir], "method": ["eap", "random"],
+                                                                "task": ["repeated_tokens"]},
+                                "options": {"n": 4, "n_heldout": 4, "n_boot": 20, "resamples": 1},
+                                "resources": {"num_cpus": 1}})
+    a = run_sweep(spec, tmp_path / "ray", executor=local_ray).table
+    b = run_sweep(spec, tmp_path / "seq", executor=SequentialExecutor()).table
+    assert set(a["status"]) == {"done"} and set(a["executor"]) == {"ray"} and list(a["cell"]) == list(b["cell"])
+    for col in ["cpr", "cpr_low", "cmd", "heads_at_target", "edges_at_target", "stability_boot_edges", "forwards"]:
+        assert a[col].tolist() == b[col].tolist(), col  # identical, not merely close
