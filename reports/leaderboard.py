@@ -49,7 +49,7 @@ COLUMNS = ["model", "task", "method", "status", "cpr", "cpr_low", "cpr_high", "c
            "stability_boot_edges_high", "stability_boot_heads", "stability_boot_heads_low", "stability_boot_heads_high",
            "stability_rephrase_edges", "stability_rephrase_edges_low", "stability_rephrase_edges_high",
            "stability_rephrase_heads", "stability_rephrase_heads_low", "stability_rephrase_heads_high",
-           "seconds", "forwards", "backwards", "wall_seconds", "peak_rss_mb", "n_discovery", "n_heldout", "n_edges",
+           "seconds", "forwards", "backwards", "wall_seconds", "cpu_seconds", "peak_rss_mb", "n_discovery", "n_heldout", "n_edges",
            "n_heads", "level", "note", "cell"]
 
 
@@ -165,6 +165,7 @@ def display_table(frame: pd.DataFrame) -> pd.DataFrame:
                                                            f"{_ci(r, 'stability_rephrase_heads')}") if done else "n/a",
                      "method s": _num(r["seconds"], 1), "forwards": _num(r["forwards"], 1),
                      "backwards": _num(r["backwards"], 0), "cell s": _num(r["wall_seconds"], 0),
+                     "cell CPU s": _num(r["cpu_seconds"], 0),
                      "peak RSS MB": _num(r["peak_rss_mb"], 0), "status / note": _short(f"{r['status']}: {r['note'] or ''}")})
     return pd.DataFrame(rows)
 
@@ -183,7 +184,8 @@ def markdown(frame: pd.DataFrame, command: str, header: str = "") -> str:
               "the top 1% edges / top 10% heads found on bootstrap resamples of the discovery prompts (boot) and of "
               "the held-out template family (rephrase) with those found on all discovery prompts; mean [2.5, 97.5 "
               "percentile]. Cost: the method's seconds, forwards (1 = every layer once over the discovery prompts) "
-              "and backwards on all discovery prompts; the cell's wall time and peak RSS. Definitions: "
+              "and backwards on all discovery prompts; the cell's wall time, CPU time (its cost on a quiet machine: "
+              "cells run with one thread) and peak RSS. Definitions: "
               "`graphs/leaderboard.py`.", ""]
     return "\n".join(lines)
 

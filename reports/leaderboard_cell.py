@@ -12,6 +12,7 @@ a digit-by-digit tokenizer) and ACDC above its edge limit are skipped cells, wit
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def model_graph(model: Any) -> ComputationalGraph:
 
 def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
     """One method on one model and task (see the module docstring); returns the row."""
+    cpu_start = time.process_time()
     p = cell.params
     method = str(p["method"])
     model = load_model(str(p["model"]))
@@ -98,7 +100,8 @@ def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
         raise SkipCell(f"task {p['task']} on {p['model']}: {exc}") from None
     ctx, hctx = prepare_edges(model, task, disc), prepare_edges(model, task, held)
     result = leaderboard_cell(ctx, hctx, method, leaderboard_config(p))
-    row = {"model": str(p["model"]), "task": str(p["task"]), **result.row}
+    row = {"model": str(p["model"]), "task": str(p["task"]), **result.row,
+           "cpu_seconds": time.process_time() - cpu_start}  # this process's CPU time: the cell's cost on a quiet machine
     row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     store.write_csv(folder / "result.csv", pd.DataFrame([row]))
