@@ -20,6 +20,7 @@ resamples per side; MIB's 10 fractions; 30 mask-learning steps. Sized for 2 h in
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -245,11 +246,25 @@ def run_leaderboard(args: argparse.Namespace, command: str) -> pd.DataFrame:
 
 
 def finished_cells(spec: SweepSpec, sweep_dir: Path) -> SweepResult:
-    """The sweep's table from what is on disk, running nothing (cells not finished have status missing)."""
+    """The sweep's table from what is on disk, running nothing. A cell's folder is matched by its parameters, not
+    its content key, so cells finished by an earlier version of the code count too (their `code_version` is in
+    cell.json); cells with no finished folder have status missing."""
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"no sweep folder {sweep_dir}: run the leaderboard first (without --report-only)")
     cells = spec.cells()
-    folders = [sweep_dir / "cells" / f"{c.label()}-{cell_key(c)}" for c in cells]
+    folders = []
+    for c in cells:
+        found = sweep_dir / "cells" / f"{c.label()}-{cell_key(c)}"
+        candidates = []
+        for folder in sorted((sweep_dir / "cells").glob(f"{c.label()}-*")):
+            try:
+                record = json.loads((folder / "cell.json").read_text())
+            except (OSError, ValueError):
+                continue
+            same = json.dumps(record.get("params"), sort_keys=True) == json.dumps(c.params, sort_keys=True)
+            if same and record.get("status") in ("done", "skipped"):
+                candidates.append((str(record.get("finished", "")), folder))
+        folders.append(max(candidates)[1] if candidates else found)
     table = collect_table(folders)
     for key in ("model", "task", "method"):  # cells not run yet have no record: name them from the grid
         table[key] = [str(c.params[key]) for c in cells]
