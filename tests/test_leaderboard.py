@@ -18,6 +18,8 @@ from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
 from circuitlab.patching.engine import engine_context
 from circuitlab.patching.faithfulness import PERCENTS
 from circuitlab.patching.hook_backend import HookRunner
+from circuitlab.patching.runner import Runner
+from circuitlab.patching.work import WorkCounter
 from circuitlab.reports.cli import main
 from circuitlab.reports.leaderboard import COLUMNS
 
@@ -151,3 +153,15 @@ def test_leaderboard_cli_on_a_tiny_model(tiny_dir, tmp_path):
     assert main([*common, "--methods", "eap,ifr", "--report-only"]) == 0  # ifr never ran: a partial table
     partial = pd.read_csv(out / "leaderboard.csv")
     assert list(partial["status"]) == ["done", "missing"] and "PARTIAL" in (out / "leaderboard.md").read_text()
+
+
+def test_work_counter_counts_eap_and_restores(induction):
+    gt, task, disc, _ = induction
+    ctx = prepare_edges(gt.model, task, disc)
+    originals = (Runner.attend, torch.autograd.backward, torch.autograd.grad)
+    with WorkCounter() as counter:
+        eap_scores(ctx)
+        eap_ig_activation_scores(ctx, steps=2)
+    assert (Runner.attend, torch.autograd.backward, torch.autograd.grad) == originals
+    unit = len(disc) * disc.clean_tokens.shape[1] * gt.model.cfg.n_layers
+    assert counter.backward_count() == 3 and counter.forwards(unit) == pytest.approx(3.0)  # 1 clean + 2 masked runs
