@@ -115,7 +115,8 @@ def leaderboard_frame(result: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame
     for col in COLUMNS:
         if col not in table:
             table[col] = None
-    table["note"] = [r.get("reason") or r.get("error") or r.get("note") or "" for r in table.to_dict("records")]
+    table["note"] = [next((str(r[k]) for k in ("reason", "error", "note") if isinstance(r.get(k), str) and r[k]), "")
+                     for r in table.to_dict("records")]
     curves = {}
     for cell in table.loc[table["status"] == "done", "cell"]:
         path = result.out / "cells" / cell / "curve.csv"
@@ -184,8 +185,9 @@ def markdown(frame: pd.DataFrame, command: str, header: str = "") -> str:
               "lies in [0.8, 1.2] (and stays there for larger ones), with its interval. Stability: Jaccard overlap of "
               "the top 1% edges / top 10% heads found on bootstrap resamples of the discovery prompts (boot) and of "
               "the held-out template family (rephrase) with those found on all discovery prompts; mean [2.5, 97.5 "
-              "percentile]. Cost: the method's seconds, forwards (1 = every layer once over the discovery prompts) "
-              "and backwards on all discovery prompts; the cell's wall time, CPU time (its cost on a quiet machine: "
+              "percentile]. Cost: the method's seconds, forwards (1 = every layer once over the discovery prompts; "
+              "the clean and corrupted runs every method shares are not counted) and backwards on all discovery "
+              "prompts; the cell's wall time, CPU time (its cost on a quiet machine: "
               "cells run with one thread) and peak RSS. Definitions: "
               "`graphs/leaderboard.py`.", ""]
     return "\n".join(lines)
