@@ -48,10 +48,21 @@ def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor
 
 
 def _scores_from_gradients(ctx: EdgeContext, grads: Tensor) -> Tensor:
+    """Edge scores: (a_u^clean - a_u^corrupt) . dm/dx_v summed over prompts and positions, or, position-aware
+    (`ctx.split`), over the positions of each segment: edge s * n_base + e sums base edge e over segment s."""
     delta = ctx.clean.senders - ctx.corrupt.senders  # [b, p, n_senders, d]
-    matrix = torch.einsum("bpnd,bprd->nr", delta, grads)
     g = ctx.graph
-    return matrix[g.edge_sender, g.edge_receiver]
+    if ctx.split is None:
+        matrix = torch.einsum("bpnd,bprd->nr", delta, grads)
+        return matrix[g.edge_sender, g.edge_receiver]
+    base = g.base
+    flat_delta, flat_grads = delta.flatten(0, 1), grads.flatten(0, 1)  # [b*p, n, d], [b*p, r, d]
+    parts = []
+    for s in range(len(ctx.split.names)):
+        at = ctx.split.positions(s).to(delta.device)
+        matrix = torch.einsum("xnd,xrd->nr", flat_delta[at], flat_grads[at])
+        parts.append(matrix[base.edge_sender, base.edge_receiver])
+    return torch.cat(parts)
 
 
 def eap_scores(ctx: EdgeContext) -> Tensor:
@@ -86,7 +97,9 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     """
     g, runner = ctx.graph, ctx.edge_runner.runner
     index = [g.edge_index(e) if isinstance(e, str) else int(e) for e in edges]
-    if getattr(ctx.edge_runner, "backend", "fast") == "hook":  # no partial runs: the full graph minus one edge
+    if getattr(ctx.edge_runner, "backend", "fast") == "hook" or ctx.split is not None:
+        # no partial runs (hook backend) or a receiver that reads the edge at some positions only: the full graph
+        # minus one edge, by exact edge patching
 
         masks = torch.ones(len(index), g.n_edges)
         masks[torch.arange(len(index)), torch.tensor(index, dtype=torch.long)] = 0.0

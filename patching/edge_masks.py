@@ -21,6 +21,9 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
     """Final residual streams [C * batch, pos, d_model] for edge masks [C, n_edges] (differentiable)."""
     er = ctx.edge_runner
     r, g = er.runner, er.graph
+    if ctx.split is not None:
+        raise ValueError("position-aware edge masks are evaluated exactly (patching.edges.evaluate_edge_masks) but not "
+                         "learned: use edge pruning on a context without edge positions")
     if edge_masks.dim() != 2 or edge_masks.shape[1] != g.n_edges:
         raise ValueError(f"edge masks must be [circuits, {g.n_edges}]; got {tuple(edge_masks.shape)}")
     if getattr(er, "backend", "fast") == "hook":  # the bridge's own forward on per-receiver copies

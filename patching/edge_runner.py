@@ -14,7 +14,7 @@ from torch import Tensor
 
 from circuitlab.patching.forward_parts import rms_post_share
 from circuitlab.patching.runner import Runner, RunState
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph, PositionSplit
 
 
 @dataclass
@@ -154,11 +154,15 @@ class EdgeRunner:
         acts = GraphActivations(torch.stack(senders, dim=2), pre, mid, resid)
         return acts, final, grads
 
-    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
-        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor,
+               segments: PositionSplit | None = None) -> Tensor:
+        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers], or
+        position-aware [C, n_segments, n_senders, n_receivers] with `segments` saying which segment each
+        position belongs to: a receiver at a position reads the senders of that position with that segment's mask).
 
         Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
-        layer's receiver inputs are one batched matrix product with the transposed masks.
+        layer's receiver inputs are one batched matrix product with the transposed masks (position-aware: one per
+        segment, on that segment's positions, so the work is the same).
         """
         r, g = self.runner, self.graph
         n_circ = masks.shape[0]
@@ -168,10 +172,23 @@ class EdgeRunner:
         deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
         corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
-        masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(resid0.device, resid0.dtype).transpose(-1, -2)  # [C, (S,) n_receivers, n_senders]
+        if (masks.dim() == 4) != (segments is not None):
+            raise ValueError("position-aware masks [C, S, senders, receivers] need their position split, and only they")
+        cols = [segments.positions(s).to(resid0.device) for s in range(len(segments.names))] if segments else []
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
-            mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            if segments is None:
+                mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            else:
+                by_pos = deltas[:, :n_prev].view(n_circ, n_prev, batch * seq, dm)
+                n_recv = len(range(*receivers.indices(masks_t.shape[2])))
+                mixed = torch.zeros(n_circ, n_recv, batch * seq, dm, dtype=deltas.dtype, device=deltas.device)
+                for s, at in enumerate(cols):
+                    if len(at):
+                        part = by_pos[:, :, at].reshape(n_circ, n_prev, -1)
+                        mixed[:, :, at] = torch.bmm(masks_t[:, s, receivers, :n_prev].contiguous(), part).view(
+                            n_circ, n_recv, len(at), dm)
             mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 

@@ -10,6 +10,7 @@ works on HF-backed and TL-native bridges alike (no `hook_result` / split q-k-v i
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.edge_runner import GraphActivations
 from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
 from circuitlab.patching.runner import Runner
+from circuitlab.patching.topology import PositionalGraph, PositionSplit, position_split
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
 
@@ -30,9 +32,29 @@ def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
     return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
 
 
-def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
-    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`)."""
-    return engine_context(model, task, pairs, runner=runner, check_gap=False)
+def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
+                  positions: str | None = None) -> EdgeContext:
+    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`);
+    `positions` (`roles`, `each`): position-aware edges (`with_positions`)."""
+    ctx = engine_context(model, task, pairs, runner=runner, check_gap=False)
+    return with_positions(ctx, positions) if positions else ctx
+
+
+def with_positions(ctx: EdgeContext, mode: str | PositionSplit) -> EdgeContext:
+    """The same runs with position-aware edges (`topology.PositionalGraph`): every edge split by the segments of
+    `mode` (`roles`: each role and the spans between roles; `each`: every position), so edge patching, EAP,
+    EAP-IG and faithfulness work at (sender, segment) -> (receiver, segment) granularity. Needs the fast runner
+    (the hook backend patches whole receivers)."""
+    if ctx.backend == "hook":
+        raise ValueError(f"position-aware edges run on the fast runner; {ctx.edge_runner.arch.name} runs on the hook "
+                         f"backend ({ctx.backend_reason or 'asked for'}): use edge positions none")
+    split = mode if isinstance(mode, PositionSplit) else position_split(mode, dict(ctx.pairs.positions), ctx.seq_len)
+    if tuple(split.index.shape) != (ctx.batch, ctx.seq_len):
+        raise ValueError(f"position split is {tuple(split.index.shape)}; these prompts are {(ctx.batch, ctx.seq_len)}")
+    out = copy.copy(ctx)
+    out.split = PositionSplit(split.names, split.index.to(ctx.pairs.clean_tokens.device))
+    out._graph = PositionalGraph(ctx.edge_runner.graph, split.names)
+    return out
 
 
 def circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
@@ -60,7 +82,11 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     with torch.no_grad():
         for start in starts:
             chunk = edge_masks[start:start + step]
-            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
+            if ctx.split is None:
+                final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
+            else:
+                final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk),
+                                               segments=ctx.split)
             logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)
@@ -99,5 +125,6 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor |
     corrupt = GraphActivations(senders, pre, mid, final)
     out = EdgeContext(ctx.edge_runner, ctx.task, ctx.pairs, clean, corrupt, ctx.read_positions, ctx.clean_values,
                       ctx.clean_values, backend=ctx.backend, backend_reason=ctx.backend_reason)
-    out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, g.n_edges))[0]
+    out.split, out._graph = ctx.split, ctx._graph
+    out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, out.graph.n_edges))[0]
     return out

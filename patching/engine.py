@@ -27,7 +27,7 @@ from circuitlab.patching.hook_backend import HookRunner
 from circuitlab.patching.hook_edges import HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph, PositionSplit
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
@@ -118,6 +118,8 @@ class EngineContext:
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
         self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
+        self.split: PositionSplit | None = None  # position-aware edges (`patching.edges.with_positions`)
+        self._graph: ComputationalGraph | None = None
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -126,7 +128,8 @@ class EngineContext:
 
     @property
     def graph(self) -> ComputationalGraph:
-        return self.edge_runner.graph
+        """The model's graph, or its position-aware split (`topology.PositionalGraph`) when `split` is set."""
+        return self._graph if self._graph is not None else self.edge_runner.graph
 
     @property
     def clean(self) -> GraphActivations:
