@@ -35,9 +35,12 @@ DEFAULT_TOP_K = {"edge": 50, "node": 20}
 class DiscoveryOptions(MethodOptions):
     """Options of `discover`: every method's options (`patching.methods.MethodOptions`: steps, ACDC threshold and
     objective, ablation, seed, memory budget) and `selection`, which edges/nodes form the circuit (default: the
-    top 50 edges or 20 nodes, doubled until a path joins input to logits)."""
+    top 50 edges or 20 nodes, doubled until a path joins input to logits). `edge_positions` (`roles`, `each`):
+    position-aware edges (Haklay et al. 2025), every edge split by the role segment it is read at
+    (`patching.topology.PositionalGraph`, edge names `EDGE@SEGMENT`); edge methods only."""
 
     selection: Selection | None = None
+    edge_positions: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,9 +72,14 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     except TypeError:
         known = ", ".join(f.name for f in dataclasses.fields(DiscoveryOptions))
         raise ValueError(f"unknown discover() option among {sorted(options)}: use {known}") from None
+    if opts.edge_positions and spec.level != "edge":
+        raise ValueError(f"edge positions {opts.edge_positions!r} split edges, but {method!r} scores nodes: use an "
+                         "edge method (eap, eap-ig, acdc, random) or edge_positions=None")
     prompts = as_prompts(context if context is not None else prepare_edges(model, task, pairs))
     if opts.ablation:
         prompts = prompts.with_ablation(opts.ablation)  # prompt batches: means over the whole dataset
+    if opts.edge_positions:
+        prompts = prompts.with_positions(opts.edge_positions)
     start = time.perf_counter()
     edges, nodes = score(method, prompts, opts)
     seconds = time.perf_counter() - start

@@ -20,13 +20,13 @@ from torch import Tensor
 
 from circuitlab.patching.activation import _position_dim, _site_activation, activation_patching
 from circuitlab.patching.components import canonical_kind
-from circuitlab.patching.edges import ablated_context
+from circuitlab.patching.edges import ablated_context, with_positions
 from circuitlab.patching.engine import EngineContext, engine_context, make_runner
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.path import path_patching
 from circuitlab.patching.prompts import Prompts
 from circuitlab.patching.runner import Runner
-from circuitlab.patching.topology import sender_nodes
+from circuitlab.patching.topology import ComputationalGraph, PositionalGraph, role_segment_names, sender_nodes
 from circuitlab.tasks.batching import prompt_batches
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
@@ -60,6 +60,7 @@ class Batches(Prompts):
     batch_size: int | None = None
     runner: Runner | None = None
     ablation: str | None = None  # edge methods: None (corrupted prompts), "zero" or "mean" (see with_ablation)
+    edge_positions: str | None = None  # edge methods: position-aware edges by role (see with_positions)
     _kept: dict[Any, EngineContext] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,21 @@ class Batches(Prompts):
         out = replace(self, ablation=ablation)
         out._kept = self._kept  # the same prompts: share the kept contexts
         return out
+
+    def with_positions(self, mode: str | None) -> Batches:
+        """The same batches whose edge methods see position-aware edges (`patching.edges.with_positions`); only
+        `roles`, whose segments mean the same tokens in every batch."""
+        if mode not in (None, "roles"):
+            raise ValueError(f"edge positions {mode!r} over prompt batches: use roles (absolute positions differ "
+                             "between batches), or one batch (a larger --memory-budget)")
+        out = replace(self, edge_positions=mode)
+        out._kept = self._kept
+        return out
+
+    @property
+    def graph(self) -> ComputationalGraph:
+        base = ComputationalGraph.from_model(self.model)
+        return PositionalGraph(base, role_segment_names(list(self.pairs.positions))) if self.edge_positions else base
 
     # ------------------------------------------------------------------ exact means over batches
     def means(self, keys: Sequence[tuple[str, int]], *, run: str = "corrupt") -> dict[tuple[str, int], Tensor]:
@@ -153,7 +169,7 @@ class Batches(Prompts):
             if self.ablation is not None:
                 width = part.seq_len
                 ctx = ablated_context(ctx, self.ablation, means=None if senders is None else senders[:, :width])
-            yield ctx
+            yield with_positions(ctx, self.edge_positions) if self.edge_positions else ctx
 
     # ------------------------------------------------------------------ activation and path patching
     def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),

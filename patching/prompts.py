@@ -19,7 +19,7 @@ from torch import Tensor
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import exact_edge_scores, oracle_frame, oracle_sample
-from circuitlab.patching.edges import ablated_context, evaluate_edge_masks
+from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, with_positions
 from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.faithfulness import FaithfulnessResult, curve_from_values, curve_masks
 from circuitlab.patching.path import path_patching
@@ -40,6 +40,10 @@ class Prompts(ABC):
     @abstractmethod
     def with_ablation(self, ablation: str | None) -> Prompts:
         """The same prompts whose edge methods replace the corrupted run by `zero` or `mean` ablation."""
+
+    @abstractmethod
+    def with_positions(self, mode: str | None) -> Prompts:
+        """The same prompts whose edge methods see position-aware edges (`roles`, `each`; None: plain edges)."""
 
     @abstractmethod
     def activation_patching(self, component: str = "z", *, positions: Any = "all",
@@ -122,6 +126,11 @@ class OneBatch(Prompts):
 
     def with_ablation(self, ablation: str | None) -> OneBatch:
         return OneBatch(self.context, None if ablation is None else ablated_context(self.context, ablation))
+
+    def with_positions(self, mode: str | None) -> OneBatch:
+        if mode is None:
+            return self
+        return OneBatch(with_positions(self.context, mode), with_positions(self.edges, mode))
 
     def activation_patching(self, component: str = "z", *, positions: Any = "all",
                             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,

@@ -25,6 +25,11 @@ class PaddedToyTask(ToyTask):
         return self.metric_at(logits[torch.arange(logits.shape[0])[:, None], self.read_positions(pairs)], pairs)
 
 
+class SizedPairs(ToyPairs):
+    def __len__(self):
+        return int(self.clean_tokens.shape[0])
+
+
 def padded_pairs(vocab, seed=0):
     """Four prompts of lengths 10, 8, 10, 7, right-padded with token 0; role X at 3 or 4, END last."""
     g = torch.Generator().manual_seed(seed)
@@ -37,7 +42,7 @@ def padded_pairs(vocab, seed=0):
     answer = torch.randint(0, vocab, (4, 1), generator=g)
     wrong = (answer + 1 + torch.randint(0, vocab - 1, (4, 1), generator=g)) % vocab
     roles = {"X": torch.tensor([3, 4, 3, 4]), "END": lengths - 1}
-    return ToyPairs(clean, corrupt, answer, wrong, roles, mask)
+    return SizedPairs(clean, corrupt, answer, wrong, roles, mask)
 
 
 @dataclass
@@ -177,3 +182,19 @@ def test_positional_eap_equals_finite_differences(setup):
     assert torch.allclose(exact, ctx.clean_metric - evaluate_edge_masks(ctx, off).mean(1), atol=1e-5)
     result = faithfulness_curve(ctx, scores, percents=(1.0, 10.0, 100.0), n_boot=10)
     assert abs(float(result.curve.query("percent == 100.0")["faithfulness"].iloc[0]) - 1.0) < 1e-4
+
+
+def test_discover_with_edge_positions(setup):
+    from circuitlab.graphs.discovery import discover, evaluate
+
+    model, task, pairs, ctx = setup
+    found = discover(model, task, pairs, "eap", edge_positions="roles")
+    assert found.edge_scores.graph.n_edges == ctx.graph.n_edges
+    assert torch.allclose(found.edge_scores.scores.float(), eap_scores(ctx), atol=1e-5)
+    circuit = found.edge_scores.top_k(20)
+    assert all("@" in name for name in circuit.edge_names())
+    value = evaluate(found.context, circuit).circuit
+    want = evaluate_edge_masks(ctx, circuit.edges.float().unsqueeze(0))[0]
+    assert torch.allclose(torch.as_tensor(value, dtype=torch.float32), want, atol=1e-5)
+    with pytest.raises(ValueError, match="scores nodes"):
+        discover(model, task, pairs, "activation", edge_positions="roles")
