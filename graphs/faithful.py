@@ -15,7 +15,11 @@ recomputed, never corrupted, unless `heads_only=False`) or over edges (edge leve
 | greedy         | node  | EAP-IG's faithful prefix refined by exact gains (`graphs.greedy`)              |
 | ranking-edges  | edge  | the run's own edge ranking (given as `edge_scores`), highest first             |
 
-The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts. When even the
+The circuit is `graphs.selection.select_by_faithfulness` of the ranking on the discovery prompts, or, given
+`validation` prompts (discovery templates set aside, never the test prompts), `graphs.selection.select_validated`:
+the smallest prefix within [target, 2 - target] on both, over signed and absolute orders of attribution scores.
+With validation, node and edge pruning start from the EAP-IG ranking when `init_from_scores` (its top
+`init_fraction` of items open) and stop early on the validation prompts (`patching.mask_learning`). When even the
 whole ranking (every item with a score clear of noise) falls short of the target, it is completed from the items
 the ranking could not rank, by exact gain (`graphs.greedy.complete_by_exact_gain`: an item enters only with an
 exact gain above noise, so inert components never do); `circuit.added` names them. The
@@ -35,8 +39,8 @@ from torch import Tensor
 
 from circuitlab.graphs.greedy import complete_by_exact_gain, greedy_refine
 from circuitlab.graphs.selection import (
-    CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order, edge_evaluator, node_evaluator,
-    select_by_faithfulness, normalized,
+    CircuitEvaluator, FaithfulCircuit, batched_evaluator, candidate_order, distance, edge_evaluator, node_evaluator,
+    normalized, select_by_faithfulness, select_validated, within,
 )
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores
@@ -65,6 +69,8 @@ class FaithfulConfig:
     require_lower: bool = False
     n_boot: int = 1000
     seed: int = 0
+    init_from_scores: bool = False  # pruning: start from the EAP-IG ranking (its top init_fraction open)
+    init_fraction: float = 0.02
 
 
 @dataclass
@@ -82,12 +88,14 @@ class FaithfulResult:
     notes: str = ""
 
     def row(self) -> dict[str, Any]:
-        held = self.heldout
+        held, val = self.heldout, self.circuit.validation
         return {"method": self.method, "level": self.level, **self.sizes,
                 "discovery_faithfulness": self.circuit.faithfulness, "discovery_low": self.circuit.ci[0],
                 "discovery_high": self.circuit.ci[1], "reached": self.circuit.reached,
                 "heldout_faithfulness": held[0] if held else float("nan"),
                 "heldout_low": held[1][0] if held else float("nan"), "heldout_high": held[1][1] if held else float("nan"),
+                "validation_faithfulness": val[0] if val else float("nan"),
+                "validation_low": val[1][0] if val else float("nan"), "validation_high": val[1][1] if val else float("nan"),
                 "seconds": self.seconds, "notes": self.notes}
 
 
@@ -144,10 +152,32 @@ def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
     return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": len(edges)}
 
 
+def pruning_init(scores: Tensor, fraction: float, init: float) -> Tensor:
+    """Initial log_alpha from a ranking: +init for the top `fraction` of items by signed score, -init for the rest."""
+    k = max(1, int(round(fraction * len(scores))))
+    out = torch.full((len(scores),), -abs(init))
+    out[torch.argsort(scores.double(), descending=True, stable=True)[:k]] = abs(init)
+    return out
+
+
+def validation_monitor(validation: CircuitEvaluator, target: float) -> Callable[[Tensor], float]:
+    """Early-stopping loss of learned masks (`learn_masks(monitor=...)`): the deterministic circuit's exact
+    faithfulness on validation prompts; within the target band, its size as a fraction of all items (smaller is
+    better), else 1 + its distance from 1."""
+    def monitor(log_alpha: Tensor) -> float:
+        mask = (log_alpha > 0).float()
+        f = float(normalized(validation.values(mask), validation.clean_values, validation.corrupt_values, n_boot=0)[0][0])
+        return float(mask.mean()) if within(f, target) else 1.0 + distance(f)
+
+    return monitor
+
+
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
-         log: Callable[[str], None] | None = None, edge_scores: Tensor | None = None) -> tuple[Tensor, bool, str]:
+         log: Callable[[str], None] | None = None, edge_scores: Tensor | None = None,
+         validation: CircuitEvaluator | None = None) -> tuple[Tensor, bool, str]:
     """(scores over evaluator.items, rank by |score|, note) for a ranking method. `edge_scores` reuses
-    attribution scores already computed on `ctx` (eap, eap-ig, greedy and their edge variants)."""
+    attribution scores already computed on `ctx` (eap, eap-ig, greedy and their edge variants). `validation`:
+    pruning stops early on these prompts (and starts from EAP-IG with `config.init_from_scores`)."""
     if edge_scores is not None and method in ("eap", "eap-ig", "greedy"):
         return _attribution_nodes(ctx, evaluator, edge_scores), True, "attribution scores of the run"
     if edge_scores is not None and method in ("eap-edges", "eap-ig-edges"):
@@ -167,11 +197,22 @@ def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: Circu
         base = config.masks if method == "node-pruning" else config.edge_masks
         mcfg = MaskConfig(**{**base.__dict__, "level": "node" if method == "node-pruning" else "edge",
                              "heads_only": config.heads_only})
-        result = learn_masks(ctx, mcfg, log=log)
+        init, note = None, ""
+        if config.init_from_scores:
+            scores = edge_scores if edge_scores is not None else eap_ig_scores(ctx, steps=config.eap_ig_steps)
+            if method == "node-pruning":
+                scores = _attribution_nodes(ctx, evaluator, scores)
+            init = pruning_init(scores.float(), config.init_fraction, mcfg.init)
+            note = f"from EAP-IG's top {config.init_fraction:.1%}, "
+        monitor = validation_monitor(validation, config.target) if validation is not None else None
+        result = learn_masks(ctx, mcfg, log=log, init=init, monitor=monitor)
         if result.items != evaluator.items:
             raise RuntimeError("mask items and evaluator items differ; this is a bug")
+        if result.best_step is not None:
+            note += f"kept step {result.best_step} by validation, "
         # keep probability orders items like log_alpha and is never exactly zero: closed gates rank last
-        return result.keep_probability, False, f"{mcfg.steps} steps, sparsity {mcfg.sparsity}, {int(result.kept.sum())} gates open"
+        return (result.keep_probability, False,
+                f"{note}{len(result.history)} steps, sparsity {mcfg.sparsity}, {int(result.kept.sum())} gates open")
     raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
 
 
@@ -189,6 +230,11 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
     return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi})
 
 
+def _chosen_order(circuit: FaithfulCircuit, default: bool) -> bool:
+    """The order (`absolute`) whose prefix `select_validated` returned (it records it in the curve)."""
+    return bool(circuit.curve["absolute"].iloc[0]) if "absolute" in circuit.curve.columns and len(circuit.curve) else default
+
+
 Contexts = Callable[[], Iterable[EdgeContext]]
 REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges", "ranking-edges")  # rankings `edge_scores` can supply
 
@@ -196,8 +242,10 @@ REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges", "ranking-edg
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
                           heldout: EdgeContext | None = None, log: Callable[[str], None] | None = None,
                           edge_scores: Tensor | None = None, batches: Contexts | None = None,
-                          heldout_batches: Contexts | None = None) -> FaithfulResult:
-    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target`, check on `heldout`.
+                          heldout_batches: Contexts | None = None, validation: EdgeContext | None = None
+                          ) -> FaithfulResult:
+    """Rank with `method` on `ctx`, choose the smallest prefix reaching `config.target` (on `ctx`, or within the
+    band on `ctx` and `validation`: `graphs.selection.select_validated`), check on `heldout`.
 
     With `batches` (and `heldout_batches`), callables yielding one context per prompt batch, every exact
     evaluation runs batch by batch (`graphs.selection.batched_evaluator`) and `ctx` serves only for the graph:
@@ -217,15 +265,21 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         return node_evaluator(c, heads_only=cfg.heads_only, memory_budget_mb=cfg.memory_budget_mb)
 
     evaluator = batched_evaluator(make, batches) if batches is not None else make(ctx)
-    scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
-    circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
-                                     n_boot=cfg.n_boot, seed=cfg.seed)
+    val_eval = make(validation) if validation is not None else None
+    scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores, val_eval)
+    if val_eval is not None:
+        circuit = select_validated(evaluator, val_eval, scores, cfg.target, orders=(False, True) if absolute else (False,),
+                                   n_boot=cfg.n_boot, seed=cfg.seed)
+        absolute = _chosen_order(circuit, absolute)
+    else:
+        circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute,
+                                         require_lower=cfg.require_lower, n_boot=cfg.n_boot, seed=cfg.seed)
     if method == "greedy":
         refined = greedy_refine(evaluator, circuit.items, scores, cfg.target, candidates=cfg.greedy_candidates)
         f, ci = evaluator.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
         note = f"from EAP-IG's prefix of {circuit.size}: {refined.evaluations} exact evaluations"
         circuit = FaithfulCircuit(refined.items, f, ci, cfg.target, refined.reached, circuit.candidates, circuit.curve)
-    if cfg.complete and not circuit.reached:
+    if cfg.complete and not circuit.reached and val_eval is None:  # completion is unvalidated: not with validation
         ranked = set(candidate_order(scores, absolute=absolute))
         pool = [evaluator.items[i] for i in range(len(evaluator.items)) if i not in ranked]
         done = complete_by_exact_gain(evaluator, circuit.items, pool, cfg.target)
