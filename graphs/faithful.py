@@ -146,7 +146,7 @@ def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
     """Heads, MLPs and edges of an edge circuit (nodes touched by a kept edge)."""
     nodes = set()
     for name in edges:
-        src, dst, _ = parse_edge(name)
+        src, dst, _ = parse_edge(name.split("@")[0])  # position-aware edges: EDGE@SEGMENT
         nodes |= {src, dst}
     kinds = [node_kind(n) for n in nodes]
     return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": len(edges)}

@@ -255,13 +255,16 @@ def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: 
 
 def select_validated(evaluator: CircuitEvaluator, validation: CircuitEvaluator, scores: Tensor, target: float = 0.8, *,
                      orders: Sequence[bool] = (False, True), noise: float = NOISE, n_boot: int = 1000, seed: int = 0,
-                     batch: int = 16) -> FaithfulCircuit:
+                     batch: int = 4) -> FaithfulCircuit:
     """Smallest prefix of the ranking whose exact faithfulness is `within` the target band on both `evaluator`'s
     prompts and `validation`'s (same items, other prompts), trying each order in `orders` (False: signed scores,
-    True: |scores|) and keeping the smaller circuit. The grid of `size_grid` is measured on both; the crossing is
-    then narrowed by bisection between the last grid size that fails and the first that passes (both checked).
-    The returned curve holds both sets' faithfulness (`validation`, `validation_low`, `validation_high`) and the
-    order (`absolute`); with no size passing, the prefix closest to 1 on validation is returned, not reached."""
+    True: |scores|) and keeping the smaller circuit (a later order is only measured below the size found so far).
+
+    The `size_grid` sizes are measured on the discovery prompts; validation prompts are measured where discovery
+    is within the band, smallest first (`batch` sizes at a time), up to the first size within on both; the crossing
+    is then narrowed by bisection between the grid size below it and it (both sets checked). The returned curve
+    holds both sets' faithfulness (`validation`, `validation_low`, `validation_high`: NaN where not measured) and
+    the order (`absolute`); with no size passing, the prefix closest to 1 on validation is returned, not reached."""
     if validation.items != evaluator.items:
         raise ValueError("the validation evaluator must have the same items as the discovery evaluator")
     if len(scores) != len(evaluator.items):
@@ -271,8 +274,9 @@ def select_validated(evaluator: CircuitEvaluator, validation: CircuitEvaluator, 
         order = candidate_order(scores, absolute=absolute, noise=noise)
         if not order:
             continue
-        found = _validated_prefix(evaluator, validation, order, target, absolute, n_boot, seed, batch)
-        if best is None or _better(found, best):
+        limit = best.size if best is not None and best.reached else None
+        found = _validated_prefix(evaluator, validation, order, target, absolute, n_boot, seed, batch, limit)
+        if found is not None and (best is None or _better(found, best)):
             best = found
     if best is None:
         raise ValueError("every score is zero (or within noise of zero): nothing to select; check the scoring run")
@@ -288,40 +292,61 @@ def _better(a: FaithfulCircuit, b: FaithfulCircuit) -> bool:
 
 
 def _validated_prefix(evaluator: CircuitEvaluator, validation: CircuitEvaluator, order: list[int], target: float,
-                      absolute: bool, n_boot: int, seed: int, batch: int) -> FaithfulCircuit:
-    def measure(sizes: Sequence[int]) -> pd.DataFrame:
+                      absolute: bool, n_boot: int, seed: int, batch: int, limit: int | None) -> FaithfulCircuit | None:
+    """One order's smallest prefix within the band on both sets (see `select_validated`); sizes below `limit`
+    only, and None when none of them passes there."""
+    def measure(ev: CircuitEvaluator, sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         masks = torch.zeros(len(sizes), len(evaluator.items))
         for row, k in enumerate(sizes):
             masks[row, order[:k]] = 1.0
-        parts = {}
-        for name, ev in (("", evaluator), ("validation", validation)):
-            values = np.concatenate([ev.values(masks[i:i + batch]) for i in range(0, len(sizes), batch)])
-            f, lo, hi = normalized(values, ev.clean_values, ev.corrupt_values, n_boot=n_boot, seed=seed)
-            key = name or "faithfulness"
-            parts.update({key: f, f"{name or 'ci'}_low": lo, f"{name or 'ci'}_high": hi})
-        return pd.DataFrame({"size": list(sizes), **parts, "absolute": absolute})
+        return normalized(ev.values(masks), ev.clean_values, ev.corrupt_values, n_boot=n_boot, seed=seed)
+
+    def rows(sizes: Sequence[int]) -> pd.DataFrame:
+        f, lo, hi = measure(evaluator, sizes)
+        nan = np.full(len(sizes), np.nan)
+        return pd.DataFrame({"size": list(sizes), "faithfulness": f, "ci_low": lo, "ci_high": hi, "validation": nan,
+                             "validation_low": nan, "validation_high": nan, "absolute": absolute})
+
+    def fill(curve: pd.DataFrame, index: Sequence[int]) -> None:
+        if index:
+            f, lo, hi = measure(validation, [int(curve.at[i, "size"]) for i in index])
+            curve.loc[list(index), ["validation", "validation_low", "validation_high"]] = np.stack([f, lo, hi], 1)
 
     def ok(row: pd.Series) -> bool:
         return within(float(row["faithfulness"]), target) and within(float(row["validation"]), target)
 
-    curve = measure(size_grid(len(order)))
-    passes = [ok(curve.iloc[i]) for i in range(len(curve))]
-    if not any(passes):
+    sizes = [k for k in size_grid(len(order)) if limit is None or k < limit]
+    if not sizes:
+        return None
+    curve = rows(sizes)
+    candidates = [i for i in range(len(curve)) if within(float(curve.at[i, "faithfulness"]), target)]
+    first = None
+    for at in range(0, len(candidates), batch):
+        fill(curve, candidates[at:at + batch])
+        hits = [i for i in candidates[at:at + batch] if ok(curve.loc[i])]
+        if hits:
+            first = hits[0]
+            break
+    if first is None:
+        if limit is not None:
+            return None
+        fill(curve, [i for i in range(len(curve)) if np.isnan(curve.at[i, "validation"])])
         row = curve.loc[curve["validation"].map(lambda f: distance(float(f))).idxmin()]
         size = int(row["size"])
         return FaithfulCircuit([evaluator.items[i] for i in order[:size]], float(row["faithfulness"]),
                                (float(row["ci_low"]), float(row["ci_high"])), target, False, len(order), curve,
                                validation=_validation(row))
-    first = passes.index(True)
-    lo_size = int(curve.iloc[first - 1]["size"]) if first > 0 else 0
-    hi_row = curve.iloc[first]
+    lo_size = int(curve.at[first - 1, "size"]) if first > 0 else 0
+    hi_row = curve.loc[first]
     hi_size, extra = int(hi_row["size"]), []
     while hi_size - lo_size > 1:  # lo fails, hi passes
         mid = (lo_size + hi_size) // 2
-        row = measure([mid]).iloc[0]
-        extra.append(row)
-        if ok(row):
-            hi_size, hi_row = mid, row
+        row = rows([mid])
+        if within(float(row.at[0, "faithfulness"]), target):
+            fill(row, [0])
+        extra.append(row.iloc[0])
+        if ok(row.iloc[0]):
+            hi_size, hi_row = mid, row.iloc[0]
         else:
             lo_size = mid
     if extra:

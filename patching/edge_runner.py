@@ -178,16 +178,22 @@ class EdgeRunner:
         cols = [segments.positions(s).to(resid0.device) for s in range(len(segments.names))] if segments else []
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
+            # only senders some circuit keeps into these receivers contribute: small circuits mix few senders
+            n_recv = len(range(*receivers.indices(masks_t.shape[-2])))
             if segments is None:
-                mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+                m = masks_t[:, receivers, :n_prev]
+                active = (m != 0).any(0).any(0).nonzero().flatten()
+                mixed = torch.bmm(m[:, :, active].contiguous(), deltas[:, active]) if len(active) else \
+                    torch.zeros(n_circ, n_recv, flat, dtype=deltas.dtype, device=deltas.device)  # [C, R, flat]
             else:
-                by_pos = deltas[:, :n_prev].view(n_circ, n_prev, batch * seq, dm)
-                n_recv = len(range(*receivers.indices(masks_t.shape[2])))
+                by_pos = deltas.view(n_circ, g.n_senders, batch * seq, dm)
                 mixed = torch.zeros(n_circ, n_recv, batch * seq, dm, dtype=deltas.dtype, device=deltas.device)
                 for s, at in enumerate(cols):
-                    if len(at):
-                        part = by_pos[:, :, at].reshape(n_circ, n_prev, -1)
-                        mixed[:, :, at] = torch.bmm(masks_t[:, s, receivers, :n_prev].contiguous(), part).view(
+                    m = masks_t[:, s, receivers, :n_prev]
+                    active = (m != 0).any(0).any(0).nonzero().flatten()
+                    if len(at) and len(active):
+                        part = by_pos[:, active[:, None], at[None, :]].reshape(n_circ, len(active), -1)
+                        mixed[:, :, at] = torch.bmm(m[:, :, active].contiguous(), part).view(
                             n_circ, n_recv, len(at), dm)
             mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]

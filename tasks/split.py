@@ -60,10 +60,37 @@ def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, se
     return disc, held
 
 
+def validation_split(task: Any, model: Any, n_discovery: int, n_validation: int, n_heldout: int, *, seed: int = 0,
+                     heldout_fraction: float = 0.5, **options: Any) -> tuple[PromptPairs, PromptPairs, PromptPairs]:
+    """(discovery, validation, held-out) pairs with pairwise disjoint templates: held-out templates are dealt as in
+    `split_pairs`; the discovery side's templates are dealt again, in proportion to `n_validation`, to a
+    validation set (for choosing a circuit's size, `graphs.selection.select_validated`), so the held-out prompts
+    that a report states stay unseen by discovery and by selection."""
+    pool = task.generate(model, 3 * (n_discovery + n_validation + n_heldout), seed=seed, **options)
+    key = template_key(pool)
+    templates = sorted(set(pool.meta[key].tolist()), key=str)
+    if len(templates) < 3:
+        raise ValueError(f"only {len(templates)} templates in the pool: a three-way template split needs at least 3")
+    random.Random(seed).shuffle(templates)
+    n_held = min(len(templates) - 2, max(1, round(heldout_fraction * len(templates))))
+    rest = templates[n_held:]
+    n_val = min(len(rest) - 1, max(1, round(len(rest) * n_validation / max(1, n_discovery + n_validation))))
+    groups = (set(rest[n_val:]), set(rest[:n_val]), set(templates[:n_held]))
+    out = []
+    for name, group, n in zip(("discovery", "validation", "heldout"), groups, (n_discovery, n_validation, n_heldout)):
+        rows = [i for i, t in enumerate(pool.meta[key].tolist()) if t in group][:n]
+        if len(rows) < n:
+            raise ValueError(f"the pool of {len(pool)} pairs has {len(rows)} {name} pairs; need {n}: ask for fewer")
+        part = trim_padding(pool.subset(rows))
+        part.info = dict(part.info, split=name)
+        out.append(part)
+    return out[0], out[1], out[2]
+
+
 def shared_templates(a: PromptPairs, b: PromptPairs) -> set[Any]:
     """Templates present in both sets of pairs (empty for a proper held-out split)."""
     key = template_key(a)
     return set(a.meta[key].tolist()) & set(b.meta[template_key(b)].tolist())
 
 
-__all__ = ["heldout_split", "shared_templates", "split_pairs", "template_key"]
+__all__ = ["heldout_split", "shared_templates", "split_pairs", "template_key", "validation_split"]
