@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
     run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE], ints or none")
     run.add_argument("--resid-positions", default=None, help="residual heatmap: each, roles or none")
+    run.add_argument("--edge-positions", default=None,
+                     help="roles: position-aware edges, each edge split by the role segment it is read at; none (default)")
     run.add_argument("--resid-layers", type=int, default=None, help="at most this many layers in the heatmap")
     run.add_argument("--steps", type=int, default=None, help="EAP-IG integration steps (default 5)")
     run.add_argument("--oracle-edges", type=int, default=None, help="edges re-scored exactly (default 200)")
@@ -140,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples", "backend", "variables")}
+                                         "stability_resamples", "backend", "variables", "edge_positions")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)

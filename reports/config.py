@@ -22,7 +22,7 @@ import torch
 from circuitlab.graphs.faithful import FAITHFUL_METHODS
 from circuitlab.graphs.variables import variable_names
 from circuitlab.patching.engine import BACKENDS
-from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.patching.methods import get_method, method_names  # the one registry of scoring methods (patching.methods)
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
@@ -56,6 +56,9 @@ class RunConfig:
     `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
+    `edge_positions`: `roles` splits every edge by the role segment it is read at (position-aware edges,
+    `patching.topology.PositionalGraph`) for the edge scores, oracle, faithfulness curve and edge-level circuit
+    methods; node-level circuit methods rank heads by the scores summed over segments. `none`: plain edges.
     """
 
     task: str = "ioi"
@@ -90,6 +93,7 @@ class RunConfig:
     stability_resamples: int = 0
     backend: str = "auto"
     variables: str = ""
+    edge_positions: str = "none"
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
@@ -290,6 +294,11 @@ def validate(cfg: RunConfig) -> None:
         parse_positions(cfg.positions, task.roles)
     if cfg.resid_positions not in ("each", "roles", "none"):
         raise ConfigError(f"--resid-positions must be each, roles or none, got {cfg.resid_positions!r}")
+    if cfg.edge_positions not in ("none", "roles"):
+        raise ConfigError(f"--edge-positions must be none or roles, got {cfg.edge_positions!r}")
+    if cfg.edge_positions != "none" and get_method(cfg.method).level != "edge":
+        raise ConfigError(f"--edge-positions {cfg.edge_positions} splits edges, but --method {cfg.method} scores "
+                          "nodes: use an edge method (eap-ig, eap, acdc, random) or --edge-positions none")
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)

@@ -21,7 +21,7 @@ import torch
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.discovery import choose_circuit
-from circuitlab.graphs.faithful import FaithfulConfig, REUSABLE, find_faithful_circuit, prefix_curve
+from circuitlab.graphs.faithful import EDGE_LEVEL, FaithfulConfig, REUSABLE, find_faithful_circuit, prefix_curve
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
 from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
@@ -30,6 +30,7 @@ from circuitlab.graphs.variables import head_variables, variable_names
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
 from circuitlab.patching.methods import get_method
+from circuitlab.patching.topology import PositionalGraph
 from circuitlab.reports.result import strongest_per_node
 from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
@@ -133,18 +134,24 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
     edge_scores, reused = None, ""
+    positional = cfg.edge_positions != "none" and method in EDGE_LEVEL  # edge circuits over position-aware edges
     if p.result.edges is not None and method in REUSABLE and (cfg.method in ("eap-ig", "eap") or
                                                               method == "ranking-edges"):
-        edge_scores, reused = p.scores()[0].ranking().float(), f"the run's {cfg.method} scores"
-    (disc_parts, disc_size), (held_parts, held_size) = _contexts(p.batches()), _contexts(p.batches("heldout"))
+        edges = p.scores()[0]
+        edge_scores, reused = edges.ranking().float(), f"the run's {cfg.method} scores"
+        if isinstance(edges.graph, PositionalGraph) and not positional:  # heads ranked by scores summed over segments
+            edge_scores, reused = edges.graph.pooled(edge_scores), reused + " summed over position segments"
+    batches = p.edge_batches if positional else p.batches
+    (disc_parts, disc_size), (held_parts, held_size) = _contexts(batches()), _contexts(batches("heldout"))
     batched = disc_size < len(discovery) or held_size < len(heldout)
     full = {}  # contexts over every prompt, built only where needed
 
     def whole(name: str) -> Any:
         if name not in full:
-            parts = p.batches() if name == "discovery" else p.batches("heldout")
+            parts = batches() if name == "discovery" else batches("heldout")
             full[name] = next(parts.edge_contexts()) if parts.keeps_contexts() else prepare_edges(
-                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner())
+                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner(),
+                positions=cfg.edge_positions if positional else None)
         return full[name]
 
     config = faithful_config(cfg, len(discovery))

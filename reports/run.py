@@ -34,7 +34,7 @@ from circuitlab.patching.methods import get_method
 from circuitlab.patching.models import load_model
 from circuitlab.patching.normalize import normalize_difference
 from circuitlab.patching.reproducible import free_cores
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.topology import ComputationalGraph, PositionalGraph, role_segment_names
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, check_heldout_n, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
@@ -106,7 +106,16 @@ class Pipeline:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> Any:
-        return ComputationalGraph.from_meta(self.result.model)
+        """The graph the run's edge scores live on: the model's, or its position-aware split (--edge-positions)."""
+        base = ComputationalGraph.from_meta(self.result.model)
+        if self.cfg.edge_positions == "none":
+            return base
+        return PositionalGraph(base, role_segment_names(list(self.result.pairs.positions)))
+
+    def edge_batches(self, which: str = "discovery") -> Batches:
+        """`batches`, with position-aware edges when --edge-positions asks for them (edge stages read these)."""
+        parts = self.batches(which)
+        return parts if self.cfg.edge_positions == "none" else parts.with_positions(self.cfg.edge_positions)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
         """Fill the result from a stage: its saved output when cached (and verified), else `compute` (then saved)."""
@@ -183,7 +192,7 @@ def _scores(p: Pipeline) -> dict[str, Any]:
     p.say(f"  {cfg.method} over {p.graph().n_edges} edges")
     found = discover(p.model(), p.task, p.pairs(), cfg.method, context=p.batches(), steps=cfg.steps,
                      acdc_threshold=cfg.acdc_threshold, seed=cfg.seed, memory_budget_mb=cfg.memory_budget,
-                     progress=p.progress)
+                     progress=p.progress, edge_positions=None if cfg.edge_positions == "none" else cfg.edge_positions)
     out: dict[str, Any] = {"nodes": found.node_scores.to_frame(), "edges": None, "acdc_summary": None}
     if found.edge_scores is not None:
         out["edges"] = found.edge_scores.to_frame()
@@ -227,7 +236,7 @@ def _resid(p: Pipeline) -> dict[str, Any]:
 def _oracle(p: Pipeline) -> dict[str, Any]:
     edges, _ = p.scores()
     p.say(f"  exact edge patching of {p.cfg.oracle_edges} sampled edges")
-    rho, frame = p.batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
+    rho, frame = p.edge_batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
                                           progress=p.progress)
     frame = frame.assign(approx_effect=normalize_difference(frame["approx"], edges.gap),
                          exact_effect=normalize_difference(frame["exact"], edges.gap))
@@ -238,7 +247,7 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
     cfg = p.cfg
     edges, nodes = p.scores()
     ranking = edges.ranking() if edges is not None else nodes.edge_ranking(absolute=True)
-    result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
+    result = p.edge_batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
             "faithfulness_summary": {"cpr": result.cpr, "cpr_ci": list(result.cpr_ci), "cmd": result.cmd,

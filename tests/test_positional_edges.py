@@ -2,16 +2,25 @@
 (sender, segment) -> (receiver, segment) granularity equals a plain-hook reference written here on the bridge's own
 hooks, on a right-padded batch; position-aware EAP equals finite differences of the exact masked metric."""
 
+import json
 import math
 from dataclasses import dataclass
 
+import pandas as pd
 import pytest
 import torch
+
+from circuitlab.graphs.discovery import discover, evaluate
+from circuitlab.patching.models import load_model
+from circuitlab.reports.cli import main
+from circuitlab.reports.save import load_result
+from circuitlab.tasks import get_task
 
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges, with_positions
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.topology import PositionalGraph, position_split
+from tests.test_cli import FAST
 from tests.toy import ToyPairs, ToyTask
 
 
@@ -185,8 +194,6 @@ def test_positional_eap_equals_finite_differences(setup):
 
 
 def test_discover_with_edge_positions(setup):
-    from circuitlab.graphs.discovery import discover, evaluate
-
     model, task, pairs, ctx = setup
     found = discover(model, task, pairs, "eap", edge_positions="roles")
     assert found.edge_scores.graph.n_edges == ctx.graph.n_edges
@@ -198,3 +205,26 @@ def test_discover_with_edge_positions(setup):
     assert torch.allclose(torch.as_tensor(value, dtype=torch.float32), want, atol=1e-5)
     with pytest.raises(ValueError, match="scores nodes"):
         discover(model, task, pairs, "activation", edge_positions="roles")
+
+
+def test_run_with_edge_positions(tiny_dir, tmp_path):
+    """`circuitlab run --edge-positions roles`: the saved edge scores are the library's position-aware EAP-IG on the
+    run's own pairs, the faithfulness curve reaches 1 with every edge, and the edge circuit is chosen and reported."""
+    out = tmp_path / "roles"
+    assert main(["run", "--model", tiny_dir, "--out", str(out), "--quiet", "--no-roles", "--resid-positions", "none",
+                 "--positions", "none", "--heldout-n", "4", "--edge-positions", "roles", "--steps", "2",
+                 "--circuit-method", "ranking-edges", *FAST]) == 0
+    record = json.loads((out / "run.json").read_text())
+    edges = pd.read_parquet(out / "tables" / "edges.parquet")
+    result = load_result(out)
+    model = load_model(tiny_dir)
+    found = discover(model, get_task("repeated_tokens"), result.pairs, "eap-ig", steps=2, edge_positions="roles")
+    assert list(edges["edge"]) == found.edge_scores.graph.edge_names and "@" in edges["edge"].iloc[0]
+    assert torch.allclose(torch.tensor(edges["score"].to_numpy()), found.edge_scores.scores, atol=1e-5)
+    curve = pd.read_csv(out / "faithfulness.csv")
+    assert abs(float(curve.query("percent == 100")["faithfulness"].iloc[0]) - 1.0) < 1e-4
+    summary = record["circuit_faithfulness"]
+    assert summary["level"] == "edge" and all("@" in item for item in summary["items"])
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "x"), "--method", "activation",
+                 "--edge-positions", "roles", *FAST]) == 2
+
