@@ -17,6 +17,7 @@ from circuitlab.reports.save import load_result
 from circuitlab.tasks import get_task
 
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edge_scores
+from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges, with_positions
 from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.topology import PositionalGraph, position_split
@@ -228,3 +229,21 @@ def test_run_with_edge_positions(tiny_dir, tmp_path):
     assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "x"), "--method", "activation",
                  "--edge-positions", "roles", *FAST]) == 2
 
+
+
+def test_differentiable_positional_masks_equal_engine_and_finite_differences(setup):
+    """The autograd path (`edge_masks`, what position-aware edge pruning learns through) equals exact edge patching,
+    and its gradient equals finite differences of it."""
+    _, _, _, ctx = setup
+    soft = torch.rand(2, ctx.graph.n_edges, generator=torch.Generator().manual_seed(4))
+    soft.requires_grad_(True)
+    values = edge_masked_metric(ctx, soft)
+    assert torch.allclose(values.detach(), evaluate_edge_masks(ctx, soft.detach()), atol=1e-5)
+    grad = torch.autograd.grad(values[0].mean(), soft)[0][0]
+    picks, eps = torch.argsort(grad.abs(), descending=True)[:3].tolist(), 1e-2
+    for e in picks:
+        plus, minus = soft.detach()[:1].clone(), soft.detach()[:1].clone()
+        plus[0, e] += eps
+        minus[0, e] -= eps
+        fd = float(evaluate_edge_masks(ctx, plus).double().mean() - evaluate_edge_masks(ctx, minus).double().mean()) / (2 * eps)
+        assert math.isclose(float(grad[e]), fd, rel_tol=2e-2, abs_tol=2e-3), ctx.graph.edge_names[e]
