@@ -64,6 +64,11 @@ def circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * 2**20 // per_circuit))
 
 
+def segments(ctx: EdgeContext) -> dict[str, PositionSplit]:
+    """The masked forward's position split argument: {} for plain edges (every backend), else {"segments": split}."""
+    return {} if ctx.split is None else {"segments": ctx.split}
+
+
 def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_mb: float = 1024.0,
                         progress: bool = False) -> Tensor:
     """Per-prompt metric [C, batch] for each circuit given as an edge vector [C, n_edges] (1 = keep clean)."""
@@ -82,11 +87,7 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     with torch.no_grad():
         for start in starts:
             chunk = edge_masks[start:start + step]
-            if ctx.split is None:
-                final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
-            else:
-                final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk),
-                                               segments=ctx.split)
+            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk), **segments(ctx))
             logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)

@@ -20,9 +20,11 @@ from circuitlab.patching.attribution import eap_ig_scores, eap_scores, exact_edg
 from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges, with_positions
 from circuitlab.patching.faithfulness import faithfulness_curve
-from circuitlab.patching.topology import PositionalGraph, position_split
+from circuitlab.patching.acdc import acdc
+from circuitlab.patching.models import boot_native_model
+from circuitlab.patching.topology import PositionalGraph, PositionSplit, position_split
 from tests.test_cli import FAST
-from tests.toy import ToyPairs, ToyTask
+from tests.toy import ToyPairs, ToyTask, toy_pairs
 
 
 class PaddedToyTask(ToyTask):
@@ -247,3 +249,16 @@ def test_differentiable_positional_masks_equal_engine_and_finite_differences(set
         minus[0, e] -= eps
         fd = float(evaluate_edge_masks(ctx, plus).double().mean() - evaluate_edge_masks(ctx, minus).double().mean()) / (2 * eps)
         assert math.isclose(float(grad[e]), fd, rel_tol=2e-2, abs_tol=2e-3), ctx.graph.edge_names[e]
+
+
+
+def test_acdc_over_one_segment_equals_plain_acdc():
+    """ACDC reads position-aware contexts too: with a single segment holding every position, it keeps exactly the
+    edges plain ACDC keeps (31-edge attention-only model)."""
+    model = boot_native_model(dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=64, n_ctx=32, attn_only=True,
+                                   normalization_type="RMS", positional_embedding_type="rotary", seed=3))
+    task, pairs = ToyTask(), toy_pairs(64, seed=3)
+    plain = prepare_edges(model, task, pairs)
+    one = with_positions(plain, PositionSplit(("all",), torch.zeros(pairs.clean_tokens.shape, dtype=torch.long)))
+    a, b = acdc(plain, 0.02, objective="metric"), acdc(one, 0.02, objective="metric")
+    assert torch.equal(a.kept, b.kept) and 0 < int(a.kept.sum()) < plain.graph.n_edges
