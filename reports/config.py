@@ -56,9 +56,6 @@ class RunConfig:
     `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
-    `edge_positions`: `roles` splits every edge by the role segment it is read at (position-aware edges,
-    `patching.topology.PositionalGraph`) for the edge scores, oracle, faithfulness curve and edge-level circuit
-    methods; node-level circuit methods rank heads by the scores summed over segments. `none`: plain edges.
     """
 
     task: str = "ioi"
@@ -93,7 +90,7 @@ class RunConfig:
     stability_resamples: int = 0
     backend: str = "auto"
     variables: str = ""
-    edge_positions: str = "none"
+    edge_positions: str = "none"  # roles: edges split by role segment (`patching.topology.PositionalGraph`)
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
@@ -294,11 +291,8 @@ def validate(cfg: RunConfig) -> None:
         parse_positions(cfg.positions, task.roles)
     if cfg.resid_positions not in ("each", "roles", "none"):
         raise ConfigError(f"--resid-positions must be each, roles or none, got {cfg.resid_positions!r}")
-    if cfg.edge_positions not in ("none", "roles"):
-        raise ConfigError(f"--edge-positions must be none or roles, got {cfg.edge_positions!r}")
-    if cfg.edge_positions != "none" and get_method(cfg.method).level != "edge":
-        raise ConfigError(f"--edge-positions {cfg.edge_positions} splits edges, but --method {cfg.method} scores "
-                          "nodes: use an edge method (eap-ig, eap, acdc, random) or --edge-positions none")
+    if cfg.edge_positions not in ("none", "roles") or (cfg.edge_positions != "none" and get_method(cfg.method).level != "edge"):
+        raise ConfigError(f"--edge-positions must be none or roles (an edge method), got {cfg.edge_positions!r} with --method {cfg.method}")
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)

@@ -105,17 +105,13 @@ class Pipeline:
     def head_and_mlp_kinds(self) -> list[str]:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
-    def graph(self) -> Any:
-        """The graph the run's edge scores live on: the model's, or its position-aware split (--edge-positions)."""
+    def graph(self) -> Any:  # the graph of the run's edge scores: position-aware with --edge-positions
         base = ComputationalGraph.from_meta(self.result.model)
-        if self.cfg.edge_positions == "none":
-            return base
-        return PositionalGraph(base, role_segment_names(list(self.result.pairs.positions)))
+        roles = self.cfg.edge_positions != "none"
+        return PositionalGraph(base, role_segment_names(list(self.result.pairs.positions))) if roles else base
 
-    def edge_batches(self, which: str = "discovery") -> Batches:
-        """`batches`, with position-aware edges when --edge-positions asks for them (edge stages read these)."""
-        parts = self.batches(which)
-        return parts if self.cfg.edge_positions == "none" else parts.with_positions(self.cfg.edge_positions)
+    def edge_batches(self, which: str = "discovery") -> Batches:  # `batches`, position-aware with --edge-positions
+        return self.batches(which).with_positions(None if self.cfg.edge_positions == "none" else self.cfg.edge_positions)
 
     def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
         """Fill the result from a stage: its saved output when cached (and verified), else `compute` (then saved)."""
