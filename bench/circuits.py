@@ -23,7 +23,7 @@ every edge split by the IOI role segment it is read at, `patching.topology.Posit
 
 Run: `.venv/bin/python bench/circuits.py [--n 16] [--validation-n 8] [--steps 5] [--mask-steps 60] [--edge-steps 60]
 [--edge-sparsity 1e-4] [--mask-batch 4] [--methods ...] [--edge-positions roles] [--threads 1]`;
-bench/results/circuits.txt holds the last full run and its command.
+bench/results/circuits.txt holds the last run and its command (circuits_2026-11-28.txt: the last run of every method).
 """
 
 from __future__ import annotations
