@@ -73,8 +73,8 @@ def circuit_method(cfg: Any) -> str:
     """The `graphs.faithful` method that finds the run's circuit: `--circuit-method`, or with `auto` the smallest
     faithful prefix of the method's own ranking (its registry entry's `circuit`, `patching.methods`). `greedy`
     (refining that prefix by exact gains) finds smaller circuits but costs one exact evaluation per candidate: on
-    SmolLM2 IOI (16 pairs, 2 cores, bench/results/circuits_2026-11-28.txt) EAP-IG's prefix kept 39 heads (held-out 0.866) in
-    72 s, greedy 26 heads (held-out 0.992) in 181 s."""
+    SmolLM2 IOI (16 pairs, 2 cores, bench/results/circuits_2026-11-28.txt) EAP-IG's prefix kept 39 heads
+    (held-out 0.866) in 72 s, greedy 26 heads (held-out 0.992) in 181 s."""
     return cfg.circuit_method if cfg.circuit_method != "auto" else get_method(cfg.method).circuit
 
 
