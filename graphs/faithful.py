@@ -46,7 +46,7 @@ from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 from circuitlab.patching.components import head_node, mlp_node, node_kind, parse_edge
 from circuitlab.patching.edges import EdgeContext
-from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.mask_learning import MaskConfig, keep_probability, learn_masks
 from circuitlab.patching.normalize import noising_share
 
 FAITHFUL_METHODS = ("single-effect", "eap", "eap-ig", "eap-edges", "eap-ig-edges", "node-pruning", "edge-pruning",
@@ -268,8 +268,12 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     val_eval = make(validation) if validation is not None else None
     scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores, val_eval)
     if val_eval is not None:
+        gates = []  # a mask learner's own circuit (its open gates) is a candidate size too
+        if method in ("node-pruning", "edge-pruning"):
+            base = cfg.masks if method == "node-pruning" else cfg.edge_masks
+            gates = [int((scores > keep_probability(torch.zeros(1), base)).sum())]
         circuit = select_validated(evaluator, val_eval, scores, cfg.target, orders=(False, True) if absolute else (False,),
-                                   n_boot=cfg.n_boot, seed=cfg.seed)
+                                   n_boot=cfg.n_boot, seed=cfg.seed, extra_sizes=gates)
         absolute = _chosen_order(circuit, absolute)
     else:
         circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute,

@@ -255,7 +255,7 @@ def select_by_faithfulness(evaluator: CircuitEvaluator, scores: Tensor, target: 
 
 def select_validated(evaluator: CircuitEvaluator, validation: CircuitEvaluator, scores: Tensor, target: float = 0.8, *,
                      orders: Sequence[bool] = (False, True), noise: float = NOISE, n_boot: int = 1000, seed: int = 0,
-                     batch: int = 4) -> FaithfulCircuit:
+                     batch: int = 4, extra_sizes: Sequence[int] = ()) -> FaithfulCircuit:
     """Smallest prefix of the ranking whose exact faithfulness is `within` the target band on both `evaluator`'s
     prompts and `validation`'s (same items, other prompts), trying each order in `orders` (False: signed scores,
     True: |scores|) and keeping the smaller circuit (a later order is only measured below the size found so far).
@@ -264,7 +264,8 @@ def select_validated(evaluator: CircuitEvaluator, validation: CircuitEvaluator, 
     is within the band, smallest first (`batch` sizes at a time), up to the first size within on both; the crossing
     is then narrowed by bisection between the grid size below it and it (both sets checked). The returned curve
     holds both sets' faithfulness (`validation`, `validation_low`, `validation_high`: NaN where not measured) and
-    the order (`absolute`); with no size passing, the prefix closest to 1 on validation is returned, not reached."""
+    the order (`absolute`); with no size passing, the prefix closest to 1 on validation is returned, not reached.
+    `extra_sizes` join the grid (e.g. the number of gates a mask learner left open: its own circuit)."""
     if validation.items != evaluator.items:
         raise ValueError("the validation evaluator must have the same items as the discovery evaluator")
     if len(scores) != len(evaluator.items):
@@ -275,7 +276,8 @@ def select_validated(evaluator: CircuitEvaluator, validation: CircuitEvaluator, 
         if not order:
             continue
         limit = best.size if best is not None and best.reached else None
-        found = _validated_prefix(evaluator, validation, order, target, absolute, n_boot, seed, batch, limit)
+        found = _validated_prefix(evaluator, validation, order, target, absolute, n_boot, seed, batch, limit,
+                                  extra_sizes)
         if found is not None and (best is None or _better(found, best)):
             best = found
     if best is None:
@@ -292,7 +294,8 @@ def _better(a: FaithfulCircuit, b: FaithfulCircuit) -> bool:
 
 
 def _validated_prefix(evaluator: CircuitEvaluator, validation: CircuitEvaluator, order: list[int], target: float,
-                      absolute: bool, n_boot: int, seed: int, batch: int, limit: int | None) -> FaithfulCircuit | None:
+                      absolute: bool, n_boot: int, seed: int, batch: int, limit: int | None,
+                      extra_sizes: Sequence[int] = ()) -> FaithfulCircuit | None:
     """One order's smallest prefix within the band on both sets (see `select_validated`); sizes below `limit`
     only, and None when none of them passes there."""
     def measure(ev: CircuitEvaluator, sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -315,7 +318,8 @@ def _validated_prefix(evaluator: CircuitEvaluator, validation: CircuitEvaluator,
     def ok(row: pd.Series) -> bool:
         return within(float(row["faithfulness"]), target) and within(float(row["validation"]), target)
 
-    sizes = [k for k in size_grid(len(order)) if limit is None or k < limit]
+    grid = set(size_grid(len(order))) | {int(k) for k in extra_sizes if 1 <= int(k) <= len(order)}
+    sizes = [k for k in sorted(grid) if limit is None or k < limit]
     if not sizes:
         return None
     curve = rows(sizes)

@@ -9,7 +9,7 @@ from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit, pr
 from circuitlab.graphs.selection import candidate_order, edge_evaluator, select_validated, size_grid, within
 from circuitlab.patching.attribution import eap_ig_scores
 from circuitlab.patching.edges import evaluate_edge_masks, prepare_edges
-from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.mask_learning import MaskConfig, keep_probability, learn_masks
 from tests.toy import ToyTask, toy_pairs
 
 TARGET = 0.7
@@ -79,3 +79,5 @@ def test_edge_pruning_with_validation_reports_validation_faithfulness(tiny_model
                   / (val.clean_metric - val.corrupt_metric))
     assert abs(row["validation_faithfulness"] - f_val) < 1e-4 and abs(row["heldout_faithfulness"] - f_val) < 1e-4
     assert "EAP-IG" in result.notes and "kept step" in result.notes
+    gates = int((torch.tensor(result.ranking["score"].to_numpy()) > keep_probability(torch.zeros(1), cfg.edge_masks)).sum())
+    assert gates in set(result.circuit.curve["size"])  # the learner's own circuit is measured, not skipped by the grid
