@@ -19,18 +19,13 @@ from typing import Any
 
 import torch
 
-from circuitlab.graphs.faithful import FAITHFUL_METHODS
 from circuitlab.graphs.variables import variable_names
 from circuitlab.patching.engine import BACKENDS
-from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.patching.methods import alias_names, method_names, run_method_names, search_names
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
 
-# methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
-# EAP-IG diagnostics and takes its circuit from that method (`make_config`)
-CIRCUIT_METHODS = ("greedy", "node-pruning", "edge-pruning", "single-effect")
-METHODS = method_names() + CIRCUIT_METHODS
 
 
 class ConfigError(ValueError):
@@ -207,7 +202,7 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             continue
         value = values[f.name]
         kwargs[f.name] = _coerce(f.name, value)
-    if kwargs.get("method") in CIRCUIT_METHODS:  # `--method greedy`: EAP-IG diagnostics, the circuit by greedy
+    if kwargs.get("method") in alias_names():  # `--method greedy`: EAP-IG diagnostics, the circuit by greedy
         kwargs["circuit_method"], kwargs["method"] = kwargs["method"], "eap-ig"
     cfg = RunConfig(**kwargs)
     validate(cfg)
@@ -253,7 +248,7 @@ def _coerce(name: str, value: Any) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     if cfg.method not in method_names():
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(run_method_names())}")
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
@@ -294,9 +289,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)
 
-    if cfg.circuit_method not in ("auto",) + FAITHFUL_METHODS:
+    if cfg.circuit_method not in ("auto",) + search_names():
         raise ConfigError(f"unknown --circuit-method {cfg.circuit_method!r}: use auto or one of "
-                          f"{', '.join(FAITHFUL_METHODS)}")
+                          f"{', '.join(search_names())}")
     if not 0.0 < cfg.faithfulness_target <= 1.0:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:

@@ -21,7 +21,7 @@ import torch
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.discovery import choose_circuit
-from circuitlab.graphs.faithful import FaithfulConfig, REUSABLE, find_faithful_circuit, prefix_curve
+from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit, prefix_curve
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
 from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
@@ -29,7 +29,7 @@ from circuitlab.graphs.stability import inclusion_frequency
 from circuitlab.graphs.variables import head_variables, variable_names
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
-from circuitlab.patching.methods import get_method
+from circuitlab.patching.methods import get_method, get_search
 from circuitlab.reports.result import strongest_per_node
 from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
@@ -132,9 +132,9 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
+    search = get_search(method)
     edge_scores, reused = None, ""
-    if p.result.edges is not None and method in REUSABLE and (cfg.method in ("eap-ig", "eap") or
-                                                              method == "ranking-edges"):
+    if p.result.edges is not None and search.can_reuse(cfg.method):
         edge_scores, reused = p.scores()[0].ranking().float(), f"the run's {cfg.method} scores"
     (disc_parts, disc_size), (held_parts, held_size) = _contexts(p.batches()), _contexts(p.batches("heldout"))
     batched = disc_size < len(discovery) or held_size < len(heldout)
@@ -166,11 +166,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
             say(f"  note: {memory}")
         found = run_circuit(cfg, whole("discovery"), whole("heldout"), edge_scores=edge_scores, log=say)
         evaluators = (nodes(whole("discovery")), nodes(whole("heldout")))
-    ranking_name = {"greedy": f"{cfg.method if reused else 'eap-ig'} (greedy starts from its faithful prefix)",
-                    "eap-ig": "eap-ig node scores", "eap": "eap node scores",
-                    "node-pruning": "learned node masks", "edge-pruning": "learned edge masks",
-                    "single-effect": "single-head noising effect",
-                    "ranking-edges": f"{cfg.method} edge ranking"}.get(method, method)
+    ranking_name = search.ranking_label(cfg.method if reused else None)
     curves = [_curve(found.circuit.curve, found.heldout_curve, f"{ranking_name} prefix")]
     baseline = None
     if p.result.exact is not None and (p.result.exact["component"] == "z").any():

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from circuitlab.patching.attribution import spearman
+from circuitlab.patching.methods import get_method
 from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 
@@ -104,12 +105,17 @@ class RunResult:
         if self.exact is None:  # --positions none: no exact patching to compare with
             return {"compared_with": None, "spearman": None, "n_nodes": 0}
         exact = strongest_per_node(self.exact).set_index("node")["effect"]
-        if self.config.method == "activation" or self.nodes is None:
+        if self._exact_nodes() or self.nodes is None:  # an exact node method is exact patching itself
             return {"compared_with": None, "spearman": None, "n_nodes": int(len(exact))}
         approx = self.nodes.set_index("node")["effect"]
         common = exact.index.intersection(approx.index)
         return {"compared_with": self.config.method, "spearman": spearman(exact[common], approx[common]),
                 "n_nodes": int(len(common))}
+
+    def _exact_nodes(self) -> bool:
+        """Whether the run's method scores nodes by exact patching (its node rows are the exact rows)."""
+        spec = get_method(self.config.method)
+        return spec.exact and spec.level == "node"
 
     def scores_table(self) -> pd.DataFrame:
         """scores.csv: exact head/MLP rows, the method's node rows, edge rows, residual-stream rows. `position` is
@@ -118,11 +124,11 @@ class RunResult:
         parts = []
         if self.exact is not None:
             parts.append(self.exact.assign(method="activation", exact=True))
-        if self.nodes is not None and self.config.method != "activation":
+        if self.nodes is not None and not self._exact_nodes():
             parts.append(self.nodes.assign(position=pd.NA, role="", metric=np.nan))  # no position: written empty
         if self.edges is not None:
             parts.append(self.edges.assign(component="edge", node="", layer=-1, head=-1, position=pd.NA, role="",
-                                           exact=bool(self.config.method == "acdc"), metric=np.nan))
+                                           exact=get_method(self.config.method).exact, metric=np.nan))
         if self.resid is not None:
             parts.append(self.resid.assign(node="", method="activation", exact=True))
         frame = pd.concat([p for p in parts if not p.empty], ignore_index=True)

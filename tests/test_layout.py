@@ -7,6 +7,8 @@
 - An import inside a function is allowed only for an optional heavy dependency named in `OPTIONAL`, with a
   comment on that line or the line above saying so; everything else is imported at the top of its module.
 - No source file over 400 lines; every package folder's `__init__.py` has a docstring.
+- No list of discovery methods or circuit searches outside their registry (`patching/methods/`): a literal tuple,
+  list, set or dict (keys) naming two or more of them is a second list that adding a method would have to edit.
 """
 
 from __future__ import annotations
@@ -198,3 +200,41 @@ def test_the_checks_see_a_cycle_and_a_forbidden_import():
     assert _internal("circuitlab.patching.engine.Runner") == "circuitlab.patching.engine"
     assert _internal("torch.nn") is None
     assert len(_edges()) == len(_sources()) and sum(map(len, _edges().values())) > 100  # it sees the real graph
+
+
+REGISTRY = ROOT / "patching" / "methods"
+
+
+def _registered_names() -> set[str]:
+    """Names the registry declares: the first argument of every `Method(...)` and `CircuitSearch(...)` call in
+    `patching/methods/` (read from the source, as the registry's files write them)."""
+    names = set()
+    for path in REGISTRY.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("Method", "CircuitSearch") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    return names
+
+
+def _method_lists(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines of literal tuples/lists/sets (or dict keys) that hold two or more of `names`."""
+    lines = []
+    for node in ast.walk(tree):
+        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
+            node, (ast.Tuple, ast.List, ast.Set)) else []
+        found = {k.value for k in items if isinstance(k, ast.Constant) and k.value in names}
+        if len(found) >= 2:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_method_lists_come_from_the_registry():
+    names = _registered_names()
+    assert {"eap-ig", "acdc", "ifr", "random", "greedy", "ranking-edges"} <= names  # it reads the real registry
+    sources = [p for p in _sources() if REGISTRY not in p.parents] + sorted((ROOT / "bench").glob("*.py"))
+    wrong = [f"{p.relative_to(ROOT)}:{line}" for p in sources
+             for line in _method_lists(ast.parse(p.read_text(encoding="utf-8")), names)]
+    assert wrong == []
+    assert _method_lists(ast.parse('x = ("eap", "eap-ig")\ny = {"acdc": 1, "greedy": 2}'), names) == [1, 2]
