@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.components import head_node, hook_name
@@ -32,8 +33,8 @@ def _group(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
     return out
 
 
-def ablation_hooks(model: Any, heads: Iterable[tuple[int, int]], kind: str, tokens: Tensor | None = None,
-                   means: dict[int, Tensor] | None = None) -> list[tuple[str, Any]]:
+def ablation_hooks(model: TransformerBridge, heads: Iterable[tuple[int, int]], kind: str, tokens: Tensor | None = None,
+                   means: dict[int, Tensor] | None = None) -> list[tuple[str, object]]:
     """Forward hooks that zero- or mean-ablate `heads`' `hook_z` ([batch, pos, head, d_head]).
 
     Mean ablation needs `means[layer]` ([pos, head, d_head]) or `tokens` to compute them from.
@@ -58,7 +59,7 @@ def ablation_hooks(model: Any, heads: Iterable[tuple[int, int]], kind: str, toke
     return hooks
 
 
-def head_means(model: Any, tokens: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
+def head_means(model: TransformerBridge, tokens: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
     """Mean of each layer's `hook_z` over the sequences, per position: {layer: [pos, head, d_head]}.
 
     Read by recording hooks during `loss_by_position` (so it runs on the fast fused forward where that is checked
@@ -84,7 +85,7 @@ def _row(layer: int, head: int, kind: str, losses: Tensor, base: float, late: in
             "late_loss": float(losses[late]), "early_loss": float(losses[early])}
 
 
-def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
+def icl_ablation(model: TransformerBridge, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
                  kinds: Sequence[str] = ABLATIONS, late: int | None = None, early: int | None = None,
                  width: int = 1, batch_size: int = 64) -> pd.DataFrame:
     """The ICL score with each head ablated alone (columns `ABLATION_COLUMNS`); `attrs` hold the base losses."""
@@ -105,9 +106,10 @@ def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]]
     return frame
 
 
-def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero", *,
+def joint_icl_ablation(model: TransformerBridge, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero",
+                       *,
                        late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 64,
-                       base: float | None = None, means: dict[int, Tensor] | None = None) -> dict[str, Any]:
+                       base: float | None = None, means: dict[int, Tensor] | None = None) -> dict[str, object]:
     """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`.
 
     `means` (`head_means` of the same tokens) saves recomputing them for each set under mean ablation."""
@@ -122,7 +124,7 @@ def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, in
             "delta_icl": value - base, "fraction_removed": removed}
 
 
-def repeated_tokens_patching(model: Any, *, n: int = 16, seq_len: int = 20, seed: int = 0,
+def repeated_tokens_patching(model: TransformerBridge, *, n: int = 16, seq_len: int = 20, seed: int = 0,
                              token_range: tuple[int, int] | None = None) -> pd.DataFrame:
     """Exact per-head patching effect (`z`, all positions, clean into corrupt) on repeated random tokens.
 

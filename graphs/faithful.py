@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -79,7 +79,7 @@ class FaithfulResult:
     seconds: float
     notes: str = ""
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> dict[str, object]:
         held = self.heldout
         return {"method": self.method, "level": self.level, **self.sizes,
                 "discovery_faithfulness": self.circuit.faithfulness, "discovery_low": self.circuit.ci[0],

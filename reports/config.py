@@ -77,7 +77,7 @@ class RunConfig:
     percents: str = "0.1,0.2,0.5,1,2,5,10,20,50,100"
     roles: bool = True
     force: bool = False
-    task_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, object] = field(default_factory=dict)
     faithfulness_target: float = 0.8
     circuit_method: str = "auto"
     heldout_n: int | None = None
@@ -94,7 +94,7 @@ class RunConfig:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NON_RESULT}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
     def command(self) -> str:
@@ -124,7 +124,7 @@ def _quote(text: str) -> str:
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, object]:
     """Read a YAML or JSON experiment file into a dict (keys with `-` become `_`)."""
     path = Path(path)
     if not path.is_file():
@@ -160,7 +160,7 @@ def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> list[RunConfig]:
+def build_configs(file_values: dict[str, object], cli_values: dict[str, object]) -> list[RunConfig]:
     """Merge defaults, a config file (possibly a sweep) and given CLI values into validated configs."""
     runs = file_values.get("runs")
     base = {k: v for k, v in file_values.items() if k != "runs"}
@@ -194,7 +194,7 @@ def _dataset_rows(task: Any) -> int | None:
         raise ConfigError(str(exc)) from None
 
 
-def make_config(values: dict[str, Any]) -> RunConfig:
+def make_config(values: dict[str, object]) -> RunConfig:
     """A validated `RunConfig` from plain values (types are checked and coerced)."""
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
@@ -361,7 +361,7 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device!r}: circuitlab runs on cpu, cuda or mps")
 
 
-def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:
+def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> str | list[str | int]:
     """`all` / `each` / comma-separated roles or integers -> what `activation_patching(positions=)` takes."""
     text = str(spec).strip()
     if text in ("all", "each"):
@@ -369,7 +369,7 @@ def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise ConfigError("--positions is empty: use all, each, a role or integer positions")
-    out: list[Any] = []
+    out: list[str | int] = []
     for item in items:
         if item.lstrip("-").isdigit():
             out.append(int(item))

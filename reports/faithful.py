@@ -14,23 +14,33 @@ the size forced by --top-k/--top-fraction/--threshold (`selection`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import networkx as nx
 import pandas as pd
 import torch
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.discovery import choose_circuit
-from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit, prefix_curve
+from circuitlab.graphs.faithful import Contexts, FaithfulConfig, FaithfulResult, find_faithful_circuit, prefix_curve
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
-from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
+from circuitlab.graphs.selection import (
+    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness,
+)
 from circuitlab.graphs.stability import inclusion_frequency
 from circuitlab.graphs.variables import head_variables, variable_names
-from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.batched import Batches
+from circuitlab.patching.edges import EdgeContext, prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
 from circuitlab.patching.methods import get_method, get_search
+from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.reports.config import RunConfig
+from circuitlab.reports.pipeline import Pipeline
 from circuitlab.reports.result import strongest_per_node
+from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
 
@@ -41,7 +51,7 @@ SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
                          "this is not a held-out test"}
 
 
-def heldout_label(task: Any, discovery: Any, heldout: Any, split: str | None) -> str:
+def heldout_label(task: Task, discovery: PromptPairs, heldout: PromptPairs, split: str | None) -> str:
     """How the console names the held-out numbers: `held-out` only when the pairs are held out; otherwise why
     not and what to do (a small file gives the same rows for discovery and held-out pairs)."""
     if split != "overlapping":
@@ -54,8 +64,8 @@ def heldout_label(task: Any, discovery: Any, heldout: Any, split: str | None) ->
     return f"not held out: {source}; use --heldout-n / more rows"
 
 
-def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, options: dict[str, Any]
-                  ) -> tuple[Any, Any, str]:
+def split_prompts(task: Task, model: TransformerBridge, n: int, n_heldout: int, seed: int, options: dict[str, object]
+                  ) -> tuple[object, object, str]:
     """(discovery pairs, held-out pairs, how they were split: a key of `SPLITS`)."""
     try:
         disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)
@@ -68,7 +78,7 @@ def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, opti
     return disc, held, "overlapping" if shared else "seed"
 
 
-def circuit_method(cfg: Any) -> str:
+def circuit_method(cfg: RunConfig) -> str:
     """The `graphs.faithful` method that finds the run's circuit: `--circuit-method`, or with `auto` the smallest
     faithful prefix of the method's own ranking (its registry entry's `circuit`, `patching.methods`). `greedy`
     (refining that prefix by exact gains) finds smaller circuits but costs one exact evaluation per candidate: on
@@ -83,7 +93,8 @@ def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
                                       "ci_low_heldout", "ci_high_heldout"]]
 
 
-def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict[str, Any], pd.DataFrame]:
+def _baseline(p: Pipeline, evaluator: CircuitEvaluator, held_eval: CircuitEvaluator,
+              config: FaithfulConfig) -> tuple[dict[str, Any], pd.DataFrame]:
     """Top-k heads by single exact effect (the run's exact activation-patching stage), chosen and measured like
     the circuit: the smallest prefix reaching the target on the discovery pairs, then on held-out pairs."""
     exact = strongest_per_node(p.result.exact[p.result.exact["component"] == "z"]).set_index("node")["effect"]
@@ -101,7 +112,7 @@ def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict
     return summary, _curve(chosen.curve, held, "top-k heads by single exact effect (baseline)")
 
 
-def faithful_config(cfg: Any, n_discovery: int) -> Any:
+def faithful_config(cfg: RunConfig, n_discovery: int) -> FaithfulConfig:
     """The `graphs.faithful.FaithfulConfig` of a run's circuit stage (`cfg`: a `RunConfig`)."""
     batch = min(8, n_discovery)
     return FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
@@ -110,8 +121,10 @@ def faithful_config(cfg: Any, n_discovery: int) -> Any:
                           edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
 
 
-def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = None, log: Any = None,
-                batches: Any = None, heldout_batches: Any = None, n_discovery: int | None = None) -> Any:
+def run_circuit(cfg: RunConfig, discovery: EdgeContext, heldout: EdgeContext | None, *,
+                edge_scores: Tensor | None = None, log: Callable[[str], None] | None = None,
+                batches: Contexts | None = None, heldout_batches: Contexts | None = None,
+                n_discovery: int | None = None) -> FaithfulResult:
     """The run's circuit (`graphs.faithful.FaithfulResult`): `circuit_method(cfg)` with the run's options on the
     discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
     scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/`heldout_batches`: the
@@ -121,13 +134,13 @@ def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = No
                                  log=log, batches=batches, heldout_batches=heldout_batches)
 
 
-def _contexts(parts: Any) -> tuple[Any, int]:
+def _contexts(parts: Batches) -> tuple[Contexts, int]:
     """(callable yielding one edge context per prompt batch of `parts` (`patching.batched.Batches`: kept, not
     rebuilt, when every prompt fits in one batch), batch size)."""
     return parts.edge_contexts, parts.batch_size or parts.n
 
 
-def circuit_stage(p: Any) -> dict[str, Any]:
+def circuit_stage(p: Pipeline) -> dict[str, object]:
     """Find, check and compare the run's faithful circuit (see the module docstring); RunResult fields."""
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
@@ -140,7 +153,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
     batched = disc_size < len(discovery) or held_size < len(heldout)
     full = {}  # contexts over every prompt, built only where needed
 
-    def whole(name: str) -> Any:
+    def whole(name: str) -> EdgeContext:
         if name not in full:
             parts = p.batches() if name == "discovery" else p.batches("heldout")
             full[name] = next(parts.edge_contexts()) if parts.keeps_contexts() else prepare_edges(
@@ -203,7 +216,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
             "circuit_prompts": _per_prompt(evaluators[0], found)}
 
 
-def _per_prompt(evaluator: Any, found: Any) -> pd.DataFrame | None:
+def _per_prompt(evaluator: CircuitEvaluator, found: FaithfulResult) -> pd.DataFrame | None:
     """The chosen node circuit's metric on each discovery prompt (the report's per-prompt view: where it fails);
     None for an edge-level circuit or one with items the head evaluator does not know."""
     if found.level != "node" or not set(found.circuit.items) <= set(evaluator.items):
@@ -212,7 +225,8 @@ def _per_prompt(evaluator: Any, found: Any) -> pd.DataFrame | None:
     return pd.DataFrame({"prompt": range(len(values)), "circuit": values})
 
 
-def faithful_graph(summary: dict[str, Any], ranking: pd.DataFrame, graph: Any, name: str) -> Any:
+def faithful_graph(summary: dict[str, object], ranking: pd.DataFrame, graph: ComputationalGraph,
+                   name: str) -> nx.MultiDiGraph:
     """The circuit graph of a faithful selection (node circuits: the kept heads/MLPs with implied edges)."""
     scores = ranking.set_index("item")["score"]
     items = summary["items"]
@@ -228,7 +242,7 @@ def faithful_graph(summary: dict[str, Any], ranking: pd.DataFrame, graph: Any, n
     return out
 
 
-def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
+def faithful_paragraphs(summary: dict[str, object]) -> list[str]:
     """The report's statement of the circuit's faithfulness (headline: held-out) beside the baseline."""
     sizes = summary["sizes"]
     held, (lo, hi) = summary["heldout"], summary["heldout_ci"]
@@ -260,7 +274,7 @@ def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-def selection(cfg: Any) -> Any:
+def selection(cfg: RunConfig) -> Selection | None:
     """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
     for key in ("top_fraction", "threshold", "top_k"):
         if getattr(cfg, key) is not None:
@@ -268,7 +282,7 @@ def selection(cfg: Any) -> Any:
     return None
 
 
-def build_circuit(p: Any) -> Any:
+def build_circuit(p: Pipeline) -> nx.MultiDiGraph:
     """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
     the method's scores — with exact effects, measured roles and (--variables) each head's IIA on its nodes."""
     cfg = p.cfg
@@ -295,7 +309,7 @@ def build_circuit(p: Any) -> Any:
     return graph
 
 
-def _f(value: Any) -> str:
+def _f(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import matplotlib
 
@@ -99,7 +98,7 @@ def resid_heatmap(grid: pd.DataFrame, labels: list[str]) -> plt.Figure:
     return fig
 
 
-def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Figure:
+def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, object]) -> plt.Figure:
     """Faithfulness f(k) of top-k% circuits, signed and absolute selections, with bootstrap bands."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     colors = {"signed": "#1b9e77", "absolute": "#7570b3"}
@@ -122,7 +121,7 @@ def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Fig
     return fig
 
 
-def circuit_size_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Figure:
+def circuit_size_figure(curve: pd.DataFrame, summary: dict[str, object]) -> plt.Figure:
     """Exact faithfulness against circuit size for each ranking (discovery solid, held-out dashed, 95% bands),
     the chosen circuit marked on both prompt sets and the target as a line."""
     fig, ax = plt.subplots(figsize=(6.8, 4.0))

@@ -106,7 +106,7 @@ def _band(fig: go.Figure, x: np.ndarray, low: np.ndarray, high: np.ndarray, colo
                     legendgroup=group)
 
 
-def faithfulness_curve(curve: pd.DataFrame, summary: dict[str, Any], chosen_percent: float | None) -> str:
+def faithfulness_curve(curve: pd.DataFrame, summary: dict[str, object], chosen_percent: float | None) -> str:
     """f(k) of the top-k% edge circuits, signed and absolute selection, 95% bands; the chosen circuit's size."""
     fig = go.Figure()
     for i, (selection, group) in enumerate(curve.groupby("selection", sort=False)):
@@ -130,7 +130,7 @@ def faithfulness_curve(curve: pd.DataFrame, summary: dict[str, Any], chosen_perc
     return to_json(fig)
 
 
-def circuit_size_curve(curve: pd.DataFrame, summary: dict[str, Any]) -> str:
+def circuit_size_curve(curve: pd.DataFrame, summary: dict[str, object]) -> str:
     """Exact faithfulness against circuit size per ranking (discovery solid, held-out dashed, bands), the chosen
     circuit starred and the target as a line."""
     fig = go.Figure()
@@ -182,7 +182,7 @@ def _window_shapes(fig: go.Figure, windows: dict[str, Any], row: int | None = No
                           annotation_text=f"{name} window", annotation_position="top left", row=row, col=col)
 
 
-def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, Any]) -> str:
+def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, object]) -> str:
     """Training loss (smoothed) and held-out ICL score (± one standard error) over training, per model, with each
     model's phase-change window shaded."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=["Training loss (smoothed)",
@@ -212,7 +212,7 @@ def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFra
     return to_json(fig)
 
 
-def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str, Any] | None) -> str:
+def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str, object] | None) -> str:
     """Every head's induction (prefix-matching) score over the checkpoints, one line per head, hover per point."""
     fig = go.Figure()
     sub = heads[heads["model"] == model]

@@ -25,7 +25,7 @@ from circuitlab.reports.rundir import record_rendered
 from circuitlab.reports.save import load_result
 
 
-def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
+def build_sections(result: RunResult) -> tuple[dict[str, object], list[Section]]:
     """The report's content, in the order a researcher reads it."""
     record = result.record()
     baseline = result.baseline

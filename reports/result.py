@@ -30,7 +30,6 @@ import importlib.metadata
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -40,6 +39,7 @@ from circuitlab.patching.attribution import spearman
 from circuitlab.patching.methods import get_method
 from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
+from circuitlab.tasks.base import PromptPairs
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
           "faithful_ranking", "stability", "circuit_prompts", "attention")
@@ -53,10 +53,10 @@ class RunResult:
     """One run's results (see the module docstring); `None` marks what was not computed."""
 
     config: RunConfig
-    task: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    pairs: Any = None
-    heldout_pairs: Any = None
+    task: dict[str, object] = field(default_factory=dict)
+    model: dict[str, object] = field(default_factory=dict)
+    pairs: PromptPairs | None = None
+    heldout_pairs: PromptPairs | None = None
     baseline: pd.DataFrame | None = None
     nodes: pd.DataFrame | None = None
     edges: pd.DataFrame | None = None
@@ -70,16 +70,16 @@ class RunResult:
     stability: pd.DataFrame | None = None
     circuit_prompts: pd.DataFrame | None = None
     attention: pd.DataFrame | None = None
-    faithful: dict[str, Any] | None = None
-    oracle_summary: dict[str, Any] | None = None
-    faithfulness_summary: dict[str, Any] | None = None
-    acdc_summary: dict[str, Any] | None = None
+    faithful: dict[str, object] | None = None
+    oracle_summary: dict[str, object] | None = None
+    faithfulness_summary: dict[str, object] | None = None
+    acdc_summary: dict[str, object] | None = None
     circuit: nx.MultiDiGraph | None = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
+    info: dict[str, object] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
 
-    def update(self, values: dict[str, Any]) -> None:
+    def update(self, values: dict[str, object]) -> None:
         """Set fields from a stage's output, refusing unknown names."""
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in values.items():
@@ -88,7 +88,7 @@ class RunResult:
             setattr(self, key, value)
 
     # ------------------------------------------------------------------ derived views
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, object]:
         """Clean and corrupt metric means with 95% bootstrap intervals (prompts resampled)."""
         clean = self.baseline["clean"].to_numpy(float)
         corrupt = self.baseline["corrupt"].to_numpy(float)
@@ -100,7 +100,7 @@ class RunResult:
                 "difference_ci": bootstrap_ci(clean - corrupt, seed=seed),
                 "fraction_clean_above_corrupt": float((clean > corrupt).mean())}
 
-    def node_agreement(self) -> dict[str, Any]:
+    def node_agreement(self) -> dict[str, object]:
         """Spearman rank agreement of the method's node effects with exact activation patching."""
         if self.exact is None:  # --positions none: no exact patching to compare with
             return {"compared_with": None, "spearman": None, "n_nodes": 0}
@@ -141,7 +141,7 @@ class RunResult:
         extra = [c for c in frame.columns if c not in SCORE_COLUMNS and c not in ("direction", "source")]
         return frame[SCORE_COLUMNS + extra]
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """run.json: configuration, task, model, metrics, summaries, timings and provenance."""
         cfg = self.config
         out = {"command": self.info.get("command", cfg.command()), "config": cfg.to_dict(),

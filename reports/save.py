@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import pandas as pd
@@ -37,7 +36,7 @@ from circuitlab.tasks import PromptPairs
 CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
 
-def write_value(directory: Path, name: str, value: Any) -> None:
+def write_value(directory: Path, name: str, value: object) -> None:
     """Write one field: DataFrame -> Parquet, prompt pairs -> JSONL, graph -> node-link JSON, dict -> JSON."""
     if isinstance(value, pd.DataFrame):
         store.write_parquet(directory / f"{name}.parquet", value)
@@ -49,7 +48,7 @@ def write_value(directory: Path, name: str, value: Any) -> None:
         store.write_json(directory / f"{name}.json", value)
 
 
-def read_value(directory: Path, name: str) -> Any:
+def read_value(directory: Path, name: str) -> object:
     """Read a field written by `write_value` (None when it was never written)."""
     if (directory / f"{name}.parquet").is_file():
         return store.read_parquet(directory / f"{name}.parquet")
@@ -93,7 +92,7 @@ class StageCache:
             return False
         return True
 
-    def save(self, stage: str, values: dict[str, Any], seconds: float) -> None:
+    def save(self, stage: str, values: dict[str, object], seconds: float) -> None:
         folder = self.root / stage
         for name, value in values.items():
             if value is not None:
@@ -102,13 +101,13 @@ class StageCache:
                  if p.is_file()} if folder.is_dir() else {}
         store.write_json(self.root / f"{stage}.done", {"fields": list(values), "seconds": seconds, "files": files})
 
-    def load(self, stage: str) -> tuple[dict[str, Any], float]:
+    def load(self, stage: str) -> tuple[dict[str, object], float]:
         marker = store.read_json(self.root / f"{stage}.done")
         values = {name: read_value(self.root / stage, name) for name in marker["fields"]}
         return values, float(marker.get("seconds", float("nan")))
 
 
-def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any]:
+def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, object]:
     """Write every file of a finished run (see the module docstring); returns the run.json record."""
     out = Path(out)
     write_value(out, "pairs", result.pairs)

@@ -7,6 +7,8 @@
 - An import inside a function is allowed only for an optional heavy dependency named in `OPTIONAL`, with a
   comment on that line or the line above saying so; everything else is imported at the top of its module.
 - No source file over 400 lines; every package folder's `__init__.py` has a docstring.
+- No `Any` in a public signature (a function, method or dataclass field whose name has no leading underscore):
+  public types say what they take (`object` where anything goes).
 - No list of discovery methods or circuit searches outside their registry (`patching/methods/`): a literal tuple,
   list, set or dict (keys) naming two or more of them is a second list that adding a method would have to edit.
 """
@@ -238,3 +240,42 @@ def test_method_lists_come_from_the_registry():
              for line in _method_lists(ast.parse(p.read_text(encoding="utf-8")), names)]
     assert wrong == []
     assert _method_lists(ast.parse('x = ("eap", "eap-ig")\ny = {"acdc": 1, "greedy": 2}'), names) == [1, 2]
+
+
+def _public_any(tree: ast.AST) -> list[str]:
+    """Public functions' parameters and returns, and public classes' annotated fields, that mention `Any`."""
+    found = []
+
+    def mentions_any(node: ast.AST | None) -> bool:
+        return node is not None and any(
+            (isinstance(n, ast.Name) and n.id == "Any") or (isinstance(n, ast.Attribute) and n.attr == "Any")
+            or (isinstance(n, ast.Constant) and isinstance(n.value, str) and "Any" in n.value.split("[")[0].split("|"))
+            for n in ast.walk(node))
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                    not node.name.startswith("_") or (node.name.startswith("__") and node.name.endswith("__"))):
+                a = node.args
+                for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                    if arg is not None and mentions_any(arg.annotation):
+                        found.append(f"{node.lineno} {prefix}{node.name}({arg.arg})")
+                if mentions_any(node.returns):
+                    found.append(f"{node.lineno} {prefix}{node.name} -> Any")
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for item in node.body:
+                    if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                            and not item.target.id.startswith("_") and mentions_any(item.annotation)):
+                        found.append(f"{item.lineno} {node.name}.{item.target.id}")
+                visit(node.body, f"{node.name}.")
+
+    visit(tree.body, "")
+    return found
+
+
+def test_no_any_in_public_signatures():
+    wrong = [f"{p.relative_to(ROOT)}:{hit}" for p in _sources() for hit in _public_any(ast.parse(p.read_text()))]
+    assert wrong == []
+    example = ast.parse("def f(x: Any, *, y: dict[str, Any]) -> Any: ...\ndef _g(x: Any) -> Any: ...\n"
+                        "class C:\n    a: list[Any]\n    _b: Any\n    def m(self, z: 'Any') -> None: ...")
+    assert _public_any(example) == ["1 f(x)", "1 f(y)", "1 f -> Any", "4 C.a", "6 C.m(z)"]
