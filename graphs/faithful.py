@@ -46,6 +46,7 @@ from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
 from circuitlab.patching.methods import get_search
 from circuitlab.patching.normalize import noising_share
+from circuitlab.patching.topology import node_totals
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,9 @@ def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tenso
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:
     g = ctx.graph
-    per_sender = torch.zeros(g.n_senders, dtype=torch.float64)
-    per_sender.index_add_(0, g.edge_sender, edge_scores.detach().double())
-    index = {name: i for i, name in enumerate(g.sender_names)}
-    return torch.tensor([float(per_sender[index[name]]) for name in evaluator.items])
+    totals = node_totals([g.sender_names[i] for i in g.edge_sender.tolist()],
+                         [g.receiver_names[i] for i in g.edge_receiver.tolist()], edge_scores, absolute=False)
+    return torch.tensor([totals.get(name, 0.0) for name in evaluator.items])
 
 
 def _edge_scores(ctx: EdgeContext, method: str, steps: int) -> Tensor:

@@ -156,7 +156,8 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
 
 
 def resolve_position(pairs: PromptPairs, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
-    """The one reading of a position: a task role (its per-prompt positions) or an integer. A non-negative integer
+    """The one reading of a position in prompt pairs (counterfactual pairs read theirs by the same rule,
+    `interchange.positions_of`, which also takes `last`): a task role (its per-prompt positions) or an integer. A non-negative integer
     is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
     right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, None
     for a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.

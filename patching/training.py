@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from circuitlab.patching.components import hook_name
 from circuitlab.patching.models import save_model
 from circuitlab.patching.reproducible import DEFAULT_THREADS, check_threads, pinned_threads
 
@@ -173,7 +174,7 @@ def hooked_forward(model: TransformerBridge, fwd_hooks: Sequence[tuple[str, Call
     """
     if not hasattr(model, "cfg") or unsupported_reason(model):
         return None
-    layers = {f"blocks.{layer}.attn.hook_z": layer for layer in range(model.cfg.n_layers)}
+    layers = {hook_name("z", layer): layer for layer in range(model.cfg.n_layers)}
     z_hooks: dict[int, list[Callable[..., Tensor]]] = {}
     for name, fn in fwd_hooks:
         if name not in layers:

@@ -13,6 +13,8 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from circuitlab.patching.components import head_node
+
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 EFFECT = "effect (0 = corrupt, 1 = clean)"
 
@@ -66,7 +68,7 @@ def head_heatmaps(panels: list[tuple[str, pd.DataFrame]]) -> str:
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.08)
     top = max(_limit(g.to_numpy(float)) for _, g in panels)
     for i, (title, grid) in enumerate(panels, start=1):
-        names = [[f"a{layer}.h{head}" for head in grid.columns] for layer in grid.index]
+        names = [[head_node(int(layer), int(head)) for head in grid.columns] for layer in grid.index]
         fig.add_heatmap(z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(r) for r in grid.index],
                         text=names, colorscale="RdBu", zmid=0, zmin=-top, zmax=top, showscale=i == len(panels),
                         colorbar=dict(title="effect"), row=1, col=i,

@@ -42,7 +42,7 @@ def write_value(directory: Path, name: str, value: object) -> None:
         store.write_parquet(directory / f"{name}.parquet", value)
     elif isinstance(value, nx.Graph):
         store.write_json(directory / f"{name}.json", to_node_link(value))
-    elif hasattr(value, "save_jsonl"):
+    elif isinstance(value, PromptPairs):
         store.write_with(directory / f"{name}.jsonl", value.save_jsonl)
     else:
         store.write_json(directory / f"{name}.json", value)
