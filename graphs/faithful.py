@@ -25,6 +25,7 @@ headline number is its exact faithfulness on held-out prompts (`heldout` context
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -66,6 +67,15 @@ class FaithfulConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class CircuitSize:
+    """How big a circuit is: heads, MLPs and edges (for a node circuit, the edges among its nodes)."""
+
+    heads: int
+    mlps: int
+    edges: int
+
+
 @dataclass
 class FaithfulResult:
     """One method's circuit: ranking, chosen items, discovery and held-out faithfulness, sizes."""
@@ -76,13 +86,13 @@ class FaithfulResult:
     circuit: FaithfulCircuit
     heldout: tuple[float, tuple[float, float]] | None
     heldout_curve: pd.DataFrame | None
-    sizes: dict[str, int]
+    sizes: CircuitSize
     seconds: float
     notes: str = ""
 
     def row(self) -> dict[str, object]:
         held = self.heldout
-        return {"method": self.method, "level": self.level, **self.sizes,
+        return {"method": self.method, "level": self.level, **dataclasses.asdict(self.sizes),
                 "discovery_faithfulness": self.circuit.faithfulness, "discovery_low": self.circuit.ci[0],
                 "discovery_high": self.circuit.ci[1], "reached": self.circuit.reached,
                 "heldout_faithfulness": held[0] if held else float("nan"),
@@ -133,14 +143,14 @@ def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True
     return int((send & recv).sum())
 
 
-def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
+def edge_circuit_sizes(edges: list[str]) -> CircuitSize:
     """Heads, MLPs and edges of an edge circuit (nodes touched by a kept edge)."""
     nodes = set()
     for name in edges:
         src, dst, _ = parse_edge(name)
         nodes |= {src, dst}
     kinds = [node_kind(n) for n in nodes]
-    return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": len(edges)}
+    return CircuitSize(heads=kinds.count("head"), mlps=kinds.count("mlp"), edges=len(edges))
 
 
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
@@ -243,11 +253,11 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         sizes = edge_circuit_sizes(circuit.items)
     else:
         heads = [n for n in circuit.items if node_kind(n) == "head"]
-        sizes = {"heads": len(heads), "mlps": sum(node_kind(n) == "mlp" for n in circuit.items),
-                 "edges": induced_edges(ctx, circuit.items, heads_only=cfg.heads_only)}
+        sizes = CircuitSize(heads=len(heads), mlps=sum(node_kind(n) == "mlp" for n in circuit.items),
+                            edges=induced_edges(ctx, circuit.items, heads_only=cfg.heads_only))
     return FaithfulResult(method, "edge" if edge_level else "node", ranking, circuit, held, held_curve, sizes,
                           time.time() - started, note)
 
 
-__all__ = ["FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
+__all__ = ["CircuitSize", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
            "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

@@ -14,7 +14,7 @@ the size forced by --top-k/--top-fraction/--threshold (`selection`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import networkx as nx
 import pandas as pd
@@ -43,6 +43,7 @@ from circuitlab.reports.result import strongest_per_node
 from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
+from circuitlab.reports.summaries import BaselineSummary, CircuitSummary
 
 HELDOUT_SEED_OFFSET = 1_000_003
 SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
@@ -94,7 +95,7 @@ def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
 
 
 def _baseline(p: Pipeline, evaluator: CircuitEvaluator, held_eval: CircuitEvaluator,
-              config: FaithfulConfig) -> tuple[dict[str, Any], pd.DataFrame]:
+              config: FaithfulConfig) -> tuple[BaselineSummary, pd.DataFrame]:
     """Top-k heads by single exact effect (the run's exact activation-patching stage), chosen and measured like
     the circuit: the smallest prefix reaching the target on the discovery pairs, then on held-out pairs."""
     exact = strongest_per_node(p.result.exact[p.result.exact["component"] == "z"]).set_index("node")["effect"]
@@ -105,10 +106,10 @@ def _baseline(p: Pipeline, evaluator: CircuitEvaluator, held_eval: CircuitEvalua
     sizes = [int(s) for s in chosen.curve["size"]]
     held = prefix_curve(held_eval, ranked, sizes, n_boot=config.n_boot, seed=config.seed)
     row = held[held["size"] == chosen.size].iloc[0]
-    summary = {"ranking": "single exact effect", "heads": chosen.size, "reached": chosen.reached,
-               "discovery": chosen.faithfulness, "discovery_ci": list(chosen.ci),
-               "heldout": float(row["faithfulness"]), "heldout_ci": [float(row["ci_low"]), float(row["ci_high"])],
-               "candidates": chosen.candidates}
+    summary = BaselineSummary(ranking="single exact effect", heads=chosen.size, reached=chosen.reached,
+                              discovery=chosen.faithfulness, discovery_ci=tuple(chosen.ci),
+                              heldout=float(row["faithfulness"]),
+                              heldout_ci=(float(row["ci_low"]), float(row["ci_high"])), candidates=chosen.candidates)
     return summary, _curve(chosen.curve, held, "top-k heads by single exact effect (baseline)")
 
 
@@ -188,16 +189,15 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         curves.append(base_curve)
     held_f, held_ci = found.heldout
     label = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
-    summary = {"method": method, "ranking": ranking_name, "level": found.level, "target": cfg.faithfulness_target,
-               "items": found.circuit.items, "reached": found.circuit.reached,
-               "discovery": found.circuit.faithfulness, "discovery_ci": list(found.circuit.ci),
-               "heldout": held_f, "heldout_ci": list(held_ci), "heldout_reached": bool(held_f >= cfg.faithfulness_target),
-               "sizes": found.sizes, "candidates": found.circuit.candidates, "added": list(found.circuit.added),
-               "n_discovery": len(discovery),
-               "n_heldout": len(heldout), "split": p.result.model.get("heldout_split", "templates"),
-               "heads_only": config.heads_only,
-               "notes": "; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
-               "seconds": round(found.seconds, 3), "baseline": baseline}
+    summary = CircuitSummary(
+        method=method, ranking=ranking_name, level=found.level, target=cfg.faithfulness_target,
+        items=tuple(found.circuit.items), reached=found.circuit.reached, discovery=found.circuit.faithfulness,
+        discovery_ci=tuple(found.circuit.ci), heldout=held_f, heldout_ci=tuple(held_ci),
+        heldout_reached=bool(held_f >= cfg.faithfulness_target), sizes=found.sizes,
+        candidates=found.circuit.candidates, added=tuple(found.circuit.added), n_discovery=len(discovery),
+        n_heldout=len(heldout), split=p.result.model.get("heldout_split", "templates"), heads_only=config.heads_only,
+        notes="; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
+        seconds=round(found.seconds, 3), baseline=baseline)
     stability = None
     if cfg.stability_resamples > 0:
         say(f"  stability: rediscovering on {cfg.stability_resamples} bootstrap resamples")
@@ -207,9 +207,9 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         stability = inclusion_frequency(
             whole("discovery"), lambda sub: find_faithful_circuit(sub, method, quick).circuit.items,
             n_resamples=cfg.stability_resamples, seed=cfg.seed, reference=found.circuit.items)
-    say(f"  circuit: {found.sizes['heads']} heads, {found.sizes['mlps']} MLPs, {found.sizes['edges']} edges; "
+    say(f"  circuit: {found.sizes.heads} heads, {found.sizes.mlps} MLPs, {found.sizes.edges} edges; "
         f"faithfulness {found.circuit.faithfulness:.3f} (discovery), {held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
-        f"({label})" + (f"; baseline top-{baseline['heads']} heads: {baseline['heldout']:.3f} ({label})"
+        f"({label})" + (f"; baseline top-{baseline.heads} heads: {baseline.heldout:.3f} ({label})"
                         if baseline else ""))
     return {"faithful": summary, "faithful_curve": pd.concat(curves, ignore_index=True),
             "faithful_ranking": found.ranking, "stability": stability,
@@ -225,52 +225,52 @@ def _per_prompt(evaluator: CircuitEvaluator, found: FaithfulResult) -> pd.DataFr
     return pd.DataFrame({"prompt": range(len(values)), "circuit": values})
 
 
-def faithful_graph(summary: dict[str, object], ranking: pd.DataFrame, graph: ComputationalGraph,
+def faithful_graph(summary: CircuitSummary, ranking: pd.DataFrame, graph: ComputationalGraph,
                    name: str) -> nx.MultiDiGraph:
     """The circuit graph of a faithful selection (node circuits: the kept heads/MLPs with implied edges)."""
     scores = ranking.set_index("item")["score"]
-    items = summary["items"]
+    items = summary.items
     values = {i: (float(scores[i]) or 1e-12) for i in items}  # chosen items are clear of zero; keep them drawable
-    if summary["level"] == "edge":
-        circuit = Circuit(graph, graph.edges_vector(items).bool(), summary["method"], None, values)
+    if summary.level == "edge":
+        circuit = Circuit(graph, graph.edges_vector(items).bool(), summary.method, None, values)
     else:
-        circuit = Circuit.from_nodes(graph, items, summary["method"], values)
+        circuit = Circuit.from_nodes(graph, items, summary.method, values)
     out = circuit.to_networkx(name)
-    out.graph.update(faithfulness_heldout=float(summary["heldout"]), faithfulness_discovery=float(summary["discovery"]),
-                     faithfulness_target=float(summary["target"]),
-                     mlps_recomputed=bool(summary["heads_only"] and summary["level"] == "node"))
+    out.graph.update(faithfulness_heldout=float(summary.heldout), faithfulness_discovery=float(summary.discovery),
+                     faithfulness_target=float(summary.target),
+                     mlps_recomputed=bool(summary.heads_only and summary.level == "node"))
     return out
 
 
-def faithful_paragraphs(summary: dict[str, object]) -> list[str]:
+def faithful_paragraphs(summary: CircuitSummary) -> list[str]:
     """The report's statement of the circuit's faithfulness (headline: held-out) beside the baseline."""
-    sizes = summary["sizes"]
-    held, (lo, hi) = summary["heldout"], summary["heldout_ci"]
-    verdict = "reaches" if summary["heldout_reached"] else "does NOT reach"
-    how = SPLITS.get(summary["split"], summary["split"])
+    sizes = summary.sizes
+    held, (lo, hi) = summary.heldout, summary.heldout_ci
+    verdict = "reaches" if summary.heldout_reached else "does NOT reach"
+    how = SPLITS.get(summary.split, summary.split)
     kept = ("every other head's output is replaced by its corrupted-run value at all positions; MLPs and "
-            "embeddings are recomputed" if summary["heads_only"] and summary["level"] == "node" else
+            "embeddings are recomputed" if summary.heads_only and summary.level == "node" else
             "every other edge carries its corrupted-run value")
-    found = "reaches" if summary["reached"] else "does not reach (the whole ranking is kept)"
+    found = "reaches" if summary.reached else "does not reach (the whole ranking is kept)"
     out = [
-        f"Held-out faithfulness {_f(held)} (95% CI {_f(lo)} to {_f(hi)}) on {summary['n_heldout']} pairs {how}: the "
-        f"circuit {verdict} the target {summary['target']}.",
-        f"Circuit: {sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges, found by "
-        f"`{summary['method']}` ({summary['ranking']}) as the smallest circuit whose exact faithfulness on the "
-        f"{summary['n_discovery']} discovery pairs {found} {summary['target']}: {_f(summary['discovery'])} (95% CI "
-        f"{_f(summary['discovery_ci'][0])} to {_f(summary['discovery_ci'][1])}); {summary['candidates']} components "
+        f"Held-out faithfulness {_f(held)} (95% CI {_f(lo)} to {_f(hi)}) on {summary.n_heldout} pairs {how}: the "
+        f"circuit {verdict} the target {summary.target}.",
+        f"Circuit: {sizes.heads} heads, {sizes.mlps} MLPs, {sizes.edges} edges, found by "
+        f"`{summary.method}` ({summary.ranking}) as the smallest circuit whose exact faithfulness on the "
+        f"{summary.n_discovery} discovery pairs {found} {summary.target}: {_f(summary.discovery)} (95% CI "
+        f"{_f(summary.discovery_ci[0])} to {_f(summary.discovery_ci[1])}); {summary.candidates} components "
         f"had scores clear of zero" + (
-            f"; the whole ranking fell short, so {', '.join(summary['added'])} entered by exact faithfulness gain "
-            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.get("added") else
+            f"; the whole ranking fell short, so {', '.join(summary.added)} entered by exact faithfulness gain "
+            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.added else
             " (no other may enter)") + f". In the circuit's evaluation {kept}."
-        + (f" ({summary['notes']}.)" if summary.get("notes") else ""),
+        + (f" ({summary.notes}.)" if summary.notes else ""),
     ]
-    base = summary.get("baseline")
+    base = summary.baseline
     if base:
-        reach = "reaches" if base["reached"] else "does not reach"
+        reach = "reaches" if base.reached else "does not reach"
         out.append(f"Baseline, top-k heads by single exact effect: the smallest such circuit that {reach} the target "
-                   f"on the discovery pairs keeps {base['heads']} heads (discovery {_f(base['discovery'])}, held-out "
-                   f"{_f(base['heldout'])}, 95% CI {_f(base['heldout_ci'][0])} to {_f(base['heldout_ci'][1])}).")
+                   f"on the discovery pairs keeps {base.heads} heads (discovery {_f(base.discovery)}, held-out "
+                   f"{_f(base.heldout)}, 95% CI {_f(base.heldout_ci[0])} to {_f(base.heldout_ci[1])}).")
     return out
 
 
@@ -289,9 +289,9 @@ def build_circuit(p: Pipeline) -> nx.MultiDiGraph:
     if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
         summary = p.result.faithful
         graph = faithful_graph(summary, p.result.faithful_ranking, p.graph(),
-                               f"{cfg.task} on {Path(cfg.model).name} ({summary['method']})")
+                               f"{cfg.task} on {Path(cfg.model).name} ({summary.method})")
     else:
-        if cfg.method == "acdc" and not p.result.acdc_summary["kept_edges"]:
+        if p.result.acdc_summary is not None and not p.result.acdc_summary.kept_edges:
             raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
         edges, nodes = p.scores()
         circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)

@@ -34,16 +34,17 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 import pandas as pd
+from typing import Mapping
 
 from circuitlab.patching.attribution import spearman
 from circuitlab.patching.methods import get_method
 from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 from circuitlab.tasks.base import PromptPairs
+from circuitlab.reports.summaries import AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, SUMMARY_TYPES, Summary
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
           "faithful_ranking", "stability", "circuit_prompts", "attention")
-SUMMARIES = ("oracle_summary", "faithfulness_summary", "acdc_summary")
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
 
@@ -70,21 +71,24 @@ class RunResult:
     stability: pd.DataFrame | None = None
     circuit_prompts: pd.DataFrame | None = None
     attention: pd.DataFrame | None = None
-    faithful: dict[str, object] | None = None
-    oracle_summary: dict[str, object] | None = None
-    faithfulness_summary: dict[str, object] | None = None
-    acdc_summary: dict[str, object] | None = None
+    faithful: CircuitSummary | None = None
+    oracle_summary: OracleSummary | None = None
+    faithfulness_summary: FaithfulnessSummary | None = None
+    acdc_summary: AcdcSummary | None = None
     circuit: nx.MultiDiGraph | None = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
     info: dict[str, object] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
 
     def update(self, values: dict[str, object]) -> None:
-        """Set fields from a stage's output, refusing unknown names."""
+        """Set fields from a stage's output, refusing unknown names; a summary read back from JSON (the stage
+        cache, run.json) becomes its typed summary again."""
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key not in names:
                 raise KeyError(f"RunResult has no field {key!r}")
+            if key in SUMMARY_TYPES and isinstance(value, Mapping):
+                value = SUMMARY_TYPES[key].from_dict(value)
             setattr(self, key, value)
 
     # ------------------------------------------------------------------ derived views
@@ -149,13 +153,17 @@ class RunResult:
                "versions": self.info.get("versions") or versions(), "metrics": self.metrics(),
                "n_pairs": int(len(self.baseline)),
                "circuit": {"nodes": self.circuit.number_of_nodes(), "edges": self.circuit.number_of_edges()},
-               "node_agreement": self.node_agreement(), "oracle": self.oracle_summary,
-               "faithfulness": self.faithfulness_summary, "circuit_faithfulness": self.faithful,
+               "node_agreement": self.node_agreement(), "oracle": _as_dict(self.oracle_summary),
+               "faithfulness": _as_dict(self.faithfulness_summary), "circuit_faithfulness": _as_dict(self.faithful),
                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}
         if self.acdc_summary is not None:
-            out["acdc"] = self.acdc_summary
+            out["acdc"] = self.acdc_summary.to_dict()
         out.update({k: v for k, v in self.info.items() if k not in ("command", "versions")})
         return out
+
+
+def _as_dict(summary: Summary | None) -> dict[str, object] | None:
+    return None if summary is None else summary.to_dict()
 
 
 def strongest_per_node(frame: pd.DataFrame) -> pd.DataFrame:
@@ -180,4 +188,4 @@ def platform_info() -> dict[str, str]:
     return {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()}
 
 
-__all__ = ["RunResult", "SCORE_COLUMNS", "SUMMARIES", "TABLES", "platform_info", "strongest_per_node", "versions"]
+__all__ = ["RunResult", "SCORE_COLUMNS", "TABLES", "platform_info", "strongest_per_node", "versions"]

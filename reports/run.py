@@ -41,6 +41,7 @@ from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import save_result
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
+from circuitlab.reports.summaries import AcdcSummary, FaithfulnessSummary, OracleSummary
 
 ATTENTION_PROMPTS = 4  # discovery prompts whose attention patterns the report shows for the circuit's heads
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
@@ -99,7 +100,7 @@ def _scores(p: Pipeline) -> dict[str, Any]:
     if found.edge_scores is not None:
         out["edges"] = found.edge_scores.to_frame()
         if found.edge_scores.kept is not None:
-            out["acdc_summary"] = {"threshold": cfg.acdc_threshold, "kept_edges": int(found.edge_scores.kept.sum())}
+            out["acdc_summary"] = AcdcSummary(threshold=cfg.acdc_threshold, kept_edges=int(found.edge_scores.kept.sum()))
     return out
 
 
@@ -142,7 +143,7 @@ def _oracle(p: Pipeline) -> dict[str, Any]:
                                           progress=p.progress)
     frame = frame.assign(approx_effect=normalize_difference(frame["approx"], edges.gap),
                          exact_effect=normalize_difference(frame["exact"], edges.gap))
-    return {"oracle": frame, "oracle_summary": {"spearman": rho, "n_edges": int(len(frame))}}
+    return {"oracle": frame, "oracle_summary": OracleSummary(spearman=rho, n_edges=int(len(frame)))}
 
 
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
@@ -152,8 +153,8 @@ def _faithfulness(p: Pipeline) -> dict[str, Any]:
     result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
-            "faithfulness_summary": {"cpr": result.cpr, "cpr_ci": list(result.cpr_ci), "cmd": result.cmd,
-                                     "cmd_ci": list(result.cmd_ci)}}
+            "faithfulness_summary": FaithfulnessSummary(cpr=result.cpr, cpr_ci=tuple(result.cpr_ci), cmd=result.cmd,
+                                                        cmd_ci=tuple(result.cmd_ci))}
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
@@ -290,13 +291,13 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     record = save_result(result, staging)
     render_result(result, staging)
     if result.faithful is not None and selection(cfg) is None:  # the size the circuit stage printed
-        sizes = result.faithful["sizes"]
-        size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
+        sizes = result.faithful.sizes
+        size = f"{sizes.heads} heads, {sizes.mlps} MLPs, {sizes.edges} edges"
     else:
         size = f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges"
     label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
     say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
-        + (f"faithfulness {result.faithful['heldout']:.3f} ({label}; target {cfg.faithfulness_target}); "
+        + (f"faithfulness {result.faithful.heldout:.3f} ({label}; target {cfg.faithfulness_target}); "
            if result.faithful else "")
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "
            if record.get("faithfulness") else "") + f"{record['wall_seconds']:.0f}s")

@@ -29,9 +29,10 @@ import pandas as pd
 from circuitlab.graphs.io import from_node_link, to_node_link, write_graphml
 from circuitlab.reports import store, rundir
 from circuitlab.reports.config import make_config
-from circuitlab.reports.result import SUMMARIES, TABLES, RunResult
+from circuitlab.reports.result import TABLES, RunResult
 from circuitlab.reports.rundir import mismatch
 from circuitlab.tasks import PromptPairs
+from circuitlab.reports.summaries import Summary
 
 CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
@@ -42,6 +43,8 @@ def write_value(directory: Path, name: str, value: object) -> None:
         store.write_parquet(directory / f"{name}.parquet", value)
     elif isinstance(value, nx.Graph):
         store.write_json(directory / f"{name}.json", to_node_link(value))
+    elif isinstance(value, Summary):
+        store.write_json(directory / f"{name}.json", value.to_dict())
     elif isinstance(value, PromptPairs):
         store.write_with(directory / f"{name}.jsonl", value.save_jsonl)
     else:
@@ -148,15 +151,15 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
     result = RunResult(make_config(record["config"]), task=record["task"], model=record["model"])
     result.pairs = read_value(out, "pairs")
     result.heldout_pairs = read_value(out, "heldout_pairs")
-    result.faithful = record.get("circuit_faithfulness")
+    result.update({"faithful": record.get("circuit_faithfulness")})
     result.circuit = read_value(out, "circuit")
     for name in TABLES:
         result.update({name: read_value(out / "tables", name)})
-    result.oracle_summary, result.faithfulness_summary = record.get("oracle"), record.get("faithfulness")
-    result.acdc_summary = record.get("acdc")
+    result.update({"oracle_summary": record.get("oracle"), "faithfulness_summary": record.get("faithfulness"),
+                   "acdc_summary": record.get("acdc")})
     result.timings, result.resumed = dict(record.get("timings", {})), list(record.get("resumed_stages", []))
     result.info = {k: record[k] for k in ("command", "versions", "threads", "threads_chosen", "wall_seconds", "platform") if k in record}
     return result
 
 
-__all__ = ["CSV_EXPORTS", "StageCache", "load_result", "read_value", "save_result", "write_value", "SUMMARIES"]
+__all__ = ["CSV_EXPORTS", "StageCache", "load_result", "read_value", "save_result", "write_value"]

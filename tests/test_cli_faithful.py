@@ -39,7 +39,7 @@ def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path)
 
     # round trip: the saved result reads back whole, and re-rendering states the same numbers
     result = load_result(out)
-    assert result.faithful == summary
+    assert result.faithful.to_dict() == summary and result.faithful.sizes.heads == summary["sizes"]["heads"]
     assert result.heldout_pairs.clean_texts == [p["clean_text"] for p in heldout]
     for name in ("faithful_curve", "faithful_ranking", "stability"):
         assert getattr(result, name) is not None and len(getattr(result, name)) > 0, name
