@@ -42,6 +42,7 @@ from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 from circuitlab.tasks.base import PromptPairs
 from circuitlab.reports.summaries import AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, SUMMARY_TYPES, Summary
+from circuitlab.patching.components import node_kind
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
           "faithful_ranking", "stability", "circuit_prompts", "attention")
@@ -145,6 +146,15 @@ class RunResult:
         extra = [c for c in frame.columns if c not in SCORE_COLUMNS and c not in ("direction", "source")]
         return frame[SCORE_COLUMNS + extra]
 
+    def circuit_size(self) -> dict[str, int]:
+        """The run's circuit's heads, MLPs and edges: the circuit stage's own count when its circuit is the run's
+        (no size forced by --top-k/--top-fraction/--threshold), else the selected graph's (`input`/`logits` aside)."""
+        cfg = self.config
+        if self.faithful is not None and all(x is None for x in (cfg.top_k, cfg.top_fraction, cfg.threshold)):
+            return dataclasses.asdict(self.faithful.sizes)
+        kinds = [node_kind(n) for n in self.circuit.nodes]
+        return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": self.circuit.number_of_edges()}
+
     def record(self) -> dict[str, object]:
         """run.json: configuration, task, model, metrics, summaries, timings and provenance."""
         cfg = self.config
@@ -152,7 +162,7 @@ class RunResult:
                "config_key": cfg.result_key(), "seed": cfg.seed, "task": self.task, "model": self.model,
                "versions": self.info.get("versions") or versions(), "metrics": self.metrics(),
                "n_pairs": int(len(self.baseline)),
-               "circuit": {"nodes": self.circuit.number_of_nodes(), "edges": self.circuit.number_of_edges()},
+               "circuit": self.circuit_size(),
                "node_agreement": self.node_agreement(), "oracle": _as_dict(self.oracle_summary),
                "faithfulness": _as_dict(self.faithfulness_summary), "circuit_faithfulness": _as_dict(self.faithful),
                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}

@@ -290,11 +290,8 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                    "resume_key": {"key": p.cache.root.name, **p.key_parts}, "fresh_because": fresh}
     record = save_result(result, staging)
     render_result(result, staging)
-    if result.faithful is not None and selection(cfg) is None:  # the size the circuit stage printed
-        sizes = result.faithful.sizes
-        size = f"{sizes.heads} heads, {sizes.mlps} MLPs, {sizes.edges} edges"
-    else:
-        size = f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges"
+    sizes = result.circuit_size()  # the size the circuit stage printed, or the forced selection's
+    size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
     label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
     say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
         + (f"faithfulness {result.faithful.heldout:.3f} ({label}; target {cfg.faithfulness_target}); "

@@ -7,6 +7,8 @@
 - An import inside a function is allowed only for an optional heavy dependency named in `OPTIONAL`, with a
   comment on that line or the line above saying so; everything else is imported at the top of its module.
 - No source file over 400 lines; every package folder's `__init__.py` has a docstring.
+- The README's layout table has one row per folder (every package folder, `bench/`, `tests/`), and every file
+  a row names is in that folder.
 - No `Any` in a public signature (a function, method or dataclass field whose name has no leading underscore):
   public types say what they take (`object` where anything goes).
 - No list of discovery methods or circuit searches outside their registry (`patching/methods/`): a literal tuple,
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -279,3 +282,23 @@ def test_no_any_in_public_signatures():
     example = ast.parse("def f(x: Any, *, y: dict[str, Any]) -> Any: ...\ndef _g(x: Any) -> Any: ...\n"
                         "class C:\n    a: list[Any]\n    _b: Any\n    def m(self, z: 'Any') -> None: ...")
     assert _public_any(example) == ["1 f(x)", "1 f(y)", "1 f -> Any", "4 C.a", "6 C.m(z)"]
+
+
+def _layout_rows(readme: str) -> dict[str, str]:
+    """{folder: its row} of the README's layout table (the rows under `## Layout` that start with a folder)."""
+    section = readme.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and re.fullmatch(r" `([\w/]+/)` ", cells[1]):
+            rows[cells[1].strip(" `")] = line
+    return rows
+
+
+def test_readme_layout_table_matches_the_folders():
+    rows = _layout_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    folders = {str(p.parent.relative_to(ROOT)) + "/" for p in _sources() if p.parent != ROOT}
+    assert set(rows) == folders | {"bench/", "tests/"}
+    missing = [f"{folder}{name}" for folder, line in rows.items() for name in re.findall(r"`(\w+\.py)`", line)
+               if not (ROOT / folder / name).is_file()]
+    assert missing == []
