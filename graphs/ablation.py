@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 from torch import Tensor
@@ -34,7 +34,7 @@ def _group(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 def ablation_hooks(model: TransformerBridge, heads: Iterable[tuple[int, int]], kind: str, tokens: Tensor | None = None,
-                   means: dict[int, Tensor] | None = None) -> list[tuple[str, object]]:
+                   means: dict[int, Tensor] | None = None) -> list[tuple[str, Callable[..., Tensor]]]:
     """Forward hooks that zero- or mean-ablate `heads`' `hook_z` ([batch, pos, head, d_head]).
 
     Mean ablation needs `means[layer]` ([pos, head, d_head]) or `tokens` to compute them from.

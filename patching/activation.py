@@ -157,11 +157,11 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
 
 def resolve_position(pairs: PromptPairs, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
     """The one reading of a position in prompt pairs (counterfactual pairs read theirs by the same rule,
-    `interchange.positions_of`, which also takes `last`): a task role (its per-prompt positions) or an integer. A non-negative integer
-    is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
-    right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, None
-    for a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.
-    `what` (e.g. `sender`) names it in errors."""
+    `interchange.positions_of`, which also takes `last`): a task role (its per-prompt positions) or an integer.
+    A non-negative integer is an absolute position; a negative one counts from the end of *each prompt* (length +
+    pos, its own length on a right-padded batch, never the padded width). Returns (positions [batch], the label:
+    the integer as given, None for a role; the role's name or the role found at those positions); a ValueError
+    naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
     batch, seq = pairs.clean_tokens.shape
     name = f"{what} position" if what else "position"
     if isinstance(item, str):

@@ -160,7 +160,7 @@ class Batches(Prompts):
             yield ctx
 
     # ------------------------------------------------------------------ activation and path patching
-    def sweep(self, run: Callable[[object, object], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
+    def sweep(self, run: Callable[[PromptPairs, EngineContext], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
               trim: bool = True, means: dict[tuple[str, int], Tensor] | None = None) -> pd.DataFrame:
         """`run(batch_pairs, context)` per batch (a frame with a `metric` column, same rows for every batch),
         combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every

@@ -64,8 +64,8 @@ def rms_post_share(norm: nn.Module, total: Tensor, parts: Tensor) -> Tensor:
     return (parts.float() * (inv * weight).unsqueeze(-2)).to(parts.dtype)
 
 
-def make_rope(model: TransformerBridge, arch: Architecture, attn_modules: list[nn.Module]) -> Callable[...,
-              tuple[Tensor, Tensor]] | None:
+def make_rope(model: TransformerBridge, arch: Architecture,
+              attn_modules: list[nn.Module]) -> Callable[..., tuple[Tensor, Tensor]] | None:
     """A function (q, k, positions, layer) -> rotated (q, k), q/k as [batch, head, pos, d_head]; None without."""
     if arch.positional in ("learned", "none"):
         return None

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--faithfulness-target", type=float, default=None,
                      help="the circuit is the smallest one whose exact faithfulness reaches this (default 0.8)")
     run.add_argument("--circuit-method", default=None,
-                     help=f"how the circuit is found: auto (the method's ranking) or one of {', '.join(search_names())}")
+                     help="how the circuit is found: auto (the method's ranking) or one of "
+                          f"{', '.join(search_names())}")
     run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
     run.add_argument("--stability-resamples", type=int, default=None,

@@ -66,7 +66,7 @@ def heldout_label(task: Task, discovery: PromptPairs, heldout: PromptPairs, spli
 
 
 def split_prompts(task: Task, model: TransformerBridge, n: int, n_heldout: int, seed: int, options: dict[str, object]
-                  ) -> tuple[object, object, str]:
+                  ) -> tuple[PromptPairs, PromptPairs, str]:
     """(discovery pairs, held-out pairs, how they were split: a key of `SPLITS`)."""
     try:
         disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)

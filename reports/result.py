@@ -41,7 +41,9 @@ from circuitlab.patching.methods import get_method
 from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 from circuitlab.tasks.base import PromptPairs
-from circuitlab.reports.summaries import AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, SUMMARY_TYPES, Summary
+from circuitlab.reports.summaries import (
+    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, Summary,
+)
 from circuitlab.patching.components import node_kind
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",

@@ -100,7 +100,8 @@ def _scores(p: Pipeline) -> dict[str, Any]:
     if found.edge_scores is not None:
         out["edges"] = found.edge_scores.to_frame()
         if found.edge_scores.kept is not None:
-            out["acdc_summary"] = AcdcSummary(threshold=cfg.acdc_threshold, kept_edges=int(found.edge_scores.kept.sum()))
+            out["acdc_summary"] = AcdcSummary(threshold=cfg.acdc_threshold,
+                                              kept_edges=int(found.edge_scores.kept.sum()))
     return out
 
 

@@ -186,5 +186,5 @@ def run_method_names() -> tuple[str, ...]:
     return method_names() + alias_names()
 
 
-__all__ = ["METHODS", "RANKINGS", "SEARCHES", "CircuitSearch", "Method", "MethodOptions", "MethodScores", "Score", "alias_names",
-           "get_method", "get_search", "method_names", "register", "run_method_names", "search_names"]
+__all__ = ["METHODS", "RANKINGS", "SEARCHES", "CircuitSearch", "Method", "MethodOptions", "MethodScores", "Score",
+           "alias_names", "get_method", "get_search", "method_names", "register", "run_method_names", "search_names"]
