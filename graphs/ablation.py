@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
@@ -106,11 +107,24 @@ def icl_ablation(model: TransformerBridge, tokens: Tensor, *, heads: Sequence[tu
     return frame
 
 
+@dataclass(frozen=True)
+class JointAblation:
+    """The ICL score with a set of heads ablated together: `icl`, the unablated `base_icl`, `delta_icl` = icl −
+    base, and `fraction_removed` = delta / −base (NaN when the base score is not negative)."""
+
+    heads: tuple[str, ...]
+    ablation: str
+    icl: float
+    base_icl: float
+    delta_icl: float
+    fraction_removed: float
+
+
 def joint_icl_ablation(model: TransformerBridge, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero",
                        *,
                        late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 64,
-                       base: float | None = None, means: dict[int, Tensor] | None = None) -> dict[str, object]:
-    """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`.
+                       base: float | None = None, means: dict[int, Tensor] | None = None) -> JointAblation:
+    """ICL score with all `heads` ablated together (`JointAblation`).
 
     `means` (`head_means` of the same tokens) saves recomputing them for each set under mean ablation."""
     if late is None or early is None:
@@ -120,8 +134,7 @@ def joint_icl_ablation(model: TransformerBridge, tokens: Tensor, heads: Sequence
     hooks = ablation_hooks(model, heads, kind, tokens=tokens, means=means)
     value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
-    return {"heads": [head_node(l, h) for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
-            "delta_icl": value - base, "fraction_removed": removed}
+    return JointAblation(tuple(head_node(l, h) for l, h in heads), kind, value, base, value - base, removed)
 
 
 def repeated_tokens_patching(model: TransformerBridge, *, n: int = 16, seq_len: int = 20, seed: int = 0,
@@ -138,5 +151,5 @@ def repeated_tokens_patching(model: TransformerBridge, *, n: int = 16, seq_len: 
     return activation_patching(model, task, pairs, "z", positions="all", config=PatchingConfig())
 
 
-__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "ablation_hooks", "head_means", "icl_ablation", "joint_icl_ablation",
+__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "JointAblation", "ablation_hooks", "head_means", "icl_ablation", "joint_icl_ablation",
            "repeated_tokens_patching"]

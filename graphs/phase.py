@@ -283,8 +283,8 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     rng = random.Random(seed)
     means = head_means(model, tokens)
     for kind in ("zero", "mean"):
-        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width,
-                                                      means=means)
+        out[f"{kind}_induction"] = asdict(  # the study's JSON record (`reports.phase`)
+            joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width, means=means))
         cache: dict[tuple[tuple[int, int], ...], float] = {}
         for key, pool in (("others", others), ("any_other", anyother)):
             combos = list(itertools.combinations(pool, len(labelled)))
@@ -293,7 +293,7 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
             for c in combos:
                 if c not in cache:
                     cache[c] = joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width,
-                                                  means=means)["fraction_removed"]
+                                                  means=means).fraction_removed
             out[f"{kind}_{key}"] = _sets_summary(combos, [cache[c] for c in combos])
     return out
 
