@@ -38,16 +38,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd
 import torch
 
-from circuitlab.graphs.faithful import FAITHFUL_METHODS, FaithfulConfig, find_faithful_circuit
+from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
 from circuitlab.graphs.selection import distance, within
 from circuitlab.patching.attribution import eap_ig_scores
 from circuitlab.patching.edges import prepare_edges, with_positions
 from circuitlab.patching.mask_learning import MaskConfig
+from circuitlab.patching.methods import get_search, search_names
 from circuitlab.patching.models import load_model
 from circuitlab.tasks import get_task
 from circuitlab.tasks.split import heldout_split, shared_templates, validation_split
-
-DEFAULT_METHODS = ("single-effect", "eap", "eap-ig", "greedy", "node-pruning", "eap-ig-edges", "edge-pruning")
 
 
 def held_size(curve: pd.DataFrame | None, target: float) -> str:
@@ -96,7 +95,8 @@ def main() -> None:
                         help="edge pruning starts with EAP-IG's top fraction of edges open (0: all open, as before)")
     parser.add_argument("--check-every", type=int, default=10, help="edge pruning: steps between validation checks")
     parser.add_argument("--patience", type=int, default=3, help="edge pruning: checks without improvement before stopping")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=FAITHFUL_METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(search_names(benchmark=True)),
+                        choices=search_names())
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -129,11 +129,14 @@ def main() -> None:
                             init_from_scores=args.init_fraction > 0, init_fraction=args.init_fraction)
     rows = []
     edge_scores = None
-    if {"eap-ig", "greedy", "eap-ig-edges", "edge-pruning"} & set(args.methods):
+    # they rank EAP-IG's edge scores, or (mask searches, with --init-fraction) start from them
+    shares = [m for m in args.methods if get_search(m).scores == "eap-ig"
+              or (get_search(m).ranks == "masks" and args.init_fraction > 0)]
+    if shares:
         start = time.time()
         edge_scores = eap_ig_scores(ctx, steps=args.steps)
         print(f"EAP-IG ({args.steps} steps) over {ctx.graph.n_edges} edges: {time.time() - start:.0f} s (shared by "
-              "eap-ig, greedy, eap-ig-edges)", flush=True)
+              f"{', '.join(shares)})", flush=True)
     runs = [(method, method, ctx, hctx, vctx) for method in args.methods]
     if args.edge_positions != "none":  # right after the plain EAP-IG edge circuit, if it runs
         at = next((i + 1 for i, r in enumerate(runs) if r[0] == "eap-ig-edges"), len(runs))
@@ -142,13 +145,13 @@ def main() -> None:
                      with_positions(vctx, args.edge_positions) if vctx is not None else None))
     for label, method, dctx, held_ctx, val_ctx in runs:
         print(f"[{label}] ...", flush=True)
-        shared = edge_scores if method in ("eap-ig", "greedy", "eap-ig-edges", "edge-pruning") else None
+        shared = edge_scores if method in shares else None
         if dctx is not ctx:
             start = time.time()
             shared = eap_ig_scores(dctx, steps=args.steps)
             print(f"  position-aware EAP-IG over {dctx.graph.n_edges} edges ({len(dctx.split.names)} segments: "
                   f"{', '.join(dctx.split.names)}): {time.time() - start:.0f} s", flush=True)
-        edge_level = method in ("eap-edges", "eap-ig-edges", "edge-pruning", "ranking-edges")
+        edge_level = get_search(method).level == "edge"
         result = find_faithful_circuit(dctx, method, config, heldout=held_ctx, log=lambda m: print(m, flush=True),
                                        edge_scores=shared, validation=val_ctx if edge_level else None)
         row = result.row()
