@@ -295,7 +295,8 @@ def build_circuit(p: Any) -> Any:
         graph = assign_roles(graph, p.result.roles)
     if cfg.variables:  # circuits that carry variables: each head's IIA per variable (`graphs.variables`)
         p.say(f"[variables] IIA of {cfg.variables} at each circuit head's output on held-out counterfactual pairs")
-        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed)
+        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed,
+                               runner=p.runner())
     return graph
 
 

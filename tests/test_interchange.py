@@ -119,6 +119,14 @@ def test_das_full_rank_equals_full_vector(tiny):
         b = intervened_logits(runner, prep, site, FullVector(runner.d_model))
     assert (a - b).abs().max().item() < 1e-4
     assert (b - prep.base_logits).abs().max().item() > 1e-2
+    head = Site("z", 1, "last", 2)  # per head: DAS with k = d_head swaps the head's whole output
+    prep = prepare_batch(runner, cf, ["z"])
+    das = DAS(runner.d_head, runner.d_head, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = intervened_logits(runner, prep, head, das)
+        b = intervened_logits(runner, prep, head, FullVector(runner.d_head))
+    assert (a - b).abs().max().item() < 1e-4
+    assert (b - prep.base_logits).abs().max().item() > 1e-3
 
 
 def test_bad_sites_are_refused(tiny):
