@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 import torch
 
-from circuitlab.graphs.variables import head_variables, variable_names
+from circuitlab.graphs.variables import DAS_DIMS, MARGIN, carried_variable, head_variables, variable_names
 from circuitlab.tasks.causal import causal_model
 
 HEADS = {"a0.h0": (0, 0), "a1.h3": (1, 3)}
@@ -49,13 +49,26 @@ def test_head_iia_equals_plain_hook_interchange(tiny_model):
     graph.add_edge("a0.h0", "a1.h3")
     graph.add_node("m2")
     head_variables(graph, tiny_model, cf, ["next"], n=len(cf), steps=3, n_boot=20)
+    none = sum(clean[i] == int(expected[i, 0]) for i in test) / len(test)  # the base run alone (any head's clean)
+    assert graph.graph["iia_next_none"] == pytest.approx(none)
     for node in HEADS:
         clean, swapped = tops[node]
         reference = sum(swapped[i] == int(expected[i, 0]) for i in test) / len(test)
-        assert graph.nodes[node]["iia_next"] == pytest.approx(reference), node
-        assert reference != sum(clean[i] == int(expected[i, 0]) for i in test) / len(test)  # not a no-op
-        assert 0.0 <= graph.nodes[node]["iia_next_das1"] <= 1.0
-    assert "iia_next" not in graph.nodes["m2"]
+        data = graph.nodes[node]
+        assert data["iia_next"] == pytest.approx(reference), node
+        assert reference != none  # not a no-op
+        das = [data[f"iia_next_das{k}"] for k in DAS_DIMS]
+        assert all(0.0 <= v <= 1.0 for v in das)
+        assert data["carries"] == ("next" if max([reference] + das) - none > MARGIN else ""), node
+    assert "iia_next" not in graph.nodes["m2"] and "carries" not in graph.nodes["m2"]
+
+
+def test_carried_variable_rule():
+    node = {"iia_io": 0.5, "iia_io_das1": 0.9, "iia_s": 0.6, "iia_s_das4": 0.2}
+    assert carried_variable(node, {"iia_io_none": 0.0, "iia_s_none": 0.0}, ["io", "s"]) == "io"  # DAS counts
+    assert carried_variable(node, {"iia_io_none": 0.85, "iia_s_none": 0.0}, ["io", "s"]) == "s"  # above baseline
+    assert carried_variable(node, {"iia_io_none": 0.85, "iia_s_none": 0.55}, ["io", "s"]) == ""  # within the margin
+    assert carried_variable({"iia_io": None}, {}, ["io"]) == ""
 
 
 def test_variable_names_are_checked_against_the_causal_model():
