@@ -207,7 +207,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
     kind = rundir.result_kind(folder)
-    if kind in ("sweep", "phase"):
+    if kind in ("sweep", "phase", "localize"):
         raise ConfigError(f"{args.run_dir!r} holds a circuitlab {kind} result, whose report is written with it "
                           f"({'summary.html' if kind == 'sweep' else 'report.html'}); `circuitlab report` re-renders "
                           "a `circuitlab run` folder")

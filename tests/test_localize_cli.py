@@ -79,6 +79,9 @@ def test_localize_cli_from_file(tmp_path, capsys):
                                                                      "reason": "asked for (backend hook)"}
     pd.testing.assert_frame_equal(pd.read_parquet(hook / "iia.parquet"), table, check_dtype=False, atol=1e-4)
 
+    capsys.readouterr()  # `circuitlab report` re-renders run folders; a localize folder's report is written with it
+    assert main(["report", str(out)]) == 2 and "holds a circuitlab localize result" in capsys.readouterr().err
+
     # A bad file: one line, nothing written.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"base_ids": [0, 7, 2, 3, 1], "source_ids": [0, 9, 2, 3, 1], "variable": "x", '
