@@ -139,6 +139,7 @@ def test_report_page_data(run_dir):
     carries = {n["name"]: n["carries"] for n in explorer["nodes"] if n["in_circuit"] and n["kind"] == "head"}
     assert carries == {n["id"]: n["carries"] for n in circuit["nodes"] if n["kind"] == "head"}
     assert explorer["variables"] == ["next"] and explorer["baselines"]["next"] == circuit["graph"]["iia_next_none"]
+    assert "iia_next_das4" in html and "exceeds that variable" in (run_dir / "report.md").read_text()
     assert page.tables and all(len(set(rows)) == 1 for rows in page.tables)  # rectangular tables
     text = " ".join(page.text)
     for bad in ("Traceback", "Error:", "undefined", "{{", "{%", "position -1"):
