@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import networkx as nx
 
+from circuitlab.graphs.roles import ROLES
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.interchange import Site
 from circuitlab.patching.localize import LocalizeConfig, localize
@@ -34,6 +35,29 @@ def variable_names(spec: str, task: str) -> list[str]:
     return names
 
 
+def head_selection(spec: str) -> tuple[str, ...]:
+    """`--variables-heads`: "all" (every circuit head) or comma-separated roles (every circuit head with that
+    role) and head names (`a23.h0`); a ValueError names a bad item."""
+    items = tuple(v.strip() for v in spec.split(",") if v.strip()) or ("all",)
+    for item in items:
+        if item == "all" or item in ROLES:
+            continue
+        try:
+            ok = parse_node(item).kind == "head"
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{item!r} is neither 'all', a role ({', '.join(ROLES)}) nor a head name like a9.h6")
+    return items
+
+
+def selected_heads(graph: nx.DiGraph, spec: str = "all") -> list[str]:
+    """The circuit's head nodes that `spec` (`head_selection`) picks, in the graph's order."""
+    items = set(head_selection(spec))
+    return [name for name, data in graph.nodes(data=True) if parse_node(name).kind == "head"
+            and ("all" in items or name in items or str(data.get("role", "")) in items)]
+
+
 DAS_DIMS = (1, 2, 3, 4)
 MARGIN = 0.1
 CARRIES_RULE = (f"a head carries the variable whose best held-out IIA at its output (full vector or DAS k = "
@@ -42,14 +66,16 @@ CARRIES_RULE = (f"a head carries the variable whose best held-out IIA at its out
 
 
 def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, variables: Sequence[str], *, n: int, seed: int = 0,
-                   steps: int = LocalizeConfig.steps, n_boot: int = 200, runner: Any = None) -> nx.DiGraph:
+                   steps: int = LocalizeConfig.steps, n_boot: int = 200, runner: Any = None,
+                   heads: str = "all") -> nx.DiGraph:
     """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable, and
     `carries` (the variable it carries by `CARRIES_RULE`, "" for none).
 
     `task`: a built-in task (its causal model draws `n` pairs per variable with `seed`, half held out for the
     measurement) or a `Counterfactuals` (its own pairs for its one variable). `runner`: the engine runner to
-    intervene through (default: `make_runner`'s choice for the model)."""
-    heads = sorted((node.layer, node.head, name) for name in graph.nodes
+    intervene through (default: `make_runner`'s choice for the model). `heads`: which circuit heads
+    (`head_selection`: all, roles, head names); the others get no attributes."""
+    heads = sorted((node.layer, node.head, name) for name in selected_heads(graph, heads)
                    if (node := parse_node(name)).kind == "head")
     if not heads:
         return graph
@@ -87,4 +113,5 @@ def carried_variable(node: Mapping[str, Any], graph_attrs: Mapping[str, Any], va
     return best
 
 
-__all__ = ["CARRIES_RULE", "DAS_DIMS", "MARGIN", "carried_variable", "head_variables", "variable_names"]
+__all__ = ["CARRIES_RULE", "DAS_DIMS", "MARGIN", "carried_variable", "head_selection", "head_variables", "selected_heads",
+           "variable_names"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from circuitlab.graphs.faithful import FAITHFUL_METHODS
-from circuitlab.graphs.variables import variable_names
+from circuitlab.graphs.variables import head_selection, variable_names
 from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
@@ -53,7 +53,8 @@ class RunConfig:
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
-    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
+    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`);
+    `variables_heads`: at which circuit heads (all, or roles and head names; `graphs.variables.head_selection`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -90,6 +91,7 @@ class RunConfig:
     stability_resamples: int = 0
     backend: str = "auto"
     variables: str = ""
+    variables_heads: str = "all"
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
@@ -314,6 +316,10 @@ def validate(cfg: RunConfig) -> None:
             variable_names(cfg.variables, task.name)
         except ValueError as exc:
             raise ConfigError(f"--variables: {exc}") from None
+    try:
+        head_selection(cfg.variables_heads)
+    except ValueError as exc:
+        raise ConfigError(f"--variables-heads: {exc}") from None
 
 
 MAX_N_BOOT = 100_000

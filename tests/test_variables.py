@@ -6,7 +6,8 @@ import networkx as nx
 import pytest
 import torch
 
-from circuitlab.graphs.variables import DAS_DIMS, MARGIN, carried_variable, head_variables, variable_names
+from circuitlab.graphs.variables import (DAS_DIMS, MARGIN, carried_variable, head_selection, head_variables,
+                                        selected_heads, variable_names)
 from circuitlab.tasks.causal import causal_model
 
 HEADS = {"a0.h0": (0, 0), "a1.h3": (1, 3)}
@@ -77,3 +78,15 @@ def test_variable_names_are_checked_against_the_causal_model():
         variable_names("io,foo", "ioi")
     with pytest.raises(ValueError, match="has no causal model"):
         variable_names("x", "no_such_task")
+
+
+def test_variables_heads_selection():
+    graph = nx.DiGraph()
+    graph.add_node("a1.h0", role="name_mover")
+    graph.add_node("a2.h3", role="induction")
+    graph.add_node("a0.h1")
+    graph.add_node("m1")
+    assert selected_heads(graph) == ["a1.h0", "a2.h3", "a0.h1"]
+    assert selected_heads(graph, "name_mover, a0.h1") == ["a1.h0", "a0.h1"]
+    with pytest.raises(ValueError, match="'m1' is neither"):
+        head_selection("name_mover,m1")
