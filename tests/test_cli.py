@@ -329,4 +329,7 @@ def test_run_variables_store_each_heads_iia(tiny_dir, tmp_path, capsys):
     assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "bad"), "--quiet", *FAST, "--variables", "io"]) == 2
     err = capsys.readouterr().err
     assert "no variable 'io'" in err and "next" in err
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "bad"), "--quiet", *FAST, "--variables", "next",
+                 "--variables-heads", "name_mover,m1"]) == 2
+    assert "--variables-heads: 'm1' is neither" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

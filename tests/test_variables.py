@@ -80,7 +80,12 @@ def test_variable_names_are_checked_against_the_causal_model():
         variable_names("x", "no_such_task")
 
 
-def test_variables_heads_selection():
+def test_variables_heads_selection(tiny_model):
+    graph = nx.DiGraph()
+    graph.add_edge("a0.h0", "a1.h3")
+    cf = causal_model("repeated_tokens").counterfactuals(tiny_model, "next", 8, seed=0)
+    head_variables(graph, tiny_model, cf, ["next"], n=len(cf), steps=1, n_boot=10, heads="a1.h3")
+    assert "iia_next_das4" in graph.nodes["a1.h3"] and not graph.nodes["a0.h0"]  # only the chosen head
     graph = nx.DiGraph()
     graph.add_node("a1.h0", role="name_mover")
     graph.add_node("a2.h3", role="induction")
