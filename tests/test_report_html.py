@@ -314,5 +314,14 @@ def test_heads_coloured_by_the_variable_they_carry(browser_page, run_dir):
     colours = _node_colours(page)
     assert {n: colours[n] for n in heads} == {n: palette["next" if h["carries"] == "next" else ""]
                                                for n, h in heads.items()}
-    page.evaluate("window.circuitlab.colorBy('carried')")
+    # the colour follows the carried variable (the tiny random model's heads carry none): a head said to carry
+    # `next` turns that colour under "carried" and "var:next"
+    head = sorted(heads)[0]
+    page.evaluate("""name => { window.circuitlab.data.nodes.find(n => n.name === name).carries = 'next';
+                               window.circuitlab.colorBy('carried'); }""", head)
+    assert _node_colours(page)[head] == palette["next"]
+    page.evaluate("window.circuitlab.colorBy('var:next')")
+    assert _node_colours(page)[head] == palette["next"]
+    page.evaluate("""name => { window.circuitlab.data.nodes.find(n => n.name === name).carries = '';
+                               window.circuitlab.colorBy('carried'); }""", head)
     assert seen["errors"] == []
