@@ -4,7 +4,8 @@ For every head of a circuit and every variable of the task's causal model (`task
 that head's output (`z`) at the END position from a source prompt into a base prompt, on held-out
 counterfactual pairs (`patching.localize`: train/test split, DAS trained on the train pairs only; one prepared
 set of base/source runs per variable shared by every head and featurizer). Stored as node attributes
-`iia_<variable>` (full vector) and `iia_<variable>_das<k>` (DAS, k = 1..4 dimensions of the head's d_head), so
+`iia_<variable>` (full vector) and `iia_<variable>_das<k>` (DAS, k = 1..4 dimensions of the head's d_head), with
+the graded effect beside each (`graded_<variable>[_das<k>]`, `patching.localize`), so
 they travel with the NetworkX circuit into GraphML / node-link JSON and the report; the graph attribute
 `iia_<variable>_none` is the no-intervention baseline on the same held-out pairs (how often the base run already
 says the expected token), the floor a head must clear to carry the variable (`carried_variable`).
@@ -68,8 +69,10 @@ CARRIES_RULE = (f"a head carries the variable whose best held-out IIA at its out
 def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, variables: Sequence[str], *, n: int, seed: int = 0,
                    steps: int = LocalizeConfig.steps, n_boot: int = 200, runner: Any = None,
                    heads: str = "all") -> nx.DiGraph:
-    """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable, and
-    `carries` (the variable it carries by `CARRIES_RULE`, "" for none).
+    """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable, the
+    graded effect beside it (`graded_<variable>[_das<k>]`: mean(LD_int − LD_none) / (2·mean|LD_none|), LD = expected
+    minus base-answer logit; 0 = nothing moved, 1 = the base's margin fully reversed) and `carries` (the variable
+    it carries by `CARRIES_RULE`, "" for none).
 
     `task`: a built-in task (its causal model draws `n` pairs per variable with `seed`, half held out for the
     measurement) or a `Counterfactuals` (its own pairs for its one variable). `runner`: the engine runner to
@@ -92,8 +95,9 @@ def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, v
                 graph.graph[f"iia_{result.variable}_none"] = float(row.iia)
             elif row.featurizer in ("full", "das"):
                 name = sites[Site("z", row.layer, "last", row.head)]
-                key = f"iia_{result.variable}" if row.featurizer == "full" else f"iia_{result.variable}_das{row.dims}"
-                graph.nodes[name][key] = float(row.iia)
+                key = result.variable if row.featurizer == "full" else f"{result.variable}_das{row.dims}"
+                graph.nodes[name][f"iia_{key}"] = float(row.iia)
+                graph.nodes[name][f"graded_{key}"] = float(row.graded)
     for _, _, name in heads:
         graph.nodes[name]["carries"] = carried_variable(graph.nodes[name], graph.graph, names)
     return graph

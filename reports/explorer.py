@@ -179,7 +179,7 @@ def build_explorer(result: RunResult) -> Explorer:
             data = graph.nodes[name]
             node.role, node.roles = str(data.get("role", "")), list(json.loads(data.get("roles", "[]") or "[]"))
             node.numbers = {k: _number(data[k]) for k in ("score", "exact_effect") if k in data}
-            node.numbers.update({k: _number(v) for k, v in data.items() if k.startswith("iia_")})
+            node.numbers.update({k: _number(v) for k, v in data.items() if k.startswith(("iia_", "graded_"))})
             if kind == "head":
                 node.carries = str(data.get("carries", "") or "")
             node.numbers.update(_flat(json.loads(data.get("evidence", "{}") or "{}")))

@@ -169,7 +169,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
             nodes.append({"node": name, "role": data.get("role", ""), "score": data.get("score", 0.0),
                           "exact effect": data.get("exact_effect", float("nan")),
                           **({"carries": data.get("carries", "")} if baselines else {}),
-                          **{k: v for k, v in sorted(data.items()) if k.startswith("iia_")}})
+                          **{k: v for k, v in sorted(data.items()) if k.startswith(("iia_", "graded_"))}})
     if nodes:
         circ.tables.append(("Circuit nodes", pd.DataFrame(nodes).sort_values("score", key=abs, ascending=False)))
     sections.append(circ)

@@ -15,9 +15,9 @@ HEADS = {"a0.h0": (0, 0), "a1.h3": (1, 3)}
 
 def _tops(model, cf, layer, head):
     """Per pair, each prompt run alone without padding: (clean top token at END, top token with the head's z at
-    END swapped in from the source's END)."""
+    END swapped in from the source's END), and the two END logit vectors."""
     name = f"blocks.{layer}.attn.hook_z"
-    clean, swapped = [], []
+    clean, swapped, logits = [], [], []
     for i in range(len(cf)):
         nb, ns = int(cf.base_mask[i].sum()), int(cf.source_mask[i].sum())
         base, source = cf.base_tokens[i:i + 1, :nb], cf.source_tokens[i:i + 1, :ns]
@@ -30,16 +30,24 @@ def _tops(model, cf, layer, head):
                 z[0, nb - 1, head] = z_source
                 return z
 
-            clean.append(int(model(base)[0, nb - 1].argmax()))
-            swapped.append(int(model.run_with_hooks(base, fwd_hooks=[(name, swap)])[0, nb - 1].argmax()))
-    return clean, swapped
+            pair = (model(base)[0, nb - 1], model.run_with_hooks(base, fwd_hooks=[(name, swap)])[0, nb - 1])
+            clean.append(int(pair[0].argmax()))
+            swapped.append(int(pair[1].argmax()))
+            logits.append(pair)
+    return clean, swapped, logits
+
+
+def _graded(logits, cf, test):
+    """mean(LD_swapped − LD_clean) / (2·mean|LD_clean|) over the test pairs, LD = expected − base-answer logit."""
+    ld = [[float(l[int(cf.expected_ids[i, 0])] - l[int(cf.base_answer_ids[i, 0])]) for l in logits[i]] for i in test]
+    return sum(s - c for c, s in ld) / len(ld) / (2 * sum(abs(c) for c, _ in ld) / len(ld))
 
 
 def test_head_iia_equals_plain_hook_interchange(tiny_model):
     cf = causal_model("repeated_tokens").counterfactuals(tiny_model, "next", 40, seed=0).with_split(0.5, seed=0)
     assert cf.base_mask is not None and not bool(cf.base_mask.all())  # padded prompts: positions resolved per prompt
     tops = {node: _tops(tiny_model, cf, *lh) for node, lh in HEADS.items()}
-    clean, swapped = tops["a0.h0"]
+    clean, swapped, _ = tops["a0.h0"]
     # expected: a0.h0's intervened answer, so that its IIA is 1 and a no-op intervention (the clean answer, which
     # differs on some held-out pair), a wrong head or a wrong position gives less
     expected = torch.tensor([[t] for t in swapped])
@@ -53,10 +61,12 @@ def test_head_iia_equals_plain_hook_interchange(tiny_model):
     none = sum(clean[i] == int(expected[i, 0]) for i in test) / len(test)  # the base run alone (any head's clean)
     assert graph.graph["iia_next_none"] == pytest.approx(none)
     for node in HEADS:
-        clean, swapped = tops[node]
+        clean, swapped, logits = tops[node]
         reference = sum(swapped[i] == int(expected[i, 0]) for i in test) / len(test)
         data = graph.nodes[node]
         assert data["iia_next"] == pytest.approx(reference), node
+        assert data["graded_next"] == pytest.approx(_graded(logits, cf, test), rel=1e-4, abs=1e-6), node
+        assert data["graded_next"] != 0.0  # the swap moved the logits
         assert reference != none  # not a no-op
         das = [data[f"iia_next_das{k}"] for k in DAS_DIMS]
         assert all(0.0 <= v <= 1.0 for v in das)
