@@ -324,4 +324,9 @@ def test_heads_coloured_by_the_variable_they_carry(browser_page, run_dir):
     assert _node_colours(page)[head] == palette["next"]
     page.evaluate("""name => { window.circuitlab.data.nodes.find(n => n.name === name).carries = '';
                                window.circuitlab.colorBy('carried'); }""", head)
+    # a head --variables-heads left out (no iia_ numbers) is "not measured" (white), not "none"
+    page.evaluate("""name => { const n = window.circuitlab.data.nodes.find(m => m.name === name);
+        Object.keys(n.numbers).filter(k => k.startsWith('iia_')).forEach(k => delete n.numbers[k]);
+        window.circuitlab.colorBy('carried'); }""", head)
+    assert _node_colours(page)[head] == "#ffffff" and "not measured" in page.locator("#color-by-box").inner_text()
     assert seen["errors"] == []

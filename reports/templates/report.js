@@ -97,6 +97,7 @@
     if (n.kind === "input" || n.kind === "logits") { return "#444444"; }
     if (!n.in_circuit) { return "#d9d9d9"; }
     if (state.colorBy !== "role" && n.kind === "head") {
+      if (!measured(n)) { return NOT_MEASURED; }
       var shown = state.colorBy === "carried" || state.colorBy === "var:" + n.carries;
       return data.variable_colors[shown ? n.carries : ""];
     }
@@ -104,6 +105,9 @@
     return n.kind === "mlp" ? "#fdae6b" : "#6baed6";
   }
 
+  var NOT_MEASURED = "#ffffff";  // a circuit head --variables-heads left out
+  function measured(n) { return Object.keys(n.numbers).some(function (k) { return k.indexOf("iia_") === 0; }); }
+  function carriesText(n) { return measured(n) ? (n.carries || "none") : "not measured"; }
   function colorBy(mode) {
     var known = ["role"].concat(data.variables.length ? ["carried"] : [],
                                 data.variables.map(function (v) { return "var:" + v; }));
@@ -118,16 +122,14 @@
   // The colour-by chooser and the stated rule, for a run whose heads were measured for task variables.
   function setUpColorBy() {
     if (!data.variables.length) { return; }
-    var swatch = function (v) {
-      return "<span class=\"swatch\" style=\"background:" + data.variable_colors[v] + "\"></span>" +
-             esc(v || "none");
-    };
+    var swatch = function (color, label) { return "<span class=\"swatch\" style=\"background:" + color + "\"></span>" + esc(label); };
     var box = document.createElement("div");
     box.id = "color-by-box";
     box.innerHTML = "<label for=\"color-by\">Colour heads by </label><select id=\"color-by\">" +
       "<option value=\"role\">role</option><option value=\"carried\">variable carried</option>" +
       data.variables.map(function (v) { return "<option value=\"var:" + esc(v) + "\">variable " + esc(v) + "</option>"; }).join("") +
-      "</select> <span class=\"legend\">" + data.variables.concat([""]).map(swatch).join(" ") + "</span>" +
+      "</select> <span class=\"legend\">" + data.variables.concat([""]).map(function (v) {
+        return swatch(data.variable_colors[v], v || "none"); }).join(" ") + " " + swatch(NOT_MEASURED, "not measured") + "</span>" +
       "<p id=\"carries-rule\" class=\"stated\">Heads measured for " + data.variables.map(esc).join(", ") + ": " +
       esc(data.carries_rule) + ". No-intervention baselines (held-out IIA): " + data.variables.map(function (v) {
         return esc(v) + " " + num(data.baselines[v], 2);
@@ -141,7 +143,7 @@
   function nodeHover(n) {
     var parts = ["<b>" + esc(n.name) + "</b>" + (n.in_circuit ? " (in circuit)" : "")];
     if (n.role) { parts.push("role " + esc(n.role)); }
-    if (n.kind === "head" && n.in_circuit && data.variables.length) { parts.push("carries " + esc(n.carries || "none")); }
+    if (n.kind === "head" && n.in_circuit && data.variables.length) { parts.push("carries " + esc(carriesText(n))); }
     Object.keys(n.numbers).slice(0, 6).forEach(function (k) { parts.push(esc(k) + " " + esc(num(n.numbers[k]))); });
     return parts.join("<br>");
   }
@@ -287,7 +289,7 @@
               (n.head >= 0 ? ", head " + n.head : "") + "; " + (n.in_circuit ? "in the circuit" : "not in the circuit") +
               (n.role ? "; role <b>" + esc(n.role) + "</b>" : "") +
               (n.kind === "head" && n.in_circuit && data.variables.length ?
-               "; carries <b data-carries=\"" + esc(n.carries) + "\">" + esc(n.carries || "none") + "</b>" : "") + "</p>");
+               "; carries <b data-carries=\"" + esc(n.carries) + "\">" + esc(carriesText(n)) + "</b>" : "") + "</p>");
     html.push("<table class=\"numbers\">" + numberRows(n.numbers, "") + "</table>");
     n.role_evidence.forEach(function (r) {
       html.push("<h4>" + esc(r.role) + ": score " + num(r.score) + (r.score >= r.threshold ? " \u2265 " : " < ") +
