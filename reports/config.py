@@ -53,8 +53,8 @@ class RunConfig:
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
-    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`);
-    `variables_heads`: at which circuit heads (all, or roles and head names; `graphs.variables.head_selection`).
+    `variables`: task variables (comma-separated) whose IIA is measured at circuit heads (`graphs.variables`):
+    `variables_heads` (all, or roles and head names; `graphs.variables.head_selection`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -311,15 +311,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
-    if cfg.variables:
+    for flag, check in (("--variables", lambda: cfg.variables and variable_names(cfg.variables, task.name)),
+                        ("--variables-heads", lambda: head_selection(cfg.variables_heads))):
         try:
-            variable_names(cfg.variables, task.name)
+            check()
         except ValueError as exc:
-            raise ConfigError(f"--variables: {exc}") from None
-    try:
-        head_selection(cfg.variables_heads)
-    except ValueError as exc:
-        raise ConfigError(f"--variables-heads: {exc}") from None
+            raise ConfigError(f"{flag}: {exc}") from None
 
 
 MAX_N_BOOT = 100_000
