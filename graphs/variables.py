@@ -13,12 +13,14 @@ says the expected token), the floor a head must clear to carry the variable (`ca
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import networkx as nx
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.roles import ROLES
 from circuitlab.patching.components import parse_node
+from circuitlab.patching.hook_backend import ModelRunner
 from circuitlab.patching.interchange import Site
 from circuitlab.patching.localize import LocalizeConfig, localize
 from circuitlab.tasks.causal import causal_model
@@ -66,9 +68,9 @@ CARRIES_RULE = (f"a head carries the variable whose best held-out IIA at its out
                 f"more than {MARGIN}; otherwise it carries none")
 
 
-def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, variables: Sequence[str], *, n: int, seed: int = 0,
-                   steps: int = LocalizeConfig.steps, n_boot: int = 200, runner: Any = None,
-                   heads: str = "all") -> nx.DiGraph:
+def head_variables(graph: nx.DiGraph, model: TransformerBridge, task: str | Counterfactuals, variables: Sequence[str],
+                   *, n: int, seed: int = 0, steps: int = LocalizeConfig.steps, n_boot: int = 200,
+                   runner: ModelRunner | None = None, heads: str = "all") -> nx.DiGraph:
     """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable, the
     graded effect beside it (`graded_<variable>[_das<k>]`: mean(LD_int − LD_none) / (2·mean|LD_none|), LD = expected
     minus base-answer logit; 0 = nothing moved, 1 = the base's margin fully reversed) and `carries` (the variable
@@ -103,7 +105,7 @@ def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, v
     return graph
 
 
-def carried_variable(node: Mapping[str, Any], graph_attrs: Mapping[str, Any], variables: Sequence[str]) -> str:
+def carried_variable(node: Mapping[str, object], graph_attrs: Mapping[str, object], variables: Sequence[str]) -> str:
     """The variable a head carries by `CARRIES_RULE` from its stored `iia_<var>[_das<k>]` attributes ("" for none)."""
     best, margin = "", MARGIN
     for variable in variables:

@@ -14,9 +14,7 @@ import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 
@@ -32,7 +30,7 @@ from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.custom import looks_like_path
 
 
-def add_localize_parser(sub: Any) -> None:
+def add_localize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("localize", help="localise a causal variable: interchange interventions and DAS over sites")
     p.add_argument("--task", default="ioi", help="a task with a causal model (ioi, capitals, greater_than, "
                    "repeated_tokens) or a counterfactual file (.jsonl/.csv)")
@@ -130,7 +128,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_outputs(result: LocalizeResult, record: dict[str, Any], folder: Path) -> None:
+def write_outputs(result: LocalizeResult, record: dict[str, object], folder: Path) -> None:
     """iia.parquet/csv, counterfactuals.jsonl, rotations.safetensors and the report (`reports.localize_report`:
     report.html, report.md, figures/) into `folder`."""
     frame = result.to_frame()

@@ -9,7 +9,6 @@ the full-vector ceiling there, the random rotation with the same k there, and th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -79,7 +78,7 @@ def sections(result: LocalizeResult) -> list[Section]:
     return out
 
 
-def write_report(result: LocalizeResult, record: dict[str, Any], folder: Path) -> None:
+def write_report(result: LocalizeResult, record: dict[str, object], folder: Path) -> None:
     """report.html, report.md and figures/*.png into `folder` (a staging folder of the run-folder module)."""
     parts = sections(result)
     for section in parts:
