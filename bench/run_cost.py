@@ -128,10 +128,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="prompt pairs (the CLI's default 16)")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--method", default=None, help="discovery method (the CLI's default eap-ig)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (the CLI's default: cores free now)")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="run_cost_")
     cfg = build_configs({}, {"task": "ioi", "model": "smollm2-135m", "out": out, "n": args.n,
-                             "method": args.method})[0]
+                             "method": args.method, "threads": args.threads})[0]
 
     counter = Counter()
     watch_model = _instrument(counter)

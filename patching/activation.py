@@ -30,7 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
-from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
+from circuitlab.patching.engine import (EngineContext, _gather_logits, _metric_values, engine_context, first_false,
+                                       windowed)
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -189,6 +190,29 @@ def _role_at(pairs: Any, pos: int | Tensor) -> str:
     return ""
 
 
+def _differs(src: Tensor, base: Tensor, kind: str) -> Tensor:
+    """Where a patch source differs from the base run's activation, bit for bit: [batch, pos, heads] (one head
+    column for kinds without heads; patterns by destination position)."""
+    neq = src != base
+    if kind == "pattern":  # [b, head, dest, src]
+        return neq.any(3).transpose(1, 2)
+    if neq.dim() == 4:  # [b, pos, head, d]
+        return neq.any(3)
+    return neq.any(2, keepdim=True)
+
+
+def _first_change(differs: Tensor, patch: Patch) -> int | None:
+    """The first position where `patch` changes the base run (None: nowhere). Causal attention: the patched run
+    equals the base run before it, so the patched forward may start there (from the base run's keys/values)."""
+    column = differs[..., 0 if patch.head is None or differs.shape[2] == 1 else patch.head]  # [batch, pos]
+    if patch.positions is None:
+        changed = column.any(0)
+        return first_false(~changed) if bool(changed.any()) else None
+    positions = patch.positions.to(column.device)
+    changed = column[torch.arange(column.shape[0], device=column.device), positions]  # [batch]
+    return int(positions[changed].min()) if bool(changed.any()) else None
+
+
 def _bytes_per_patch(runner: Runner, batch: int, window: int, seq: int, reads: int) -> float:
     per_pos = 6 * runner.d_model + 3 * (runner.cfg.d_mlp or 0) + 2 * runner.n_heads * seq
     return 4.0 * batch * (window * per_pos + reads * runner.W_U.shape[1])
@@ -204,22 +228,25 @@ def _make_hook(kind: str, chunk: Sequence[Patch], src: Tensor, batch: int, pos0:
     mask = torch.zeros(mask_shape, dtype=torch.bool, device=src.device)
     arange_b = torch.arange(batch, device=src.device)
     for i, patch in enumerate(chunk):
+        if patch.positions is not None:  # before pos0 the source equals the base run (`_first_change`): no write
+            where = patch.positions.to(src.device) - pos0
+            rows, where = arange_b[where >= 0], where[where >= 0]
         if kind == "pattern":  # [n, B, head, dest]
             head_sel = slice(None) if patch.head is None else patch.head
             if patch.positions is None:
                 mask[i, :, head_sel, :] = True
             else:
-                mask[i, arange_b, head_sel, patch.positions.to(src.device) - pos0] = True
+                mask[i, rows, head_sel, where] = True
         elif has_heads:  # [n, B, pos, head]
             if patch.positions is None:
                 mask[i, :, :, patch.head] = True
             else:
-                mask[i, arange_b, patch.positions.to(src.device) - pos0, patch.head] = True
+                mask[i, rows, where, patch.head] = True
         else:  # [n, B, pos]
             if patch.positions is None:
                 mask[i] = True
             else:
-                mask[i, arange_b, patch.positions.to(src.device) - pos0] = True
+                mask[i, rows, where] = True
     mask = mask.unsqueeze(-1)
 
     def hook(act: Tensor) -> Tensor:
@@ -275,12 +302,22 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     ensure_collected(ctx, {(kind, layer) for kind in kinds for layer in range(runner.n_layers)})
     base = ctx.corrupt_run if config.direction == "denoise" else ctx.clean_run
     base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
+    base_values = ctx.corrupt_values if config.direction == "denoise" else ctx.clean_values
     groups: dict[tuple[str, int, int], list[int]] = {}
-    for index, patch in enumerate(patches):
-        windowed = runner.causal and getattr(runner, "windowed", True)  # the hook backend runs every position
-        pos0 = 0 if patch.positions is None or not windowed else int(patch.positions.min())
-        groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     results = torch.empty(len(patches))
+    differs: dict[tuple[str, int], Tensor] = {}
+    for index, patch in enumerate(patches):
+        if not windowed(runner):  # the hook backend runs every position
+            groups.setdefault((patch.kind, patch.layer, 0), []).append(index)
+            continue
+        key = (patch.kind, patch.layer)
+        if key not in differs:
+            differs[key] = _differs(_source_activation(ctx, *key, source), _site_activation(base, *key), patch.kind)
+        pos0 = _first_change(differs[key], patch)
+        if pos0 is None:  # the source equals the base run wherever this patch writes: the base run itself
+            results[index] = float(base_values.mean())
+            continue
+        groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     reads = ctx.read_positions.shape[1]
     work = []
     for (kind, layer, pos0), members in groups.items():

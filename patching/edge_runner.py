@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from circuitlab.patching.forward_parts import rms_post_share
-from circuitlab.patching.runner import Runner, RunState
+from circuitlab.patching.runner import KVCache, Runner, RunState
 from circuitlab.patching.topology import ComputationalGraph
 
 
@@ -88,12 +88,14 @@ class EdgeRunner:
         """The attention layer's contribution to the stream from its head shares."""
         return shares.sum(2) + (0.0 if self.arch.post_attn_norm else self.runner.b_O[layer])
 
-    def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
-        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model]."""
+    def _attn_from_inputs(self, layer: int, x: Tensor, pos0: int = 0, past: KVCache | None = None) -> Tensor:
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model];
+        `x` holds positions pos0.. and `past` the keys/values of the earlier ones."""
         r, g = self.runner, self.graph
         xn = r.ln1[layer](x)
         xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
-        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv))
+        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv),
+                     pos0, past)
         return self.shares(layer, r.head_outputs(layer, z))
 
     def from_run(self, state: RunState) -> GraphActivations:
@@ -154,19 +156,23 @@ class EdgeRunner:
         acts = GraphActivations(torch.stack(senders, dim=2), pre, mid, resid)
         return acts, final, grads
 
-    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor, *, pos0: int = 0,
+               past: KVCache | None = None) -> Tensor:
         """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
 
         Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
-        layer's receiver inputs are one batched matrix product with the transposed masks.
+        layer's receiver inputs are one batched matrix product with the transposed masks. `pos0` > 0: positions
+        before it are the same in the clean and corrupted runs (`EngineContext.shared_prefix`), so every circuit
+        equals the corrupted run there: only positions pos0.. are computed, from the corrupted run's keys/values
+        `past`, and the corrupted final stream fills the prefix.
         """
         r, g = self.runner, self.graph
         n_circ = masks.shape[0]
-        resid0 = r.embed(tokens)
+        resid0 = r.embed(tokens)[:, pos0:]
         batch, seq, dm = resid0.shape
         flat = batch * seq * dm
         deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
-        corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
+        corrupt_flat = corrupt.senders[:, pos0:].permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
         masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
 
@@ -177,8 +183,8 @@ class EdgeRunner:
 
         for layer in range(r.n_layers):
             n_prev = g.senders_before(g.attn_receivers(layer).start)
-            x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
-            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
+            x = inputs(corrupt.resid_pre[layer][:, pos0:], n_prev, g.attn_receivers(layer))
+            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm), pos0, past)
             first = g.head_sender(layer, 0)
             head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
                 n_circ, g.n_heads, flat)
@@ -187,10 +193,13 @@ class EdgeRunner:
                 continue
             receiver = g.mlp_receiver(layer)
             n_mlp = g.senders_before(receiver)
-            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
+            x_mlp = inputs(corrupt.resid_mid[layer][:, pos0:], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
             mlp_out = r.mlp_block(layer, x_mlp)
             idx = g.mlp_sender(layer)
             deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
         last = g.logits_receiver
-        final = inputs(corrupt.resid_final, g.n_senders, slice(last, last + 1)).squeeze(3)
-        return final.reshape(n_circ * batch, seq, dm)
+        final = inputs(corrupt.resid_final[:, pos0:], g.n_senders, slice(last, last + 1)).squeeze(3)
+        final = final.reshape(n_circ * batch, seq, dm)
+        if pos0:
+            final = torch.cat([corrupt.resid_final[:, :pos0].repeat(n_circ, 1, 1), final], dim=1)
+        return final

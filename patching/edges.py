@@ -60,7 +60,9 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     with torch.no_grad():
         for start in starts:
             chunk = edge_masks[start:start + step]
-            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
+            pos0 = ctx.shared_prefix  # 0 on the hook backend and for ablated contexts
+            kw = {"pos0": pos0, "past": ctx.corrupt_run.kv} if pos0 else {}
+            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk), **kw)
             logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)

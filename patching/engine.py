@@ -62,6 +62,18 @@ def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0
     return runner.unembed(picked)
 
 
+def windowed(runner: Any) -> bool:
+    """Whether `runner` can run a window of positions from cached keys/values of the earlier ones (the fast runner
+    on a causal model; the hook backend runs every position)."""
+    return bool(runner.causal) and getattr(runner, "windowed", True)
+
+
+def first_false(flags: Tensor) -> int:
+    """Index of the first False in a 1-D bool tensor (its length when every entry is True)."""
+    off = (~flags).nonzero()
+    return int(off[0, 0]) if len(off) else int(flags.numel())
+
+
 BACKENDS = ("auto", "fast", "hook")
 
 
@@ -118,6 +130,7 @@ class EngineContext:
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
         self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
+        self._shared_prefix: int | None = None
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -163,6 +176,21 @@ class EngineContext:
     @property
     def corrupt_logits_at(self) -> Tensor:
         return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions)
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions where the clean and corrupted runs are identical (every sender output equal, bit for
+        bit, in every prompt), at most the first read position; 0 without the corrupted run's keys/values (an
+        ablated context) or on a runner that cannot start mid-prompt. Causal attention: a forward that mixes the
+        two runs (edge or node circuits) equals both there, so it may start at this position from the corrupted
+        run's keys/values (`patching.edges`, `patching.node_masks`)."""
+        if self._shared_prefix is None:
+            self._shared_prefix = 0
+            if self.corrupt_run is not None and windowed(self.runner):
+                same = (self.clean.senders == self.corrupt.senders).flatten(2).all(2).all(0)  # [pos]
+                limit = min(int(same.numel()), int(self.read_positions.min()))
+                self._shared_prefix = first_false(same[:limit])
+        return self._shared_prefix
 
     @property
     def batch(self) -> int:

@@ -63,7 +63,11 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
 
         return edge_masked_final(ctx, expand_to_edges(ctx, masks))
     n_circ = masks.shape[0]
-    corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
+    # Positions before `pos0` are the same in the clean and corrupted runs, hence in every mix of them: start there
+    # from the corrupted run's keys/values and prepend its final stream (`EngineContext.shared_prefix`).
+    pos0 = ctx.shared_prefix
+    past = ctx.corrupt_run.kv if pos0 else None
+    corrupt = ctx.corrupt.senders[:, pos0:]  # [b, p, n_senders, d]
     batch, seq, _, dm = corrupt.shape
     masks = masks.to(corrupt.device, corrupt.dtype)
 
@@ -74,12 +78,12 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
         bad = corrupt[:, :, first:first + count].unsqueeze(0)
         return (bad + m * (out - bad)).view(n_circ * batch, seq, count, dm)
 
-    embed = ctx.clean.senders[:, :, 0]
+    embed = ctx.clean.senders[:, pos0:, 0]
     resid = mix(embed.unsqueeze(2).repeat(n_circ, 1, 1, 1), 0, 1)[:, :, 0]
     for layer in range(r.n_layers):
         x = r.ln1[layer](resid)
         q, k, v = r.project_q(layer, x), r.project_k(layer, x), r.project_v(layer, x)
-        heads = er.shares(layer, r.head_outputs(layer, r.attend(layer, q, k, v)))  # [C*b, p, H, d]
+        heads = er.shares(layer, r.head_outputs(layer, r.attend(layer, q, k, v, pos0, past)))  # [C*b, p, H, d]
         attn = er.attn_total(layer, mix(heads, g.head_sender(layer, 0), g.n_heads))
         if r.attn_only:
             resid = resid + attn
@@ -87,6 +91,8 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
         mlp_in = resid if r.parallel else resid + attn
         mlp = mix(r.mlp_block(layer, mlp_in).unsqueeze(2), g.mlp_sender(layer), 1)[:, :, 0]
         resid = resid + attn + mlp
+    if pos0:
+        resid = torch.cat([ctx.corrupt.resid_final[:, :pos0].repeat(n_circ, 1, 1), resid], dim=1)
     return resid
 
 
