@@ -349,7 +349,7 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
                 resid0 = (base.resid_mid if at_mlp else base.resid_pre)[start_layer][:, pos0:]
                 resid = runner.run(resid0.repeat(n, 1, 1), start_layer=start_layer, start_at_mlp=at_mlp, pos0=pos0,
                                    past=base.kv, hooks=hooks)
-            logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0)
+            logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0, ctx.metric_vocab)
             keep = (ctx.read_positions >= pos0).repeat(n, 1)[..., None]
             logits_at = torch.where(keep, logits_at, base_at.repeat(n, 1, 1))
             values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))

@@ -129,7 +129,7 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             else:
                 final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
                                    hooks=_single_input_hooks(ctx, layer, chosen, delta, pos0), pos0=pos0, past=past)
-            logits = _gather_logits(runner, final, ctx.read_positions, pos0)
+            logits = _gather_logits(runner, final, ctx.read_positions, pos0, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits.view(n, batch, reads, -1)).mean(1)
             out[torch.tensor(members)] = ctx.clean_metric - values.cpu()
     return out

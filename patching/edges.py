@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.edge_runner import GraphActivations
-from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
+from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Runner
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
@@ -63,7 +63,7 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
             pos0 = ctx.shared_prefix  # 0 on the hook backend and for ablated contexts
             kw = {"pos0": pos0, "past": ctx.corrupt_run.kv} if pos0 else {}
             final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk), **kw)
-            logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+            logits = _gather_logits(ctx.edge_runner.runner, final, ctx.read_positions, 0, ctx.metric_vocab)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)
 

@@ -28,6 +28,7 @@ from circuitlab.patching.hook_edges import HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
 from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.tasks.base import Task
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
@@ -49,17 +50,34 @@ def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
         raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
                          f"got {getattr(values, 'shape', type(values))}")
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
+        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts (a task "
+                         "whose metric_tokens leaves out a logit its metric reads gets NaN there)")
     return values
 
 
-def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
-    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
+def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0,
+                   vocab: Tensor | None = None) -> Tensor:
+    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0. With `vocab`
+    (the ids the task's metric reads, `EngineContext.metric_vocab`) only those logits are computed; the others
+    are NaN: the unembedding is a large matrix, and a patched forward's metric reads a few of its columns."""
     idx = (read - pos0).clamp(min=0)
     lead = resid_final.shape[0] // read.shape[0]
     idx = idx.repeat(lead, 1)
     picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
-    return runner.unembed(picked)
+    if vocab is None:
+        return runner.unembed(picked)
+    out = torch.full((*picked.shape[:-1], runner.W_U.shape[1]), float("nan"), dtype=picked.dtype, device=picked.device)
+    out[..., vocab] = runner.unembed(picked, vocab)
+    return out
+
+
+def metric_vocab(runner: Any, task: Any, pairs: Any) -> Tensor | None:
+    """The vocabulary ids the task's metric reads on these pairs (`Task.metric_tokens`), for the fast runner; None
+    (every logit) for the hook backend or a task that does not say."""
+    if getattr(runner, "backend", "fast") != "fast" or not isinstance(task, Task):
+        return None
+    ids = task.metric_tokens(pairs)
+    return None if ids is None else ids.to(runner.W_U.device).long()
 
 
 def windowed(runner: Any) -> bool:
@@ -131,6 +149,7 @@ class EngineContext:
         self.backend, self.backend_reason = backend, backend_reason
         self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
         self._shared_prefix: int | None = None
+        self.metric_vocab = metric_vocab(self.runner, task, pairs)
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -171,11 +190,11 @@ class EngineContext:
 
     @property
     def clean_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions, 0, self.metric_vocab)
 
     @property
     def corrupt_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions, 0, self.metric_vocab)
 
     @property
     def shared_prefix(self) -> int:

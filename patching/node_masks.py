@@ -21,7 +21,8 @@ from torch import Tensor
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edge_masks import edge_masked_final
-from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.edges import EdgeContext
+from circuitlab.patching.engine import _gather_logits
 
 
 def node_mask(ctx: EdgeContext, keep: Iterable[str], *, keep_input: bool = True, keep_mlps: bool = False) -> Tensor:
@@ -100,7 +101,7 @@ def node_masked_metric(ctx: EdgeContext, masks: Tensor) -> Tensor:
     """Per-prompt task metric [C, batch] of C node circuits (differentiable in `masks`)."""
     batch, reads = ctx.read_positions.shape
     final = node_masked_final(ctx, masks)
-    logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+    logits = _gather_logits(ctx.edge_runner.runner, final, ctx.read_positions, 0, ctx.metric_vocab)
     return _metric_values(ctx.task, ctx.pairs, logits.view(masks.shape[0], batch, reads, -1))
 
 

@@ -149,9 +149,13 @@ class Runner:
             resid = resid + self.W_pos[offset: offset + tokens.shape[1]]
         return resid
 
-    def unembed(self, resid: Tensor) -> Tensor:
-        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U, then any soft-cap)."""
-        logits = self.ln_final(resid) @ self.W_U + self.b_U
+    def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U, then any soft-cap);
+        with `columns` (vocabulary ids) only those logits [..., len(columns)]."""
+        if columns is None:
+            logits = self.ln_final(resid) @ self.W_U + self.b_U
+        else:
+            logits = self.ln_final(resid) @ self.W_U[:, columns] + self.b_U[columns]
         cap = self.arch.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

@@ -14,7 +14,7 @@ from circuitlab.patching.engine import engine_context
 from circuitlab.patching.hook_backend import HookRunner
 from circuitlab.patching.node_masks import evaluate_node_masks
 from circuitlab.patching.runner import Runner
-from circuitlab.tasks import from_records
+from circuitlab.tasks import from_records, get_task
 from tests.hf_tiny import build_tiny
 
 LENGTHS = (7, 10, 8, 9)
@@ -109,3 +109,27 @@ def test_ablations_fall_back_to_the_full_window(tiny_model, monkeypatch):
     frame = activation_patching(tiny_model, task, pairs, "resid_pre", positions=[0, 1], context=ctx)
     assert not starts
     _close(frame["metric"].to_numpy(), np.full(len(frame), ctx.corrupt_metric), 1e-6)
+
+
+def test_logits_only_where_the_metric_reads(hf_models):
+    """IOI's metric reads two logits per prompt: patched forwards compute only those (`Task.metric_tokens`); the
+    numbers equal full logits, and a task whose declaration leaves out a logit it reads fails loudly."""
+    model = hf_models["gpt2"]
+    task = get_task("ioi")
+    pairs = task.generate(model, 4, seed=1)
+    ctx = engine_context(model, task, pairs)
+    assert ctx.metric_vocab is not None and len(ctx.metric_vocab) <= 8
+    fast = activation_patching(model, task, pairs, "z", context=ctx)
+    edges = (torch.rand(2, ctx.graph.n_edges, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    restricted = evaluate_edge_masks(ctx, edges)
+    ctx.metric_vocab = None  # every logit
+    _close(fast["metric"].to_numpy(), activation_patching(model, task, pairs, "z", context=ctx)["metric"].to_numpy())
+    _close(restricted, evaluate_edge_masks(ctx, edges))
+
+    class Undeclared(type(task)):
+        def metric_tokens(self, pairs):
+            return pairs.answer_ids[:, 0].unique()  # leaves out the wrong names' logits
+
+    wrong = Undeclared()
+    with pytest.raises(ValueError, match="metric_tokens"):
+        activation_patching(model, wrong, pairs, "z", context=engine_context(model, wrong, pairs))
