@@ -21,7 +21,7 @@ from torch import Tensor
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edge_masks import edge_masked_final
-from circuitlab.patching.edges import EdgeContext
+from circuitlab.patching.edges import EdgeContext, distinct_circuits
 from circuitlab.patching.engine import _gather_logits
 
 
@@ -105,17 +105,19 @@ def node_masked_metric(ctx: EdgeContext, masks: Tensor) -> Tensor:
     return _metric_values(ctx.task, ctx.pairs, logits.view(masks.shape[0], batch, reads, -1))
 
 
-def evaluate_node_masks(ctx: EdgeContext, masks: Tensor, *, chunk: int = 8) -> Tensor:
-    """Per-prompt metric [C, batch] for node masks [C, n_senders] (1 = keep clean), without gradients."""
+def evaluate_node_masks(ctx: EdgeContext, masks: Tensor, *, chunk: int = 8, full_is_clean: bool = False) -> Tensor:
+    """Per-prompt metric [C, batch] for node masks [C, n_senders] (1 = keep clean), without gradients; each distinct
+    circuit runs once, and with `full_is_clean` the whole model is read as the clean run (`edges.distinct_circuits`)."""
     if masks.dim() == 1:
         masks = masks.unsqueeze(0)
     if not bool(torch.isfinite(masks).all()):
         raise ValueError("node masks contain NaN or inf")
-    out = []
-    with torch.no_grad():
-        for start in range(0, masks.shape[0], chunk):
-            out.append(node_masked_metric(ctx, masks[start:start + chunk]))
-    return torch.cat(out, dim=0)
+    def evaluate(distinct: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([node_masked_metric(ctx, distinct[start:start + chunk])
+                              for start in range(0, distinct.shape[0], chunk)], dim=0)
+
+    return distinct_circuits(ctx, masks, evaluate, full_is_clean=full_is_clean)
 
 
 def expand_to_edges(ctx: EdgeContext, masks: Tensor) -> Tensor:

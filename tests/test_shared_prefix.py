@@ -9,6 +9,7 @@ import torch
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.attribution import exact_edge_scores
+from circuitlab.patching import edges as edges_module
 from circuitlab.patching.edges import ablated_context, evaluate_edge_masks
 from circuitlab.patching.engine import engine_context
 from circuitlab.patching.hook_backend import HookRunner
@@ -133,3 +134,25 @@ def test_logits_only_where_the_metric_reads(hf_models):
     wrong = Undeclared()
     with pytest.raises(ValueError, match="metric_tokens"):
         activation_patching(model, wrong, pairs, "z", context=engine_context(model, wrong, pairs))
+
+
+def test_each_distinct_circuit_runs_once(tiny_gqa_model):
+    """Repeated circuits run once; with full_is_clean the whole graph is read as the clean run (which it is: the
+    same row evaluated by the masked forward gives the clean metric)."""
+    task = _task(tiny_gqa_model.cfg.d_vocab)
+    pairs = task.generate(tiny_gqa_model)
+    ctx = engine_context(tiny_gqa_model, task, pairs)
+    g = torch.Generator().manual_seed(2)
+    some = (torch.rand(2, ctx.graph.n_edges, generator=g) < 0.5).float()
+    ones = torch.ones(1, ctx.graph.n_edges)
+    masks = torch.cat([some, ones, some[:1], ones])
+    seen = []
+    distinct = edges_module.distinct_circuits(ctx, masks, lambda m: seen.append(len(m)) or
+                                              evaluate_edge_masks(ctx, m), full_is_clean=True)
+    assert seen == [2]
+    plain = torch.cat([evaluate_edge_masks(ctx, row[None]) for row in masks])  # every row by the masked forward
+    _close(distinct, plain, 1e-5)
+    _close(plain[2], ctx.clean_values, 1e-5)
+    nodes = (torch.rand(2, ctx.graph.n_senders, generator=g) < 0.5).float()
+    nodes = torch.cat([nodes, torch.ones(1, ctx.graph.n_senders), nodes])
+    _close(evaluate_node_masks(ctx, nodes, full_is_clean=True), evaluate_node_masks(ctx, nodes), 1e-5)
