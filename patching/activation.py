@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
 from circuitlab.patching.engine import (EngineContext, _gather_logits, _metric_values, engine_context, first_false,
-                                       windowed)
+                                       read_logits, windowed)
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -345,11 +345,12 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             hooks = {hook_key: _make_hook(kind, chunk, src, batch, pos0)}
             if kind == "resid_post" and layer == runner.n_layers - 1:
                 resid = hooks[hook_key](base.resid_final[:, pos0:].repeat(n, 1, 1))
+                logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0, ctx.metric_vocab)
             else:
                 resid0 = (base.resid_mid if at_mlp else base.resid_pre)[start_layer][:, pos0:]
                 resid = runner.run(resid0.repeat(n, 1, 1), start_layer=start_layer, start_at_mlp=at_mlp, pos0=pos0,
-                                   past=base.kv, hooks=hooks)
-            logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0, ctx.metric_vocab)
+                                   past=base.kv, hooks=hooks, read=ctx.read_positions)
+                logits_at = read_logits(runner, resid, ctx.metric_vocab)
             keep = (ctx.read_positions >= pos0).repeat(n, 1)[..., None]
             logits_at = torch.where(keep, logits_at, base_at.repeat(n, 1, 1))
             values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_masks
-from circuitlab.patching.engine import _gather_logits, first_false, windowed
+from circuitlab.patching.engine import first_false, read_logits, windowed
+from circuitlab.patching.runner import at_positions
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -113,23 +114,25 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             delta = (clean.senders[:, :, senders] - corrupt.senders[:, :, senders]).permute(2, 0, 1, 3)  # [n,b,p,d]
             # Before the first position where a sender differs, the altered run is the clean run: start there.
             pos0 = _unchanged_prefix(ctx, delta) if channel != "logits" else 0
-            delta, past = delta[:, :, pos0:], ctx.clean_run.kv if pos0 else None
+            delta, past, read = delta[:, :, pos0:], ctx.clean_run.kv if pos0 else None, ctx.read_positions
             if channel == "logits":
-                final = (clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:])
+                final = at_positions((clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:]),
+                                     read)
             elif channel == "mlp":
                 x = clean.resid_mid[layer][:, pos0:].unsqueeze(0) - delta
                 alt = runner.mlp_block(layer, x).reshape(n * batch, *delta.shape[2:])
                 hooks = {("mlp_out", layer): lambda a, alt=alt: alt}
                 if runner.parallel:  # the MLP reads resid_pre; the block must still add its attention output
                     final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
-                                       hooks=hooks, pos0=pos0, past=past)
+                                       hooks=hooks, pos0=pos0, past=past, read=read)
                 else:
                     final = runner.run(clean.resid_mid[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
-                                       start_at_mlp=True, hooks=hooks, pos0=pos0, past=past)
+                                       start_at_mlp=True, hooks=hooks, pos0=pos0, past=past, read=read)
             else:
                 final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
-                                   hooks=_single_input_hooks(ctx, layer, chosen, delta, pos0), pos0=pos0, past=past)
-            logits = _gather_logits(runner, final, ctx.read_positions, pos0, ctx.metric_vocab)
+                                   hooks=_single_input_hooks(ctx, layer, chosen, delta, pos0), pos0=pos0, past=past,
+                                   read=read)
+            logits = read_logits(runner, final, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits.view(n, batch, reads, -1)).mean(1)
             out[torch.tensor(members)] = ctx.clean_metric - values.cpu()
     return out

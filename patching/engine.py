@@ -26,7 +26,7 @@ from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.hook_backend import HookRunner
 from circuitlab.patching.hook_edges import HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
-from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
+from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError, at_positions
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.tasks.base import Task
 
@@ -60,10 +60,12 @@ def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0
     """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0. With `vocab`
     (the ids the task's metric reads, `EngineContext.metric_vocab`) only those logits are computed; the others
     are NaN: the unembedding is a large matrix, and a patched forward's metric reads a few of its columns."""
-    idx = (read - pos0).clamp(min=0)
-    lead = resid_final.shape[0] // read.shape[0]
-    idx = idx.repeat(lead, 1)
-    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
+    return read_logits(runner, at_positions(resid_final, read, pos0), vocab)
+
+
+def read_logits(runner: Any, picked: Tensor, vocab: Tensor | None = None) -> Tensor:
+    """Logits of final streams already at the read positions [..., R, d_model] (`Runner.run(read=...)`), only at
+    the `vocab` ids when given (NaN elsewhere; see `_gather_logits`)."""
     if vocab is None:
         return runner.unembed(picked)
     out = torch.full((*picked.shape[:-1], runner.W_U.shape[1]), float("nan"), dtype=picked.dtype, device=picked.device)
