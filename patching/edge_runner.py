@@ -160,8 +160,11 @@ class EdgeRunner:
                past: KVCache | None = None) -> Tensor:
         """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
 
-        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
-        layer's receiver inputs are one batched matrix product with the transposed masks. `pos0` > 0: positions
+        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model]; each layer's
+        receiver inputs are a matrix product of each circuit's mask rows with them, over the senders the circuit
+        keeps towards these receivers, or (when fewer) as the sum of every earlier difference minus those it drops
+        (`_mixed`): a top-k circuit keeps few edges or almost all, and the product reads every difference it
+        touches from memory. `pos0` > 0: positions
         before it are the same in the clean and corrupted runs (`EngineContext.shared_prefix`), so every circuit
         equals the corrupted run there: only positions pos0.. are computed, from the corrupted run's keys/values
         `past`, and the corrupted final stream fills the prefix.
@@ -175,9 +178,11 @@ class EdgeRunner:
         corrupt_flat = corrupt.senders[:, pos0:].permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
         masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        total = deltas[:, 0].clone()  # running sum of the differences computed so far (senders 0..done-1)
+        done = 1
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
-            mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            mixed = _mixed(masks_t[:, receivers, :n_prev], deltas, total if n_prev == done else None)  # [C, R, flat]
             mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
@@ -189,6 +194,8 @@ class EdgeRunner:
             head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
                 n_circ, g.n_heads, flat)
             deltas[:, first:first + g.n_heads] = head_out - corrupt_flat[first:first + g.n_heads]
+            total += deltas[:, first:first + g.n_heads].sum(1)
+            done = first + g.n_heads
             if r.attn_only:
                 continue
             receiver = g.mlp_receiver(layer)
@@ -197,9 +204,32 @@ class EdgeRunner:
             mlp_out = r.mlp_block(layer, x_mlp)
             idx = g.mlp_sender(layer)
             deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
+            total += deltas[:, idx]
+            done = idx + 1
         last = g.logits_receiver
         final = inputs(corrupt.resid_final[:, pos0:], g.n_senders, slice(last, last + 1)).squeeze(3)
         final = final.reshape(n_circ * batch, seq, dm)
         if pos0:
             final = torch.cat([corrupt.resid_final[:, :pos0].repeat(n_circ, 1, 1), final], dim=1)
         return final
+
+
+def _mixed(masks: Tensor, deltas: Tensor, total: Tensor | None) -> Tensor:
+    """Σ_u masks[c, r, u] · deltas[c, u] for every circuit c and receiver r ([C, R, flat]; masks [C, R, n_prev]),
+    reading only the senders circuit c keeps towards these receivers or, where fewer and `total` (the sum of
+    deltas[:, :n_prev]) is given, total minus the senders it drops."""
+    n_circ, n_recv, n_prev = masks.shape
+    out = torch.empty(n_circ, n_recv, deltas.shape[2], dtype=deltas.dtype, device=deltas.device)
+    for c in range(n_circ):
+        m = masks[c]
+        kept = m.ne(0).any(0).nonzero().flatten()
+        dropped = m.ne(1).any(0).nonzero().flatten() if total is not None else None
+        if dropped is not None and len(dropped) < len(kept):
+            out[c] = total[c]
+            if len(dropped):
+                out[c] -= (1.0 - m[:, dropped]) @ deltas[c, dropped]
+        elif len(kept):
+            torch.mm(m[:, kept], deltas[c, kept], out=out[c])
+        else:
+            out[c].zero_()
+    return out

@@ -74,7 +74,9 @@ def test_windowed_forwards_equal_the_hook_backend(request, name):
             b = activation_patching(model, task, pairs, kind, positions=positions, config=config, context=plain)
             _close(a["metric"].to_numpy(), b["metric"].to_numpy(), 1e-4)
     g = torch.Generator().manual_seed(0)
-    edges = (torch.rand(3, fast.graph.n_edges, generator=g) < 0.4).float()
+    n = fast.graph.n_edges  # sparse, dense (inputs as every difference minus the dropped ones), empty, full
+    edges = torch.cat([(torch.rand(2, n, generator=g) < 0.4).float(), (torch.rand(1, n, generator=g) < 0.97).float(),
+                       torch.zeros(1, n), torch.ones(1, n)])
     _close(evaluate_edge_masks(fast, edges), evaluate_edge_masks(plain, edges), 1e-4)
     nodes = (torch.rand(3, fast.graph.n_senders, generator=g) < 0.5).float()
     _close(evaluate_node_masks(fast, nodes), evaluate_node_masks(plain, nodes), 1e-4)
