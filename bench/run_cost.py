@@ -17,7 +17,12 @@ Runs `circuitlab run --task ioi --model smollm2-135m` in this process (the CLI's
 Then, in the same process and after the run, it times one clean forward and backward over the same discovery
 prompts (fast runner, gradient w.r.t. the embedding, the task metric at the read positions; median of 3 CPU
 times) with the thread count the run used. Its last line is `run_seconds=.. forward_seconds=.. ratio=..` (CPU
-seconds), ratio = run_seconds / forward_seconds: the run's cost in plain forward+backward units.
+seconds), ratio = run_seconds / forward_seconds: the run's cost in plain forward+backward units. The unit is fixed:
+patched forwards now start at the first position they change, run the last block's MLP only at the read positions
+and compute only the logits the metric reads (`Runner.run(read=...)`, `Runner.unembed(columns=...)`), but this
+timing calls `Runner.run` and `Runner.unembed` without those arguments, so it computes what it computed before
+(every position of every layer, the full vocabulary at the read positions). `--threads` fixes the torch threads
+(default: the CLI's choice, the cores free at the start).
 
 Run: `HF_HUB_OFFLINE=1 PYTHONPATH=<parent of circuitlab> nice -n 19 python bench/run_cost.py --out /tmp/rc`.
 """
