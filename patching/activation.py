@@ -30,8 +30,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
-from circuitlab.patching.engine import (EngineContext, _gather_logits, _metric_values, engine_context, first_false,
-                                       read_logits, windowed)
+from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context, read_logits
+from circuitlab.patching.prefix import first_change, site_differs, windowed
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -190,29 +190,6 @@ def _role_at(pairs: Any, pos: int | Tensor) -> str:
     return ""
 
 
-def _differs(src: Tensor, base: Tensor, kind: str) -> Tensor:
-    """Where a patch source differs from the base run's activation, bit for bit: [batch, pos, heads] (one head
-    column for kinds without heads; patterns by destination position)."""
-    neq = src != base
-    if kind == "pattern":  # [b, head, dest, src]
-        return neq.any(3).transpose(1, 2)
-    if neq.dim() == 4:  # [b, pos, head, d]
-        return neq.any(3)
-    return neq.any(2, keepdim=True)
-
-
-def _first_change(differs: Tensor, patch: Patch) -> int | None:
-    """The first position where `patch` changes the base run (None: nowhere). Causal attention: the patched run
-    equals the base run before it, so the patched forward may start there (from the base run's keys/values)."""
-    column = differs[..., 0 if patch.head is None or differs.shape[2] == 1 else patch.head]  # [batch, pos]
-    if patch.positions is None:
-        changed = column.any(0)
-        return first_false(~changed) if bool(changed.any()) else None
-    positions = patch.positions.to(column.device)
-    changed = column[torch.arange(column.shape[0], device=column.device), positions]  # [batch]
-    return int(positions[changed].min()) if bool(changed.any()) else None
-
-
 def _bytes_per_patch(runner: Runner, batch: int, window: int, seq: int, reads: int) -> float:
     per_pos = 6 * runner.d_model + 3 * (runner.cfg.d_mlp or 0) + 2 * runner.n_heads * seq
     return 4.0 * batch * (window * per_pos + reads * runner.W_U.shape[1])
@@ -228,7 +205,7 @@ def _make_hook(kind: str, chunk: Sequence[Patch], src: Tensor, batch: int, pos0:
     mask = torch.zeros(mask_shape, dtype=torch.bool, device=src.device)
     arange_b = torch.arange(batch, device=src.device)
     for i, patch in enumerate(chunk):
-        if patch.positions is not None:  # before pos0 the source equals the base run (`_first_change`): no write
+        if patch.positions is not None:  # before pos0 the source equals the base run (`prefix.first_change`): no write
             where = patch.positions.to(src.device) - pos0
             rows, where = arange_b[where >= 0], where[where >= 0]
         if kind == "pattern":  # [n, B, head, dest]
@@ -312,8 +289,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             continue
         key = (patch.kind, patch.layer)
         if key not in differs:
-            differs[key] = _differs(_source_activation(ctx, *key, source), _site_activation(base, *key), patch.kind)
-        pos0 = _first_change(differs[key], patch)
+            differs[key] = site_differs(_source_activation(ctx, *key, source), _site_activation(base, *key), patch.kind)
+        pos0 = first_change(differs[key], patch.head, patch.positions)
         if pos0 is None:  # the source equals the base run wherever this patch writes: the base run itself
             results[index] = float(base_values.mean())
             continue

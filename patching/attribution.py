@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_masks
-from circuitlab.patching.engine import first_false, read_logits, windowed
+from circuitlab.patching.engine import read_logits
+from circuitlab.patching.prefix import unchanged_prefix, windowed
 from circuitlab.patching.runner import at_positions
 
 
@@ -113,7 +114,8 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             senders = g.edge_sender[chosen]
             delta = (clean.senders[:, :, senders] - corrupt.senders[:, :, senders]).permute(2, 0, 1, 3)  # [n,b,p,d]
             # Before the first position where a sender differs, the altered run is the clean run: start there.
-            pos0 = _unchanged_prefix(ctx, delta) if channel != "logits" else 0
+            pos0 = unchanged_prefix(delta, ctx.read_positions) if ctx.clean_run is not None and channel != "logits" \
+                and windowed(ctx.edge_runner.runner) else 0
             delta, past, read = delta[:, :, pos0:], ctx.clean_run.kv if pos0 else None, ctx.read_positions
             if channel == "logits":
                 final = at_positions((clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:]),
@@ -136,16 +138,6 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             values = _metric_values(ctx.task, ctx.pairs, logits.view(n, batch, reads, -1)).mean(1)
             out[torch.tensor(members)] = ctx.clean_metric - values.cpu()
     return out
-
-
-def _unchanged_prefix(ctx: EdgeContext, delta: Tensor) -> int:
-    """Leading positions where every sender difference in `delta` [n, b, p, d] is zero (the altered runs equal the
-    clean run there), at most the first read position; 0 where the runner cannot start mid-prompt or the
-    context holds no clean run's keys/values (an ablated context)."""
-    if ctx.clean_run is None or not windowed(ctx.edge_runner.runner):
-        return 0
-    zero = (delta == 0).all(3).all(1).all(0)  # [p]
-    return first_false(zero[:int(ctx.read_positions.min())])
 
 
 def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor, pos0: int = 0) -> dict:

@@ -26,6 +26,7 @@ from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.hook_backend import HookRunner
 from circuitlab.patching.hook_edges import HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
+from circuitlab.patching.prefix import first_false, windowed
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError, at_positions
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.tasks.base import Task
@@ -80,18 +81,6 @@ def metric_vocab(runner: Any, task: Any, pairs: Any) -> Tensor | None:
         return None
     ids = task.metric_tokens(pairs)
     return None if ids is None else ids.to(runner.W_U.device).long()
-
-
-def windowed(runner: Any) -> bool:
-    """Whether `runner` can run a window of positions from cached keys/values of the earlier ones (the fast runner
-    on a causal model; the hook backend runs every position)."""
-    return bool(runner.causal) and getattr(runner, "windowed", True)
-
-
-def first_false(flags: Tensor) -> int:
-    """Index of the first False in a 1-D bool tensor (its length when every entry is True)."""
-    off = (~flags).nonzero()
-    return int(off[0, 0]) if len(off) else int(flags.numel())
 
 
 BACKENDS = ("auto", "fast", "hook")

@@ -1,5 +1,5 @@
 """Patched forwards that start at the first position where they change anything (the shared prefix of the clean
-and corrupted prompts, `EngineContext.shared_prefix`, `activation._first_change`) equal the plain computation on
+and corrupted prompts, `EngineContext.shared_prefix`, `patching.prefix`) equal the plain computation on
 the exact hook backend (every position, the bridge's own forward with hooks), on padded batches of different
 lengths whose prompts differ from their corruption at different positions; ablations fall back to position 0."""
 
