@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context, read_logits
-from circuitlab.patching.prefix import first_change, site_differs, windowed
+from circuitlab.patching.prefix import first_change, merge_starts, site_differs, windowed
 from circuitlab.patching.runner import Hook, RunState, Runner
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
@@ -297,7 +297,7 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
         groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     reads = ctx.read_positions.shape[1]
     work = []
-    for (kind, layer, pos0), members in groups.items():
+    for (kind, layer, pos0), members in merge_starts(groups, seq, config.chunk_size).items():
         per_patch = _bytes_per_patch(runner, batch, seq - pos0, seq, reads)
         size = max(1, min(config.chunk_size, int(config.memory_budget_mb * 2**20 // max(per_patch, 1.0))))
         n_chunks = -(-len(members) // size)

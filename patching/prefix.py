@@ -4,7 +4,8 @@ equals it there in every layer, so it can start at p from the base run's keys/va
 Used by activation patching (`first_change`: the first position where a patch writes a value different from the
 base run's, bit for bit; a patch that changes nothing runs no forward), exact edge scores (`unchanged_prefix`) and
 edge/node circuits (`EngineContext.shared_prefix`: the positions where the clean and corrupted runs agree). Where a
-source differs from the base run from position 0 (zero or mean ablation), the window is the whole prompt.
+source differs from the base run from position 0 (zero or mean ablation), the window is the whole prompt. Patches
+starting at nearby positions run together from the earliest (`merge_starts`).
 """
 
 from __future__ import annotations
@@ -58,4 +59,21 @@ def unchanged_prefix(delta: Tensor, read: Tensor) -> int:
     return first_false(zero[:int(read.min())])
 
 
-__all__ = ["first_change", "first_false", "site_differs", "unchanged_prefix", "windowed"]
+def merge_starts(groups: dict[tuple[str, int, int], list[int]], seq: int, chunk: int
+                 ) -> dict[tuple[str, int, int], list[int]]:
+    """Patches of one kind and layer starting at nearby positions, run together from the earliest: a patched
+    forward over a few positions of a few prompts is mostly overhead, and starting a patch before its first
+    change is exact (it recomputes base-run positions). Groups merge while they fit one chunk and the later ones
+    start at most a quarter of the window after the first."""
+    out: dict[tuple[str, int, int], list[int]] = {}
+    for kind, layer, pos0 in sorted(groups):
+        members = groups[(kind, layer, pos0)]
+        last = next((key for key in reversed(out) if key[:2] == (kind, layer)), None)
+        if last is not None and len(out[last]) + len(members) <= chunk and pos0 - last[2] <= max(1, (seq - last[2]) // 4):
+            out[last] = out[last] + members
+        else:
+            out[(kind, layer, pos0)] = list(members)
+    return out
+
+
+__all__ = ["first_change", "first_false", "merge_starts", "site_differs", "unchanged_prefix", "windowed"]
