@@ -157,14 +157,16 @@ class EdgeRunner:
         return acts, final, grads
 
     def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor, *, pos0: int = 0,
-               past: KVCache | None = None) -> Tensor:
+               past: KVCache | None = None, sparse: bool = False) -> Tensor:
         """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
 
         Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model]; each layer's
-        receiver inputs are a matrix product of each circuit's mask rows with them, over the senders the circuit
-        keeps towards these receivers, or (when fewer) as the sum of every earlier difference minus those it drops
-        (`_mixed`): a top-k circuit keeps few edges or almost all, and the product reads every difference it
-        touches from memory. `pos0` > 0: positions
+        receiver inputs are one batched matrix product of the masks with them. With `sparse` (faithfulness
+        curves, circuit evaluation), each circuit's product runs over the senders it keeps towards these receivers,
+        or (when fewer) the sum of every earlier difference minus those it drops (`_mixed`): a top-k circuit keeps
+        few edges or almost all, and the product reads every difference it touches from memory. The dense product
+        is the default because its rounding does not depend on the mask: an edge whose difference is exactly zero
+        changes nothing, bit for bit, which ACDC at threshold 0 relies on. `pos0` > 0: positions
         before it are the same in the clean and corrupted runs (`EngineContext.shared_prefix`), so every circuit
         equals the corrupted run there: only positions pos0.. are computed, from the corrupted run's keys/values
         `past`, and the corrupted final stream fills the prefix.
@@ -178,11 +180,14 @@ class EdgeRunner:
         corrupt_flat = corrupt.senders[:, pos0:].permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
         masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
-        total = deltas[:, 0].clone()  # running sum of the differences computed so far (senders 0..done-1)
+        total = deltas[:, 0].clone() if sparse else None  # running sum of the differences of senders 0..done-1
         done = 1
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
-            mixed = _mixed(masks_t[:, receivers, :n_prev], deltas, total if n_prev == done else None)  # [C, R, flat]
+            if sparse:
+                mixed = _mixed(masks_t[:, receivers, :n_prev], deltas, total if n_prev == done else None)
+            else:
+                mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
             mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
@@ -194,7 +199,8 @@ class EdgeRunner:
             head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
                 n_circ, g.n_heads, flat)
             deltas[:, first:first + g.n_heads] = head_out - corrupt_flat[first:first + g.n_heads]
-            total += deltas[:, first:first + g.n_heads].sum(1)
+            if sparse:
+                total += deltas[:, first:first + g.n_heads].sum(1)
             done = first + g.n_heads
             if r.attn_only:
                 continue
@@ -204,7 +210,8 @@ class EdgeRunner:
             mlp_out = r.mlp_block(layer, x_mlp)
             idx = g.mlp_sender(layer)
             deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
-            total += deltas[:, idx]
+            if sparse:
+                total += deltas[:, idx]
             done = idx + 1
         last = g.logits_receiver
         final = inputs(corrupt.resid_final[:, pos0:], g.n_senders, slice(last, last + 1)).squeeze(3)

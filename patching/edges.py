@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import mean_ablation
-from circuitlab.patching.edge_runner import GraphActivations
+from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Runner
 
@@ -84,6 +84,8 @@ def _evaluate(ctx: EdgeContext, edge_masks: Tensor, memory_budget_mb: float, pro
             chunk = edge_masks[start:start + step]
             pos0 = ctx.shared_prefix  # 0 on the hook backend and for ablated contexts
             kw = {"pos0": pos0, "past": ctx.corrupt_run.kv} if pos0 else {}
+            if isinstance(ctx.edge_runner, EdgeRunner):  # the hook backend's copies have no sparse form
+                kw["sparse"] = True
             final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk), **kw)
             logits = _gather_logits(ctx.edge_runner.runner, final, ctx.read_positions, 0, ctx.metric_vocab)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
