@@ -29,15 +29,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd
 import torch
 
-from circuitlab.graphs.faithful import FAITHFUL_METHODS, FaithfulConfig, find_faithful_circuit
+from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit
 from circuitlab.graphs.selection import distance, within
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
+from circuitlab.patching.methods import get_search, search_names
 from circuitlab.patching.models import load_model
 from circuitlab.tasks import get_task
 from circuitlab.tasks.split import heldout_split, shared_templates
 
-DEFAULT_METHODS = ("single-effect", "eap", "eap-ig", "greedy", "node-pruning", "eap-ig-edges", "edge-pruning")
 
 
 def held_size(curve: pd.DataFrame | None, target: float) -> str:
@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--edge-steps", type=int, default=60, help="edge mask-learning steps")
     parser.add_argument("--edge-sparsity", type=float, default=1e-4,
                         help="edge mask-learning L0 weight per kept edge (SmolLM2 has ~123k edges, 270 heads)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=FAITHFUL_METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(search_names(benchmark=True)),
+                        choices=search_names())
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
@@ -103,16 +104,17 @@ def main() -> None:
                                                   lr=args.mask_lr, seed=args.seed, batch_size=args.mask_batch))
     rows = []
     edge_scores = None
-    if {"eap-ig", "greedy", "eap-ig-edges"} & set(args.methods):
+    shares = [m for m in args.methods if get_search(m).scores == "eap-ig"]  # they rank EAP-IG's edge scores
+    if shares:
         from circuitlab.patching.attribution import eap_ig_scores
 
         start = time.time()
         edge_scores = eap_ig_scores(ctx, steps=args.steps)
         print(f"EAP-IG ({args.steps} steps) over {ctx.graph.n_edges} edges: {time.time() - start:.0f} s (shared by "
-              "eap-ig, greedy, eap-ig-edges)", flush=True)
+              f"{', '.join(shares)})", flush=True)
     for method in args.methods:
         print(f"[{method}] ...", flush=True)
-        shared = edge_scores if method in ("eap-ig", "greedy", "eap-ig-edges") else None
+        shared = edge_scores if method in shares else None
         result = find_faithful_circuit(ctx, method, config, heldout=hctx, log=lambda m: print(m, flush=True),
                                        edge_scores=shared)
         row = result.row()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
@@ -27,6 +27,7 @@ from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.methods import MethodOptions, get_method
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.prompts import Prompts, as_prompts
+from circuitlab.tasks.base import PromptPairs, Task
 
 DEFAULT_TOP_K = {"edge": 50, "node": 20}
 
@@ -59,8 +60,9 @@ class Discovery:
         return self.node_scores.edge_ranking(absolute=True)
 
 
-def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: Prompts | EngineContext | None = None,
-             **options: Any) -> Discovery:
+def discover(model: TransformerBridge, task: Task, pairs: PromptPairs, method: str = "eap-ig", *,
+             context: Prompts | EngineContext | None = None,
+             **options: object) -> Discovery:
     """Score the model's graph with `method` and select a circuit; see `DiscoveryOptions` for `options`.
     `context`: an engine context or prompt batches (`patching.prompts.Prompts`) to reuse (None: built here)."""
     spec = get_method(method)

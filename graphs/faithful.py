@@ -1,8 +1,9 @@
 """Faithful circuits end to end: rank components with a method, choose the smallest faithful prefix, check it
 on held-out prompts.
 
-Methods (`FAITHFUL_METHODS`), each producing a ranking over heads (node level; MLPs and embeddings are
-recomputed, never corrupted, unless `heads_only=False`) or over edges (edge level):
+Methods (the circuit searches of the registry, `patching.methods.SEARCHES`, which says each one's level and
+which scores it ranks), each producing a ranking over heads (node level; MLPs and embeddings are recomputed,
+never corrupted, unless `heads_only=False`) or over edges (edge level):
 
 | method         | level | ranking                                                                        |
 |----------------|-------|--------------------------------------------------------------------------------|
@@ -24,9 +25,10 @@ headline number is its exact faithfulness on held-out prompts (`heldout` context
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -43,11 +45,9 @@ from circuitlab.patching.attribution import eap_ig_scores, eap_scores
 from circuitlab.patching.components import head_node, mlp_node, node_kind, parse_edge
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.mask_learning import MaskConfig, learn_masks
+from circuitlab.patching.methods import get_search
 from circuitlab.patching.normalize import noising_share
-
-FAITHFUL_METHODS = ("single-effect", "eap", "eap-ig", "eap-edges", "eap-ig-edges", "node-pruning", "edge-pruning",
-                    "greedy", "ranking-edges")
-EDGE_LEVEL = ("eap-edges", "eap-ig-edges", "edge-pruning", "ranking-edges")  # circuit methods that keep edges
+from circuitlab.patching.topology import node_totals
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,15 @@ class FaithfulConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class CircuitSize:
+    """How big a circuit is: heads, MLPs and edges (for a node circuit, the edges among its nodes)."""
+
+    heads: int
+    mlps: int
+    edges: int
+
+
 @dataclass
 class FaithfulResult:
     """One method's circuit: ranking, chosen items, discovery and held-out faithfulness, sizes."""
@@ -77,13 +86,13 @@ class FaithfulResult:
     circuit: FaithfulCircuit
     heldout: tuple[float, tuple[float, float]] | None
     heldout_curve: pd.DataFrame | None
-    sizes: dict[str, int]
+    sizes: CircuitSize
     seconds: float
     notes: str = ""
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> dict[str, object]:
         held = self.heldout
-        return {"method": self.method, "level": self.level, **self.sizes,
+        return {"method": self.method, "level": self.level, **dataclasses.asdict(self.sizes),
                 "discovery_faithfulness": self.circuit.faithfulness, "discovery_low": self.circuit.ci[0],
                 "discovery_high": self.circuit.ci[1], "reached": self.circuit.reached,
                 "heldout_faithfulness": held[0] if held else float("nan"),
@@ -112,14 +121,14 @@ def single_effect_scores(ctx: EdgeContext, evaluator: CircuitEvaluator) -> Tenso
 
 def _attribution_nodes(ctx: EdgeContext, evaluator: CircuitEvaluator, edge_scores: Tensor) -> Tensor:
     g = ctx.graph
-    per_sender = torch.zeros(g.n_senders, dtype=torch.float64)
-    per_sender.index_add_(0, g.edge_sender, edge_scores.detach().double())
-    index = {name: i for i, name in enumerate(g.sender_names)}
-    return torch.tensor([float(per_sender[index[name]]) for name in evaluator.items])
+    totals = node_totals([g.sender_names[i] for i in g.edge_sender.tolist()],
+                         [g.receiver_names[i] for i in g.edge_receiver.tolist()], edge_scores, absolute=False)
+    return torch.tensor([totals.get(name, 0.0) for name in evaluator.items])
 
 
 def _edge_scores(ctx: EdgeContext, method: str, steps: int) -> Tensor:
-    return eap_ig_scores(ctx, steps=steps) if method.startswith("eap-ig") else eap_scores(ctx)
+    """The edge scores of the registered method `method` (`eap` or `eap-ig`) on `ctx`."""
+    return eap_ig_scores(ctx, steps=steps) if method == "eap-ig" else eap_scores(ctx)
 
 
 def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True) -> int:
@@ -134,45 +143,42 @@ def induced_edges(ctx: EdgeContext, heads: list[str], *, heads_only: bool = True
     return int((send & recv).sum())
 
 
-def edge_circuit_sizes(edges: list[str]) -> dict[str, int]:
+def edge_circuit_sizes(edges: list[str]) -> CircuitSize:
     """Heads, MLPs and edges of an edge circuit (nodes touched by a kept edge)."""
     nodes = set()
     for name in edges:
         src, dst, _ = parse_edge(name)
         nodes |= {src, dst}
     kinds = [node_kind(n) for n in nodes]
-    return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": len(edges)}
+    return CircuitSize(heads=kinds.count("head"), mlps=kinds.count("mlp"), edges=len(edges))
 
 
 def rank(ctx: EdgeContext, method: str, config: FaithfulConfig, evaluator: CircuitEvaluator,
          log: Callable[[str], None] | None = None, edge_scores: Tensor | None = None) -> tuple[Tensor, bool, str]:
     """(scores over evaluator.items, rank by |score|, note) for a ranking method. `edge_scores` reuses
-    attribution scores already computed on `ctx` (eap, eap-ig, greedy and their edge variants)."""
-    if edge_scores is not None and method in ("eap", "eap-ig", "greedy"):
-        return _attribution_nodes(ctx, evaluator, edge_scores), True, "attribution scores of the run"
-    if edge_scores is not None and method in ("eap-edges", "eap-ig-edges"):
-        return edge_scores.float(), True, "attribution scores of the run"
-    if method == "ranking-edges":
+    scores already computed on `ctx` (searches that rank a method's edge scores: `CircuitSearch.scores`/`own`)."""
+    search = get_search(method)
+    if search.ranks == "own":
         if edge_scores is None:
-            raise ValueError("circuit method 'ranking-edges' ranks the run's own edge scores: pass edge_scores")
+            raise ValueError(f"circuit method {method!r} ranks the run's own edge scores: pass edge_scores")
         return edge_scores.float(), True, "the run's own edge ranking"
-    if method == "single-effect":
+    if search.ranks == "scores":
+        note = "attribution scores of the run" if edge_scores is not None else ""
+        scores = edge_scores if edge_scores is not None else _edge_scores(ctx, search.scores, config.eap_ig_steps)
+        if search.level == "node":
+            return _attribution_nodes(ctx, evaluator, scores), True, note
+        return scores.float(), True, note
+    if search.ranks == "single-effect":
         return single_effect_scores(ctx, evaluator), True, "exact single-item noising effects"
-    if method in ("eap", "eap-ig", "greedy"):
-        scores = _edge_scores(ctx, "eap-ig" if method == "greedy" else method, config.eap_ig_steps)
-        return _attribution_nodes(ctx, evaluator, scores), True, ""
-    if method in ("eap-edges", "eap-ig-edges"):
-        return _edge_scores(ctx, method, config.eap_ig_steps).float(), True, ""
-    if method in ("node-pruning", "edge-pruning"):
-        base = config.masks if method == "node-pruning" else config.edge_masks
-        mcfg = MaskConfig(**{**base.__dict__, "level": "node" if method == "node-pruning" else "edge",
-                             "heads_only": config.heads_only})
+    if search.ranks == "masks":
+        base = config.masks if search.level == "node" else config.edge_masks
+        mcfg = MaskConfig(**{**base.__dict__, "level": search.level, "heads_only": config.heads_only})
         result = learn_masks(ctx, mcfg, log=log)
         if result.items != evaluator.items:
             raise RuntimeError("mask items and evaluator items differ; this is a bug")
         # keep probability orders items like log_alpha and is never exactly zero: closed gates rank last
         return result.keep_probability, False, f"{mcfg.steps} steps, sparsity {mcfg.sparsity}, {int(result.kept.sum())} gates open"
-    raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
+    raise ValueError(f"circuit method {method!r} is registered but graphs.faithful.rank does not implement it")
 
 
 def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int], *, n_boot: int = 1000,
@@ -190,7 +196,6 @@ def prefix_curve(evaluator: CircuitEvaluator, ranked: list[str], sizes: list[int
 
 
 Contexts = Callable[[], Iterable[EdgeContext]]
-REUSABLE = ("eap", "eap-ig", "greedy", "eap-edges", "eap-ig-edges", "ranking-edges")  # rankings `edge_scores` can supply
 
 
 def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig | None = None, *,
@@ -203,13 +208,12 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     evaluation runs batch by batch (`graphs.selection.batched_evaluator`) and `ctx` serves only for the graph:
     the ranking must then come from `edge_scores` computed over every prompt."""
     cfg = config or FaithfulConfig()
-    if method not in FAITHFUL_METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {FAITHFUL_METHODS}")
-    if batches is not None and (edge_scores is None or method not in REUSABLE):
-        raise ValueError(f"{method!r} ranks on one context holding every prompt: pass edge_scores (methods "
-                         f"{REUSABLE}) or no batches")
+    search = get_search(method)
+    if batches is not None and (edge_scores is None or search.ranks not in ("scores", "own")):
+        raise ValueError(f"{method!r} ranks on one context holding every prompt: pass edge_scores (searches that "
+                         "rank a method's edge scores, `patching.methods.SEARCHES`) or no batches")
     started = time.time()
-    edge_level = method in EDGE_LEVEL
+    edge_level = search.level == "edge"
 
     def make(c: EdgeContext) -> CircuitEvaluator:
         if edge_level:
@@ -220,7 +224,7 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
     scores, absolute, note = rank(ctx, method, cfg, evaluator, log, edge_scores)
     circuit = select_by_faithfulness(evaluator, scores, cfg.target, absolute=absolute, require_lower=cfg.require_lower,
                                      n_boot=cfg.n_boot, seed=cfg.seed)
-    if method == "greedy":
+    if search.refine:
         refined = greedy_refine(evaluator, circuit.items, scores, cfg.target, candidates=cfg.greedy_candidates)
         f, ci = evaluator.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
         note = f"from EAP-IG's prefix of {circuit.size}: {refined.evaluations} exact evaluations"
@@ -249,11 +253,11 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         sizes = edge_circuit_sizes(circuit.items)
     else:
         heads = [n for n in circuit.items if node_kind(n) == "head"]
-        sizes = {"heads": len(heads), "mlps": sum(node_kind(n) == "mlp" for n in circuit.items),
-                 "edges": induced_edges(ctx, circuit.items, heads_only=cfg.heads_only)}
+        sizes = CircuitSize(heads=len(heads), mlps=sum(node_kind(n) == "mlp" for n in circuit.items),
+                            edges=induced_edges(ctx, circuit.items, heads_only=cfg.heads_only))
     return FaithfulResult(method, "edge" if edge_level else "node", ranking, circuit, held, held_curve, sizes,
                           time.time() - started, note)
 
 
-__all__ = ["EDGE_LEVEL", "FAITHFUL_METHODS", "REUSABLE", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
+__all__ = ["CircuitSize", "FaithfulConfig", "FaithfulResult", "edge_circuit_sizes",
            "find_faithful_circuit", "induced_edges", "prefix_curve", "rank", "single_effect_scores"]

@@ -187,7 +187,7 @@ class EdgeScores:
         """The k edges of largest |score| (or signed score with `absolute=False`)."""
         return self.select(Selection(top_k=k, absolute=absolute))
 
-    def to_mib(self, circuit: Circuit | None = None) -> dict[str, Any]:
+    def to_mib(self, circuit: Circuit | None = None) -> dict[str, object]:
         """The EAP-IG/MIB JSON dict: every edge's score, `in_graph` for the circuit's edges (default: none)."""
         g = self.graph
         inside = circuit.edges if circuit is not None else torch.zeros(g.n_edges, dtype=torch.bool)

@@ -9,9 +9,10 @@ the NetworkX circuit into GraphML / node-link JSON and the report.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import networkx as nx
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.interchange import Site
@@ -31,7 +32,8 @@ def variable_names(spec: str, task: str) -> list[str]:
     return names
 
 
-def head_variables(graph: nx.DiGraph, model: Any, task: str | Counterfactuals, variables: Sequence[str], *, n: int, seed: int = 0,
+def head_variables(graph: nx.DiGraph, model: TransformerBridge, task: str | Counterfactuals, variables: Sequence[str],
+                   *, n: int, seed: int = 0,
                    steps: int = 30, n_boot: int = 200) -> nx.DiGraph:
     """Annotate each head node of `graph` (in place, also returned) with its test-split IIA per variable.
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.prompts import Prompts
 
 
@@ -57,7 +58,8 @@ def _objective(ctx: EdgeContext | Sequence[EdgeContext] | Callable[[], Iterator[
     return ctx.task.metric_at(logits, ctx.pairs).mean(1)
 
 
-def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = False) -> ACDCResult:
+def acdc(ctx: Prompts | EngineContext | Sequence[EngineContext], threshold: float, *, objective: str = "kl",
+         progress: bool = False) -> ACDCResult:
     """Run ACDC at `threshold`; returns which edges survive and the objective change each removal caused.
 
     `ctx` may be a list of contexts, one per prompt batch, or prompt batches (`Batches`, whose contexts are

@@ -22,17 +22,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context, read_logits
 from circuitlab.patching.prefix import first_change, merge_starts, site_differs, windowed
 from circuitlab.patching.runner import Hook, RunState, Runner
+from circuitlab.tasks.base import PromptPairs, Task
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
 
@@ -76,9 +78,11 @@ class Patch:
 
 
 PatchingContext = EngineContext  # the one engine context serves activation and path patching too
+# positions to patch: "all", "each", a task role (`END`), an integer (negative: from each prompt's end), or a list
+Positions = Union[str, int, Sequence[Union[str, int]], None]
 
 
-def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
+def prepare(model: TransformerBridge, task: Task, pairs: PromptPairs, *, runner: Runner | None = None,
             collect: Iterable[tuple[str, int]] = (), check_gap: bool = True) -> PatchingContext:
     """The engine context: clean and corrupted prompts run once, baselines computed once (`patching.engine`)."""
     return engine_context(model, task, pairs, runner=runner, collect=collect, check_gap=check_gap)
@@ -152,12 +156,13 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             for layer in layers for pos, label, role in position_specs for head in head_list]
 
 
-def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
-    """The one reading of a position: a task role (its per-prompt positions) or an integer. A non-negative integer
-    is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
-    right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, None
-    for a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.
-    `what` (e.g. `sender`) names it in errors."""
+def resolve_position(pairs: PromptPairs, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
+    """The one reading of a position in prompt pairs (counterfactual pairs read theirs by the same rule,
+    `interchange.positions_of`, which also takes `last`): a task role (its per-prompt positions) or an integer.
+    A non-negative integer is an absolute position; a negative one counts from the end of *each prompt* (length +
+    pos, its own length on a right-padded batch, never the padded width). Returns (positions [batch], the label:
+    the integer as given, None for a role; the role's name or the role found at those positions); a ValueError
+    naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
     batch, seq = pairs.clean_tokens.shape
     name = f"{what} position" if what else "position"
     if isinstance(item, str):
@@ -335,7 +340,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     return results
 
 
-def activation_patching(model: Any, task: Any, pairs: Any, component: str = "z", *, positions: Any = "all",
+def activation_patching(model: TransformerBridge, task: Task, pairs: PromptPairs, component: str = "z", *,
+                        positions: Positions = "all",
                         layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                         config: PatchingConfig | None = None, context: PatchingContext | None = None) -> pd.DataFrame:
     """Patch one component kind at every layer (× head × position) and return a tidy DataFrame.

@@ -15,7 +15,7 @@ of scores are `graphs.scores.EdgeScores` / `NodeScores`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_mas
 from circuitlab.patching.engine import read_logits
 from circuitlab.patching.prefix import unchanged_prefix, windowed
 from circuitlab.patching.runner import at_positions
+from circuitlab.patching.topology import ComputationalGraph
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -79,7 +80,8 @@ def eap_ig_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool = False) -
     return _scores_from_gradients(ctx, total / steps).detach()
 
 
-def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, progress: bool = False) -> Tensor:
+def exact_edge_scores(ctx: EdgeContext, edges: Sequence[int] | Sequence[str] | Tensor, *, chunk_size: int = 16,
+                      progress: bool = False) -> Tensor:
     """Exact scores m(clean) - m(clean with edge e corrupted) for the given edge indices (or names).
 
     Corrupting one edge u->v of the full graph changes only receiver v's input, by -(a_u^clean - a_u^corrupt);
@@ -188,7 +190,7 @@ def oracle_check(ctx: EdgeContext, scores: Tensor, *, n_edges: int = 200, seed: 
     return oracle_frame(ctx.graph, scores, chosen, exact)
 
 
-def oracle_sample(graph: Any, scores: Tensor, *, n_edges: int = 200, seed: int = 0) -> Tensor:
+def oracle_sample(graph: ComputationalGraph, scores: Tensor, *, n_edges: int = 200, seed: int = 0) -> Tensor:
     """The edges `oracle_check` re-scores: half the top |score|, half drawn uniformly (seeded)."""
     n = min(n_edges, graph.n_edges)
     generator = torch.Generator().manual_seed(seed)
@@ -198,7 +200,8 @@ def oracle_sample(graph: Any, scores: Tensor, *, n_edges: int = 200, seed: int =
     return torch.cat([top, uniform])
 
 
-def oracle_frame(graph: Any, scores: Tensor, chosen: Tensor, exact: Tensor) -> tuple[float, pd.DataFrame]:
+def oracle_frame(graph: ComputationalGraph, scores: Tensor, chosen: Tensor, exact: Tensor) -> tuple[float,
+                 pd.DataFrame]:
     """Spearman rho of approximate vs exact scores on the sampled edges, and the sample as a table."""
     frame = pd.DataFrame({"edge": [graph.edge_names[i] for i in chosen.tolist()],
                           "approx": scores[chosen].cpu().numpy(), "exact": exact.cpu().numpy()})

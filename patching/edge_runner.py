@@ -7,10 +7,10 @@ them to evaluate circuits given as edge masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.forward_parts import rms_post_share
 from circuitlab.patching.runner import KVCache, Runner, RunState
@@ -30,7 +30,7 @@ class GraphActivations:
 class EdgeRunner:
     """Forward passes in graph form: plain (recording senders), masked (edge patching), or with gradients."""
 
-    def __init__(self, model: Any, runner: Runner | None = None) -> None:
+    def __init__(self, model: TransformerBridge, runner: Runner | None = None) -> None:
         self.runner = runner or Runner(model)
         self.arch = self.runner.arch
         self.graph = ComputationalGraph.from_architecture(self.arch)

@@ -10,16 +10,18 @@ works on HF-backed and TL-native bridges alike (no `hook_result` / split q-k-v i
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.activation import mean_ablation
 from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Runner
+from circuitlab.tasks.base import PromptPairs, Task
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
 
@@ -30,7 +32,8 @@ def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
     return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
 
 
-def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
+def prepare_edges(model: TransformerBridge, task: Task, pairs: PromptPairs, *,
+                  runner: Runner | None = None) -> EdgeContext:
     """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`)."""
     return engine_context(model, task, pairs, runner=runner, check_gap=False)
 

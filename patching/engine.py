@@ -21,15 +21,16 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
-from circuitlab.patching.hook_backend import HookRunner
-from circuitlab.patching.hook_edges import HookEdgeRunner
+from circuitlab.patching.hook_backend import HookRunner, ModelRunner
+from circuitlab.patching.hook_edges import GraphRunner, HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
 from circuitlab.patching.prefix import first_false, windowed
 from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError, at_positions
 from circuitlab.patching.topology import ComputationalGraph
-from circuitlab.tasks.base import Task
+from circuitlab.tasks.base import PromptPairs, Task
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
@@ -64,7 +65,7 @@ def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0
     return read_logits(runner, at_positions(resid_final, read, pos0), vocab)
 
 
-def read_logits(runner: Any, picked: Tensor, vocab: Tensor | None = None) -> Tensor:
+def read_logits(runner: ModelRunner, picked: Tensor, vocab: Tensor | None = None) -> Tensor:
     """Logits of final streams already at the read positions [..., R, d_model] (`Runner.run(read=...)`), only at
     the `vocab` ids when given (NaN elsewhere; see `_gather_logits`)."""
     if vocab is None:
@@ -74,7 +75,7 @@ def read_logits(runner: Any, picked: Tensor, vocab: Tensor | None = None) -> Ten
     return out
 
 
-def metric_vocab(runner: Any, task: Any, pairs: Any) -> Tensor | None:
+def metric_vocab(runner: ModelRunner, task: Task, pairs: PromptPairs) -> Tensor | None:
     """The vocabulary ids the task's metric reads on these pairs (`Task.metric_tokens`), for the fast runner; None
     (every logit) for the hook backend or a task that does not say."""
     if getattr(runner, "backend", "fast") != "fast" or not isinstance(task, Task):
@@ -86,7 +87,7 @@ def metric_vocab(runner: Any, task: Any, pairs: Any) -> Tensor | None:
 BACKENDS = ("auto", "fast", "hook")
 
 
-def make_runner(model: Any, backend: str = "auto") -> tuple[Any, str, str]:
+def make_runner(model: TransformerBridge, backend: str = "auto") -> tuple[ModelRunner, str, str]:
     """(runner, backend, reason). `auto`: the fast Runner where its self-check passes, else the exact hook backend;
     `fast`: the fast Runner or a ValueError saying why it cannot run this model; `hook`: the hook backend."""
     if backend not in BACKENDS:
@@ -108,7 +109,7 @@ def make_runner(model: Any, backend: str = "auto") -> tuple[Any, str, str]:
     return runner, "hook", reason
 
 
-def make_edge_runner(model: Any, runner: Any) -> Any:
+def make_edge_runner(model: TransformerBridge, runner: ModelRunner) -> GraphRunner:
     """The graph-form runner for a runner: `edge_runner.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
     if getattr(runner, "backend", "fast") == "hook":
         return HookEdgeRunner(model, runner)
@@ -126,7 +127,7 @@ def _site_sets(runner: Any, collect: Iterable[tuple[str, int]]) -> tuple[tuple[s
 class EngineContext:
     """One (model, task, pairs): runner, one clean and one corrupted run, baselines; see the module docstring."""
 
-    def __init__(self, edge_runner: EdgeRunner, task: Any, pairs: Any, clean: GraphActivations | None = None,
+    def __init__(self, edge_runner: EdgeRunner, task: Task, pairs: PromptPairs, clean: GraphActivations | None = None,
                  corrupt: GraphActivations | None = None, read_positions: Tensor | None = None,
                  clean_values: Tensor | None = None, corrupt_values: Tensor | None = None, *,
                  clean_run: RunState | None = None, corrupt_run: RunState | None = None,
@@ -144,7 +145,7 @@ class EngineContext:
 
     # ------------------------------------------------------------------ what every method reads
     @property
-    def runner(self) -> Any:
+    def runner(self) -> ModelRunner:
         return self.edge_runner.runner
 
     @property
@@ -234,7 +235,8 @@ class EngineContext:
         return {"backend": self.backend, "reason": self.backend_reason}
 
 
-def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, collect: Iterable[tuple[str, int]] = (),
+def engine_context(model: TransformerBridge, task: Task, pairs: PromptPairs, *, runner: ModelRunner | None = None,
+                   collect: Iterable[tuple[str, int]] = (),
                    check_gap: bool = True) -> EngineContext:
     """Run the clean and corrupted prompts once each and compute the baselines (see the module docstring).
 

@@ -10,13 +10,13 @@ starting at nearby positions run together from the earliest (`merge_starts`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from circuitlab.patching.hook_backend import ModelRunner
 
-def windowed(runner: Any) -> bool:
+
+def windowed(runner: ModelRunner) -> bool:
     """Whether `runner` can run a window of positions from cached keys/values of the earlier ones (the fast runner
     on a causal model; the hook backend runs every position)."""
     return bool(runner.causal) and getattr(runner, "windowed", True)

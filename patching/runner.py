@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.architecture import describe
 from circuitlab.patching.forward_parts import (UnsupportedModelError, block_norms, make_rope, mlp_module, original,
@@ -72,7 +73,7 @@ class Runner:
     backend = "fast"
     key_mask: Tensor | None = None  # [batch, pos] bool: keys a bidirectional model may attend to (not padding)
 
-    def __init__(self, model: Any, *, check: bool = True, atol: float | None = None) -> None:
+    def __init__(self, model: TransformerBridge, *, check: bool = True, atol: float | None = None) -> None:
         cfg = model.cfg
         self.model = model
         self.cfg = cfg

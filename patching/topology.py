@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.patching.architecture import describe
+from circuitlab.patching.architecture import Architecture, describe
 from circuitlab.patching.components import Node, edge_name, head_node, mlp_node, parse_edge, parse_node
 
 
@@ -109,16 +110,16 @@ class ComputationalGraph:
         self._sender_index = {name: i for i, name in enumerate(self.sender_names)}
 
     @classmethod
-    def from_model(cls, model: Any) -> ComputationalGraph:
+    def from_model(cls, model: TransformerBridge) -> ComputationalGraph:
         return cls.from_architecture(describe(model))
 
     @classmethod
-    def from_architecture(cls, arch: Any) -> ComputationalGraph:
+    def from_architecture(cls, arch: Architecture) -> ComputationalGraph:
         """The graph of an `architecture.Architecture` (the one place topology comes from)."""
         return cls(arch.n_layers, arch.n_heads, arch.n_kv, arch.attn_only, arch.parallel)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
+    def from_meta(cls, meta: dict[str, object]) -> ComputationalGraph:
         """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
         `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
         return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from circuitlab.patching.methods import run_method_names, search_names
 from circuitlab.patching.models import list_models
 from circuitlab.reports import rundir
 from circuitlab.reports.bench import add_bench_parser
-from circuitlab.reports.config import METHODS, ConfigError, build_configs, load_config_file
+from circuitlab.reports.config import ConfigError, build_configs, load_config_file
 from circuitlab.reports.executors import EXECUTORS
 from circuitlab.reports.grid import add_sweep_parser
 from circuitlab.reports.localize import add_localize_parser
@@ -64,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run, defaults=False)
     run.add_argument("--batch-size", type=int, default=None,
                      help="prompt pairs per batch (default: as many as --memory-budget allows)")
-    run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default eap-ig)")
+    run.add_argument("--method", default=None, help=f"one of {', '.join(run_method_names())} (default eap-ig)")
     run.add_argument("--faithfulness-target", type=float, default=None,
                      help="the circuit is the smallest one whose exact faithfulness reaches this (default 0.8)")
     run.add_argument("--circuit-method", default=None,
-                     help="how the circuit is found: auto (the method's ranking), greedy, node-pruning, "
-                          "edge-pruning, single-effect, eap, eap-ig, eap-edges, eap-ig-edges")
+                     help="how the circuit is found: auto (the method's ranking) or one of "
+                          f"{', '.join(search_names())}")
     run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
     run.add_argument("--stability-resamples", type=int, default=None,

@@ -14,7 +14,6 @@ import html
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -31,7 +30,7 @@ from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.custom import looks_like_path
 
 
-def add_localize_parser(sub: Any) -> None:
+def add_localize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("localize", help="localise a causal variable: interchange interventions and DAS over sites")
     p.add_argument("--task", default="ioi", help="a task with a causal model (ioi, capitals, greater_than, "
                    "repeated_tokens) or a counterfactual file (.jsonl/.csv)")

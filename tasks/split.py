@@ -10,10 +10,13 @@ side until it has `heldout_fraction` of them, the rest stay for discovery. Tasks
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING
 
-from circuitlab.tasks.base import PromptPairs
+from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.batching import trim_padding
+
+if TYPE_CHECKING:  # annotations only: tasks never import or run a model
+    from transformer_lens.model_bridge import TransformerBridge
 
 TEMPLATE_KEYS = ("template_id", "template")
 
@@ -50,8 +53,8 @@ def split_pairs(pairs: PromptPairs, n_discovery: int, n_heldout: int, *, seed: i
     return trim_padding(pairs.subset(disc_rows)), trim_padding(pairs.subset(held_rows))  # each to its own width
 
 
-def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, seed: int = 0,
-                  heldout_fraction: float = 0.5, **options: Any) -> tuple[PromptPairs, PromptPairs]:
+def heldout_split(task: Task, model: TransformerBridge, n_discovery: int, n_heldout: int, *, seed: int = 0,
+                  heldout_fraction: float = 0.5, **options: object) -> tuple[PromptPairs, PromptPairs]:
     """Generate a pool of the task's pairs and split it by template into (discovery, held-out)."""
     pool = task.generate(model, 3 * (n_discovery + n_heldout), seed=seed, **options)
     disc, held = split_pairs(pool, n_discovery, n_heldout, seed=seed, heldout_fraction=heldout_fraction)
@@ -60,7 +63,7 @@ def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, se
     return disc, held
 
 
-def shared_templates(a: PromptPairs, b: PromptPairs) -> set[Any]:
+def shared_templates(a: PromptPairs, b: PromptPairs) -> set[object]:
     """Templates present in both sets of pairs (empty for a proper held-out split)."""
     key = template_key(a)
     return set(a.meta[key].tolist()) & set(b.meta[template_key(b)].tolist())
