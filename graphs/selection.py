@@ -119,7 +119,7 @@ def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int | No
     def run(masks: Tensor) -> Tensor:
         full = torch.ones(masks.shape[0], g.n_senders)
         full[:, idx] = masks.float()
-        return evaluate_node_masks(ctx, full, chunk=chunk)
+        return evaluate_node_masks(ctx, full, chunk=chunk, full_is_clean=True)
 
     return CircuitEvaluator([g.sender_names[i] for i in learn], run, ctx.clean_values, ctx.corrupt_values, "node")
 
@@ -127,7 +127,8 @@ def node_evaluator(ctx: EdgeContext, *, heads_only: bool = True, chunk: int | No
 def edge_evaluator(ctx: EdgeContext, *, memory_budget_mb: float = 1024.0) -> CircuitEvaluator:
     """Edge circuits over every edge of the graph (exact edge patching)."""
     return CircuitEvaluator(list(ctx.graph.edge_names),
-                            lambda masks: evaluate_edge_masks(ctx, masks.float(), memory_budget_mb=memory_budget_mb),
+                            lambda masks: evaluate_edge_masks(ctx, masks.float(), memory_budget_mb=memory_budget_mb,
+                                                              full_is_clean=True),
                             ctx.clean_values, ctx.corrupt_values, "edge")
 
 

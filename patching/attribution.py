@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_masks
+from circuitlab.patching.engine import read_logits
+from circuitlab.patching.prefix import unchanged_prefix, windowed
+from circuitlab.patching.runner import at_positions
 from circuitlab.patching.topology import ComputationalGraph
 
 
@@ -125,32 +128,40 @@ def exact_edge_scores(ctx: EdgeContext, edges: Sequence[int] | Sequence[str] | T
             n = len(chosen)
             senders = g.edge_sender[chosen]
             delta = (clean.senders[:, :, senders] - corrupt.senders[:, :, senders]).permute(2, 0, 1, 3)  # [n,b,p,d]
+            # Before the first position where a sender differs, the altered run is the clean run: start there.
+            pos0 = unchanged_prefix(delta, ctx.read_positions) if ctx.clean_run is not None and channel != "logits" \
+                and windowed(ctx.edge_runner.runner) else 0
+            delta, past, read = delta[:, :, pos0:], ctx.clean_run.kv if pos0 else None, ctx.read_positions
             if channel == "logits":
-                final = (clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:])
+                final = at_positions((clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:]),
+                                     read)
             elif channel == "mlp":
-                x = clean.resid_mid[layer].unsqueeze(0) - delta
+                x = clean.resid_mid[layer][:, pos0:].unsqueeze(0) - delta
                 alt = runner.mlp_block(layer, x).reshape(n * batch, *delta.shape[2:])
                 hooks = {("mlp_out", layer): lambda a, alt=alt: alt}
                 if runner.parallel:  # the MLP reads resid_pre; the block must still add its attention output
-                    final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer, hooks=hooks)
+                    final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                       hooks=hooks, pos0=pos0, past=past, read=read)
                 else:
-                    final = runner.run(clean.resid_mid[layer].repeat(n, 1, 1), start_layer=layer, start_at_mlp=True,
-                                       hooks=hooks)
+                    final = runner.run(clean.resid_mid[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                       start_at_mlp=True, hooks=hooks, pos0=pos0, past=past, read=read)
             else:
-                final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer,
-                                   hooks=_single_input_hooks(ctx, layer, chosen, delta))
-            logits = _logits_at(runner, final, ctx.read_positions)
+                final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                   hooks=_single_input_hooks(ctx, layer, chosen, delta, pos0), pos0=pos0, past=past,
+                                   read=read)
+            logits = read_logits(runner, final, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits.view(n, batch, reads, -1)).mean(1)
             out[torch.tensor(members)] = ctx.clean_metric - values.cpu()
     return out
 
 
-def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor) -> dict:
+def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor, pos0: int = 0) -> dict:
     """Hooks replacing, in copy i, the q/k/v of edge i's receiver (query) head with values from its altered
-    input; keys/values are replaced as that query head reads them, leaving the rest of its group alone."""
+    input; keys/values are replaced as that query head reads them, leaving the rest of its group alone.
+    `delta` and the hooked activations hold positions pos0.. only."""
     g, runner = ctx.graph, ctx.edge_runner.runner
     n, batch = delta.shape[0], delta.shape[1]
-    x = runner.ln1[layer](ctx.clean.resid_pre[layer].unsqueeze(0) - delta)  # [n, b, p, d]
+    x = runner.ln1[layer](ctx.clean.resid_pre[layer][:, pos0:].unsqueeze(0) - delta)  # [n, b, p, d]
     replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q_n": [], "k_q": [], "v_q": []}
     for i, e in enumerate(edges):
         _, channel, head = g.receiver_info(int(g.edge_receiver[e]))

@@ -27,7 +27,8 @@ from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.hook_backend import HookRunner, ModelRunner
 from circuitlab.patching.hook_edges import GraphRunner, HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
-from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
+from circuitlab.patching.prefix import first_false, windowed
+from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError, at_positions
 from circuitlab.patching.topology import ComputationalGraph, PositionSplit
 from circuitlab.tasks.base import PromptPairs, Task
 
@@ -51,17 +52,36 @@ def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
         raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
                          f"got {getattr(values, 'shape', type(values))}")
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
+        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts (a task "
+                         "whose metric_tokens leaves out a logit its metric reads gets NaN there)")
     return values
 
 
-def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
-    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
-    idx = (read - pos0).clamp(min=0)
-    lead = resid_final.shape[0] // read.shape[0]
-    idx = idx.repeat(lead, 1)
-    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
-    return runner.unembed(picked)
+def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0,
+                   vocab: Tensor | None = None) -> Tensor:
+    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0. With `vocab`
+    (the ids the task's metric reads, `EngineContext.metric_vocab`) only those logits are computed; the others
+    are NaN: the unembedding is a large matrix, and a patched forward's metric reads a few of its columns."""
+    return read_logits(runner, at_positions(resid_final, read, pos0), vocab)
+
+
+def read_logits(runner: ModelRunner, picked: Tensor, vocab: Tensor | None = None) -> Tensor:
+    """Logits of final streams already at the read positions [..., R, d_model] (`Runner.run(read=...)`), only at
+    the `vocab` ids when given (NaN elsewhere; see `_gather_logits`)."""
+    if vocab is None:
+        return runner.unembed(picked)
+    out = torch.full((*picked.shape[:-1], runner.W_U.shape[1]), float("nan"), dtype=picked.dtype, device=picked.device)
+    out[..., vocab] = runner.unembed(picked, vocab)
+    return out
+
+
+def metric_vocab(runner: ModelRunner, task: Task, pairs: PromptPairs) -> Tensor | None:
+    """The vocabulary ids the task's metric reads on these pairs (`Task.metric_tokens`), for the fast runner; None
+    (every logit) for the hook backend or a task that does not say."""
+    if getattr(runner, "backend", "fast") != "fast" or not isinstance(task, Task):
+        return None
+    ids = task.metric_tokens(pairs)
+    return None if ids is None else ids.to(runner.W_U.device).long()
 
 
 BACKENDS = ("auto", "fast", "hook")
@@ -122,6 +142,8 @@ class EngineContext:
         self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
         self.split: PositionSplit | None = None  # position-aware edges (`patching.edges.with_positions`)
         self._graph: ComputationalGraph | None = None
+        self._shared_prefix: int | None = None
+        self.metric_vocab = metric_vocab(self.runner, task, pairs)
 
     # ------------------------------------------------------------------ what every method reads
     @property
@@ -163,11 +185,26 @@ class EngineContext:
 
     @property
     def clean_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions, 0, self.metric_vocab)
 
     @property
     def corrupt_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions, 0, self.metric_vocab)
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions where the clean and corrupted runs are identical (every sender output equal, bit for
+        bit, in every prompt), at most the first read position; 0 without the corrupted run's keys/values (an
+        ablated context) or on a runner that cannot start mid-prompt. Causal attention: a forward that mixes the
+        two runs (edge or node circuits) equals both there, so it may start at this position from the corrupted
+        run's keys/values (`patching.edges`, `patching.node_masks`)."""
+        if self._shared_prefix is None:
+            self._shared_prefix = 0
+            if self.corrupt_run is not None and windowed(self.runner):
+                same = (self.clean.senders == self.corrupt.senders).flatten(2).all(2).all(0)  # [pos]
+                limit = min(int(same.numel()), int(self.read_positions.min()))
+                self._shared_prefix = first_false(same[:limit])
+        return self._shared_prefix
 
     @property
     def batch(self) -> int:

@@ -28,7 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.architecture import describe
 from circuitlab.patching.components import hook_name
-from circuitlab.patching.runner import KVCache, RunState, Runner
+from circuitlab.patching.runner import KVCache, RunState, Runner, at_positions
 
 Hook = Callable[[Tensor], Tensor]
 _FINAL = "ln_final.hook_in"
@@ -117,9 +117,9 @@ class HookRunner:
 
     def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,
             past: KVCache | None = None, hooks: dict[tuple[str, int], Hook] | None = None,
-            state: RunState | None = None,
-            stop_layer: int | None = None) -> Tensor:
-        """Blocks `start_layer`.. on `resid` by a bridge forward; returns the stream after the last block run."""
+            state: RunState | None = None, stop_layer: int | None = None, read: Tensor | None = None) -> Tensor:
+        """Blocks `start_layer`.. on `resid` by a bridge forward; returns the stream after the last block run (at
+        the `read` positions only when given, as `Runner.run` does)."""
         if pos0 != 0:
             raise ValueError("the hook backend runs every position: start windows at position 0")
         stop = self.n_layers if stop_layer is None else stop_layer
@@ -144,7 +144,7 @@ class HookRunner:
         self._forward(placeholder, fwd)
         if state is not None and stop >= self.n_layers:
             state.resid_final = got["out"]
-        return got["out"]
+        return got["out"] if read is None else at_positions(got["out"], read)
 
     def read_site(self, kind: str, layer: int) -> str:
         """The hook where each head's q/k/v is its own: `hook_q`/`hook_k`/`hook_v`, except under a query/key norm

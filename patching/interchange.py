@@ -20,6 +20,7 @@ from circuitlab.patching.activation import _site_activation, _start
 from circuitlab.patching.engine import _gather_logits
 from circuitlab.patching.featurizers import Featurizer
 from circuitlab.patching.hook_backend import ModelRunner
+from circuitlab.patching.prefix import windowed
 from circuitlab.patching.runner import KVCache, RunState
 from circuitlab.tasks.base import PAD_ID
 from circuitlab.tasks.counterfactual import Counterfactuals
@@ -136,8 +137,7 @@ def intervened_logits(runner: ModelRunner, prep: PreparedBatch, site: Site, feat
     kind, layer = site.component, site.layer
     src = site_vectors(prep, site, "source") if source is None else source
     pos = positions_of(prep.cf, site.position, "base").to(src.device)
-    windowed = runner.causal and getattr(runner, "windowed", True)
-    pos0 = int(pos.min()) if windowed else 0
+    pos0 = int(pos.min()) if windowed(runner) else 0
     rows = torch.arange(len(pos), device=src.device)
     idx = pos - pos0
 

@@ -193,7 +193,7 @@ class _PathRun:
                 start = self.recv_layers[0]
                 resid = runner.run(base.resid_pre[start].repeat(n, 1, 1), start_layer=start, past=base.kv,
                                    hooks=hooks)
-            logits_at = _gather_logits(runner, resid, ctx.read_positions)
+            logits_at = _gather_logits(runner, resid, ctx.read_positions, 0, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))
         return values.mean(1)
 

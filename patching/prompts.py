@@ -104,7 +104,8 @@ class Prompts(ABC):
         masks, counts = curve_masks(scores, tuple(percents))
         values, clean, corrupt = [], [], []
         for ctx in self.edge_contexts():
-            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu())
+            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress,
+                                              full_is_clean=True).cpu())
             clean.append(ctx.clean_values.cpu())
             corrupt.append(ctx.corrupt_values.cpu())
         return curve_from_values(torch.cat(values, 1), torch.cat(clean), torch.cat(corrupt), counts,

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rediscover the circuit on this many bootstrap resamples (default 0)")
     run.add_argument("--variables", default=None,
                      help="task variables (e.g. io,s) whose IIA is measured at each circuit head's output")
+    run.add_argument("--variables-heads", default=None,
+                     help="which circuit heads --variables measures: all (default), or comma-separated roles "
+                          "(name_mover, ...) and head names (a9.h6)")
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
@@ -143,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples", "backend", "variables", "edge_positions")}
+                                         "stability_resamples", "backend", "variables", "variables_heads",
+                                         "edge_positions")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
@@ -210,7 +214,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
     kind = rundir.result_kind(folder)
-    if kind in ("sweep", "phase"):
+    if kind in ("sweep", "phase", "localize"):
         raise ConfigError(f"{args.run_dir!r} holds a circuitlab {kind} result, whose report is written with it "
                           f"({'summary.html' if kind == 'sweep' else 'report.html'}); `circuitlab report` re-renders "
                           "a `circuitlab run` folder")

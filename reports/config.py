@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from circuitlab.graphs.variables import variable_names
+from circuitlab.graphs.variables import head_selection, variable_names
 from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import alias_names, get_method, method_names, run_method_names, search_names
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
@@ -48,7 +48,8 @@ class RunConfig:
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
-    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
+    `variables`: task variables (comma-separated) whose IIA is measured at circuit heads (`graphs.variables`):
+    `variables_heads` (all, or roles and head names; `graphs.variables.head_selection`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -85,6 +86,7 @@ class RunConfig:
     stability_resamples: int = 0
     backend: str = "auto"
     variables: str = ""
+    variables_heads: str = "all"
     edge_positions: str = "none"  # roles: edges split by role segment (`patching.topology.PositionalGraph`)
 
     # fields that do not change results (left out of the resume key)
@@ -307,11 +309,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
-    if cfg.variables:
+    for flag, check in (("--variables", lambda: cfg.variables and variable_names(cfg.variables, task.name)),
+                        ("--variables-heads", lambda: head_selection(cfg.variables_heads))):
         try:
-            variable_names(cfg.variables, task.name)
+            check()
         except ValueError as exc:
-            raise ConfigError(f"--variables: {exc}") from None
+            raise ConfigError(f"{flag}: {exc}") from None
 
 
 MAX_N_BOOT = 100_000

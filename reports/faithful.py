@@ -310,8 +310,10 @@ def build_circuit(p: Pipeline) -> nx.MultiDiGraph:
     if p.result.roles is not None and not p.result.roles.empty:
         graph = assign_roles(graph, p.result.roles)
     if cfg.variables:  # circuits that carry variables: each head's IIA per variable (`graphs.variables`)
-        p.say(f"[variables] IIA of {cfg.variables} at each circuit head's output on held-out counterfactual pairs")
-        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed)
+        p.say(f"[variables] IIA of {cfg.variables} at the output of circuit heads: {cfg.variables_heads} (held-out "
+              "counterfactual pairs)")
+        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed,
+                               runner=p.runner(), heads=cfg.variables_heads)
     return graph
 
 

@@ -163,3 +163,16 @@ def agreement_figure(panels: list[tuple[str, np.ndarray, np.ndarray, str, str]])
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def iia_heatmap(grid: pd.DataFrame, title: str) -> plt.Figure:
+    """Held-out IIA over layers × sites (0 to 1), the `circuitlab localize` heatmap of one featurizer."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 + 0.7 * grid.shape[1]), max(3.0, 1.2 + 0.28 * grid.shape[0])))
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index], fontsize=7)
+    ax.set(xlabel="site (component@position)", ylabel="layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test IIA")
+    fig.tight_layout()
+    return fig

@@ -88,7 +88,9 @@ def _environment() -> Environment:
 
 
 def report_title(record: dict[str, object]) -> str:
-    """The report's title, shared by the HTML and Markdown renderers."""
+    """The report's title, shared by the HTML and Markdown renderers (a run folder or a localize folder)."""
+    if record.get("kind") == "localize":
+        return f"circuitlab localize: {record['variable']} in {record['task']} on {record['model']['name']}"
     return f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
 
 

@@ -249,3 +249,15 @@ def method_intervals(metric: str, methods: list[str],
     fig.update_layout(title=f"{metric} by method (mean, 95% interval)", barmode="group", height=380,
                       yaxis_title=metric)
     return to_json(fig)
+
+
+def iia_heatmap(grid: pd.DataFrame, title: str) -> str:
+    """Held-out IIA over layers × sites (0 to 1), the `circuitlab localize` heatmap of one featurizer."""
+    z = [[None if v != v else float(v) for v in row] for row in grid.to_numpy(float)]  # plain numbers, gaps as null
+    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in grid.columns], y=[str(r) for r in grid.index],
+                               colorscale="Reds", zmin=0, zmax=1, colorbar=dict(title="test IIA"),
+                               hovertemplate="layer %{y}, %{x}<br>test IIA %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=min(900, 240 + 16 * len(grid)),
+                      xaxis=dict(title="site (component@position)", type="category"),
+                      yaxis=dict(title="layer", autorange="reversed", type="category"))
+    return to_json(fig)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from circuitlab.graphs.draw import draw_circuit, layered_layout
+from circuitlab.graphs.variables import CARRIES_RULE
 from circuitlab.patching.components import head_node
 from circuitlab.reports import figures, plots, store
 from circuitlab.reports.explorer import build_explorer
@@ -157,11 +158,19 @@ def build_sections(result: RunResult) -> tuple[dict[str, object], list[Section]]
                          "from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     circ.explorer = build_explorer(result).to_json()
+    baselines = {k[4:-5]: v for k, v in graph.graph.items() if k.startswith("iia_") and k.endswith("_none")}
+    if baselines:  # run --variables (`graphs.variables`)
+        circ.paragraphs.append("Variables measured at each head's output (held-out IIA; no-intervention baseline "
+                               + ", ".join(f"{v} {b:.2f}" for v, b in sorted(baselines.items())) + f"): {CARRIES_RULE}. "
+                               "The explorer colours heads by the variable they carry (the colour-by control switches "
+                               "to roles or to one variable).")
     nodes = []
     for name, data in graph.nodes(data=True):
         if data.get("kind") in ("head", "mlp"):
             nodes.append({"node": name, "role": data.get("role", ""), "score": data.get("score", 0.0),
-                          "exact effect": data.get("exact_effect", float("nan"))})
+                          "exact effect": data.get("exact_effect", float("nan")),
+                          **({"carries": data.get("carries", "")} if baselines else {}),
+                          **{k: v for k, v in sorted(data.items()) if k.startswith(("iia_", "graded_"))}})
     if nodes:
         circ.tables.append(("Circuit nodes", pd.DataFrame(nodes).sort_values("score", key=abs, ascending=False)))
     sections.append(circ)

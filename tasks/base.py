@@ -335,6 +335,12 @@ class Task(ABC):
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
         """Per-prompt metric `[..., B]` from logits already gathered at `read_positions` (`[..., B, R, V]`)."""
 
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor | None:
+        """The vocabulary ids whose logits `metric_at` reads (1-D), or None when it may read any (a softmax, KL).
+        Patched forwards then compute only those logits (the others are NaN, so a metric that reads one fails
+        loudly instead of returning a wrong number)."""
+        return None
+
     def gather(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
         """Full logits `[..., B, S, V]` → the logits the metric reads, `[..., B, R, V]`."""
         return gather_at(logits, self.read_positions(pairs))

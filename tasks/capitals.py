@@ -27,7 +27,7 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PromptPairs, Task, check_aligned, require_n
-from circuitlab.tasks.ioi import logit_diff_at
+from circuitlab.tasks.ioi import logit_diff_at, logit_diff_tokens
 from circuitlab.tasks.tokens import (
     ModelOrTokenizer, Rendered, TokenSource, options_from, pad_id_for, pad_right, render, resolve,
 )
@@ -207,3 +207,6 @@ class CapitalsTask(Task):
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
         """Correct capital logit − corrupt country's capital logit at END: `[..., B, 1, V]` → `[..., B]`."""
         return logit_diff_at(logits_at, pairs)
+
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor:
+        return logit_diff_tokens(pairs)

@@ -207,6 +207,14 @@ class IOITask(Task):
         """Logit of the IO name minus logit of the subject name at END: `[..., B, 1, V]` → `[..., B]`."""
         return logit_diff_at(logits_at, pairs)
 
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor:
+        return logit_diff_tokens(pairs)
+
+
+def logit_diff_tokens(pairs: PromptPairs) -> Tensor:
+    """The vocabulary ids `logit_diff_at` reads (padding ids -1 read as 0, as `gather_ids` does)."""
+    return torch.cat([pairs.answer_ids[:, :1], pairs.wrong_ids[:, :1]]).clamp(min=0).flatten().unique()
+
 
 def logit_diff_at(logits_at: Tensor, pairs: PromptPairs) -> Tensor:
     """answer − wrong logit at the single read position (K = 1 answers): `[..., B, 1, V]` → `[..., B]`."""
