@@ -39,6 +39,8 @@ def _numbers(value: object, path: str = "") -> dict[str, object]:
 
 def _diff(a: object, b: object) -> float:
     """Scaled absolute difference of two leaves (inf when they disagree in kind or text)."""
+    if a is pd.NA or b is pd.NA:  # a missing cell of a nullable column (Int64 positions)
+        return 0.0 if a is b else math.inf
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return 0.0 if a == b or (a != a and b != b) else math.inf
     if math.isnan(a) and math.isnan(b):

@@ -15,7 +15,12 @@ Runs `circuitlab run --task ioi --model smollm2-135m` in this process (the CLI's
 Then, in the same process and after the run, it times one clean forward and backward over the same discovery
 prompts (fast runner, gradient w.r.t. the embedding, the task metric at the read positions; median of 3 CPU
 times) with the thread count the run used. Its last line is `run_seconds=.. forward_seconds=.. ratio=..` (CPU
-seconds), ratio = run_seconds / forward_seconds: the run's cost in plain forward+backward units.
+seconds), ratio = run_seconds / forward_seconds: the run's cost in plain forward+backward units. The unit is fixed:
+patched forwards now start at the first position they change, run the last block's MLP only at the read positions
+and compute only the logits the metric reads (`Runner.run(read=...)`, `Runner.unembed(columns=...)`), but this
+timing calls `Runner.run` and `Runner.unembed` without those arguments, so it computes what it computed before
+(every position of every layer, the full vocabulary at the read positions). `--threads` fixes the torch threads
+(default: the CLI's choice, the cores free at the start).
 
 Run: `HF_HUB_OFFLINE=1 PYTHONPATH=<parent of circuitlab> nice -n 19 python bench/run_cost.py --out /tmp/rc`.
 """
@@ -65,10 +70,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="prompt pairs (the CLI's default 16)")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--method", default=None, help="discovery method (the CLI's default eap-ig)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (the CLI's default: cores free now)")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="run_cost_")
     cfg = build_configs({}, {"task": "ioi", "model": "smollm2-135m", "out": out, "n": args.n,
-                             "method": args.method})[0]
+                             "method": args.method, "threads": args.threads})[0]
 
     counter = WorkCounter().__enter__()  # counts until the run ends (restored then)
     counter.stage = "setup"

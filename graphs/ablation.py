@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.activation import PatchingConfig, activation_patching
 from circuitlab.patching.components import head_node, hook_name
@@ -32,8 +34,8 @@ def _group(heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
     return out
 
 
-def ablation_hooks(model: Any, heads: Iterable[tuple[int, int]], kind: str, tokens: Tensor | None = None,
-                   means: dict[int, Tensor] | None = None) -> list[tuple[str, Any]]:
+def ablation_hooks(model: TransformerBridge, heads: Iterable[tuple[int, int]], kind: str, tokens: Tensor | None = None,
+                   means: dict[int, Tensor] | None = None) -> list[tuple[str, Callable[..., Tensor]]]:
     """Forward hooks that zero- or mean-ablate `heads`' `hook_z` ([batch, pos, head, d_head]).
 
     Mean ablation needs `means[layer]` ([pos, head, d_head]) or `tokens` to compute them from.
@@ -58,7 +60,7 @@ def ablation_hooks(model: Any, heads: Iterable[tuple[int, int]], kind: str, toke
     return hooks
 
 
-def head_means(model: Any, tokens: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
+def head_means(model: TransformerBridge, tokens: Tensor, batch_size: int = 64) -> dict[int, Tensor]:
     """Mean of each layer's `hook_z` over the sequences, per position: {layer: [pos, head, d_head]}.
 
     Read by recording hooks during `loss_by_position` (so it runs on the fast fused forward where that is checked
@@ -84,7 +86,7 @@ def _row(layer: int, head: int, kind: str, losses: Tensor, base: float, late: in
             "late_loss": float(losses[late]), "early_loss": float(losses[early])}
 
 
-def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
+def icl_ablation(model: TransformerBridge, tokens: Tensor, *, heads: Sequence[tuple[int, int]] | None = None,
                  kinds: Sequence[str] = ABLATIONS, late: int | None = None, early: int | None = None,
                  width: int = 1, batch_size: int = 64) -> pd.DataFrame:
     """The ICL score with each head ablated alone (columns `ABLATION_COLUMNS`); `attrs` hold the base losses."""
@@ -105,10 +107,24 @@ def icl_ablation(model: Any, tokens: Tensor, *, heads: Sequence[tuple[int, int]]
     return frame
 
 
-def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero", *,
+@dataclass(frozen=True)
+class JointAblation:
+    """The ICL score with a set of heads ablated together: `icl`, the unablated `base_icl`, `delta_icl` = icl −
+    base, and `fraction_removed` = delta / −base (NaN when the base score is not negative)."""
+
+    heads: tuple[str, ...]
+    ablation: str
+    icl: float
+    base_icl: float
+    delta_icl: float
+    fraction_removed: float
+
+
+def joint_icl_ablation(model: TransformerBridge, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero",
+                       *,
                        late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 64,
-                       base: float | None = None, means: dict[int, Tensor] | None = None) -> dict[str, Any]:
-    """ICL score with all `heads` ablated together: `icl`, `base_icl`, `delta_icl`, `fraction_removed`.
+                       base: float | None = None, means: dict[int, Tensor] | None = None) -> JointAblation:
+    """ICL score with all `heads` ablated together (`JointAblation`).
 
     `means` (`head_means` of the same tokens) saves recomputing them for each set under mean ablation."""
     if late is None or early is None:
@@ -118,11 +134,10 @@ def joint_icl_ablation(model: Any, tokens: Tensor, heads: Sequence[tuple[int, in
     hooks = ablation_hooks(model, heads, kind, tokens=tokens, means=means)
     value = icl_score(loss_by_position(model, tokens, batch_size=batch_size, fwd_hooks=hooks), late, early, width)
     removed = (value - base) / -base if base < 0 else float("nan")
-    return {"heads": [head_node(l, h) for l, h in heads], "ablation": kind, "icl": value, "base_icl": base,
-            "delta_icl": value - base, "fraction_removed": removed}
+    return JointAblation(tuple(head_node(l, h) for l, h in heads), kind, value, base, value - base, removed)
 
 
-def repeated_tokens_patching(model: Any, *, n: int = 16, seq_len: int = 20, seed: int = 0,
+def repeated_tokens_patching(model: TransformerBridge, *, n: int = 16, seq_len: int = 20, seed: int = 0,
                              token_range: tuple[int, int] | None = None) -> pd.DataFrame:
     """Exact per-head patching effect (`z`, all positions, clean into corrupt) on repeated random tokens.
 
@@ -136,5 +151,5 @@ def repeated_tokens_patching(model: Any, *, n: int = 16, seq_len: int = 20, seed
     return activation_patching(model, task, pairs, "z", positions="all", config=PatchingConfig())
 
 
-__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "ablation_hooks", "head_means", "icl_ablation", "joint_icl_ablation",
+__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "JointAblation", "ablation_hooks", "head_means", "icl_ablation", "joint_icl_ablation",
            "repeated_tokens_patching"]

@@ -43,22 +43,24 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.graphs.discovery import DiscoveryOptions, score
 from circuitlab.graphs.bench_adapter import (COUNTERFACTUALS, GroundTruthPairs, GroundTruthTask, Reference,
                                              adapt_groundtruth, adapt_spec)
+from circuitlab.graphs.discovery import DiscoveryOptions, score
 from circuitlab.graphs.evaluate import roc_auc
-from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.graphs.groundtruth import TaskSpec, load_groundtruth
+from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.edges import EdgeContext, evaluate_edge_masks, prepare_edges
-from circuitlab.patching.faithfulness import faithfulness_curve
-from circuitlab.patching.models import load_model
-from circuitlab.tasks import get_task
 from circuitlab.patching.engine import EngineContext
+from circuitlab.patching.faithfulness import faithfulness_curve
 from circuitlab.patching.methods import METHODS as REGISTRY, get_method
+from circuitlab.patching.models import load_model
 from circuitlab.patching.prompts import OneBatch, Prompts, as_prompts
 from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.tasks import get_task
+from circuitlab.tasks.base import PromptPairs, Task
 
 METHODS: tuple[str, ...] = tuple(name for name, m in REGISTRY.items() if m.benchmark)  # what runs by default
 METHOD_NOTES: dict[str, str] = {name: get_method(name).note for name in METHODS}
@@ -119,7 +121,8 @@ def acdc_cost_estimate(ctx: EdgeContext, n_probe: int = 2) -> tuple[int, float]:
     return ctx.graph.n_edges, per * ctx.graph.n_edges
 
 
-def run_method(name: str, model: Any, task: Any, pairs: Any, *, ctx: Prompts | EngineContext | None = None,
+def run_method(name: str, model: TransformerBridge, task: Task, pairs: PromptPairs, *,
+               ctx: Prompts | EngineContext | None = None,
                config: BenchConfig | None = None, ablation: str | None = None
                ) -> tuple[Tensor | None, pd.DataFrame, float]:
     """Run one registered method (`graphs.discovery.score`): (edge ranking [n_edges] or None for node methods,
@@ -227,9 +230,9 @@ class BenchCase:
     """One benchmark row group: a model, its task and pairs, and its reference circuit (or None)."""
 
     label: str
-    model: Any
-    task: Any
-    pairs: Any
+    model: TransformerBridge
+    task: Task
+    pairs: PromptPairs
     reference: Reference | None
     counterfactual: str = "task"
     skip: dict[str, str] = field(default_factory=dict)  # method -> reason (reported, not silently dropped)

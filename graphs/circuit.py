@@ -44,7 +44,7 @@ NODE_KINDS = ("input", "head", "mlp", "logits")
 CHANNELS = ("q", "k", "v", "resid")
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: object) -> object:
     """`value` with numpy/torch scalars made plain and every non-finite float made None, so that it dumps as
     strict JSON (`null`, never a bare `NaN`, which JSON readers reject)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -61,7 +61,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def evidence_json(evidence: dict[str, Any]) -> str:
+def evidence_json(evidence: dict[str, object]) -> str:
     """A node's or role's `evidence` as strict JSON text (non-finite numbers written as `null`)."""
     return json.dumps(json_safe(evidence), sort_keys=True, allow_nan=False)
 
@@ -107,7 +107,7 @@ def new_circuit(name: str = "circuit", method: str = "", n_layers: int | None = 
     return graph
 
 
-def node_attributes(name: str, n_layers: int | None = None, score: float = 0.0) -> dict[str, Any]:
+def node_attributes(name: str, n_layers: int | None = None, score: float = 0.0) -> dict[str, object]:
     """Default attributes of a node named `input`, `a{l}.h{h}`, `m{l}` or `logits` (validates the name)."""
     node = parse_node(name)
     layer = {"input": -1, "logits": n_layers if n_layers is not None else -1}.get(node.kind, node.layer)
@@ -115,7 +115,7 @@ def node_attributes(name: str, n_layers: int | None = None, score: float = 0.0) 
             "role": "", "roles": "[]", "score": float(score), "evidence": "{}"}
 
 
-def add_node(graph: nx.MultiDiGraph, name: str, score: float = 0.0, **attrs: Any) -> str:
+def add_node(graph: nx.MultiDiGraph, name: str, score: float = 0.0, **attrs: object) -> str:
     """Add (or update) a node with validated name and default attributes; returns the canonical name."""
     canonical = parse_node(name).name
     n_layers = graph.graph.get("n_layers", -1)
@@ -226,7 +226,7 @@ def _empty(what: str, selection: Selection) -> ValueError:
     return ValueError(f"{what}: the selection {selection} kept nothing; lower the threshold or raise top_k")
 
 
-def node_name_from_row(component: str, layer: Any, head: Any) -> str:
+def node_name_from_row(component: str, layer: int | float, head: int | float | None) -> str:
     """The graph node of a node-score row: `z`/`head` with a head index -> `a{l}.h{h}`, `mlp_out` -> `m{l}`."""
     kind = canonical_kind(str(component))
     if kind == "z":

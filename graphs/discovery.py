@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.scores import Circuit, EdgeScores, NodeScores
@@ -27,6 +27,7 @@ from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.methods import MethodOptions, get_method
 from circuitlab.patching.normalize import normalize
 from circuitlab.patching.prompts import Prompts, as_prompts
+from circuitlab.tasks.base import PromptPairs, Task
 
 DEFAULT_TOP_K = {"edge": 50, "node": 20}
 
@@ -35,9 +36,12 @@ DEFAULT_TOP_K = {"edge": 50, "node": 20}
 class DiscoveryOptions(MethodOptions):
     """Options of `discover`: every method's options (`patching.methods.MethodOptions`: steps, ACDC threshold and
     objective, ablation, seed, memory budget) and `selection`, which edges/nodes form the circuit (default: the
-    top 50 edges or 20 nodes, doubled until a path joins input to logits)."""
+    top 50 edges or 20 nodes, doubled until a path joins input to logits). `edge_positions` (`roles`, `each`):
+    position-aware edges (Haklay et al. 2025), every edge split by the role segment it is read at
+    (`patching.topology.PositionalGraph`, edge names `EDGE@SEGMENT`); edge methods only."""
 
     selection: Selection | None = None
+    edge_positions: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,8 +63,9 @@ class Discovery:
         return self.node_scores.edge_ranking(absolute=True)
 
 
-def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, context: Prompts | EngineContext | None = None,
-             **options: Any) -> Discovery:
+def discover(model: TransformerBridge, task: Task, pairs: PromptPairs, method: str = "eap-ig", *,
+             context: Prompts | EngineContext | None = None,
+             **options: object) -> Discovery:
     """Score the model's graph with `method` and select a circuit; see `DiscoveryOptions` for `options`.
     `context`: an engine context or prompt batches (`patching.prompts.Prompts`) to reuse (None: built here)."""
     spec = get_method(method)
@@ -69,9 +74,14 @@ def discover(model: Any, task: Any, pairs: Any, method: str = "eap-ig", *, conte
     except TypeError:
         known = ", ".join(f.name for f in dataclasses.fields(DiscoveryOptions))
         raise ValueError(f"unknown discover() option among {sorted(options)}: use {known}") from None
+    if opts.edge_positions and spec.level != "edge":
+        raise ValueError(f"edge positions {opts.edge_positions!r} split edges, but {method!r} scores nodes: use an "
+                         "edge method (eap, eap-ig, acdc, random) or edge_positions=None")
     prompts = as_prompts(context if context is not None else prepare_edges(model, task, pairs))
     if opts.ablation:
         prompts = prompts.with_ablation(opts.ablation)  # prompt batches: means over the whole dataset
+    if opts.edge_positions:
+        prompts = prompts.with_positions(opts.edge_positions)
     start = time.perf_counter()
     edges, nodes = score(method, prompts, opts)
     seconds = time.perf_counter() - start

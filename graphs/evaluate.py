@@ -18,6 +18,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import component_nodes, node_name_from_row
 from circuitlab.patching.activation import mean_ablation
@@ -138,7 +139,7 @@ def edge_score_auroc(scores: pd.DataFrame, reference: nx.MultiDiGraph, *, absolu
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 
-def all_components(model: Any) -> list[str]:
+def all_components(model: TransformerBridge) -> list[str]:
     """Every head and (unless attention-only) MLP node of a model."""
     out = [head_node(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     if not getattr(model.cfg, "attn_only", False):
@@ -149,7 +150,8 @@ def all_components(model: Any) -> list[str]:
 class Ablator:
     """Runs a model with a chosen set of components kept and the rest ablated (see the module docstring)."""
 
-    def __init__(self, model: Any, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor, metric: Metric,
+    def __init__(self, model: TransformerBridge, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
+                 metric: Metric,
                  ablation: str = "mean") -> None:
         if ablation not in ("mean", "corrupt"):
             raise ValueError(f"ablation={ablation!r}: use 'mean' or 'corrupt'")
@@ -195,7 +197,7 @@ class Ablator:
         return hook
 
 
-def faithfulness(model: Any, circuit: nx.MultiDiGraph | Iterable[str], clean_tokens: torch.Tensor,
+def faithfulness(model: TransformerBridge, circuit: nx.MultiDiGraph | Iterable[str], clean_tokens: torch.Tensor,
                  corrupt_tokens: torch.Tensor, metric: Metric, *, ablation: str = "mean") -> dict[str, float]:
     """m(model), m(circuit), m(empty) and F = (m(C) − m(∅)) / (m(M) − m(∅)) for a node circuit."""
     ab = Ablator(model, clean_tokens, corrupt_tokens, metric, ablation)
@@ -205,7 +207,8 @@ def faithfulness(model: Any, circuit: nx.MultiDiGraph | Iterable[str], clean_tok
             "faithfulness": normalize(mine, full, empty) if is_normalizable(full, empty) else float("nan")}
 
 
-def completeness(model: Any, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
+def completeness(model: TransformerBridge, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor,
+                 corrupt_tokens: torch.Tensor,
                  metric: Metric, knockouts: Mapping[str, Iterable[str]] | None = None, *,
                  ablation: str = "mean") -> pd.DataFrame:
     """For each knocked-out set K (default: each class of nodes sharing a `role`, and each single node):
@@ -228,7 +231,8 @@ def completeness(model: Any, circuit: nx.MultiDiGraph, clean_tokens: torch.Tenso
     return pd.DataFrame(rows)
 
 
-def minimality(model: Any, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
+def minimality(model: TransformerBridge, circuit: nx.MultiDiGraph, clean_tokens: torch.Tensor,
+               corrupt_tokens: torch.Tensor,
                metric: Metric, *, ablation: str = "mean") -> pd.DataFrame:
     """For each circuit node v: m(C), m(C \\ {v}) and the drop m(C) − m(C \\ {v}) (large |drop| = needed)."""
     ab = Ablator(model, clean_tokens, corrupt_tokens, metric, ablation)

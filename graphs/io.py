@@ -23,8 +23,8 @@ from typing import Any
 import networkx as nx
 
 from circuitlab.graphs.circuit import add_edge, finish, new_circuit
-from circuitlab.patching.topology import sort_key
 from circuitlab.patching.components import edge_name, parse_edge, parse_node
+from circuitlab.patching.topology import sort_key
 
 PathLike = str | os.PathLike[str]
 
@@ -50,12 +50,12 @@ def read_graphml(path: PathLike) -> nx.MultiDiGraph:
     return graph
 
 
-def to_node_link(graph: nx.MultiDiGraph) -> dict[str, Any]:
+def to_node_link(graph: nx.MultiDiGraph) -> dict[str, object]:
     """The node-link dict of a circuit (`nodes`, `edges`, `graph`), JSON-serialisable."""
     return nx.node_link_data(graph, edges="edges")
 
 
-def from_node_link(data: dict[str, Any]) -> nx.MultiDiGraph:
+def from_node_link(data: dict[str, object]) -> nx.MultiDiGraph:
     """A circuit from a node-link dict written by `to_node_link`."""
     graph = nx.node_link_graph(data, directed=True, multigraph=True, edges="edges")
     return nx.MultiDiGraph(graph)
@@ -74,7 +74,7 @@ def read_json(path: PathLike) -> nx.MultiDiGraph:
 
 
 def to_mib(graph: nx.MultiDiGraph, *, n_layers: int | None = None, n_heads: int | None = None,
-           d_model: int | None = None, all_edge_scores: dict[str, float] | None = None) -> dict[str, Any]:
+           d_model: int | None = None, all_edge_scores: dict[str, float] | None = None) -> dict[str, object]:
     """The EAP-IG/MIB circuit dict of a circuit.
 
     `all_edge_scores` optionally adds scored edges outside the circuit (written with `in_graph: false`),
@@ -100,7 +100,7 @@ def to_mib(graph: nx.MultiDiGraph, *, n_layers: int | None = None, n_heads: int 
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
-def from_mib(data: dict[str, Any], *, in_graph_only: bool = True, method: str = "mib",
+def from_mib(data: dict[str, object], *, in_graph_only: bool = True, method: str = "mib",
              name: str = "circuit") -> nx.MultiDiGraph:
     """A circuit from an EAP-IG/MIB circuit dict; edge scores are kept exactly, node scores when given."""
     for key in ("cfg", "nodes", "edges"):
@@ -122,13 +122,13 @@ def from_mib(data: dict[str, Any], *, in_graph_only: bool = True, method: str = 
     return finish(graph)
 
 
-def write_mib(graph: nx.MultiDiGraph, path: PathLike, **kwargs: Any) -> Path:
+def write_mib(graph: nx.MultiDiGraph, path: PathLike, **kwargs: object) -> Path:
     """Write a circuit as EAP-IG/MIB JSON (see `to_mib` for options)."""
     path = Path(path)
     path.write_text(json.dumps(to_mib(graph, **kwargs), allow_nan=False))
     return path
 
 
-def read_mib(path: PathLike, **kwargs: Any) -> nx.MultiDiGraph:
+def read_mib(path: PathLike, **kwargs: object) -> nx.MultiDiGraph:
     """Read an EAP-IG/MIB circuit JSON file (see `from_mib`)."""
     return from_mib(json.loads(Path(path).read_text()), **kwargs)

@@ -22,16 +22,17 @@
 - **cost** of the method on all discovery prompts: seconds, forwards (every layer once over every discovery
   prompt = 1) and backwards (`patching.work.WorkCounter`); peak memory is the sweep cell's.
 
-Methods (`LEADERBOARD_METHODS`): the registry's (`patching.methods`; node methods rank edges by the weakest link,
-`graphs.scores.NodeScores.edge_ranking`) plus `node-pruning`, `edge-pruning` and `greedy` from
-`graphs.faithful` (learned masks; EAP-IG's faithful prefix refined by exact gains, its circuit ranked first).
+Methods (`LEADERBOARD_METHODS`: those with a `leaderboard_order` in the registry, cheapest first): the registered
+methods (`patching.methods`; node methods rank edges by the weakest link, `graphs.scores.NodeScores.edge_ranking`)
+and the circuit searches `CIRCUIT_METHODS` from `graphs.faithful` (node and edge pruning: learned masks; greedy:
+EAP-IG's faithful prefix refined by exact gains, its circuit ranked first).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -41,19 +42,19 @@ from torch import Tensor
 from circuitlab.graphs.benchmark import BenchConfig, edge_scores_from_nodes, node_scores_from_edges, run_method
 from circuitlab.graphs.faithful import FaithfulConfig, find_faithful_circuit, rank
 from circuitlab.graphs.mib import read_scores
-from circuitlab.graphs.selection import edge_evaluator, node_evaluator, select_by_faithfulness, within
+from circuitlab.graphs.selection import (CircuitEvaluator, edge_evaluator, node_evaluator, select_by_faithfulness,
+                                         within)
 from circuitlab.graphs.stability import overlap
 from circuitlab.patching.context_subset import subset_context
 from circuitlab.patching.edges import EdgeContext
 from circuitlab.patching.faithfulness import PERCENTS, FaithfulnessResult, faithfulness_curve
 from circuitlab.patching.mask_learning import MaskConfig
-from circuitlab.patching.methods import METHODS as REGISTRY
+from circuitlab.patching.methods import METHODS as REGISTRY, leaderboard_names, leaderboard_searches
 from circuitlab.patching.prompts import OneBatch
 from circuitlab.patching.work import WorkCounter
 
-CIRCUIT_METHODS = ("node-pruning", "edge-pruning", "greedy")  # graphs.faithful methods, not in the registry
-LEADERBOARD_METHODS = ("random", "eap", "ifr", "eap-ig", "eap-ig-act", "acdc", "greedy", "node-pruning",
-                       "edge-pruning", "activation")  # cheapest first: a partial run has the most cells
+CIRCUIT_METHODS = leaderboard_searches()  # graphs.faithful searches run as methods (the registry's SEARCHES)
+LEADERBOARD_METHODS = leaderboard_names()  # the registry's order, cheapest first: a partial run has the most cells
 
 
 IMPORTED = "imported"  # edge scores read from a MIB score file (`graphs.mib`, `LeaderboardConfig.import_file`)
@@ -105,12 +106,23 @@ class Ranking:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class InBand:
+    """The smallest circuit within the band on held-out prompts: its size (heads or edges), faithfulness and
+    95% interval."""
+
+    size: int
+    faithfulness: float
+    low: float
+    high: float
+
+
 @dataclass
 class LeaderboardResult:
     """One cell: the row (flat numbers, `ROW_COLUMNS`), the held-out faithfulness curve and the method's edge
     scores on all discovery prompts (what `graphs.mib` exports)."""
 
-    row: dict[str, Any]
+    row: dict[str, object]
     curve: pd.DataFrame = field(default_factory=pd.DataFrame)
     edge_scores: Tensor | None = None
 
@@ -197,32 +209,31 @@ def top_items(names: list[str], scores: Tensor, percent: float) -> set[str]:
     return {names[i] for i in order}
 
 
-def smallest_edge_fraction(result: FaithfulnessResult, target: float) -> dict[str, Any] | None:
+def smallest_edge_fraction(result: FaithfulnessResult, target: float) -> InBand | None:
     """The smallest MIB-fraction circuit (|score| ranking) within the band there and at every larger fraction."""
     rows = result.curve[result.curve["selection"] == "absolute"].sort_values("percent").reset_index(drop=True)
     ok = [within(float(f), target) for f in rows["faithfulness"]]
     for i in range(len(rows)):
         if all(ok[i:]):
             r = rows.iloc[i]
-            return {"size": int(r["n_edges"]), "f": float(r["faithfulness"]), "low": float(r["ci_low"]),
-                    "high": float(r["ci_high"])}
+            return InBand(int(r["n_edges"]), float(r["faithfulness"]), float(r["ci_low"]), float(r["ci_high"]))
     return None
 
 
-def _smallest(evaluator: Any, scores: Tensor, cfg: LeaderboardConfig) -> dict[str, Any] | None:
+def _smallest(evaluator: CircuitEvaluator, scores: Tensor, cfg: LeaderboardConfig) -> InBand | None:
     if not bool((scores.abs() > 0).any()):
         return None
     found = select_by_faithfulness(evaluator, scores, cfg.target, n_boot=cfg.n_boot, seed=cfg.seed)
     if not found.reached or not within(found.faithfulness, cfg.target):
         return None
-    return {"size": found.size, "f": found.faithfulness, "low": found.ci[0], "high": found.ci[1]}
+    return InBand(found.size, found.faithfulness, found.ci[0], found.ci[1])
 
 
-def _put(row: dict[str, Any], prefix: str, found: dict[str, Any] | None) -> None:
-    row[f"{prefix}_at_target"] = found["size"] if found else None
-    row[f"{prefix}_faithfulness"] = found["f"] if found else float("nan")
-    row[f"{prefix}_low"] = found["low"] if found else float("nan")
-    row[f"{prefix}_high"] = found["high"] if found else float("nan")
+def _put(row: dict[str, object], prefix: str, found: InBand | None) -> None:
+    row[f"{prefix}_at_target"] = found.size if found else None
+    row[f"{prefix}_faithfulness"] = found.faithfulness if found else float("nan")
+    row[f"{prefix}_low"] = found.low if found else float("nan")
+    row[f"{prefix}_high"] = found.high if found else float("nan")
 
 
 def _stability(method: str, ctx: EdgeContext, hctx: EdgeContext, full: Ranking, cfg: LeaderboardConfig
@@ -249,7 +260,7 @@ def _stability(method: str, ctx: EdgeContext, hctx: EdgeContext, full: Ranking, 
 
 
 def leaderboard_cell(ctx: EdgeContext, hctx: EdgeContext, method: str, cfg: LeaderboardConfig | None = None,
-                     say: Any = lambda s: None) -> LeaderboardResult:
+                     say: Callable[[str], None] = lambda s: None) -> LeaderboardResult:
     """Run `method` on the discovery context `ctx`, judge it on the held-out context `hctx` (module docstring).
     Raises ValueError for ACDC above its edge limit (the caller reports the reason)."""
     cfg = cfg or LeaderboardConfig()
@@ -270,7 +281,7 @@ def leaderboard_cell(ctx: EdgeContext, hctx: EdgeContext, method: str, cfg: Lead
     say(f"  {method}: ranked in {seconds:.1f}s ({counter.forwards(unit):.1f} forwards, "
         f"{counter.backward_count()} backwards)")
     level = REGISTRY[method].level if method in REGISTRY else ("edge" if method == "edge-pruning" else "node")
-    row: dict[str, Any] = {"method": method, "level": level, "n_discovery": len(pairs), "n_heldout": len(hctx.pairs),
+    row: dict[str, object] = {"method": method, "level": level, "n_discovery": len(pairs), "n_heldout": len(hctx.pairs),
                            "n_edges": g.n_edges, "n_heads": len(_heads(ctx)), "seconds": seconds,
                            "forwards": counter.forwards(unit), "backwards": counter.backward_count(),
                            "note": ranking.note}
@@ -293,5 +304,5 @@ def leaderboard_cell(ctx: EdgeContext, hctx: EdgeContext, method: str, cfg: Lead
     return LeaderboardResult({k: row.get(k) for k in ROW_COLUMNS}, result.curve, ranking.edges.detach().cpu())
 
 
-__all__ = ["CIRCUIT_METHODS", "IMPORTED", "LEADERBOARD_METHODS", "LeaderboardConfig", "LeaderboardResult", "ROW_COLUMNS", "Ranking",
+__all__ = ["CIRCUIT_METHODS", "IMPORTED", "InBand", "LEADERBOARD_METHODS", "LeaderboardConfig", "LeaderboardResult", "ROW_COLUMNS", "Ranking",
            "known_methods", "leaderboard_cell", "rank_method", "smallest_edge_fraction", "top_items"]

@@ -49,7 +49,7 @@ def _node_names(graph: ComputationalGraph) -> list[str]:
 
 
 def to_mib_scores(graph: ComputationalGraph, scores: Tensor, keep: Tensor | None = None, *,
-                  d_model: int | None = None, with_scores: bool = True) -> dict[str, Any]:
+                  d_model: int | None = None, with_scores: bool = True) -> dict[str, object]:
     """The MIB JSON dict of edge `scores` [n_edges]; `keep` [n_edges] bool marks the circuit (default: all).
     `with_scores=False` writes a binary circuit (MIB's multiple-circuit files carry no scores)."""
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
@@ -97,7 +97,7 @@ def write_submission(out: PathLike, graph: ComputationalGraph, scores: Tensor, *
     return written
 
 
-def scores_from_mib(data: dict[str, Any], graph: ComputationalGraph, *, source: str = "<mib>") -> Tensor:
+def scores_from_mib(data: dict[str, object], graph: ComputationalGraph, *, source: str = "<mib>") -> Tensor:
     """One score per edge of `graph` [n_edges] from a MIB JSON dict (see the module docstring)."""
     for key in ("cfg", "edges"):
         if key not in data:

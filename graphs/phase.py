@@ -19,15 +19,16 @@ Also the per-checkpoint measurements a phase study records (`measure_checkpoint`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-from pathlib import Path
 import itertools
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.ablation import head_means, icl_ablation, joint_icl_ablation, repeated_tokens_patching
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
@@ -71,14 +72,14 @@ class PhaseWindow:
     loss_slope_ratio: float | None
     reason: str
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["steepest_icl_drop"] = list(self.steepest_icl_drop)
         out["steepest_icl_drop_any"] = list(self.steepest_icl_drop_any)
         return out
 
 
-def even_grid(steps: Any) -> list[int]:
+def even_grid(steps: Iterable[int]) -> list[int]:
     """The evenly spaced checkpoints among `steps`: the longest run of positive steps spaced by the most common
     gap between consecutive checkpoints (the linear part of `checkpoint_steps`, or Pythia's every-1000 steps)."""
     s = sorted({int(x) for x in steps})
@@ -139,7 +140,7 @@ def _loss_slope_ratio(log: pd.DataFrame | None, start: int, end: int) -> float |
 
 def detect_phase_change(table: pd.DataFrame, train_log: pd.DataFrame | None = None, *, low: float = 0.2,
                         high: float = 0.5, induction_column: str = "top_induction",
-                        icl_column: str = "icl_score", grid: Any = None) -> PhaseWindow:
+                        icl_column: str = "icl_score", grid: Sequence[int] | None = None) -> PhaseWindow:
     """The phase-change window of one training run from its per-checkpoint table (`step`, top induction, ICL).
 
     `grid`: the evenly spaced checkpoint steps over which ICL drops are compared (default `even_grid(steps)`).
@@ -193,7 +194,8 @@ def icl_width(n_ctx: int) -> int:
     return max(1, n_ctx // 32)
 
 
-def measure_checkpoint(model: Any, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, Any], pd.DataFrame]:
+def measure_checkpoint(model: TransformerBridge, tokens: torch.Tensor, probe: ProbeOptions) -> tuple[dict[str, object],
+                       pd.DataFrame]:
     """The per-checkpoint row (ICL, losses, top scores) and the per-head table of one model."""
     late, early = icl_positions(tokens.shape[1])
     width = icl_width(tokens.shape[1])
@@ -258,7 +260,7 @@ def _sets_summary(combos: list[tuple[tuple[int, int], ...]], fracs: list[float])
 
 
 def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: int,
-                             max_sets: int = 20) -> dict[str, Any]:
+                             max_sets: int = 20) -> dict[str, object]:
     """Ablate the labelled induction heads together, and as many heads outside the induction circuit.
 
     The circuit is the induction heads and their K-composition partners (`induction_partners`); `*_others` are
@@ -281,8 +283,8 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     rng = random.Random(seed)
     means = head_means(model, tokens)
     for kind in ("zero", "mean"):
-        out[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width,
-                                                      means=means)
+        out[f"{kind}_induction"] = asdict(  # the study's JSON record (`reports.phase`)
+            joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width, means=means))
         cache: dict[tuple[tuple[int, int], ...], float] = {}
         for key, pool in (("others", others), ("any_other", anyother)):
             combos = list(itertools.combinations(pool, len(labelled)))
@@ -291,7 +293,7 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
             for c in combos:
                 if c not in cache:
                     cache[c] = joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width,
-                                                  means=means)["fraction_removed"]
+                                                  means=means).fraction_removed
             out[f"{kind}_{key}"] = _sets_summary(combos, [cache[c] for c in combos])
     return out
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any
 
 import networkx as nx
 
 from circuitlab.graphs.circuit import add_edge, add_node, finish, new_circuit
-from circuitlab.patching.topology import can_read
 from circuitlab.patching.components import head_node, mlp_node, parse_node
+from circuitlab.patching.topology import can_read
 
 REFERENCES = {"ioi": "ioi_gpt2_small.json", "ioi_gpt2_small": "ioi_gpt2_small.json",
               "greater_than": "greater_than_gpt2_small.json",
@@ -33,7 +32,7 @@ def reference_names() -> list[str]:
     return sorted(REFERENCES)
 
 
-def load_reference_data(name: str) -> dict[str, Any]:
+def load_reference_data(name: str) -> dict[str, object]:
     """The raw data (classes, edges, sources) of a published circuit."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference circuit {name!r}; known: {', '.join(reference_names())}")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import head_node, hook_name
 
@@ -91,7 +92,7 @@ def _norm_weights(model: Any) -> dict[str, torch.Tensor]:
             if k == "ln_final.weight" or (k.startswith("blocks.") and k.endswith(".ln1.weight"))}
 
 
-def kv_head(model: Any, head: int) -> int:
+def kv_head(model: TransformerBridge, head: int) -> int:
     """The key/value head that query head `head` reads (grouped-query attention; the head itself without)."""
     n_heads = model.cfg.n_heads
     n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
@@ -117,7 +118,7 @@ def _patterns(model: Any, tokens: torch.Tensor, extra: tuple[str, ...] = ()) -> 
     return {k: cache[k] for k in names}
 
 
-def head_patterns(model: Any, prompts: list[torch.Tensor], heads: list[tuple[int, int]]) -> pd.DataFrame:
+def head_patterns(model: TransformerBridge, prompts: list[torch.Tensor], heads: list[tuple[int, int]]) -> pd.DataFrame:
     """The attention patterns of `heads` on each prompt (1-D token ids, each run alone so no padding enters):
     one row per prompt, head (`node`), query and key position (key <= query), with the weight and both tokens
     (decoded, or `<id>` for a model without a tokenizer)."""
@@ -140,7 +141,7 @@ def head_patterns(model: Any, prompts: list[torch.Tensor], heads: list[tuple[int
 
 # ------------------------------------------------------------------ scores
 
-def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
+def repeated_token_scores(model: TransformerBridge, prompts: RepeatedTokens) -> pd.DataFrame:
     """Per head: previous-token, duplicate-token and induction (prefix-matching) attention scores.
 
     Each is a mean attention probability. `previous_token_top` is the share of query positions at which the
@@ -169,7 +170,7 @@ def repeated_token_scores(model: Any, prompts: RepeatedTokens) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def normed_embeddings(model: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+def normed_embeddings(model: TransformerBridge, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Token embeddings (all, or the given `rows` of W_E) normalised per row as a first layer's input norm would
     (LayerNorm: centred, then scaled; RMSNorm: scaled), before the norm's weight; unchanged without norms."""
     emb = model.W_E.detach().float() if rows is None else rows.float()
@@ -181,7 +182,7 @@ def normed_embeddings(model: Any, rows: torch.Tensor | None = None) -> torch.Ten
     return emb
 
 
-def copying_scores(model: Any, heads: list[tuple[int, int]] | None = None, *, n_tokens: int = 500,
+def copying_scores(model: TransformerBridge, heads: list[tuple[int, int]] | None = None, *, n_tokens: int = 500,
                    seed: int = 0) -> pd.DataFrame:
     """Per head: OV copying score sum(λ)/sum(|λ|) of W_E[S] W_V W_O W_U[:, S] for a token sample S.
 
@@ -238,7 +239,7 @@ def mean_over_batches(frames: list[pd.DataFrame], sizes: list[int]) -> pd.DataFr
 Hooks = list | Callable[[IOIPrompts], list] | None
 
 
-def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: Hooks = None,
+def ioi_head_scores(model: TransformerBridge, prompts: IOIPrompts, *, fwd_hooks: Hooks = None,
                     final_scale: torch.Tensor | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """Per head on IOI prompts: attention END→IO, END→S2, S2→S1, S2→S1+1, S1+1→S1, and the direct logit
     attribution of the head's END output onto W_U[IO] − W_U[S] (mean over prompts).
@@ -299,7 +300,8 @@ def ioi_head_scores(model: Any, prompts: IOIPrompts, *, fwd_hooks: Hooks = None,
     return pd.DataFrame(out)
 
 
-def final_norm_scale(model: Any, prompts: IOIPrompts, *, batch_size: int | None = None) -> torch.Tensor | None:
+def final_norm_scale(model: TransformerBridge, prompts: IOIPrompts, *,
+                     batch_size: int | None = None) -> torch.Tensor | None:
     """The final norm's scale at END per prompt ([batch]), or None for models without a final norm."""
     scales = []
     for _, part in ioi_batches(prompts, batch_size):
@@ -312,7 +314,7 @@ def final_norm_scale(model: Any, prompts: IOIPrompts, *, batch_size: int | None 
     return torch.cat(scales)
 
 
-def z_end_mean(model: Any, prompts: IOIPrompts, layer: int, *, fwd_hooks: Hooks = None,
+def z_end_mean(model: TransformerBridge, prompts: IOIPrompts, layer: int, *, fwd_hooks: Hooks = None,
                batch_size: int | None = None) -> torch.Tensor:
     """The mean over every prompt of `layer`'s per-head `z` at END [head, d_head], summed over batches."""
     total = None

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import networkx as nx
 import pandas as pd
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import add_node, evidence_json
 from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_scores, final_norm_scale,
@@ -45,9 +46,11 @@ from circuitlab.graphs.role_scores import (IOIPrompts, RepeatedTokens, copying_s
                                            z_end_mean)
 from circuitlab.patching.activation import PatchingConfig
 from circuitlab.patching.components import head_node, hook_name, parse_node
+from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.normalize import noising_share
 from circuitlab.patching.path import path_patching
-from circuitlab.patching.prompts import as_prompts
+from circuitlab.patching.prompts import Prompts, as_prompts
+from circuitlab.tasks.base import PromptPairs, Task
 
 ROLES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_suppression", "s_inhibition", "induction",
          "duplicate_token", "previous_token")
@@ -109,7 +112,7 @@ def _plain(value: Any) -> Any:
 
 # ------------------------------------------------------------------ repeated-token roles
 
-def detect_repeated_token_roles(model: Any, prompts: RepeatedTokens,
+def detect_repeated_token_roles(model: TransformerBridge, prompts: RepeatedTokens,
                                 thresholds: RoleThresholds = RoleThresholds(), *,
                                 with_copying: bool = True) -> pd.DataFrame:
     """Previous-token, duplicate-token and induction heads measured on repeated random tokens.
@@ -174,7 +177,7 @@ def detect_ioi_attention_roles(scores: pd.DataFrame, thresholds: RoleThresholds 
     return _with_meta(pd.concat(frames, ignore_index=True), {"measured_on": "IOI prompts"})
 
 
-def detect_backup_name_movers(model: Any, prompts: IOIPrompts, name_movers: list[tuple[int, int]],
+def detect_backup_name_movers(model: TransformerBridge, prompts: IOIPrompts, name_movers: list[tuple[int, int]],
                               thresholds: RoleThresholds = RoleThresholds(),
                               clean_scores: pd.DataFrame | None = None, *, batch_size: int | None = None) -> pd.DataFrame:
     """Heads that take over when the name movers are knocked out (Wang et al. §3.4).
@@ -328,7 +331,7 @@ def _bos_id(model: Any) -> int | None:
     return getattr(tok, "bos_token_id", None)
 
 
-def repeated_token_roles(model: Any, thresholds: RoleThresholds, *, seed: int = 0) -> pd.DataFrame:
+def repeated_token_roles(model: TransformerBridge, thresholds: RoleThresholds, *, seed: int = 0) -> pd.DataFrame:
     """Previous-token, duplicate-token and induction heads on repeated random tokens (needs no tokenizer)."""
     bos = _bos_id(model)
     d_vocab = int(model.cfg.d_vocab)
@@ -339,7 +342,8 @@ def repeated_token_roles(model: Any, thresholds: RoleThresholds, *, seed: int = 
     return detect_repeated_token_roles(model, prompts, thresholds)
 
 
-def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, context: Any = None,
+def ioi_roles(model: TransformerBridge, task: Task, pairs: PromptPairs, thresholds: RoleThresholds, *,
+              context: Prompts | EngineContext | None = None,
               memory_budget_mb: float = 1024.0, say: Callable[[str], None] | None = None) -> list[pd.DataFrame]:
     """Name movers (+ negative, backup), IOI-position attention roles and S-inhibition (path patching)."""
     mask = getattr(pairs, "attention_mask", None)
@@ -374,7 +378,8 @@ def ioi_roles(model: Any, task: Any, pairs: Any, thresholds: RoleThresholds, *, 
     return frames
 
 
-def detect_roles(model: Any, task: Any, pairs: Any, *, context: Any = None, memory_budget_mb: float = 1024.0,
+def detect_roles(model: TransformerBridge, task: Task, pairs: PromptPairs, *,
+                 context: Prompts | EngineContext | None = None, memory_budget_mb: float = 1024.0,
                  seed: int = 0, say: Callable[[str], None] | None = None) -> pd.DataFrame:
     """All roles this model and task allow: IOI roles when the task is IOI, repeated-token roles always.
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from circuitlab.graphs.circuit import Selection, circuit_from_edge_scores, circuit_from_node_scores, select
 from circuitlab.patching.components import parse_node
 from circuitlab.patching.normalize import normalize_difference
-from circuitlab.patching.topology import ComputationalGraph, node_totals
+from circuitlab.patching.topology import ComputationalGraph, PositionalGraph, node_totals
 
 EDGE_COLUMNS = ["edge", "sender", "receiver", "channel", "score", "effect", "method"]
 NODE_COLUMNS = ["node", "component", "layer", "head", "score", "effect", "method", "exact"]
@@ -91,13 +91,17 @@ class Circuit:
         return "logits" in seen
 
     def to_networkx(self, name: str = "circuit") -> nx.MultiDiGraph:
-        """The circuit as a `graphs.circuit` MultiDiGraph, pruned to paths from input to logits."""
+        """The circuit as a `graphs.circuit` MultiDiGraph, pruned to paths from input to logits (a position-aware
+        circuit: one graph edge per model edge kept at any segment, its score summed over segments)."""
         if self.nodes is not None:
             frame = pd.DataFrame([{**_node_columns(n), "effect": self.scores.get(n, 0.0)} for n in self.nodes])
             return circuit_from_node_scores(frame, Selection(top_fraction=1.0), method=self.method,
                                             n_layers=self.graph.n_layers, name=name)
         names = self.edge_names()
         frame = pd.DataFrame({"edge": names, "score": [self.scores.get(e, 0.0) for e in names]})
+        if isinstance(self.graph, PositionalGraph):  # position-aware edges drawn once per edge, scores summed
+            frame = frame.assign(edge=[e.rpartition("@")[0] for e in names]).groupby("edge", sort=False,
+                                                                                     as_index=False)["score"].sum()
         return circuit_from_edge_scores(frame, Selection(top_fraction=1.0), method=self.method,
                                         n_layers=self.graph.n_layers, name=name)
 
@@ -187,7 +191,7 @@ class EdgeScores:
         """The k edges of largest |score| (or signed score with `absolute=False`)."""
         return self.select(Selection(top_k=k, absolute=absolute))
 
-    def to_mib(self, circuit: Circuit | None = None) -> dict[str, Any]:
+    def to_mib(self, circuit: Circuit | None = None) -> dict[str, object]:
         """The EAP-IG/MIB JSON dict: every edge's score, `in_graph` for the circuit's edges (default: none)."""
         g = self.graph
         inside = circuit.edges if circuit is not None else torch.zeros(g.n_edges, dtype=torch.bool)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from circuitlab.patching.context_subset import subset_context
 from circuitlab.patching.edges import EdgeContext
+from circuitlab.patching.stats import resamples
 
 
 def inclusion_frequency(ctx: EdgeContext, discover: Callable[[EdgeContext], Sequence[str]], *,
@@ -29,11 +30,9 @@ def inclusion_frequency(ctx: EdgeContext, discover: Callable[[EdgeContext], Sequ
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    rng = np.random.default_rng(seed)
-    batch = int(ctx.clean_values.shape[0])
     counts: dict[str, int] = {}
-    for _ in range(n_resamples):
-        found = set(discover(subset_context(ctx, rng.integers(0, batch, batch).tolist())))
+    for indices in resamples(int(ctx.clean_values.shape[0]), n_resamples, seed=seed):  # the bootstrap's resamples
+        found = set(discover(subset_context(ctx, indices.tolist())))
         for item in found:
             counts[item] = counts.get(item, 0) + 1
     items = sorted(set(counts) | set(reference))

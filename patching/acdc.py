@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.edges import EdgeContext, _logits_at, segments
+from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.prompts import Prompts
 
 
@@ -46,7 +47,7 @@ def _objective(ctx: EdgeContext | Sequence[EdgeContext] | Callable[[], Iterator[
             total, size = total + _objective(c, masks, kind, lp) * n, size + n
         return total / size
     er = ctx.edge_runner
-    final = er.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(masks))
+    final = er.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(masks), **segments(ctx))
     logits = _logits_at(er.runner, final, ctx.read_positions)
     batch, reads = ctx.read_positions.shape
     logits = logits.view(masks.shape[0], batch, reads, -1)
@@ -57,7 +58,8 @@ def _objective(ctx: EdgeContext | Sequence[EdgeContext] | Callable[[], Iterator[
     return ctx.task.metric_at(logits, ctx.pairs).mean(1)
 
 
-def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = False) -> ACDCResult:
+def acdc(ctx: Prompts | EngineContext | Sequence[EngineContext], threshold: float, *, objective: str = "kl",
+         progress: bool = False) -> ACDCResult:
     """Run ACDC at `threshold`; returns which edges survive and the objective change each removal caused.
 
     `ctx` may be a list of contexts, one per prompt batch, or prompt batches (`Batches`, whose contexts are
@@ -79,7 +81,7 @@ def acdc(ctx: Any, threshold: float, *, objective: str = "kl", progress: bool = 
     with torch.no_grad():
         clean_logprobs = []
         for c in (contexts() if callable(contexts) else contexts):
-            clean_final = c.edge_runner.masked(c.pairs.clean_tokens, c.corrupt, g.mask(kept.unsqueeze(0)))
+            clean_final = c.edge_runner.masked(c.pairs.clean_tokens, c.corrupt, g.mask(kept.unsqueeze(0)), **segments(c))
             clean_logits = _logits_at(c.edge_runner.runner, clean_final, c.read_positions)
             clean_logprobs.append(F.log_softmax(clean_logits.view(1, *c.read_positions.shape, -1), dim=-1)[0])
         if callable(contexts) and len(clean_logprobs) == 1:

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import BLOCK_OUT_KINDS, KV_KINDS, RESID_KINDS, canonical_kind
-from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
+from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context, read_logits
+from circuitlab.patching.prefix import first_change, merge_starts, site_differs, windowed
 from circuitlab.patching.runner import Hook, RunState, Runner
+from circuitlab.tasks.base import PromptPairs, Task
 
 RESULT_COLUMNS = ["component", "layer", "head", "position", "role", "metric", "effect", "direction", "source"]
 
@@ -75,9 +78,11 @@ class Patch:
 
 
 PatchingContext = EngineContext  # the one engine context serves activation and path patching too
+# positions to patch: "all", "each", a task role (`END`), an integer (negative: from each prompt's end), or a list
+Positions = Union[str, int, Sequence[Union[str, int]], None]
 
 
-def prepare(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None,
+def prepare(model: TransformerBridge, task: Task, pairs: PromptPairs, *, runner: Runner | None = None,
             collect: Iterable[tuple[str, int]] = (), check_gap: bool = True) -> PatchingContext:
     """The engine context: clean and corrupted prompts run once, baselines computed once (`patching.engine`)."""
     return engine_context(model, task, pairs, runner=runner, collect=collect, check_gap=check_gap)
@@ -151,12 +156,13 @@ def _build_patches(runner: Runner, pairs: Any, kind: str, positions: Any, layers
             for layer in layers for pos, label, role in position_specs for head in head_list]
 
 
-def resolve_position(pairs: Any, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
-    """The one reading of a position: a task role (its per-prompt positions) or an integer. A non-negative integer
-    is an absolute position; a negative one counts from the end of *each prompt* (length + pos, its own length on a
-    right-padded batch, never the padded width). Returns (positions [batch], the label: the integer as given, None
-    for a role; the role's name or the role found at those positions); a ValueError naming the bad item otherwise.
-    `what` (e.g. `sender`) names it in errors."""
+def resolve_position(pairs: PromptPairs, item: str | int, what: str = "") -> tuple[Tensor, int | None, str]:
+    """The one reading of a position in prompt pairs (counterfactual pairs read theirs by the same rule,
+    `interchange.positions_of`, which also takes `last`): a task role (its per-prompt positions) or an integer.
+    A non-negative integer is an absolute position; a negative one counts from the end of *each prompt* (length +
+    pos, its own length on a right-padded batch, never the padded width). Returns (positions [batch], the label:
+    the integer as given, None for a role; the role's name or the role found at those positions); a ValueError
+    naming the bad item otherwise. `what` (e.g. `sender`) names it in errors."""
     batch, seq = pairs.clean_tokens.shape
     name = f"{what} position" if what else "position"
     if isinstance(item, str):
@@ -204,22 +210,25 @@ def _make_hook(kind: str, chunk: Sequence[Patch], src: Tensor, batch: int, pos0:
     mask = torch.zeros(mask_shape, dtype=torch.bool, device=src.device)
     arange_b = torch.arange(batch, device=src.device)
     for i, patch in enumerate(chunk):
+        if patch.positions is not None:  # before pos0 the source equals the base run (`prefix.first_change`): no write
+            where = patch.positions.to(src.device) - pos0
+            rows, where = arange_b[where >= 0], where[where >= 0]
         if kind == "pattern":  # [n, B, head, dest]
             head_sel = slice(None) if patch.head is None else patch.head
             if patch.positions is None:
                 mask[i, :, head_sel, :] = True
             else:
-                mask[i, arange_b, head_sel, patch.positions.to(src.device) - pos0] = True
+                mask[i, rows, head_sel, where] = True
         elif has_heads:  # [n, B, pos, head]
             if patch.positions is None:
                 mask[i, :, :, patch.head] = True
             else:
-                mask[i, arange_b, patch.positions.to(src.device) - pos0, patch.head] = True
+                mask[i, rows, where, patch.head] = True
         else:  # [n, B, pos]
             if patch.positions is None:
                 mask[i] = True
             else:
-                mask[i, arange_b, patch.positions.to(src.device) - pos0] = True
+                mask[i, rows, where] = True
     mask = mask.unsqueeze(-1)
 
     def hook(act: Tensor) -> Tensor:
@@ -275,15 +284,25 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     ensure_collected(ctx, {(kind, layer) for kind in kinds for layer in range(runner.n_layers)})
     base = ctx.corrupt_run if config.direction == "denoise" else ctx.clean_run
     base_at = ctx.corrupt_logits_at if config.direction == "denoise" else ctx.clean_logits_at
+    base_values = ctx.corrupt_values if config.direction == "denoise" else ctx.clean_values
     groups: dict[tuple[str, int, int], list[int]] = {}
-    for index, patch in enumerate(patches):
-        windowed = runner.causal and getattr(runner, "windowed", True)  # the hook backend runs every position
-        pos0 = 0 if patch.positions is None or not windowed else int(patch.positions.min())
-        groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     results = torch.empty(len(patches))
+    differs: dict[tuple[str, int], Tensor] = {}
+    for index, patch in enumerate(patches):
+        if not windowed(runner):  # the hook backend runs every position
+            groups.setdefault((patch.kind, patch.layer, 0), []).append(index)
+            continue
+        key = (patch.kind, patch.layer)
+        if key not in differs:
+            differs[key] = site_differs(_source_activation(ctx, *key, source), _site_activation(base, *key), patch.kind)
+        pos0 = first_change(differs[key], patch.head, patch.positions)
+        if pos0 is None:  # the source equals the base run wherever this patch writes: the base run itself
+            results[index] = float(base_values.mean())
+            continue
+        groups.setdefault((patch.kind, patch.layer, pos0), []).append(index)
     reads = ctx.read_positions.shape[1]
     work = []
-    for (kind, layer, pos0), members in groups.items():
+    for (kind, layer, pos0), members in merge_starts(groups, seq, config.chunk_size).items():
         per_patch = _bytes_per_patch(runner, batch, seq - pos0, seq, reads)
         size = max(1, min(config.chunk_size, int(config.memory_budget_mb * 2**20 // max(per_patch, 1.0))))
         n_chunks = -(-len(members) // size)
@@ -308,11 +327,12 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
             hooks = {hook_key: _make_hook(kind, chunk, src, batch, pos0)}
             if kind == "resid_post" and layer == runner.n_layers - 1:
                 resid = hooks[hook_key](base.resid_final[:, pos0:].repeat(n, 1, 1))
+                logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0, ctx.metric_vocab)
             else:
                 resid0 = (base.resid_mid if at_mlp else base.resid_pre)[start_layer][:, pos0:]
                 resid = runner.run(resid0.repeat(n, 1, 1), start_layer=start_layer, start_at_mlp=at_mlp, pos0=pos0,
-                                   past=base.kv, hooks=hooks)
-            logits_at = _gather_logits(runner, resid, ctx.read_positions, pos0)
+                                   past=base.kv, hooks=hooks, read=ctx.read_positions)
+                logits_at = read_logits(runner, resid, ctx.metric_vocab)
             keep = (ctx.read_positions >= pos0).repeat(n, 1)[..., None]
             logits_at = torch.where(keep, logits_at, base_at.repeat(n, 1, 1))
             values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))
@@ -320,7 +340,8 @@ def run_patches(ctx: PatchingContext, patches: Sequence[Patch], config: Patching
     return results
 
 
-def activation_patching(model: Any, task: Any, pairs: Any, component: str = "z", *, positions: Any = "all",
+def activation_patching(model: TransformerBridge, task: Task, pairs: PromptPairs, component: str = "z", *,
+                        positions: Positions = "all",
                         layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                         config: PatchingConfig | None = None, context: PatchingContext | None = None) -> pd.DataFrame:
     """Patch one component kind at every layer (× head × position) and return a tidy DataFrame.

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 
 def _original(module: Any) -> Any:
@@ -57,7 +58,7 @@ class Architecture:
     moe: bool
     hf_model_type: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -122,7 +123,7 @@ def _probe_embedding(model: Any) -> tuple[float, int]:
     return (1.0 if abs(scale - 1.0) < 1e-4 else scale), best[2]
 
 
-def describe(model: Any) -> Architecture:
+def describe(model: TransformerBridge) -> Architecture:
     """The architecture of a bridge (see the module docstring)."""
     cfg, hf = model.cfg, _hf_config(model)
     n_heads, d_head = int(cfg.n_heads), int(cfg.d_head)

@@ -20,7 +20,7 @@ of scores are `graphs.scores.EdgeScores` / `NodeScores`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,10 @@ from tqdm.auto import tqdm
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edge_masks import edge_masked_metric
 from circuitlab.patching.edges import EdgeContext, _logits_at, evaluate_edge_masks
+from circuitlab.patching.engine import read_logits
+from circuitlab.patching.prefix import unchanged_prefix, windowed
+from circuitlab.patching.runner import at_positions
+from circuitlab.patching.topology import ComputationalGraph
 
 
 def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor:
@@ -54,10 +58,21 @@ def _receiver_gradients(ctx: EdgeContext, embed: Tensor | None = None) -> Tensor
 
 
 def _scores_from_gradients(ctx: EdgeContext, grads: Tensor) -> Tensor:
+    """Edge scores: (a_u^clean - a_u^corrupt) . dm/dx_v summed over prompts and positions, or, position-aware
+    (`ctx.split`), over the positions of each segment: edge s * n_base + e sums base edge e over segment s."""
     delta = ctx.clean.senders - ctx.corrupt.senders  # [b, p, n_senders, d]
-    matrix = torch.einsum("bpnd,bprd->nr", delta, grads)
     g = ctx.graph
-    return matrix[g.edge_sender, g.edge_receiver]
+    if ctx.split is None:
+        matrix = torch.einsum("bpnd,bprd->nr", delta, grads)
+        return matrix[g.edge_sender, g.edge_receiver]
+    base = g.base
+    flat_delta, flat_grads = delta.flatten(0, 1), grads.flatten(0, 1)  # [b*p, n, d], [b*p, r, d]
+    parts = []
+    for s in range(len(ctx.split.names)):
+        at = ctx.split.positions(s).to(delta.device)
+        matrix = torch.einsum("xnd,xrd->nr", flat_delta[at], flat_grads[at])
+        parts.append(matrix[base.edge_sender, base.edge_receiver])
+    return torch.cat(parts)
 
 
 def eap_scores(ctx: EdgeContext) -> Tensor:
@@ -99,7 +114,8 @@ def eap_ig_activation_scores(ctx: EdgeContext, steps: int = 5, *, progress: bool
     return (total / steps).float()
 
 
-def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, progress: bool = False) -> Tensor:
+def exact_edge_scores(ctx: EdgeContext, edges: Sequence[int] | Sequence[str] | Tensor, *, chunk_size: int = 16,
+                      progress: bool = False) -> Tensor:
     """Exact scores m(clean) - m(clean with edge e corrupted) for the given edge indices (or names).
 
     Corrupting one edge u->v of the full graph changes only receiver v's input, by -(a_u^clean - a_u^corrupt);
@@ -109,7 +125,9 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
     """
     g, runner = ctx.graph, ctx.edge_runner.runner
     index = [g.edge_index(e) if isinstance(e, str) else int(e) for e in edges]
-    if getattr(ctx.edge_runner, "backend", "fast") == "hook":  # no partial runs: the full graph minus one edge
+    if getattr(ctx.edge_runner, "backend", "fast") == "hook" or ctx.split is not None:
+        # no partial runs (hook backend) or a receiver that reads the edge at some positions only: the full graph
+        # minus one edge, by exact edge patching
 
         masks = torch.ones(len(index), g.n_edges)
         masks[torch.arange(len(index)), torch.tensor(index, dtype=torch.long)] = 0.0
@@ -133,32 +151,40 @@ def exact_edge_scores(ctx: EdgeContext, edges: Any, *, chunk_size: int = 16, pro
             n = len(chosen)
             senders = g.edge_sender[chosen]
             delta = (clean.senders[:, :, senders] - corrupt.senders[:, :, senders]).permute(2, 0, 1, 3)  # [n,b,p,d]
+            # Before the first position where a sender differs, the altered run is the clean run: start there.
+            pos0 = unchanged_prefix(delta, ctx.read_positions) if ctx.clean_run is not None and channel != "logits" \
+                and windowed(ctx.edge_runner.runner) else 0
+            delta, past, read = delta[:, :, pos0:], ctx.clean_run.kv if pos0 else None, ctx.read_positions
             if channel == "logits":
-                final = (clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:])
+                final = at_positions((clean.resid_final.unsqueeze(0) - delta).reshape(n * batch, *delta.shape[2:]),
+                                     read)
             elif channel == "mlp":
-                x = clean.resid_mid[layer].unsqueeze(0) - delta
+                x = clean.resid_mid[layer][:, pos0:].unsqueeze(0) - delta
                 alt = runner.mlp_block(layer, x).reshape(n * batch, *delta.shape[2:])
                 hooks = {("mlp_out", layer): lambda a, alt=alt: alt}
                 if runner.parallel:  # the MLP reads resid_pre; the block must still add its attention output
-                    final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer, hooks=hooks)
+                    final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                       hooks=hooks, pos0=pos0, past=past, read=read)
                 else:
-                    final = runner.run(clean.resid_mid[layer].repeat(n, 1, 1), start_layer=layer, start_at_mlp=True,
-                                       hooks=hooks)
+                    final = runner.run(clean.resid_mid[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                       start_at_mlp=True, hooks=hooks, pos0=pos0, past=past, read=read)
             else:
-                final = runner.run(clean.resid_pre[layer].repeat(n, 1, 1), start_layer=layer,
-                                   hooks=_single_input_hooks(ctx, layer, chosen, delta))
-            logits = _logits_at(runner, final, ctx.read_positions)
+                final = runner.run(clean.resid_pre[layer][:, pos0:].repeat(n, 1, 1), start_layer=layer,
+                                   hooks=_single_input_hooks(ctx, layer, chosen, delta, pos0), pos0=pos0, past=past,
+                                   read=read)
+            logits = read_logits(runner, final, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits.view(n, batch, reads, -1)).mean(1)
             out[torch.tensor(members)] = ctx.clean_metric - values.cpu()
     return out
 
 
-def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor) -> dict:
+def _single_input_hooks(ctx: EdgeContext, layer: int, edges: list[int], delta: Tensor, pos0: int = 0) -> dict:
     """Hooks replacing, in copy i, the q/k/v of edge i's receiver (query) head with values from its altered
-    input; keys/values are replaced as that query head reads them, leaving the rest of its group alone."""
+    input; keys/values are replaced as that query head reads them, leaving the rest of its group alone.
+    `delta` and the hooked activations hold positions pos0.. only."""
     g, runner = ctx.graph, ctx.edge_runner.runner
     n, batch = delta.shape[0], delta.shape[1]
-    x = runner.ln1[layer](ctx.clean.resid_pre[layer].unsqueeze(0) - delta)  # [n, b, p, d]
+    x = runner.ln1[layer](ctx.clean.resid_pre[layer][:, pos0:].unsqueeze(0) - delta)  # [n, b, p, d]
     replacements: dict[str, list[tuple[int, int, Tensor]]] = {"q_n": [], "k_q": [], "v_q": []}
     for i, e in enumerate(edges):
         _, channel, head = g.receiver_info(int(g.edge_receiver[e]))
@@ -200,7 +226,7 @@ def oracle_check(ctx: EdgeContext, scores: Tensor, *, n_edges: int = 200, seed: 
     return oracle_frame(ctx.graph, scores, chosen, exact)
 
 
-def oracle_sample(graph: Any, scores: Tensor, *, n_edges: int = 200, seed: int = 0) -> Tensor:
+def oracle_sample(graph: ComputationalGraph, scores: Tensor, *, n_edges: int = 200, seed: int = 0) -> Tensor:
     """The edges `oracle_check` re-scores: half the top |score|, half drawn uniformly (seeded)."""
     n = min(n_edges, graph.n_edges)
     generator = torch.Generator().manual_seed(seed)
@@ -210,7 +236,8 @@ def oracle_sample(graph: Any, scores: Tensor, *, n_edges: int = 200, seed: int =
     return torch.cat([top, uniform])
 
 
-def oracle_frame(graph: Any, scores: Tensor, chosen: Tensor, exact: Tensor) -> tuple[float, pd.DataFrame]:
+def oracle_frame(graph: ComputationalGraph, scores: Tensor, chosen: Tensor, exact: Tensor) -> tuple[float,
+                 pd.DataFrame]:
     """Spearman rho of approximate vs exact scores on the sampled edges, and the sample as a table."""
     frame = pd.DataFrame({"edge": [graph.edge_names[i] for i in chosen.tolist()],
                           "approx": scores[chosen].cpu().numpy(), "exact": exact.cpu().numpy()})

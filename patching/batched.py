@@ -17,16 +17,20 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.patching.activation import _position_dim, _site_activation, activation_patching
+from circuitlab.patching.activation import (
+    PatchingConfig, Positions, _position_dim, _site_activation, activation_patching,
+)
 from circuitlab.patching.components import canonical_kind
-from circuitlab.patching.edges import ablated_context
+from circuitlab.patching.edges import ablated_context, with_positions
 from circuitlab.patching.engine import EngineContext, engine_context, make_runner
 from circuitlab.patching.normalize import normalize
-from circuitlab.patching.path import path_patching
+from circuitlab.patching.path import Receivers, Senders, path_patching
 from circuitlab.patching.prompts import Prompts
 from circuitlab.patching.runner import Runner
-from circuitlab.patching.topology import sender_nodes
+from circuitlab.patching.topology import ComputationalGraph, PositionalGraph, role_segment_names, sender_nodes
+from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.batching import prompt_batches
 
 # Bytes per prompt and token, in units of 4 * d_model: two sender caches (clean, corrupt), the receiver-input
@@ -34,7 +38,7 @@ from circuitlab.tasks.batching import prompt_batches
 _LEAF_FACTOR = 6
 
 
-def bytes_per_prompt(model: Any, seq_len: int) -> float:
+def bytes_per_prompt(model: TransformerBridge, seq_len: int) -> float:
     """Estimated peak bytes one prompt adds to an edge-engine run with gradients (the heaviest method)."""
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
@@ -44,7 +48,7 @@ def bytes_per_prompt(model: Any, seq_len: int) -> float:
     return 4.0 * seq_len * int(cfg.d_model) * (2 * n_senders + _LEAF_FACTOR * receivers)
 
 
-def batch_size_for(model: Any, pairs: Any, memory_budget_mb: float) -> int:
+def batch_size_for(model: TransformerBridge, pairs: PromptPairs, memory_budget_mb: float) -> int:
     """Prompts per batch so that one batch of the heaviest method fits in `memory_budget_mb` (at least 1)."""
     per = bytes_per_prompt(model, int(pairs.clean_tokens.shape[1]))
     return max(1, int(memory_budget_mb * 2**20 // per))
@@ -54,12 +58,13 @@ def batch_size_for(model: Any, pairs: Any, memory_budget_mb: float) -> int:
 class Batches(Prompts):
     """A dataset split into prompt batches, with the batched forms of every method (`patching.prompts.Prompts`)."""
 
-    model: Any
-    task: Any
-    pairs: Any
+    model: TransformerBridge
+    task: Task
+    pairs: PromptPairs
     batch_size: int | None = None
     runner: Runner | None = None
     ablation: str | None = None  # edge methods: None (corrupted prompts), "zero" or "mean" (see with_ablation)
+    edge_positions: str | None = None  # edge methods: position-aware edges by role (see with_positions)
     _kept: dict[Any, EngineContext] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -68,7 +73,7 @@ class Batches(Prompts):
         if self.runner is None:
             self.runner = make_runner(self.model)[0]  # the fast runner, or the exact hook backend
 
-    def parts(self, *, trim: bool = True) -> Iterator[Any]:
+    def parts(self, *, trim: bool = True) -> Iterator[PromptPairs]:
         """The prompt batches (trimmed of unused padding unless `trim=False`)."""
         if trim:
             yield from prompt_batches(self.pairs, self.batch_size)
@@ -85,6 +90,21 @@ class Batches(Prompts):
         out = replace(self, ablation=ablation)
         out._kept = self._kept  # the same prompts: share the kept contexts
         return out
+
+    def with_positions(self, mode: str | None) -> Batches:
+        """The same batches whose edge methods see position-aware edges (`patching.edges.with_positions`); only
+        `roles`, whose segments mean the same tokens in every batch."""
+        if mode not in (None, "roles"):
+            raise ValueError(f"edge positions {mode!r} over prompt batches: use roles (absolute positions differ "
+                             "between batches), or one batch (a larger --memory-budget)")
+        out = replace(self, edge_positions=mode)
+        out._kept = self._kept
+        return out
+
+    @property
+    def graph(self) -> ComputationalGraph:
+        base = ComputationalGraph.from_model(self.model)
+        return PositionalGraph(base, role_segment_names(list(self.pairs.positions))) if self.edge_positions else base
 
     # ------------------------------------------------------------------ exact means over batches
     def means(self, keys: Sequence[tuple[str, int]], *, run: str = "corrupt") -> dict[tuple[str, int], Tensor]:
@@ -130,7 +150,7 @@ class Batches(Prompts):
         context is rebuilt when needed (recomputed, and counted by bench/run_cost.py) to keep memory flat."""
         return self.batch_size is None or self.batch_size >= self.n
 
-    def context(self, part: Any, collect: Sequence[tuple[str, int]] = ()) -> EngineContext:
+    def context(self, part: PromptPairs, collect: Sequence[tuple[str, int]] = ()) -> EngineContext:
         """The engine context of one prompt batch: built (two forwards), or the kept one when `keeps_contexts`."""
         key = (tuple(part.clean_tokens.shape), part.clean_tokens.cpu().numpy().tobytes(),
                part.corrupt_tokens.cpu().numpy().tobytes())
@@ -153,10 +173,10 @@ class Batches(Prompts):
             if self.ablation is not None:
                 width = part.seq_len
                 ctx = ablated_context(ctx, self.ablation, means=None if senders is None else senders[:, :width])
-            yield ctx
+            yield with_positions(ctx, self.edge_positions) if self.edge_positions else ctx
 
     # ------------------------------------------------------------------ activation and path patching
-    def sweep(self, run: Callable[[Any, Any], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
+    def sweep(self, run: Callable[[PromptPairs, EngineContext], pd.DataFrame], collect: Sequence[tuple[str, int]] = (),
               trim: bool = True, means: dict[tuple[str, int], Tensor] | None = None) -> pd.DataFrame:
         """`run(batch_pairs, context)` per batch (a frame with a `metric` column, same rows for every batch),
         combined: metric = Σ n_b · metric_b / n; effect from the combined baselines. `trim=False` keeps every
@@ -180,8 +200,9 @@ class Batches(Prompts):
         out.attrs.update(clean_metric=clean, corrupt_metric=corrupt)
         return out
 
-    def activation_patching(self, component: str = "z", *, positions: Any = "all", layers: Sequence[int] | None = None,
-                            heads: Sequence[int] | None = None, config: Any = None,
+    def activation_patching(self, component: str = "z", *, positions: Positions = "all",
+                            layers: Sequence[int] | None = None,
+                            heads: Sequence[int] | None = None, config: PatchingConfig | None = None,
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
         """`activation.activation_patching` over prompt batches (absolute positions keep the full padded width)."""
         means = None
@@ -194,7 +215,8 @@ class Batches(Prompts):
                                                   layers=layers, heads=heads, config=config, context=ctx),
             collect, trim=not absolute, means=means)
 
-    def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q", **kwargs: Any) -> pd.DataFrame:
+    def path_patching(self, senders: Senders = "heads", receivers: Receivers = None, channel: str = "q",
+                      **kwargs: object) -> pd.DataFrame:
         """`path.path_patching` over prompt batches."""
         absolute = not (position_independent(kwargs.get("sender_positions")) and position_independent(kwargs.get("receiver_positions")))
         return self.sweep(
@@ -203,7 +225,7 @@ class Batches(Prompts):
             (), trim=not absolute)
 
 
-def position_independent(positions: Any) -> bool:
+def position_independent(positions: Positions) -> bool:
     """True for position specs that mean the same tokens in any batch (all, None, role names, negative integers:
     counted from each prompt's own end)."""
     if positions is None or positions == "all":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from transformer_lens.model_bridge import TransformerBridge
 from typing import Any
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
@@ -69,7 +70,7 @@ def required_hooks(n_layers: int) -> list[str]:
     return [EMBED_HOOK] + [hook_name(k, layer) for layer in (0, n_layers - 1) for k in COMPONENT_KINDS]
 
 
-def check_required_hooks(model: Any, name: str) -> None:
+def check_required_hooks(model: TransformerBridge, name: str) -> None:
     """Raise a clear error if a loaded bridge lacks a hook the engine relies on."""
     available = set(model.hook_dict.keys()) | set(getattr(model, "hook_aliases", {}).keys())
     attn_only = bool(getattr(model.cfg, "attn_only", False))

@@ -36,9 +36,12 @@ def _subset_acts(acts: GraphActivations, idx: Tensor) -> GraphActivations:
 def subset_context(ctx: EdgeContext, idx: Sequence[int] | Tensor) -> EdgeContext:
     """The same runs restricted to prompts `idx` (repeats allowed, as a bootstrap resample needs)."""
     idx = torch.as_tensor(idx, dtype=torch.long)
-    return EdgeContext(ctx.edge_runner, ctx.task, _subset_pairs(ctx.pairs, idx), _subset_acts(ctx.clean, idx),
-                       _subset_acts(ctx.corrupt, idx), ctx.read_positions[idx], ctx.clean_values[idx],
-                       ctx.corrupt_values[idx])
+    out = EdgeContext(ctx.edge_runner, ctx.task, _subset_pairs(ctx.pairs, idx), _subset_acts(ctx.clean, idx),
+                      _subset_acts(ctx.corrupt, idx), ctx.read_positions[idx], ctx.clean_values[idx],
+                      ctx.corrupt_values[idx])
+    if ctx.split is not None:  # position-aware edges: the same segments, these prompts' positions
+        out.split, out._graph = ctx.split.subset(idx), ctx._graph
+    return out
 
 
 __all__ = ["subset_context"]

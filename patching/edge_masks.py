@@ -5,7 +5,8 @@ evaluation but cannot be differentiated (the in-place writes invalidate saved te
 a_u - a_u^corrupt are kept per layer in a list and concatenated as each receiver layer needs them, so the
 metric is differentiable in the edge masks: receiver v reads
 `resid_corrupt(v) + sum_u c_uv (a_u - a_u^corrupt)`, exactly as in `patching.edges` (tested equal to
-`evaluate_edge_masks`). Used by edge-level mask learning (`patching.mask_learning`).
+`evaluate_edge_masks`). Used by edge-level mask learning (`patching.mask_learning`). Position-aware contexts
+(`edges.with_positions`) read each position's segment mask, so position-aware edge pruning learns them too.
 """
 
 from __future__ import annotations
@@ -21,21 +22,26 @@ def edge_masked_final(ctx: EdgeContext, edge_masks: Tensor) -> Tensor:
     """Final residual streams [C * batch, pos, d_model] for edge masks [C, n_edges] (differentiable)."""
     er = ctx.edge_runner
     r, g = er.runner, er.graph
-    if edge_masks.dim() != 2 or edge_masks.shape[1] != g.n_edges:
-        raise ValueError(f"edge masks must be [circuits, {g.n_edges}]; got {tuple(edge_masks.shape)}")
+    if edge_masks.dim() != 2 or edge_masks.shape[1] != ctx.graph.n_edges:
+        raise ValueError(f"edge masks must be [circuits, {ctx.graph.n_edges}]; got {tuple(edge_masks.shape)}")
     if getattr(er, "backend", "fast") == "hook":  # the bridge's own forward on per-receiver copies
         return er.masked(ctx.pairs.clean_tokens, ctx.corrupt, g.mask(edge_masks.to(ctx.corrupt.senders.device)))
     n_circ = edge_masks.shape[0]
     corrupt = ctx.corrupt
     batch, seq, _, dm = corrupt.senders.shape
-    masks = g.mask(edge_masks.to(corrupt.senders.device, corrupt.senders.dtype)).transpose(1, 2)  # [C, n_receivers, n_senders]
+    masks = ctx.graph.mask(edge_masks.to(corrupt.senders.device, corrupt.senders.dtype)).transpose(-1, -2)
+    # [C, n_receivers, n_senders]; position-aware: each position's segment mask, [C, b, p, n_receivers, n_senders]
+    per_position = masks[:, ctx.split.index.to(masks.device)] if ctx.split is not None else None
     corrupt_senders = corrupt.senders.permute(2, 0, 1, 3)  # [n_senders, b, p, d]
     blocks = [(ctx.clean.senders[:, :, 0] - corrupt.senders[:, :, 0]).unsqueeze(0).expand(n_circ, -1, -1, -1)
               .unsqueeze(1)]  # list of [C, k, b, p, d]
 
     def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
         deltas = torch.cat(blocks, dim=1)[:, :n_prev]  # [C, n_prev, b, p, d]
-        mixed = torch.einsum("crs,csbpd->cbprd", masks[:, receivers, :n_prev], deltas)
+        if per_position is not None:
+            mixed = torch.einsum("cbprs,csbpd->cbprd", per_position[..., receivers, :n_prev], deltas)
+        else:
+            mixed = torch.einsum("crs,csbpd->cbprd", masks[:, receivers, :n_prev], deltas)
         return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, b, p, R, d]
 
     for layer in range(r.n_layers):

@@ -7,14 +7,14 @@ them to evaluate circuits given as edge masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.forward_parts import rms_post_share
-from circuitlab.patching.runner import Runner, RunState
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.runner import KVCache, Runner, RunState
+from circuitlab.patching.topology import ComputationalGraph, PositionSplit
 
 
 @dataclass
@@ -30,7 +30,7 @@ class GraphActivations:
 class EdgeRunner:
     """Forward passes in graph form: plain (recording senders), masked (edge patching), or with gradients."""
 
-    def __init__(self, model: Any, runner: Runner | None = None) -> None:
+    def __init__(self, model: TransformerBridge, runner: Runner | None = None) -> None:
         self.runner = runner or Runner(model)
         self.arch = self.runner.arch
         self.graph = ComputationalGraph.from_architecture(self.arch)
@@ -88,12 +88,14 @@ class EdgeRunner:
         """The attention layer's contribution to the stream from its head shares."""
         return shares.sum(2) + (0.0 if self.arch.post_attn_norm else self.runner.b_O[layer])
 
-    def _attn_from_inputs(self, layer: int, x: Tensor) -> Tensor:
-        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model]."""
+    def _attn_from_inputs(self, layer: int, x: Tensor, pos0: int = 0, past: KVCache | None = None) -> Tensor:
+        """Per-receiver inputs [b, p, 3H, d_model] (q, k, v per query head) to head shares [b, p, H, d_model];
+        `x` holds positions pos0.. and `past` the keys/values of the earlier ones."""
         r, g = self.runner, self.graph
         xn = r.ln1[layer](x)
         xq, xk, xv = xn.split([g.n_heads, g.n_heads, g.n_heads], dim=2)
-        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv))
+        z = r.attend(layer, self.project(layer, "q", xq), self.project(layer, "k", xk), self.project(layer, "v", xv),
+                     pos0, past)
         return self.shares(layer, r.head_outputs(layer, z))
 
     def from_run(self, state: RunState) -> GraphActivations:
@@ -154,43 +156,111 @@ class EdgeRunner:
         acts = GraphActivations(torch.stack(senders, dim=2), pre, mid, resid)
         return acts, final, grads
 
-    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor) -> Tensor:
-        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]).
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor, *, pos0: int = 0,
+               past: KVCache | None = None, sparse: bool = False, segments: PositionSplit | None = None) -> Tensor:
+        """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers], or
+        position-aware [C, n_segments, n_senders, n_receivers] with `segments` saying which segment each
+        position belongs to: a receiver at a position reads the senders of that position with that segment's mask).
 
-        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model] so that each
-        layer's receiver inputs are one batched matrix product with the transposed masks.
+        Sender differences a_u - a_u^corrupt are kept as [C, n_senders, batch * pos * d_model]; each layer's
+        receiver inputs are one batched matrix product of the masks with them (position-aware: one per segment, on
+        that segment's positions, `_by_segment`). With `sparse` (faithfulness curves, circuit evaluation), each
+        circuit's product runs over the senders it keeps towards these receivers, or (when fewer) the sum of every
+        earlier difference minus those it drops (`_mixed`; position-aware: the senders some circuit keeps in that
+        segment): a top-k circuit keeps few edges or almost all, and the product reads every difference it touches
+        from memory. The dense product is the default because its rounding does not depend on the mask: an edge
+        whose difference is exactly zero changes nothing, bit for bit, which ACDC at threshold 0 relies on. `pos0`
+        > 0: positions before it are the same in the clean and corrupted runs (`EngineContext.shared_prefix`), so
+        every circuit equals the corrupted run there: only positions pos0.. are computed, from the corrupted run's
+        keys/values `past`, and the corrupted final stream fills the prefix.
         """
         r, g = self.runner, self.graph
+        if (masks.dim() == 4) != (segments is not None):
+            raise ValueError("position-aware masks [C, S, senders, receivers] need their position split, and only they")
         n_circ = masks.shape[0]
-        resid0 = r.embed(tokens)
+        resid0 = r.embed(tokens)[:, pos0:]
         batch, seq, dm = resid0.shape
         flat = batch * seq * dm
         deltas = torch.zeros(n_circ, g.n_senders, flat, dtype=resid0.dtype, device=resid0.device)
-        corrupt_flat = corrupt.senders.permute(2, 0, 1, 3).reshape(g.n_senders, flat)
+        corrupt_flat = corrupt.senders[:, pos0:].permute(2, 0, 1, 3).reshape(g.n_senders, flat)
         deltas[:, 0] = (resid0.reshape(flat) - corrupt_flat[0])
-        masks_t = masks.to(resid0.device, resid0.dtype).transpose(1, 2)  # [C, n_receivers, n_senders]
+        masks_t = masks.to(resid0.device, resid0.dtype).transpose(-1, -2)  # [C, (S,) n_receivers, n_senders]
+        cols = [] if segments is None else [  # flat (batch * pos) indices of each segment's positions from pos0
+            (segments.index[:, pos0:].flatten() == s).nonzero().flatten().to(resid0.device)
+            for s in range(len(segments.names))]
+        total = deltas[:, 0].clone() if sparse and segments is None else None  # sum of the differences 0..done-1
+        done = 1
 
         def inputs(base: Tensor, n_prev: int, receivers: slice) -> Tensor:
-            mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
+            if segments is not None:
+                mixed = _by_segment(masks_t[:, :, receivers, :n_prev], deltas, cols, dm, sparse)
+            elif sparse:
+                mixed = _mixed(masks_t[:, receivers, :n_prev], deltas, total if n_prev == done else None)
+            else:
+                mixed = torch.bmm(masks_t[:, receivers, :n_prev].contiguous(), deltas[:, :n_prev])  # [C, R, flat]
             mixed = mixed.view(n_circ, -1, batch, seq, dm).permute(0, 2, 3, 1, 4)
             return base.unsqueeze(0).unsqueeze(3) + mixed  # [C, batch, seq, R, dm]
 
         for layer in range(r.n_layers):
             n_prev = g.senders_before(g.attn_receivers(layer).start)
-            x = inputs(corrupt.resid_pre[layer], n_prev, g.attn_receivers(layer))
-            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm))
+            x = inputs(corrupt.resid_pre[layer][:, pos0:], n_prev, g.attn_receivers(layer))
+            head_out = self._attn_from_inputs(layer, x.reshape(n_circ * batch, seq, -1, dm), pos0, past)
             first = g.head_sender(layer, 0)
             head_out = head_out.view(n_circ, batch, seq, g.n_heads, dm).permute(0, 3, 1, 2, 4).reshape(
                 n_circ, g.n_heads, flat)
             deltas[:, first:first + g.n_heads] = head_out - corrupt_flat[first:first + g.n_heads]
+            if total is not None:
+                total += deltas[:, first:first + g.n_heads].sum(1)
+            done = first + g.n_heads
             if r.attn_only:
                 continue
             receiver = g.mlp_receiver(layer)
             n_mlp = g.senders_before(receiver)
-            x_mlp = inputs(corrupt.resid_mid[layer], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
+            x_mlp = inputs(corrupt.resid_mid[layer][:, pos0:], n_mlp, slice(receiver, receiver + 1)).squeeze(3)
             mlp_out = r.mlp_block(layer, x_mlp)
             idx = g.mlp_sender(layer)
             deltas[:, idx] = mlp_out.reshape(n_circ, flat) - corrupt_flat[idx]
+            if total is not None:
+                total += deltas[:, idx]
+            done = idx + 1
         last = g.logits_receiver
-        final = inputs(corrupt.resid_final, g.n_senders, slice(last, last + 1)).squeeze(3)
-        return final.reshape(n_circ * batch, seq, dm)
+        final = inputs(corrupt.resid_final[:, pos0:], g.n_senders, slice(last, last + 1)).squeeze(3)
+        final = final.reshape(n_circ * batch, seq, dm)
+        if pos0:
+            final = torch.cat([corrupt.resid_final[:, :pos0].repeat(n_circ, 1, 1), final], dim=1)
+        return final
+
+
+def _by_segment(masks: Tensor, deltas: Tensor, cols: list[Tensor], dm: int, sparse: bool) -> Tensor:
+    """Σ_u masks[c, s, r, u] · deltas[c, u] at the positions `cols[s]` of each segment s ([C, R, flat]; masks
+    [C, S, R, n_prev]); with `sparse`, over the senders some circuit keeps towards these receivers in that segment."""
+    n_circ, _, n_recv, n_prev = masks.shape
+    by_pos = deltas.view(n_circ, deltas.shape[1], -1, dm)
+    mixed = torch.zeros(n_circ, n_recv, by_pos.shape[2], dm, dtype=deltas.dtype, device=deltas.device)
+    for s, at in enumerate(cols):
+        m = masks[:, s]
+        active = m.ne(0).any(0).any(0).nonzero().flatten() if sparse else torch.arange(n_prev, device=m.device)
+        if len(at) and len(active):
+            part = by_pos[:, active[:, None], at[None, :]].reshape(n_circ, len(active), -1)
+            mixed[:, :, at] = torch.bmm(m[:, :, active].contiguous(), part).view(n_circ, n_recv, len(at), dm)
+    return mixed.view(n_circ, n_recv, -1)
+
+def _mixed(masks: Tensor, deltas: Tensor, total: Tensor | None) -> Tensor:
+    """Σ_u masks[c, r, u] · deltas[c, u] for every circuit c and receiver r ([C, R, flat]; masks [C, R, n_prev]),
+    reading only the senders circuit c keeps towards these receivers or, where fewer and `total` (the sum of
+    deltas[:, :n_prev]) is given, total minus the senders it drops."""
+    n_circ, n_recv, n_prev = masks.shape
+    out = torch.empty(n_circ, n_recv, deltas.shape[2], dtype=deltas.dtype, device=deltas.device)
+    for c in range(n_circ):
+        m = masks[c]
+        kept = m.ne(0).any(0).nonzero().flatten()
+        dropped = m.ne(1).any(0).nonzero().flatten() if total is not None else None
+        if dropped is not None and len(dropped) < len(kept):
+            out[c] = total[c]
+            if len(dropped):
+                out[c] -= (1.0 - m[:, dropped]) @ deltas[c, dropped]
+        elif len(kept):
+            torch.mm(m[:, kept], deltas[c, kept], out=out[c])
+        else:
+            out[c].zero_()
+    return out

@@ -10,16 +10,20 @@ works on HF-backed and TL-native bridges alike (no `hook_result` / split q-k-v i
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.activation import mean_ablation
-from circuitlab.patching.edge_runner import GraphActivations
-from circuitlab.patching.engine import EngineContext, _metric_values, engine_context
+from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
+from circuitlab.patching.engine import EngineContext, _gather_logits, _metric_values, engine_context
 from circuitlab.patching.runner import Runner
+from circuitlab.patching.topology import PositionalGraph, PositionSplit, position_split
+from circuitlab.tasks.base import PromptPairs, Task
 
 EdgeContext = EngineContext  # the one engine context serves edge methods too
 
@@ -30,9 +34,29 @@ def _logits_at(runner: Runner, resid: Tensor, read: Tensor) -> Tensor:
     return runner.unembed(torch.gather(resid, 1, idx[..., None].expand(-1, -1, resid.shape[-1])))
 
 
-def prepare_edges(model: Any, task: Any, pairs: Any, *, runner: Runner | None = None) -> EdgeContext:
-    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`)."""
-    return engine_context(model, task, pairs, runner=runner, check_gap=False)
+def prepare_edges(model: TransformerBridge, task: Task, pairs: PromptPairs, *, runner: Runner | None = None,
+                  positions: str | None = None) -> EdgeContext:
+    """The engine context for edge methods: clean and corrupted prompts run once (see `patching.engine`);
+    `positions` (`roles`, `each`): position-aware edges (`with_positions`)."""
+    ctx = engine_context(model, task, pairs, runner=runner, check_gap=False)
+    return with_positions(ctx, positions) if positions else ctx
+
+
+def with_positions(ctx: EdgeContext, mode: str | PositionSplit) -> EdgeContext:
+    """The same runs with position-aware edges (`topology.PositionalGraph`): every edge split by the segments of
+    `mode` (`roles`: each role and the spans between roles; `each`: every position), so edge patching, EAP,
+    EAP-IG and faithfulness work at (sender, segment) -> (receiver, segment) granularity. Needs the fast runner
+    (the hook backend patches whole receivers)."""
+    if ctx.backend == "hook":
+        raise ValueError(f"position-aware edges run on the fast runner; {ctx.edge_runner.arch.name} runs on the hook "
+                         f"backend ({ctx.backend_reason or 'asked for'}): use edge positions none")
+    split = mode if isinstance(mode, PositionSplit) else position_split(mode, dict(ctx.pairs.positions), ctx.seq_len)
+    if tuple(split.index.shape) != (ctx.batch, ctx.seq_len):
+        raise ValueError(f"position split is {tuple(split.index.shape)}; these prompts are {(ctx.batch, ctx.seq_len)}")
+    out = copy.copy(ctx)
+    out.split = PositionSplit(split.names, split.index.to(ctx.pairs.clean_tokens.device))
+    out._graph = PositionalGraph(ctx.edge_runner.graph, split.names)
+    return out
 
 
 def circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
@@ -42,15 +66,42 @@ def circuits_per_forward(ctx: EdgeContext, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * 2**20 // per_circuit))
 
 
+def segments(ctx: EdgeContext) -> dict[str, PositionSplit]:
+    """The masked forward's position split argument: {} for plain edges (every backend), else {"segments": split}."""
+    return {} if ctx.split is None else {"segments": ctx.split}
+
+
 def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_mb: float = 1024.0,
-                        progress: bool = False) -> Tensor:
-    """Per-prompt metric [C, batch] for each circuit given as an edge vector [C, n_edges] (1 = keep clean)."""
+                        progress: bool = False, full_is_clean: bool = False) -> Tensor:
+    """Per-prompt metric [C, batch] for each circuit given as an edge vector [C, n_edges] (1 = keep clean); each
+    distinct circuit runs once, and with `full_is_clean` the whole graph is not run but read as the clean run."""
     if edge_masks.dim() == 1:
         edge_masks = edge_masks.unsqueeze(0)
     if edge_masks.shape[-1] != ctx.graph.n_edges:
         raise ValueError(f"edge masks have {edge_masks.shape[-1]} entries; this graph has {ctx.graph.n_edges} edges")
     if not bool(torch.isfinite(edge_masks).all()):
         raise ValueError("edge masks contain NaN or inf")
+    return distinct_circuits(ctx, edge_masks, lambda masks: _evaluate(ctx, masks, memory_budget_mb, progress),
+                             full_is_clean=full_is_clean)
+
+
+def distinct_circuits(ctx: EdgeContext, masks: Tensor, evaluate: Callable[[Tensor], Tensor], *,
+                      full_is_clean: bool = False) -> Tensor:
+    """Per-prompt metric [C, batch] of circuits given as 0/1 vectors [C, n] (edges or senders), with `evaluate`
+    run once per distinct circuit (a faithfulness curve holds the full circuit twice: signed and absolute top
+    100%). With `full_is_clean`, a circuit keeping everything clean is read as the clean run (`ctx.clean_values`),
+    which it is: the run-time evaluators use this; the engine's own tests run it."""
+    unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
+    full = (unique == 1).all(1) & full_is_clean
+    out = torch.empty(len(unique), ctx.read_positions.shape[0], dtype=ctx.clean_values.dtype,
+                      device=ctx.clean_values.device)
+    out[full] = ctx.clean_values
+    if not bool(full.all()):
+        out[~full] = evaluate(unique[~full]).to(out.dtype)
+    return out[inverse]
+
+
+def _evaluate(ctx: EdgeContext, edge_masks: Tensor, memory_budget_mb: float, progress: bool) -> Tensor:
     step = circuits_per_forward(ctx, memory_budget_mb)
     batch, reads = ctx.pairs.clean_tokens.shape[0], ctx.read_positions.shape[1]
     out = []
@@ -60,8 +111,13 @@ def evaluate_edge_masks(ctx: EdgeContext, edge_masks: Tensor, *, memory_budget_m
     with torch.no_grad():
         for start in starts:
             chunk = edge_masks[start:start + step]
-            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk))
-            logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+            pos0 = ctx.shared_prefix  # 0 on the hook backend and for ablated contexts
+            kw = {"pos0": pos0, "past": ctx.corrupt_run.kv} if pos0 else {}
+            if isinstance(ctx.edge_runner, EdgeRunner):  # the hook backend's copies have no sparse form
+                kw["sparse"] = True
+            final = ctx.edge_runner.masked(ctx.pairs.clean_tokens, ctx.corrupt, ctx.graph.mask(chunk), **kw,
+                                           **segments(ctx))
+            logits = _gather_logits(ctx.edge_runner.runner, final, ctx.read_positions, 0, ctx.metric_vocab)
             out.append(_metric_values(ctx.task, ctx.pairs, logits.view(chunk.shape[0], batch, reads, -1)))
     return torch.cat(out, dim=0)
 
@@ -99,5 +155,6 @@ def ablated_context(ctx: EdgeContext, ablation: str = "zero", *, means: Tensor |
     corrupt = GraphActivations(senders, pre, mid, final)
     out = EdgeContext(ctx.edge_runner, ctx.task, ctx.pairs, clean, corrupt, ctx.read_positions, ctx.clean_values,
                       ctx.clean_values, backend=ctx.backend, backend_reason=ctx.backend_reason)
-    out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, g.n_edges))[0]
+    out.split, out._graph = ctx.split, ctx._graph
+    out.corrupt_values = evaluate_edge_masks(out, torch.zeros(1, out.graph.n_edges))[0]
     return out

@@ -21,13 +21,16 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
-from circuitlab.patching.hook_backend import HookRunner
-from circuitlab.patching.hook_edges import HookEdgeRunner
+from circuitlab.patching.hook_backend import HookRunner, ModelRunner
+from circuitlab.patching.hook_edges import GraphRunner, HookEdgeRunner
 from circuitlab.patching.normalize import checked_gap, normalize
-from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError
-from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.patching.prefix import first_false, windowed
+from circuitlab.patching.runner import RunState, Runner, UnsupportedModelError, at_positions
+from circuitlab.patching.topology import ComputationalGraph, PositionSplit
+from circuitlab.tasks.base import PromptPairs, Task
 
 
 def _check_pairs(pairs: Any, runner: Any) -> None:  # right padding: causal models never see a later pad; others mask it
@@ -49,23 +52,42 @@ def _metric_values(task: Any, pairs: Any, logits_at: Tensor) -> Tensor:
         raise ValueError(f"task metric must return one value per prompt, shape {expected}; "
                          f"got {getattr(values, 'shape', type(values))}")
     if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts")
+        raise ValueError(f"task metric returned NaN/inf for {int((~torch.isfinite(values)).sum())} prompts (a task "
+                         "whose metric_tokens leaves out a logit its metric reads gets NaN there)")
     return values
 
 
-def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
-    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0."""
-    idx = (read - pos0).clamp(min=0)
-    lead = resid_final.shape[0] // read.shape[0]
-    idx = idx.repeat(lead, 1)
-    picked = torch.gather(resid_final, 1, idx[..., None].expand(-1, -1, resid_final.shape[-1]))
-    return runner.unembed(picked)
+def _gather_logits(runner: Any, resid_final: Tensor, read: Tensor, pos0: int = 0,
+                   vocab: Tensor | None = None) -> Tensor:
+    """Logits at absolute read positions [B, R] from a window of final residuals starting at pos0. With `vocab`
+    (the ids the task's metric reads, `EngineContext.metric_vocab`) only those logits are computed; the others
+    are NaN: the unembedding is a large matrix, and a patched forward's metric reads a few of its columns."""
+    return read_logits(runner, at_positions(resid_final, read, pos0), vocab)
+
+
+def read_logits(runner: ModelRunner, picked: Tensor, vocab: Tensor | None = None) -> Tensor:
+    """Logits of final streams already at the read positions [..., R, d_model] (`Runner.run(read=...)`), only at
+    the `vocab` ids when given (NaN elsewhere; see `_gather_logits`)."""
+    if vocab is None:
+        return runner.unembed(picked)
+    out = torch.full((*picked.shape[:-1], runner.W_U.shape[1]), float("nan"), dtype=picked.dtype, device=picked.device)
+    out[..., vocab] = runner.unembed(picked, vocab)
+    return out
+
+
+def metric_vocab(runner: ModelRunner, task: Task, pairs: PromptPairs) -> Tensor | None:
+    """The vocabulary ids the task's metric reads on these pairs (`Task.metric_tokens`), for the fast runner; None
+    (every logit) for the hook backend or a task that does not say."""
+    if getattr(runner, "backend", "fast") != "fast" or not isinstance(task, Task):
+        return None
+    ids = task.metric_tokens(pairs)
+    return None if ids is None else ids.to(runner.W_U.device).long()
 
 
 BACKENDS = ("auto", "fast", "hook")
 
 
-def make_runner(model: Any, backend: str = "auto") -> tuple[Any, str, str]:
+def make_runner(model: TransformerBridge, backend: str = "auto") -> tuple[ModelRunner, str, str]:
     """(runner, backend, reason). `auto`: the fast Runner where its self-check passes, else the exact hook backend;
     `fast`: the fast Runner or a ValueError saying why it cannot run this model; `hook`: the hook backend."""
     if backend not in BACKENDS:
@@ -87,7 +109,7 @@ def make_runner(model: Any, backend: str = "auto") -> tuple[Any, str, str]:
     return runner, "hook", reason
 
 
-def make_edge_runner(model: Any, runner: Any) -> Any:
+def make_edge_runner(model: TransformerBridge, runner: ModelRunner) -> GraphRunner:
     """The graph-form runner for a runner: `edge_runner.EdgeRunner` (fast) or `hook_edges.HookEdgeRunner` (hooks)."""
     if getattr(runner, "backend", "fast") == "hook":
         return HookEdgeRunner(model, runner)
@@ -105,7 +127,7 @@ def _site_sets(runner: Any, collect: Iterable[tuple[str, int]]) -> tuple[tuple[s
 class EngineContext:
     """One (model, task, pairs): runner, one clean and one corrupted run, baselines; see the module docstring."""
 
-    def __init__(self, edge_runner: EdgeRunner, task: Any, pairs: Any, clean: GraphActivations | None = None,
+    def __init__(self, edge_runner: EdgeRunner, task: Task, pairs: PromptPairs, clean: GraphActivations | None = None,
                  corrupt: GraphActivations | None = None, read_positions: Tensor | None = None,
                  clean_values: Tensor | None = None, corrupt_values: Tensor | None = None, *,
                  clean_run: RunState | None = None, corrupt_run: RunState | None = None,
@@ -118,15 +140,20 @@ class EngineContext:
         self.collected = set(collected)
         self.backend, self.backend_reason = backend, backend_reason
         self.means: dict[tuple[str, int], Tensor] | None = None  # mean ablation's means when this is one batch of many
+        self.split: PositionSplit | None = None  # position-aware edges (`patching.edges.with_positions`)
+        self._graph: ComputationalGraph | None = None
+        self._shared_prefix: int | None = None
+        self.metric_vocab = metric_vocab(self.runner, task, pairs)
 
     # ------------------------------------------------------------------ what every method reads
     @property
-    def runner(self) -> Any:
+    def runner(self) -> ModelRunner:
         return self.edge_runner.runner
 
     @property
     def graph(self) -> ComputationalGraph:
-        return self.edge_runner.graph
+        """The model's graph, or its position-aware split (`topology.PositionalGraph`) when `split` is set."""
+        return self._graph if self._graph is not None else self.edge_runner.graph
 
     @property
     def clean(self) -> GraphActivations:
@@ -158,11 +185,26 @@ class EngineContext:
 
     @property
     def clean_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.clean_run.resid_final, self.read_positions, 0, self.metric_vocab)
 
     @property
     def corrupt_logits_at(self) -> Tensor:
-        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions)
+        return _gather_logits(self.runner, self.corrupt_run.resid_final, self.read_positions, 0, self.metric_vocab)
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions where the clean and corrupted runs are identical (every sender output equal, bit for
+        bit, in every prompt), at most the first read position; 0 without the corrupted run's keys/values (an
+        ablated context) or on a runner that cannot start mid-prompt. Causal attention: a forward that mixes the
+        two runs (edge or node circuits) equals both there, so it may start at this position from the corrupted
+        run's keys/values (`patching.edges`, `patching.node_masks`)."""
+        if self._shared_prefix is None:
+            self._shared_prefix = 0
+            if self.corrupt_run is not None and windowed(self.runner):
+                same = (self.clean.senders == self.corrupt.senders).flatten(2).all(2).all(0)  # [pos]
+                limit = min(int(same.numel()), int(self.read_positions.min()))
+                self._shared_prefix = first_false(same[:limit])
+        return self._shared_prefix
 
     @property
     def batch(self) -> int:
@@ -196,7 +238,8 @@ class EngineContext:
         return {"backend": self.backend, "reason": self.backend_reason}
 
 
-def engine_context(model: Any, task: Any, pairs: Any, *, runner: Any = None, collect: Iterable[tuple[str, int]] = (),
+def engine_context(model: TransformerBridge, task: Task, pairs: PromptPairs, *, runner: ModelRunner | None = None,
+                   collect: Iterable[tuple[str, int]] = (),
                    check_gap: bool = True) -> EngineContext:
     """Run the clean and corrupted prompts once each and compute the baselines (see the module docstring).
 

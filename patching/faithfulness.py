@@ -59,7 +59,7 @@ def faithfulness_curve(ctx: EdgeContext, scores: Tensor, *, percents: tuple[floa
                        progress: bool = False) -> FaithfulnessResult:
     """Evaluate top-k circuits exactly and summarise them as MIB's CPR and CMD with bootstrap intervals."""
     masks, counts = curve_masks(scores, percents)
-    values = evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress)
+    values = evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress, full_is_clean=True)
     return curve_from_values(values, ctx.clean_values, ctx.corrupt_values, counts, percents=percents,
                              n_boot=n_boot, seed=seed)
 

@@ -9,7 +9,8 @@ import inspect
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.architecture import Architecture
 
@@ -18,7 +19,7 @@ class UnsupportedModelError(ValueError):
     """The fast engine cannot reproduce this architecture's forward pass exactly."""
 
 
-def original(module: Any) -> Any:
+def original(module: nn.Module) -> nn.Module:
     return getattr(module, "_original_component", module)
 
 
@@ -26,7 +27,7 @@ def identity(x: Tensor) -> Tensor:
     return x
 
 
-def block_norms(model: Any, arch: Architecture) -> dict[str, list[Callable[[Tensor], Tensor]]]:
+def block_norms(model: TransformerBridge, arch: Architecture) -> dict[str, list[Callable[[Tensor], Tensor]]]:
     """Per layer: `ln1` (before attention), `ln2` (before the MLP), `post1`/`post2` (on their outputs)."""
     out: dict[str, list[Callable[[Tensor], Tensor]]] = {"ln1": [], "ln2": [], "post1": [], "post2": []}
     for block in model.blocks:
@@ -42,7 +43,7 @@ def block_norms(model: Any, arch: Architecture) -> dict[str, list[Callable[[Tens
     return out
 
 
-def qk_norms(model: Any, arch: Architecture) -> tuple[list[Any], list[Any]]:
+def qk_norms(model: TransformerBridge, arch: Architecture) -> tuple[list[nn.Module | None], list[nn.Module | None]]:
     """Query and key norm modules per layer (None where the model has none)."""
     if arch.qk_norm == "none":
         return [None] * arch.n_layers, [None] * arch.n_layers
@@ -51,7 +52,7 @@ def qk_norms(model: Any, arch: Architecture) -> tuple[list[Any], list[Any]]:
     return qs, ks
 
 
-def rms_post_share(norm: Any, total: Tensor, parts: Tensor) -> Tensor:
+def rms_post_share(norm: nn.Module, total: Tensor, parts: Tensor) -> Tensor:
     """Each part's share [.., n, d] of `norm(total)` for an RMS norm without centring: parts · w / rms(total).
 
     An RMS norm is linear in its input once its scale is fixed, so the shares of one run add up to the normed
@@ -63,7 +64,8 @@ def rms_post_share(norm: Any, total: Tensor, parts: Tensor) -> Tensor:
     return (parts.float() * (inv * weight).unsqueeze(-2)).to(parts.dtype)
 
 
-def make_rope(model: Any, arch: Architecture, attn_modules: list[Any]) -> Callable[..., tuple[Tensor, Tensor]] | None:
+def make_rope(model: TransformerBridge, arch: Architecture,
+              attn_modules: list[nn.Module]) -> Callable[..., tuple[Tensor, Tensor]] | None:
     """A function (q, k, positions, layer) -> rotated (q, k), q/k as [batch, head, pos, d_head]; None without."""
     if arch.positional in ("learned", "none"):
         return None
@@ -113,7 +115,7 @@ def _gptj_rope(rotary: Any, apply: Any, attn: Any, arch: Architecture) -> Callab
     return rope
 
 
-def mlp_module(block: Any) -> Any:
+def mlp_module(block: nn.Module) -> nn.Module:
     """The callable MLP of a block: HF's module, or the bridge's own where HF has none (OPT's fc1/fc2 live in
     the decoder layer, which is what the bridge wraps)."""
     inner = original(block.mlp)

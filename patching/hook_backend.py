@@ -20,14 +20,15 @@ silently equal the unpatched one. Such an edit is refused with a `DiscardedEditE
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.architecture import describe
 from circuitlab.patching.components import hook_name
-from circuitlab.patching.runner import RunState
+from circuitlab.patching.runner import KVCache, RunState, Runner, at_positions
 
 Hook = Callable[[Tensor], Tensor]
 _FINAL = "ln_final.hook_in"
@@ -47,7 +48,7 @@ class HookRunner:
     backend = "hook"
     windowed = False  # every run computes all positions
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: TransformerBridge) -> None:
         self.model, self.cfg = model, model.cfg
         self.arch = arch = describe(model)
         self.n_layers, self.n_heads, self.n_kv = arch.n_layers, arch.n_heads, arch.n_kv
@@ -115,9 +116,10 @@ class HookRunner:
         return logits.reshape(*resid.shape[:-1], logits.shape[-1])
 
     def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,
-            past: Any = None, hooks: dict[tuple[str, int], Hook] | None = None, state: RunState | None = None,
-            stop_layer: int | None = None) -> Tensor:
-        """Blocks `start_layer`.. on `resid` by a bridge forward; returns the stream after the last block run."""
+            past: KVCache | None = None, hooks: dict[tuple[str, int], Hook] | None = None,
+            state: RunState | None = None, stop_layer: int | None = None, read: Tensor | None = None) -> Tensor:
+        """Blocks `start_layer`.. on `resid` by a bridge forward; returns the stream after the last block run (at
+        the `read` positions only when given, as `Runner.run` does)."""
         if pos0 != 0:
             raise ValueError("the hook backend runs every position: start windows at position 0")
         stop = self.n_layers if stop_layer is None else stop_layer
@@ -142,7 +144,7 @@ class HookRunner:
         self._forward(placeholder, fwd)
         if state is not None and stop >= self.n_layers:
             state.resid_final = got["out"]
-        return got["out"]
+        return got["out"] if read is None else at_positions(got["out"], read)
 
     def read_site(self, kind: str, layer: int) -> str:
         """The hook where each head's q/k/v is its own: `hook_q`/`hook_k`/`hook_v`, except under a query/key norm
@@ -285,4 +287,6 @@ def _record(store: dict, key: Any) -> Callable:
     return hook
 
 
-__all__ = ["DiscardedEditError", "HookRunner"]
+ModelRunner = Union[Runner, HookRunner]  # `patching.engine.make_runner`: the fast runner or the hook backend
+
+__all__ = ["DiscardedEditError", "HookRunner", "ModelRunner"]

@@ -18,15 +18,16 @@ run must equal the bridge's, else edge methods refuse this model with the measur
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import hook_name
-from circuitlab.patching.edge_runner import GraphActivations
+from circuitlab.patching.edge_runner import EdgeRunner, GraphActivations
 from circuitlab.patching.forward_parts import UnsupportedModelError, block_norms, rms_post_share
-from circuitlab.patching.hook_backend import _Stop
+from circuitlab.patching.hook_backend import ModelRunner, _Stop
 from circuitlab.patching.runner import RunState
 from circuitlab.patching.topology import ComputationalGraph
 
@@ -39,7 +40,7 @@ class HookEdgeRunner:
     backend = "hook"
     available = True
 
-    def __init__(self, model: Any, runner: Any) -> None:
+    def __init__(self, model: TransformerBridge, runner: ModelRunner) -> None:
         self.model, self.runner, self.arch = model, runner, runner.arch
         self.graph = g = ComputationalGraph.from_architecture(self.arch)
         self.n_copies = 3 * g.n_heads + (0 if g.attn_only else 1)
@@ -236,7 +237,7 @@ class HookEdgeRunner:
         return self._mlp_contribution(layer, got["x"])
 
     # ------------------------------------------------------------------ EdgeRunner's interface
-    def from_run(self, state: RunState) -> Any:
+    def from_run(self, state: RunState) -> GraphActivations:
         """Graph activations of a plain hook-backend run (`z` and `mlp_out` collected at every layer)."""
         self.require()
         g = self.graph
@@ -255,7 +256,7 @@ class HookEdgeRunner:
         return GraphActivations(torch.stack(senders, dim=2), pre, mid, state.resid_final)
 
     def plain(self, tokens: Tensor | None = None, *, embed: Tensor | None = None, leaves: bool = False
-              ) -> tuple[Any, Tensor, dict[str, list[Tensor]] | None]:
+              ) -> tuple[GraphActivations, Tensor, dict[str, list[Tensor]] | None]:
         """A normal forward in graph form (see `EdgeRunner.plain`); `leaves` for receiver-input gradients."""
         self.require()
         grads: dict[str, list[Tensor]] | None = {"attn": [], "mlp": [], "logits": []} if leaves else None
@@ -263,7 +264,7 @@ class HookEdgeRunner:
         resid = final - grads["logits"][0] if grads is not None else final
         return GraphActivations(torch.stack(senders, dim=2), pre, mid, resid), final, grads
 
-    def masked(self, tokens: Tensor, corrupt: Any, masks: Tensor, *, budget_mb: float = 256.0) -> Tensor:
+    def masked(self, tokens: Tensor, corrupt: GraphActivations, masks: Tensor, *, budget_mb: float = 256.0) -> Tensor:
         """Final residual streams [C * batch, pos, d_model] for C circuits (masks [C, n_senders, n_receivers]);
         differentiable in `masks` (no in-place writes)."""
         self.require()
@@ -320,4 +321,6 @@ def _keep(store: dict) -> Callable:
     return hook
 
 
-__all__ = ["HookEdgeRunner"]
+GraphRunner = Union[EdgeRunner, HookEdgeRunner]  # `patching.engine.make_edge_runner`: fast or hook graph runner
+
+__all__ = ["GraphRunner", "HookEdgeRunner"]

@@ -11,7 +11,7 @@ only each base prompt's END, as `patching.activation` does; gradients flow throu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +19,8 @@ from torch import Tensor
 from circuitlab.patching.activation import _site_activation, _start
 from circuitlab.patching.engine import _gather_logits
 from circuitlab.patching.featurizers import Featurizer
+from circuitlab.patching.hook_backend import ModelRunner
+from circuitlab.patching.prefix import windowed
 from circuitlab.patching.runner import KVCache, RunState
 from circuitlab.tasks.base import PAD_ID
 from circuitlab.tasks.counterfactual import Counterfactuals
@@ -47,7 +49,7 @@ class Site:
         return f"{self.component}.L{self.layer}{head}@{self.position}"
 
 
-def check_site(runner: Any, site: Site, cf: Counterfactuals) -> None:
+def check_site(runner: ModelRunner, site: Site, cf: Counterfactuals) -> None:
     """A ValueError naming the bad part of a site for this model and data."""
     if not 0 <= site.layer < runner.n_layers:
         raise ValueError(f"site {site.label}: layer {site.layer} is out of range (the model has {runner.n_layers})")
@@ -87,7 +89,7 @@ class PreparedBatch:
     base_logits: Tensor  # [B, V] at each base prompt's END, no intervention
 
 
-def prepare_batch(runner: Any, cf: Counterfactuals, kinds: Sequence[str] = ()) -> PreparedBatch:
+def prepare_batch(runner: ModelRunner, cf: Counterfactuals, kinds: Sequence[str] = ()) -> PreparedBatch:
     """Run base and source once (no gradients), recording every layer's activation of `kinds`."""
     if not runner.causal and (cf.base_mask is not None or cf.source_mask is not None):
         raise ValueError("interchange on a bidirectional model needs prompts of one length (no padding)")
@@ -127,7 +129,7 @@ def select(prep: PreparedBatch, index: Sequence[int]) -> PreparedBatch:
     return PreparedBatch(cf, base, source, prep.base_logits[idx.to(prep.base_logits.device)])
 
 
-def intervened_logits(runner: Any, prep: PreparedBatch, site: Site, featurizer: Featurizer,
+def intervened_logits(runner: ModelRunner, prep: PreparedBatch, site: Site, featurizer: Featurizer,
                       source: Tensor | None = None) -> Tensor:
     """Logits `[B, V]` at each base prompt's END after swapping the featurized source vector into the base run.
 
@@ -135,8 +137,7 @@ def intervened_logits(runner: Any, prep: PreparedBatch, site: Site, featurizer: 
     kind, layer = site.component, site.layer
     src = site_vectors(prep, site, "source") if source is None else source
     pos = positions_of(prep.cf, site.position, "base").to(src.device)
-    windowed = runner.causal and getattr(runner, "windowed", True)
-    pos0 = int(pos.min()) if windowed else 0
+    pos0 = int(pos.min()) if windowed(runner) else 0
     rows = torch.arange(len(pos), device=src.device)
     idx = pos - pos0
 
@@ -188,7 +189,7 @@ def expected_loss(logits: Tensor, cf: Counterfactuals) -> Tensor:
     return -torch.logsumexp(picked, -1).mean()
 
 
-def train_featurizer(runner: Any, batches: Sequence[PreparedBatch], site: Site, featurizer: Featurizer, *,
+def train_featurizer(runner: ModelRunner, batches: Sequence[PreparedBatch], site: Site, featurizer: Featurizer, *,
                      steps: int, lr: float = 1e-2, penalty: float = 1e-2, seed: int = 0) -> list[float]:
     """Fit a featurizer's parameters by cross-entropy toward the expected token on the given (training) batches.
 

@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.featurizers import (DAS, TRAINED, BoundlessDAS, Featurizer, FullVector,
                                              NeuronMask, Neurons, Subspace, pca_rows, random_rotation)
+from circuitlab.patching.hook_backend import ModelRunner
 from circuitlab.patching.interchange import (PreparedBatch, Site, answer_scores, check_site, intervened_logits,
                                              prepare_batch, site_vectors, train_featurizer)
 from circuitlab.patching.stats import bootstrap_ci
@@ -103,7 +105,7 @@ class LocalizeResult:
         return max(rows, key=lambda r: (r.iia, r.graded))
 
 
-def default_sites(runner: Any, cf: Counterfactuals, components: Sequence[str] = ("resid_pre",),
+def default_sites(runner: ModelRunner, cf: Counterfactuals, components: Sequence[str] = ("resid_pre",),
                   layers: Sequence[int] | None = None, positions: Sequence[str | int] | None = None) -> list[Site]:
     """Every (component, layer, position[, head]) asked for: default residual stream at every layer and role."""
     layers = list(range(runner.n_layers)) if layers is None else list(layers)
@@ -192,9 +194,10 @@ class _Sweep:
         return feat
 
 
-def localize(model: Any, task: str | Counterfactuals, variable: str | None = None, *, sites: Sequence[Site] | None = None,
+def localize(model: TransformerBridge, task: str | Counterfactuals, variable: str | None = None, *,
+             sites: Sequence[Site] | None = None,
              featurizer: str | Sequence[str] | None = None, n: int = 64, config: LocalizeConfig | None = None,
-             runner: Any = None) -> LocalizeResult:
+             runner: ModelRunner | None = None) -> LocalizeResult:
     """IIA of `variable` at each site per featurizer (see the module docstring); returns a `LocalizeResult`.
 
     `task`: a built-in task name (its causal model makes `n` pairs) or a `Counterfactuals` (e.g. from

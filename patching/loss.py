@@ -4,15 +4,16 @@ score (`tasks.corpus.icl_score`): it runs the model, so it lives with the engine
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.training import hooked_forward
 
 
-def loss_by_position(model: Any, tokens: Tensor, *, batch_size: int = 64,
+def loss_by_position(model: TransformerBridge, tokens: Tensor, *, batch_size: int = 64,
                      fwd_hooks: Sequence[tuple[str, Callable]] = (), fast: bool = True,
                      per_sequence: bool = False) -> Tensor:
     """Mean next-token loss at each token index over the sequences, [seq_len]; entry 0 is NaN.

@@ -15,6 +15,12 @@ item stays when dropping it would cost more than that in squared normalized erro
 
 The result is a ranking (log_alpha) and a deterministic mask (log_alpha > 0); `graphs.selection` turns the
 ranking into the smallest circuit whose exact faithfulness reaches a target.
+
+Against overfitting the discovery prompts (SmolLM2 IOI edge pruning: 0.80 on discovery, 0.38 held-out), training
+can start from an attribution ranking (`init`: initial log_alpha per item, e.g. +init for EAP-IG's top edges and
+-init for the rest) and stop early: every `check_every` steps a `monitor` (built by the caller on validation
+prompts, `graphs.faithful`) scores the current deterministic mask, lower is better; the best-scoring log_alpha is
+returned, and training stops after `patience` checks without improvement.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class MaskConfig:
     zeta: float = 1.1
     seed: int = 0
     batch_size: int | None = None
+    check_every: int = 10  # steps between monitor checks (early stopping; only with a monitor)
+    patience: int = 3  # checks without improvement before stopping
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -71,6 +79,8 @@ class MaskConfig:
             raise ValueError(f"warmup must be in [0, 1], got {self.warmup}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        if self.check_every < 1 or self.patience < 1:
+            raise ValueError(f"check_every and patience must be >= 1, got {self.check_every}, {self.patience}")
         if not (self.gamma < 0.0 and self.zeta > 1.0 and self.beta > 0.0):
             raise ValueError("hard-concrete needs gamma < 0 < 1 < zeta and beta > 0")
 
@@ -86,6 +96,7 @@ class MaskResult:
     kept: Tensor  # bool [n_items]: log_alpha > 0
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    best_step: int | None = None  # with a monitor: the step whose masks were kept
 
     @property
     def circuit(self) -> list[str]:
@@ -123,8 +134,10 @@ def _edge_setup() -> Callable[[EdgeContext, Tensor], Tensor]:
 
 
 def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress: bool = False,
-                log: Callable[[str], None] | None = None) -> MaskResult:
-    """Optimise hard-concrete masks over nodes or edges of `ctx` (see the module docstring)."""
+                log: Callable[[str], None] | None = None, init: Tensor | None = None,
+                monitor: Callable[[Tensor], float] | None = None) -> MaskResult:
+    """Optimise hard-concrete masks over nodes or edges of `ctx` (see the module docstring). `init`: initial
+    log_alpha per item (default `config.init` everywhere); `monitor(log_alpha) -> loss` for early stopping."""
     cfg = config or MaskConfig()
     g = ctx.graph
     if cfg.level == "node":
@@ -139,7 +152,12 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
     n_prompts = int(ctx.clean_values.shape[0])
     gap = float(checked_gap(ctx.clean_metric, ctx.corrupt_metric))
     generator = torch.Generator().manual_seed(cfg.seed)
-    log_alpha = torch.full((n,), float(cfg.init), requires_grad=True)
+    if init is not None and tuple(init.shape) != (n,):
+        raise ValueError(f"init has shape {tuple(init.shape)}; the masks have {n} items")
+    start = torch.full((n,), float(cfg.init)) if init is None else init.detach().float().clone()
+    log_alpha = start.requires_grad_(True)
+    best: tuple[float, int, Tensor] | None = None
+    stale = 0
     optimiser = torch.optim.Adam([log_alpha], lr=cfg.lr)
     history: list[dict[str, float]] = []
     started = time.time()
@@ -172,9 +190,20 @@ def learn_masks(ctx: EdgeContext, config: MaskConfig | None = None, *, progress:
             if log is not None and (step % 25 == 0 or step == cfg.steps - 1):
                 log(f"  step {step}: loss {float(loss.detach()):.4f}, sampled faithfulness {f:.3f}, "
                     f"expected size {float(expected.detach()):.1f}/{n}")
-    final = log_alpha.detach().clone()
+            if monitor is not None and ((step + 1) % cfg.check_every == 0 or step == cfg.steps - 1):
+                score = float(monitor(log_alpha.detach().clone()))
+                history[-1]["monitor"] = score
+                if log is not None:
+                    log(f"  step {step}: validation check {score:.4f}, {int((log_alpha > 0).sum())} gates open")
+                if best is None or score < best[0]:
+                    best, stale = (score, step, log_alpha.detach().clone()), 0
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
+    final = log_alpha.detach().clone() if best is None else best[2]
     return MaskResult(cfg.level, items, final, keep_probability(final, cfg), final > 0, history,
-                      time.time() - started)
+                      time.time() - started, None if best is None else best[1])
 
 
 __all__ = ["LEVELS", "MaskConfig", "MaskResult", "learn_masks", "sample_hard_concrete", "keep_probability"]

@@ -23,8 +23,8 @@ import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from circuitlab.patching.components import check_required_hooks
 
@@ -228,7 +228,8 @@ def _finish(model: TransformerBridge, name: str) -> TransformerBridge:
     return model
 
 
-def boot_native_model(config: dict[str, Any], *, tokenizer: Any = None, device: str = "cpu",
+def boot_native_model(config: dict[str, object], *, tokenizer: PreTrainedTokenizerBase | None = None,
+                      device: str = "cpu",
                       dtype: torch.dtype = torch.float32) -> TransformerBridge:
     """A small TL-native bridge from a config dict (set `seed` for reproducible weights), in eval mode."""
     model = TransformerBridge.boot_native(dict(config), tokenizer=tokenizer, device=device, dtype=dtype)

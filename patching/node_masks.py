@@ -21,7 +21,8 @@ from torch import Tensor
 
 from circuitlab.patching.activation import _metric_values
 from circuitlab.patching.edge_masks import edge_masked_final
-from circuitlab.patching.edges import EdgeContext, _logits_at
+from circuitlab.patching.edges import EdgeContext, distinct_circuits
+from circuitlab.patching.engine import _gather_logits
 
 
 def node_mask(ctx: EdgeContext, keep: Iterable[str], *, keep_input: bool = True, keep_mlps: bool = False) -> Tensor:
@@ -63,7 +64,11 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
 
         return edge_masked_final(ctx, expand_to_edges(ctx, masks))
     n_circ = masks.shape[0]
-    corrupt = ctx.corrupt.senders  # [b, p, n_senders, d]
+    # Positions before `pos0` are the same in the clean and corrupted runs, hence in every mix of them: start there
+    # from the corrupted run's keys/values and prepend its final stream (`EngineContext.shared_prefix`).
+    pos0 = ctx.shared_prefix
+    past = ctx.corrupt_run.kv if pos0 else None
+    corrupt = ctx.corrupt.senders[:, pos0:]  # [b, p, n_senders, d]
     batch, seq, _, dm = corrupt.shape
     masks = masks.to(corrupt.device, corrupt.dtype)
 
@@ -74,12 +79,12 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
         bad = corrupt[:, :, first:first + count].unsqueeze(0)
         return (bad + m * (out - bad)).view(n_circ * batch, seq, count, dm)
 
-    embed = ctx.clean.senders[:, :, 0]
+    embed = ctx.clean.senders[:, pos0:, 0]
     resid = mix(embed.unsqueeze(2).repeat(n_circ, 1, 1, 1), 0, 1)[:, :, 0]
     for layer in range(r.n_layers):
         x = r.ln1[layer](resid)
         q, k, v = r.project_q(layer, x), r.project_k(layer, x), r.project_v(layer, x)
-        heads = er.shares(layer, r.head_outputs(layer, r.attend(layer, q, k, v)))  # [C*b, p, H, d]
+        heads = er.shares(layer, r.head_outputs(layer, r.attend(layer, q, k, v, pos0, past)))  # [C*b, p, H, d]
         attn = er.attn_total(layer, mix(heads, g.head_sender(layer, 0), g.n_heads))
         if r.attn_only:
             resid = resid + attn
@@ -87,6 +92,8 @@ def node_masked_final(ctx: EdgeContext, masks: Tensor) -> Tensor:
         mlp_in = resid if r.parallel else resid + attn
         mlp = mix(r.mlp_block(layer, mlp_in).unsqueeze(2), g.mlp_sender(layer), 1)[:, :, 0]
         resid = resid + attn + mlp
+    if pos0:
+        resid = torch.cat([ctx.corrupt.resid_final[:, :pos0].repeat(n_circ, 1, 1), resid], dim=1)
     return resid
 
 
@@ -94,21 +101,23 @@ def node_masked_metric(ctx: EdgeContext, masks: Tensor) -> Tensor:
     """Per-prompt task metric [C, batch] of C node circuits (differentiable in `masks`)."""
     batch, reads = ctx.read_positions.shape
     final = node_masked_final(ctx, masks)
-    logits = _logits_at(ctx.edge_runner.runner, final, ctx.read_positions)
+    logits = _gather_logits(ctx.edge_runner.runner, final, ctx.read_positions, 0, ctx.metric_vocab)
     return _metric_values(ctx.task, ctx.pairs, logits.view(masks.shape[0], batch, reads, -1))
 
 
-def evaluate_node_masks(ctx: EdgeContext, masks: Tensor, *, chunk: int = 8) -> Tensor:
-    """Per-prompt metric [C, batch] for node masks [C, n_senders] (1 = keep clean), without gradients."""
+def evaluate_node_masks(ctx: EdgeContext, masks: Tensor, *, chunk: int = 8, full_is_clean: bool = False) -> Tensor:
+    """Per-prompt metric [C, batch] for node masks [C, n_senders] (1 = keep clean), without gradients; each distinct
+    circuit runs once, and with `full_is_clean` the whole model is read as the clean run (`edges.distinct_circuits`)."""
     if masks.dim() == 1:
         masks = masks.unsqueeze(0)
     if not bool(torch.isfinite(masks).all()):
         raise ValueError("node masks contain NaN or inf")
-    out = []
-    with torch.no_grad():
-        for start in range(0, masks.shape[0], chunk):
-            out.append(node_masked_metric(ctx, masks[start:start + chunk]))
-    return torch.cat(out, dim=0)
+    def evaluate(distinct: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([node_masked_metric(ctx, distinct[start:start + chunk])
+                              for start in range(0, distinct.shape[0], chunk)], dim=0)
+
+    return distinct_circuits(ctx, masks, evaluate, full_is_clean=full_is_clean)
 
 
 def expand_to_edges(ctx: EdgeContext, masks: Tensor) -> Tensor:

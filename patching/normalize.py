@@ -14,11 +14,17 @@ tensors alike.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TYPE_CHECKING, TypeVar, Union
 
 import numpy as np
 
+if TYPE_CHECKING:  # annotations only: this module does its arithmetic without importing torch or pandas
+    import pandas as pd
+    from torch import Tensor
+
 T = TypeVar("T")
+# a metric value or an array of them: a float, a numpy array, a tensor or a pandas Series
+Values = Union[float, "np.ndarray", "Tensor", "pd.Series"]
 GAP_TOL = 1e-9
 
 
@@ -32,7 +38,7 @@ def _bad(gap: Any) -> tuple[int, int]:
     return int(bad.sum()), int(flat.size)
 
 
-def checked_gap(clean: Any, corrupt: Any) -> Any:
+def checked_gap(clean: Values, corrupt: Values) -> Values:
     """clean − corrupt, or a ValueError naming the values when it cannot normalise (see the module docstring)."""
     gap = clean - corrupt
     n_bad, n = _bad(gap)
@@ -45,7 +51,7 @@ def checked_gap(clean: Any, corrupt: Any) -> Any:
     return gap
 
 
-def normalize(value: T, clean: Any, corrupt: Any, *, strict: bool = True) -> T:
+def normalize(value: T, clean: Values, corrupt: Values, *, strict: bool = True) -> T:
     """(value − corrupt) / (clean − corrupt): 0 = the corrupted run, 1 = the clean run.
 
     `strict=False` divides whatever the gap (±inf or NaN where it is zero): only for bootstrap resamples, whose
@@ -56,17 +62,17 @@ def normalize(value: T, clean: Any, corrupt: Any, *, strict: bool = True) -> T:
         return (value - corrupt) / (clean - corrupt)  # type: ignore[operator]
 
 
-def normalize_difference(difference: T, gap: Any) -> T:
+def normalize_difference(difference: T, gap: Values) -> T:
     """A metric difference as a fraction of the gap m(clean) − m(corrupt)."""
     return difference / checked_gap(gap, 0.0)  # type: ignore[operator]
 
 
-def noising_share(value: T, clean: Any, corrupt: Any) -> T:
+def noising_share(value: T, clean: Values, corrupt: Values) -> T:
     """(clean − value) / (clean − corrupt): the share of the behaviour that noising removed."""
     return (clean - value) / checked_gap(clean, corrupt)  # type: ignore[operator]
 
 
-def is_normalizable(clean: Any, corrupt: Any) -> bool:
+def is_normalizable(clean: Values, corrupt: Values) -> bool:
     """Whether `normalize` accepts this clean/corrupt pair (for callers that report NaN instead of raising)."""
     return _bad(clean - corrupt)[0] == 0
 

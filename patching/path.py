@@ -22,22 +22,27 @@ Result columns: `sender` (node name; `+`-joined for sets), `receiver` (`,`-joine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.activation import (
-    PatchingConfig, PatchingContext, _gather_logits, _metric_values, ensure_collected, prepare, resolve_position,
-    _source_activation,
+    PatchingConfig, PatchingContext, Positions, _gather_logits, _metric_values, _source_activation,
+    ensure_collected, prepare, resolve_position,
 )
 from circuitlab.patching.components import Node, parse_node
+from circuitlab.tasks.base import PromptPairs, Task
 
 PATH_COLUMNS = ["sender", "receiver", "channel", "layer", "head", "position", "role", "metric", "effect",
                 "direction", "source"]
 CHANNELS = ("q", "k", "v", "logits")
+# sender sets: "heads", "all", a node name, or a list of node names / lists of names (patched together)
+Senders = Union[str, Sequence[Union[str, Sequence[str]]]]
+Receivers = Union[str, Sequence[str], None]  # receiver heads (names), or None for the logits channel
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ class _PathRun:
                 start = self.recv_layers[0]
                 resid = runner.run(base.resid_pre[start].repeat(n, 1, 1), start_layer=start, past=base.kv,
                                    hooks=hooks)
-            logits_at = _gather_logits(runner, resid, ctx.read_positions)
+            logits_at = _gather_logits(runner, resid, ctx.read_positions, 0, ctx.metric_vocab)
             values = _metric_values(ctx.task, ctx.pairs, logits_at.view(n, batch, reads, -1))
         return values.mean(1)
 
@@ -226,8 +231,9 @@ def _receiver_hook(runner: Any, channel: str, layer: int, heads: list[int], resi
     return hook
 
 
-def path_patching(model: Any, task: Any, pairs: Any, senders: Any = "heads", receivers: Any = None,
-                  channel: str = "q", *, sender_positions: Any = None, receiver_positions: Any = None,
+def path_patching(model: TransformerBridge, task: Task, pairs: PromptPairs, senders: Senders = "heads",
+                  receivers: Receivers = None,
+                  channel: str = "q", *, sender_positions: Positions = None, receiver_positions: Positions = None,
                   config: PatchingConfig | None = None, context: PatchingContext | None = None) -> pd.DataFrame:
     """Effect of each sender set on `receivers` through `channel` (q/k/v of receiver heads, or `logits`).
 

@@ -11,27 +11,29 @@ exactly over batches. `as_prompts(x)` accepts either (or a bare engine context) 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.activation import PatchingConfig, Positions, activation_patching
 from circuitlab.patching.attribution import exact_edge_scores, oracle_frame, oracle_sample
-from circuitlab.patching.edges import ablated_context, evaluate_edge_masks
+from circuitlab.patching.edges import ablated_context, evaluate_edge_masks, with_positions
 from circuitlab.patching.engine import EngineContext
 from circuitlab.patching.faithfulness import FaithfulnessResult, curve_from_values, curve_masks
-from circuitlab.patching.path import path_patching
+from circuitlab.patching.path import Receivers, Senders, path_patching
 from circuitlab.patching.topology import ComputationalGraph
+from circuitlab.tasks.base import PromptPairs, Task
 
 
 class Prompts(ABC):
     """A dataset of prompt pairs on one model, as one batch or many (see the module docstring)."""
 
-    model: Any
-    task: Any
-    pairs: Any
+    model: TransformerBridge
+    task: Task
+    pairs: PromptPairs
 
     @abstractmethod
     def edge_contexts(self) -> Iterator[EngineContext]:
@@ -42,15 +44,19 @@ class Prompts(ABC):
         """The same prompts whose edge methods replace the corrupted run by `zero` or `mean` ablation."""
 
     @abstractmethod
-    def activation_patching(self, component: str = "z", *, positions: Any = "all",
+    def with_positions(self, mode: str | None) -> Prompts:
+        """The same prompts whose edge methods see position-aware edges (`roles`, `each`; None: plain edges)."""
+
+    @abstractmethod
+    def activation_patching(self, component: str = "z", *, positions: Positions = "all",
                             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                             config: PatchingConfig | None = None,
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
         """`activation.activation_patching` over every prompt."""
 
     @abstractmethod
-    def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q",
-                      **kwargs: Any) -> pd.DataFrame:
+    def path_patching(self, senders: Senders = "heads", receivers: Receivers = None, channel: str = "q",
+                      **kwargs: object) -> pd.DataFrame:
         """`path.path_patching` over every prompt."""
 
     @property
@@ -77,7 +83,7 @@ class Prompts(ABC):
             corrupt.append(ctx.corrupt_values.cpu())
         return torch.cat(clean), torch.cat(corrupt)
 
-    def exact_edge_scores(self, edges: Any, *, progress: bool = False) -> Tensor:
+    def exact_edge_scores(self, edges: Sequence[int] | Sequence[str] | Tensor, *, progress: bool = False) -> Tensor:
         return self.weighted(lambda ctx: exact_edge_scores(ctx, edges, progress=progress))
 
     def evaluate_edge_masks(self, masks: Tensor, *, memory_budget_mb: float = 1024.0, progress: bool = False) -> Tensor:
@@ -98,7 +104,8 @@ class Prompts(ABC):
         masks, counts = curve_masks(scores, tuple(percents))
         values, clean, corrupt = [], [], []
         for ctx in self.edge_contexts():
-            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress).cpu())
+            values.append(evaluate_edge_masks(ctx, masks, memory_budget_mb=memory_budget_mb, progress=progress,
+                                              full_is_clean=True).cpu())
             clean.append(ctx.clean_values.cpu())
             corrupt.append(ctx.corrupt_values.cpu())
         return curve_from_values(torch.cat(values, 1), torch.cat(clean), torch.cat(corrupt), counts,
@@ -123,7 +130,12 @@ class OneBatch(Prompts):
     def with_ablation(self, ablation: str | None) -> OneBatch:
         return OneBatch(self.context, None if ablation is None else ablated_context(self.context, ablation))
 
-    def activation_patching(self, component: str = "z", *, positions: Any = "all",
+    def with_positions(self, mode: str | None) -> OneBatch:
+        if mode is None:
+            return self
+        return OneBatch(with_positions(self.context, mode), with_positions(self.edges, mode))
+
+    def activation_patching(self, component: str = "z", *, positions: Positions = "all",
                             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                             config: PatchingConfig | None = None,
                             collect: Sequence[tuple[str, int]] = ()) -> pd.DataFrame:
@@ -133,8 +145,8 @@ class OneBatch(Prompts):
         return activation_patching(self.model, self.task, self.pairs, component, positions=positions, layers=layers,
                                    heads=heads, config=config, context=own)
 
-    def path_patching(self, senders: Any = "heads", receivers: Any = None, channel: str = "q",
-                      **kwargs: Any) -> pd.DataFrame:
+    def path_patching(self, senders: Senders = "heads", receivers: Receivers = None, channel: str = "q",
+                      **kwargs: object) -> pd.DataFrame:
         return path_patching(self.model, self.task, self.pairs, senders, receivers, channel, context=self.context,
                              **kwargs)
 

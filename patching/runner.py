@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.architecture import describe
 from circuitlab.patching.forward_parts import (UnsupportedModelError, block_norms, make_rope, mlp_module, original,
@@ -72,7 +73,7 @@ class Runner:
     backend = "fast"
     key_mask: Tensor | None = None  # [batch, pos] bool: keys a bidirectional model may attend to (not padding)
 
-    def __init__(self, model: Any, *, check: bool = True, atol: float | None = None) -> None:
+    def __init__(self, model: TransformerBridge, *, check: bool = True, atol: float | None = None) -> None:
         cfg = model.cfg
         self.model = model
         self.cfg = cfg
@@ -149,9 +150,13 @@ class Runner:
             resid = resid + self.W_pos[offset: offset + tokens.shape[1]]
         return resid
 
-    def unembed(self, resid: Tensor) -> Tensor:
-        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U, then any soft-cap)."""
-        logits = self.ln_final(resid) @ self.W_U + self.b_U
+    def unembed(self, resid: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Logits from final-layer residual vectors [..., d_model] (final norm, then W_U, then any soft-cap);
+        with `columns` (vocabulary ids) only those logits [..., len(columns)]."""
+        if columns is None:
+            logits = self.ln_final(resid) @ self.W_U + self.b_U
+        else:
+            logits = self.ln_final(resid) @ self.W_U[:, columns] + self.b_U[columns]
         cap = self.arch.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
@@ -281,16 +286,23 @@ class Runner:
 
     def run(self, resid: Tensor, *, start_layer: int = 0, start_at_mlp: bool = False, pos0: int = 0,
             past: KVCache | None = None, hooks: dict[tuple[str, int], Hook] | None = None,
-            state: RunState | None = None, stop_layer: int | None = None) -> Tensor:
+            state: RunState | None = None, stop_layer: int | None = None, read: Tensor | None = None) -> Tensor:
         """Run blocks `start_layer`..`stop_layer-1` on `resid` (positions pos0.. of the prompt).
 
         `resid` is the residual stream entering `start_layer` (its resid_mid if `start_at_mlp`). `past` holds
         keys/values of positions < pos0 for every layer that runs. `state`, when given, records resid_pre,
         resid_mid, K/V and any `(kind, layer)` keys pre-registered in `state.acts`. Returns the residual
-        stream after the last block run.
+        stream after the last block run; with `read` (absolute positions [B, R] of the prompts, the rows of
+        `resid` being copies of them) only the final stream at those positions [rows, R, d_model] (positions
+        before pos0 read as pos0): the last block's MLP then runs at those positions only, since nothing later
+        reads the others.
         """
         hooks = hooks or {}
         stop = self.n_layers if stop_layer is None else stop_layer
+        last = self.n_layers - 1 if read is not None and stop == self.n_layers and state is None and not any(
+            layer == self.n_layers - 1 and kind in ("resid_mid", "mlp_out", "resid_post") for kind, layer in hooks) \
+            else None  # the layer whose MLP runs at the read positions only
+        picked = False
         for layer in range(start_layer, stop):
             skip_attn = start_at_mlp and layer == start_layer
             if not skip_attn:
@@ -305,6 +317,8 @@ class Runner:
                 if state is not None and ("attn_out", layer) in state.acts:
                     state.acts[("attn_out", layer)] = attn_out
                 if self.parallel and not self.attn_only:
+                    if layer == last:
+                        resid, attn_out, picked = at_positions(resid, read, pos0), at_positions(attn_out, read, pos0), True
                     mlp_out = self._mlp(layer, self.ln2[layer](resid), hooks, state)
                     resid = resid + attn_out + mlp_out
                     resid = self._post(layer, resid, hooks, state)
@@ -317,11 +331,13 @@ class Runner:
                 resid = hooks[("resid_mid", layer)](resid)
             if state is not None:
                 state.resid_mid[layer] = resid
+            if layer == last:
+                resid, picked = at_positions(resid, read, pos0), True
             resid = resid + self._mlp(layer, self.ln2[layer](resid), hooks, state)
             resid = self._post(layer, resid, hooks, state)
         if state is not None and stop == self.n_layers:
             state.resid_final = resid
-        return resid
+        return at_positions(resid, read, pos0) if read is not None and not picked else resid
 
     def _mlp(self, layer: int, x: Tensor, hooks: dict[tuple[str, int], Hook], state: RunState | None) -> Tensor:
         out = self.post2[layer](self.mlp[layer](x))
@@ -370,6 +386,13 @@ class Runner:
             raise UnsupportedModelError(
                 f"the fast runner does not reproduce {self.cfg.architecture} exactly (max |logit diff| {diff:.3g} > "
                 f"{atol:g} x {scale:.3g})")
+
+
+def at_positions(x: Tensor, read: Tensor, pos0: int = 0) -> Tensor:
+    """Rows of a window of streams [copies * B, window, d] (starting at pos0) at absolute positions [B, R]
+    (positions before pos0 read as pos0) -> [copies * B, R, d]."""
+    idx = (read.to(x.device) - pos0).clamp(min=0).repeat(x.shape[0] // read.shape[0], 1)
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def tolerance(dtype: torch.dtype) -> float:

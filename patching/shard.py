@@ -15,13 +15,15 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
+from torch import Tensor
 
-from circuitlab.patching.activation import RESULT_COLUMNS, PatchingConfig, activation_patching, prepare
+from circuitlab.patching.activation import PatchingConfig, Positions, RESULT_COLUMNS, activation_patching, prepare
 from circuitlab.patching.attribution import exact_edge_scores
 from circuitlab.patching.components import parse_edge, parse_node
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.models import load_model
+from circuitlab.tasks.base import PromptPairs, Task
 
 MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
@@ -31,10 +33,10 @@ class PatchShard:
     """One worker's share: what to load (`model` as `load_model` takes it), the task and pairs, and its layers."""
 
     model: str
-    task: Any
-    pairs: Any
+    task: Task
+    pairs: PromptPairs
     component: str
-    positions: Any
+    positions: Positions
     layers: tuple[int, ...]
     heads: tuple[int, ...] | None
     config: PatchingConfig
@@ -92,7 +94,8 @@ def merge_shards(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return frame
 
 
-def sharded_activation_patching(model: str, task: Any, pairs: Any, component: str = "z", *, positions: Any = "all",
+def sharded_activation_patching(model: str, task: Task, pairs: PromptPairs, component: str = "z", *,
+                                positions: Positions = "all",
                                 layers: Sequence[int] | None = None, n_layers: int | None = None,
                                 heads: Sequence[int] | None = None, config: PatchingConfig | None = None,
                                 n_shards: int = 2, map_fn: MapFn | None = None, device: str = "cpu",
@@ -118,8 +121,8 @@ class EdgeShard:
     """One worker's share of an exact edge scoring: the model to load, task, pairs and its edges (names)."""
 
     model: str
-    task: Any
-    pairs: Any
+    task: Task
+    pairs: PromptPairs
     edges: tuple[str, ...]
     chunk_size: int = 16
     device: str = "cpu"
@@ -138,7 +141,7 @@ def split_edges(edges: Sequence[str], n_shards: int) -> list[list[int]]:
     return [[i for i, layer in enumerate(layer_of) if layer in set(part)] for part in parts]
 
 
-def run_edge_shard(shard: EdgeShard) -> Any:
+def run_edge_shard(shard: EdgeShard) -> Tensor:
     """Load the model and score this shard's edges exactly (`attribution.exact_edge_scores`); runs in a worker."""
     previous = torch.get_num_threads()
     torch.set_num_threads(shard.threads)
@@ -150,9 +153,9 @@ def run_edge_shard(shard: EdgeShard) -> Any:
         torch.set_num_threads(previous)
 
 
-def sharded_exact_edge_scores(model: str, task: Any, pairs: Any, edges: Sequence[str], *, n_shards: int = 2,
+def sharded_exact_edge_scores(model: str, task: Task, pairs: PromptPairs, edges: Sequence[str], *, n_shards: int = 2,
                               map_fn: MapFn | None = None, chunk_size: int = 16, device: str = "cpu",
-                              threads: int = 1) -> Any:
+                              threads: int = 1) -> Tensor:
     """`attribution.exact_edge_scores` for many edges (names), split over `n_shards` workers by receiver layer."""
     edges = list(edges)
     groups = split_edges(edges, n_shards)

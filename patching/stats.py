@@ -13,13 +13,19 @@ from typing import Callable
 import numpy as np
 
 
+def resamples(n: int, n_resamples: int, *, seed: int = 0) -> list[np.ndarray]:
+    """`n_resamples` seeded resamples of the indices 0..n-1 with replacement (each of size n): what `bootstrap`
+    evaluates a statistic on, and what `graphs.stability` rediscovers circuits on."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n, n) for _ in range(max(0, n_resamples))]
+
+
 def bootstrap(statistic: Callable[[np.ndarray], np.ndarray | float], n: int, *, n_boot: int = 1000,
               seed: int = 0) -> np.ndarray:
     """[1 + n_boot, ...]: `statistic(indices)` on all n prompts (row 0), then on seeded resamples."""
     if n < 1:
         raise ValueError(f"bootstrap needs at least one prompt, got {n}")
-    rng = np.random.default_rng(seed)
-    samples = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(max(0, n_boot))]
+    samples = [np.arange(n)] + resamples(n, n_boot, seed=seed)
     return np.stack([np.asarray(statistic(idx), dtype=float) for idx in samples])
 
 
@@ -42,4 +48,4 @@ def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tu
     return percentile_ci(bootstrap(lambda idx: values[idx].mean(), len(values), n_boot=n_boot, seed=seed))
 
 
-__all__ = ["bootstrap", "bootstrap_ci", "percentile_ci"]
+__all__ = ["bootstrap", "bootstrap_ci", "percentile_ci", "resamples"]

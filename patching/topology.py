@@ -12,18 +12,26 @@ Order: a sender writes at its `send_rank` (input −1, heads of layer l at l, th
 receiver reads every sender of lower rank than its `read_rank` (heads of layer l at l, the MLP of layer l at
 l + ½, or at l in parallel blocks (GPT-J, GPT-NeoX) where it reads what its layer's heads read; logits last).
 `can_read` on names and `ComputationalGraph` on indices both follow from these two ranks.
+
+Position-aware graphs (Haklay et al. 2025): a `PositionSplit` groups each prompt's token positions into named
+segments (one per role, and the spans between roles, for prompts aligned by role); `PositionalGraph` splits every
+edge u->v into one edge per segment, `u->v<c>@SEG`: receiver v reads u's clean output at the positions of that
+segment only. The residual stream is position-wise, so these are all the edges: information moves between
+positions only inside attention (a query at one segment reads keys/values at others).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.patching.architecture import describe
+from circuitlab.patching.architecture import Architecture, describe
 from circuitlab.patching.components import Node, edge_name, head_node, mlp_node, parse_edge, parse_node
 
 
@@ -109,16 +117,16 @@ class ComputationalGraph:
         self._sender_index = {name: i for i, name in enumerate(self.sender_names)}
 
     @classmethod
-    def from_model(cls, model: Any) -> ComputationalGraph:
+    def from_model(cls, model: TransformerBridge) -> ComputationalGraph:
         return cls.from_architecture(describe(model))
 
     @classmethod
-    def from_architecture(cls, arch: Any) -> ComputationalGraph:
+    def from_architecture(cls, arch: Architecture) -> ComputationalGraph:
         """The graph of an `architecture.Architecture` (the one place topology comes from)."""
         return cls(arch.n_layers, arch.n_heads, arch.n_kv, arch.attn_only, arch.parallel)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ComputationalGraph:
+    def from_meta(cls, meta: dict[str, object]) -> ComputationalGraph:
         """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
         `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
         return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),
@@ -211,3 +219,100 @@ def node_totals(senders: Sequence[str], receivers: Sequence[str], scores: Sequen
         if dst == "logits":
             totals["logits"] = totals.get("logits", 0.0) + value
     return totals
+
+
+# ---------------------------------------------------------------------- position-aware graphs
+
+POSITION_MODES = ("roles", "each")
+
+
+@dataclass(frozen=True)
+class PositionSplit:
+    """Each prompt's token positions grouped into named segments: `index` [batch, pos] is a position's segment
+    (0 .. len(names) - 1). Padding positions belong to the segment before them; no real token reads them."""
+
+    names: tuple[str, ...]
+    index: Tensor
+
+    def __post_init__(self) -> None:
+        if self.index.dim() != 2 or (self.index.numel() and (int(self.index.min()) < 0
+                                                             or int(self.index.max()) >= len(self.names))):
+            raise ValueError(f"a position split needs a [batch, pos] index into its {len(self.names)} segments")
+
+    def subset(self, idx: Tensor) -> PositionSplit:
+        """The split of prompts `idx` (repeats allowed)."""
+        return PositionSplit(self.names, self.index[idx.to(self.index.device)])
+
+    def positions(self, segment: int) -> Tensor:
+        """Flat indices (batch * pos + pos) of the positions in one segment."""
+        return (self.index.flatten() == segment).nonzero().flatten()
+
+
+def role_segment_names(roles: Sequence[str]) -> tuple[str, ...]:
+    """Segments of a role split: `start` (before any role), each role, and `ROLE..` (after it, up to the next)."""
+    out = ["start"]
+    for role in roles:
+        out += [role, f"{role}.."]
+    return tuple(out)
+
+
+def position_split(mode: str, positions: dict[str, Tensor], seq_len: int) -> PositionSplit:
+    """A split of prompts with role `positions` ({role: [batch]} token indices; `END` is each prompt's last
+    token): `roles` (segments named by `role_segment_names`, the same for every prompt set of the task, so
+    scores found on one set apply to another) or `each` (absolute positions `p0`, `p1`, ...: for prompts of one
+    template only, where a position means the same token everywhere)."""
+    if mode not in POSITION_MODES:
+        raise ValueError(f"edge positions {mode!r} are unknown: use one of {', '.join(POSITION_MODES)} (or none)")
+    if not positions:
+        raise ValueError("these prompts name no roles: position-aware edges need prompts aligned by role")
+    batch = int(next(iter(positions.values())).shape[0])
+    if mode == "each":
+        names = tuple(f"p{p}" for p in range(seq_len))
+        return PositionSplit(names, torch.arange(seq_len).unsqueeze(0).expand(batch, -1).clone())
+    roles = list(positions)
+    names = role_segment_names(roles)
+    index = torch.zeros(batch, seq_len, dtype=torch.long)
+    for b in range(batch):
+        at = sorted((int(positions[r][b]), i) for i, r in enumerate(roles))
+        for (pos, i), nxt in zip(at, at[1:] + [(seq_len, -1)]):
+            index[b, pos + 1:nxt[0]] = 2 + 2 * i  # the span after a role, up to the next role
+        for pos, i in reversed(at):  # two roles on one token: the first named keeps it
+            index[b, pos] = 1 + 2 * i
+    return PositionSplit(names, index)
+
+
+class PositionalGraph(ComputationalGraph):
+    """A graph whose edges are (edge, segment) pairs, segment-major: edge `s * n_base + e` is base edge e at the
+    positions of segment s, named `NAME@SEG`. Sender/receiver indices, ranks and receiver layout are the base
+    graph's, so node totals, circuits and masks read it like any graph; `mask` gives one sender x receiver
+    matrix per segment."""
+
+    def __init__(self, base: ComputationalGraph, segments: Sequence[str]) -> None:
+        self.__dict__.update(base.__dict__)
+        self.base, self.segments = base, tuple(segments)
+        n_seg = len(self.segments)
+        self.edge_sender = base.edge_sender.repeat(n_seg)
+        self.edge_receiver = base.edge_receiver.repeat(n_seg)
+        self.edge_names = [f"{name}@{seg}" for seg in self.segments for name in base.edge_names]
+        self._edge_index = {name: i for i, name in enumerate(self.edge_names)}
+
+    def edge_index(self, name: str) -> int:
+        edge, sep, seg = name.rpartition("@")
+        if not sep or seg not in self.segments:
+            raise ValueError(f"position-aware edge {name!r} must be 'EDGE@SEGMENT' with a segment among {self.segments}")
+        return self.segments.index(seg) * self.base.n_edges + self.base.edge_index(edge)
+
+    def mask(self, edges: Tensor) -> Tensor:
+        """Edge vectors [..., n_edges] to per-segment matrices [..., n_segments, n_senders, n_receivers]."""
+        per_segment = edges.reshape(*edges.shape[:-1], len(self.segments), self.base.n_edges)
+        return self.base.mask(per_segment)
+
+    def edges_vector(self, names: Sequence[str], value: float = 1.0) -> Tensor:
+        vec = torch.zeros(self.n_edges)
+        for name in names:
+            vec[self.edge_index(name)] = value
+        return vec
+
+    def pooled(self, values: Tensor) -> Tensor:
+        """Per-edge values [..., n_edges] summed over segments to the base graph's edges [..., n_base]."""
+        return values.reshape(*values.shape[:-1], len(self.segments), self.base.n_edges).sum(-2)

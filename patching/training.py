@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from circuitlab.patching.components import hook_name
 from circuitlab.patching.models import save_model
 from circuitlab.patching.reproducible import DEFAULT_THREADS, check_threads, pinned_threads
 
@@ -60,7 +61,7 @@ class TrainConfig:
     n_linear_checkpoints: int = 24
     threads: int = DEFAULT_THREADS  # torch threads while training: the weights depend on it (patching.reproducible)
 
-    def model_config(self) -> dict[str, Any]:
+    def model_config(self) -> dict[str, object]:
         """The `boot_native` config dict of this model."""
         return dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_head,
                     n_ctx=self.n_ctx, d_vocab=self.d_vocab, attn_only=True,
@@ -108,7 +109,7 @@ class FastAttnOnly(nn.Module):
     It keeps the bridge's state-dict names: `to_state_dict()` loads straight back into the bridge.
     """
 
-    def __init__(self, bridge: Any) -> None:
+    def __init__(self, bridge: TransformerBridge) -> None:
         super().__init__()
         cfg = bridge.cfg
         reason = unsupported_reason(bridge)
@@ -162,7 +163,7 @@ class FastAttnOnly(nn.Module):
         return {key: self.params[key.replace(".", "__")].detach().clone() for key in self._keys}
 
 
-def hooked_forward(model: Any, fwd_hooks: Sequence[tuple[str, Callable[..., Tensor]]] = (), *,
+def hooked_forward(model: TransformerBridge, fwd_hooks: Sequence[tuple[str, Callable[..., Tensor]]] = (), *,
                    check: Tensor | None = None) -> Callable[[Tensor], Tensor] | None:
     """A no-grad forward `tokens -> logits` of `model` with `fwd_hooks` on `hook_z`, run on `FastAttnOnly`.
 
@@ -173,7 +174,7 @@ def hooked_forward(model: Any, fwd_hooks: Sequence[tuple[str, Callable[..., Tens
     """
     if not hasattr(model, "cfg") or unsupported_reason(model):
         return None
-    layers = {f"blocks.{layer}.attn.hook_z": layer for layer in range(model.cfg.n_layers)}
+    layers = {hook_name("z", layer): layer for layer in range(model.cfg.n_layers)}
     z_hooks: dict[int, list[Callable[..., Tensor]]] = {}
     for name, fn in fwd_hooks:
         if name not in layers:
@@ -194,7 +195,7 @@ def hooked_forward(model: Any, fwd_hooks: Sequence[tuple[str, Callable[..., Tens
     return run
 
 
-def unsupported_reason(bridge: Any) -> str:
+def unsupported_reason(bridge: TransformerBridge) -> str:
     """Why `FastAttnOnly` cannot reproduce `bridge` ("" when it can)."""
     cfg = bridge.cfg
     checks = [
@@ -222,7 +223,7 @@ class TrainResult:
     resumed_from: int = 0
     fast_path: bool = True
     seconds: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.runner import Runner
 
@@ -51,7 +52,7 @@ class WorkCounter:
         self._restore.append((owner, name, getattr(owner, name)))
         setattr(owner, name, new)
 
-    def watch(self, model: Any) -> None:
+    def watch(self, model: TransformerBridge) -> None:
         """Also count `model`'s own forward calls on token batches (the hook backend, direct calls)."""
         forward = model.forward
         n_layers = int(model.cfg.n_layers)
@@ -84,7 +85,7 @@ class WorkCounter:
         self._patch(torch.autograd, "grad", counted_grad)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.active = False
         for owner, name, old in reversed(self._restore):
             if old is None:

@@ -33,7 +33,7 @@ from circuitlab.graphs.benchmark import (
 from circuitlab.graphs.groundtruth import list_groundtruth
 from circuitlab.patching.methods import method_names
 from circuitlab.reports.cell_kinds import SMOLLM2_IOI, SMOLLM2_IOI_ROW
-from circuitlab.reports.executors import make_executor
+from circuitlab.reports.executors import Executor, make_executor
 from circuitlab.reports.grid import SweepSpec, run_sweep
 from circuitlab.reports.leaderboard import add_leaderboard_arguments, leaderboard_command
 
@@ -119,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> MethodsBenchConfig:
                               quiet=args.quiet)
 
 
-def sweep_spec(cfg: MethodsBenchConfig) -> Any:
+def sweep_spec(cfg: MethodsBenchConfig) -> SweepSpec:
     """The benchmark as a sweep (`kind: bench`): models x counterfactuals x methods, one cell each.
 
     With the defaults this is `bench/methods.yaml`. SmolLM2 IOI and registry tasks of an own model have only
@@ -155,7 +155,7 @@ def _results_frame(result: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def run_methods_bench(cfg: MethodsBenchConfig, command: str = "", *, executor: Any = None,
+def run_methods_bench(cfg: MethodsBenchConfig, command: str = "", *, executor: Executor | None = None,
                       sweep_dir: str | None = None, force: bool = False) -> pd.DataFrame:
     """Run the benchmark as a sweep (cells under `sweep_dir`, default `cfg.out`/sweep) and write
     methods.md / .csv / .png under `cfg.out`; returns the results frame."""
@@ -269,7 +269,7 @@ def plot_results(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register `bench` (with its `methods` subcommand) on the CLI's subparsers; dispatches to `run_bench`."""
     bench = subparsers.add_parser("bench", help="benchmarks (methods: discovery methods vs known circuits)")
     inner = bench.add_subparsers(dest="bench_command", required=True)

@@ -53,7 +53,7 @@ def _bench_options() -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------- validation (cheap, before running)
 
-def check_params(kind: str, params: dict[str, Any], where: str) -> dict[str, Any]:
+def check_params(kind: str, params: dict[str, object], where: str) -> dict[str, object]:
     """Validated, resolved parameters of one cell (errors name the option and the cell)."""
     if kind == "run":
         unknown = sorted(set(params) - FIELDS)
@@ -115,7 +115,7 @@ def _run_result(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_run_cell(cell: Cell, folder: Path) -> dict[str, Any]:
+def run_run_cell(cell: Cell, folder: Path) -> dict[str, object]:
     """One `circuitlab run` into `folder`; returns the headline numbers of its run.json."""
     cfg = make_config({**cell.params, "out": str(folder), "threads": cell.threads})
     limit = get_method(cfg.method).max_edges
@@ -156,7 +156,7 @@ def _bench_case(params: dict[str, Any]) -> Any:
     return own_case(path, circuit, task, n, seed, cf)
 
 
-def run_bench_cell(cell: Cell, folder: Path) -> dict[str, Any]:
+def run_bench_cell(cell: Cell, folder: Path) -> dict[str, object]:
     """One method on one benchmark case; writes result.json/.csv into `folder` and returns the row."""
     params = cell.params
     case = _bench_case(params)

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from circuitlab.graphs.groundtruth import MODELS_DIR, list_groundtruth
 from circuitlab.patching.models import _smollm2_gguf
@@ -37,10 +36,10 @@ class Cell:
     """One grid point: `kind`, its parameters (plain JSON values) and the resources it asks of an executor."""
 
     kind: str
-    params: dict[str, Any]
-    resources: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, object]
+    resources: dict[str, object] = field(default_factory=dict)
 
-    def resolved(self) -> dict[str, Any]:
+    def resolved(self) -> dict[str, object]:
         """Everything that changes the cell's results (resources other than CPU threads do not)."""
         return {"kind": self.kind, "params": self.params, "threads": self.threads}
 
@@ -68,11 +67,11 @@ class CellOutcome:
     status: str
     error: str = ""
     reason: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, object] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
     wall_seconds: float = 0.0
     peak_rss_mb: float = float("nan")
-    backend: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, object] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- content address

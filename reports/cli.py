@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from circuitlab.patching.methods import run_method_names, search_names
 from circuitlab.patching.models import list_models
 from circuitlab.reports import rundir
 from circuitlab.reports.bench import add_bench_parser
-from circuitlab.reports.config import METHODS, ConfigError, build_configs, load_config_file
+from circuitlab.reports.config import ConfigError, build_configs, load_config_file
 from circuitlab.reports.executors import EXECUTORS
 from circuitlab.reports.grid import add_sweep_parser
 from circuitlab.reports.localize import add_localize_parser
@@ -64,23 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run, defaults=False)
     run.add_argument("--batch-size", type=int, default=None,
                      help="prompt pairs per batch (default: as many as --memory-budget allows)")
-    run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default eap-ig)")
+    run.add_argument("--method", default=None, help=f"one of {', '.join(run_method_names())} (default eap-ig)")
     run.add_argument("--faithfulness-target", type=float, default=None,
                      help="the circuit is the smallest one whose exact faithfulness reaches this (default 0.8)")
     run.add_argument("--circuit-method", default=None,
-                     help="how the circuit is found: auto (the method's ranking), greedy, node-pruning, "
-                          "edge-pruning, single-effect, eap, eap-ig, eap-edges, eap-ig-edges")
+                     help="how the circuit is found: auto (the method's ranking) or one of "
+                          f"{', '.join(search_names())}")
     run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
     run.add_argument("--stability-resamples", type=int, default=None,
                      help="rediscover the circuit on this many bootstrap resamples (default 0)")
     run.add_argument("--variables", default=None,
                      help="task variables (e.g. io,s) whose IIA is measured at each circuit head's output")
+    run.add_argument("--variables-heads", default=None,
+                     help="which circuit heads --variables measures: all (default), or comma-separated roles "
+                          "(name_mover, ...) and head names (a9.h6)")
     run.add_argument("--top-fraction", type=float, default=None, help="keep this fraction of scored edges/nodes")
     run.add_argument("--threshold", type=float, default=None, help="keep edges/nodes with |score| >= this")
     run.add_argument("--top-k", type=int, default=None, help="keep the k best edges/nodes")
     run.add_argument("--positions", default=None, help="exact patching positions: all, each, ROLE[,ROLE], ints or none")
     run.add_argument("--resid-positions", default=None, help="residual heatmap: each, roles or none")
+    run.add_argument("--edge-positions", default=None,
+                     help="roles: position-aware edges, each edge split by the role segment it is read at; none (default)")
     run.add_argument("--resid-layers", type=int, default=None, help="at most this many layers in the heatmap")
     run.add_argument("--steps", type=int, default=None, help="EAP-IG integration steps (default 5)")
     run.add_argument("--oracle-edges", type=int, default=None, help="edges re-scored exactly (default 200)")
@@ -140,7 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "resid_layers", "memory_budget", "batch_size", "device", "steps", "oracle_edges",
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
-                                         "stability_resamples", "backend", "variables")}
+                                         "stability_resamples", "backend", "variables", "variables_heads",
+                                         "edge_positions")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)
@@ -207,7 +214,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"run directory {args.run_dir!r} does not exist")
     kind = rundir.result_kind(folder)
-    if kind in ("sweep", "phase"):
+    if kind in ("sweep", "phase", "localize"):
         raise ConfigError(f"{args.run_dir!r} holds a circuitlab {kind} result, whose report is written with it "
                           f"({'summary.html' if kind == 'sweep' else 'report.html'}); `circuitlab report` re-renders "
                           "a `circuitlab run` folder")

@@ -19,18 +19,13 @@ from typing import Any
 
 import torch
 
-from circuitlab.graphs.faithful import FAITHFUL_METHODS
-from circuitlab.graphs.variables import variable_names
+from circuitlab.graphs.variables import head_selection, variable_names
 from circuitlab.patching.engine import BACKENDS
-from circuitlab.patching.methods import method_names  # the one registry of scoring methods (patching.methods)
+from circuitlab.patching.methods import alias_names, get_method, method_names, run_method_names, search_names
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
 
-# methods that choose the circuit themselves by exact faithfulness (`graphs.faithful`); `--method greedy` runs the
-# EAP-IG diagnostics and takes its circuit from that method (`make_config`)
-CIRCUIT_METHODS = ("greedy", "node-pruning", "edge-pruning", "single-effect")
-METHODS = method_names() + CIRCUIT_METHODS
 
 
 class ConfigError(ValueError):
@@ -53,7 +48,8 @@ class RunConfig:
     on the discovery pairs reaches `faithfulness_target`, found by `circuit_method` and reported on `heldout_n`
     held-out pairs (default `n`) from templates the discovery pairs do not use (`reports.faithful`). `auto`:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
-    `variables`: task variables (comma-separated) whose IIA is measured at each circuit head (`graphs.variables`).
+    `variables`: task variables (comma-separated) whose IIA is measured at circuit heads (`graphs.variables`):
+    `variables_heads` (all, or roles and head names; `graphs.variables.head_selection`).
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -82,7 +78,7 @@ class RunConfig:
     percents: str = "0.1,0.2,0.5,1,2,5,10,20,50,100"
     roles: bool = True
     force: bool = False
-    task_options: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, object] = field(default_factory=dict)
     faithfulness_target: float = 0.8
     circuit_method: str = "auto"
     heldout_n: int | None = None
@@ -90,6 +86,8 @@ class RunConfig:
     stability_resamples: int = 0
     backend: str = "auto"
     variables: str = ""
+    variables_heads: str = "all"
+    edge_positions: str = "none"  # roles: edges split by role segment (`patching.topology.PositionalGraph`)
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
@@ -99,7 +97,7 @@ class RunConfig:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NON_RESULT}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
     def command(self) -> str:
@@ -129,7 +127,7 @@ def _quote(text: str) -> str:
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, object]:
     """Read a YAML or JSON experiment file into a dict (keys with `-` become `_`)."""
     path = Path(path)
     if not path.is_file():
@@ -165,7 +163,7 @@ def _normalise_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def build_configs(file_values: dict[str, Any], cli_values: dict[str, Any]) -> list[RunConfig]:
+def build_configs(file_values: dict[str, object], cli_values: dict[str, object]) -> list[RunConfig]:
     """Merge defaults, a config file (possibly a sweep) and given CLI values into validated configs."""
     runs = file_values.get("runs")
     base = {k: v for k, v in file_values.items() if k != "runs"}
@@ -199,7 +197,7 @@ def _dataset_rows(task: Any) -> int | None:
         raise ConfigError(str(exc)) from None
 
 
-def make_config(values: dict[str, Any]) -> RunConfig:
+def make_config(values: dict[str, object]) -> RunConfig:
     """A validated `RunConfig` from plain values (types are checked and coerced)."""
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
@@ -207,7 +205,7 @@ def make_config(values: dict[str, Any]) -> RunConfig:
             continue
         value = values[f.name]
         kwargs[f.name] = _coerce(f.name, value)
-    if kwargs.get("method") in CIRCUIT_METHODS:  # `--method greedy`: EAP-IG diagnostics, the circuit by greedy
+    if kwargs.get("method") in alias_names():  # `--method greedy`: EAP-IG diagnostics, the circuit by greedy
         kwargs["circuit_method"], kwargs["method"] = kwargs["method"], "eap-ig"
     cfg = RunConfig(**kwargs)
     validate(cfg)
@@ -253,7 +251,7 @@ def _coerce(name: str, value: Any) -> Any:
 def validate(cfg: RunConfig) -> None:
     """Check a config without loading anything heavy; raise `ConfigError` naming the bad option."""
     if cfg.method not in method_names():
-        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {cfg.method!r}: use one of {', '.join(run_method_names())}")
     try:
         task = get_task(cfg.task)
     except ValueError as exc:
@@ -290,13 +288,15 @@ def validate(cfg: RunConfig) -> None:
         parse_positions(cfg.positions, task.roles)
     if cfg.resid_positions not in ("each", "roles", "none"):
         raise ConfigError(f"--resid-positions must be each, roles or none, got {cfg.resid_positions!r}")
+    if cfg.edge_positions not in ("none", "roles") or (cfg.edge_positions != "none" and get_method(cfg.method).level != "edge"):
+        raise ConfigError(f"--edge-positions must be none or roles (an edge method), got {cfg.edge_positions!r} with --method {cfg.method}")
     if cfg.resid_layers < 1:
         raise ConfigError(f"--resid-layers must be >= 1, got {cfg.resid_layers}")
     parse_percents(cfg.percents)
 
-    if cfg.circuit_method not in ("auto",) + FAITHFUL_METHODS:
+    if cfg.circuit_method not in ("auto",) + search_names():
         raise ConfigError(f"unknown --circuit-method {cfg.circuit_method!r}: use auto or one of "
-                          f"{', '.join(FAITHFUL_METHODS)}")
+                          f"{', '.join(search_names())}")
     if not 0.0 < cfg.faithfulness_target <= 1.0:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
@@ -309,11 +309,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--corruption applies to the ioi task only (task {task.name!r} has one corruption)")
     if cfg.corruption is not None and cfg.corruption not in ("abc", "s2_io_flip"):
         raise ConfigError(f"unknown IOI corruption {cfg.corruption!r}: use abc or s2_io_flip")
-    if cfg.variables:
+    for flag, check in (("--variables", lambda: cfg.variables and variable_names(cfg.variables, task.name)),
+                        ("--variables-heads", lambda: head_selection(cfg.variables_heads))):
         try:
-            variable_names(cfg.variables, task.name)
+            check()
         except ValueError as exc:
-            raise ConfigError(f"--variables: {exc}") from None
+            raise ConfigError(f"{flag}: {exc}") from None
 
 
 MAX_N_BOOT = 100_000
@@ -366,7 +367,7 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device!r}: circuitlab runs on cpu, cuda or mps")
 
 
-def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:
+def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> str | list[str | int]:
     """`all` / `each` / comma-separated roles or integers -> what `activation_patching(positions=)` takes."""
     text = str(spec).strip()
     if text in ("all", "each"):
@@ -374,7 +375,7 @@ def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> Any:
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise ConfigError("--positions is empty: use all, each, a role or integer positions")
-    out: list[Any] = []
+    out: list[str | int] = []
     for item in items:
         if item.lstrip("-").isdigit():
             out.append(int(item))

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, Union
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 from circuitlab.reports.cell_kinds import run_cell
 from circuitlab.reports.cells import Cell, CellOutcome
@@ -29,14 +32,14 @@ class SequentialExecutor:
     def __enter__(self) -> SequentialExecutor:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
     def run_cells(self, cells: Sequence[Cell], on_done: OnDone) -> None:
         for index, cell in enumerate(cells):
             on_done(index, run_cell(cell, self.name))
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], resources: dict[str, Any] | None = None) -> list[Any]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T], resources: dict[str, float] | None = None) -> list[R]:
         return [fn(item) for item in items]
 
 
@@ -120,7 +123,7 @@ class RayExecutor:
             self._owned = True
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._depth -= 1
         if self._owned and self._depth == 0:
             import ray  # optional dependency: circuitlab[ray]
@@ -152,7 +155,7 @@ class RayExecutor:
             for ref in pending:
                 ray.cancel(ref, force=True)
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], resources: dict[str, Any] | None = None) -> list[Any]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T], resources: dict[str, float] | None = None) -> list[R]:
         import ray  # optional dependency: circuitlab[ray]
 
         remote = ray.remote(fn).options(**_ray_options(resources, self.max_retries))
@@ -160,9 +163,10 @@ class RayExecutor:
 
 
 EXECUTORS = ("sequential", "ray")
+Executor = Union[SequentialExecutor, RayExecutor]  # what runs a sweep's cells: `map(fn, items)` in order
 
 
-def make_executor(name: str = "sequential", *, address: str | None = None, num_cpus: int | None = None) -> Any:
+def make_executor(name: str = "sequential", *, address: str | None = None, num_cpus: int | None = None) -> Executor:
     """An executor by name (`sequential` or `ray`); an address implies Ray."""
     if address or name == "ray":
         return RayExecutor(address, num_cpus=num_cpus)

@@ -2,7 +2,8 @@
 the order its faithfulness curve kept them, and the curve's measured points.
 
 The page draws from this alone (`templates/report.js`): nodes laid out by layer (heads stacked by index, the
-MLP above them), coloured by role and sized by effect; edges coloured by channel. The threshold control only
+MLP above them), coloured by role or (a run with --variables) by the variable each head carries
+(its `carries` attribute, `graphs.variables`), sized by effect; edges coloured by channel. The threshold control only
 stops at the curve's measured points, so the faithfulness it states was measured at exactly the edges drawn.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from circuitlab.graphs.draw import CHANNEL_COLORS, ROLE_COLORS
 from circuitlab.graphs.scores import ranking_key
+from circuitlab.graphs.variables import CARRIES_RULE
 from circuitlab.patching.components import head_node, parse_node
 from circuitlab.reports.result import RunResult, strongest_per_node
 
@@ -25,6 +27,8 @@ MAX_DRAWN = 400  # edges embedded (and drawn at most): the strongest ones; beyon
 EDGES_PER_NODE = 5  # strongest incoming and outgoing edges listed in a node's evidence panel
 ATTENTION_DECIMALS = 4  # attention weights embedded in the page (a probability to 1e-4 reads the same)
 COLORS = {**CHANNEL_COLORS, "mlp": "#ff7f0e", "logits": "#7f7f7f", "resid": "#555555"}
+VARIABLE_PALETTE = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628")  # one per task variable
+NO_VARIABLE = "#bdbdbd"  # a circuit head that carries none of the measured variables
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ExplorerNode:
     y: float
     in_circuit: bool
     role: str = ""
+    carries: str = ""  # the variable it carries ("": none, or not measured; `graphs.variables`)
     roles: list[str] = field(default_factory=list)
     numbers: dict[str, float | str] = field(default_factory=dict)  # score, exact_effect, evidence entries
     role_evidence: list[dict[str, object]] = field(default_factory=list)  # one per role detection of this head
@@ -84,7 +89,10 @@ class Explorer:
     role_colors: dict[str, str]
     prompts: list[list[str]] = field(default_factory=list)  # the tokens of the prompts with attention patterns
     attention: dict[str, list[list[list[float]]]] = field(default_factory=dict)  # head -> prompt -> query -> key
-
+    variables: list[str] = field(default_factory=list)  # measured task variables (run --variables)
+    variable_colors: dict[str, str] = field(default_factory=dict)  # variable -> colour; "" -> carries none
+    baselines: dict[str, float] = field(default_factory=dict)  # variable -> no-intervention held-out IIA
+    carries_rule: str = ""
 
     def to_json(self) -> str:
         """JSON for a <script type="application/json"> block (non-finite numbers as null, `</` escaped)."""
@@ -159,6 +167,7 @@ def build_explorer(result: RunResult) -> Explorer:
     names = {"input", "logits"} | set(method_scores) | set(exact) | set(graph.nodes)
     names |= set(ranked["sender"].head(MAX_DRAWN)) | set(ranked["receiver"].head(MAX_DRAWN))
     roles = _role_evidence(result.roles)
+    variables = sorted(k[len("iia_"):-len("_none")] for k in graph.graph if k.startswith("iia_") and k.endswith("_none"))
     by_abs = ranked.assign(_abs=ranked["score"].abs()).sort_values("_abs", ascending=False, kind="stable")
     incoming = {k: g.head(EDGES_PER_NODE) for k, g in by_abs.groupby("receiver", sort=False)}
     outgoing = {k: g.head(EDGES_PER_NODE) for k, g in by_abs.groupby("sender", sort=False)}
@@ -170,7 +179,9 @@ def build_explorer(result: RunResult) -> Explorer:
             data = graph.nodes[name]
             node.role, node.roles = str(data.get("role", "")), list(json.loads(data.get("roles", "[]") or "[]"))
             node.numbers = {k: _number(data[k]) for k in ("score", "exact_effect") if k in data}
-            node.numbers.update({k: _number(v) for k, v in data.items() if k.startswith("iia_")})
+            node.numbers.update({k: _number(v) for k, v in data.items() if k.startswith(("iia_", "graded_"))})
+            if kind == "head":
+                node.carries = str(data.get("carries", "") or "")
             node.numbers.update(_flat(json.loads(data.get("evidence", "{}") or "{}")))
         else:
             if name in method_scores:
@@ -186,9 +197,11 @@ def build_explorer(result: RunResult) -> Explorer:
         nodes.append(node)
     # a node method's curve ranked every graph edge by node scores, not these circuit edges: no threshold then
     curve = result.faithfulness if result.edges is not None and not result.edges.empty else None
+    colors = {v: VARIABLE_PALETTE[i % len(VARIABLE_PALETTE)] for i, v in enumerate(variables)}
     return Explorer(nodes, _edges(ranked.head(MAX_DRAWN)), _thresholds(curve), int(len(ranked)),
                     result.config.method, source, n_layers, n_heads, COLORS, ROLE_COLORS,
-                    *_attention(result.attention))
+                    *_attention(result.attention), variables, {**colors, "": NO_VARIABLE} if variables else {},
+                    {v: float(graph.graph[f"iia_{v}_none"]) for v in variables}, CARRIES_RULE if variables else "")
 
 
 def _attention(table: pd.DataFrame | None) -> tuple[list[list[str]], dict[str, list[list[list[float]]]]]:

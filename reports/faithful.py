@@ -14,25 +14,36 @@ the size forced by --top-k/--top-fraction/--threshold (`selection`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
+import networkx as nx
 import pandas as pd
 import torch
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.discovery import choose_circuit
-from circuitlab.graphs.faithful import FaithfulConfig, REUSABLE, find_faithful_circuit, prefix_curve
+from circuitlab.graphs.faithful import Contexts, FaithfulConfig, FaithfulResult, find_faithful_circuit, prefix_curve
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
-from circuitlab.graphs.selection import batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness
+from circuitlab.graphs.selection import (
+    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness,
+)
 from circuitlab.graphs.stability import inclusion_frequency
 from circuitlab.graphs.variables import head_variables, variable_names
-from circuitlab.patching.edges import prepare_edges
+from circuitlab.patching.batched import Batches
+from circuitlab.patching.edges import EdgeContext, prepare_edges
 from circuitlab.patching.mask_learning import MaskConfig
-from circuitlab.patching.methods import get_method
+from circuitlab.patching.methods import get_method, get_search
+from circuitlab.patching.topology import ComputationalGraph, PositionalGraph
+from circuitlab.reports.config import RunConfig
+from circuitlab.reports.pipeline import Pipeline
 from circuitlab.reports.result import strongest_per_node
+from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.custom import RecordsTask
 from circuitlab.tasks.split import heldout_split
+from circuitlab.reports.summaries import BaselineSummary, CircuitSummary
 
 HELDOUT_SEED_OFFSET = 1_000_003
 SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
@@ -41,7 +52,7 @@ SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
                          "this is not a held-out test"}
 
 
-def heldout_label(task: Any, discovery: Any, heldout: Any, split: str | None) -> str:
+def heldout_label(task: Task, discovery: PromptPairs, heldout: PromptPairs, split: str | None) -> str:
     """How the console names the held-out numbers: `held-out` only when the pairs are held out; otherwise why
     not and what to do (a small file gives the same rows for discovery and held-out pairs)."""
     if split != "overlapping":
@@ -54,8 +65,8 @@ def heldout_label(task: Any, discovery: Any, heldout: Any, split: str | None) ->
     return f"not held out: {source}; use --heldout-n / more rows"
 
 
-def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, options: dict[str, Any]
-                  ) -> tuple[Any, Any, str]:
+def split_prompts(task: Task, model: TransformerBridge, n: int, n_heldout: int, seed: int, options: dict[str, object]
+                  ) -> tuple[PromptPairs, PromptPairs, str]:
     """(discovery pairs, held-out pairs, how they were split: a key of `SPLITS`)."""
     try:
         disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)
@@ -68,12 +79,12 @@ def split_prompts(task: Any, model: Any, n: int, n_heldout: int, seed: int, opti
     return disc, held, "overlapping" if shared else "seed"
 
 
-def circuit_method(cfg: Any) -> str:
+def circuit_method(cfg: RunConfig) -> str:
     """The `graphs.faithful` method that finds the run's circuit: `--circuit-method`, or with `auto` the smallest
     faithful prefix of the method's own ranking (its registry entry's `circuit`, `patching.methods`). `greedy`
     (refining that prefix by exact gains) finds smaller circuits but costs one exact evaluation per candidate: on
-    SmolLM2 IOI (16 pairs, 2 cores, bench/results/circuits.txt) EAP-IG's prefix kept 39 heads (held-out 0.866) in
-    72 s, greedy 26 heads (held-out 0.992) in 181 s."""
+    SmolLM2 IOI (16 pairs, 2 cores, bench/results/circuits_2026-11-28.txt) EAP-IG's prefix kept 39 heads
+    (held-out 0.866) in 72 s, greedy 26 heads (held-out 0.992) in 181 s."""
     return cfg.circuit_method if cfg.circuit_method != "auto" else get_method(cfg.method).circuit
 
 
@@ -83,7 +94,8 @@ def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
                                       "ci_low_heldout", "ci_high_heldout"]]
 
 
-def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict[str, Any], pd.DataFrame]:
+def _baseline(p: Pipeline, evaluator: CircuitEvaluator, held_eval: CircuitEvaluator,
+              config: FaithfulConfig) -> tuple[BaselineSummary, pd.DataFrame]:
     """Top-k heads by single exact effect (the run's exact activation-patching stage), chosen and measured like
     the circuit: the smallest prefix reaching the target on the discovery pairs, then on held-out pairs."""
     exact = strongest_per_node(p.result.exact[p.result.exact["component"] == "z"]).set_index("node")["effect"]
@@ -94,14 +106,14 @@ def _baseline(p: Any, evaluator: Any, held_eval: Any, config: Any) -> tuple[dict
     sizes = [int(s) for s in chosen.curve["size"]]
     held = prefix_curve(held_eval, ranked, sizes, n_boot=config.n_boot, seed=config.seed)
     row = held[held["size"] == chosen.size].iloc[0]
-    summary = {"ranking": "single exact effect", "heads": chosen.size, "reached": chosen.reached,
-               "discovery": chosen.faithfulness, "discovery_ci": list(chosen.ci),
-               "heldout": float(row["faithfulness"]), "heldout_ci": [float(row["ci_low"]), float(row["ci_high"])],
-               "candidates": chosen.candidates}
+    summary = BaselineSummary(ranking="single exact effect", heads=chosen.size, reached=chosen.reached,
+                              discovery=chosen.faithfulness, discovery_ci=tuple(chosen.ci),
+                              heldout=float(row["faithfulness"]),
+                              heldout_ci=(float(row["ci_low"]), float(row["ci_high"])), candidates=chosen.candidates)
     return summary, _curve(chosen.curve, held, "top-k heads by single exact effect (baseline)")
 
 
-def faithful_config(cfg: Any, n_discovery: int) -> Any:
+def faithful_config(cfg: RunConfig, n_discovery: int) -> FaithfulConfig:
     """The `graphs.faithful.FaithfulConfig` of a run's circuit stage (`cfg`: a `RunConfig`)."""
     batch = min(8, n_discovery)
     return FaithfulConfig(target=cfg.faithfulness_target, eap_ig_steps=cfg.steps, n_boot=cfg.n_boot, seed=cfg.seed,
@@ -110,8 +122,10 @@ def faithful_config(cfg: Any, n_discovery: int) -> Any:
                           edge_masks=MaskConfig(level="edge", steps=cfg.mask_steps, seed=cfg.seed, batch_size=batch))
 
 
-def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = None, log: Any = None,
-                batches: Any = None, heldout_batches: Any = None, n_discovery: int | None = None) -> Any:
+def run_circuit(cfg: RunConfig, discovery: EdgeContext, heldout: EdgeContext | None, *,
+                edge_scores: Tensor | None = None, log: Callable[[str], None] | None = None,
+                batches: Contexts | None = None, heldout_batches: Contexts | None = None,
+                n_discovery: int | None = None) -> FaithfulResult:
     """The run's circuit (`graphs.faithful.FaithfulResult`): `circuit_method(cfg)` with the run's options on the
     discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
     scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/`heldout_batches`: the
@@ -121,30 +135,36 @@ def run_circuit(cfg: Any, discovery: Any, heldout: Any, *, edge_scores: Any = No
                                  log=log, batches=batches, heldout_batches=heldout_batches)
 
 
-def _contexts(parts: Any) -> tuple[Any, int]:
+def _contexts(parts: Batches) -> tuple[Contexts, int]:
     """(callable yielding one edge context per prompt batch of `parts` (`patching.batched.Batches`: kept, not
     rebuilt, when every prompt fits in one batch), batch size)."""
     return parts.edge_contexts, parts.batch_size or parts.n
 
 
-def circuit_stage(p: Any) -> dict[str, Any]:
+def circuit_stage(p: Pipeline) -> dict[str, object]:
     """Find, check and compare the run's faithful circuit (see the module docstring); RunResult fields."""
     cfg, say = p.cfg, p.say
     method = circuit_method(cfg)
     discovery, heldout = p.pairs(), p.result.heldout_pairs.to(cfg.device)
+    search = get_search(method)
     edge_scores, reused = None, ""
-    if p.result.edges is not None and method in REUSABLE and (cfg.method in ("eap-ig", "eap") or
-                                                              method == "ranking-edges"):
-        edge_scores, reused = p.scores()[0].ranking().float(), f"the run's {cfg.method} scores"
-    (disc_parts, disc_size), (held_parts, held_size) = _contexts(p.batches()), _contexts(p.batches("heldout"))
+    positional = cfg.edge_positions != "none" and search.level == "edge"  # edge circuits over position-aware edges
+    if p.result.edges is not None and search.can_reuse(cfg.method):
+        edges = p.scores()[0]
+        edge_scores, reused = edges.ranking().float(), f"the run's {cfg.method} scores"
+        if isinstance(edges.graph, PositionalGraph) and not positional:  # heads ranked by scores summed over segments
+            edge_scores, reused = edges.graph.pooled(edge_scores), reused + " summed over position segments"
+    batches = p.edge_batches if positional else p.batches
+    (disc_parts, disc_size), (held_parts, held_size) = _contexts(batches()), _contexts(batches("heldout"))
     batched = disc_size < len(discovery) or held_size < len(heldout)
     full = {}  # contexts over every prompt, built only where needed
 
-    def whole(name: str) -> Any:
+    def whole(name: str) -> EdgeContext:
         if name not in full:
-            parts = p.batches() if name == "discovery" else p.batches("heldout")
+            parts = batches() if name == "discovery" else batches("heldout")
             full[name] = next(parts.edge_contexts()) if parts.keeps_contexts() else prepare_edges(
-                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner())
+                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner(),
+                positions=cfg.edge_positions if positional else None)
         return full[name]
 
     config = faithful_config(cfg, len(discovery))
@@ -166,11 +186,7 @@ def circuit_stage(p: Any) -> dict[str, Any]:
             say(f"  note: {memory}")
         found = run_circuit(cfg, whole("discovery"), whole("heldout"), edge_scores=edge_scores, log=say)
         evaluators = (nodes(whole("discovery")), nodes(whole("heldout")))
-    ranking_name = {"greedy": f"{cfg.method if reused else 'eap-ig'} (greedy starts from its faithful prefix)",
-                    "eap-ig": "eap-ig node scores", "eap": "eap node scores",
-                    "node-pruning": "learned node masks", "edge-pruning": "learned edge masks",
-                    "single-effect": "single-head noising effect",
-                    "ranking-edges": f"{cfg.method} edge ranking"}.get(method, method)
+    ranking_name = search.ranking_label(cfg.method if reused else None)
     curves = [_curve(found.circuit.curve, found.heldout_curve, f"{ranking_name} prefix")]
     baseline = None
     if p.result.exact is not None and (p.result.exact["component"] == "z").any():
@@ -179,16 +195,15 @@ def circuit_stage(p: Any) -> dict[str, Any]:
         curves.append(base_curve)
     held_f, held_ci = found.heldout
     label = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
-    summary = {"method": method, "ranking": ranking_name, "level": found.level, "target": cfg.faithfulness_target,
-               "items": found.circuit.items, "reached": found.circuit.reached,
-               "discovery": found.circuit.faithfulness, "discovery_ci": list(found.circuit.ci),
-               "heldout": held_f, "heldout_ci": list(held_ci), "heldout_reached": bool(held_f >= cfg.faithfulness_target),
-               "sizes": found.sizes, "candidates": found.circuit.candidates, "added": list(found.circuit.added),
-               "n_discovery": len(discovery),
-               "n_heldout": len(heldout), "split": p.result.model.get("heldout_split", "templates"),
-               "heads_only": config.heads_only,
-               "notes": "; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
-               "seconds": round(found.seconds, 3), "baseline": baseline}
+    summary = CircuitSummary(
+        method=method, ranking=ranking_name, level=found.level, target=cfg.faithfulness_target,
+        items=tuple(found.circuit.items), reached=found.circuit.reached, discovery=found.circuit.faithfulness,
+        discovery_ci=tuple(found.circuit.ci), heldout=held_f, heldout_ci=tuple(held_ci),
+        heldout_reached=bool(held_f >= cfg.faithfulness_target), sizes=found.sizes,
+        candidates=found.circuit.candidates, added=tuple(found.circuit.added), n_discovery=len(discovery),
+        n_heldout=len(heldout), split=p.result.model.get("heldout_split", "templates"), heads_only=config.heads_only,
+        notes="; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
+        seconds=round(found.seconds, 3), baseline=baseline)
     stability = None
     if cfg.stability_resamples > 0:
         say(f"  stability: rediscovering on {cfg.stability_resamples} bootstrap resamples")
@@ -198,16 +213,16 @@ def circuit_stage(p: Any) -> dict[str, Any]:
         stability = inclusion_frequency(
             whole("discovery"), lambda sub: find_faithful_circuit(sub, method, quick).circuit.items,
             n_resamples=cfg.stability_resamples, seed=cfg.seed, reference=found.circuit.items)
-    say(f"  circuit: {found.sizes['heads']} heads, {found.sizes['mlps']} MLPs, {found.sizes['edges']} edges; "
+    say(f"  circuit: {found.sizes.heads} heads, {found.sizes.mlps} MLPs, {found.sizes.edges} edges; "
         f"faithfulness {found.circuit.faithfulness:.3f} (discovery), {held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
-        f"({label})" + (f"; baseline top-{baseline['heads']} heads: {baseline['heldout']:.3f} ({label})"
+        f"({label})" + (f"; baseline top-{baseline.heads} heads: {baseline.heldout:.3f} ({label})"
                         if baseline else ""))
     return {"faithful": summary, "faithful_curve": pd.concat(curves, ignore_index=True),
             "faithful_ranking": found.ranking, "stability": stability,
             "circuit_prompts": _per_prompt(evaluators[0], found)}
 
 
-def _per_prompt(evaluator: Any, found: Any) -> pd.DataFrame | None:
+def _per_prompt(evaluator: CircuitEvaluator, found: FaithfulResult) -> pd.DataFrame | None:
     """The chosen node circuit's metric on each discovery prompt (the report's per-prompt view: where it fails);
     None for an edge-level circuit or one with items the head evaluator does not know."""
     if found.level != "node" or not set(found.circuit.items) <= set(evaluator.items):
@@ -216,55 +231,56 @@ def _per_prompt(evaluator: Any, found: Any) -> pd.DataFrame | None:
     return pd.DataFrame({"prompt": range(len(values)), "circuit": values})
 
 
-def faithful_graph(summary: dict[str, Any], ranking: pd.DataFrame, graph: Any, name: str) -> Any:
+def faithful_graph(summary: CircuitSummary, ranking: pd.DataFrame, graph: ComputationalGraph,
+                   name: str) -> nx.MultiDiGraph:
     """The circuit graph of a faithful selection (node circuits: the kept heads/MLPs with implied edges)."""
     scores = ranking.set_index("item")["score"]
-    items = summary["items"]
+    items = summary.items
     values = {i: (float(scores[i]) or 1e-12) for i in items}  # chosen items are clear of zero; keep them drawable
-    if summary["level"] == "edge":
-        circuit = Circuit(graph, graph.edges_vector(items).bool(), summary["method"], None, values)
+    if summary.level == "edge":
+        circuit = Circuit(graph, graph.edges_vector(items).bool(), summary.method, None, values)
     else:
-        circuit = Circuit.from_nodes(graph, items, summary["method"], values)
+        circuit = Circuit.from_nodes(graph, items, summary.method, values)
     out = circuit.to_networkx(name)
-    out.graph.update(faithfulness_heldout=float(summary["heldout"]), faithfulness_discovery=float(summary["discovery"]),
-                     faithfulness_target=float(summary["target"]),
-                     mlps_recomputed=bool(summary["heads_only"] and summary["level"] == "node"))
+    out.graph.update(faithfulness_heldout=float(summary.heldout), faithfulness_discovery=float(summary.discovery),
+                     faithfulness_target=float(summary.target),
+                     mlps_recomputed=bool(summary.heads_only and summary.level == "node"))
     return out
 
 
-def faithful_paragraphs(summary: dict[str, Any]) -> list[str]:
+def faithful_paragraphs(summary: CircuitSummary) -> list[str]:
     """The report's statement of the circuit's faithfulness (headline: held-out) beside the baseline."""
-    sizes = summary["sizes"]
-    held, (lo, hi) = summary["heldout"], summary["heldout_ci"]
-    verdict = "reaches" if summary["heldout_reached"] else "does NOT reach"
-    how = SPLITS.get(summary["split"], summary["split"])
+    sizes = summary.sizes
+    held, (lo, hi) = summary.heldout, summary.heldout_ci
+    verdict = "reaches" if summary.heldout_reached else "does NOT reach"
+    how = SPLITS.get(summary.split, summary.split)
     kept = ("every other head's output is replaced by its corrupted-run value at all positions; MLPs and "
-            "embeddings are recomputed" if summary["heads_only"] and summary["level"] == "node" else
+            "embeddings are recomputed" if summary.heads_only and summary.level == "node" else
             "every other edge carries its corrupted-run value")
-    found = "reaches" if summary["reached"] else "does not reach (the whole ranking is kept)"
+    found = "reaches" if summary.reached else "does not reach (the whole ranking is kept)"
     out = [
-        f"Held-out faithfulness {_f(held)} (95% CI {_f(lo)} to {_f(hi)}) on {summary['n_heldout']} pairs {how}: the "
-        f"circuit {verdict} the target {summary['target']}.",
-        f"Circuit: {sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges, found by "
-        f"`{summary['method']}` ({summary['ranking']}) as the smallest circuit whose exact faithfulness on the "
-        f"{summary['n_discovery']} discovery pairs {found} {summary['target']}: {_f(summary['discovery'])} (95% CI "
-        f"{_f(summary['discovery_ci'][0])} to {_f(summary['discovery_ci'][1])}); {summary['candidates']} components "
+        f"Held-out faithfulness {_f(held)} (95% CI {_f(lo)} to {_f(hi)}) on {summary.n_heldout} pairs {how}: the "
+        f"circuit {verdict} the target {summary.target}.",
+        f"Circuit: {sizes.heads} heads, {sizes.mlps} MLPs, {sizes.edges} edges, found by "
+        f"`{summary.method}` ({summary.ranking}) as the smallest circuit whose exact faithfulness on the "
+        f"{summary.n_discovery} discovery pairs {found} {summary.target}: {_f(summary.discovery)} (95% CI "
+        f"{_f(summary.discovery_ci[0])} to {_f(summary.discovery_ci[1])}); {summary.candidates} components "
         f"had scores clear of zero" + (
-            f"; the whole ranking fell short, so {', '.join(summary['added'])} entered by exact faithfulness gain "
-            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.get("added") else
+            f"; the whole ranking fell short, so {', '.join(summary.added)} entered by exact faithfulness gain "
+            "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.added else
             " (no other may enter)") + f". In the circuit's evaluation {kept}."
-        + (f" ({summary['notes']}.)" if summary.get("notes") else ""),
+        + (f" ({summary.notes}.)" if summary.notes else ""),
     ]
-    base = summary.get("baseline")
+    base = summary.baseline
     if base:
-        reach = "reaches" if base["reached"] else "does not reach"
+        reach = "reaches" if base.reached else "does not reach"
         out.append(f"Baseline, top-k heads by single exact effect: the smallest such circuit that {reach} the target "
-                   f"on the discovery pairs keeps {base['heads']} heads (discovery {_f(base['discovery'])}, held-out "
-                   f"{_f(base['heldout'])}, 95% CI {_f(base['heldout_ci'][0])} to {_f(base['heldout_ci'][1])}).")
+                   f"on the discovery pairs keeps {base.heads} heads (discovery {_f(base.discovery)}, held-out "
+                   f"{_f(base.heldout)}, 95% CI {_f(base.heldout_ci[0])} to {_f(base.heldout_ci[1])}).")
     return out
 
 
-def selection(cfg: Any) -> Any:
+def selection(cfg: RunConfig) -> Selection | None:
     """The configured circuit selection, or None for the method's default (see `graphs.discovery`)."""
     for key in ("top_fraction", "threshold", "top_k"):
         if getattr(cfg, key) is not None:
@@ -272,16 +288,16 @@ def selection(cfg: Any) -> Any:
     return None
 
 
-def build_circuit(p: Any) -> Any:
+def build_circuit(p: Pipeline) -> nx.MultiDiGraph:
     """The circuit graph — the faithful circuit, or the forced selection (--top-k/--top-fraction/--threshold) from
     the method's scores — with exact effects, measured roles and (--variables) each head's IIA on its nodes."""
     cfg = p.cfg
     if selection(cfg) is None and p.result.faithful is not None:  # the faithful circuit (`reports.faithful`)
         summary = p.result.faithful
         graph = faithful_graph(summary, p.result.faithful_ranking, p.graph(),
-                               f"{cfg.task} on {Path(cfg.model).name} ({summary['method']})")
+                               f"{cfg.task} on {Path(cfg.model).name} ({summary.method})")
     else:
-        if cfg.method == "acdc" and not p.result.acdc_summary["kept_edges"]:
+        if p.result.acdc_summary is not None and not p.result.acdc_summary.kept_edges:
             raise RuntimeError(f"ACDC at threshold {cfg.acdc_threshold} removed every edge; lower --acdc-threshold")
         edges, nodes = p.scores()
         circuit = choose_circuit(edges if edges is not None else nodes, selection(cfg), get_method(cfg.method).level)
@@ -294,12 +310,14 @@ def build_circuit(p: Any) -> Any:
     if p.result.roles is not None and not p.result.roles.empty:
         graph = assign_roles(graph, p.result.roles)
     if cfg.variables:  # circuits that carry variables: each head's IIA per variable (`graphs.variables`)
-        p.say(f"[variables] IIA of {cfg.variables} at each circuit head's output on held-out counterfactual pairs")
-        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed)
+        p.say(f"[variables] IIA of {cfg.variables} at the output of circuit heads: {cfg.variables_heads} (held-out "
+              "counterfactual pairs)")
+        graph = head_variables(graph, p.model(), cfg.task, variable_names(cfg.variables, cfg.task), n=2 * cfg.n, seed=cfg.seed,
+                               runner=p.runner(), heads=cfg.variables_heads)
     return graph
 
 
-def _f(value: Any) -> str:
+def _f(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 

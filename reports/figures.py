@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import matplotlib
 
@@ -12,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+
+from circuitlab.reports.summaries import CircuitSummary, FaithfulnessSummary  # noqa: E402
 
 
 def png_bytes(fig: plt.Figure, dpi: int = 110) -> bytes:
@@ -99,7 +100,7 @@ def resid_heatmap(grid: pd.DataFrame, labels: list[str]) -> plt.Figure:
     return fig
 
 
-def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Figure:
+def faithfulness_figure(curve: pd.DataFrame, summary: FaithfulnessSummary | None) -> plt.Figure:
     """Faithfulness f(k) of top-k% circuits, signed and absolute selections, with bootstrap bands."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     colors = {"signed": "#1b9e77", "absolute": "#7570b3"}
@@ -116,13 +117,13 @@ def faithfulness_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Fig
     ax.set_ylabel("faithfulness (0 = corrupt, 1 = full model)")
     title = "Faithfulness of top-k circuits"
     if summary:
-        title += f"\nCPR {summary['cpr']:.3f}, CMD {summary['cmd']:.3f}"
+        title += f"\nCPR {summary.cpr:.3f}, CMD {summary.cmd:.3f}"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return fig
 
 
-def circuit_size_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Figure:
+def circuit_size_figure(curve: pd.DataFrame, summary: CircuitSummary) -> plt.Figure:
     """Exact faithfulness against circuit size for each ranking (discovery solid, held-out dashed, 95% bands),
     the chosen circuit marked on both prompt sets and the target as a line."""
     fig, ax = plt.subplots(figsize=(6.8, 4.0))
@@ -135,13 +136,13 @@ def circuit_size_figure(curve: pd.DataFrame, summary: dict[str, Any]) -> plt.Fig
                     label=f"{ranking}, {label}")
             ax.fill_between(x, group[f"ci_low{suffix}"].astype(float), group[f"ci_high{suffix}"].astype(float),
                             color=color, alpha=0.12)
-    size = float(summary["sizes"]["edges" if summary["level"] == "edge" else "heads"])
-    ax.scatter([size, size], [summary["discovery"], summary["heldout"]], marker="*", s=140, color="black", zorder=5,
-               label=f"chosen circuit ({summary['method']}): discovery, held-out")
-    ax.axhline(float(summary["target"]), color="red", lw=0.8, ls=":", label=f"target {summary['target']}")
+    size = float((summary.sizes.edges if summary.level == "edge" else summary.sizes.heads))
+    ax.scatter([size, size], [summary.discovery, summary.heldout], marker="*", s=140, color="black", zorder=5,
+               label=f"chosen circuit ({summary.method}): discovery, held-out")
+    ax.axhline(float(summary.target), color="red", lw=0.8, ls=":", label=f"target {summary.target}")
     ax.axhline(0.0, color="black", lw=0.6)
     ax.set_xscale("log")
-    ax.set_xlabel(f"circuit size ({'edges' if summary['level'] == 'edge' else 'heads kept'})")
+    ax.set_xlabel(f"circuit size ({'edges' if summary.level == 'edge' else 'heads kept'})")
     ax.set_ylabel("faithfulness (0 = corrupt, 1 = full model)")
     ax.set_title("Exact faithfulness against circuit size", fontsize=10)
     ax.legend(fontsize=7)
@@ -160,5 +161,18 @@ def agreement_figure(panels: list[tuple[str, np.ndarray, np.ndarray, str, str]])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def iia_heatmap(grid: pd.DataFrame, title: str) -> plt.Figure:
+    """Held-out IIA over layers × sites (0 to 1), the `circuitlab localize` heatmap of one featurizer."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 + 0.7 * grid.shape[1]), max(3.0, 1.2 + 0.28 * grid.shape[0])))
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index], fontsize=7)
+    ax.set(xlabel="site (component@position)", ylabel="layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="test IIA")
     fig.tight_layout()
     return fig

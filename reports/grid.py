@@ -19,6 +19,7 @@ peak memory, backend), DIR/sweep.parquet and sweep.csv (one row per cell), DIR/s
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import itertools
 import json
@@ -36,7 +37,7 @@ from circuitlab.reports import rundir, store
 from circuitlab.reports.cell_kinds import check_params
 from circuitlab.reports.cells import Cell, CellOutcome, cell_key, model_fingerprint
 from circuitlab.reports.config import ConfigError
-from circuitlab.reports.executors import SequentialExecutor, make_executor
+from circuitlab.reports.executors import Executor, SequentialExecutor, make_executor
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.reports.sweep_summary import write_summary
 
@@ -50,13 +51,13 @@ class SweepSpec:
     """A parsed sweep file: the kind of cell, the grid, shared options, per-cell resources, exclusions."""
 
     kind: str = "run"
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)
-    exclude: list[dict[str, Any]] = field(default_factory=list)
+    grid: dict[str, list[object]] = field(default_factory=dict)
+    options: dict[str, object] = field(default_factory=dict)
+    resources: dict[str, object] = field(default_factory=dict)
+    exclude: list[dict[str, object]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "sweep") -> SweepSpec:
+    def from_dict(cls, data: dict[str, object], where: str = "sweep") -> SweepSpec:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: a sweep file holds a mapping with {', '.join(SWEEP_KEYS)}")
         unknown = sorted(set(data) - set(SWEEP_KEYS))
@@ -102,7 +103,7 @@ class SweepSpec:
             raise ConfigError(f"sweep file {str(path)!r} cannot be parsed: {str(exc).splitlines()[0]}") from exc
         return cls.from_dict(data, str(path))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "grid": self.grid, "options": self.options, "resources": self.resources,
                 "exclude": self.exclude}
 
@@ -176,7 +177,7 @@ def _fingerprint(cell: Cell) -> str:
         return f"unreadable: {exc}"
 
 
-def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = None, force: bool = False,
+def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Executor | None = None, force: bool = False,
               say: Callable[[str], None] = lambda s: None) -> SweepResult:
     """Run every cell not already finished under `out` (all of them with `force`); write the table and summary.
 
@@ -224,7 +225,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike[str], *, executor: Any = N
             "status": table["status"].value_counts().to_dict() if len(table) else {}})
         write_table(out, table)
 
-    write_summary(out, table, spec)
+    write_summary(out, table, spec.kind)
     return SweepResult(table, ran, reused, out)
 
 
@@ -273,7 +274,7 @@ def write_table(out: Path, table: pd.DataFrame) -> None:
 
 # ---------------------------------------------------------------------- command line
 
-def add_sweep_parser(subparsers: Any) -> Any:
+def add_sweep_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register `circuitlab sweep CONFIG --out DIR` on the CLI's subparsers."""
     p = subparsers.add_parser("sweep", help="a grid of runs (models x tasks x methods x ...), sequential or on Ray")
     p.add_argument("config", help="YAML/JSON sweep file (grid, options, resources; see README)")

@@ -47,6 +47,7 @@ from circuitlab.reports.grid import SweepResult, SweepSpec, collect_table, run_s
 from circuitlab.reports.leaderboard_cell import SCORES_FILE, model_graph
 from circuitlab.reports.page import Section, to_html
 from circuitlab.reports.plots import faithfulness_curve
+from circuitlab.reports.summaries import FaithfulnessSummary
 
 DEFAULT_TASKS = ("ioi", "capitals", "greater_than", "repeated_tokens")
 COLUMNS = ["model", "task", "method", "status", "cpr", "cpr_low", "cpr_high", "cmd", "cmd_low", "cmd_high",
@@ -114,7 +115,7 @@ def sweep_spec(args: argparse.Namespace) -> SweepSpec:
                                 "resources": {"num_cpus": args.threads}})
 
 
-def leaderboard_frame(result: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def leaderboard_frame(result: SweepResult) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The leaderboard rows (`COLUMNS`, grid order) and each finished cell's held-out curve."""
     table = result.table.copy()
     for col in COLUMNS:
@@ -209,7 +210,9 @@ def html_page(frame: pd.DataFrame, curves: dict[str, pd.DataFrame], command: str
                 continue
             stem = f"curve-{r['cell']}"
             section.figures.append((stem, f"{r['model']} / {task} / {r['method']}", b""))
-            section.plots[stem] = faithfulness_curve(curve, {"cpr": r["cpr"], "cmd": r["cmd"]}, None)
+            summary = FaithfulnessSummary(cpr=r["cpr"], cpr_ci=(r["cpr_low"], r["cpr_high"]), cmd=r["cmd"],
+                                          cmd_ci=(r["cmd_low"], r["cmd_high"]))
+            section.plots[stem] = faithfulness_curve(curve, summary, None)
         if section.figures:
             sections.append(section)
     record = {"task": {"name": "leaderboard"}, "model": {"name": ", ".join(dict.fromkeys(frame["model"]))},

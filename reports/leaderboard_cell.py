@@ -15,10 +15,10 @@ import io
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.leaderboard import LeaderboardConfig, known_methods, leaderboard_cell
 from circuitlab.patching.architecture import describe
@@ -30,7 +30,7 @@ from circuitlab.reports import store
 from circuitlab.reports.cells import Cell, SkipCell
 from circuitlab.reports.config import ConfigError
 from circuitlab.tasks import get_task
-from circuitlab.tasks.base import TaskUnsupportedError
+from circuitlab.tasks.base import Task, TaskUnsupportedError
 from circuitlab.tasks.custom import load_task
 from circuitlab.tasks.split import rephrased_split
 
@@ -42,13 +42,13 @@ def _options() -> tuple[str, ...]:
     return tuple(f.name for f in fields(LeaderboardConfig) if f.name != "seed")
 
 
-def leaderboard_config(params: dict[str, Any]) -> LeaderboardConfig:
+def leaderboard_config(params: dict[str, object]) -> LeaderboardConfig:
     """The cell's `LeaderboardConfig` (lists from JSON become tuples)."""
     options = {k: (tuple(params[k]) if isinstance(params[k], list) else params[k]) for k in _options() if k in params}
     return LeaderboardConfig(seed=int(params.get("seed", 0)), **options)
 
 
-def check_leaderboard_params(params: dict[str, Any], where: str) -> dict[str, Any]:
+def check_leaderboard_params(params: dict[str, object], where: str) -> dict[str, object]:
     """Validated, resolved parameters of one leaderboard cell (errors name the option and the cell)."""
     known = set(LEADERBOARD_FIELDS) | set(_options())
     unknown = sorted(set(params) - known)
@@ -71,17 +71,17 @@ def check_leaderboard_params(params: dict[str, Any], where: str) -> dict[str, An
     return resolved
 
 
-def _task(name: str) -> Any:
+def _task(name: str) -> Task:
     path = Path(name).expanduser()
     return load_task(path) if path.is_file() else get_task(name.replace("-", "_"))
 
 
-def model_graph(model: Any) -> ComputationalGraph:
+def model_graph(model: TransformerBridge) -> ComputationalGraph:
     """The edge graph of a loaded model (the engine's: `ComputationalGraph.from_architecture`)."""
     return ComputationalGraph.from_architecture(describe(model))
 
 
-def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, Any]:
+def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, object]:
     """One method on one model and task (see the module docstring); returns the row."""
     cpu_start = time.process_time()
     p = cell.params

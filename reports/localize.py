@@ -3,35 +3,34 @@
 Writes into `--out` through the run-folder module (`reports.rundir`: locked, staged, published in one step,
 every output hashed in `run.json`): `iia.parquet` / `iia.csv` (one row per site × featurizer × dims × split),
 `counterfactuals.jsonl` (every pair used, with its split; a valid `--task FILE`), `rotations.safetensors` (the
-learned and fitted subspaces, `[k, d]` per site and featurizer), `report.md` and `localize.html` (an IIA
-heatmap over layers × positions per featurizer on the test pairs, with the controls beside it).
+learned and fitted subspaces, `[k, d]` per site and featurizer) and the standard report (`reports.localize_report`:
+report.html / report.md with figures/, an IIA heatmap over layers × sites per featurizer on the test pairs, the
+controls beside it). `--backend auto|fast|hook` picks the engine runner as `run` and `patch` do (in run.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from circuitlab.patching.engine import make_runner
+from circuitlab.patching.engine import BACKENDS, make_runner
 from circuitlab.patching.localize import KNOWN, LocalizeConfig, LocalizeResult, default_sites, localize
 from circuitlab.patching.models import load_model, weight_hash
 from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError, check_device, check_seed
+from circuitlab.reports.localize_report import write_report
 from circuitlab.tasks.causal import causal_model
 from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.custom import looks_like_path
 
 
-def add_localize_parser(sub: Any) -> None:
+def add_localize_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("localize", help="localise a causal variable: interchange interventions and DAS over sites")
     p.add_argument("--task", default="ioi", help="a task with a causal model (ioi, capitals, greater_than, "
                    "repeated_tokens) or a counterfactual file (.jsonl/.csv)")
@@ -55,6 +54,8 @@ def add_localize_parser(sub: Any) -> None:
     p.add_argument("--memory-budget", type=float, default=2048.0, help="MB per batch of pairs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto (the fast runner where it reproduces "
+                   "the model, else the exact hook backend), fast or hook")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_localize)
 
@@ -84,7 +85,10 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     say(f"loading model {args.model}")
     model = load_model(args.model, device=args.device)
-    runner, backend, _ = make_runner(model)
+    try:
+        runner, backend, reason = make_runner(model, args.backend)
+    except ValueError as exc:  # --backend fast on a model it does not reproduce
+        raise ConfigError(str(exc)) from None
     try:  # bad data and bad sites fail here, before --out is touched
         if looks_like_path(args.task):
             cf = read_counterfactuals(args.task, model)
@@ -107,92 +111,30 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     with rundir.locked(out):
         result = localize(model, cf, sites=sites, config=config, runner=runner)
         staging = rundir.fresh_staging(out)
-        write_outputs(result, staging)
-        store.write_json(staging / rundir.RECORD, {
-            "command": "circuitlab localize", "kind": "localize", "task": args.task, "variable": result.variable,
-            "config": asdict(config), "seed": args.seed, "backend": backend,
-            "model": {"name": args.model, "weight_hash": weight_hash(model)},
-            "split": {s: result.counterfactuals.split.count(s) for s in ("train", "test")},
-            "wall_seconds": round(time.time() - started, 3), "outputs": rundir.manifest(staging)})
+        record = {"command": "circuitlab localize", "kind": "localize", "task": args.task, "variable": result.variable,
+                  "config": asdict(config), "seed": args.seed,
+                  "engine": {"backend": backend, "requested": args.backend, "reason": reason},
+                  "model": {"name": args.model, "weight_hash": weight_hash(model)},
+                  "split": {s: result.counterfactuals.split.count(s) for s in ("train", "test")}}
+        write_outputs(result, record, staging)
+        store.write_json(staging / rundir.RECORD, {**record, "wall_seconds": round(time.time() - started, 3),
+                                                   "outputs": rundir.manifest(staging)})
         rundir.publish(out)
     best = result.to_frame().query("split == 'test' and featurizer != 'none'").sort_values("iia").tail(1)
     for row in best.itertuples():
         say(f"best test IIA {row.iia:.2f} [{row.iia_low:.2f}, {row.iia_high:.2f}] at {row.component} layer "
             f"{row.layer} {row.position} ({row.featurizer}, k={row.dims})")
-    print(f"report: {out / 'report.md'} (and localize.html, iia.csv)")
+    print(f"report: {out / 'report.html'} (and report.md, iia.csv)")
     return 0
 
 
-def write_outputs(result: LocalizeResult, folder: Path) -> None:
-    """iia.parquet/csv, counterfactuals.jsonl, rotations.safetensors, report.md and localize.html into `folder`."""
+def write_outputs(result: LocalizeResult, record: dict[str, object], folder: Path) -> None:
+    """iia.parquet/csv, counterfactuals.jsonl, rotations.safetensors and the report (`reports.localize_report`:
+    report.html, report.md, figures/) into `folder`."""
     frame = result.to_frame()
     store.write_parquet(folder / "iia.parquet", frame)
     store.write_csv(folder / "iia.csv", frame)
     store.write_with(folder / "counterfactuals.jsonl", result.counterfactuals.save_jsonl)
     tensors = {k: v.float().contiguous() for k, v in result.rotations.items()}
     store.write_with(folder / "rotations.safetensors", lambda p: save_file(tensors, str(p)))
-    store.write_text(folder / "report.md", markdown(result, frame))
-    store.write_text(folder / "localize.html", html_section(result, frame))
-
-
-def _grid(frame: pd.DataFrame, featurizer: str) -> pd.DataFrame:
-    part = frame[(frame.featurizer == featurizer) & (frame.split == "test")]
-    if part.empty:
-        return part
-    part = part.assign(site=part.component + part["head"].map(lambda h: "" if h < 0 else f".h{h}") + "@" + part.position)
-    return part.pivot_table(index="layer", columns="site", values="iia", aggfunc="max")
-
-
-def _table(grid: pd.DataFrame) -> str:
-    head = "| layer | " + " | ".join(str(c) for c in grid.columns) + " |"
-    rows = [f"| {layer} | " + " | ".join("" if pd.isna(v) else f"{v:.2f}" for v in row) + " |"
-            for layer, row in grid.iterrows()]
-    return "\n".join([head, "|" + "---|" * (len(grid.columns) + 1)] + rows)
-
-
-def markdown(result: LocalizeResult, frame: pd.DataFrame) -> str:
-    """The report as markdown: split, controls, the best site per featurizer, the full table (test split)."""
-    cf = result.counterfactuals
-    none = frame[(frame.featurizer == "none") & (frame.split == "test")]
-    lines = [f"# Where is `{result.variable}` represented? ({result.task})", "",
-             f"{len(cf)} counterfactual pairs: {cf.split.count('train')} train (featurizers fitted/trained there), "
-             f"{cf.split.count('test')} held-out test. IIA = intervened top token is the causal model's answer; "
-             "95 % bootstrap intervals over pairs. Controls: `none` (no intervention), `full` (whole vector, the "
-             "ceiling), `random` (random rotation with the same k).", ""]
-    if len(none):
-        lines.append(f"No-intervention baseline (test): IIA {none.iia.iloc[0]:.2f}.\n")
-    lines += ["| featurizer | best site | k | test IIA | 95% CI | graded |", "|---|---|---|---|---|---|"]
-    for feat in frame.featurizer.unique():
-        if feat == "none":
-            continue
-        part = frame[(frame.featurizer == feat) & (frame.split == "test")].sort_values(["iia", "graded"])
-        r = part.iloc[-1]
-        lines.append(f"| {feat} | {r.component} L{r.layer} {r.position} | {r.dims} | {r.iia:.2f} | "
-                     f"[{r.iia_low:.2f}, {r.iia_high:.2f}] | {r.graded:.2f} |")
-    lines += ["", "## Test IIA by layer × site", ""]
-    for feat in frame.featurizer.unique():
-        grid = _grid(frame, feat)
-        if feat != "none" and not grid.empty:
-            lines += [f"### {feat}", "", _table(grid), ""]
-    return "\n".join(lines) + "\n"
-
-
-def html_section(result: LocalizeResult, frame: pd.DataFrame) -> str:
-    """A self-contained HTML section: one IIA heatmap table (layers × sites) per featurizer, controls beside."""
-    parts = [f"<section id='localize'><h2>Where is <code>{html.escape(result.variable)}</code> represented?</h2>"]
-    none = frame[(frame.featurizer == "none") & (frame.split == "test")]
-    if len(none):
-        parts.append(f"<p>No-intervention baseline (test IIA): {none.iia.iloc[0]:.2f}</p>")
-    for feat in frame.featurizer.unique():
-        grid = _grid(frame, feat)
-        if feat == "none" or grid.empty:
-            continue
-        parts.append(f"<h3>{html.escape(feat)}</h3><table class='heatmap'><tr><th>layer</th>" +
-                     "".join(f"<th>{html.escape(str(c))}</th>" for c in grid.columns) + "</tr>")
-        for layer, row in grid.iterrows():
-            cells = "".join("<td></td>" if pd.isna(v) else
-                            f"<td style='background:rgba(200,30,30,{v:.2f})' title='{v:.3f}'>{v:.2f}</td>" for v in row)
-            parts.append(f"<tr><th>{layer}</th>{cells}</tr>")
-        parts.append("</table>")
-    parts.append("</section>")
-    return "\n".join(parts) + "\n"
+    write_report(result, record, folder)

@@ -8,8 +8,8 @@ inlined, so the file opens from disk in any browser.
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ class Section:
     explorer: str | None = None  # the circuit explorer's data (JSON, `reports.explorer`)
 
 
-def fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: object, digits: int = 3) -> str:
     """A cell or number as text: floats to `digits` decimals, missing or non-finite values as n/a."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
@@ -47,7 +47,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def sort_key(value: Any) -> str:
+def sort_key(value: object) -> str:
     """A numeric cell's key for the page's table sorting (data-sort), empty for text."""
     if isinstance(value, (bool, np.bool_)):
         return ""
@@ -87,8 +87,10 @@ def _environment() -> Environment:
     return env
 
 
-def report_title(record: dict[str, Any]) -> str:
-    """The report's title, shared by the HTML and Markdown renderers."""
+def report_title(record: dict[str, object]) -> str:
+    """The report's title, shared by the HTML and Markdown renderers (a run folder or a localize folder)."""
+    if record.get("kind") == "localize":
+        return f"circuitlab localize: {record['variable']} in {record['task']} on {record['model']['name']}"
     return f"circuitlab: {record['task']['name']} on {record['model']['name']} ({record['config']['method']})"
 
 
@@ -97,14 +99,14 @@ def page_script() -> str:
     return (TEMPLATES / "report.js").read_text(encoding="utf-8")
 
 
-def to_html(record: dict[str, Any], sections: list[Section]) -> str:
+def to_html(record: dict[str, object], sections: list[Section]) -> str:
     """One self-contained interactive HTML page (templates/report.html.j2)."""
     return _environment().get_template("report.html.j2").render(
         title=report_title(record), sections=_view(sections, MAX_HTML_ROWS), plotly_js=plotly_js(),
         script=page_script())
 
 
-def to_markdown(record: dict[str, Any], sections: list[Section]) -> str:
+def to_markdown(record: dict[str, object], sections: list[Section]) -> str:
     """The report as Markdown (templates/report.md.j2); figures are figures/<name>.png next to it."""
     view = [{**s, "tables": [{**t, "rows": [[cell for cell, _ in row] for row in t["rows"]]} for t in s["tables"]]}
             for s in _view(sections, MAX_ROWS)]  # Markdown cells without their sort keys

@@ -12,7 +12,7 @@ class DuplicateKeyError(ValueError):
     """A mapping in a config file gives one key twice (YAML and JSON would silently keep the last)."""
 
 
-def parse_unique(text: str, *, json_file: bool) -> Any:
+def parse_unique(text: str, *, json_file: bool) -> object:
     """JSON or YAML, refusing a key given twice in one mapping (naming the key and its second line)."""
     if json_file:
         def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Column meanings are in `COLUMN_DOCS` (also written to `columns.md`). Rerunning t
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -288,12 +289,12 @@ def run_published(cfg: PhaseConfig) -> pd.DataFrame:
     return checkpoints
 
 
-def phase_study(**options: Any) -> pd.DataFrame:
+def phase_study(**options: object) -> pd.DataFrame:
     """Python entry point: `phase_study(out="runs/phase", steps=600, ...)` → the per-checkpoint DataFrame."""
     return run_phase_study(PhaseConfig(**options))
 
 
-def add_phase_parser(sub: Any) -> None:
+def add_phase_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `circuitlab phase` on the CLI's subparsers."""
     p = sub.add_parser("phase", help="train 1/2-layer attention-only models on real text; measure the induction "
                                      "phase change (or measure published checkpoints with --model/--revisions)")

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import networkx as nx  # noqa: E402
 
 from circuitlab.graphs.draw import draw_circuit
 
@@ -20,7 +21,7 @@ def _shade(ax: Any, window: dict[str, Any] | None, color: str) -> None:
         ax.axvspan(window["start"], window["end"], color=color, alpha=0.15)
 
 
-def loss_icl_figure(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, Any]) -> plt.Figure:
+def loss_icl_figure(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, object]) -> plt.Figure:
     """Training loss (smoothed) and held-out ICL score over training, each model's phase-change window shaded."""
     fig, (ax_loss, ax_icl) = plt.subplots(1, 2, figsize=(11.0, 3.8))
     for name, group in checkpoints.groupby("model", sort=False):
@@ -51,7 +52,7 @@ def loss_icl_figure(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], wi
     return fig
 
 
-def induction_over_training(heads: pd.DataFrame, model: str, window: dict[str, Any] | None) -> plt.Figure:
+def induction_over_training(heads: pd.DataFrame, model: str, window: dict[str, object] | None) -> plt.Figure:
     """Every head's prefix-matching (induction) score over training, one line per head."""
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
     sub = heads[heads["model"] == model]
@@ -112,6 +113,6 @@ def composition_heatmap(comp: pd.DataFrame, model: str) -> plt.Figure:
     return fig
 
 
-def circuit_figure(graph: Any, title: str) -> plt.Figure:
+def circuit_figure(graph: nx.MultiDiGraph, title: str) -> plt.Figure:
     """A circuit drawn with graphs.draw (layered, roles coloured)."""
     return draw_circuit(graph, title=title, figsize=(6.5, 4.0))

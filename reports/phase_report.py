@@ -27,8 +27,8 @@ from circuitlab.reports.plots import plotly_js
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str, Any],
-               joints: dict[str, Any], composition: pd.DataFrame | None = None) -> dict[str, Any]:
+def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str, object],
+               joints: dict[str, object], composition: pd.DataFrame | None = None) -> dict[str, object]:
     """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail).
 
     - ICL drop: the steepest fall of the 2L ICL score over the evenly spaced checkpoints lies in the window
@@ -154,7 +154,7 @@ def _logs(run_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
-def interactive_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFrame,
+def interactive_figures(run_dir: Path, summary: dict[str, object], checkpoints: pd.DataFrame,
                         heads: pd.DataFrame) -> dict[str, str]:
     """stem -> Plotly JSON for the figures report.html shows with hover (the others stay PNG)."""
     windows = summary.get("windows", {})
@@ -168,7 +168,7 @@ def _induction_stem(model: Any) -> str:
     return f"induction_{model}".replace("/", "_").replace("@", "_")
 
 
-def build_figures(run_dir: Path, summary: dict[str, Any], checkpoints: pd.DataFrame,
+def build_figures(run_dir: Path, summary: dict[str, object], checkpoints: pd.DataFrame,
                   heads: pd.DataFrame) -> list[tuple[str, str, bytes]]:
     """(stem, caption, png) for every figure of the report."""
     windows = summary.get("windows", {})

@@ -13,6 +13,9 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from circuitlab.patching.components import head_node
+from circuitlab.reports.summaries import CircuitSummary, FaithfulnessSummary
+
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
 EFFECT = "effect (0 = corrupt, 1 = clean)"
 
@@ -66,7 +69,7 @@ def head_heatmaps(panels: list[tuple[str, pd.DataFrame]]) -> str:
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[t for t, _ in panels], horizontal_spacing=0.08)
     top = max(_limit(g.to_numpy(float)) for _, g in panels)
     for i, (title, grid) in enumerate(panels, start=1):
-        names = [[f"a{layer}.h{head}" for head in grid.columns] for layer in grid.index]
+        names = [[head_node(int(layer), int(head)) for head in grid.columns] for layer in grid.index]
         fig.add_heatmap(z=grid.to_numpy(float), x=[str(c) for c in grid.columns], y=[str(r) for r in grid.index],
                         text=names, colorscale="RdBu", zmid=0, zmin=-top, zmax=top, showscale=i == len(panels),
                         colorbar=dict(title="effect"), row=1, col=i,
@@ -106,7 +109,7 @@ def _band(fig: go.Figure, x: np.ndarray, low: np.ndarray, high: np.ndarray, colo
                     legendgroup=group)
 
 
-def faithfulness_curve(curve: pd.DataFrame, summary: dict[str, Any], chosen_percent: float | None) -> str:
+def faithfulness_curve(curve: pd.DataFrame, summary: FaithfulnessSummary | None, chosen_percent: float | None) -> str:
     """f(k) of the top-k% edge circuits, signed and absolute selection, 95% bands; the chosen circuit's size."""
     fig = go.Figure()
     for i, (selection, group) in enumerate(curve.groupby("selection", sort=False)):
@@ -124,13 +127,13 @@ def faithfulness_curve(curve: pd.DataFrame, summary: dict[str, Any], chosen_perc
     fig.add_hline(y=1.0, line=dict(color="#888", dash="dot", width=1))
     title = "Faithfulness of top-k% edge circuits"
     if summary:
-        title += f" (CPR {summary['cpr']:.3f}, CMD {summary['cmd']:.3f})"
+        title += f" (CPR {summary.cpr:.3f}, CMD {summary.cmd:.3f})"
     fig.update_layout(title=title, xaxis=dict(title="edges kept (% of all edges)", type="log"),
                       yaxis_title="faithfulness (0 = corrupt, 1 = full model)", height=400)
     return to_json(fig)
 
 
-def circuit_size_curve(curve: pd.DataFrame, summary: dict[str, Any]) -> str:
+def circuit_size_curve(curve: pd.DataFrame, summary: CircuitSummary) -> str:
     """Exact faithfulness against circuit size per ranking (discovery solid, held-out dashed, bands), the chosen
     circuit starred and the target as a line."""
     fig = go.Figure()
@@ -144,14 +147,14 @@ def circuit_size_curve(curve: pd.DataFrame, summary: dict[str, Any]) -> str:
             fig.add_scatter(x=x, y=group[f"faithfulness{suffix}"].to_numpy(float), mode="lines+markers", name=name,
                             legendgroup=name, line=dict(color=color, dash=dash),
                             hovertemplate=f"{name}<br>size %{{x}}: f = %{{y:.4g}}<extra></extra>")
-    unit = "edges" if summary["level"] == "edge" else "heads"
-    size = float(summary["sizes"][unit])
-    fig.add_scatter(x=[size, size], y=[summary["discovery"], summary["heldout"]], mode="markers", name="chosen circuit",
+    unit = "edges" if summary.level == "edge" else "heads"
+    size = float(getattr(summary.sizes, unit))
+    fig.add_scatter(x=[size, size], y=[summary.discovery, summary.heldout], mode="markers", name="chosen circuit",
                     marker=dict(symbol="star", size=16, color="black"), text=["discovery", "held-out"],
-                    hovertemplate=f"chosen circuit ({summary['method']}), %{{text}}<br>{unit} %{{x}}: f = %{{y:.4g}}"
+                    hovertemplate=f"chosen circuit ({summary.method}), %{{text}}<br>{unit} %{{x}}: f = %{{y:.4g}}"
                                   "<extra></extra>")
-    fig.add_hline(y=float(summary["target"]), line=dict(color="red", dash="dot", width=1),
-                  annotation_text=f"target {summary['target']}")
+    fig.add_hline(y=float(summary.target), line=dict(color="red", dash="dot", width=1),
+                  annotation_text=f"target {summary.target}")
     fig.update_layout(title="Exact faithfulness against circuit size", height=420,
                       xaxis=dict(title=f"circuit size ({unit} kept)", type="log"),
                       yaxis_title="faithfulness (0 = corrupt, 1 = full model)")
@@ -182,7 +185,7 @@ def _window_shapes(fig: go.Figure, windows: dict[str, Any], row: int | None = No
                           annotation_text=f"{name} window", annotation_position="top left", row=row, col=col)
 
 
-def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, Any]) -> str:
+def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFrame], windows: dict[str, object]) -> str:
     """Training loss (smoothed) and held-out ICL score (± one standard error) over training, per model, with each
     model's phase-change window shaded."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=["Training loss (smoothed)",
@@ -212,7 +215,7 @@ def loss_icl_over_training(checkpoints: pd.DataFrame, logs: dict[str, pd.DataFra
     return to_json(fig)
 
 
-def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str, Any] | None) -> str:
+def head_scores_over_training(heads: pd.DataFrame, model: str, window: dict[str, object] | None) -> str:
     """Every head's induction (prefix-matching) score over the checkpoints, one line per head, hover per point."""
     fig = go.Figure()
     sub = heads[heads["model"] == model]
@@ -245,4 +248,16 @@ def method_intervals(metric: str, methods: list[str],
                     hovertemplate=f"{method}<br>%{{x}}<br>{metric} %{{text}}<extra></extra>")
     fig.update_layout(title=f"{metric} by method (mean, 95% interval)", barmode="group", height=380,
                       yaxis_title=metric)
+    return to_json(fig)
+
+
+def iia_heatmap(grid: pd.DataFrame, title: str) -> str:
+    """Held-out IIA over layers × sites (0 to 1), the `circuitlab localize` heatmap of one featurizer."""
+    z = [[None if v != v else float(v) for v in row] for row in grid.to_numpy(float)]  # plain numbers, gaps as null
+    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in grid.columns], y=[str(r) for r in grid.index],
+                               colorscale="Reds", zmin=0, zmax=1, colorbar=dict(title="test IIA"),
+                               hovertemplate="layer %{y}, %{x}<br>test IIA %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=min(900, 240 + 16 * len(grid)),
+                      xaxis=dict(title="site (component@position)", type="category"),
+                      yaxis=dict(title="layer", autorange="reversed", type="category"))
     return to_json(fig)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from circuitlab.graphs.draw import draw_circuit, layered_layout
+from circuitlab.graphs.variables import CARRIES_RULE
 from circuitlab.patching.components import head_node
 from circuitlab.reports import figures, plots, store
 from circuitlab.reports.explorer import build_explorer
@@ -23,9 +24,10 @@ from circuitlab.reports.page import Section, to_html, to_markdown
 from circuitlab.reports.result import RunResult
 from circuitlab.reports.rundir import record_rendered
 from circuitlab.reports.save import load_result
+from circuitlab.reports.summaries import CircuitSummary
 
 
-def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
+def build_sections(result: RunResult) -> tuple[dict[str, object], list[Section]]:
     """The report's content, in the order a researcher reads it."""
     record = result.record()
     baseline = result.baseline
@@ -141,7 +143,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     forced = any(cfg.get(k) is not None for k in ("top_fraction", "threshold", "top_k"))
     if faithful and not forced:
         circ.paragraphs += faithful_paragraphs(faithful)
-        how = f"the smallest faithful circuit found by {faithful['method']}"
+        how = f"the smallest faithful circuit found by {faithful.method}"
         circ.paragraphs.append(f"{graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges"
                                + (" (edges implied between the kept heads; MLPs are recomputed, not drawn)"
                                   if graph.graph.get("mlps_recomputed") else "") + ". Nodes are coloured by measured role.")
@@ -156,11 +158,19 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
                          "from input to logits", figures.png_bytes(
         draw_circuit(graph, title=f"{record['task']['name']} circuit ({method})", figsize=_circuit_size(graph)))))
     circ.explorer = build_explorer(result).to_json()
+    baselines = {k[4:-5]: v for k, v in graph.graph.items() if k.startswith("iia_") and k.endswith("_none")}
+    if baselines:  # run --variables (`graphs.variables`)
+        circ.paragraphs.append("Variables measured at each head's output (held-out IIA; no-intervention baseline "
+                               + ", ".join(f"{v} {b:.2f}" for v, b in sorted(baselines.items())) + f"): {CARRIES_RULE}. "
+                               "The explorer colours heads by the variable they carry (the colour-by control switches "
+                               "to roles or to one variable).")
     nodes = []
     for name, data in graph.nodes(data=True):
         if data.get("kind") in ("head", "mlp"):
             nodes.append({"node": name, "role": data.get("role", ""), "score": data.get("score", 0.0),
-                          "exact effect": data.get("exact_effect", float("nan"))})
+                          "exact effect": data.get("exact_effect", float("nan")),
+                          **({"carries": data.get("carries", "")} if baselines else {}),
+                          **{k: v for k, v in sorted(data.items()) if k.startswith(("iia_", "graded_"))}})
     if nodes:
         circ.tables.append(("Circuit nodes", pd.DataFrame(nodes).sort_values("score", key=abs, ascending=False)))
     sections.append(circ)
@@ -189,18 +199,18 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     # 6. faithfulness
     faith = Section("Faithfulness")
     curve = result.faithfulness
-    summary = record.get("faithfulness") or {}
-    if curve is not None and summary:
+    summary = result.faithfulness_summary
+    if curve is not None and summary is not None:
         faith.paragraphs.append(
-            f"CPR (area under f, signed selection; higher is better) {_fmt(summary['cpr'])} (95% CI "
-            f"{_fmt(summary['cpr_ci'][0])} to {_fmt(summary['cpr_ci'][1])}); CMD (area under |1 - f|, absolute "
-            f"selection; 0 is best) {_fmt(summary['cmd'])} (95% CI {_fmt(summary['cmd_ci'][0])} to "
-            f"{_fmt(summary['cmd_ci'][1])}). Circuits keep the top-k% edges clean and corrupt the rest (exact).")
+            f"CPR (area under f, signed selection; higher is better) {_fmt(summary.cpr)} (95% CI "
+            f"{_fmt(summary.cpr_ci[0])} to {_fmt(summary.cpr_ci[1])}); CMD (area under |1 - f|, absolute "
+            f"selection; 0 is best) {_fmt(summary.cmd)} (95% CI {_fmt(summary.cmd_ci[0])} to "
+            f"{_fmt(summary.cmd_ci[1])}). Circuits keep the top-k% edges clean and corrupt the rest (exact).")
         faith.figures.append(("faithfulness", "Faithfulness f(k) = (m(C_k) − m(∅)) / (m(M) − m(∅)) of the circuit of the "
                               "top k% edges, measured by exact edge patching, with 95% bootstrap bands over prompts",
                               figures.png_bytes(figures.faithfulness_figure(curve, summary))))
         total = int(curve["n_edges"].max())
-        chosen = (faithful or {}).get("sizes", {}).get("edges") if faithful and faithful.get("level") == "edge" else None
+        chosen = faithful.sizes.edges if faithful is not None and faithful.level == "edge" else None
         faith.plots["faithfulness"] = plots.faithfulness_curve(curve, summary, 100.0 * chosen / total if chosen else None)
     else:
         faith.paragraphs.append("No faithfulness curve was computed for this run.")
@@ -226,8 +236,8 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     else:
         agree.paragraphs.append("Node level: the method is exact activation patching itself.")
     oracle = result.oracle
-    if oracle is not None and record.get("oracle"):
-        rho = record["oracle"]["spearman"]
+    if oracle is not None and result.oracle_summary is not None:
+        rho = result.oracle_summary.spearman
         agree.paragraphs.append(f"Edge level (oracle check): {len(oracle)} edges (half the top by |score|, half at "
                                 f"random) re-scored by exact edge patching: Spearman {_fmt(rho)}.")
         fig_panels.append((f"edges: Spearman {_fmt(rho)}", oracle["approx_effect"].to_numpy(float),
@@ -252,7 +262,7 @@ def build_sections(result: RunResult) -> tuple[dict[str, Any], list[Section]]:
     return record, sections
 
 
-def _faithful_circuit(faith: Section, result: RunResult, summary: dict[str, Any], forced: bool) -> None:
+def _faithful_circuit(faith: Section, result: RunResult, summary: CircuitSummary, forced: bool) -> None:
     """The faithful circuit's part of the Faithfulness section: size curves, baseline, stability."""
     if forced:
         faith.paragraphs += faithful_paragraphs(summary)

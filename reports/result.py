@@ -30,19 +30,24 @@ import importlib.metadata
 import platform
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import networkx as nx
 import numpy as np
 import pandas as pd
+from typing import Mapping
 
 from circuitlab.patching.attribution import spearman
+from circuitlab.patching.methods import get_method
 from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
+from circuitlab.tasks.base import PromptPairs
+from circuitlab.reports.summaries import (
+    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, Summary,
+)
+from circuitlab.patching.components import node_kind
 
 TABLES = ("baseline", "nodes", "edges", "exact", "resid", "oracle", "faithfulness", "roles", "faithful_curve",
           "faithful_ranking", "stability", "circuit_prompts", "attention")
-SUMMARIES = ("oracle_summary", "faithfulness_summary", "acdc_summary")
 SCORE_COLUMNS = ["component", "node", "layer", "head", "position", "role", "edge", "sender", "receiver",
                  "channel", "method", "exact", "metric", "effect", "score"]
 
@@ -52,10 +57,10 @@ class RunResult:
     """One run's results (see the module docstring); `None` marks what was not computed."""
 
     config: RunConfig
-    task: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    pairs: Any = None
-    heldout_pairs: Any = None
+    task: dict[str, object] = field(default_factory=dict)
+    model: dict[str, object] = field(default_factory=dict)
+    pairs: PromptPairs | None = None
+    heldout_pairs: PromptPairs | None = None
     baseline: pd.DataFrame | None = None
     nodes: pd.DataFrame | None = None
     edges: pd.DataFrame | None = None
@@ -69,25 +74,28 @@ class RunResult:
     stability: pd.DataFrame | None = None
     circuit_prompts: pd.DataFrame | None = None
     attention: pd.DataFrame | None = None
-    faithful: dict[str, Any] | None = None
-    oracle_summary: dict[str, Any] | None = None
-    faithfulness_summary: dict[str, Any] | None = None
-    acdc_summary: dict[str, Any] | None = None
+    faithful: CircuitSummary | None = None
+    oracle_summary: OracleSummary | None = None
+    faithfulness_summary: FaithfulnessSummary | None = None
+    acdc_summary: AcdcSummary | None = None
     circuit: nx.MultiDiGraph | None = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
+    info: dict[str, object] = field(default_factory=dict)  # run.json extras: command, versions, wall time, ...
 
-    def update(self, values: dict[str, Any]) -> None:
-        """Set fields from a stage's output, refusing unknown names."""
+    def update(self, values: dict[str, object]) -> None:
+        """Set fields from a stage's output, refusing unknown names; a summary read back from JSON (the stage
+        cache, run.json) becomes its typed summary again."""
         names = {f.name for f in dataclasses.fields(self)}
         for key, value in values.items():
             if key not in names:
                 raise KeyError(f"RunResult has no field {key!r}")
+            if key in SUMMARY_TYPES and isinstance(value, Mapping):
+                value = SUMMARY_TYPES[key].from_dict(value)
             setattr(self, key, value)
 
     # ------------------------------------------------------------------ derived views
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, object]:
         """Clean and corrupt metric means with 95% bootstrap intervals (prompts resampled)."""
         clean = self.baseline["clean"].to_numpy(float)
         corrupt = self.baseline["corrupt"].to_numpy(float)
@@ -99,17 +107,22 @@ class RunResult:
                 "difference_ci": bootstrap_ci(clean - corrupt, seed=seed),
                 "fraction_clean_above_corrupt": float((clean > corrupt).mean())}
 
-    def node_agreement(self) -> dict[str, Any]:
+    def node_agreement(self) -> dict[str, object]:
         """Spearman rank agreement of the method's node effects with exact activation patching."""
         if self.exact is None:  # --positions none: no exact patching to compare with
             return {"compared_with": None, "spearman": None, "n_nodes": 0}
         exact = strongest_per_node(self.exact).set_index("node")["effect"]
-        if self.config.method == "activation" or self.nodes is None:
+        if self._exact_nodes() or self.nodes is None:  # an exact node method is exact patching itself
             return {"compared_with": None, "spearman": None, "n_nodes": int(len(exact))}
         approx = self.nodes.set_index("node")["effect"]
         common = exact.index.intersection(approx.index)
         return {"compared_with": self.config.method, "spearman": spearman(exact[common], approx[common]),
                 "n_nodes": int(len(common))}
+
+    def _exact_nodes(self) -> bool:
+        """Whether the run's method scores nodes by exact patching (its node rows are the exact rows)."""
+        spec = get_method(self.config.method)
+        return spec.exact and spec.level == "node"
 
     def scores_table(self) -> pd.DataFrame:
         """scores.csv: exact head/MLP rows, the method's node rows, edge rows, residual-stream rows. `position` is
@@ -118,11 +131,11 @@ class RunResult:
         parts = []
         if self.exact is not None:
             parts.append(self.exact.assign(method="activation", exact=True))
-        if self.nodes is not None and self.config.method != "activation":
+        if self.nodes is not None and not self._exact_nodes():
             parts.append(self.nodes.assign(position=pd.NA, role="", metric=np.nan))  # no position: written empty
         if self.edges is not None:
             parts.append(self.edges.assign(component="edge", node="", layer=-1, head=-1, position=pd.NA, role="",
-                                           exact=bool(self.config.method == "acdc"), metric=np.nan))
+                                           exact=get_method(self.config.method).exact, metric=np.nan))
         if self.resid is not None:
             parts.append(self.resid.assign(node="", method="activation", exact=True))
         frame = pd.concat([p for p in parts if not p.empty], ignore_index=True)
@@ -135,21 +148,34 @@ class RunResult:
         extra = [c for c in frame.columns if c not in SCORE_COLUMNS and c not in ("direction", "source")]
         return frame[SCORE_COLUMNS + extra]
 
-    def record(self) -> dict[str, Any]:
+    def circuit_size(self) -> dict[str, int]:
+        """The run's circuit's heads, MLPs and edges: the circuit stage's own count when its circuit is the run's
+        (no size forced by --top-k/--top-fraction/--threshold), else the selected graph's (`input`/`logits` aside)."""
+        cfg = self.config
+        if self.faithful is not None and all(x is None for x in (cfg.top_k, cfg.top_fraction, cfg.threshold)):
+            return dataclasses.asdict(self.faithful.sizes)
+        kinds = [node_kind(n) for n in self.circuit.nodes]
+        return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"), "edges": self.circuit.number_of_edges()}
+
+    def record(self) -> dict[str, object]:
         """run.json: configuration, task, model, metrics, summaries, timings and provenance."""
         cfg = self.config
         out = {"command": self.info.get("command", cfg.command()), "config": cfg.to_dict(),
                "config_key": cfg.result_key(), "seed": cfg.seed, "task": self.task, "model": self.model,
                "versions": self.info.get("versions") or versions(), "metrics": self.metrics(),
                "n_pairs": int(len(self.baseline)),
-               "circuit": {"nodes": self.circuit.number_of_nodes(), "edges": self.circuit.number_of_edges()},
-               "node_agreement": self.node_agreement(), "oracle": self.oracle_summary,
-               "faithfulness": self.faithfulness_summary, "circuit_faithfulness": self.faithful,
+               "circuit": self.circuit_size(),
+               "node_agreement": self.node_agreement(), "oracle": _as_dict(self.oracle_summary),
+               "faithfulness": _as_dict(self.faithfulness_summary), "circuit_faithfulness": _as_dict(self.faithful),
                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}
         if self.acdc_summary is not None:
-            out["acdc"] = self.acdc_summary
+            out["acdc"] = self.acdc_summary.to_dict()
         out.update({k: v for k, v in self.info.items() if k not in ("command", "versions")})
         return out
+
+
+def _as_dict(summary: Summary | None) -> dict[str, object] | None:
+    return None if summary is None else summary.to_dict()
 
 
 def strongest_per_node(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,4 +200,4 @@ def platform_info() -> dict[str, str]:
     return {"python": sys.version.split()[0], "machine": platform.machine(), "system": platform.system()}
 
 
-__all__ = ["RunResult", "SCORE_COLUMNS", "SUMMARIES", "TABLES", "platform_info", "strongest_per_node", "versions"]
+__all__ = ["RunResult", "SCORE_COLUMNS", "TABLES", "platform_info", "strongest_per_node", "versions"]

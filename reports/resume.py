@@ -13,16 +13,20 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from transformer_lens.model_bridge import TransformerBridge
+from typing import Callable
 
 from circuitlab.patching.batched import bytes_per_prompt
 from circuitlab.patching.models import weight_hash
 from circuitlab.reports import rundir, store
+from circuitlab.reports.config import RunConfig
 from circuitlab.reports.faithful import split_prompts
+from circuitlab.reports.pipeline import Pipeline
 from circuitlab.reports.save import StageCache
+from circuitlab.tasks.base import PromptPairs
 
 
-def generate_pairs(p: Any) -> tuple[Any, Any, str]:
+def generate_pairs(p: Pipeline) -> tuple[PromptPairs, PromptPairs, str]:
     """The run's discovery and held-out prompt pairs and how they were split (`reports.faithful.split_prompts`),
     after checking that `--n` fits the memory budget and the free memory (one pair
     is generated first to learn the prompt length; nothing of size n is allocated before the check)."""
@@ -46,26 +50,27 @@ def generate_pairs(p: Any) -> tuple[Any, Any, str]:
     return pairs, heldout, split
 
 
-def pairs_jsonl(pairs: Any) -> bytes:
+def pairs_jsonl(pairs: PromptPairs) -> bytes:
     """The pairs as saved to JSONL."""
     with tempfile.TemporaryDirectory() as tmp:
         pairs.save_jsonl(Path(tmp) / "pairs.jsonl")
         return (Path(tmp) / "pairs.jsonl").read_bytes()
 
 
-def pairs_hash(pairs: Any) -> str:
+def pairs_hash(pairs: PromptPairs) -> str:
     """SHA-256 (16 hex digits) of the pairs as saved to JSONL."""
     return hashlib.sha256(pairs_jsonl(pairs)).hexdigest()[:16]
 
 
-def key_parts(cfg: Any, model: Any, pairs: Any, heldout: Any = None) -> dict[str, str]:
+def key_parts(cfg: RunConfig, model: TransformerBridge, pairs: PromptPairs,
+              heldout: PromptPairs | None = None) -> dict[str, str]:
     """The four parts of the resume key (the task part hashes the discovery and the held-out pairs)."""
     task = pairs_hash(pairs) if heldout is None else hashlib.sha256(
         pairs_jsonl(pairs) + b"\n--heldout--\n" + pairs_jsonl(heldout)).hexdigest()[:16]
     return {"config": cfg.result_key(), "model": weight_hash(model), "task": task, "code": store.code_version()}
 
 
-def open_cache(out: Path, parts: dict[str, str], say: Any) -> tuple[Any, list[str]]:
+def open_cache(out: Path, parts: dict[str, str], say: Callable[[str], None]) -> tuple[StageCache, list[str]]:
     """The stage cache for this key in the staging folder of `out`: saved stages of a failed run with the same
     key (kept in the staging folder), else those of the finished result in `out`; anything else is discarded.
     Returns the cache and why older saved work was not reused."""

@@ -13,7 +13,6 @@ replaces OUT in one step, under OUT's lock (`reports.rundir`); a failed run leav
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,11 +24,9 @@ from circuitlab.graphs.circuit import node_name_from_row
 from circuitlab.graphs.discovery import discover
 from circuitlab.graphs.role_scores import head_patterns
 from circuitlab.graphs.roles import detect_roles
-from circuitlab.graphs.scores import EdgeScores, NodeScores
 from circuitlab.patching.activation import PatchingConfig, activation_patching
+from circuitlab.patching.batched import position_independent
 from circuitlab.patching.components import parse_node
-from circuitlab.patching.batched import Batches, batch_size_for, position_independent
-from circuitlab.patching.engine import make_runner
 from circuitlab.patching.methods import get_method
 from circuitlab.patching.models import load_model
 from circuitlab.patching.normalize import normalize_difference
@@ -38,101 +35,16 @@ from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, check_heldout_n, parse_percents, parse_positions
 from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
+from circuitlab.reports.pipeline import Pipeline
 from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
-from circuitlab.reports.save import StageCache, save_result
+from circuitlab.reports.save import save_result
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
+from circuitlab.reports.summaries import AcdcSummary, FaithfulnessSummary, OracleSummary
 
 ATTENTION_PROMPTS = 4  # discovery prompts whose attention patterns the report shows for the circuit's heads
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
-
-
-@dataclass
-class Pipeline:
-    """The run's configuration, its result so far, and the heavy objects built lazily (model, contexts)."""
-
-    cfg: RunConfig
-    result: RunResult
-    cache: StageCache
-    say: Callable[[str], None]
-    progress: bool
-    task: Any = None
-    key_parts: dict[str, str] = field(default_factory=dict)
-    _model: Any = None
-    _contexts: dict[str, Any] = field(default_factory=dict)
-
-    def model(self) -> Any:
-        if self._model is None:
-            self.say(f"loading model {self.cfg.model} on {self.cfg.device}")
-            start = time.time()
-            self._model = load_model(self.cfg.model, device=self.cfg.device)
-            self.result.timings["load_model"] = round(time.time() - start, 3)
-        return self._model
-
-    def pairs(self) -> Any:
-        return self.result.pairs.to(self.cfg.device)
-
-    def batches(self, which: str = "discovery") -> Batches:
-        """The discovery (or `heldout`) prompts in batches sized by --batch-size or --memory-budget; every stage
-        iterates over them, and when they fit in one batch its clean and corrupt runs are computed once per run."""
-        if which not in self._contexts:
-            model = self.model()
-            pairs = self.pairs() if which == "discovery" else self.result.heldout_pairs.to(self.cfg.device)
-            size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
-            self._contexts[which] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
-            n_batches = -(-len(pairs) // size)
-            self.say(f"  {len(pairs)} {which} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
-        return self._contexts[which]
-
-    def runner(self) -> Any:
-        """The runner `--backend` asks for (auto: the fast runner where it reproduces the model, else the exact hook
-        backend; `patching.engine.make_runner`)."""
-        if "runner" not in self._contexts:
-            try:
-                self._contexts["runner"] = make_runner(self.model(), self.cfg.backend)
-            except ValueError as exc:  # --backend fast on a model it does not reproduce
-                raise ConfigError(str(exc)) from None
-        return self._contexts["runner"][0]
-
-    def engine(self) -> dict[str, Any]:
-        """Which backend runs this model and why, with the architecture description (for run.json)."""
-        runner = self.runner()
-        _, backend, reason = self._contexts["runner"]
-        return {"backend": backend, "requested": self.cfg.backend, "reason": reason,
-                "architecture": runner.arch.as_dict()}
-
-    def head_and_mlp_kinds(self) -> list[str]:
-        return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
-
-    def graph(self) -> Any:
-        return ComputationalGraph.from_meta(self.result.model)
-
-    def stage(self, name: str, compute: Callable[[Pipeline], dict[str, Any]]) -> None:
-        """Fill the result from a stage: its saved output when cached (and verified), else `compute` (then saved)."""
-        cached = self.cache.has(name)
-        if name in self.cache.problems:
-            self.say(f"[{name}] not resuming: {self.cache.problems.pop(name)}; recomputing")
-        if cached:
-            values, seconds = self.cache.load(name)
-            self.result.resumed.append(name)
-            self.say(f"[{name}] resumed from saved results")
-        else:
-            self.say(f"[{name}] ...")
-            start = time.time()
-            values = compute(self)
-            seconds = time.time() - start
-            self.say(f"[{name}] done in {seconds:.1f} s")  # the one line per stage where no progress bar is drawn
-            self.cache.save(name, values, seconds)
-        self.result.update(values)
-        self.result.timings[name] = round(seconds, 3)
-
-    def scores(self) -> tuple[Any, Any]:
-        """The method's typed scores, rebuilt from the result's tables: (EdgeScores or None, NodeScores)."""
-        graph, base = self.graph(), self.result.baseline
-        gap = float(base["clean"].mean() - base["corrupt"].mean())
-        edges = EdgeScores.from_frame(graph, self.result.edges, gap) if self.result.edges is not None else None
-        return edges, NodeScores(graph, self.result.nodes, self.cfg.method)
 
 
 # ---------------------------------------------------------------------- stages
@@ -183,12 +95,13 @@ def _scores(p: Pipeline) -> dict[str, Any]:
     p.say(f"  {cfg.method} over {p.graph().n_edges} edges")
     found = discover(p.model(), p.task, p.pairs(), cfg.method, context=p.batches(), steps=cfg.steps,
                      acdc_threshold=cfg.acdc_threshold, seed=cfg.seed, memory_budget_mb=cfg.memory_budget,
-                     progress=p.progress)
+                     progress=p.progress, edge_positions=None if cfg.edge_positions == "none" else cfg.edge_positions)
     out: dict[str, Any] = {"nodes": found.node_scores.to_frame(), "edges": None, "acdc_summary": None}
     if found.edge_scores is not None:
         out["edges"] = found.edge_scores.to_frame()
         if found.edge_scores.kept is not None:
-            out["acdc_summary"] = {"threshold": cfg.acdc_threshold, "kept_edges": int(found.edge_scores.kept.sum())}
+            out["acdc_summary"] = AcdcSummary(threshold=cfg.acdc_threshold,
+                                              kept_edges=int(found.edge_scores.kept.sum()))
     return out
 
 
@@ -227,22 +140,22 @@ def _resid(p: Pipeline) -> dict[str, Any]:
 def _oracle(p: Pipeline) -> dict[str, Any]:
     edges, _ = p.scores()
     p.say(f"  exact edge patching of {p.cfg.oracle_edges} sampled edges")
-    rho, frame = p.batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
+    rho, frame = p.edge_batches().oracle_check(edges.scores.float(), n_edges=p.cfg.oracle_edges, seed=p.cfg.seed,
                                           progress=p.progress)
     frame = frame.assign(approx_effect=normalize_difference(frame["approx"], edges.gap),
                          exact_effect=normalize_difference(frame["exact"], edges.gap))
-    return {"oracle": frame, "oracle_summary": {"spearman": rho, "n_edges": int(len(frame))}}
+    return {"oracle": frame, "oracle_summary": OracleSummary(spearman=rho, n_edges=int(len(frame)))}
 
 
 def _faithfulness(p: Pipeline) -> dict[str, Any]:
     cfg = p.cfg
     edges, nodes = p.scores()
     ranking = edges.ranking() if edges is not None else nodes.edge_ranking(absolute=True)
-    result = p.batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
+    result = p.edge_batches().faithfulness_curve(ranking.float(), percents=parse_percents(cfg.percents), n_boot=cfg.n_boot,
                                             seed=cfg.seed, memory_budget_mb=cfg.memory_budget, progress=p.progress)
     return {"faithfulness": result.curve,
-            "faithfulness_summary": {"cpr": result.cpr, "cpr_ci": list(result.cpr_ci), "cmd": result.cmd,
-                                     "cmd_ci": list(result.cmd_ci)}}
+            "faithfulness_summary": FaithfulnessSummary(cpr=result.cpr, cpr_ci=tuple(result.cpr_ci), cmd=result.cmd,
+                                                        cmd_ci=tuple(result.cmd_ci))}
 
 
 def _roles(p: Pipeline) -> dict[str, Any]:
@@ -293,7 +206,7 @@ def _check_top_k(cfg: RunConfig, model: Any) -> Any:
     return model
 
 
-def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, Any]:
+def execute(cfg: RunConfig, *, quiet: bool = False, command: str | None = None) -> dict[str, object]:
     """Run (or resume) a whole discovery into `cfg.out`; returns the run record written to run.json."""
     previous = torch.get_num_threads()
     threads, why = (cfg.threads, "--threads") if cfg.threads is not None else free_cores()
@@ -378,14 +291,11 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                    "resume_key": {"key": p.cache.root.name, **p.key_parts}, "fresh_because": fresh}
     record = save_result(result, staging)
     render_result(result, staging)
-    if result.faithful is not None and selection(cfg) is None:  # the size the circuit stage printed
-        sizes = result.faithful["sizes"]
-        size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
-    else:
-        size = f"{record['circuit']['nodes']} nodes, {record['circuit']['edges']} edges"
+    sizes = result.circuit_size()  # the size the circuit stage printed, or the forced selection's
+    size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
     label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
     say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
-        + (f"faithfulness {result.faithful['heldout']:.3f} ({label}; target {cfg.faithfulness_target}); "
+        + (f"faithfulness {result.faithful.heldout:.3f} ({label}; target {cfg.faithfulness_target}); "
            if result.faithful else "")
         + (f"CPR {record['faithfulness']['cpr']:.3f}, CMD {record['faithfulness']['cmd']:.3f}; "
            if record.get("faithfulness") else "") + f"{record['wall_seconds']:.0f}s")

@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from transformer_lens.model_bridge import TransformerBridge
+from typing import Iterator
 
 from circuitlab.reports.config import ConfigError
 from circuitlab.reports.store import check_writable, file_record, write_json
@@ -32,7 +33,7 @@ RECORD = "run.json"
 _RENAME_EXCHANGE = 2
 
 
-def manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def manifest(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, object]]:
     """{relative path: {bytes, sha256}} of the named files (default: every file in `folder` except run.json
     and hidden ones)."""
     if names is None:
@@ -49,7 +50,7 @@ def record_rendered(folder: Path, names: list[str]) -> None:
     write_json(folder / RECORD, record)
 
 
-def mismatch(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
+def mismatch(folder: Path, name: str, expected: dict[str, object]) -> str | None:
     """Why `folder/name` does not match its record (None when it matches)."""
     path = folder / name
     if not path.is_file():
@@ -62,7 +63,7 @@ def mismatch(folder: Path, name: str, expected: dict[str, Any]) -> str | None:
     return None
 
 
-def read_record(folder: Path) -> dict[str, Any]:
+def read_record(folder: Path) -> dict[str, object]:
     """The run record of a finished folder (errors name the file and what to do)."""
     path = folder / RECORD
     if not path.is_file():
@@ -77,7 +78,7 @@ def read_record(folder: Path) -> dict[str, Any]:
     return record
 
 
-def verify_outputs(folder: Path, record: dict[str, Any]) -> None:
+def verify_outputs(folder: Path, record: dict[str, object]) -> None:
     """Refuse a folder whose files do not match the sizes and SHA-256s in its run record."""
     for name, expected in (record.get("outputs") or {}).items():
         problem = mismatch(folder, name, expected)
@@ -301,7 +302,7 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_context(seq_len: int, model: Any, name: str) -> None:
+def check_context(seq_len: int, model: TransformerBridge, name: str) -> None:
     """Refuse prompts longer than the model's context (`cfg.n_ctx`), naming both, before any work."""
     limit = int(getattr(model.cfg, "n_ctx", 0) or 0)
     if limit and seq_len > limit:

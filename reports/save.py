@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import pandas as pd
@@ -30,26 +29,29 @@ import pandas as pd
 from circuitlab.graphs.io import from_node_link, to_node_link, write_graphml
 from circuitlab.reports import store, rundir
 from circuitlab.reports.config import make_config
-from circuitlab.reports.result import SUMMARIES, TABLES, RunResult
+from circuitlab.reports.result import TABLES, RunResult
 from circuitlab.reports.rundir import mismatch
 from circuitlab.tasks import PromptPairs
+from circuitlab.reports.summaries import Summary
 
 CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
 
-def write_value(directory: Path, name: str, value: Any) -> None:
+def write_value(directory: Path, name: str, value: object) -> None:
     """Write one field: DataFrame -> Parquet, prompt pairs -> JSONL, graph -> node-link JSON, dict -> JSON."""
     if isinstance(value, pd.DataFrame):
         store.write_parquet(directory / f"{name}.parquet", value)
     elif isinstance(value, nx.Graph):
         store.write_json(directory / f"{name}.json", to_node_link(value))
-    elif hasattr(value, "save_jsonl"):
+    elif isinstance(value, Summary):
+        store.write_json(directory / f"{name}.json", value.to_dict())
+    elif isinstance(value, PromptPairs):
         store.write_with(directory / f"{name}.jsonl", value.save_jsonl)
     else:
         store.write_json(directory / f"{name}.json", value)
 
 
-def read_value(directory: Path, name: str) -> Any:
+def read_value(directory: Path, name: str) -> object:
     """Read a field written by `write_value` (None when it was never written)."""
     if (directory / f"{name}.parquet").is_file():
         return store.read_parquet(directory / f"{name}.parquet")
@@ -93,7 +95,7 @@ class StageCache:
             return False
         return True
 
-    def save(self, stage: str, values: dict[str, Any], seconds: float) -> None:
+    def save(self, stage: str, values: dict[str, object], seconds: float) -> None:
         folder = self.root / stage
         for name, value in values.items():
             if value is not None:
@@ -102,13 +104,13 @@ class StageCache:
                  if p.is_file()} if folder.is_dir() else {}
         store.write_json(self.root / f"{stage}.done", {"fields": list(values), "seconds": seconds, "files": files})
 
-    def load(self, stage: str) -> tuple[dict[str, Any], float]:
+    def load(self, stage: str) -> tuple[dict[str, object], float]:
         marker = store.read_json(self.root / f"{stage}.done")
         values = {name: read_value(self.root / stage, name) for name in marker["fields"]}
         return values, float(marker.get("seconds", float("nan")))
 
 
-def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, Any]:
+def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, object]:
     """Write every file of a finished run (see the module docstring); returns the run.json record."""
     out = Path(out)
     write_value(out, "pairs", result.pairs)
@@ -149,15 +151,15 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
     result = RunResult(make_config(record["config"]), task=record["task"], model=record["model"])
     result.pairs = read_value(out, "pairs")
     result.heldout_pairs = read_value(out, "heldout_pairs")
-    result.faithful = record.get("circuit_faithfulness")
+    result.update({"faithful": record.get("circuit_faithfulness")})
     result.circuit = read_value(out, "circuit")
     for name in TABLES:
         result.update({name: read_value(out / "tables", name)})
-    result.oracle_summary, result.faithfulness_summary = record.get("oracle"), record.get("faithfulness")
-    result.acdc_summary = record.get("acdc")
+    result.update({"oracle_summary": record.get("oracle"), "faithfulness_summary": record.get("faithfulness"),
+                   "acdc_summary": record.get("acdc")})
     result.timings, result.resumed = dict(record.get("timings", {})), list(record.get("resumed_stages", []))
     result.info = {k: record[k] for k in ("command", "versions", "threads", "threads_chosen", "wall_seconds", "platform") if k in record}
     return result
 
 
-__all__ = ["CSV_EXPORTS", "StageCache", "load_result", "read_value", "save_result", "write_value", "SUMMARIES"]
+__all__ = ["CSV_EXPORTS", "StageCache", "load_result", "read_value", "save_result", "write_value"]

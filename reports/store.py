@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 
@@ -70,7 +70,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_with(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+def write_with(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Write a file atomically with `write(tmp_path)` (any writer that takes a path)."""
     return _atomic(Path(path), lambda tmp: write(tmp))
 
@@ -90,7 +90,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+def write_json(path: str | os.PathLike[str], data: object) -> Path:
     """Write strict JSON atomically (NaN and infinities written as null)."""
     return write_text(path, json.dumps(json_safe(data), indent=1, sort_keys=False, allow_nan=False) + "\n")
 
@@ -124,7 +124,7 @@ def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
                          f"{' '.join(str(exc).split())[:200]}); delete it and rerun the command that wrote it") from None
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
+def read_json(path: str | os.PathLike[str]) -> object:
     """Read a JSON file; errors name the file."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -132,7 +132,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"{path} is not valid JSON ({exc}); delete it and rerun the command that wrote it") from None
 
 
-def file_record(path: Path) -> dict[str, Any]:
+def file_record(path: Path) -> dict[str, object]:
     """Size and SHA-256 of one file."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -19,8 +19,8 @@ from circuitlab.patching.activation import PatchingConfig, activation_patching, 
 from circuitlab.patching.components import canonical_kind, parse_node
 from circuitlab.patching.engine import make_runner
 from circuitlab.patching.models import load_model, weight_hash
-from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.patching.path import CHANNELS, path_patching
+from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.patching.shard import sharded_activation_patching
 from circuitlab.reports import rundir, store, figures
 from circuitlab.reports.config import (ConfigError, check_backend, check_device, check_memory_budget, check_seed,
@@ -45,7 +45,7 @@ class SweepConfig:
     device: str = "cpu"
     threads: int | None = None
     backend: str = "auto"  # patching.engine.make_runner: auto, fast or hook
-    spec: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, object] = field(default_factory=dict)
 
 
 def _context(cfg: SweepConfig, model: Any, task: Any, pairs: Any) -> Any:
@@ -195,7 +195,7 @@ def _figure(frame: pd.DataFrame, kind: str, out: Path) -> None:
     store.write_bytes(out / "heatmap.png", figures.png_bytes(fig))
 
 
-def parse_senders(text: str) -> Any:
+def parse_senders(text: str) -> str | list[list[str]]:
     """`heads` / `all` / `a1.h2,a3.h4+a3.h5` (comma separates sender sets, `+` joins nodes of one set)."""
     text = text.strip()
     if text in ("heads", "all"):

@@ -32,6 +32,8 @@ METRICS = {
     "leaderboard": [("cpr", "held-out CPR (higher is better)"), ("cmd", "held-out CMD (0 is best)"),
                     ("stability_boot_edges", "Jaccard overlap of edge circuits over discovery resamples")],
 }
+
+
 def _group_keys(kind: str, table: pd.DataFrame) -> list[str]:
     second = "counterfactual" if kind == "bench" else "task"
     return [k for k in ("model", second) if k in table.columns]
@@ -73,7 +75,7 @@ def summarise(values: pd.DataFrame, metric: str) -> str:
     return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}] (n={n})"
 
 
-def build_sections(table: pd.DataFrame, kind: str) -> list[dict[str, Any]]:
+def build_sections(table: pd.DataFrame, kind: str) -> list[dict[str, object]]:
     """Report sections as plain data: title, text, column names and rows of strings."""
     sections: list[dict[str, Any]] = []
     keys = _group_keys(kind, table)
@@ -121,15 +123,15 @@ def _markdown(title: str, intro: str, sections: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(out: str | Path, table: pd.DataFrame, spec: Any) -> tuple[Path, Path]:
-    """Write summary.md and summary.html for a sweep's table."""
+def write_summary(out: str | Path, table: pd.DataFrame, kind: str) -> tuple[Path, Path]:
+    """Write summary.md and summary.html for a sweep's table (`kind`: the sweep's cell kind)."""
     out = Path(out)
     counts = table["status"].value_counts().to_dict()
-    title = f"circuitlab sweep: {len(table)} {spec.kind} cells"
+    title = f"circuitlab sweep: {len(table)} {kind} cells"
     intro = (", ".join(f"{v} {k}" for k, v in counts.items()) + ". Values: mean [95% interval]; one cell: its "
              "own bootstrap interval over prompts; several (seeds, options): bootstrap interval of their mean. "
              "Every cell's numbers are in sweep.parquet / sweep.csv.")
-    sections = build_sections(table, spec.kind)
+    sections = build_sections(table, kind)
     md = store.write_text(out / "summary.md", _markdown(title, intro, sections))
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
     page = env.get_template("sweep.html.j2").render(title=title, intro=intro, sections=sections, plotly_js=plotly_js(),

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
+from circuitlab.tasks.tokens import ModelOrTokenizer
 from torch import Tensor
 
 log = logging.getLogger("circuitlab.tasks")
@@ -84,7 +85,7 @@ class PromptPairs:
     corrupt_texts: list[str]
     meta: pd.DataFrame
     attention_mask: Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
     reference_logprobs: Tensor | None = None  # [batch, R, V] clean log-probs for KL metrics (not saved)
 
     def __post_init__(self) -> None:
@@ -322,7 +323,8 @@ class Task(ABC):
     metric_name: ClassVar[str] = ""
 
     @abstractmethod
-    def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """Make `n` distinct clean/corrupt pairs for this model's tokenizer; same seed → same pairs."""
 
     def read_positions(self, pairs: PromptPairs) -> Tensor:
@@ -332,6 +334,12 @@ class Task(ABC):
     @abstractmethod
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
         """Per-prompt metric `[..., B]` from logits already gathered at `read_positions` (`[..., B, R, V]`)."""
+
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor | None:
+        """The vocabulary ids whose logits `metric_at` reads (1-D), or None when it may read any (a softmax, KL).
+        Patched forwards then compute only those logits (the others are NaN, so a metric that reads one fails
+        loudly instead of returning a wrong number)."""
+        return None
 
     def gather(self, logits: Tensor, pairs: PromptPairs) -> Tensor:
         """Full logits `[..., B, S, V]` → the logits the metric reads, `[..., B, R, V]`."""

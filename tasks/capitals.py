@@ -27,8 +27,10 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PromptPairs, Task, check_aligned, require_n
-from circuitlab.tasks.ioi import logit_diff_at
-from circuitlab.tasks.tokens import Rendered, TokenSource, options_from, pad_id_for, pad_right, render, resolve
+from circuitlab.tasks.ioi import logit_diff_at, logit_diff_tokens
+from circuitlab.tasks.tokens import (
+    ModelOrTokenizer, Rendered, TokenSource, options_from, pad_id_for, pad_right, render, resolve,
+)
 
 log = logging.getLogger("circuitlab.tasks")
 
@@ -108,7 +110,8 @@ class CapitalsTask(Task):
                         correct[i] = t == cands[i].answer
         return correct
 
-    def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """`n` distinct capital-lookup pairs; options: see `CapitalsOptions`."""
         opts = options_from(CapitalsOptions, options, self.name)
         src = resolve(model_or_tokenizer, prepend_bos=opts.prepend_bos)
@@ -204,3 +207,6 @@ class CapitalsTask(Task):
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
         """Correct capital logit − corrupt country's capital logit at END: `[..., B, 1, V]` → `[..., B]`."""
         return logit_diff_at(logits_at, pairs)
+
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor:
+        return logit_diff_tokens(pairs)

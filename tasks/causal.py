@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import require_n
@@ -25,7 +25,9 @@ from circuitlab.tasks.counterfactual import CounterfactualRow, Counterfactuals, 
 from circuitlab.tasks.greater_than import year_token_ids
 from circuitlab.tasks.ioi import _indexed
 from circuitlab.tasks.registry import _ALIASES
-from circuitlab.tasks.tokens import Rendered, TokenSource, filter_single_tokens, pad_id_for, render, resolve
+from circuitlab.tasks.tokens import (
+    ModelOrTokenizer, Rendered, TokenSource, filter_single_tokens, pad_id_for, render, resolve,
+)
 
 Builder = Callable[[TokenSource, str, random.Random], CounterfactualRow]
 
@@ -38,7 +40,8 @@ class CausalModel:
     variables: dict[str, str]
     make_builder: Callable[[TokenSource], Builder]
 
-    def counterfactuals(self, model_or_tokenizer: Any, variable: str, n: int, *, seed: int = 0) -> Counterfactuals:
+    def counterfactuals(self, model_or_tokenizer: ModelOrTokenizer, variable: str, n: int, *,
+                        seed: int = 0) -> Counterfactuals:
         """`n` distinct base/source pairs differing in `variable` (seeded), each with the causal model's answer."""
         if variable not in self.variables:
             raise ValueError(f"task {self.task!r} has no variable {variable!r}: its causal model has "

@@ -18,10 +18,14 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: tasks never import or run a model
+    from transformers import PreTrainedTokenizerBase
+    from transformer_lens.model_bridge import TransformerBridge
 
 PAPER_LATE, PAPER_EARLY = 500, 50
 BYTE_VOCAB = 256
@@ -125,7 +129,7 @@ def _is_heldout(relative: str, fraction: float) -> bool:
 
 
 def load_corpus(*, root: str | Path | None = None, max_bytes: int | None = None, heldout_fraction: float = 0.05,
-                tokenizer: Any = None) -> Corpus:
+                tokenizer: PreTrainedTokenizerBase | None = None) -> Corpus:
     """Read the standard-library corpus as bytes (default) or through `tokenizer` (any HF tokenizer).
 
     `max_bytes` caps the text read (files are taken in sorted order until the cap is reached and both splits
@@ -200,7 +204,7 @@ def eval_tokens(corpus: Corpus, n: int, seq_len: int, *, seed: int = 0) -> Tenso
     return corpus.batch(n, seq_len, torch.Generator().manual_seed(int(seed)), split="heldout")
 
 
-def model_corpus(model: Any, *, max_bytes: int | None = 2_000_000) -> Corpus:
+def model_corpus(model: TransformerBridge, *, max_bytes: int | None = 2_000_000) -> Corpus:
     """The corpus as `model` reads it: through its tokenizer when it has one, else as bytes."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None and model.cfg.d_vocab < BYTE_VOCAB:

@@ -32,7 +32,7 @@ from torch import Tensor
 from circuitlab.tasks.base import PAD_ID
 from circuitlab.tasks.custom import role_position
 from circuitlab.tasks.records import DataError, answer_values, csv_row, decoded_lines, jsonl_objects
-from circuitlab.tasks.tokens import TokenSource, pad_id_for, pad_right, resolve
+from circuitlab.tasks.tokens import ModelOrTokenizer, TokenSource, pad_id_for, pad_right, resolve
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Counterfactuals:
     base_mask: Tensor | None = None
     source_mask: Tensor | None = None
     split: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = int(self.base_tokens.shape[0])
@@ -161,12 +161,12 @@ class CounterfactualRow:
     source_positions: dict[str, int]
     base_text: str = ""
     source_text: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
     split: str | None = None
 
 
 def assemble(rows: Sequence[CounterfactualRow], *, task: str, variable: str, pad_id: int,
-             info: Mapping[str, Any] | None = None) -> Counterfactuals:
+             info: Mapping[str, object] | None = None) -> Counterfactuals:
     """Pad rows into one `Counterfactuals` (END added as each prompt's last token where missing)."""
     if not rows:
         raise ValueError("no counterfactual pairs to assemble")
@@ -289,7 +289,7 @@ def _row(obj: Mapping[str, Any], src: TokenSource, source: str, row: int) -> Cou
     return out
 
 
-def read_counterfactuals(path: str | os.PathLike[str], model_or_tokenizer: Any) -> Counterfactuals:
+def read_counterfactuals(path: str | os.PathLike[str], model_or_tokenizer: ModelOrTokenizer) -> Counterfactuals:
     """Every row of a counterfactual `.jsonl`/`.csv` file, checked and tokenized; a `DataError` on the first bad one."""
     path = Path(path)
     source = str(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -18,7 +18,10 @@ from torch import Tensor
 
 from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, gather_ids, require_n
 from circuitlab.tasks.records import METRICS, DataError, Record, check_consistent, parse_record, read_records
-from circuitlab.tasks.tokens import TokenSource, is_bridge, pad_id_for, pad_right, resolve
+from circuitlab.tasks.tokens import ModelOrTokenizer, TokenSource, is_bridge, pad_id_for, pad_right, resolve
+
+if TYPE_CHECKING:  # annotations only: tasks never import or run a model
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 class RecordsTask(Task):
@@ -99,7 +102,8 @@ class RecordsTask(Task):
                                 f"({len(clean)} tokens)", "fix the position or drop it")
         return clean, corrupt, positions
 
-    def generate(self, model_or_tokenizer: Any, n: int | None = None, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int | None = None, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """The first `n` rows (all when n is None) as padded PromptPairs; `seed` is recorded, nothing is random."""
         if options:
             raise ValueError(f"a task from rows takes no options, got {sorted(options)}")
@@ -137,7 +141,7 @@ class RecordsTask(Task):
         return pairs
 
     # ------------------------------------------------------------------ metrics
-    def attach_reference(self, model: Any, pairs: PromptPairs, batch_size: int = 16) -> None:
+    def attach_reference(self, model: TransformerBridge, pairs: PromptPairs, batch_size: int = 16) -> None:
         """For the KL metric: store the clean run's log-probabilities at END in `pairs.reference_logprobs`."""
         out = []
         with torch.no_grad():
@@ -168,7 +172,8 @@ class RecordsTask(Task):
         return a.sum(-1) / a_n - w.sum(-1) / w_n
 
 
-def role_position(source: str, row: int, role: str, spec: Any, text: str, ids: list[int], src: TokenSource, *,
+def role_position(source: str, row: int, role: str, spec: str | Mapping[str, object] | Sequence[int], text: str,
+                  ids: list[int], src: TokenSource, *,
                   side: str = "clean") -> int:
     """The token index where a role's marked text (substring, {"text", "occurrence"} or [start, end]) starts in
     `text` (tokenized as `ids`); a `DataError` naming the row and role otherwise. `side` names the prompt."""
@@ -202,7 +207,7 @@ def role_position(source: str, row: int, role: str, spec: Any, text: str, ids: l
     return src.n_prefix + len(prefix)
 
 
-def from_records(records: Iterable[Mapping[str, Any]], *, metric: str | None = None, name: str = "custom",
+def from_records(records: Iterable[Mapping[str, object]], *, metric: str | None = None, name: str = "custom",
                  source: str = "<records>") -> RecordsTask:
     """A task from rows (dicts in the file schema of `tasks.records`), checked row by row (rows count from 1)."""
     parsed = [parse_record(obj, source, i) if isinstance(obj, Mapping) else _not_a_row(obj, source, i)

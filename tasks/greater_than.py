@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -24,7 +24,9 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PAD_ID, PromptPairs, Task, TaskUnsupportedError, check_aligned, require_n
-from circuitlab.tasks.tokens import TokenSource, options_from, pad_id_for, pad_right, render, resolve
+from circuitlab.tasks.tokens import (
+    ModelOrTokenizer, TokenSource, options_from, pad_id_for, pad_right, render, resolve,
+)
 
 WIDTH = 100
 
@@ -75,7 +77,8 @@ class GreaterThanTask(Task):
     roles = ("noun", "XX1", "YY", "END")
     metric_name = "prob_diff"
 
-    def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """`n` distinct (noun, YY) prompts; raises TaskUnsupportedError for digit-splitting tokenizers."""
         opts = options_from(GreaterThanOptions, options, self.name)
         src = resolve(model_or_tokenizer, prepend_bos=opts.prepend_bos)

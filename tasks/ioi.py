@@ -24,7 +24,9 @@ from torch import Tensor
 
 from circuitlab.tasks import data
 from circuitlab.tasks.base import PromptPairs, Task, check_aligned, gather_ids, require_n
-from circuitlab.tasks.tokens import filter_single_tokens, options_from, pad_id_for, pad_right, render, resolve
+from circuitlab.tasks.tokens import (
+    ModelOrTokenizer, filter_single_tokens, options_from, pad_id_for, pad_right, render, resolve,
+)
 
 log = logging.getLogger("circuitlab.tasks")
 
@@ -99,7 +101,8 @@ class IOITask(Task):
                 out.append(("ABBA", i, data.abba_from_baba(t)))
         return out
 
-    def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """`n` distinct IOI pairs; options: see `IOIOptions` (corruption, family, templates, pools, …)."""
         opts = options_from(IOIOptions, options, self.name)
         if opts.corruption not in CORRUPTIONS:
@@ -203,6 +206,14 @@ class IOITask(Task):
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
         """Logit of the IO name minus logit of the subject name at END: `[..., B, 1, V]` → `[..., B]`."""
         return logit_diff_at(logits_at, pairs)
+
+    def metric_tokens(self, pairs: PromptPairs) -> Tensor:
+        return logit_diff_tokens(pairs)
+
+
+def logit_diff_tokens(pairs: PromptPairs) -> Tensor:
+    """The vocabulary ids `logit_diff_at` reads (padding ids -1 read as 0, as `gather_ids` does)."""
+    return torch.cat([pairs.answer_ids[:, :1], pairs.wrong_ids[:, :1]]).clamp(min=0).flatten().unique()
 
 
 def logit_diff_at(logits_at: Tensor, pairs: PromptPairs) -> Tensor:

@@ -60,8 +60,8 @@ class Record:
     corrupt: str
     answer: list[str | int]
     wrong: list[str | int]
-    roles: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    roles: dict[str, object] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
     metric: str | None = None
     clean_ids: list[int] | None = None
     corrupt_ids: list[int] | None = None
@@ -105,7 +105,7 @@ def _int_list(value: Any, source: str, row: int, name: str) -> list[int]:
     return list(value)
 
 
-def parse_record(obj: Mapping[str, Any], source: str, row: int) -> Record:
+def parse_record(obj: Mapping[str, object], source: str, row: int) -> Record:
     """Check one row (a mapping from JSON or CSV) against the schema and return a `Record`."""
     texts = {}
     for key, alias in (("clean", "clean_text"), ("corrupt", "corrupt_text")):
@@ -176,7 +176,7 @@ def _csv_row(row: Mapping[str, str], source: str, lineno: int) -> dict[str, Any]
 
 def csv_row(row: Mapping[str, str], source: str, lineno: int, *,
             answers: Sequence[str] = ("answer", "wrong", "answer_ids", "wrong_ids"),
-            known: Sequence[str] = tuple(_KNOWN)) -> dict[str, Any]:
+            known: Sequence[str] = tuple(_KNOWN)) -> dict[str, object]:
     """A CSV row as a schema dict: `answers` columns parsed (JSON lists/ids), role:/span: columns gathered into
     `roles`, `known` columns kept, every other column into `meta` (pair files and counterfactual files)."""
     obj: dict[str, Any] = {"roles": {}, "meta": {}}
@@ -235,7 +235,7 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     return records
 
 
-def jsonl_objects(lines: list[tuple[int, str]], source: str, example: str) -> list[tuple[int, dict[str, Any]]]:
+def jsonl_objects(lines: list[tuple[int, str]], source: str, example: str) -> list[tuple[int, dict[str, object]]]:
     """(line number, object) of each non-blank line of a JSONL file; a line that is not a JSON object is an error
     naming it (`example` shows what a row looks like)."""
     objs = []

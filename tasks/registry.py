@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from circuitlab.tasks.base import Task
 from circuitlab.tasks.capitals import CapitalsTask
@@ -30,7 +29,7 @@ def list_tasks() -> list[str]:
     return list(_TASKS)
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
+def get_task(name: str, **kwargs: object) -> Task:
     """A new task instance by name or alias, or a dataset file (`.jsonl`/`.csv`, see `load_task`); keyword
     arguments go to its constructor (e.g. `metric=`)."""
     if looks_like_path(str(name)):

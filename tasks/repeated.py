@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from circuitlab.tasks.base import PromptPairs, Task, require_n
-from circuitlab.tasks.tokens import options_from, resolve
+from circuitlab.tasks.tokens import ModelOrTokenizer, options_from, resolve
 
 METRICS = ("mean_logprob", "mean_logit")
 
@@ -58,7 +57,8 @@ class RepeatedTokensTask(Task):
             raise ValueError(f"unknown repeated-tokens metric {metric!r}: use one of {METRICS}")
         self.metric_name = metric
 
-    def generate(self, model_or_tokenizer: Any, n: int, *, seed: int = 0, **options: Any) -> PromptPairs:
+    def generate(self, model_or_tokenizer: ModelOrTokenizer, n: int, *, seed: int = 0,
+                 **options: object) -> PromptPairs:
         """`n` distinct repeated-token pairs; options: see `RepeatedTokensOptions`."""
         opts = options_from(RepeatedTokensOptions, options, self.name)
         src = resolve(model_or_tokenizer, prepend_bos=opts.prepend_bos, bos_id=opts.bos_id)

@@ -14,10 +14,13 @@ length and fresh random tokens); pair files without a template column are split 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING
 
-from circuitlab.tasks.base import PromptPairs
+from circuitlab.tasks.base import PromptPairs, Task
 from circuitlab.tasks.batching import trim_padding
+
+if TYPE_CHECKING:  # annotations only: tasks never import or run a model
+    from transformer_lens.model_bridge import TransformerBridge
 
 TEMPLATE_KEYS = ("template_id", "template")
 
@@ -54,8 +57,8 @@ def split_pairs(pairs: PromptPairs, n_discovery: int, n_heldout: int, *, seed: i
     return trim_padding(pairs.subset(disc_rows)), trim_padding(pairs.subset(held_rows))  # each to its own width
 
 
-def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, seed: int = 0,
-                  heldout_fraction: float = 0.5, **options: Any) -> tuple[PromptPairs, PromptPairs]:
+def heldout_split(task: Task, model: TransformerBridge, n_discovery: int, n_heldout: int, *, seed: int = 0,
+                  heldout_fraction: float = 0.5, **options: object) -> tuple[PromptPairs, PromptPairs]:
     """Generate a pool of the task's pairs and split it by template into (discovery, held-out)."""
     pool = task.generate(model, 3 * (n_discovery + n_heldout), seed=seed, **options)
     disc, held = split_pairs(pool, n_discovery, n_heldout, seed=seed, heldout_fraction=heldout_fraction)
@@ -64,13 +67,40 @@ def heldout_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, se
     return disc, held
 
 
-REPHRASINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # task -> (discovery options, held-out options)
+def validation_split(task: Task, model: TransformerBridge, n_discovery: int, n_validation: int, n_heldout: int, *, seed: int = 0,
+                     heldout_fraction: float = 0.5, **options: object) -> tuple[PromptPairs, PromptPairs, PromptPairs]:
+    """(discovery, validation, held-out) pairs with pairwise disjoint templates: held-out templates are dealt as in
+    `split_pairs`; the discovery side's templates are dealt again, in proportion to `n_validation`, to a
+    validation set (for choosing a circuit's size, `graphs.selection.select_validated`), so the held-out prompts
+    that a report states stay unseen by discovery and by selection."""
+    pool = task.generate(model, 3 * (n_discovery + n_validation + n_heldout), seed=seed, **options)
+    key = template_key(pool)
+    templates = sorted(set(pool.meta[key].tolist()), key=str)
+    if len(templates) < 3:
+        raise ValueError(f"only {len(templates)} templates in the pool: a three-way template split needs at least 3")
+    random.Random(seed).shuffle(templates)
+    n_held = min(len(templates) - 2, max(1, round(heldout_fraction * len(templates))))
+    rest = templates[n_held:]
+    n_val = min(len(rest) - 1, max(1, round(len(rest) * n_validation / max(1, n_discovery + n_validation))))
+    groups = (set(rest[n_val:]), set(rest[:n_val]), set(templates[:n_held]))
+    out = []
+    for name, group, n in zip(("discovery", "validation", "heldout"), groups, (n_discovery, n_validation, n_heldout)):
+        rows = [i for i, t in enumerate(pool.meta[key].tolist()) if t in group][:n]
+        if len(rows) < n:
+            raise ValueError(f"the pool of {len(pool)} pairs has {len(rows)} {name} pairs; need {n}: ask for fewer")
+        part = trim_padding(pool.subset(rows))
+        part.info = dict(part.info, split=name)
+        out.append(part)
+    return out[0], out[1], out[2]
+
+
+REPHRASINGS: dict[str, tuple[dict[str, object], dict[str, object]]] = {  # task -> (discovery options, held-out options)
     "greater_than": ({}, {"template": "The {noun} began in the year 17{YY} and ended in the year 17"}),
     "repeated_tokens": ({"seq_len": 20}, {"seq_len": 14}),
 }
 
 
-def rephrased_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, seed: int = 0
+def rephrased_split(task: Task, model: TransformerBridge, n_discovery: int, n_heldout: int, *, seed: int = 0
                     ) -> tuple[PromptPairs, PromptPairs]:
     """(discovery, held-out) pairs that share no template: `heldout_split` for tasks recording templates, the
     task's `REPHRASINGS` entry otherwise, and a seeded row split for a pair file without templates."""
@@ -97,10 +127,11 @@ def rephrased_split(task: Any, model: Any, n_discovery: int, n_heldout: int, *, 
     return disc, held
 
 
-def shared_templates(a: PromptPairs, b: PromptPairs) -> set[Any]:
+def shared_templates(a: PromptPairs, b: PromptPairs) -> set[object]:
     """Templates present in both sets of pairs (empty for a proper held-out split)."""
     key = template_key(a)
     return set(a.meta[key].tolist()) & set(b.meta[template_key(b)].tolist())
 
 
-__all__ = ["REPHRASINGS", "rephrased_split", "heldout_split", "shared_templates", "split_pairs", "template_key"]
+__all__ = ["REPHRASINGS", "heldout_split", "rephrased_split", "shared_templates", "split_pairs", "template_key",
+           "validation_split"]

@@ -14,10 +14,15 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Iterable, Mapping, Sequence, TYPE_CHECKING, TypeVar, Union
+
+if TYPE_CHECKING:  # annotations only: tasks never import or run a model
+    from transformers import PreTrainedTokenizerBase
+    from transformer_lens.model_bridge import TransformerBridge
 
 log = logging.getLogger("circuitlab.tasks")
 
+ModelOrTokenizer = Union["TransformerBridge", "PreTrainedTokenizerBase"]  # what a task reads its tokens from
 _SLOT = re.compile(r"( ?)\{(\w+)\}")
 T = TypeVar("T")
 
@@ -27,8 +32,8 @@ class TokenSource:
     """What a task needs from a model or tokenizer: the tokenizer (may be None), the model (may be None),
     the BOS id to prepend (None = no BOS) and the vocabulary size."""
 
-    tokenizer: Any
-    model: Any
+    tokenizer: PreTrainedTokenizerBase | None
+    model: TransformerBridge | None
     bos_id: int | None
     d_vocab: int
 
@@ -37,7 +42,7 @@ class TokenSource:
         """How many tokens come before the text (1 with BOS, else 0)."""
         return 0 if self.bos_id is None else 1
 
-    def require_tokenizer(self, task: str) -> Any:
+    def require_tokenizer(self, task: str) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             raise ValueError(f"task {task!r} needs a tokenizer, but the model has none (model.tokenizer is None). "
                              "Pass a Hugging Face tokenizer or a model booted with one.")
@@ -63,12 +68,13 @@ class TokenSource:
         return self.tokenizer.decode(list(ids))
 
 
-def is_bridge(obj: Any) -> bool:
+def is_bridge(obj: object) -> bool:
     """True for a TransformerBridge-like model (has `cfg` and a `tokenizer` attribute)."""
     return hasattr(obj, "cfg") and hasattr(obj, "tokenizer")
 
 
-def resolve(model_or_tokenizer: Any, *, prepend_bos: bool | None = None, bos_id: int | None = None) -> TokenSource:
+def resolve(model_or_tokenizer: ModelOrTokenizer, *, prepend_bos: bool | None = None,
+            bos_id: int | None = None) -> TokenSource:
     """Turn a TransformerBridge or a Hugging Face tokenizer into a `TokenSource` (see the module docstring)."""
     if model_or_tokenizer is None:
         raise ValueError("need a model (TransformerBridge) or a Hugging Face tokenizer, got None")
@@ -168,7 +174,7 @@ def render(template: str, values: Mapping[str, str], src: TokenSource) -> Render
     return Rendered(text=text, ids=src.with_bos(ids), spans=spans)
 
 
-def most_common_length(lengths: Mapping[Any, int], *, what: str) -> int:
+def most_common_length(lengths: Mapping[object, int], *, what: str) -> int:
     """The token length shared by the most items (ties: the shorter length)."""
     if not lengths:
         raise ValueError(f"no {what} left to choose a prompt length from")
@@ -176,7 +182,7 @@ def most_common_length(lengths: Mapping[Any, int], *, what: str) -> int:
     return min(counts, key=lambda length: (-counts[length], length))
 
 
-def options_from(cls: type[T], options: Mapping[str, Any], task: str) -> T:
+def options_from(cls: type[T], options: Mapping[str, object], task: str) -> T:
     """Build an options dataclass from keyword options, with a clear error for unknown names."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(options) - names)

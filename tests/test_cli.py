@@ -295,13 +295,14 @@ def test_smollm2_ioi_run(tmp_path):
 def test_run_variables_store_each_heads_iia(tiny_dir, tmp_path, capsys):
     """--variables: a head's stored full-vector IIA equals a plain-hook interchange of its z at END on the same
     held-out pairs (0 on this random model: tests/test_variables.py checks non-trivial values); DAS k=1 is stored
-    beside it; an unknown variable is refused naming the known ones, before anything is written."""
+    k=1..4, the no-intervention baseline and the carried variable are stored beside it; an unknown variable is refused naming the known ones, before anything is written."""
     out = tmp_path / "v"
     assert main(["run", "--model", tiny_dir, "--out", str(out), "--quiet", "--no-roles", *FAST, "--top-k", "30",
                  "--positions", "none", "--resid-positions", "none", "--variables", "next"]) == 0
     graph = nx.read_graphml(out / "circuit.graphml")
     heads = [(name, data) for name, data in graph.nodes(data=True) if parse_node(name).kind == "head"]
-    assert heads and all("iia_next" in d and "iia_next_das1" in d for _, d in heads)
+    assert heads and all({"iia_next", "carries"} | {f"iia_next_das{k}" for k in (1, 2, 3, 4)} <= set(d) for _, d in heads)
+    assert "iia_next_none" in graph.graph
     assert "iia_next_das1" in (out / "circuit.json").read_text() and "iia_next" in (out / "report.html").read_text()
     model = load_model(tiny_dir)
     cf = causal_model("repeated_tokens").counterfactuals(model, "next", 12, seed=0).with_split(0.5, seed=0).part("test")
@@ -328,4 +329,7 @@ def test_run_variables_store_each_heads_iia(tiny_dir, tmp_path, capsys):
     assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "bad"), "--quiet", *FAST, "--variables", "io"]) == 2
     err = capsys.readouterr().err
     assert "no variable 'io'" in err and "next" in err
+    assert main(["run", "--model", tiny_dir, "--out", str(tmp_path / "bad"), "--quiet", *FAST, "--variables", "next",
+                 "--variables-heads", "name_mover,m1"]) == 2
+    assert "--variables-heads: 'm1' is neither" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -39,7 +39,7 @@ def test_run_reports_the_heldout_faithfulness_of_its_circuit(tiny_dir, tmp_path)
 
     # round trip: the saved result reads back whole, and re-rendering states the same numbers
     result = load_result(out)
-    assert result.faithful == summary
+    assert result.faithful.to_dict() == summary and result.faithful.sizes.heads == summary["sizes"]["heads"]
     assert result.heldout_pairs.clean_texts == [p["clean_text"] for p in heldout]
     for name in ("faithful_curve", "faithful_ranking", "stability"):
         assert getattr(result, name) is not None and len(getattr(result, name)) > 0, name
@@ -58,6 +58,8 @@ def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):
     record = json.loads((out / "run.json").read_text())
     summary = record["circuit_faithfulness"]
     assert summary["method"] == "eap-ig" and "eap-ig" in summary["ranking"]
+    assert record["circuit"] == summary["sizes"]  # run.json's circuit size is the circuit stage's, not the drawing's
+    assert summary["sizes"]["heads"] == len(summary["items"])
     ranking = pd.read_parquet(out / "tables" / "faithful_ranking.parquet").set_index("item")["score"]
     assert all(abs(ranking[i]) > 0 for i in summary["items"])
     curve = pd.read_csv(out / "faithful_curve.csv")
@@ -81,6 +83,9 @@ def test_default_run_chooses_its_circuit_by_faithfulness(tiny_dir, tmp_path):
                  "--heldout-n", "4", "--top-fraction", "0.5", *FAST]) == 0
     text = (forced / "report.md").read_text()
     assert "The size was forced" in text and "Held-out faithfulness" in text
+    drawn = json.loads((forced / "circuit.json").read_text())  # a forced size: the selected graph is the circuit
+    heads = sum(n["id"].startswith("a") for n in drawn["nodes"])
+    assert json.loads((forced / "run.json").read_text())["circuit"]["heads"] == heads > 0
 
 
 @pytest.mark.parametrize("args, message", [(["--faithfulness-target", "1.5"], "faithfulness-target"),

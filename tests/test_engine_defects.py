@@ -188,8 +188,12 @@ def test_report_graph_keeps_parallel_blocks():
     class Result:
         model = meta
 
+    class Config:
+        edge_positions = "none"  # plain edges (--edge-positions roles: `PositionalGraph`)
+
     class FakePipeline:
         result = Result()
+        cfg = Config()
 
     graph = run_module.Pipeline.graph(FakePipeline())
     assert graph.parallel

@@ -144,7 +144,7 @@ def test_greedy_prunes_inert_heads_and_methods_agree_on_groundtruth():
     for method in ("single-effect", "greedy", "node-pruning"):
         result = find_faithful_circuit(ctx, method, config, heldout=held)
         assert set(result.circuit.items) == {"a0.h0", "a1.h0"}, method
-        assert result.heldout[0] >= 0.8 and result.sizes["heads"] == 2
+        assert result.heldout[0] >= 0.8 and result.sizes.heads == 2
 
 
 def test_stability_on_bootstrap_resamples():

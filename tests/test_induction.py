@@ -120,9 +120,9 @@ def test_ablating_the_induction_head_removes_icl(toy):
     assert zero.loc[(0, 0), "delta_icl"] > 1.0  # its previous-token partner too
     assert abs(zero.loc[(0, 1), "delta_icl"]) < 1e-6 and abs(zero.loc[(1, 1), "delta_icl"]) < 1e-6
     joint = joint_icl_ablation(toy, tokens, [(1, 0)])
-    assert joint["fraction_removed"] > 0.9
+    assert joint.fraction_removed > 0.9 and joint.heads == ("a1.h0",)
     other = joint_icl_ablation(toy, tokens, [(1, 1)])
-    assert abs(other["fraction_removed"]) < 1e-6
+    assert abs(other.fraction_removed) < 1e-6
 
 
 def test_exact_patching_effect_on_repeated_tokens(toy):

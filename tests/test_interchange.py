@@ -108,17 +108,18 @@ def test_interchange_equals_plain_hooks(tiny, family):
 
 
 def test_das_full_rank_equals_full_vector(tiny):
+    """DAS with k = d swaps the whole vector: at the residual stream (k = d_model) and per head (k = d_head)."""
     model = tiny("llama")
     runner, _, _ = make_runner(model)
     cf = causal_model("ioi").counterfactuals(model, "io", 4, seed=0)
-    site = Site("resid_pre", 1, "IO")
-    prep = prepare_batch(runner, cf, ["resid_pre"])
-    das = DAS(runner.d_model, runner.d_model, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        a = intervened_logits(runner, prep, site, das)
-        b = intervened_logits(runner, prep, site, FullVector(runner.d_model))
-    assert (a - b).abs().max().item() < 1e-4
-    assert (b - prep.base_logits).abs().max().item() > 1e-2
+    prep = prepare_batch(runner, cf, ["resid_pre", "z"])
+    for site, d, seed in ((Site("resid_pre", 1, "IO"), runner.d_model, 3), (Site("z", 1, "last", 2), runner.d_head, 4)):
+        das = DAS(d, d, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            a = intervened_logits(runner, prep, site, das)
+            b = intervened_logits(runner, prep, site, FullVector(d))
+        assert (a - b).abs().max().item() < 1e-4, site.label
+        assert (b - prep.base_logits).abs().max().item() > 1e-3, site.label
 
 
 def test_bad_sites_are_refused(tiny):

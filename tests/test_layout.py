@@ -7,11 +7,18 @@
 - An import inside a function is allowed only for an optional heavy dependency named in `OPTIONAL`, with a
   comment on that line or the line above saying so; everything else is imported at the top of its module.
 - No source file over 400 lines; every package folder's `__init__.py` has a docstring.
+- The README's layout table has one row per folder (every package folder, `bench/`, `tests/`), and every file
+  a row names is in that folder.
+- No `Any` in a public signature (a function, method or dataclass field whose name has no leading underscore):
+  public types say what they take (`object` where anything goes).
+- No list of discovery methods or circuit searches outside their registry (`patching/methods/`): a literal tuple,
+  list, set or dict (keys) naming two or more of them is a second list that adding a method would have to edit.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -198,3 +205,100 @@ def test_the_checks_see_a_cycle_and_a_forbidden_import():
     assert _internal("circuitlab.patching.engine.Runner") == "circuitlab.patching.engine"
     assert _internal("torch.nn") is None
     assert len(_edges()) == len(_sources()) and sum(map(len, _edges().values())) > 100  # it sees the real graph
+
+
+REGISTRY = ROOT / "patching" / "methods"
+
+
+def _registered_names() -> set[str]:
+    """Names the registry declares: the first argument of every `Method(...)` and `CircuitSearch(...)` call in
+    `patching/methods/` (read from the source, as the registry's files write them)."""
+    names = set()
+    for path in REGISTRY.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("Method", "CircuitSearch") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    return names
+
+
+def _method_lists(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines of literal tuples/lists/sets (or dict keys) that hold two or more of `names`."""
+    lines = []
+    for node in ast.walk(tree):
+        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
+            node, (ast.Tuple, ast.List, ast.Set)) else []
+        found = {k.value for k in items if isinstance(k, ast.Constant) and k.value in names}
+        if len(found) >= 2:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_method_lists_come_from_the_registry():
+    names = _registered_names()
+    assert {"eap-ig", "acdc", "ifr", "random", "greedy", "ranking-edges"} <= names  # it reads the real registry
+    sources = [p for p in _sources() if REGISTRY not in p.parents] + sorted((ROOT / "bench").glob("*.py"))
+    wrong = [f"{p.relative_to(ROOT)}:{line}" for p in sources
+             for line in _method_lists(ast.parse(p.read_text(encoding="utf-8")), names)]
+    assert wrong == []
+    assert _method_lists(ast.parse('x = ("eap", "eap-ig")\ny = {"acdc": 1, "greedy": 2}'), names) == [1, 2]
+
+
+def _public_any(tree: ast.AST) -> list[str]:
+    """Public functions' parameters and returns, and public classes' annotated fields, that mention `Any`."""
+    found = []
+
+    def mentions_any(node: ast.AST | None) -> bool:
+        return node is not None and any(
+            (isinstance(n, ast.Name) and n.id == "Any") or (isinstance(n, ast.Attribute) and n.attr == "Any")
+            or (isinstance(n, ast.Constant) and isinstance(n.value, str) and "Any" in n.value.split("[")[0].split("|"))
+            for n in ast.walk(node))
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                    not node.name.startswith("_") or (node.name.startswith("__") and node.name.endswith("__"))):
+                a = node.args
+                for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                    if arg is not None and mentions_any(arg.annotation):
+                        found.append(f"{node.lineno} {prefix}{node.name}({arg.arg})")
+                if mentions_any(node.returns):
+                    found.append(f"{node.lineno} {prefix}{node.name} -> Any")
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for item in node.body:
+                    if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                            and not item.target.id.startswith("_") and mentions_any(item.annotation)):
+                        found.append(f"{item.lineno} {node.name}.{item.target.id}")
+                visit(node.body, f"{node.name}.")
+
+    visit(tree.body, "")
+    return found
+
+
+def test_no_any_in_public_signatures():
+    wrong = [f"{p.relative_to(ROOT)}:{hit}" for p in _sources() for hit in _public_any(ast.parse(p.read_text()))]
+    assert wrong == []
+    example = ast.parse("def f(x: Any, *, y: dict[str, Any]) -> Any: ...\ndef _g(x: Any) -> Any: ...\n"
+                        "class C:\n    a: list[Any]\n    _b: Any\n    def m(self, z: 'Any') -> None: ...")
+    assert _public_any(example) == ["1 f(x)", "1 f(y)", "1 f -> Any", "4 C.a", "6 C.m(z)"]
+
+
+def _layout_rows(readme: str) -> dict[str, str]:
+    """{folder: its row} of the README's layout table (the rows under `## Layout` that start with a folder)."""
+    section = readme.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and re.fullmatch(r" `([\w/]+/)` ", cells[1]):
+            rows[cells[1].strip(" `")] = line
+    return rows
+
+
+def test_readme_layout_table_matches_the_folders():
+    rows = _layout_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    folders = {str(p.parent.relative_to(ROOT)) + "/" for p in _sources() if p.parent != ROOT}
+    assert set(rows) == folders | {"bench/", "tests/"}
+    missing = [f"{folder}{name}" for folder, line in rows.items() for name in re.findall(r"`(\w+\.py)`", line)
+               if not (ROOT / folder / name).is_file()]
+    assert missing == []

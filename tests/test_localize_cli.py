@@ -20,6 +20,22 @@ from circuitlab.reports import rundir
 from circuitlab.reports.cli import main
 
 
+def _check_report(out, frame):
+    """The standard report: each featurizer's heatmap (Plotly data in report.html, a PNG for report.md) holds
+    the test IIA of iia.csv at each layer × site; the controls table sits beside it."""
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert not (out / "localize.html").exists() and "circuitlab localize: x in" in html
+    for feat in ("full", "pca", "das"):
+        start = html.index(f'id="data-iia_{feat}">') + len(f'id="data-iia_{feat}">')
+        heat = json.loads(html[start:html.index("</script>", start)])["data"][0]
+        test = frame[(frame.featurizer == feat) & (frame.split == "test")]
+        for i, layer in enumerate(heat["y"]):
+            for j, site in enumerate(heat["x"]):
+                assert heat["z"][i][j] == test[(test.layer == int(layer)) & (test.position == site.split("@")[1])].iia.max()
+        assert f"Controls beside {feat}" in html and f"figures/iia_{feat}.png" in md
+        assert (out / "figures" / f"iia_{feat}.png").stat().st_size > 1000
+
+
 def test_localize_cli_from_file(tmp_path, capsys):
     gt = build_subspace_model(seed=0)
     model_dir = save_model(gt.model, tmp_path / "model")
@@ -40,7 +56,8 @@ def test_localize_cli_from_file(tmp_path, capsys):
     assert record["split"]["train"] + record["split"]["test"] == 24
     rotations = load_file(str(out / "rotations.safetensors"))
     assert rotations["resid_pre.L0@x/das2"].shape == (2, 32)
-    assert "heatmap" in (out / "localize.html").read_text() and "x" in (out / "report.md").read_text()
+    assert record["engine"]["requested"] == "auto" and record["engine"]["backend"] == "fast"
+    _check_report(out, frame)
 
     # The same numbers from the Python API (same pairs, split, seed and sites).
     from circuitlab.tasks.counterfactual import read_counterfactuals
@@ -54,6 +71,16 @@ def test_localize_cli_from_file(tmp_path, capsys):
     again = tmp_path / "again"
     assert main(args[:2] + [str(out / "counterfactuals.jsonl")] + args[3:5] + ["--out", str(again)] + args[7:]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(again / "iia.parquet"), table)
+
+    # --backend hook (the exact hook runner) gives the same table; the record says which backend ran.
+    hook = tmp_path / "hook"
+    assert main(args[:5] + ["--out", str(hook)] + args[7:] + ["--backend", "hook"]) == 0
+    assert json.loads((hook / "run.json").read_text())["engine"] == {"backend": "hook", "requested": "hook",
+                                                                     "reason": "asked for (backend hook)"}
+    pd.testing.assert_frame_equal(pd.read_parquet(hook / "iia.parquet"), table, check_dtype=False, atol=1e-4)
+
+    capsys.readouterr()  # `circuitlab report` re-renders run folders; a localize folder's report is written with it
+    assert main(["report", str(out)]) == 2 and "holds a circuitlab localize result" in capsys.readouterr().err
 
     # A bad file: one line, nothing written.
     bad = tmp_path / "bad.jsonl"

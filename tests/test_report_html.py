@@ -36,7 +36,7 @@ def run_log(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-m", "circuitlab.reports.cli", "run", "--task", "repeated_tokens",
                            "--model", str(root / "model"), "--out", str(out), "--n", "6", "--task-option", "seq_len=5",
-                           "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30"],
+                           "--n-boot", "50", "--percents", "1,10,50,100", "--oracle-edges", "30", "--variables", "next"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout + proc.stderr
@@ -135,6 +135,11 @@ def test_report_page_data(run_dir):
     heads = {n["id"] for n in json.loads((run_dir / "circuit.json").read_text())["nodes"] if n["kind"] == "head"}
     assert set(attention["node"]) == heads == set(explorer["attention"]) and len(explorer["prompts"]) == 4
     assert attention.groupby(["prompt", "node", "query"])["weight"].sum().to_numpy() == pytest.approx(1, abs=1e-5)
+    circuit = json.loads((run_dir / "circuit.json").read_text())  # --variables: the carried variable per head
+    carries = {n["name"]: n["carries"] for n in explorer["nodes"] if n["in_circuit"] and n["kind"] == "head"}
+    assert carries == {n["id"]: n["carries"] for n in circuit["nodes"] if n["kind"] == "head"}
+    assert explorer["variables"] == ["next"] and explorer["baselines"]["next"] == circuit["graph"]["iia_next_none"]
+    assert "iia_next_das4" in html and "exceeds that variable" in (run_dir / "report.md").read_text()
     assert page.tables and all(len(set(rows)) == 1 for rows in page.tables)  # rectangular tables
     text = " ".join(page.text)
     for bad in ("Traceback", "Error:", "undefined", "{{", "{%", "position -1"):
@@ -280,3 +285,48 @@ def test_evidence_panel_draws_the_heads_attention_pattern(browser_page, run_dir)
     page.evaluate("name => window.circuitlab.select(name)", mlp)
     assert "no attention pattern" in page.locator("#evidence").inner_text().lower()
     assert page.locator("#attention-plot").count() == 0 and seen["errors"] == []
+
+
+def _node_colours(page) -> dict[str, str]:
+    return page.evaluate("""() => { const t = document.getElementById('circuit-plot').data.find(d => d.meta === 'nodes');
+        return Object.fromEntries(t.customdata.map((name, i) => [name, t.marker.color[i]])); }""")
+
+
+def test_heads_coloured_by_the_variable_they_carry(browser_page, run_dir):
+    """The explorer colours each circuit head by the variable circuit.json says it carries (the run measured
+    `next`), states the rule and the baseline, and the colour-by control switches to roles and back."""
+    page, seen = browser_page
+    circuit = json.loads((run_dir / "circuit.json").read_text())
+    heads = {n["id"]: n for n in circuit["nodes"] if n["kind"] == "head"}
+    data = page.evaluate("window.circuitlab.data")
+    palette = data["variable_colors"]
+    assert set(palette) == {"next", ""} and palette["next"] != palette[""]
+    rule = page.locator("#carries-rule").inner_text()
+    assert "exceeds" in rule and f"next {circuit['graph']['iia_next_none']:.2f}" in rule
+    assert page.locator("#color-by").input_value() == "carried"  # the default once variables were measured
+    colours = _node_colours(page)
+    assert {n: colours[n] for n in heads} == {n: palette[h["carries"]] for n, h in heads.items()}
+    page.locator("#color-by").select_option("role")
+    colours = _node_colours(page)
+    assert {n: colours[n] for n in heads} == {n: data["role_colors"].get(h.get("role", ""), "#6baed6")
+                                               if h.get("role") else "#6baed6" for n, h in heads.items()}
+    page.locator("#color-by").select_option("var:next")
+    colours = _node_colours(page)
+    assert {n: colours[n] for n in heads} == {n: palette["next" if h["carries"] == "next" else ""]
+                                               for n, h in heads.items()}
+    # the colour follows the carried variable (the tiny random model's heads carry none): a head said to carry
+    # `next` turns that colour under "carried" and "var:next"
+    head = sorted(heads)[0]
+    page.evaluate("""name => { window.circuitlab.data.nodes.find(n => n.name === name).carries = 'next';
+                               window.circuitlab.colorBy('carried'); }""", head)
+    assert _node_colours(page)[head] == palette["next"]
+    page.evaluate("window.circuitlab.colorBy('var:next')")
+    assert _node_colours(page)[head] == palette["next"]
+    page.evaluate("""name => { window.circuitlab.data.nodes.find(n => n.name === name).carries = '';
+                               window.circuitlab.colorBy('carried'); }""", head)
+    # a head --variables-heads left out (no iia_ numbers) is "not measured" (white), not "none"
+    page.evaluate("""name => { const n = window.circuitlab.data.nodes.find(m => m.name === name);
+        Object.keys(n.numbers).filter(k => k.startsWith('iia_')).forEach(k => delete n.numbers[k]);
+        window.circuitlab.colorBy('carried'); }""", head)
+    assert _node_colours(page)[head] == "#ffffff" and "not measured" in page.locator("#color-by-box").inner_text()
+    assert seen["errors"] == []

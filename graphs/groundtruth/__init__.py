@@ -22,14 +22,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
+import networkx as nx
 from circuitlab.graphs.circuit import add_edge, finish, new_circuit
+from circuitlab.graphs.groundtruth.taskspec import TaskBatch, TaskSpec
 from circuitlab.patching.components import parse_edge, parse_node
 from circuitlab.patching.models import load_model
-from circuitlab.graphs.groundtruth.taskspec import TaskBatch, TaskSpec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CIRCUIT_FORMAT = "circuitlab-circuit"
@@ -43,7 +44,7 @@ class GroundTruth:
     """A loaded ground-truth model, its true circuit and its task."""
 
     name: str
-    model: Any  # TransformerBridge (eval mode, gradients off)
+    model: TransformerBridge  # TransformerBridge (eval mode, gradients off)
     task: TaskSpec
     true_nodes: frozenset[str]
     true_edges: frozenset[str]
@@ -61,7 +62,7 @@ class GroundTruth:
     def accuracy(self, logits: Tensor, batch: TaskBatch) -> float:
         return self.task.accuracy(logits, batch)
 
-    def circuit_graph(self) -> Any:
+    def circuit_graph(self) -> nx.MultiDiGraph:
         """The true circuit as a `graphs.circuit` graph (networkx MultiDiGraph; write with `graphs.io`)."""
         graph = new_circuit(name=f"{self.name} (ground truth)", method="ground_truth",
                             n_layers=self.model.cfg.n_layers)
@@ -80,7 +81,7 @@ def list_groundtruth(models_dir: Path = MODELS_DIR) -> list[str]:
     return sorted(p.name for p in models_dir.iterdir() if (p / "circuit.json").is_file())
 
 
-def read_circuit(path: str | Path) -> dict[str, Any]:
+def read_circuit(path: str | Path) -> dict[str, object]:
     """Read a circuit JSON file, checking its format and that every name parses."""
     data = json.loads(Path(path).read_text())
     if data.get("format") != CIRCUIT_FORMAT:
@@ -92,7 +93,7 @@ def read_circuit(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def write_circuit(path: str | Path, model: str, nodes: set[str], edges: set[str], **extra: Any) -> Path:
+def write_circuit(path: str | Path, model: str, nodes: set[str], edges: set[str], **extra: object) -> Path:
     """Write a circuit JSON file in our format (sorted names)."""
     data = dict(format=CIRCUIT_FORMAT, version=1, model=model, nodes=sorted(nodes), edges=sorted(edges), **extra)
     Path(path).write_text(json.dumps(data, indent=1) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.groundtruth import verify
 from circuitlab.graphs.groundtruth.builders import MODELS_DIR, Built, build_induction_handwired, build_tracr
@@ -37,7 +38,7 @@ def builders() -> dict[str, Callable[[], Built]]:
     }
 
 
-def zero_head_logits(model: Any, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+def zero_head_logits(model: TransformerBridge, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
     """Logits with head (layer, head) zero-ablated at hook_z (all positions)."""
     def fn(z: torch.Tensor, hook: Any) -> torch.Tensor:
         z = z.clone()
@@ -48,7 +49,8 @@ def zero_head_logits(model: Any, tokens: torch.Tensor, layer: int, head: int) ->
         return model.run_with_hooks(tokens, fwd_hooks=[(hook_name("z", layer), fn)])
 
 
-def resample_head_logits(model: Any, tokens: torch.Tensor, source: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+def resample_head_logits(model: TransformerBridge, tokens: torch.Tensor, source: torch.Tensor, layer: int,
+                         head: int) -> torch.Tensor:
     """Logits with head (layer, head)'s z replaced by its z on `source` (resample ablation)."""
     name = hook_name("z", layer)
     with torch.no_grad():
@@ -64,7 +66,7 @@ def resample_head_logits(model: Any, tokens: torch.Tensor, source: torch.Tensor,
         return model.run_with_hooks(tokens, fwd_hooks=[(name, fn)])
 
 
-def evaluate(built: Built, nodes: set[str], edges: set[str]) -> dict[str, Any]:
+def evaluate(built: Built, nodes: set[str], edges: set[str]) -> dict[str, object]:
     """Measurements for the card: accuracy, per-head ablations, circuit-only faithfulness."""
     model, task = built.model, built.task
     batch = task.make_pairs(EVAL_N, seed=EVAL_SEED)
@@ -109,7 +111,7 @@ def planted_edges(built: Built, threshold: float = 0.05) -> tuple[set[str], dict
     return {e for e, v in effects.items() if v > threshold}, effects
 
 
-def card_text(built: Built, nodes: set[str], edges: set[str], ev: dict[str, Any], extra: str = "") -> str:
+def card_text(built: Built, nodes: set[str], edges: set[str], ev: dict[str, object], extra: str = "") -> str:
     heads = "\n".join(f"| {h} | {'circuit' if h in nodes else 'distractor' if h in built.distractors else 'unused (zero weights)'} "
                       f"| {v['accuracy']:.3f} | {v['max_abs_delta']:.3g} |" for h, v in ev["heads"].items())
     cfg = built.model.cfg

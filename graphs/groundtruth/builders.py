@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
+from circuitlab.graphs.groundtruth.taskspec import TaskSpec
 from circuitlab.patching.components import head_node
 from circuitlab.patching.models import boot_native_model
-from circuitlab.graphs.groundtruth.taskspec import TaskSpec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -30,14 +31,14 @@ class Built:
     """A freshly built ground-truth model and its metadata (written out by `build.py`)."""
 
     name: str
-    model: Any  # TransformerBridge
+    model: TransformerBridge  # TransformerBridge
     task: TaskSpec
     description: str
     construction: str
     distractors: list[str] = field(default_factory=list)
     true_nodes: set[str] | None = None  # None: derive structurally from the weights
     true_edges: set[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _load_full_state(model: Any, state: dict[str, torch.Tensor]) -> None:

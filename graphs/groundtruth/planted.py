@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +76,7 @@ def _pool(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.enable_grad()  # trains by backpropagation even when called under torch.no_grad()
 def train_planted(seed: int = 0, steps: int = 1200, batch: int = 64, lr: float = 3e-3,
-                  log: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                  log: bool = False) -> tuple[dict[str, Tensor], dict[str, object]]:
     """Train the planted-circuit model; returns its state dict and a training summary."""
     torch.manual_seed(seed)
     model = boot_native_model(PLANTED_CFG)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.graphs.groundtruth.builders import _load_full_state, _zeros_like_model
 from circuitlab.patching.featurizers import random_rotation
@@ -41,7 +41,7 @@ def content_token(x: int, y: int) -> int:
 class SubspaceGroundTruth:
     """The model, the true k and site, the sites that must stay at baseline, and its counterfactual pairs."""
 
-    model: Any
+    model: TransformerBridge
     k: int
     true_site: Site
     wrong_sites: list[Site]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +39,7 @@ class TaskSpec:
     generator: str
     kind: str  # "logit_diff" | "regression"
     seq_len: int
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, object] = field(default_factory=dict)
     tol: float = 0.02
 
     def __post_init__(self) -> None:
@@ -49,11 +48,11 @@ class TaskSpec:
         if self.kind not in ("logit_diff", "regression"):
             raise ValueError(f"unknown task kind {self.kind!r}: use 'logit_diff' or 'regression'")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return dict(generator=self.generator, kind=self.kind, seq_len=self.seq_len, params=self.params, tol=self.tol)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TaskSpec":
+    def from_json(cls, data: dict[str, object]) -> "TaskSpec":
         return cls(data["generator"], data["kind"], int(data["seq_len"]), dict(data.get("params", {})),
                    float(data.get("tol", 0.02)))
 

@@ -37,7 +37,7 @@ def _programs() -> dict[str, dict[str, Any]]:
     }
 
 
-def export(name: str, spec: dict[str, Any], out_dir: Path, n_ref: int = 32, seed: int = 0) -> None:
+def export(name: str, spec: dict[str, object], out_dir: Path, n_ref: int = 32, seed: int = 0) -> None:
     """Compile one program and write its weights, labels and reference outputs."""
     from tracr.compiler import compiling  # optional dependency: tracr (only to rebuild the tracr ground truths)
 

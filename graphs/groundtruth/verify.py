@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
 
 from circuitlab.patching.components import edge_name, head_node, mlp_node, parse_edge, parse_node
 from circuitlab.patching.topology import can_read, sender_nodes
@@ -64,7 +64,7 @@ class Weights:
         return self.layers[0].W_in is not None
 
 
-def weights_of(model: Any) -> Weights:
+def weights_of(model: TransformerBridge) -> Weights:
     """Read an LN-free, relu-or-attention-only, standard-position native bridge into `Weights`."""
     cfg = model.cfg
     if cfg.normalization_type is not None:

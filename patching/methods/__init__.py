@@ -6,10 +6,14 @@ Every module in this folder is imported here, and each registers its `Method`; a
 import importlib
 import pkgutil
 
-from circuitlab.patching.methods.registry import (METHODS, Method, MethodOptions, MethodScores, get_method,
-                                                  method_names, register)
+from circuitlab.patching.methods.registry import (METHODS, SEARCHES, CircuitSearch, Method, MethodOptions,
+                                                  MethodScores, alias_names, get_method, get_search,
+                                                  leaderboard_names, leaderboard_searches, method_names, register,
+                                                  run_method_names, search_names)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")  # each method file registers itself
 
-__all__ = ["METHODS", "Method", "MethodOptions", "MethodScores", "get_method", "method_names", "register"]
+__all__ = ["METHODS", "SEARCHES", "CircuitSearch", "Method", "MethodOptions", "MethodScores", "alias_names",
+           "get_method", "get_search", "leaderboard_names", "leaderboard_searches", "method_names", "register",
+           "run_method_names", "search_names"]

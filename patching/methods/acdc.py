@@ -16,4 +16,4 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 
 ACDC = register(Method("acdc", "edge", True, "greedy exact edge pruning; score = objective change, kept edges ranked "
-                       "above removed ones", score, max_edges=5000))
+                       "above removed ones", score, max_edges=5000, leaderboard_order=5))

@@ -21,4 +21,5 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 
 ACTIVATION = register(Method("activation", "node", True, "exact node patching (noising) of every head z and MLP out; "
-                             "edge score = min(|s_u|, |s_v|)", score, circuit="single-effect"))
+                             "edge score = min(|s_u|, |s_v|)", score, circuit="single-effect",
+                             leaderboard_order=9))

@@ -11,4 +11,4 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 
 EAP = register(Method("eap", "edge", False, "edge attribution patching: (a_clean - a_corrupt) . dm/dx_receiver at "
-                      "the clean run", score, circuit="eap"))
+                      "the clean run", score, circuit="eap", leaderboard_order=1))

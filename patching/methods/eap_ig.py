@@ -12,4 +12,4 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 
 EAP_IG = register(Method("eap-ig", "edge", False, "EAP with gradients integrated over input embeddings corrupt -> "
-                         "clean", score, circuit="eap-ig"))
+                         "clean", score, circuit="eap-ig", leaderboard_order=3))

@@ -13,4 +13,4 @@ def score(prompts: Prompts, options: MethodOptions) -> MethodScores:
 
 EAP_IG_ACT = register(Method("eap-ig-act", "edge", False, "EAP with gradients integrated over edge activations "
                              "corrupt -> clean (every edge at alpha = k/steps)", score, circuit="ranking-edges",
-                             benchmark=False))
+                             benchmark=False, leaderboard_order=4))

@@ -62,13 +62,68 @@ class MethodScores:
 Score = Callable[[Prompts, MethodOptions], MethodScores]
 
 
+RANKINGS = ("scores", "own", "single-effect", "masks")
+
+
+@dataclass(frozen=True)
+class CircuitSearch:
+    """A circuit search (`graphs.faithful.find_faithful_circuit` runs it): it ranks heads (`level` node; MLPs
+    recomputed) or edges (`edge`), and the circuit is the smallest faithful prefix of that ranking. `ranks`: what
+    it ranks: `scores`, the edge scores of the registered method `scores` (a run's are reused when the run used
+    that method, or one in `reuses`); `own`, the run method's own edge scores, whatever the method;
+    `single-effect`, each head's exact single noising effect; `masks`, learned hard-concrete masks. `refine`: the
+    prefix is then refined by exact gains (`graphs.greedy`). `label`: how the report names the ranking
+    (`{scores}`: the method whose scores were ranked); `run_alias`: `--method NAME` is short for EAP-IG scores with
+    this search; `benchmark`: run by `bench/circuits.py` by default; `leaderboard_order`: its place in
+    `circuitlab bench leaderboard`'s default, cheapest-first order (None: not run there by default)."""
+
+    name: str
+    level: str
+    ranks: str
+    label: str
+    scores: str | None = None
+    reuses: tuple[str, ...] = ()
+    refine: bool = False
+    run_alias: bool = False
+    benchmark: bool = True
+    leaderboard_order: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS or self.ranks not in RANKINGS or (self.ranks == "scores") != bool(self.scores):
+            raise ValueError(f"circuit search {self.name!r}: level in {LEVELS}, ranks in {RANKINGS}, and `scores` "
+                             "names a method exactly when it ranks `scores`")
+
+    def can_reuse(self, method: str) -> bool:
+        """Whether this search can rank the edge scores a run of `method` already computed."""
+        return self.ranks == "own" or method == self.scores or method in self.reuses
+
+    def ranking_label(self, method: str | None = None) -> str:
+        """The report's name of the ranking; `method`: the run method whose scores were reused (None: computed)."""
+        return self.label.format(scores=method or self.scores or self.name)
+
+
+SEARCHES: dict[str, CircuitSearch] = {s.name: s for s in (
+    CircuitSearch("greedy", "node", "scores", "{scores} (greedy starts from its faithful prefix)", scores="eap-ig",
+                  reuses=("eap",), refine=True, run_alias=True, leaderboard_order=6),
+    CircuitSearch("node-pruning", "node", "masks", "learned node masks", run_alias=True, leaderboard_order=7),
+    CircuitSearch("edge-pruning", "edge", "masks", "learned edge masks", run_alias=True, leaderboard_order=8),
+    CircuitSearch("single-effect", "node", "single-effect", "single-head noising effect", run_alias=True),
+    CircuitSearch("eap", "node", "scores", "{scores} node scores", scores="eap"),
+    CircuitSearch("eap-ig", "node", "scores", "{scores} node scores", scores="eap-ig"),
+    CircuitSearch("eap-edges", "edge", "scores", "eap-edges", scores="eap", benchmark=False),
+    CircuitSearch("eap-ig-edges", "edge", "scores", "eap-ig-edges", scores="eap-ig"),
+    CircuitSearch("ranking-edges", "edge", "own", "{scores} edge ranking", benchmark=False),
+)}
+
+
 @dataclass(frozen=True)
 class Method:
     """A discovery method. `level`: `edge` (scores every edge) or `node` (every head and MLP); `exact`: scores
     are exact patching effects, not estimates; `max_edges`: the largest graph it runs on unless forced (None =
     any); `circuit`: how `--circuit-method auto` finds the run's circuit from this method (a `graphs.faithful`
     method; `ranking-edges` = the smallest faithful prefix of this method's own edge ranking); `benchmark`:
-    run by the methods benchmark by default; `score`: the method itself."""
+    run by the methods benchmark by default; `leaderboard_order`: its place in `circuitlab bench leaderboard`'s
+    default, cheapest-first order (None: not run there by default); `score`: the method itself."""
 
     name: str
     level: str
@@ -78,10 +133,14 @@ class Method:
     max_edges: int | None = None
     circuit: str = "ranking-edges"
     benchmark: bool = True
+    leaderboard_order: int | None = None
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"method {self.name!r}: level must be one of {LEVELS}, got {self.level!r}")
+        if self.circuit not in SEARCHES:
+            raise ValueError(f"method {self.name!r}: circuit search {self.circuit!r} is unknown: use one of "
+                             f"{', '.join(SEARCHES)}")
 
 
 METHODS: dict[str, Method] = {}
@@ -107,4 +166,43 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "MethodOptions", "MethodScores", "Score", "get_method", "method_names", "register"]
+def search_names(level: str | None = None, *, benchmark: bool | None = None) -> tuple[str, ...]:
+    """Circuit search names (of one level; only those the circuits benchmark runs by default with
+    `benchmark=True`), in declaration order."""
+    return tuple(n for n, s in SEARCHES.items()
+                 if (level is None or s.level == level) and (benchmark is None or s.benchmark == benchmark))
+
+
+def get_search(name: str) -> CircuitSearch:
+    """The circuit search called `name`; a ValueError listing the known ones otherwise."""
+    if name not in SEARCHES:
+        raise ValueError(f"unknown circuit method {name!r}: use one of {', '.join(SEARCHES)}")
+    return SEARCHES[name]
+
+
+def alias_names() -> tuple[str, ...]:
+    """Circuit searches `circuitlab run --method` also accepts, as short for EAP-IG scores with that search."""
+    return tuple(n for n, s in SEARCHES.items() if s.run_alias)
+
+
+def leaderboard_searches() -> tuple[str, ...]:
+    """Circuit searches the leaderboard runs as methods of their own (their ranking, their circuit)."""
+    return tuple(n for n, s in SEARCHES.items() if s.leaderboard_order is not None)
+
+
+def leaderboard_names() -> tuple[str, ...]:
+    """The leaderboard's default methods, cheapest first (so a partial run has the most cells): registered
+    methods and circuit searches with a `leaderboard_order`."""
+    ranked = [(m.leaderboard_order, n) for n, m in METHODS.items() if m.leaderboard_order is not None]
+    ranked += [(SEARCHES[n].leaderboard_order, n) for n in leaderboard_searches()]
+    return tuple(n for _, n in sorted(ranked))
+
+
+def run_method_names() -> tuple[str, ...]:
+    """Everything `circuitlab run --method` accepts: the registered methods, then the circuit-search aliases."""
+    return method_names() + alias_names()
+
+
+__all__ = ["METHODS", "RANKINGS", "SEARCHES", "CircuitSearch", "Method", "MethodOptions", "MethodScores", "Score",
+           "alias_names", "get_method", "get_search", "leaderboard_names", "leaderboard_searches", "method_names",
+           "register", "run_method_names", "search_names"]

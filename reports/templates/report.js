@@ -2,7 +2,8 @@
    the page (JSON script blocks); it fetches nothing. The page API `window.circuitlab` is what the controls use:
    select(nodeName) pins a node and fills #evidence; setThreshold(fractionOfEdges) moves to the measured point of
    the faithfulness curve at or nearest below that fraction and states its faithfulness in #threshold-faithfulness;
-   attention(head, promptIndex) is the pattern the evidence panel draws for that prompt (showAttention draws it). */
+   attention(head, promptIndex) is the pattern the evidence panel draws for that prompt (showAttention draws it);
+   colorBy("role" | "carried" | "var:<name>") recolours the heads (a run with --variables; the rule is stated). */
 (function () {
   "use strict";
   var PLOT_CONFIG = {responsive: true, displaylogo: false};
@@ -88,18 +89,61 @@
   // ------------------------------------------------------------------ the circuit explorer
   var data = readJSON("explorer-data");
   var byName = {};
-  var state = {index: 0, drawn: 0, selected: null};
+  var state = {index: 0, drawn: 0, selected: null, colorBy: data && data.variables.length ? "carried" : "role"};
 
+  // Colour by "role", "carried" (each head in the colour of the variable it carries) or "var:<name>" (the heads
+  // carrying that one variable in its colour, other circuit heads grey); MLPs keep their kind colour.
   function nodeColor(n) {
     if (n.kind === "input" || n.kind === "logits") { return "#444444"; }
     if (!n.in_circuit) { return "#d9d9d9"; }
+    if (state.colorBy !== "role" && n.kind === "head") {
+      if (!measured(n)) { return NOT_MEASURED; }
+      var shown = state.colorBy === "carried" || state.colorBy === "var:" + n.carries;
+      return data.variable_colors[shown ? n.carries : ""];
+    }
     if (n.role && data.role_colors[n.role]) { return data.role_colors[n.role]; }
     return n.kind === "mlp" ? "#fdae6b" : "#6baed6";
+  }
+
+  var NOT_MEASURED = "#ffffff";  // a circuit head --variables-heads left out
+  function measured(n) { return Object.keys(n.numbers).some(function (k) { return k.indexOf("iia_") === 0; }); }
+  function carriesText(n) { return measured(n) ? (n.carries || "none") : "not measured"; }
+  function colorBy(mode) {
+    var known = ["role"].concat(data.variables.length ? ["carried"] : [],
+                                data.variables.map(function (v) { return "var:" + v; }));
+    if (known.indexOf(mode) < 0) { throw new Error("circuitlab.colorBy: use one of " + known.join(", ")); }
+    state.colorBy = mode;
+    var chooser = document.getElementById("color-by");
+    if (chooser) { chooser.value = mode; }
+    drawCircuit();
+    return mode;
+  }
+
+  // The colour-by chooser and the stated rule, for a run whose heads were measured for task variables.
+  function setUpColorBy() {
+    if (!data.variables.length) { return; }
+    var swatch = function (color, label) { return "<span class=\"swatch\" style=\"background:" + color + "\"></span>" + esc(label); };
+    var box = document.createElement("div");
+    box.id = "color-by-box";
+    box.innerHTML = "<label for=\"color-by\">Colour heads by </label><select id=\"color-by\">" +
+      "<option value=\"role\">role</option><option value=\"carried\">variable carried</option>" +
+      data.variables.map(function (v) { return "<option value=\"var:" + esc(v) + "\">variable " + esc(v) + "</option>"; }).join("") +
+      "</select> <span class=\"legend\">" + data.variables.concat([""]).map(function (v) {
+        return swatch(data.variable_colors[v], v || "none"); }).join(" ") + " " + swatch(NOT_MEASURED, "not measured") + "</span>" +
+      "<p id=\"carries-rule\" class=\"stated\">Heads measured for " + data.variables.map(esc).join(", ") + ": " +
+      esc(data.carries_rule) + ". No-intervention baselines (held-out IIA): " + data.variables.map(function (v) {
+        return esc(v) + " " + num(data.baselines[v], 2);
+      }).join(", ") + ".</p>";
+    document.querySelector("#explorer .controls").appendChild(box);
+    var chooser = document.getElementById("color-by");
+    chooser.addEventListener("change", function () { colorBy(chooser.value); });
+    chooser.value = state.colorBy;
   }
 
   function nodeHover(n) {
     var parts = ["<b>" + esc(n.name) + "</b>" + (n.in_circuit ? " (in circuit)" : "")];
     if (n.role) { parts.push("role " + esc(n.role)); }
+    if (n.kind === "head" && n.in_circuit && data.variables.length) { parts.push("carries " + esc(carriesText(n))); }
     Object.keys(n.numbers).slice(0, 6).forEach(function (k) { parts.push(esc(k) + " " + esc(num(n.numbers[k]))); });
     return parts.join("<br>");
   }
@@ -243,7 +287,9 @@
     var html = ["<h3 data-node=\"" + esc(n.name) + "\">" + esc(n.name) + "</h3>"];
     html.push("<p>" + esc(n.kind) + (n.layer >= 0 && n.kind !== "logits" ? ", layer " + n.layer : "") +
               (n.head >= 0 ? ", head " + n.head : "") + "; " + (n.in_circuit ? "in the circuit" : "not in the circuit") +
-              (n.role ? "; role <b>" + esc(n.role) + "</b>" : "") + "</p>");
+              (n.role ? "; role <b>" + esc(n.role) + "</b>" : "") +
+              (n.kind === "head" && n.in_circuit && data.variables.length ?
+               "; carries <b data-carries=\"" + esc(n.carries) + "\">" + esc(carriesText(n)) + "</b>" : "") + "</p>");
     html.push("<table class=\"numbers\">" + numberRows(n.numbers, "") + "</table>");
     n.role_evidence.forEach(function (r) {
       html.push("<h4>" + esc(r.role) + ": score " + num(r.score) + (r.score >= r.threshold ? " \u2265 " : " < ") +
@@ -316,6 +362,7 @@
   function setUpExplorer() {
     if (!data) { return; }
     data.nodes.forEach(function (n) { byName[n.name] = n; });
+    setUpColorBy();
     var slider = document.getElementById("threshold");
     if (data.thresholds.length) {
       slider.max = String(data.thresholds.length - 1);
@@ -338,6 +385,8 @@
   window.circuitlab = {
     select: select,
     setThreshold: setThreshold,
+    colorBy: colorBy,
+    nodeColor: nodeColor,
     attention: attention,
     showAttention: showAttention,
     drawnEdges: function () { return state.drawn; },
