@@ -214,7 +214,7 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(args, needle, capsys):
 def test_console_exit_status_on_bad_arguments():
     proc = _cli("run", "--method", "magic", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "circuitlab: error: unknown method 'magic': use one of acdc, activation, attribution, eap, eap-ig, ifr, "
+        "circuitlab: error: unknown method 'magic': use one of acdc, activation, attribution, eap, eap-ig, eap-ig-act, ifr, "
             "random, greedy, node-pruning, edge-pruning, single-effect")
 
 
