@@ -163,8 +163,7 @@ def run_bench_cell(cell: Cell, folder: Path) -> dict[str, object]:
     options = {k: params[k] for k in _bench_options() if k in params}
     config = BenchConfig(seed=int(params["seed"]), **options)
     frame = benchmark_case(case, [params["method"]], config)
-    row = {k: (None if isinstance(v, float) and v != v else v) for k, v in frame.iloc[0].to_dict().items()}
-    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    row = store.plain_row(frame.iloc[0].to_dict())
     if str(row.get("note") or "").startswith("skipped:"):
         raise SkipCell(str(row["note"])[len("skipped:"):].strip())
     store.write_csv(folder / "result.csv", pd.DataFrame([row]))

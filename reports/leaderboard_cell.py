@@ -102,8 +102,7 @@ def run_leaderboard_cell(cell: Cell, folder: Path) -> dict[str, object]:
     result = leaderboard_cell(ctx, hctx, method, leaderboard_config(p))
     row = {"model": str(p["model"]), "task": str(p["task"]), **result.row,
            "cpu_seconds": time.process_time() - cpu_start}  # this process's CPU time: the cell's cost on a quiet machine
-    row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
-    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+    row = store.plain_row(row)
     store.write_csv(folder / "result.csv", pd.DataFrame([row]))
     store.write_csv(folder / "curve.csv", result.curve)
     buffer = io.BytesIO()

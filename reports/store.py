@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from circuitlab.graphs.circuit import json_safe
@@ -93,6 +94,12 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def write_json(path: str | os.PathLike[str], data: object) -> Path:
     """Write strict JSON atomically (NaN and infinities written as null)."""
     return write_text(path, json.dumps(json_safe(data), indent=1, sort_keys=False, allow_nan=False) + "\n")
+
+
+def plain_row(row: dict[str, object]) -> dict[str, object]:
+    """A result row ready for a cell's result.csv/JSON: NumPy scalars as Python numbers, NaN as None (missing)."""
+    plain = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in plain.items()}
 
 
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
