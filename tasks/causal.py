@@ -6,7 +6,8 @@ a base and a source prompt gives the answer the model *should* then produce (Gei
 - ioi: `io` (the indirect object's name; the answer is io), `s` (which name is repeated; the answer is the other
   of the two first mentions), `order` (whether the first or the second first mention is repeated: ABBA/BABA).
 - capitals: `country` (the answer is the country's capital).
-- greater_than: `year` (YY of the start year; the answer is any two-digit year above it: a set).
+- greater_than: `year` (YY of the start year; the answer is any two-digit year above it: a set; on digit-by-digit
+  tokenizers any tens digit above YY's, with YY in 10..89 and base and source tens digits different).
 - repeated_tokens: `next` (the token that followed the earlier occurrence of the last token; the answer).
 
 `causal_model("ioi").counterfactuals(model, "io", n=64, seed=0)` returns `tasks.counterfactual.Counterfactuals`
@@ -22,7 +23,7 @@ from typing import Callable
 from circuitlab.tasks import data
 from circuitlab.tasks.base import require_n
 from circuitlab.tasks.counterfactual import CounterfactualRow, Counterfactuals, assemble
-from circuitlab.tasks.greater_than import year_token_ids
+from circuitlab.tasks.greater_than import DIGIT_YEARS, side_ids, year_span, year_tokens
 from circuitlab.tasks.ioi import _indexed
 from circuitlab.tasks.registry import _ALIASES
 from circuitlab.tasks.tokens import (
@@ -130,19 +131,26 @@ def _capitals_builder(src: TokenSource) -> Builder:
 
 def _greater_than_builder(src: TokenSource) -> Builder:
     src.require_tokenizer("greater_than")
-    year_ids = year_token_ids(src, 17)
+    years = year_tokens(src, 17)
+    digit = years.mode == "digit"
     template = data.GREATER_THAN_TEMPLATE
 
-    def roles(r: Rendered) -> dict[str, int]:
-        y0 = r.spans["YY"][0]
+    def roles(r: Rendered, yy: int) -> dict[str, int]:
+        y0 = year_span(r, yy, years, src)
         return {"noun": r.spans["noun"][1] - 1, "XX1": y0 - 1, "YY": y0, "END": len(r.ids) - 1}
 
     def build(src: TokenSource, variable: str, rng: random.Random) -> CounterfactualRow:
-        yb, ys = rng.sample(range(2, 99), 2)
+        if digit:  # tens digits 1..8 and different, or the interchange would not change the answer
+            yb, ys = rng.sample(range(DIGIT_YEARS[0], DIGIT_YEARS[1] + 1), 2)
+            while yb // 10 == ys // 10:
+                ys = rng.randrange(DIGIT_YEARS[0], DIGIT_YEARS[1] + 1)
+        else:
+            yb, ys = rng.sample(range(2, 99), 2)
         base = render(template, {"noun": rng.choice(data.GREATER_THAN_NOUNS), "YY": f"{yb:02d}"}, src)
         source = render(template, {"noun": rng.choice(data.GREATER_THAN_NOUNS), "YY": f"{ys:02d}"}, src)
-        return CounterfactualRow(base.ids, source.ids, year_ids[ys + 1:], year_ids[yb + 1:], roles(base), roles(source),
-                                 base.text, source.text, dict(base_year=yb, source_year=ys))
+        return CounterfactualRow(base.ids, source.ids, side_ids(years, ys)[0], side_ids(years, yb)[0],
+                                 roles(base, yb), roles(source, ys), base.text, source.text,
+                                 dict(base_year=yb, source_year=ys))
 
     return build
 

@@ -11,7 +11,7 @@ from circuitlab.tasks.causal import causal_model
 from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.records import DataError
 from tests.hf_tiny import smollm2_tokenizer
-from tests.test_tasks_helpers import gpt2_style_tokenizer
+from tests.test_tasks_helpers import gpt2_style_tokenizer, odd_year_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +100,20 @@ def test_causal_models_answers(tok):
 
 
 def test_greater_than_year(tok):
-    """year: the expected set is every two-digit year above the source's YY; digit tokenizers are refused."""
-    with pytest.raises(TaskUnsupportedError, match="greater-than needs a tokenizer"):
-        causal_model("greater_than").counterfactuals(tok, "year", 2)
+    """year: the expected set is every two-digit year above the source's YY (GPT-2 style), or every tens digit above
+    its tens digit (SmolLM2, digit by digit); tokenizers of neither kind are refused."""
+    with pytest.raises(TaskUnsupportedError, match="two tokenizations"):
+        causal_model("greater_than").counterfactuals(odd_year_tokenizer(), "year", 2)
+    digit = [tok(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)]
+    cf = causal_model("greater_than").counterfactuals(tok, "year", 6, seed=0)
+    for i in range(6):
+        yb, ys = int(cf.meta["base_year"].iloc[i]), int(cf.meta["source_year"].iloc[i])
+        assert 10 <= min(yb, ys) and max(yb, ys) <= 89 and yb // 10 != ys // 10
+        assert cf.source_texts[i].endswith(f"from the year 17{ys:02d} to the year 17")
+        assert [t for t in cf.expected_ids[i].tolist() if t >= 0] == digit[ys // 10 + 1:]
+        assert [t for t in cf.base_answer_ids[i].tolist() if t >= 0] == digit[yb // 10 + 1:]
+        at = int(cf.source_positions["YY"][i])
+        assert cf.source_tokens[i, at - 1:at + 2].tolist() == [digit[7], digit[ys // 10], digit[ys % 10]]
     gt = gpt2_style_tokenizer()
     cf = causal_model("greater_than").counterfactuals(gt, "year", 4, seed=0)
     for i in range(4):

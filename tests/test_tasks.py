@@ -11,7 +11,7 @@ from circuitlab.tasks import data
 from circuitlab.tasks.greater_than import year_token_ids
 from circuitlab.tasks.tokens import resolve
 from tests.conftest import TINY_CONFIG
-from tests.test_tasks_helpers import gpt2_style_tokenizer, smollm2_tokenizer
+from tests.test_tasks_helpers import gpt2_style_tokenizer, odd_year_tokenizer, smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +260,28 @@ class _WideVocab:
 
 
 # -------------------------------------------------------------------------------------- greater-than
-def test_greater_than_refuses_digit_tokenizers(tok):
-    with pytest.raises(TaskUnsupportedError, match="two-digit") as err:
-        GreaterThanTask().generate(tok, 4)
-    assert "'1', '7'" in str(err.value)
+def test_greater_than_digit_mode_answer_sets(tok):
+    """SmolLM2 writes years digit by digit: the answers are the tens digits above YY's, the wrongs those below."""
+    digit = {d: tok(str(d), add_special_tokens=False)["input_ids"] for d in range(10)}
+    assert all(len(v) == 1 for v in digit.values())
+    cases = {32: ([4, 5, 6, 7, 8, 9], [0, 1, 2]), 10: ([2, 3, 4, 5, 6, 7, 8, 9], [0]),
+             89: ([9], [0, 1, 2, 3, 4, 5, 6, 7]), 55: ([6, 7, 8, 9], [0, 1, 2, 3, 4])}
+    for yy, (greater, smaller) in cases.items():
+        pairs = GreaterThanTask().generate(tok, 1, nouns=["war"], years=(yy, yy))
+        assert pairs.info["year_mode"] == "digit" and pairs.info["years"] == [yy, yy]
+        assert pairs.clean_texts == [f"The war lasted from the year 17{yy} to the year 17"]
+        good, bad = pairs.valid_answer_ids(0)
+        assert good == [digit[d][0] for d in greater] and bad == [digit[d][0] for d in smaller]
+        assert pairs.answer_ids.shape[1] == 100 and (pairs.wrong_ids[0, len(bad):] == PAD_ID).all()
+    assert GreaterThanTask().generate(tok, 4).info["years"] == [10, 89]  # the default 2..98, cut to tens 1..8
+    with pytest.raises(ValueError, match="10..89"):
+        GreaterThanTask().generate(tok, 2, years=(2, 9))
+
+
+def test_greater_than_refuses_tokenizers_of_neither_kind():
+    with pytest.raises(TaskUnsupportedError, match="two tokenizations") as err:
+        GreaterThanTask().generate(odd_year_tokenizer(), 4)
+    assert "' 17', '0', '0'" in str(err.value) and "' 173', '0'" in str(err.value)
 
 
 def test_greater_than_pairs_and_metric(year_tok):

@@ -21,12 +21,8 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(smollm2_cache_dir()))
 
 
-@lru_cache(maxsize=1)
-def gpt2_style_tokenizer():
-    """A byte-level BPE with merges for a few words, ' 17' and every two-digit number.
-
-    The ' 17' merges rank first, so ' 1732' becomes [' 17', '32'] as with GPT-2. BOS = '<|endoftext|>' (id 0).
-    """
+def _byte_bpe(pieces):
+    """A byte-level BPE whose merges build each of `pieces` (in order) and the greater-than words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,13 +39,27 @@ def gpt2_style_tokenizer():
                 merges.append((current, ch))
             current += ch
 
-    add("Ġ17")
-    for a in "0123456789":
-        for b in "0123456789":
-            add(a + b)
+    for piece in pieces:
+        add(piece)
     for word in GREATER_THAN_WORDS:
         add(word)
     model = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@lru_cache(maxsize=1)
+def gpt2_style_tokenizer():
+    """A byte-level BPE with merges for a few words, ' 17' and every two-digit number.
+
+    The ' 17' merges rank first, so ' 1732' becomes [' 17', '32'] as with GPT-2. BOS = '<|endoftext|>' (id 0).
+    """
+    return _byte_bpe(["Ġ17"] + [a + b for a in "0123456789" for b in "0123456789"])
+
+
+@lru_cache(maxsize=1)
+def odd_year_tokenizer():
+    """Like `gpt2_style_tokenizer` but with ' 173' merged and no two-digit numbers: ' 1732' → [' 173', '2'],
+    ' 1705' → [' 17', '0', '5']; neither of greater-than's two year modes."""
+    return _byte_bpe(["Ġ173"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from circuitlab.patching.normalize import normalize
-from circuitlab.tasks import TaskUnsupportedError, get_task
+from circuitlab.tasks import get_task
+from circuitlab.tasks.split import rephrased_split
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +68,55 @@ def test_repeated_tokens_on_smollm2(smollm2):
     assert float(clean.mean()) > float(corrupt.mean()) + 3
 
 
-def test_greater_than_says_smollm2_cannot(smollm2):
-    with pytest.raises(TaskUnsupportedError, match="digit"):
-        get_task("greater_than").generate(smollm2, 8)
+def test_greater_than_on_smollm2_digit_mode(smollm2):
+    """SmolLM2 writes years digit by digit: prompts end at the century, the metric compares tens digits."""
+    tok = smollm2.tokenizer
+    digit = [tok(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    assert all(len(ids) == 1 for ids in digit)
+    digit = [ids[0] for ids in digit]
+    task = get_task("greater_than")
+    pairs = task.generate(smollm2, 8, seed=0)
+    assert pairs.info["year_mode"] == "digit" and len(pairs) == 8
+    end = pairs.positions["END"]
+    for i in range(8):
+        noun, yy = pairs.meta["noun"].iloc[i], int(pairs.meta["year"].iloc[i])
+        assert 10 <= yy <= 89
+        assert pairs.clean_texts[i] == f"The {noun} lasted from the year 17{yy:02d} to the year 17"
+        assert pairs.corrupt_texts[i] == f"The {noun} lasted from the year 1701 to the year 17"
+        length = int(pairs.lengths[i])
+        assert torch.equal(smollm2.to_tokens(pairs.clean_texts[i])[0], pairs.clean_tokens[i, :length])
+        assert torch.equal(smollm2.to_tokens(pairs.corrupt_texts[i])[0], pairs.corrupt_tokens[i, :length])
+        at = int(pairs.positions["YY"][i])
+        assert pairs.clean_tokens[i, at - 1:at + 2].tolist() == [digit[7], digit[yy // 10], digit[yy % 10]]
+        assert pairs.corrupt_tokens[i, at:at + 2].tolist() == [digit[0], digit[1]]
+        differ = (pairs.clean_tokens[i] != pairs.corrupt_tokens[i]).nonzero().flatten().tolist()
+        assert differ == [at] + ([at + 1] if yy % 10 != 1 else [])
+        assert int(pairs.positions["XX1"][i]) == at - 1 and int(end[i]) == length - 1
+        assert tok.decode(pairs.clean_tokens[i, int(end[i]) - 1:int(end[i]) + 1].tolist()) == "17"
+        noun_end = int(pairs.positions["noun"][i])
+        assert tok.decode(pairs.clean_tokens[i, 1:noun_end + 1].tolist()) == f"The {noun}"
+    logits = _forward(smollm2, pairs.clean_tokens)
+    corrupt_logits = _forward(smollm2, pairs.corrupt_tokens)
+    tens = [int(y) // 10 for y in pairs.meta["year"]]
+    for lg in (logits, corrupt_logits):
+        probs = torch.softmax(lg[torch.arange(8), end].double(), -1)  # plain softmax at each prompt's END
+        manual = torch.stack([probs[i, digit[tens[i] + 1:]].sum() - probs[i, digit[:tens[i]]].sum() for i in range(8)])
+        got = task.metric_at(lg[torch.arange(8), end][:, None], pairs)
+        assert torch.allclose(got.double(), manual, atol=1e-5)
+    clean, corrupt = task.metric(logits, pairs), task.metric(corrupt_logits, pairs)
+    print(f"greater-than on SmolLM2 (digit mode): clean {clean.mean():.3f}, corrupt {corrupt.mean():.3f}")
+    assert float(clean.mean()) > float(corrupt.mean())
+
+
+def test_greater_than_rephrasing_on_smollm2(smollm2):
+    """The held-out sentence frame of `REPHRASINGS` works digit by digit too."""
+    task = get_task("greater_than")
+    disc, held = rephrased_split(task, smollm2, 4, 4, seed=0)
+    assert held.info["year_mode"] == disc.info["year_mode"] == "digit"
+    for i in range(4):
+        noun, yy = held.meta["noun"].iloc[i], int(held.meta["year"].iloc[i])
+        assert held.clean_texts[i] == f"The {noun} began in the year 17{yy:02d} and ended in the year 17"
+        length = int(held.lengths[i])
+        assert torch.equal(smollm2.to_tokens(held.clean_texts[i])[0], held.clean_tokens[i, :length])
+        at = int(held.positions["YY"][i])
+        assert smollm2.tokenizer.decode(held.clean_tokens[i, at - 1:at + 2].tolist()) == f"7{yy:02d}"
