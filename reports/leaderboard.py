@@ -17,8 +17,8 @@ in-process: every method runs 5 times per cell (all discovery prompts + 2 x 2 st
 (bench/results/leaderboard_partial.md, CPU seconds per cell, i.e. its cost on a quiet core): EAP 20-105, IFR
 21-173, EAP-IG 35-165, EAP-IG on activations 54-343, greedy 50-898, node pruning 67-256; 21 such cells took
 3,011 CPU s. The edge-pruning and activation-patching cells had not finished when the run was cut, so the 2 h
-total is not yet shown; `--resamples 1` or fewer `--methods` cut it. greater_than is skipped on SmolLM2 (it writes years digit by
-digit) and ACDC above 5000 edges, each with the reason.
+total is not yet shown; `--resamples 1` or fewer `--methods` cut it. greater_than runs on SmolLM2 in its digit
+mode (that partial run predates it and skipped it); ACDC is skipped above 5000 edges, with the reason.
 `--import FILE` evaluates a MIB-format score file (`graphs.mib`) as one more method row.
 """
 

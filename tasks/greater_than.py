@@ -5,14 +5,16 @@ Two ways of writing a year 17YY are supported, chosen from the tokenizer (`year_
 
 - "two_digit" (GPT-2): ' 17' + 'YY', one token per two-digit year. The next token at END is the whole end
   year's YY. Metric (prob_diff): Σ_{y > YY} p(y) − Σ_{y ≤ YY} p(y) over the 100 two-digit year tokens at END.
-- "digit" (SmolLM2, Llama): one token per digit, '1', '7', 'Y', 'Y'. The prompt still ends after the century,
+- "digit" (SmolLM2): one token per digit, '1', '7', 'Y', 'Y' (strictly: YY adds two single-digit tokens to the
+  prefix's tokens, however the century itself is split). The prompt still ends after the century,
   so the next token is the end year's tens digit d. Metric (prob_diff): Σ_{d > t} p(d) − Σ_{d < t} p(d) over
   the ten digit tokens at END, t the tens digit of the start year's YY. This is the faithful analogue: a tens
   digit above t makes the end year greater whatever the units, one below makes it smaller; d = t leaves the
   answer to the units digit, so it counts on neither side. YY is kept to 10..89 (t in 1..8) so that both
   sides have digits.
 
-Any other tokenization (e.g. one that merges '17' with some following digits) raises `TaskUnsupportedError`.
+Any other tokenization (e.g. one that merges '17' with some following digits, or cl100k-style three-digit number
+chunks) raises `TaskUnsupportedError`.
 Corruption "01": the start year becomes 1701, so (nearly) every end year is "greater".
 
 Answer representation: `answer_ids[b]` are the year (or digit) tokens on the greater side and `wrong_ids[b]`
@@ -82,7 +84,8 @@ def _two_digit_ids(src: TokenSource, century: int, prefix: str, base: list[int])
 
 
 def _digit_ids(src: TokenSource, century: int, prefix: str, base: list[int]) -> tuple[list[int], str]:
-    """(ids of '0' … '9', "") if every year adds two single-digit tokens to the prefix's, else ([], what went wrong)."""
+    """(ids of '0' … '9', "") if every year adds two single-digit tokens to the prefix's tokens, else
+    ([], what went wrong)."""
     found: dict[str, int] = {}
     for yy in range(100):
         full = src.encode(f"{prefix}{yy:02d}")
@@ -240,7 +243,8 @@ class GreaterThanTask(Task):
         )
 
     def metric_at(self, logits_at: Tensor, pairs: PromptPairs) -> Tensor:
-        """P(greater) − P(not greater) at END (years, or tens digits in digit mode): `[..., B, 1, V]` → `[..., B]`."""
+        """P(greater) − P(not greater) at END (years, or tens digits in digit mode): `[..., B, 1, V]` →
+        `[..., B]`."""
         if logits_at.ndim < 3 or logits_at.shape[-2] != 1:
             raise ValueError(f"expected logits at one position, [..., batch, 1, vocab]; got {tuple(logits_at.shape)}")
         probs = logits_at[..., 0, :].softmax(-1)
