@@ -26,7 +26,7 @@ from circuitlab.graphs.faithful import Contexts, FaithfulConfig, FaithfulResult,
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
 from circuitlab.graphs.selection import (
-    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness,
+    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness, within,
 )
 from circuitlab.graphs.stability import inclusion_frequency
 from circuitlab.graphs.variables import head_variables, variable_names
@@ -243,8 +243,10 @@ def faithful_paragraphs(summary: CircuitSummary) -> list[str]:
         val_lo, val_hi = summary.validation_ci or (None, None)
         chosen = (f"lies within {band} on the {summary.n_discovery} discovery pairs and on {summary.n_validation} "
                   "validation pairs (templates neither the discovery nor the held-out pairs use) — "
-                  + ("it does" if summary.reached else "none does, so the prefix closest to 1 on the validation pairs "
-                     "is kept") + f": discovery {_f(summary.discovery)} (95% CI {_f(summary.discovery_ci[0])} to "
+                  + ("none does, so the prefix closest to 1 on the validation pairs is kept" if not summary.reached else
+                     "it does" if summary.validation is not None and within(summary.validation, summary.target) else
+                     "the prefix chosen so was then changed on the discovery pairs alone (see the notes), and the "
+                     "circuit kept is OUTSIDE the band on the validation pairs") + f": discovery {_f(summary.discovery)} (95% CI {_f(summary.discovery_ci[0])} to "
                   f"{_f(summary.discovery_ci[1])}), validation {_f(summary.validation)} (95% CI {_f(val_lo)} to "
                   f"{_f(val_hi)})")
     out = [
