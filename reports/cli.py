@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how the circuit is found: auto (the method's ranking) or one of "
                           f"{', '.join(search_names())}")
     run.add_argument("--heldout-n", type=int, default=None, help="held-out pairs (other templates; default --n)")
+    run.add_argument("--validation-n", type=int, default=None,
+                     help="choose the circuit's size on this many validation pairs too (templates neither the "
+                          "discovery nor the held-out pairs use; the task needs >= 3 templates); default: off")
     run.add_argument("--mask-steps", type=int, default=None, help="mask-learning steps (default 60)")
     run.add_argument("--stability-resamples", type=int, default=None,
                      help="rediscover the circuit on this many bootstrap resamples (default 0)")
@@ -147,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                          "acdc_threshold", "n_boot", "percents", "roles", "force", "threads",
                                          "faithfulness_target", "circuit_method", "heldout_n", "mask_steps",
                                          "stability_resamples", "backend", "variables", "variables_heads",
-                                         "edge_positions")}
+                                         "edge_positions", "validation_n")}
     if args.task_option:
         cli["task_options"] = {**file_values.get("task_options", {}), **_task_options(args.task_option)}
     configs = build_configs(file_values, cli)

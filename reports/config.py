@@ -10,26 +10,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from circuitlab.graphs.variables import head_selection, variable_names
-from circuitlab.patching.engine import BACKENDS
 from circuitlab.patching.methods import alias_names, get_method, method_names, run_method_names, search_names
+from circuitlab.reports.checks import (  # re-exported: the run's modules import them from here
+    ConfigError, check_backend, check_device, check_memory_budget, check_seed, parse_percents, parse_positions,
+)
 from circuitlab.reports.parsing import DuplicateKeyError, parse_unique
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import load_task, looks_like_path
-
-
-
-class ConfigError(ValueError):
-    """A bad run configuration: the message names the bad input and what to do."""
 
 
 @dataclass
@@ -50,6 +44,9 @@ class RunConfig:
     the method's own ranking (its registry entry's `circuit`, `patching.methods`); `greedy` refines it by exact gains.
     `variables`: task variables (comma-separated) whose IIA is measured at circuit heads (`graphs.variables`):
     `variables_heads` (all, or roles and head names; `graphs.variables.head_selection`).
+    `validation_n`: with it, the prompts are split three ways by template (`tasks.split.validation_split`) and
+    the circuit's size is chosen within the target band on the discovery and these validation pairs
+    (`graphs.selection.select_validated`), so the held-out pairs stay unseen by discovery and by selection.
     `mask_steps`: mask-learning length of node-/edge-pruning; `stability_resamples` > 0 reruns the circuit
     method on that many bootstrap resamples and reports how often each component is included.
     """
@@ -88,17 +85,21 @@ class RunConfig:
     variables: str = ""
     variables_heads: str = "all"
     edge_positions: str = "none"  # roles: edges split by role segment (`patching.topology.PositionalGraph`)
+    validation_n: int | None = None  # None: sizes chosen on the discovery pairs (run.json and resume key unchanged)
 
     # fields that do not change results (left out of the resume key)
     _NON_RESULT = ("out", "force", "batch_size", "backend")  # any batch size or backend gives the same numbers
+    # fields added after runs were saved: left out of run.json and the resume key while unset, so older runs resume
+    _UNSET_OMITTED = ("validation_n",)
 
     def result_key(self) -> str:
         """A short hash of every field that changes results: equal keys mean a run may resume."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NON_RESULT}
+        data = {k: v for k, v in self.to_dict().items() if k not in self._NON_RESULT}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if not (k in self._UNSET_OMITTED and v is None)}
 
     def command(self) -> str:
         """The `circuitlab run` command line that reproduces this run."""
@@ -213,7 +214,7 @@ def make_config(values: dict[str, object]) -> RunConfig:
 
 
 _INTS = ("n", "batch_size", "seed", "steps", "oracle_edges", "n_boot", "top_k", "resid_layers", "threads",
-         "heldout_n", "mask_steps", "stability_resamples")
+         "heldout_n", "mask_steps", "stability_resamples", "validation_n")
 _FLOATS = ("top_fraction", "threshold", "memory_budget", "acdc_threshold", "faithfulness_target")
 _BOOLS = ("roles", "force")
 _TRUE = ("1", "true", "yes", "on")
@@ -301,6 +302,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--faithfulness-target must be in (0, 1], got {cfg.faithfulness_target}")
     if cfg.heldout_n is not None and cfg.heldout_n < 2:
         raise ConfigError(f"--heldout-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.heldout_n}")
+    if cfg.validation_n is not None and cfg.validation_n < 2:
+        raise ConfigError(f"--validation-n must be >= 2 (a bootstrap interval needs two pairs), got {cfg.validation_n}; "
+                          "or leave it out to choose the circuit's size on the discovery pairs")
     if cfg.mask_steps < 1:
         raise ConfigError(f"--mask-steps must be >= 1, got {cfg.mask_steps}")
     if cfg.stability_resamples < 0:
@@ -320,12 +324,6 @@ def validate(cfg: RunConfig) -> None:
 MAX_N_BOOT = 100_000
 
 
-def check_memory_budget(mb: float) -> None:
-    """`--memory-budget`: a finite, positive number of MB."""
-    if not math.isfinite(mb) or mb <= 0:
-        raise ConfigError(f"--memory-budget must be a finite, positive number of MB (e.g. 2048), got {mb}")
-
-
 def check_heldout_n(cfg: RunConfig) -> None:
     """`--heldout-n >= 2` where it defaults to --n (checked after a dataset's rows, so a bad row is named first)."""
     if cfg.heldout_n is None and cfg.n < 2:
@@ -334,65 +332,3 @@ def check_heldout_n(cfg: RunConfig) -> None:
                           f"{cfg.n} pair); give --heldout-n 2 or more, or more pairs / rows")
 
 
-def check_backend(backend: str) -> None:
-    """`--backend`: auto (the fast runner where it reproduces the model, else hooks), fast or hook."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend {backend!r} is unknown: use {', '.join(BACKENDS)} (auto: the fast runner where "
-                          "it reproduces the model, else the exact hook backend)")
-
-
-def check_seed(seed: int) -> None:
-    """Seeds feed numpy and torch generators: they must be in [0, 2**32)."""
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"--seed must be an integer in [0, 2**32), got {seed}")
-
-
-def check_device(device: str) -> None:
-    """Refuse a device torch cannot parse or this machine does not have (before any model is loaded)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine "
-                              "(torch.cuda.is_available() is False); use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                              "use cuda:0 or --device cpu")
-    elif parsed.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    elif parsed.type != "cpu":
-        raise ConfigError(f"--device {device!r}: circuitlab runs on cpu, cuda or mps")
-
-
-def parse_positions(spec: str, roles: tuple[str, ...] | list[str]) -> str | list[str | int]:
-    """`all` / `each` / comma-separated roles or integers -> what `activation_patching(positions=)` takes."""
-    text = str(spec).strip()
-    if text in ("all", "each"):
-        return text
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise ConfigError("--positions is empty: use all, each, a role or integer positions")
-    out: list[str | int] = []
-    for item in items:
-        if item.lstrip("-").isdigit():
-            out.append(int(item))
-        elif item in roles:
-            out.append(item)
-        else:
-            raise ConfigError(f"bad position {item!r}: use all, each, an integer, or a role of this task "
-                              f"({', '.join(roles)})")
-    return out
-
-
-def parse_percents(spec: str) -> tuple[float, ...]:
-    """`0.1,1,10,100` -> (0.1, 1.0, 10.0, 100.0): increasing percentages in (0, 100]."""
-    try:
-        values = tuple(float(x) for x in str(spec).split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"--percents must be comma-separated numbers, got {spec!r}") from None
-    if len(values) < 2 or any(not 0 < v <= 100 for v in values) or list(values) != sorted(set(values)):
-        raise ConfigError(f"--percents needs at least two increasing values in (0, 100], got {spec!r}")
-    return values

@@ -1,10 +1,10 @@
 """The run's circuit as a measured claim: chosen by exact faithfulness, checked on held-out prompts.
 
-`split_prompts` draws the run's discovery pairs and held-out pairs from disjoint templates (tasks that record
-templates), or from another seed (tasks without templates; the report says so, and says when the two sets
-overlap because the task has too few distinct prompts). `circuit_stage` finds the circuit with the run's
+The run's prompts come from `reports.prompts` (discovery and held-out pairs from disjoint templates, and with
+--validation-n validation pairs from templates neither uses). `circuit_stage` finds the circuit with the run's
 circuit method (`graphs.faithful`: the smallest circuit whose exact faithfulness on the discovery pairs reaches
-`--faithfulness-target`), measures it on the held-out pairs, measures the baseline "top-k heads by single exact
+`--faithfulness-target`, or with validation pairs the smallest within [target, 2 - target] on both,
+`graphs.selection.select_validated`), measures it on the held-out pairs, measures the baseline "top-k heads by single exact
 effect" the same way, and optionally reruns discovery on bootstrap resamples (`--stability-resamples`) for
 inclusion frequencies. `faithful_graph` turns the result into the run's circuit graph and
 `faithful_paragraphs` states it in the report. `build_circuit` is the run's circuit graph: the faithful circuit, or
@@ -20,15 +20,13 @@ import networkx as nx
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens.model_bridge import TransformerBridge
-
 from circuitlab.graphs.circuit import Selection
 from circuitlab.graphs.discovery import choose_circuit
 from circuitlab.graphs.faithful import Contexts, FaithfulConfig, FaithfulResult, find_faithful_circuit, prefix_curve
 from circuitlab.graphs.roles import assign_roles
 from circuitlab.graphs.scores import Circuit
 from circuitlab.graphs.selection import (
-    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness,
+    CircuitEvaluator, batched_evaluator, candidate_order, node_evaluator, select_by_faithfulness, within,
 )
 from circuitlab.graphs.stability import inclusion_frequency
 from circuitlab.graphs.variables import head_variables, variable_names
@@ -39,44 +37,9 @@ from circuitlab.patching.methods import get_method, get_search
 from circuitlab.patching.topology import ComputationalGraph, PositionalGraph
 from circuitlab.reports.config import RunConfig
 from circuitlab.reports.pipeline import Pipeline
+from circuitlab.reports.prompts import SPLITS, heldout_label
 from circuitlab.reports.result import strongest_per_node
-from circuitlab.tasks.base import PromptPairs, Task
-from circuitlab.tasks.custom import RecordsTask
-from circuitlab.tasks.split import heldout_split
 from circuitlab.reports.summaries import BaselineSummary, CircuitSummary
-
-HELDOUT_SEED_OFFSET = 1_000_003
-SPLITS = {"templates": "drawn from templates the discovery pairs do not use",
-          "seed": "drawn with another seed (this task records no templates, so they may share templates)",
-          "overlapping": "drawn with another seed but OVERLAPPING the discovery pairs (too few distinct prompts): "
-                         "this is not a held-out test"}
-
-
-def heldout_label(task: Task, discovery: PromptPairs, heldout: PromptPairs, split: str | None) -> str:
-    """How the console names the held-out numbers: `held-out` only when the pairs are held out; otherwise why
-    not and what to do (a small file gives the same rows for discovery and held-out pairs)."""
-    if split != "overlapping":
-        return "held-out"
-    if isinstance(task, RecordsTask):
-        source = f"the file has {len(task.records)} rows"
-    else:
-        distinct = len(set(map(tuple, discovery.clean_tokens.tolist())) | set(map(tuple, heldout.clean_tokens.tolist())))
-        source = f"the task gave {distinct} distinct prompts"
-    return f"not held out: {source}; use --heldout-n / more rows"
-
-
-def split_prompts(task: Task, model: TransformerBridge, n: int, n_heldout: int, seed: int, options: dict[str, object]
-                  ) -> tuple[PromptPairs, PromptPairs, str]:
-    """(discovery pairs, held-out pairs, how they were split: a key of `SPLITS`)."""
-    try:
-        disc, held = heldout_split(task, model, n, n_heldout, seed=seed, **options)
-        return disc, held, "templates"
-    except ValueError:
-        pass  # no template column, or too few pairs in the pool: held-out pairs from another seed
-    disc = task.generate(model, n, seed=seed, **options)
-    held = task.generate(model, n_heldout, seed=seed + HELDOUT_SEED_OFFSET, **options)
-    shared = set(disc.clean_texts) & set(held.clean_texts)
-    return disc, held, "overlapping" if shared else "seed"
 
 
 def circuit_method(cfg: RunConfig) -> str:
@@ -88,10 +51,14 @@ def circuit_method(cfg: RunConfig) -> str:
     return cfg.circuit_method if cfg.circuit_method != "auto" else get_method(cfg.method).circuit
 
 
+VALIDATION_COLUMNS = ("validation", "validation_low", "validation_high")  # select_validated's curve (NaN: not measured)
+
+
 def _curve(frame: pd.DataFrame, held: pd.DataFrame, label: str) -> pd.DataFrame:
     out = frame.merge(held, on="size", how="left", suffixes=("", "_heldout"))
     return out.assign(ranking=label)[["ranking", "size", "faithfulness", "ci_low", "ci_high", "faithfulness_heldout",
-                                      "ci_low_heldout", "ci_high_heldout"]]
+                                      "ci_low_heldout", "ci_high_heldout"]
+                                     + [c for c in VALIDATION_COLUMNS if c in out.columns]]
 
 
 def _baseline(p: Pipeline, evaluator: CircuitEvaluator, held_eval: CircuitEvaluator,
@@ -125,14 +92,15 @@ def faithful_config(cfg: RunConfig, n_discovery: int) -> FaithfulConfig:
 def run_circuit(cfg: RunConfig, discovery: EdgeContext, heldout: EdgeContext | None, *,
                 edge_scores: Tensor | None = None, log: Callable[[str], None] | None = None,
                 batches: Contexts | None = None, heldout_batches: Contexts | None = None,
-                n_discovery: int | None = None) -> FaithfulResult:
+                n_discovery: int | None = None, validation: EdgeContext | None = None) -> FaithfulResult:
     """The run's circuit (`graphs.faithful.FaithfulResult`): `circuit_method(cfg)` with the run's options on the
-    discovery context (an `EdgeContext`), checked on the held-out one. `edge_scores`: the run's attribution
-    scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/`heldout_batches`: the
-    prompts batch by batch (see `graphs.faithful.find_faithful_circuit`)."""
+    discovery context (an `EdgeContext`), its size chosen there or, given `validation` (--validation-n), within
+    the target band there and on the validation context; checked on the held-out one. `edge_scores`: the run's
+    attribution scores on `discovery`, reused instead of recomputed (eap/eap-ig rankings); `batches`/
+    `heldout_batches`: the prompts batch by batch (see `graphs.faithful.find_faithful_circuit`)."""
     config = faithful_config(cfg, n_discovery or len(discovery.clean_values))
     return find_faithful_circuit(discovery, circuit_method(cfg), config, heldout=heldout, edge_scores=edge_scores,
-                                 log=log, batches=batches, heldout_batches=heldout_batches)
+                                 log=log, batches=batches, heldout_batches=heldout_batches, validation=validation)
 
 
 def _contexts(parts: Batches) -> tuple[Contexts, int]:
@@ -161,30 +129,35 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
 
     def whole(name: str) -> EdgeContext:
         if name not in full:
-            parts = batches() if name == "discovery" else batches("heldout")
+            parts = batches(name)
             full[name] = next(parts.edge_contexts()) if parts.keeps_contexts() else prepare_edges(
-                p.model(), p.task, discovery if name == "discovery" else heldout, runner=p.runner(),
-                positions=cfg.edge_positions if positional else None)
+                p.model(), p.task, parts.pairs, runner=p.runner(), positions=cfg.edge_positions if positional else None)
         return full[name]
+
+    validation = p.result.validation_pairs
+    val_ctx = whole("validation") if validation is not None else None  # --validation-n: the size is chosen here too
 
     config = faithful_config(cfg, len(discovery))
     nodes = lambda c: node_evaluator(c, memory_budget_mb=cfg.memory_budget)  # noqa: E731  (the baseline's)
     checked = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
-    say(f"  {method}: smallest circuit with exact faithfulness >= {cfg.faithfulness_target} on {len(discovery)} "
-        f"discovery pairs, checked on {len(heldout)} " + ("held-out pairs" if checked == "held-out" else
-                                                         f"other pairs ({checked})"))
+    target = cfg.faithfulness_target
+    chosen = (f"within [{target}, {2 - target:g}] on {len(discovery)} discovery and {len(validation)} validation pairs"
+              if validation is not None else f">= {target} on {len(discovery)} discovery pairs")
+    say(f"  {method}: smallest circuit with exact faithfulness {chosen}, checked on {len(heldout)} "
+        + ("held-out pairs" if checked == "held-out" else f"other pairs ({checked})"))
     memory = ""
     if batched and edge_scores is not None:  # --memory-budget: evaluations batch by batch
         memory = f"evaluated in prompt batches of <= {disc_size} (discovery) and <= {held_size} (held-out)"
         ectx = next(iter(disc_parts()))  # only its graph is used: the ranking is the run's, over every prompt
         found = run_circuit(cfg, ectx, None, edge_scores=edge_scores, log=say, batches=disc_parts,
-                            heldout_batches=held_parts, n_discovery=len(discovery))
+                            heldout_batches=held_parts, n_discovery=len(discovery), validation=val_ctx)
         evaluators = (batched_evaluator(nodes, disc_parts), batched_evaluator(nodes, held_parts))
     else:
         if batched:
             memory = f"{method} ranks on every prompt at once, so this stage holds them all despite --memory-budget"
             say(f"  note: {memory}")
-        found = run_circuit(cfg, whole("discovery"), whole("heldout"), edge_scores=edge_scores, log=say)
+        found = run_circuit(cfg, whole("discovery"), whole("heldout"), edge_scores=edge_scores, log=say,
+                            validation=val_ctx)
         evaluators = (nodes(whole("discovery")), nodes(whole("heldout")))
     ranking_name = search.ranking_label(cfg.method if reused else None)
     curves = [_curve(found.circuit.curve, found.heldout_curve, f"{ranking_name} prefix")]
@@ -195,6 +168,7 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         curves.append(base_curve)
     held_f, held_ci = found.heldout
     label = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
+    val_f, val_ci = found.circuit.validation if found.circuit.validation is not None else (None, None)
     summary = CircuitSummary(
         method=method, ranking=ranking_name, level=found.level, target=cfg.faithfulness_target,
         items=tuple(found.circuit.items), reached=found.circuit.reached, discovery=found.circuit.faithfulness,
@@ -203,7 +177,9 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         candidates=found.circuit.candidates, added=tuple(found.circuit.added), n_discovery=len(discovery),
         n_heldout=len(heldout), split=p.result.model.get("heldout_split", "templates"), heads_only=config.heads_only,
         notes="; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
-        seconds=round(found.seconds, 3), baseline=baseline)
+        seconds=round(found.seconds, 3), baseline=baseline, validation=val_f,
+        validation_ci=tuple(val_ci) if val_ci is not None else None,
+        n_validation=len(validation) if validation is not None else None)
     stability = None
     if cfg.stability_resamples > 0:
         say(f"  stability: rediscovering on {cfg.stability_resamples} bootstrap resamples")
@@ -214,7 +190,9 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
             whole("discovery"), lambda sub: find_faithful_circuit(sub, method, quick).circuit.items,
             n_resamples=cfg.stability_resamples, seed=cfg.seed, reference=found.circuit.items)
     say(f"  circuit: {found.sizes.heads} heads, {found.sizes.mlps} MLPs, {found.sizes.edges} edges; "
-        f"faithfulness {found.circuit.faithfulness:.3f} (discovery), {held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
+        f"faithfulness {found.circuit.faithfulness:.3f} (discovery), "
+        + (f"{val_f:.3f} [{val_ci[0]:.3f}, {val_ci[1]:.3f}] (validation), " if val_f is not None else "")
+        + f"{held_f:.3f} [{held_ci[0]:.3f}, {held_ci[1]:.3f}] "
         f"({label})" + (f"; baseline top-{baseline.heads} heads: {baseline.heldout:.3f} ({label})"
                         if baseline else ""))
     return {"faithful": summary, "faithful_curve": pd.concat(curves, ignore_index=True),
@@ -258,13 +236,25 @@ def faithful_paragraphs(summary: CircuitSummary) -> list[str]:
             "embeddings are recomputed" if summary.heads_only and summary.level == "node" else
             "every other edge carries its corrupted-run value")
     found = "reaches" if summary.reached else "does not reach (the whole ranking is kept)"
+    chosen = (f"on the {summary.n_discovery} discovery pairs {found} {summary.target}: {_f(summary.discovery)} (95% CI "
+              f"{_f(summary.discovery_ci[0])} to {_f(summary.discovery_ci[1])})")
+    if summary.n_validation is not None:  # --validation-n: the size was chosen on validation pairs too
+        band = f"[{summary.target}, {2 - summary.target:g}]"
+        val_lo, val_hi = summary.validation_ci or (None, None)
+        chosen = (f"lies within {band} on the {summary.n_discovery} discovery pairs and on {summary.n_validation} "
+                  "validation pairs (templates neither the discovery nor the held-out pairs use) — "
+                  + ("none does, so the prefix closest to 1 on the validation pairs is kept" if not summary.reached else
+                     "it does" if summary.validation is not None and within(summary.validation, summary.target) else
+                     "the prefix chosen so was then changed on the discovery pairs alone (see the notes), and the "
+                     "circuit kept is OUTSIDE the band on the validation pairs") + f": discovery {_f(summary.discovery)} (95% CI {_f(summary.discovery_ci[0])} to "
+                  f"{_f(summary.discovery_ci[1])}), validation {_f(summary.validation)} (95% CI {_f(val_lo)} to "
+                  f"{_f(val_hi)})")
     out = [
         f"Held-out faithfulness {_f(held)} (95% CI {_f(lo)} to {_f(hi)}) on {summary.n_heldout} pairs {how}: the "
         f"circuit {verdict} the target {summary.target}.",
         f"Circuit: {sizes.heads} heads, {sizes.mlps} MLPs, {sizes.edges} edges, found by "
-        f"`{summary.method}` ({summary.ranking}) as the smallest circuit whose exact faithfulness on the "
-        f"{summary.n_discovery} discovery pairs {found} {summary.target}: {_f(summary.discovery)} (95% CI "
-        f"{_f(summary.discovery_ci[0])} to {_f(summary.discovery_ci[1])}); {summary.candidates} components "
+        f"`{summary.method}` ({summary.ranking}) as the smallest circuit whose exact faithfulness "
+        f"{chosen}; {summary.candidates} components "
         f"had scores clear of zero" + (
             f"; the whole ranking fell short, so {', '.join(summary.added)} entered by exact faithfulness gain "
             "(each raised it by more than 1e-4 of the gap; no inert component can)" if summary.added else
@@ -321,5 +311,5 @@ def _f(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-__all__ = ["SPLITS", "build_circuit", "circuit_method", "circuit_stage", "faithful_config",
-           "faithful_graph", "faithful_paragraphs", "run_circuit", "selection", "split_prompts"]
+__all__ = ["build_circuit", "circuit_method", "circuit_stage", "faithful_config",
+           "faithful_graph", "faithful_paragraphs", "run_circuit", "selection"]

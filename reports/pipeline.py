@@ -50,16 +50,26 @@ class Pipeline:
         return self.result.pairs.to(self.cfg.device)
 
     def batches(self, which: str = "discovery") -> Batches:
-        """The discovery (or `heldout`) prompts in batches sized by --batch-size or --memory-budget; every stage
-        iterates over them, and when they fit in one batch its clean and corrupt runs are computed once per run."""
+        """The discovery (or `heldout`, or --validation-n's `validation`) prompts in batches sized by --batch-size or
+        --memory-budget; every stage iterates over them, and when they fit in one batch its clean and corrupt runs
+        are computed once per run."""
         if which not in self._batches:
             model = self.model()
-            pairs = self.pairs() if which == "discovery" else self.result.heldout_pairs.to(self.cfg.device)
+            pairs = self.pairs() if which == "discovery" else self._other_pairs(which).to(self.cfg.device)
             size = self.cfg.batch_size or batch_size_for(model, pairs, self.cfg.memory_budget)
             self._batches[which] = Batches(model, self.task, pairs, batch_size=size, runner=self.runner())
             n_batches = -(-len(pairs) // size)
             self.say(f"  {len(pairs)} {which} pairs in {n_batches} batch{'es' if n_batches > 1 else ''} of <= {size}")
         return self._batches[which]
+
+    def _other_pairs(self, which: str) -> PromptPairs:
+        """The held-out or validation pairs of the result (a clear error for any other name, or pairs not drawn)."""
+        pairs = self.result.heldout_pairs if which == "heldout" else (
+            self.result.validation_pairs if which == "validation" else None)
+        if pairs is None:
+            raise ValueError(f"no {which!r} prompt pairs in this run (discovery, heldout, or validation with "
+                             "--validation-n)")
+        return pairs
 
     def runner(self) -> ModelRunner:
         """The runner `--backend` asks for (auto: the fast runner where it reproduces the model, else the exact hook

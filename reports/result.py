@@ -20,7 +20,9 @@ turns it into HTML and Markdown. Tables are tidy DataFrames with real dtypes (bo
 | `attention`    | the circuit heads' attention patterns on the first discovery prompts (clean) | after roles |
 
 `heldout_pairs` are the held-out prompt pairs (templates the discovery `pairs` do not use); `faithful` the
-circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as `circuit_faithfulness`.
+circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as `circuit_faithfulness`. With
+--validation-n, `validation_pairs` are the pairs the circuit's size is chosen on (templates neither other set
+uses) and `prompt_split` says how the prompts were split (run.json `split`); both are None otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 from circuitlab.tasks.base import PromptPairs
 from circuitlab.reports.summaries import (
-    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, Summary,
+    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, SplitSummary, Summary,
 )
 from circuitlab.patching.components import node_kind
 
@@ -61,6 +63,7 @@ class RunResult:
     model: dict[str, object] = field(default_factory=dict)
     pairs: PromptPairs | None = None
     heldout_pairs: PromptPairs | None = None
+    validation_pairs: PromptPairs | None = None
     baseline: pd.DataFrame | None = None
     nodes: pd.DataFrame | None = None
     edges: pd.DataFrame | None = None
@@ -78,6 +81,7 @@ class RunResult:
     oracle_summary: OracleSummary | None = None
     faithfulness_summary: FaithfulnessSummary | None = None
     acdc_summary: AcdcSummary | None = None
+    prompt_split: SplitSummary | None = None
     circuit: nx.MultiDiGraph | None = None
     timings: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
@@ -170,6 +174,8 @@ class RunResult:
                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "resumed_stages": list(self.resumed)}
         if self.acdc_summary is not None:
             out["acdc"] = self.acdc_summary.to_dict()
+        if self.prompt_split is not None:
+            out["split"] = self.prompt_split.to_dict()
         out.update({k: v for k, v in self.info.items() if k not in ("command", "versions")})
         return out
 

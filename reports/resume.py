@@ -20,14 +20,15 @@ from circuitlab.patching.batched import bytes_per_prompt
 from circuitlab.patching.models import weight_hash
 from circuitlab.reports import rundir, store
 from circuitlab.reports.config import RunConfig
-from circuitlab.reports.faithful import split_prompts
 from circuitlab.reports.pipeline import Pipeline
+from circuitlab.reports.prompts import RunPrompts, split_prompts
 from circuitlab.reports.save import StageCache
 from circuitlab.tasks.base import PromptPairs
 
 
-def generate_pairs(p: Pipeline) -> tuple[PromptPairs, PromptPairs, str]:
-    """The run's discovery and held-out prompt pairs and how they were split (`reports.faithful.split_prompts`),
+def generate_pairs(p: Pipeline) -> RunPrompts:
+    """The run's discovery, held-out (and --validation-n's validation) prompt pairs and how they were split
+    (`reports.prompts.split_prompts`),
     after checking that `--n` fits the memory budget and the free memory (one pair
     is generated first to learn the prompt length; nothing of size n is allocated before the check)."""
     cfg, model = p.cfg, p.model()
@@ -42,12 +43,15 @@ def generate_pairs(p: Pipeline) -> tuple[PromptPairs, PromptPairs, str]:
     rundir.check_n(cfg.n, held, batch if cfg.batch_size is None else 0.0, cfg.memory_budget, what)
 
     n_heldout = cfg.heldout_n or cfg.n
-    p.say(f"[pairs] generating {cfg.n} prompt pairs and {n_heldout} held-out pairs ...")
+    p.say(f"[pairs] generating {cfg.n} prompt pairs" + (f", {cfg.validation_n} validation pairs"
+                                                        if cfg.validation_n is not None else "")
+          + f" and {n_heldout} held-out pairs ...")
     start = time.time()
-    pairs, heldout, split = split_prompts(p.task, model, cfg.n, n_heldout, cfg.seed, options)
-    rundir.check_context(max(pairs.seq_len, heldout.seq_len), model, cfg.model)
+    prompts = split_prompts(p.task, model, cfg.n, n_heldout, cfg.seed, options, cfg.validation_n)
+    parts = [prompts.discovery, prompts.heldout] + ([prompts.validation] if prompts.validation is not None else [])
+    rundir.check_context(max(part.seq_len for part in parts), model, cfg.model)
     p.result.timings["generate"] = round(time.time() - start, 3)
-    return pairs, heldout, split
+    return prompts
 
 
 def pairs_jsonl(pairs: PromptPairs) -> bytes:
@@ -63,10 +67,12 @@ def pairs_hash(pairs: PromptPairs) -> str:
 
 
 def key_parts(cfg: RunConfig, model: TransformerBridge, pairs: PromptPairs,
-              heldout: PromptPairs | None = None) -> dict[str, str]:
-    """The four parts of the resume key (the task part hashes the discovery and the held-out pairs)."""
-    task = pairs_hash(pairs) if heldout is None else hashlib.sha256(
-        pairs_jsonl(pairs) + b"\n--heldout--\n" + pairs_jsonl(heldout)).hexdigest()[:16]
+              heldout: PromptPairs | None = None, validation: PromptPairs | None = None) -> dict[str, str]:
+    """The four parts of the resume key (the task part hashes the discovery, held-out and validation pairs)."""
+    extra = b"" if validation is None else b"\n--validation--\n" + pairs_jsonl(validation)
+    task = pairs_hash(pairs) if heldout is None and validation is None else hashlib.sha256(
+        pairs_jsonl(pairs) + (b"" if heldout is None else b"\n--heldout--\n" + pairs_jsonl(heldout))
+        + extra).hexdigest()[:16]
     return {"config": cfg.result_key(), "model": weight_hash(model), "task": task, "code": store.code_version()}
 
 

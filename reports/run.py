@@ -34,8 +34,9 @@ from circuitlab.patching.reproducible import free_cores
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.reports import resume, rundir
 from circuitlab.reports.config import ConfigError, RunConfig, check_heldout_n, parse_percents, parse_positions
-from circuitlab.reports.faithful import build_circuit, circuit_stage, heldout_label, selection
+from circuitlab.reports.faithful import build_circuit, circuit_stage, selection
 from circuitlab.reports.pipeline import Pipeline
+from circuitlab.reports.prompts import RunPrompts, heldout_label
 from circuitlab.reports.render import render_result
 from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import save_result
@@ -49,8 +50,8 @@ STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulne
 
 # ---------------------------------------------------------------------- stages
 
-def _pairs(p: Pipeline, pairs: Any, heldout: Any, split: str) -> dict[str, Any]:
-    cfg, model = p.cfg, p.model()
+def _pairs(p: Pipeline, prompts: RunPrompts) -> dict[str, object]:
+    cfg, model, pairs = p.cfg, p.model(), prompts.discovery
     meta = {"name": cfg.model, "weight_hash": p.key_parts["model"], "n_layers": int(model.cfg.n_layers),
             "n_heads": int(model.cfg.n_heads),
             "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
@@ -59,8 +60,11 @@ def _pairs(p: Pipeline, pairs: Any, heldout: Any, split: str) -> dict[str, Any]:
             "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
             "architecture": str(getattr(model.cfg, "architecture", "")),
             "has_tokenizer": model.tokenizer is not None, "position_labels": _position_labels(model, pairs),
-            "engine": p.engine(), "heldout_split": split}
-    return {"pairs": pairs, "heldout_pairs": heldout, "model": meta}
+            "engine": p.engine(), "heldout_split": prompts.split}
+    out = {"pairs": pairs, "heldout_pairs": prompts.heldout, "model": meta}
+    if prompts.validation is not None:  # --validation-n only: a default run's stage files stay as they were
+        out.update(validation_pairs=prompts.validation, prompt_split=prompts.summary())
+    return out
 
 
 def _position_labels(model: Any, pairs: Any) -> list[str]:
@@ -245,11 +249,11 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
                                   "metric": getattr(task, "metric_name", ""), "roles": list(getattr(task, "roles", ()))})
     p = Pipeline(cfg, result, None, say, progress=not quiet, task=task, _model=model)  # type: ignore[arg-type]
     say(f"circuitlab run: task {cfg.task}, model {cfg.model}, method {cfg.method}, n={cfg.n}, seed={cfg.seed} -> {out}")
-    pairs, heldout, split = resume.generate_pairs(p)
-    p.key_parts = resume.key_parts(cfg, p.model(), pairs, heldout)
+    prompts = resume.generate_pairs(p)
+    p.key_parts = resume.key_parts(cfg, p.model(), prompts.discovery, prompts.heldout, prompts.validation)
     p.cache, fresh = resume.open_cache(out, p.key_parts, say)
     staging = p.cache.root.parent.parent
-    p.stage("pairs", lambda p: _pairs(p, pairs, heldout, split))
+    p.stage("pairs", lambda p: _pairs(p, prompts))
     if getattr(task, "metric_name", "") == "kl" and hasattr(task, "attach_reference"):
         task.attach_reference(p.model(), result.pairs)  # the clean distributions are not saved
     say(f"  {len(result.pairs)} pairs of {result.pairs.seq_len} tokens, e.g. {result.pairs.clean_texts[0]!r} -> "

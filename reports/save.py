@@ -2,7 +2,8 @@
 
 OUT/
   run.json              record: config, task, model, metrics, summaries, timings, versions (JSON)
-  pairs.jsonl           the prompt pairs (`tasks.PromptPairs.save_jsonl`); heldout_pairs.jsonl the held-out ones
+  pairs.jsonl           the prompt pairs (`tasks.PromptPairs.save_jsonl`); heldout_pairs.jsonl the held-out ones,
+                        validation_pairs.jsonl (--validation-n) those the circuit's size is chosen on
   tables/<name>.parquet every table of `reports.result.TABLES` that was computed (dtypes kept)
   circuit.json          the circuit, node-link JSON; circuit.graphml the same for Gephi/Cytoscape
   scores.csv            one tidy export of every score (exact, method nodes, edges, residual stream)
@@ -114,8 +115,9 @@ def save_result(result: RunResult, out: str | os.PathLike[str]) -> dict[str, obj
     """Write every file of a finished run (see the module docstring); returns the run.json record."""
     out = Path(out)
     write_value(out, "pairs", result.pairs)
-    if result.heldout_pairs is not None:
-        write_value(out, "heldout_pairs", result.heldout_pairs)
+    for name in ("heldout_pairs", "validation_pairs"):
+        if getattr(result, name) is not None:
+            write_value(out, name, getattr(result, name))
     for name in TABLES:
         table = getattr(result, name)
         if table is not None:
@@ -151,12 +153,13 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
     result = RunResult(make_config(record["config"]), task=record["task"], model=record["model"])
     result.pairs = read_value(out, "pairs")
     result.heldout_pairs = read_value(out, "heldout_pairs")
+    result.validation_pairs = read_value(out, "validation_pairs")
     result.update({"faithful": record.get("circuit_faithfulness")})
     result.circuit = read_value(out, "circuit")
     for name in TABLES:
         result.update({name: read_value(out / "tables", name)})
     result.update({"oracle_summary": record.get("oracle"), "faithfulness_summary": record.get("faithfulness"),
-                   "acdc_summary": record.get("acdc")})
+                   "acdc_summary": record.get("acdc"), "prompt_split": record.get("split")})
     result.timings, result.resumed = dict(record.get("timings", {})), list(record.get("resumed_stages", []))
     result.info = {k: record[k] for k in ("command", "versions", "threads", "threads_chosen", "wall_seconds", "platform") if k in record}
     return result

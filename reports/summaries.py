@@ -84,10 +84,26 @@ class BaselineSummary(Summary):
 
 
 @dataclass(frozen=True)
+class SplitSummary(Summary):
+    """How a run with --validation-n split its prompts (`how`), how many pairs each part has, and the templates
+    of each part (pairwise disjoint)."""
+
+    how: str
+    discovery: int
+    validation: int
+    heldout: int
+    discovery_templates: tuple[str, ...]
+    validation_templates: tuple[str, ...]
+    heldout_templates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CircuitSummary(Summary):
     """The circuit stage's circuit (`reports.faithful.circuit_stage`): the circuit search (`method`) and how the
     report names its ranking, the items kept at `level` (node or edge), its exact faithfulness on the discovery
-    and held-out pairs with 95% intervals against `target`, its size, the baseline, and how it was measured."""
+    and held-out pairs with 95% intervals against `target`, its size, the baseline, and how it was measured.
+    With --validation-n, `validation`/`validation_ci` are its faithfulness on the `n_validation` validation pairs
+    its size was chosen on (`graphs.selection.select_validated`); without, they are None and left out of run.json."""
 
     method: str
     ranking: str
@@ -110,6 +126,17 @@ class CircuitSummary(Summary):
     notes: str
     seconds: float
     baseline: BaselineSummary | None = None
+    validation: float | None = None
+    validation_ci: tuple[float | None, float | None] | None = None
+    n_validation: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON object; the validation fields only when the size was chosen on validation pairs."""
+        out = super().to_dict()
+        if self.n_validation is None:
+            for key in ("validation", "validation_ci", "n_validation"):
+                out.pop(key)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> CircuitSummary:
@@ -122,7 +149,8 @@ class CircuitSummary(Summary):
 
 # the RunResult fields that hold a summary, and their types (the stage cache and run.json read them back)
 SUMMARY_TYPES: dict[str, type[Summary]] = {"faithful": CircuitSummary, "oracle_summary": OracleSummary,
-                                          "faithfulness_summary": FaithfulnessSummary, "acdc_summary": AcdcSummary}
+                                          "faithfulness_summary": FaithfulnessSummary, "acdc_summary": AcdcSummary,
+                                          "prompt_split": SplitSummary}
 
 __all__ = ["AcdcSummary", "BaselineSummary", "CircuitSummary", "FaithfulnessSummary", "OracleSummary",
-           "SUMMARY_TYPES", "Summary"]
+           "SUMMARY_TYPES", "SplitSummary", "Summary"]

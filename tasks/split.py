@@ -68,12 +68,14 @@ def heldout_split(task: Task, model: TransformerBridge, n_discovery: int, n_held
 
 
 def validation_split(task: Task, model: TransformerBridge, n_discovery: int, n_validation: int, n_heldout: int, *, seed: int = 0,
-                     heldout_fraction: float = 0.5, **options: object) -> tuple[PromptPairs, PromptPairs, PromptPairs]:
+                     heldout_fraction: float = 0.5, pool_n: int | None = None,
+                     **options: object) -> tuple[PromptPairs, PromptPairs, PromptPairs]:
     """(discovery, validation, held-out) pairs with pairwise disjoint templates: held-out templates are dealt as in
     `split_pairs`; the discovery side's templates are dealt again, in proportion to `n_validation`, to a
     validation set (for choosing a circuit's size, `graphs.selection.select_validated`), so the held-out prompts
-    that a report states stay unseen by discovery and by selection."""
-    pool = task.generate(model, 3 * (n_discovery + n_validation + n_heldout), seed=seed, **options)
+    that a report states stay unseen by discovery and by selection. The pool is `pool_n` generated pairs (default
+    three times all asked for; a pair file: its row count, so every row may be dealt)."""
+    pool = task.generate(model, pool_n or 3 * (n_discovery + n_validation + n_heldout), seed=seed, **options)
     key = template_key(pool)
     templates = sorted(set(pool.meta[key].tolist()), key=str)
     if len(templates) < 3:
