@@ -286,9 +286,15 @@ def find_faithful_circuit(ctx: EdgeContext, method: str, config: FaithfulConfig 
         refined = greedy_refine(evaluator, circuit.items, scores, cfg.target, candidates=cfg.greedy_candidates)
         f, ci = evaluator.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
         note = f"from EAP-IG's prefix of {circuit.size}: {refined.evaluations} exact evaluations"
-        circuit = FaithfulCircuit(refined.items, f, ci, cfg.target, refined.reached, circuit.candidates, circuit.curve,
-                                  validation=val_eval.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed)
-                                  if val_eval is not None else None)  # the refined circuit's, not the prefix's
+        val = val_eval.faithfulness(refined.items, n_boot=cfg.n_boot, seed=cfg.seed) if val_eval is not None else None
+        if val is not None and circuit.reached and not within(val[0], cfg.target):
+            # the refinement ran on the discovery pairs alone: keep it only if the validation pairs agree
+            note = (f"greedy's refinement on the discovery pairs ({len(refined.items)} items, {refined.evaluations} "
+                    f"exact evaluations) left the band on the validation pairs ({val[0]:.3f}): the validated prefix "
+                    f"of {circuit.size} is kept")
+        else:
+            circuit = FaithfulCircuit(refined.items, f, ci, cfg.target, refined.reached, circuit.candidates,
+                                      circuit.curve, validation=val)  # the refined circuit's, not the prefix's
     if cfg.complete and not circuit.reached and val_eval is None:  # completion is unvalidated: not with validation
         ranked = set(candidate_order(scores, absolute=absolute))
         pool = [evaluator.items[i] for i in range(len(evaluator.items)) if i not in ranked]

@@ -189,3 +189,31 @@ def test_validation_needs_three_templates(tiny_dir, tmp_path, capsys, task):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--validation-n 4" in err[0] and "leave out --validation-n" in err[0], err
     assert not out.exists()
+
+
+def test_greedy_refinement_is_kept_only_if_the_validation_pairs_agree(validated_run, tiny_dir, tmp_path):
+    """`--method greedy` refines the validated prefix on the discovery pairs alone; with --validation-n the run keeps
+    the refinement only where its validation faithfulness stays in the band, else the validated prefix (and says
+    so). The recorded validation number is re-measured here with plain-hook ablation (`Ablator`)."""
+    data, _ = validated_run
+    out = tmp_path / "greedy"
+    assert main(["run", "--task", str(data), "--model", tiny_dir, "--out", str(out), "--validation-n", str(N_VAL),
+                 "--method", "greedy", "--faithfulness-target", "0.5", *FAST]) == 0
+    summary = json.loads((out / "run.json").read_text())["circuit_faithfulness"]
+    # on these prompts greedy's refinement (3 heads) falls to ~0.02 on the validation pairs: the prefix is kept
+    assert summary["reached"] and 0.5 <= summary["validation"] <= 1.5
+    assert "left the band on the validation pairs" in json.dumps(summary)
+    model = load_model(tiny_dir)
+    task = get_task(str(data))
+    _, val, _ = validation_split(task, model, N, N_VAL, N_HELD, seed=0, pool_n=len(task.records))
+    end, rows = val.positions["END"], torch.arange(len(val))
+
+    def logit_diff(logits):
+        at = logits[rows, end]
+        return float((at[rows, val.answer_ids[:, 0]] - at[rows, val.wrong_ids[:, 0]]).double().mean())
+
+    with torch.no_grad():
+        clean, corrupt = logit_diff(model(val.clean_tokens)), logit_diff(model(val.corrupt_tokens))
+    ablator = Ablator(model, val.clean_tokens, val.corrupt_tokens, logit_diff, ablation="corrupt")
+    kept = ablator.metric_with(list(summary["items"]) + [c for c in ablator.components if c.startswith("m")])
+    assert summary["validation"] == pytest.approx((kept - corrupt) / (clean - corrupt), abs=1e-4)
