@@ -159,7 +159,7 @@ def _position(name: str, n_layers: int, n_heads: int) -> tuple[str, int, int, fl
 def build_explorer(result: RunResult) -> Explorer:
     """The explorer's data from a run's result (the circuit, node and edge scores, roles, faithfulness curve)."""
     graph: nx.MultiDiGraph = result.circuit
-    n_layers, n_heads = int(result.model["n_layers"]), int(result.model["n_heads"])
+    n_layers, n_heads = result.model.n_layers, result.model.n_heads
     ranked, source = _ranked_edges(result)
     method_scores = {} if result.nodes is None else dict(zip(result.nodes["node"], result.nodes["score"]))
     exact = {} if result.exact is None else dict(zip(*[strongest_per_node(

@@ -103,6 +103,12 @@ def run_circuit(cfg: RunConfig, discovery: EdgeContext, heldout: EdgeContext | N
                                  log=log, batches=batches, heldout_batches=heldout_batches, validation=validation)
 
 
+def _heldout_split(p: Pipeline) -> str | None:
+    """How the run split its held-out pairs (`reports.prompts.SPLITS`); None before the pairs stage or in runs
+    saved before splits were recorded."""
+    return p.result.model.heldout_split if p.result.model is not None else None
+
+
 def _contexts(parts: Batches) -> tuple[Contexts, int]:
     """(callable yielding one edge context per prompt batch of `parts` (`patching.batched.Batches`: kept, not
     rebuilt, when every prompt fits in one batch), batch size)."""
@@ -139,7 +145,7 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
 
     config = faithful_config(cfg, len(discovery))
     nodes = lambda c: node_evaluator(c, memory_budget_mb=cfg.memory_budget)  # noqa: E731  (the baseline's)
-    checked = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
+    checked = heldout_label(p.task, discovery, heldout, _heldout_split(p))
     target = cfg.faithfulness_target
     chosen = (f"within [{target}, {2 - target:g}] on {len(discovery)} discovery and {len(validation)} validation pairs"
               if validation is not None else f">= {target} on {len(discovery)} discovery pairs")
@@ -167,7 +173,7 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         baseline, base_curve = _baseline(p, *evaluators, config)
         curves.append(base_curve)
     held_f, held_ci = found.heldout
-    label = heldout_label(p.task, discovery, heldout, (p.result.model or {}).get("heldout_split"))
+    label = heldout_label(p.task, discovery, heldout, _heldout_split(p))
     val_f, val_ci = found.circuit.validation if found.circuit.validation is not None else (None, None)
     summary = CircuitSummary(
         method=method, ranking=ranking_name, level=found.level, target=cfg.faithfulness_target,
@@ -175,7 +181,7 @@ def circuit_stage(p: Pipeline) -> dict[str, object]:
         discovery_ci=tuple(found.circuit.ci), heldout=held_f, heldout_ci=tuple(held_ci),
         heldout_reached=bool(held_f >= cfg.faithfulness_target), sizes=found.sizes,
         candidates=found.circuit.candidates, added=tuple(found.circuit.added), n_discovery=len(discovery),
-        n_heldout=len(heldout), split=p.result.model.get("heldout_split", "templates"), heads_only=config.heads_only,
+        n_heldout=len(heldout), split=_heldout_split(p) or "templates", heads_only=config.heads_only,
         notes="; ".join(x for x in (found.notes, reused and f"ranked by {reused}", memory) if x),
         seconds=round(found.seconds, 3), baseline=baseline, validation=val_f,
         validation_ci=tuple(val_ci) if val_ci is not None else None,

@@ -20,6 +20,7 @@ from circuitlab.patching.topology import ComputationalGraph, PositionalGraph, ro
 from circuitlab.reports.config import ConfigError, RunConfig
 from circuitlab.reports.result import RunResult
 from circuitlab.reports.save import StageCache
+from circuitlab.reports.summaries import EngineRecord
 from circuitlab.tasks.base import PromptPairs, Task
 
 
@@ -81,18 +82,19 @@ class Pipeline:
                 raise ConfigError(str(exc)) from None
         return self._runner[0]
 
-    def engine(self) -> dict[str, object]:
+    def engine(self) -> EngineRecord:
         """Which backend runs this model and why, with the architecture description (for run.json)."""
         runner = self.runner()
         _, backend, reason = self._runner
-        return {"backend": backend, "requested": self.cfg.backend, "reason": reason,
-                "architecture": runner.arch.as_dict()}
+        return EngineRecord(backend=backend, requested=self.cfg.backend, reason=reason,
+                            architecture=runner.arch.as_dict())
 
     def head_and_mlp_kinds(self) -> list[str]:
         return ["z"] + ([] if getattr(self.model().cfg, "attn_only", False) else ["mlp_out"])
 
     def graph(self) -> ComputationalGraph:  # the graph of the run's edge scores: position-aware with --edge-positions
-        base = ComputationalGraph.from_meta(self.result.model)
+        m = self.result.model
+        base = ComputationalGraph(m.n_layers, m.n_heads, m.n_key_value_heads, m.attn_only, m.parallel_attn_mlp)
         roles = self.cfg.edge_positions != "none"
         return PositionalGraph(base, role_segment_names(list(self.result.pairs.positions))) if roles else base
 

@@ -19,10 +19,12 @@ turns it into HTML and Markdown. Tables are tidy DataFrames with real dtypes (bo
 | `circuit_prompts` | the chosen node circuit's metric on each discovery prompt              | circuit       |
 | `attention`    | the circuit heads' attention patterns on the first discovery prompts (clean) | after roles |
 
-`heldout_pairs` are the held-out prompt pairs (templates the discovery `pairs` do not use); `faithful` the
-circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as `circuit_faithfulness`. With
---validation-n, `validation_pairs` are the pairs the circuit's size is chosen on (templates neither other set
-uses) and `prompt_split` says how the prompts were split (run.json `split`); both are None otherwise.
+`model` is the measured model's record (`reports.summaries.ModelRecord`, run.json `model`: shape, engine, how the
+held-out pairs were split); `heldout_pairs` are the held-out prompt pairs (templates the discovery `pairs` do not
+use); `faithful` the circuit stage's summary (`reports.faithful.circuit_stage`), written to run.json as
+`circuit_faithfulness`. With --validation-n, `validation_pairs` are the pairs the circuit's size is chosen on
+(templates neither other set uses) and `prompt_split` says how the prompts were split (run.json `split`); both
+are None otherwise.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from circuitlab.patching.stats import bootstrap_ci
 from circuitlab.reports.config import RunConfig
 from circuitlab.tasks.base import PromptPairs
 from circuitlab.reports.summaries import (
-    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, OracleSummary, SplitSummary, Summary,
+    SUMMARY_TYPES, AcdcSummary, CircuitSummary, FaithfulnessSummary, ModelRecord, OracleSummary, SplitSummary, Summary,
 )
 from circuitlab.patching.components import node_kind
 
@@ -60,7 +62,7 @@ class RunResult:
 
     config: RunConfig
     task: dict[str, object] = field(default_factory=dict)
-    model: dict[str, object] = field(default_factory=dict)
+    model: ModelRecord | None = None
     pairs: PromptPairs | None = None
     heldout_pairs: PromptPairs | None = None
     validation_pairs: PromptPairs | None = None
@@ -165,7 +167,7 @@ class RunResult:
         """run.json: configuration, task, model, metrics, summaries, timings and provenance."""
         cfg = self.config
         out = {"command": self.info.get("command", cfg.command()), "config": cfg.to_dict(),
-               "config_key": cfg.result_key(), "seed": cfg.seed, "task": self.task, "model": self.model,
+               "config_key": cfg.result_key(), "seed": cfg.seed, "task": self.task, "model": _as_dict(self.model),
                "versions": self.info.get("versions") or versions(), "metrics": self.metrics(),
                "n_pairs": int(len(self.baseline)),
                "circuit": self.circuit_size(),

@@ -42,7 +42,7 @@ from circuitlab.reports.result import RunResult, platform_info, versions
 from circuitlab.reports.save import save_result
 from circuitlab.tasks import get_task
 from circuitlab.tasks.custom import RecordsTask
-from circuitlab.reports.summaries import AcdcSummary, FaithfulnessSummary, OracleSummary
+from circuitlab.reports.summaries import AcdcSummary, FaithfulnessSummary, ModelRecord, OracleSummary
 
 ATTENTION_PROMPTS = 4  # discovery prompts whose attention patterns the report shows for the circuit's heads
 STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulness", "circuit", "roles")
@@ -52,15 +52,16 @@ STAGES = ("pairs", "baseline", "scores", "exact", "resid", "oracle", "faithfulne
 
 def _pairs(p: Pipeline, prompts: RunPrompts) -> dict[str, object]:
     cfg, model, pairs = p.cfg, p.model(), prompts.discovery
-    meta = {"name": cfg.model, "weight_hash": p.key_parts["model"], "n_layers": int(model.cfg.n_layers),
-            "n_heads": int(model.cfg.n_heads),
-            "n_key_value_heads": int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
-            "d_model": int(model.cfg.d_model), "d_vocab": int(model.cfg.d_vocab),
-            "attn_only": bool(getattr(model.cfg, "attn_only", False)),
-            "parallel_attn_mlp": bool(getattr(model.cfg, "parallel_attn_mlp", False)),
-            "architecture": str(getattr(model.cfg, "architecture", "")),
-            "has_tokenizer": model.tokenizer is not None, "position_labels": _position_labels(model, pairs),
-            "engine": p.engine(), "heldout_split": prompts.split}
+    meta = ModelRecord(name=cfg.model, weight_hash=p.key_parts["model"], n_layers=int(model.cfg.n_layers),
+                       n_heads=int(model.cfg.n_heads),
+                       n_key_value_heads=int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads),
+                       d_model=int(model.cfg.d_model), d_vocab=int(model.cfg.d_vocab),
+                       attn_only=bool(getattr(model.cfg, "attn_only", False)),
+                       parallel_attn_mlp=bool(getattr(model.cfg, "parallel_attn_mlp", False)),
+                       architecture=str(getattr(model.cfg, "architecture", "")),
+                       has_tokenizer=model.tokenizer is not None,
+                       position_labels=tuple(_position_labels(model, pairs)), engine=p.engine(),
+                       heldout_split=prompts.split)
     out = {"pairs": pairs, "heldout_pairs": prompts.heldout, "model": meta}
     if prompts.validation is not None:  # --validation-n only: a default run's stage files stay as they were
         out.update(validation_pairs=prompts.validation, prompt_split=prompts.summary())
@@ -297,7 +298,8 @@ def _run(cfg: RunConfig, out: Path, task: Any, model: Any, say: Callable[[str], 
     render_result(result, staging)
     sizes = result.circuit_size()  # the size the circuit stage printed, or the forced selection's
     size = f"{sizes['heads']} heads, {sizes['mlps']} MLPs, {sizes['edges']} edges"
-    label = heldout_label(task, result.pairs, result.heldout_pairs, (result.model or {}).get("heldout_split"))
+    split = result.model.heldout_split if result.model is not None else None
+    label = heldout_label(task, result.pairs, result.heldout_pairs, split)
     say(f"clean {metrics['clean']:+.3f} vs corrupt {metrics['corrupt']:+.3f}; circuit {size}; "
         + (f"faithfulness {result.faithful.heldout:.3f} ({label}; target {cfg.faithfulness_target}); "
            if result.faithful else "")

@@ -33,7 +33,7 @@ from circuitlab.reports.config import make_config
 from circuitlab.reports.result import TABLES, RunResult
 from circuitlab.reports.rundir import mismatch
 from circuitlab.tasks import PromptPairs
-from circuitlab.reports.summaries import Summary
+from circuitlab.reports.summaries import ModelRecord, Summary
 
 CSV_EXPORTS = ("baseline", "oracle", "faithfulness", "roles", "faithful_curve", "stability")
 
@@ -150,7 +150,7 @@ def load_result(out: str | os.PathLike[str]) -> RunResult:
         if not (out / name).is_file():
             raise FileNotFoundError(f"{out / name} is missing: {out} is not a finished circuitlab run "
                                     "(rerun `circuitlab run` with the same arguments to complete it)")
-    result = RunResult(make_config(record["config"]), task=record["task"], model=record["model"])
+    result = RunResult(make_config(record["config"]), task=record["task"], model=ModelRecord.from_dict(record["model"]))
     result.pairs = read_value(out, "pairs")
     result.heldout_pairs = read_value(out, "heldout_pairs")
     result.validation_pairs = read_value(out, "validation_pairs")

@@ -147,10 +147,70 @@ class CircuitSummary(Summary):
                                    baseline=BaselineSummary.from_dict(baseline) if baseline is not None else None)
 
 
+@dataclass(frozen=True)
+class EngineRecord(Summary):
+    """Which engine ran the model: the `backend` used, the one `requested` (--backend) and why; `circuitlab run`
+    adds the architecture description the engine read (`patching.architecture.Architecture.as_dict`)."""
+
+    backend: str
+    requested: str
+    reason: str
+    architecture: dict[str, object] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON object; `architecture` only when recorded (`circuitlab localize` records none)."""
+        out = super().to_dict()
+        if self.architecture is None:
+            out.pop("architecture")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelRecord(Summary):
+    """The model a run measured (run.json `model`): its name, weight hash and shape, a label per prompt position
+    (`reports.run`), the engine that ran it and how the held-out pairs were split (`reports.prompts.SPLITS`).
+    The graph's topology is read from these fields, so saved scores keep the topology they were computed on."""
+
+    name: str
+    weight_hash: str
+    n_layers: int
+    n_heads: int
+    n_key_value_heads: int
+    d_model: int
+    d_vocab: int
+    attn_only: bool
+    parallel_attn_mlp: bool
+    architecture: str
+    has_tokenizer: bool
+    position_labels: tuple[str, ...]
+    engine: EngineRecord | None = None  # None in runs saved before engines were recorded
+    heldout_split: str | None = None  # None in runs saved before held-out splits
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON object (an older run's missing `engine`/`heldout_split` stay missing)."""
+        out = super().to_dict()
+        out["engine"] = None if self.engine is None else self.engine.to_dict()
+        for key in ("engine", "heldout_split"):
+            if out[key] is None:
+                out.pop(key)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ModelRecord:
+        """The record of run.json's `model` object, including older runs' (fields added since get their old
+        meaning: grouped heads default to `n_heads`, flags to False)."""
+        old = {"n_key_value_heads": data.get("n_key_value_heads") or data["n_heads"], "attn_only": False,
+               "parallel_attn_mlp": False, "architecture": "", "has_tokenizer": False, "position_labels": ()}
+        plain = super().from_dict({**old, **{k: v for k, v in data.items() if v is not None}})
+        engine = data.get("engine")
+        assert engine is None or isinstance(engine, Mapping)
+        return dataclasses.replace(plain, engine=EngineRecord.from_dict(engine) if engine else None)
+
+
 # the RunResult fields that hold a summary, and their types (the stage cache and run.json read them back)
 SUMMARY_TYPES: dict[str, type[Summary]] = {"faithful": CircuitSummary, "oracle_summary": OracleSummary,
                                           "faithfulness_summary": FaithfulnessSummary, "acdc_summary": AcdcSummary,
-                                          "prompt_split": SplitSummary}
+                                          "prompt_split": SplitSummary, "model": ModelRecord}
 
-__all__ = ["AcdcSummary", "BaselineSummary", "CircuitSummary", "FaithfulnessSummary", "OracleSummary",
-           "SUMMARY_TYPES", "SplitSummary", "Summary"]
+__all__ = ["AcdcSummary", "BaselineSummary", "CircuitSummary", "EngineRecord", "FaithfulnessSummary", "ModelRecord",
+           "OracleSummary", "SUMMARY_TYPES", "SplitSummary", "Summary"]
