@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 from torch import Tensor
@@ -120,6 +120,60 @@ class JointAblation:
     fraction_removed: float
 
 
+@dataclass(frozen=True)
+class SetsAblation:
+    """Ablating each of `sets` same-size sets of heads together: the mean and largest `fraction_removed`, and the
+    set that removed the most (`worst_set`)."""
+
+    sets: int
+    mean_fraction_removed: float
+    max_fraction_removed: float
+    worst_set: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InductionAblation:
+    """The phase study's joint ablation of one model (`graphs.phase.joint_induction_ablation`): the labelled
+    `induction_heads`, their K-composition `partners` and the `other_heads` outside that circuit; then, for zero
+    and mean ablation, the induction heads together (`*_induction`) and as many other heads (`*_others`: outside
+    the circuit; `*_any_other`: any non-induction head). When nothing could be measured, `reason` says why and
+    the measurements are None. JSON (`to_dict`): the measured keys only, `from_dict` reads it back."""
+
+    induction_heads: tuple[str, ...]
+    partners: dict[str, str | None]
+    other_heads: tuple[str, ...]
+    reason: str | None = None
+    base_icl: float | None = None
+    zero_induction: JointAblation | None = None
+    zero_others: SetsAblation | None = None
+    zero_any_other: SetsAblation | None = None
+    mean_induction: JointAblation | None = None
+    mean_others: SetsAblation | None = None
+    mean_any_other: SetsAblation | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The summary.json object (fields that are None left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> InductionAblation:
+        """The record of a summary.json `joint_ablation` entry written by `to_dict`."""
+        def part(name: str) -> JointAblation | SetsAblation | None:
+            value = data.get(name)
+            if value is None:
+                return None
+            assert isinstance(value, Mapping), f"{name} must be a JSON object, got {value!r}"
+            kind = JointAblation if name.endswith("_induction") else SetsAblation
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        names = [f"{k}_{o}" for k in ("zero", "mean") for o in ("induction", "others", "any_other")]
+        heads, partners, others = data["induction_heads"], data["partners"], data["other_heads"]
+        assert isinstance(heads, list) and isinstance(partners, Mapping) and isinstance(others, list)
+        base, reason = data.get("base_icl"), data.get("reason")
+        return cls(induction_heads=tuple(heads), partners=dict(partners), other_heads=tuple(others),
+                   reason=None if reason is None else str(reason), base_icl=None if base is None else float(base),
+                   **{n: part(n) for n in names})
+
+
 def joint_icl_ablation(model: TransformerBridge, tokens: Tensor, heads: Sequence[tuple[int, int]], kind: str = "zero",
                        *,
                        late: int | None = None, early: int | None = None, width: int = 1, batch_size: int = 64,
@@ -151,5 +205,5 @@ def repeated_tokens_patching(model: TransformerBridge, *, n: int = 16, seq_len: 
     return activation_patching(model, task, pairs, "z", positions="all", config=PatchingConfig())
 
 
-__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "JointAblation", "ablation_hooks", "head_means", "icl_ablation", "joint_icl_ablation",
-           "repeated_tokens_patching"]
+__all__ = ["ABLATIONS", "ABLATION_COLUMNS", "InductionAblation", "JointAblation", "SetsAblation", "ablation_hooks",
+           "head_means", "icl_ablation", "joint_icl_ablation", "repeated_tokens_patching"]

@@ -18,8 +18,8 @@ Also the per-checkpoint measurements a phase study records (`measure_checkpoint`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable, Sequence
 
 import itertools
 import random
@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from circuitlab.graphs.ablation import head_means, icl_ablation, joint_icl_ablation, repeated_tokens_patching
+from circuitlab.graphs.ablation import (InductionAblation, JointAblation, SetsAblation, head_means, icl_ablation,
+                                       joint_icl_ablation, repeated_tokens_patching)
 from circuitlab.graphs.induction import ProbeOptions, composition_scores, head_scores
 from circuitlab.graphs.roles import RoleThresholds, previous_token_mask
 from circuitlab.patching.components import head_node, parse_node
@@ -253,14 +254,14 @@ def induction_partners(heads: pd.DataFrame, composition: pd.DataFrame) -> dict[s
     return out
 
 
-def _sets_summary(combos: list[tuple[tuple[int, int], ...]], fracs: list[float]) -> dict[str, Any]:
+def _sets_summary(combos: list[tuple[tuple[int, int], ...]], fracs: list[float]) -> SetsAblation:
     worst = combos[fracs.index(max(fracs))]
-    return {"sets": len(combos), "mean_fraction_removed": sum(fracs) / len(fracs), "max_fraction_removed": max(fracs),
-            "worst_set": [head_node(l, h) for l, h in worst]}
+    return SetsAblation(sets=len(combos), mean_fraction_removed=sum(fracs) / len(fracs),
+                        max_fraction_removed=max(fracs), worst_set=tuple(head_node(l, h) for l, h in worst))
 
 
 def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.DataFrame, seed: int,
-                             max_sets: int = 20) -> dict[str, object]:
+                             max_sets: int = 20) -> InductionAblation:
     """Ablate the labelled induction heads together, and as many heads outside the induction circuit.
 
     The circuit is the induction heads and their K-composition partners (`induction_partners`); `*_others` are
@@ -273,18 +274,19 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
     in_circuit = set(labelled) | {(parse_node(p).layer, parse_node(p).head) for p in partners.values() if p}
     others = [(int(r.layer), int(r.head)) for r in heads.itertuples() if (int(r.layer), int(r.head)) not in in_circuit]
     anyother = [(int(r.layer), int(r.head)) for r in heads.itertuples() if r.label != "induction"]
-    out: dict[str, Any] = {"induction_heads": [head_node(l, h) for l, h in labelled], "partners": partners,
-                           "other_heads": [head_node(l, h) for l, h in others]}
+    found = InductionAblation(induction_heads=tuple(head_node(l, h) for l, h in labelled), partners=partners,
+                              other_heads=tuple(head_node(l, h) for l, h in others))
     if not labelled or len(others) < len(labelled):
-        return out | {"reason": "no labelled induction heads" if not labelled else "too few heads outside the circuit"}
+        return replace(found, reason="no labelled induction heads" if not labelled
+                       else "too few heads outside the circuit")
     width = icl_width(tokens.shape[1])
     base = icl_score(loss_by_position(model, tokens), width=width)
-    out["base_icl"] = base
     rng = random.Random(seed)
     means = head_means(model, tokens)
+    measured: dict[str, JointAblation | SetsAblation] = {}
     for kind in ("zero", "mean"):
-        out[f"{kind}_induction"] = asdict(  # the study's JSON record (`reports.phase`)
-            joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width, means=means))
+        measured[f"{kind}_induction"] = joint_icl_ablation(model, tokens, labelled, kind, base=base, width=width,
+                                                           means=means)
         cache: dict[tuple[tuple[int, int], ...], float] = {}
         for key, pool in (("others", others), ("any_other", anyother)):
             combos = list(itertools.combinations(pool, len(labelled)))
@@ -294,8 +296,8 @@ def joint_induction_ablation(model_path: Path, tokens: torch.Tensor, heads: pd.D
                 if c not in cache:
                     cache[c] = joint_icl_ablation(model, tokens, list(c), kind, base=base, width=width,
                                                   means=means).fraction_removed
-            out[f"{kind}_{key}"] = _sets_summary(combos, [cache[c] for c in combos])
-    return out
+            measured[f"{kind}_{key}"] = _sets_summary(combos, [cache[c] for c in combos])
+    return replace(found, base_icl=base, **measured)  # type: ignore[arg-type]
 
 
 def attach_causal(heads: pd.DataFrame, ablations: list[pd.DataFrame], patches: list[pd.DataFrame]) -> pd.DataFrame:

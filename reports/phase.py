@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from circuitlab.graphs.ablation import InductionAblation
 from circuitlab.graphs.induction import ProbeOptions, composition_scores
 from circuitlab.graphs.phase import (attach_causal, causal_tables, detect_phase_change, joint_induction_ablation,
                                      label_heads, measure_checkpoint)
@@ -175,7 +176,8 @@ def _run_pinned(cfg: PhaseConfig) -> pd.DataFrame:
     tables, head_tables, windows, timings = [], [], {}, {}
     causal_frames: list[pd.DataFrame] = []
     patch_frames: list[pd.DataFrame] = []
-    comps, joints = [], {}
+    comps: list[pd.DataFrame] = []
+    joints: dict[str, InductionAblation] = {}
     for n_layers in cfg.layers:
         name = f"{n_layers}L"
         tcfg = TrainConfig(n_layers=n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
@@ -222,7 +224,8 @@ def _run_pinned(cfg: PhaseConfig) -> pd.DataFrame:
     timings["total"] = time.perf_counter() - began
     summary = {"config": _plain_config(cfg), "corpus": {"source": corpus.source, "files": corpus.n_files,
                "tokenizer": corpus.tokenizer, "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout)},
-               "windows": windows, "joint_ablation": joints, "timings_s": timings, "cpu_s": _cpu_seconds(),
+               "windows": windows, "joint_ablation": {k: j.to_dict() for k, j in joints.items()},
+               "timings_s": timings, "cpu_s": _cpu_seconds(),
                "load_average_at_start": load_at_start, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),
                "reproducibility": {"seed": cfg.seed, "threads": cfg.threads,

@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from circuitlab.graphs.ablation import InductionAblation
 from circuitlab.graphs.circuit import add_edge, add_node, new_circuit
 from circuitlab.graphs.phase import steepest_drop
 from circuitlab.reports import phase_figures, plots, store
@@ -28,7 +29,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str, object],
-               joints: dict[str, object], composition: pd.DataFrame | None = None) -> dict[str, object]:
+               joints: dict[str, InductionAblation], composition: pd.DataFrame | None = None) -> dict[str, object]:
     """The issue's acceptance criteria, measured from the run's own tables (values and pass/fail).
 
     - ICL drop: the steepest fall of the 2L ICL score over the evenly spaced checkpoints lies in the window
@@ -58,21 +59,22 @@ def acceptance(checkpoints: pd.DataFrame, heads: pd.DataFrame, windows: dict[str
                             "pass": bool(w["found"] and w["fraction_of_training"] is not None
                                          and w["fraction_of_training"] <= 0.2)}
         out["icl_drop_in_window_2L"] = _icl_drop(checkpoints, windows, w)
-    j = joints.get("2L", {})
-    if "zero_induction" in j:
-        ind, oth = j["zero_induction"]["fraction_removed"], j["zero_others"]
-        out["ablation_2L"] = {"induction_heads": j["induction_heads"], "partners": j["partners"],
+    j = joints.get("2L")
+    if j is not None and j.zero_induction is not None:
+        ind, oth, anyo = j.zero_induction.fraction_removed, j.zero_others, j.zero_any_other
+        assert oth is not None and anyo is not None and j.mean_induction is not None and j.mean_others is not None
+        out["ablation_2L"] = {"induction_heads": list(j.induction_heads), "partners": dict(j.partners),
                               "fraction_removed_zero": ind,
-                              "fraction_removed_mean": j["mean_induction"]["fraction_removed"],
-                              "other_heads": j["other_heads"],
-                              "others_mean_fraction_removed_zero": oth["mean_fraction_removed"],
-                              "others_max_fraction_removed_zero": oth["max_fraction_removed"],
-                              "others_worst_set_zero": oth["worst_set"],
-                              "others_mean_fraction_removed_mean": j["mean_others"]["mean_fraction_removed"],
-                              "any_other_mean_fraction_removed_zero": j["zero_any_other"]["mean_fraction_removed"],
-                              "any_other_max_fraction_removed_zero": j["zero_any_other"]["max_fraction_removed"],
-                              "max_also_under_half": bool(oth["max_fraction_removed"] <= 0.5 * ind),
-                              "pass": bool(ind >= 0.7 and oth["mean_fraction_removed"] <= 0.5 * ind)}
+                              "fraction_removed_mean": j.mean_induction.fraction_removed,
+                              "other_heads": list(j.other_heads),
+                              "others_mean_fraction_removed_zero": oth.mean_fraction_removed,
+                              "others_max_fraction_removed_zero": oth.max_fraction_removed,
+                              "others_worst_set_zero": list(oth.worst_set),
+                              "others_mean_fraction_removed_mean": j.mean_others.mean_fraction_removed,
+                              "any_other_mean_fraction_removed_zero": anyo.mean_fraction_removed,
+                              "any_other_max_fraction_removed_zero": anyo.max_fraction_removed,
+                              "max_also_under_half": bool(oth.max_fraction_removed <= 0.5 * ind),
+                              "pass": bool(ind >= 0.7 and oth.mean_fraction_removed <= 0.5 * ind)}
     if "2L" in set(heads["model"]):
         last = heads[(heads["model"] == "2L") & (heads["step"] == heads[heads["model"] == "2L"]["step"].max())]
         ind = last[last["label"] == "induction"]

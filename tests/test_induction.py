@@ -1,5 +1,6 @@
 """Induction measurements on hand-built weights whose answers are known (tests/induction_toy.py)."""
 
+import json
 import math
 
 import pytest
@@ -146,12 +147,15 @@ def test_joint_ablation_and_acceptance_name_the_wired_circuit(toy, tmp_path):
         (0, 0): "previous_token", (0, 1): "", (1, 0): "induction", (1, 1): ""}
     save_model(toy, tmp_path / "toy")
     joint = joint_induction_ablation(tmp_path / "toy", _repeated_text(), heads, seed=0)
-    assert joint["induction_heads"] == ["a1.h0"] and joint["zero_induction"]["fraction_removed"] > 0.9
-    assert joint["partners"] == {"a1.h0": "a0.h0"}  # its K-composition partner: inside the circuit
-    assert joint["other_heads"] == ["a0.h1", "a1.h1"]  # the heads outside it write nothing
-    assert joint["zero_others"]["sets"] == 2 and abs(joint["zero_others"]["max_fraction_removed"]) < 1e-6
-    assert joint["zero_any_other"]["worst_set"] == ["a0.h0"]  # over every non-induction head: the partner
-    assert joint["zero_any_other"]["max_fraction_removed"] > 0.2
+    assert joint.induction_heads == ("a1.h0",) and joint.zero_induction.fraction_removed > 0.9
+    assert joint.partners == {"a1.h0": "a0.h0"}  # its K-composition partner: inside the circuit
+    assert joint.other_heads == ("a0.h1", "a1.h1")  # the heads outside it write nothing
+    assert joint.zero_others.sets == 2 and abs(joint.zero_others.max_fraction_removed) < 1e-6
+    assert joint.zero_any_other.worst_set == ("a0.h0",)  # over every non-induction head: the partner
+    assert joint.zero_any_other.max_fraction_removed > 0.2
+    saved = json.loads(json.dumps(joint.to_dict()))  # summary.json's form reads back to the same record
+    assert saved["zero_any_other"]["worst_set"] == ["a0.h0"] and "reason" not in saved
+    assert type(joint).from_dict(saved) == joint
     table = heads.assign(model="2L", step=0, node=[f"a{l}.h{h}" for l, h in zip(heads["layer"], heads["head"])],
                          k_comp_from_prev=float("nan"))
     comp = composition_scores(toy).assign(model="2L")
