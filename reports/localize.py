@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ from circuitlab.patching.models import load_model, weight_hash
 from circuitlab.patching.reproducible import resolve_threads
 from circuitlab.reports import rundir, store
 from circuitlab.reports.config import ConfigError, check_device, check_seed
-from circuitlab.reports.localize_report import write_report
+from circuitlab.reports.localize_report import LocalizeRecord, write_report
+from circuitlab.reports.summaries import EngineRecord
 from circuitlab.tasks.causal import causal_model
 from circuitlab.tasks.counterfactual import read_counterfactuals
 from circuitlab.tasks.custom import looks_like_path
@@ -111,13 +111,13 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     with rundir.locked(out):
         result = localize(model, cf, sites=sites, config=config, runner=runner)
         staging = rundir.fresh_staging(out)
-        record = {"command": "circuitlab localize", "kind": "localize", "task": args.task, "variable": result.variable,
-                  "config": asdict(config), "seed": args.seed,
-                  "engine": {"backend": backend, "requested": args.backend, "reason": reason},
-                  "model": {"name": args.model, "weight_hash": weight_hash(model)},
-                  "split": {s: result.counterfactuals.split.count(s) for s in ("train", "test")}}
+        split = result.counterfactuals.split
+        record = LocalizeRecord(task=args.task, variable=result.variable, config=config, seed=args.seed,
+                                engine=EngineRecord(backend=backend, requested=args.backend, reason=reason),
+                                model_name=args.model, weight_hash=weight_hash(model), n_train=split.count("train"),
+                                n_test=split.count("test"))
         write_outputs(result, record, staging)
-        store.write_json(staging / rundir.RECORD, {**record, "wall_seconds": round(time.time() - started, 3),
+        store.write_json(staging / rundir.RECORD, {**record.to_dict(), "wall_seconds": round(time.time() - started, 3),
                                                    "outputs": rundir.manifest(staging)})
         rundir.publish(out)
     best = result.to_frame().query("split == 'test' and featurizer != 'none'").sort_values("iia").tail(1)
@@ -128,7 +128,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_outputs(result: LocalizeResult, record: dict[str, object], folder: Path) -> None:
+def write_outputs(result: LocalizeResult, record: LocalizeRecord, folder: Path) -> None:
     """iia.parquet/csv, counterfactuals.jsonl, rotations.safetensors and the report (`reports.localize_report`:
     report.html, report.md, figures/) into `folder`."""
     frame = result.to_frame()

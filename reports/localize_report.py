@@ -8,15 +8,52 @@ the full-vector ceiling there, the random rotation with the same k there, and th
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import pandas as pd
 
-from circuitlab.patching.localize import LocalizeResult
+from circuitlab.patching.localize import LocalizeConfig, LocalizeResult
 from circuitlab.reports import figures, plots, store
 from circuitlab.reports.page import Section, to_html, to_markdown
+from circuitlab.reports.summaries import EngineRecord
 
 CONTROL_ROWS = 8  # best sites listed beside each featurizer's heatmap
+
+
+@dataclass(frozen=True)
+class LocalizeRecord:
+    """What `circuitlab localize` ran (its run.json, less the outputs and wall time added when the folder is
+    written): the task (a name or a counterfactual file), the variable, the sweep's `LocalizeConfig`, the engine,
+    the model, and how many pairs were train and test. `to_dict` is run.json's form, `from_dict` reads it back."""
+
+    task: str
+    variable: str
+    config: LocalizeConfig
+    seed: int
+    engine: EngineRecord
+    model_name: str
+    weight_hash: str
+    n_train: int
+    n_test: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"command": "circuitlab localize", "kind": "localize", "task": self.task, "variable": self.variable,
+                "config": asdict(self.config), "seed": self.seed, "engine": self.engine.to_dict(),
+                "model": {"name": self.model_name, "weight_hash": self.weight_hash},
+                "split": {"train": self.n_train, "test": self.n_test}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> LocalizeRecord:
+        """The record of a localize folder's run.json (keys it does not know, e.g. `outputs`, are ignored)."""
+        config, engine, model, split = data["config"], data["engine"], data["model"], data["split"]
+        assert all(isinstance(v, Mapping) for v in (config, engine, model, split)), \
+            "run.json's config, engine, model and split must be JSON objects: rerun `circuitlab localize`"
+        return cls(task=str(data["task"]), variable=str(data["variable"]),
+                   config=LocalizeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}),
+                   seed=int(data["seed"]), engine=EngineRecord.from_dict(engine), model_name=str(model["name"]),
+                   weight_hash=str(model["weight_hash"]), n_train=int(split["train"]), n_test=int(split["test"]))
 
 
 def _site(frame: pd.DataFrame) -> pd.Series:
@@ -78,14 +115,14 @@ def sections(result: LocalizeResult) -> list[Section]:
     return out
 
 
-def write_report(result: LocalizeResult, record: dict[str, object], folder: Path) -> None:
+def write_report(result: LocalizeResult, record: LocalizeRecord, folder: Path) -> None:
     """report.html, report.md and figures/*.png into `folder` (a staging folder of the run-folder module)."""
     parts = sections(result)
     for section in parts:
         for stem, _, png in section.figures:
             store.write_bytes(folder / "figures" / f"{stem}.png", png)
-    store.write_text(folder / "report.html", to_html(record, parts))
-    store.write_text(folder / "report.md", to_markdown(record, parts))
+    store.write_text(folder / "report.html", to_html(record.to_dict(), parts))
+    store.write_text(folder / "report.md", to_markdown(record.to_dict(), parts))
 
 
-__all__ = ["grid", "sections", "write_report"]
+__all__ = ["LocalizeRecord", "grid", "sections", "write_report"]

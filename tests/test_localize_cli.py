@@ -18,6 +18,7 @@ from circuitlab.patching.localize import RESULT_COLUMNS, LocalizeConfig, localiz
 from circuitlab.patching.models import save_model
 from circuitlab.reports import rundir
 from circuitlab.reports.cli import main
+from circuitlab.reports.localize_report import LocalizeRecord
 
 
 def _check_report(out, frame):
@@ -57,6 +58,10 @@ def test_localize_cli_from_file(tmp_path, capsys):
     rotations = load_file(str(out / "rotations.safetensors"))
     assert rotations["resid_pre.L0@x/das2"].shape == (2, 32)
     assert record["engine"]["requested"] == "auto" and record["engine"]["backend"] == "fast"
+    typed = LocalizeRecord.from_dict(record)  # run.json reads back to the record it was written from
+    assert typed.n_train + typed.n_test == 24 and typed.config.dims == (2,) and typed.engine.architecture is None
+    assert json.dumps(typed.to_dict()) == json.dumps({k: v for k, v in record.items()
+                                                      if k not in ("wall_seconds", "outputs")})
     _check_report(out, frame)
 
     # The same numbers from the Python API (same pairs, split, seed and sites).
