@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from circuitlab.patching.models import boot_native_model, save_model
 from circuitlab.reports.cli import main
+from circuitlab.reports.save import load_result
+from circuitlab.reports.summaries import ModelRecord
 from tests.conftest import TINY_CONFIG
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -80,6 +80,28 @@ def test_no_stale_optional_outputs(tiny_dir, tmp_path):
     assert not (out / "roles.csv").exists()
     record = json.loads((out / "run.json").read_text())
     assert "roles.csv" not in record["outputs"] and set(record["outputs"]) | set(record["rendered"]) == set(_files(out)) - {"run.json"}
+
+
+def test_model_record_is_typed_and_older_run_folders_still_load(tiny_dir, tmp_path):
+    """run.json's `model` is read back as a `ModelRecord` that writes the same JSON; a folder saved before the
+    engine, the held-out split and the grouped-query/parallel fields were recorded still loads and renders."""
+    out = tmp_path / "out"
+    assert main(["run", "--model", tiny_dir, "--out", str(out), *QUICK]) == 0
+    saved = json.loads((out / "run.json").read_text())["model"]
+    result = load_result(out)
+    assert isinstance(result.model, ModelRecord) and result.model.n_layers == TINY_CONFIG["n_layers"]
+    assert result.model.n_key_value_heads == TINY_CONFIG["n_heads"]
+    assert result.model.heldout_split == "seed"  # repeated_tokens records no templates: another seed
+    assert json.dumps(result.record()["model"]) == json.dumps(saved)  # same keys, order and values
+    record = json.loads((out / "run.json").read_text())
+    for key in ("engine", "heldout_split", "parallel_attn_mlp", "n_key_value_heads"):
+        record["model"].pop(key)
+    (out / "run.json").write_text(json.dumps(record))
+    old = load_result(out)
+    assert old.model.engine is None and old.model.heldout_split is None and not old.model.parallel_attn_mlp
+    assert old.model.n_key_value_heads == TINY_CONFIG["n_heads"]  # no grouped heads: one key/value head per head
+    assert "engine" not in old.record()["model"] and "heldout_split" not in old.record()["model"]
+    assert main(["report", str(out)]) == 0
 
 
 def _fake_cache(folder: Path, fill: int) -> None:
