@@ -125,13 +125,6 @@ class ComputationalGraph:
         """The graph of an `architecture.Architecture` (the one place topology comes from)."""
         return cls(arch.n_layers, arch.n_heads, arch.n_kv, arch.attn_only, arch.parallel)
 
-    @classmethod
-    def from_meta(cls, meta: dict[str, object]) -> ComputationalGraph:
-        """The graph from a run record's model entry (`n_layers`, `n_heads`, `n_key_value_heads`, `attn_only`,
-        `parallel_attn_mlp`), so saved scores are read with the topology they were computed on."""
-        return cls(int(meta["n_layers"]), int(meta["n_heads"]), int(meta.get("n_key_value_heads") or meta["n_heads"]),
-                   bool(meta.get("attn_only", False)), bool(meta.get("parallel_attn_mlp", False)))
-
     def receiver_info(self, receiver: int) -> tuple[int, str, int]:
         """(layer, channel, query head) of a receiver; channel `mlp` (head -1) or `logits` (layer n_layers)."""
         if receiver == self.logits_receiver:
