@@ -11,6 +11,7 @@ from circuitlab.patching.components import hook_name
 from circuitlab.patching.edges import prepare_edges
 from circuitlab.patching.topology import ComputationalGraph
 from circuitlab.patching.models import boot_native_model
+from circuitlab.reports.summaries import ModelRecord
 from tests.toy import ToyTask, toy_pairs
 
 GQA = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=48, d_vocab=64, n_ctx=64, act_fn="silu",
@@ -183,10 +184,11 @@ def test_dla_centres_the_final_layernorm():
 def test_report_graph_keeps_parallel_blocks():
     from circuitlab.reports import run as run_module
 
-    meta = {"n_layers": 2, "n_heads": 4, "n_key_value_heads": 4, "attn_only": False, "parallel_attn_mlp": True}
+    meta = {"name": "gptj-tiny", "weight_hash": "0", "n_layers": 2, "n_heads": 4, "n_key_value_heads": 4,
+            "d_model": 16, "d_vocab": 10, "attn_only": False, "parallel_attn_mlp": True}
 
     class Result:
-        model = meta
+        model = ModelRecord.from_dict(meta)  # as a saved run.json's model entry reads back
 
     class Config:
         edge_positions = "none"  # plain edges (--edge-positions roles: `PositionalGraph`)
