@@ -13,12 +13,10 @@ writes every finished cell's edge scores as a MIB circuit-track submission (`gra
 Defaults (budget): SmolLM2-135M; tasks ioi, capitals, greater_than, repeated_tokens; the methods of
 `graphs.leaderboard.LEADERBOARD_METHODS`; 8 discovery + 8 held-out pairs; 1000 bootstrap resamples; 2 stability
 resamples per side; MIB's 10 fractions; 30 mask-learning steps; one torch thread per cell. Budget, aimed at 2 h
-in-process: every method runs 5 times per cell (all discovery prompts + 2 x 2 stability resamples). Measured here
-(bench/results/leaderboard_partial.md, CPU seconds per cell, i.e. its cost on a quiet core): EAP 20-105, IFR
-21-173, EAP-IG 35-165, EAP-IG on activations 54-343, greedy 50-898, node pruning 67-256; 21 such cells took
-3,011 CPU s. The edge-pruning and activation-patching cells had not finished when the run was cut, so the 2 h
-total is not yet shown; `--resamples 1` or fewer `--methods` cut it. greater_than runs on SmolLM2 in its digit
-mode (that partial run predates it and skipped it); ACDC is skipped above 5000 edges, with the reason.
+in-process: every method runs 5 times per cell (all discovery prompts + 2 x 2 stability resamples). Measured
+(bench/results/leaderboard.md, the full default run on SmolLM2): 40 cells, 36 done and 4 skipped (ACDC above 5000
+edges, with the reason), 7,175 CPU s in all (1 h 59.6 min on one core); edge pruning is a third of it. `--resamples
+1` or fewer `--methods` cut it. greater_than runs on SmolLM2 in its digit mode (`tasks.greater_than`).
 `--import FILE` evaluates a MIB-format score file (`graphs.mib`) as one more method row.
 """
 
