@@ -45,6 +45,22 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _hook_faithfulness(model, val, heads):
+    """Faithfulness of a head circuit on the pairs `val`, by `graphs.evaluate.Ablator` (TransformerLens hooks: every
+    head outside the circuit gets its corrupt-run `hook_z`, MLPs recomputed) and a logit difference in plain torch."""
+    end, rows = val.positions["END"], torch.arange(len(val))
+
+    def logit_diff(logits):
+        at = logits[rows, end]
+        return float((at[rows, val.answer_ids[:, 0]] - at[rows, val.wrong_ids[:, 0]]).double().mean())
+
+    with torch.no_grad():
+        clean, corrupt = logit_diff(model(val.clean_tokens)), logit_diff(model(val.corrupt_tokens))
+    ablator = Ablator(model, val.clean_tokens, val.corrupt_tokens, logit_diff, ablation="corrupt")
+    kept = ablator.metric_with(list(heads) + [c for c in ablator.components if c.startswith("m")])
+    return (kept - corrupt) / (clean - corrupt)
+
+
 @pytest.fixture(scope="module")
 def validated_run(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("validated")
@@ -112,19 +128,7 @@ def test_recorded_validation_faithfulness_matches_plain_hook_ablation(validated_
     _, val, _ = validation_split(task, model, N, N_VAL, N_HELD, seed=0, pool_n=len(task.records))
     saved = _lines(out / "validation_pairs.jsonl")
     assert val.clean_tokens.tolist() == [p["clean_ids"] for p in saved]
-    end = val.positions["END"]
-    rows = torch.arange(len(val))
-
-    def logit_diff(logits):
-        at = logits[rows, end]
-        return float((at[rows, val.answer_ids[:, 0]] - at[rows, val.wrong_ids[:, 0]]).double().mean())
-
-    with torch.no_grad():
-        clean, corrupt = logit_diff(model(val.clean_tokens)), logit_diff(model(val.corrupt_tokens))
-    ablator = Ablator(model, val.clean_tokens, val.corrupt_tokens, logit_diff, ablation="corrupt")
-    mlps = [c for c in ablator.components if c.startswith("m")]
-    kept = ablator.metric_with(list(summary["items"]) + mlps)
-    expected = (kept - corrupt) / (clean - corrupt)
+    expected = _hook_faithfulness(model, val, summary["items"])
     assert summary["validation"] == pytest.approx(expected, abs=1e-4)
     assert abs(expected - 1.0) > 0.05  # a real check: the circuit does not match the full model trivially
     lo, hi = summary["validation_ci"]
@@ -206,14 +210,4 @@ def test_greedy_refinement_is_kept_only_if_the_validation_pairs_agree(validated_
     model = load_model(tiny_dir)
     task = get_task(str(data))
     _, val, _ = validation_split(task, model, N, N_VAL, N_HELD, seed=0, pool_n=len(task.records))
-    end, rows = val.positions["END"], torch.arange(len(val))
-
-    def logit_diff(logits):
-        at = logits[rows, end]
-        return float((at[rows, val.answer_ids[:, 0]] - at[rows, val.wrong_ids[:, 0]]).double().mean())
-
-    with torch.no_grad():
-        clean, corrupt = logit_diff(model(val.clean_tokens)), logit_diff(model(val.corrupt_tokens))
-    ablator = Ablator(model, val.clean_tokens, val.corrupt_tokens, logit_diff, ablation="corrupt")
-    kept = ablator.metric_with(list(summary["items"]) + [c for c in ablator.components if c.startswith("m")])
-    assert summary["validation"] == pytest.approx((kept - corrupt) / (clean - corrupt), abs=1e-4)
+    assert summary["validation"] == pytest.approx(_hook_faithfulness(model, val, summary["items"]), abs=1e-4)
