@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps pyvene==0.1.8
 	touch $(STAMP)
 
-# IOI on SmolLM2-135M with EAP-IG (last run: 854 s wall on a shared 2-core machine; see README).
+# IOI on SmolLM2-135M with EAP-IG (last run: 318 s wall on the 2-core machine, one thread; see README).
 DEMO_ARGS ?= --n 16 --steps 5 --positions END --resid-positions each --oracle-edges 200 --n-boot 500
 
 demo: setup
